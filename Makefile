@@ -1,0 +1,43 @@
+# Agent Forge — the two commands of the README: `make run` and `make test` (both set up .venv first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PARAMS ?= parameters/smoke.yaml
+SESSION ?= $(shell date -u +%Y%m%d-%H%M%S)-run
+PYTEST_ARGS ?=
+
+# Tool caches and logs stay inside the repository (never the user's home); a user's own settings win.
+CACHE := $(CURDIR)/outputs/.cache
+export WANDB_DIR ?= $(CACHE)/wandb
+export WANDB_CACHE_DIR ?= $(CACHE)/wandb-cache
+export WANDB_CONFIG_DIR ?= $(CACHE)/wandb-config
+export WANDB_DATA_DIR ?= $(CACHE)/wandb-data
+export MPLCONFIGDIR ?= $(CACHE)/matplotlib
+export IPYTHONDIR ?= $(CACHE)/ipython
+export JUPYTER_CONFIG_DIR ?= $(CACHE)/jupyter-config
+export JUPYTER_DATA_DIR ?= $(CACHE)/jupyter-data
+export JUPYTER_RUNTIME_DIR ?= $(CACHE)/jupyter-runtime
+export HF_HOME ?= $(CACHE)/huggingface
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test clean-outputs
+
+# Creates .venv if missing and installs/refreshes the project with its notebook and test extras.
+# torch is pinned to 2.13.0 in pyproject.toml: on these machines that is the local CPU build.
+setup:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[notebooks,dev]'
+
+# The whole pipeline on the smoke parameter set; the executed notebooks land in outputs/<session>/.
+run: setup
+	@mkdir -p outputs/$(SESSION) $(CACHE)
+	$(PY) -m papermill notebooks/00_pipeline.ipynb outputs/$(SESSION)/00_pipeline.ipynb \
+		-p params_file $(PARAMS) -p session $(SESSION) --cwd $(CURDIR) --no-progress-bar --log-output
+	@echo "outputs: outputs/$(SESSION)"
+
+# pytest (unit, phase, pipeline tests) plus nbval on every notebook.
+test: setup
+	@mkdir -p $(CACHE)
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -q $(PYTEST_ARGS)

@@ -1,0 +1,19 @@
+"""Root pytest set-up, shared by the unit tests and nbval's notebook runs.
+
+Tests never write into the user's home or the repository's outputs/: W&B is disabled, and every cache and
+output folder points into one temporary directory (unless the caller set them).
+"""
+import os
+import tempfile
+
+_TMP = tempfile.mkdtemp(prefix="forge-tests-")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("FORGE_OUTPUTS", os.path.join(_TMP, "outputs"))
+for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "HF_HOME", "MPLCONFIGDIR"):
+    os.environ.setdefault(_var, os.path.join(_TMP, _var.lower()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+collect_ignore = ["outputs", ".venv"]
+collect_ignore_glob = ["tests/notebooks/*.ipynb", "outputs/*"]

@@ -1,0 +1,58 @@
+"""Where things live. Every path is resolved from the repository root, never from the current directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def repo_root() -> Path:
+    """The repository root: ``$FORGE_ROOT`` if set, else the folder that holds the ``forgelib`` package."""
+    env = os.environ.get("FORGE_ROOT")
+    return Path(env).resolve() if env else Path(__file__).resolve().parent.parent
+
+
+def outputs_root() -> Path:
+    """Root of all run outputs: ``$FORGE_OUTPUTS`` if set, else ``<repo>/outputs``."""
+    env = os.environ.get("FORGE_OUTPUTS")
+    return Path(env).resolve() if env else repo_root() / "outputs"
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """An absolute path: relative paths are taken from the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (repo_root() / p)
+
+
+def relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository root when it lies inside it (for portable result files)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(repo_root()))
+    except ValueError:
+        return str(p)
+
+
+def registry_path() -> Path:
+    """The registry database shared by all sessions."""
+    return outputs_root() / "registry.db"
+
+
+def contain_tool_caches(base: Path | None = None) -> dict[str, str]:
+    """Point W&B, HF, Jupyter, IPython and matplotlib caches/logs inside outputs/ (never the user's home).
+
+    Existing settings win, so a user who configured them keeps theirs. Returns the variables it set.
+    """
+    base = Path(base) if base else outputs_root() / ".cache"
+    wanted = {
+        "WANDB_DIR": base / "wandb", "WANDB_CACHE_DIR": base / "wandb-cache",
+        "WANDB_CONFIG_DIR": base / "wandb-config", "WANDB_DATA_DIR": base / "wandb-data",
+        "MPLCONFIGDIR": base / "matplotlib", "IPYTHONDIR": base / "ipython",
+        "JUPYTER_CONFIG_DIR": base / "jupyter-config", "JUPYTER_DATA_DIR": base / "jupyter-data",
+        "JUPYTER_RUNTIME_DIR": base / "jupyter-runtime",
+    }
+    set_now = {}
+    for var, path in wanted.items():
+        if var not in os.environ:
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[var] = set_now[var] = str(path)
+    return set_now

@@ -1,0 +1,123 @@
+"""PhaseResult: what a phase hands on, written as result.json next to its outputs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass
+class GateCheck:
+    """One condition of a phase's gate: ``value`` compared with ``bound`` (``op`` is '>=', '>', '<=' or '<')."""
+
+    name: str
+    value: float
+    bound: float
+    op: str = ">="
+    passed: bool = dataclasses.field(default=False)
+
+    def __post_init__(self) -> None:
+        ops = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
+               "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
+        if self.op not in ops:
+            raise ValueError(f"gate check {self.name!r}: unknown op {self.op!r}; valid: {sorted(ops)}")
+        value = float(self.value)
+        self.passed = bool(not math.isnan(value) and ops[self.op](value, float(self.bound)))
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    """The outcome of one phase run.
+
+    ``metrics`` holds the few headline numbers; ``models`` maps a model's role (e.g. 'trunk', 'reasoning') to
+    ``{"path": ..., "registry_id": ...}``; ``artifacts`` maps names to files (paths relative to the repo root).
+    """
+
+    phase: str
+    number: int
+    session: str
+    status: str = "running"  # running | ok | failed
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gate: list[GateCheck] = dataclasses.field(default_factory=list)
+    models: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
+    started_at: str = ""
+    finished_at: str = ""
+    duration_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def gate_passed(self) -> bool:
+        return all(check.passed for check in self.gate)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def gate_failures(self) -> list[str]:
+        return [f"{c.name} = {c.value:.4g} (needs {c.op} {c.bound:.4g})" for c in self.gate if not c.passed]
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["gate_passed"] = self.gate_passed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PhaseResult":
+        data = dict(data)
+        data.pop("gate_passed", None)
+        data["gate"] = [GateCheck(**{k: v for k, v in g.items() if k != "passed"}) for g in data.get("gate", [])]
+        return cls(**data)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write result.json atomically (a crash never leaves a half-written file)."""
+        return write_json_atomic(Path(folder) / RESULT_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PhaseResult":
+        """Load a result.json (or the result.json inside a phase folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RESULT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no phase result at {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a valid phase result ({exc})") from exc
+
+    def table(self):
+        """Headline metrics and gate checks as a pandas DataFrame (for notebooks)."""
+        import pandas as pd
+
+        rows = [{"metric": k, "value": v, "gate": ""} for k, v in self.metrics.items()]
+        rows += [{"metric": c.name, "value": c.value, "gate": f"{c.op} {c.bound} → {'pass' if c.passed else 'FAIL'}"}
+                 for c in self.gate]
+        return pd.DataFrame(rows)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=_json_default)
+    os.replace(tmp, path)
+    return path
