@@ -1,0 +1,63 @@
+"""`logic`: boolean expressions over T/F (`(T&F)|~T=` -> `F`) and number comparisons (`37<52=` -> `T`)."""
+from __future__ import annotations
+
+import random
+
+from forgelib.data.base import register_family
+
+# A boolean tree: a bool leaf, or (op, left, right); a negated node is ("~", child, None).
+Tree = object
+
+
+def _tree(rng: random.Random, leaves: int) -> Tree:
+    """A random tree with `leaves` leaves; each node is negated with probability 0.25."""
+    if leaves == 1:
+        node: Tree = rng.random() < 0.5
+    else:
+        left = rng.randint(1, leaves - 1)
+        node = (rng.choice("&|"), _tree(rng, left), _tree(rng, leaves - left))
+    return ("~", node, None) if rng.random() < 0.25 else node
+
+
+def _render(node: Tree, top: bool = True) -> str:
+    if isinstance(node, bool):
+        return "T" if node else "F"
+    op, left, right = node
+    if op == "~":
+        return "~" + _render(left, top=False)
+    text = f"{_render(left, top=False)}{op}{_render(right, top=False)}"
+    return text if top else f"({text})"
+
+
+def _value(node: Tree) -> bool:
+    if isinstance(node, bool):
+        return node
+    op, left, right = node
+    if op == "~":
+        return not _value(left)
+    return (_value(left) and _value(right)) if op == "&" else (_value(left) or _value(right))
+
+
+def _comparison(rng: random.Random, level: int) -> tuple[str, bool]:
+    """`a<b` with larger numbers by level; from level 5 the left side is a sum."""
+    top = 99 if level <= 2 or 5 <= level <= 7 else 999
+    op = rng.choice("<>")
+    if level <= 4:
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        left_text, left = str(a), a
+    else:
+        x, y, b = rng.randint(0, top), rng.randint(0, top), rng.randint(0, 2 * top)
+        left_text, left = f"{x}+{y}", x + y
+    return f"{left_text}{op}{b}", (left < b) if op == "<" else (left > b)
+
+
+@register_family("logic", "boolean expressions over T/F with & | ~ (more operands by level) and comparisons")
+def make_logic(rng: random.Random, level: int):
+    """40% comparisons, 60% boolean trees with 2 + (level-1)//2 leaves."""
+    if rng.random() < 0.4:
+        text, value = _comparison(rng, level)
+        kind = "compare"
+    else:
+        tree = _tree(rng, 2 + (level - 1) // 2)
+        text, value, kind = _render(tree), _value(tree), "boolean"
+    return f"{text}=", "T" if value else "F", None, {"kind": kind}

@@ -1,0 +1,217 @@
+"""Evaluation for any `transformers` causal LM + tokenizer: perplexity, greedy answers and exact-match
+accuracy on task samples, full-vocabulary KL, and argmax disagreement between two models.
+
+    acc = exact_match_accuracy(model, tok, generate("arith", 2, 100, "test", 0))
+    ppl = perplexity(model, tok, texts, max_len=256)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from forgelib.data.base import Sample
+from forgelib.data.tasks import check, completion_text
+from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompts, encode_samples,
+                                     encode_texts, lm_batches, pad_id)
+
+__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "encode_for_eval",
+           "exact_match_accuracy", "family_accuracy", "generate_answers", "kl_divergence", "mean_nll",
+           "perplexity"]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the model's training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_for_eval(tokenizer: PreTrainedTokenizerBase, data: Sequence[Sample] | Sequence[str],
+                    max_len: int, answer_only: bool = False, with_steps: bool = False) -> EncodedSamples:
+    """Samples through encode_samples (labels on the answer only if asked), texts through encode_texts."""
+    if not data:
+        raise ValueError("no samples or texts to evaluate")
+    if all(isinstance(item, Sample) for item in data):
+        return encode_samples(tokenizer, data, max_len, answer_only_loss=answer_only, with_steps=with_steps)
+    if all(isinstance(item, str) for item in data):
+        if answer_only:
+            raise ValueError("answer_only needs Sample objects (texts have no answer part)")
+        return encode_texts(tokenizer, data, max_len)
+    raise TypeError("data must be all Sample objects or all strings")
+
+
+def _batches(encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device):
+    """Every row once (order irrelevant for sums), trailing padding trimmed, moved to `device`."""
+    for batch in lm_batches(encoded, batch_size, seed=0, epochs=1):
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
+def _nll_sum(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+    """(summed next-token NLL over labelled positions, number of those positions)."""
+    total, count = 0.0, 0
+    with _evaluating(model):
+        for batch in _batches(encoded, batch_size, _device(model)):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # position t predicts token t+1: (B, T-1, V) against (B, T-1)
+            pred, target = logits[:, :-1].float(), batch["labels"][:, 1:]
+            total += F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((target != IGNORE_INDEX).sum())
+    return total, count
+
+
+def mean_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+             data: Sequence[Sample] | Sequence[str], batch_size: int = 16, max_len: int = 256,
+             answer_only: bool = False, with_steps: bool = False) -> float:
+    """Token-weighted mean negative log-likelihood (nats) of `data` (samples or texts).
+
+    Samples are scored on `<|bos|>prompt completion<|eos|>` (only the completion with `answer_only`);
+    texts are cut into chunks of `max_len` tokens. Every token counts once however the batches fall.
+    """
+    total, count = _nll_sum(model, encode_for_eval(tokenizer, data, max_len, answer_only, with_steps),
+                            batch_size)
+    if count == 0:
+        raise ValueError("no labelled tokens to score")
+    return total / count
+
+
+def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+               data: Sequence[Sample] | Sequence[str], batch_size: int = 16, max_len: int = 256,
+               answer_only: bool = False, with_steps: bool = False) -> float:
+    """exp(token-weighted mean NLL); see mean_nll."""
+    return math.exp(mean_nll(model, tokenizer, data, batch_size, max_len, answer_only, with_steps))
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists so that every prompt ends at the last column. # (B, T) ids and mask"""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     samples: Sequence[Sample] | Sequence[str], max_new_tokens: int = 32,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy completions of the samples' prompts (or of raw prompt strings), batched with left padding.
+
+    Generation stops at eos; the returned texts hold only the new tokens, decoded without any special
+    token (eos, pad, thought or tool markers).
+    """
+    prompts = [s.prompt if isinstance(s, Sample) else s for s in samples]
+    rows, pad, texts = encode_prompts(tokenizer, prompts), pad_id(tokenizer), []
+    with _evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            ids, mask = _left_pad(rows[start:start + batch_size], pad)
+            out = model.generate(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model)),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+            texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def _answer_budget(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], with_steps: bool) -> int:
+    """Longest reference completion in tokens, plus eos and a margin so that a right answer followed
+    by extra text is never cut down to a right answer."""
+    lengths = [len(ids) for ids in tokenizer([completion_text(s, with_steps) for s in samples],
+                                             add_special_tokens=False)["input_ids"]]
+    return max(lengths) + 1 + 4
+
+
+def answer_correctness(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample],
+                       max_new_tokens: int | None = None, batch_size: int = 16,
+                       with_steps: bool = False) -> list[bool]:
+    """Per sample: does the greedy completion exactly match the answer (task `check`)?
+
+    `max_new_tokens=None` sizes the budget from the longest reference completion (`with_steps` counts
+    the worked solution, for models trained to write it).
+    """
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    budget = max_new_tokens or _answer_budget(tokenizer, samples, with_steps)
+    outputs = generate_answers(model, tokenizer, samples, budget, batch_size)
+    return [check(sample, text) for sample, text in zip(samples, outputs)]
+
+
+def family_accuracy(samples: Sequence[Sample], correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy per family from per-sample correctness."""
+    totals: dict[str, list[int]] = {}
+    for sample, ok in zip(samples, correct, strict=True):
+        hits = totals.setdefault(sample.family, [0, 0])
+        hits[0] += int(ok)
+        hits[1] += 1
+    return {family: hit / n for family, (hit, n) in sorted(totals.items())}
+
+
+def exact_match_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         samples: Sequence[Sample], max_new_tokens: int | None = None, batch_size: int = 16,
+                         with_steps: bool = False) -> float:
+    """Fraction of samples whose greedy answer is exactly right (see answer_correctness)."""
+    correct = answer_correctness(model, tokenizer, samples, max_new_tokens, batch_size, with_steps)
+    return sum(correct) / len(correct)
+
+
+def accuracy_by_family(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                       samples: Sequence[Sample], max_new_tokens: int | None = None, batch_size: int = 16,
+                       with_steps: bool = False) -> dict[str, float]:
+    """Exact-match accuracy per family (see answer_correctness)."""
+    correct = answer_correctness(model, tokenizer, samples, max_new_tokens, batch_size, with_steps)
+    return family_accuracy(samples, correct)
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(P || Q) over the full vocabulary, averaged over the positions where `mask` is true.
+
+    `p_logits`, `q_logits`: (..., V); `mask`: (...). Differentiable, so it also serves as a loss.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} differ")
+    dtype = torch.promote_types(p_logits.dtype, torch.float32)  # half-precision logits are upcast
+    log_p = F.log_softmax(p_logits.to(dtype), dim=-1)
+    log_q = F.log_softmax(q_logits.to(dtype), dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (...) per position
+    if mask is None:
+        return kl.mean()
+    if mask.shape != kl.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must be the logits' shape without the vocabulary "
+                         f"axis, {tuple(kl.shape)}")
+    weights = mask.to(kl.dtype)
+    if weights.sum() == 0:
+        raise ValueError("mask selects no position")
+    return (kl * weights).sum() / weights.sum()
+
+
+def argmax_disagreement(model_a: torch.nn.Module, model_b: torch.nn.Module,
+                        encoded: dict[str, torch.Tensor], batch_size: int = 16) -> float:
+    """Fraction of real (attention-mask) positions where the two models' next-token argmax differ."""
+    differ, total = 0, 0
+    with _evaluating(model_a), _evaluating(model_b):
+        for batch in _batches(encoded, batch_size, torch.device("cpu")):
+            preds = []
+            for model in (model_a, model_b):
+                device = _device(model)
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+                preds.append(logits.argmax(-1).cpu())  # (B, T)
+            real = batch["attention_mask"].bool()
+            differ += int(((preds[0] != preds[1]) & real).sum())
+            total += int(real.sum())
+    return differ / total
