@@ -1,0 +1,149 @@
+"""`forge`: run the pipeline or some phases, resume a session, list the registry, clean up, benchmark."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import yaml
+
+BENCHMARKS = {
+    "grokking": "forgelib.bench.grokking",
+    "optim-lm": "forgelib.bench.optim_lm",
+    "cognate": "forgelib.bench.cognate",
+    "evomerge": "forgelib.bench.evomerge",
+}
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``--set cognate.trunk.steps=20`` → ``{"cognate.trunk.steps": 20}`` (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"forge: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineError, run_pipeline, summary_table
+
+    try:
+        outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
+                                resume=bool(args.resume))
+    except (PipelineError, ValueError, KeyError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(outcomes).to_string(index=False))
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from . import paths
+    from .registry import ModelRegistry
+
+    with ModelRegistry(paths.registry_path()) as reg:
+        if args.what == "sessions":
+            rows = reg.list_sessions()
+            keys = ["id", "status", "current_phase", "progress", "created_at"]
+        else:
+            rows = reg.list_models(session_id=args.session)
+            keys = ["id", "session_id", "phase_name", "model_name", "size_mb", "parameter_count", "model_path"]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print("\t".join(keys))
+    for row in rows:
+        print("\t".join(str(row.get(k, "")) for k in keys))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from . import paths
+    from .registry import ModelRegistry
+
+    if args.keep is None and args.max_age_days is None:
+        print("forge clean: give --keep N and/or --max-age-days D", file=sys.stderr)
+        return 2
+    with ModelRegistry(paths.registry_path()) as reg:
+        removed = reg.cleanup(keep_sessions=args.keep, max_age_days=args.max_age_days, dry_run=args.dry_run,
+                              outputs_root=paths.outputs_root())
+    print(json.dumps(removed, indent=2, default=str))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe)."""
+    from . import paths
+    from .merge import MergeError
+    from .merge.models import rebuild_from_recipe
+    from .models.loading import load_causal_lm
+
+    recipe = paths.resolve(args.recipe)
+    try:
+        model = rebuild_from_recipe(recipe, lambda name: load_causal_lm(paths.resolve(name)))
+    except (MergeError, OSError, ValueError) as exc:
+        print(f"forge merge: {exc}", file=sys.stderr)
+        return 1
+    out = paths.resolve(args.out) if args.out else recipe.parent / "rebuilt"
+    model.save_pretrained(out, safe_serialization=True)
+    print(f"rebuilt model written to {out}")
+    if args.compare:
+        reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
+        state = model.state_dict()
+        same = state.keys() == reference.keys() and all(state[k].equal(reference[k]) for k in state)
+        print(f"bit-identical to {args.compare}: {same}")
+        return 0 if same else 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.name not in BENCHMARKS:
+        print(f"forge bench: unknown benchmark {args.name!r}; valid: {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHMARKS[args.name]).main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forge", description="Agent Forge workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
+    run.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
+    run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
+    run.add_argument("--session", default=None, help="session id (default: a new one)")
+    run.add_argument("--resume", metavar="SESSION", default=None,
+                     help="continue SESSION from its first phase not completed")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a parameter, e.g. --set cognate.trunk_steps=50")
+    reg = sub.add_parser("registry", help="list the model registry")
+    reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
+    reg.add_argument("--session", default=None)
+    reg.add_argument("--json", action="store_true")
+    clean = sub.add_parser("clean", help="delete old sessions (rows and files together)")
+    clean.add_argument("--keep", type=int, default=None, help="keep the N newest sessions")
+    clean.add_argument("--max-age-days", type=float, default=None)
+    clean.add_argument("--dry-run", action="store_true")
+    merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML")
+    merge.add_argument("recipe")
+    merge.add_argument("--out", default=None, help="output folder (default: rebuilt/ next to the recipe)")
+    merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    bench.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"run": cmd_run, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

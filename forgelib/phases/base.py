@@ -1,0 +1,373 @@
+"""The phase contract: a PhaseSpec names a phase; a PhaseContext is what its ``run`` gets; run_phase runs it.
+
+A phase module (``forgelib.phases.<name>``) holds:
+- ``Params``: a dataclass of its parameters (each field documented), loaded from the phase's YAML section;
+- ``run(params, ctx) -> PhaseResult``: the work; it saves models through ``ctx.save_model`` and fills
+  ``metrics`` (a few headline numbers) and ``gate`` (the checks that must hold before the next phase);
+- optionally ``validate_input(params, ctx)`` and ``validate_output(result, ctx)`` raising on a problem.
+
+Phases hand over through files and the registry (model folders + result.json), never through objects in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .. import paths
+from ..params import RunParams, load_section, to_dict
+from ..results import PhaseResult
+
+
+class PhaseError(RuntimeError):
+    """A phase could not run or did not pass its gate; the message says why."""
+
+
+class GateFailedError(PhaseError):
+    """The phase ran but its gate did not hold; the previous phase's model stays the latest good one."""
+
+
+class UpstreamError(PhaseError):
+    """The upstream model or result a phase needs is missing, unreadable or does not match its checksum."""
+
+
+class OutputNotWritableError(PhaseError):
+    """The output folder cannot be created or written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSpec:
+    """A phase: its number, name (= YAML section), implementing module and notebook."""
+
+    number: int
+    name: str
+    module: str
+    notebook: str
+    title: str = ""
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.number:02d}_{self.name}"
+
+    def load(self):
+        """The phase module (imported on demand: phases pull in heavy libraries)."""
+        return importlib.import_module(self.module)
+
+    @property
+    def params_cls(self) -> type:
+        return self.load().Params
+
+
+def new_session_id() -> str:
+    """A fresh, sortable session id: UTC time plus a short random suffix."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def phase_dir(session: str, spec: PhaseSpec) -> Path:
+    return paths.outputs_root() / session / spec.dirname
+
+
+def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
+    """The phase's result if it completed (status ok, gate held), else None."""
+    try:
+        result = PhaseResult.load(phase_dir(session, spec))
+    except (FileNotFoundError, ValueError):
+        return None
+    return result if result.ok and result.gate_passed else None
+
+
+@dataclasses.dataclass
+class PhaseContext:
+    """Everything a phase's ``run`` may use: params, session, its output folder, upstream, registry, tracker."""
+
+    spec: PhaseSpec
+    params: Any
+    run: RunParams
+    session: str
+    dir: Path
+    params_file: Path
+    upstream: PhaseResult | None
+    registry: Any
+    tracker: Any
+    result: PhaseResult
+    device: str = "cpu"
+    phase_run_id: int | None = None
+
+    @property
+    def seed(self) -> int:
+        """This phase's seed, derived from the run seed so phases do not share random streams."""
+        return self.run.seed + 1000 * self.spec.number
+
+    @property
+    def quiet(self) -> bool:
+        return self.run.quiet
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.tracker.log(metrics, step)
+
+    def path(self, *parts: str) -> Path:
+        """A path inside this phase's output folder (parents created)."""
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
+        """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it."""
+        final = self.dir / "models" / role
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=final.parent))
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return self.register(role, final, model=model, metadata=metadata)
+
+    def register(self, role: str, path: Path, model: Any = None, metadata: dict | None = None) -> Path:
+        """Register an already written model folder/file under ``role`` in the registry and the result."""
+        n_params = sum(p.numel() for p in model.parameters()) if model is not None else None
+        model_id = self.registry.register_model(
+            session_id=self.session, phase_name=self.spec.name, model_name=role, model_path=str(path),
+            metadata=dict(metadata or {}, role=role), parameter_count=n_params)
+        self.result.models[role] = {"path": paths.relative(path), "registry_id": model_id}
+        return path
+
+    def upstream_model_path(self, role: str | None = None) -> Path:
+        """Path of an upstream model, verified against its registry checksum.
+
+        ``role`` None takes the upstream's only model, or the one named 'champion'/'model' when several exist.
+        """
+        if self.upstream is None:
+            raise UpstreamError(f"phase {self.spec.name!r} needs an upstream model; pass `upstream=`")
+        return upstream_model_path(self.upstream, role, self.registry)
+
+
+def upstream_model_path(upstream: PhaseResult, role: str | None, registry: Any) -> Path:
+    """Resolve and checksum-verify a model of an upstream PhaseResult."""
+    models = upstream.models
+    if role is None:
+        role = next((r for r in ("model", "champion") if r in models), None) or (
+            next(iter(models)) if len(models) == 1 else None)
+    if role not in models:
+        raise UpstreamError(f"upstream phase {upstream.phase!r} has no model {role!r}; it has {sorted(models)}")
+    entry = models[role]
+    path = paths.resolve(entry["path"])
+    if not path.exists():
+        raise UpstreamError(f"upstream model {role!r} of phase {upstream.phase!r} is missing: {path}")
+    if entry.get("registry_id") is not None:
+        try:
+            registry.verify_model(entry["registry_id"])
+        except Exception as exc:  # the registry's own errors name the path and both hashes
+            raise UpstreamError(f"upstream model {role!r} failed verification: {exc}") from exc
+    return path
+
+
+def load_upstream(upstream: str | os.PathLike | PhaseResult | None) -> PhaseResult | None:
+    """Accept a PhaseResult, a result.json path, or a phase output folder (relative to the repo root)."""
+    if upstream is None or isinstance(upstream, PhaseResult):
+        return upstream
+    path = paths.resolve(upstream)
+    try:
+        return PhaseResult.load(path)
+    except FileNotFoundError as exc:
+        raise UpstreamError(f"upstream {upstream!s}: {exc}") from exc
+    except ValueError as exc:
+        raise UpstreamError(str(exc)) from exc
+
+
+def latest_completed(specs: Iterable[PhaseSpec], number: int, prefer_session: str | None = None) -> PhaseResult | None:
+    """The newest completed run of phase ``number``: in ``prefer_session`` if it has one, else any session's.
+
+    Lets a phase notebook run standalone after an earlier run of the phase before it.
+    """
+    spec = next((s for s in specs if s.number == number), None)
+    if spec is None:
+        return None
+    if prefer_session and (done := completed_result(prefer_session, spec)) is not None:
+        return done
+    candidates = sorted(paths.outputs_root().glob(f"*/{spec.dirname}/result.json"),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        done = completed_result(candidate.parent.parent.name, spec)
+        if done is not None:
+            return done
+    return None
+
+
+def load_phase_params(spec: PhaseSpec, params_file: str | os.PathLike, overrides: dict | None,
+                      all_specs: Iterable[PhaseSpec]) -> tuple[RunParams, Any]:
+    """Load the ``run`` section and the phase's section strictly (typos in any section name fail)."""
+    sections = {s.name for s in all_specs} | {spec.name, "run"}
+    path = paths.resolve(params_file)
+    run = load_section(path, "run", RunParams, overrides, sections)
+    return run, load_section(path, spec.name, spec.params_cls, overrides, sections)
+
+
+def session_exists(registry: Any, session: str) -> bool:
+    from ..registry import UnknownRecordError
+
+    try:
+        registry.get_session(session)
+    except UnknownRecordError:
+        return False
+    return True
+
+
+def _prepare_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot write the phase output folder {folder}: {exc}") from exc
+
+
+def _setup_runtime(run: RunParams) -> str:
+    import torch
+
+    from ..utils import resolve_device, set_seed
+
+    torch.set_num_threads(max(1, run.threads))
+    set_seed(run.seed)
+    return resolve_device(run.device)
+
+
+def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "parameters/smoke.yaml",
+               overrides: dict | None = None, session: str | None = None,
+               upstream: str | os.PathLike | PhaseResult | None = None,
+               all_specs: Iterable[PhaseSpec] | None = None) -> PhaseContext:
+    """Prepare a phase run: load parameters, resolve the upstream, open registry and tracker.
+
+    Nothing already written is touched: a completed phase of the same session is never overwritten.
+    """
+    from ..registry import ModelRegistry
+    from ..tracking import make_tracker
+    from . import PHASES, get_spec
+
+    spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
+    all_specs = list(all_specs) if all_specs is not None else list(PHASES)
+    run, params = load_phase_params(spec, params_file, overrides, all_specs)
+    upstream_result = load_upstream(upstream)
+    session = session or new_session_id()
+    if upstream_result is None and spec.number > 1:
+        upstream_result = latest_completed(all_specs, spec.number - 1, session)
+    if completed_result(session, spec) is not None:
+        raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
+                         "it is never overwritten (start a new session)")
+    folder = phase_dir(session, spec)
+    _prepare_dir(folder)
+    paths.contain_tool_caches()
+    device = _setup_runtime(run)
+    (folder / "params.yaml").write_text(yaml.safe_dump(
+        {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
+         "run": to_dict(run), spec.name: to_dict(params)}, sort_keys=False))
+    registry = ModelRegistry(paths.registry_path())
+    if not session_exists(registry, session):
+        registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
+    tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
+                           group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
+                           wandb_mode=run.wandb_mode, wandb_dir=folder)
+    result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
+    return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
+                        params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
+                        tracker=tracker, result=result, device=device)
+
+
+def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
+    ctx.result.status = "failed"
+    ctx.result.error = f"{type(exc).__name__}: {exc}"
+    ctx.result.finished_at = now_iso()
+    ctx.result.duration_s = round(time.perf_counter() - started, 3)
+    (ctx.dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    ctx.result.save(ctx.dir)
+    ctx.registry.finish_phase_run(ctx.phase_run_id, "failed", metrics=ctx.result.metrics, error=ctx.result.error)
+    ctx.registry.update_session(ctx.session, status="failed", current_phase=ctx.spec.name)
+
+
+def run_phase(ctx: PhaseContext) -> PhaseResult:
+    """Run the phase module's ``run`` with the context; write result.json; raise when it fails its gate.
+
+    On any failure the result.json says ``failed`` with the error, and the exception propagates so that a
+    pipeline (or a notebook) stops there.
+    """
+    module = ctx.spec.load()
+    started = time.perf_counter()
+    ctx.phase_run_id = ctx.registry.start_phase_run(ctx.session, ctx.spec.name)
+    ctx.registry.update_session(ctx.session, status="running", current_phase=ctx.spec.name)
+    try:
+        if hasattr(module, "validate_input"):
+            module.validate_input(ctx.params, ctx)
+        result = module.run(ctx.params, ctx)
+        if hasattr(module, "validate_output"):
+            module.validate_output(result, ctx)
+        if not result.gate_passed:
+            raise GateFailedError(f"phase {ctx.spec.name} did not pass its gate: " + "; ".join(result.gate_failures()))
+    except BaseException as exc:
+        _fail(ctx, exc, started)
+        ctx.tracker.finish()
+        raise
+    result.status = "ok"
+    result.finished_at = now_iso()
+    result.duration_s = round(time.perf_counter() - started, 3)
+    result.save(ctx.dir)
+    ctx.tracker.summary(result.metrics)
+    ctx.tracker.finish()
+    ctx.registry.finish_phase_run(ctx.phase_run_id, "completed", metrics=result.metrics)
+    ctx.registry.update_session(ctx.session, status="running", current_phase=ctx.spec.name)
+    return result
+
+
+class PhaseController:
+    """The source design's controller contract over a phase module (no state beyond its arguments).
+
+    ``validate_input`` → ``execute`` → ``validate_output``; ``execute`` returns the PhaseResult.
+    """
+
+    def __init__(self, spec: PhaseSpec | str | int, params_file: str = "parameters/smoke.yaml",
+                 overrides: dict | None = None, session: str | None = None, upstream: Any = None,
+                 all_specs: Iterable[PhaseSpec] | None = None):
+        from . import PHASES, get_spec
+
+        self.all_specs = list(all_specs) if all_specs is not None else list(PHASES)
+        self.spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec, self.all_specs)
+        self.params_file, self.overrides, self.session, self.upstream = params_file, overrides, session, upstream
+
+    def validate_input(self, input_models: list | None = None) -> bool:
+        """True when the upstream (if any) loads and its models verify; raises UpstreamError otherwise."""
+        upstream = load_upstream(self._upstream(input_models))
+        if upstream is not None:
+            from ..registry import ModelRegistry
+
+            registry = ModelRegistry(paths.registry_path())
+            for role in upstream.models:
+                upstream_model_path(upstream, role, registry)
+            registry.close()
+        return True
+
+    def execute(self, input_models: list | None = None) -> PhaseResult:
+        ctx = open_phase(self.spec, self.params_file, self.overrides, self.session, self._upstream(input_models),
+                         self.all_specs)
+        self.session = ctx.session
+        return run_phase(ctx)
+
+    def validate_output(self, result: PhaseResult) -> bool:
+        return result.ok and result.gate_passed and bool(result.models)
+
+    def _upstream(self, input_models: list | None) -> Any:
+        return input_models[0] if input_models else self.upstream

@@ -1,0 +1,302 @@
+"""The pipeline: run the phase notebooks in order with papermill, validate every handoff, resume.
+
+Each phase runs as its own notebook (the executed copy under ``outputs/<session>/<NN_phase>/`` is the
+immutable record of the run). After a phase, the handoff is validated: result.json says ok, the gate held,
+every model loads and matches its registry checksum. A failed phase stops the pipeline; earlier phases'
+outputs are never touched, and ``resume`` continues from the first phase not completed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import paths
+from .phases import PHASES, PhaseSpec, select
+from .phases.base import completed_result, load_phase_params, new_session_id, phase_dir, session_exists
+from .results import PhaseResult
+
+
+class PipelineError(RuntimeError):
+    """The pipeline stopped; the message names the phase and the reason."""
+
+
+class UnknownSessionError(PipelineError, KeyError):
+    """A resume asked for a session the registry does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+@dataclasses.dataclass
+class PhaseOutcome:
+    """One phase's line in the pipeline report."""
+
+    spec: PhaseSpec
+    status: str  # completed | skipped (already completed) | failed
+    result: PhaseResult | None
+    notebook: Path | None
+    seconds: float
+
+
+def validate_params_file(params_file: str | os.PathLike, specs: list[PhaseSpec], overrides: dict | None,
+                         all_specs: list[PhaseSpec]) -> None:
+    """Load every section the run needs before anything runs, so a typo fails first and costs nothing."""
+    for spec in specs:
+        load_phase_params(spec, params_file, overrides, all_specs)
+
+
+def validate_handoff(result: PhaseResult, registry: Any, load_models: bool = True) -> dict:
+    """Check a finished phase before the next one may start; returns the validation record.
+
+    Checks: status ok, gate passed, at least one model, each model's checksum matches the registry and
+    (``load_models``) the model folder loads as a causal LM.
+    """
+    checks: dict[str, Any] = {"status_ok": result.ok, "gate_passed": result.gate_passed,
+                              "has_models": bool(result.models), "models": {}}
+    for role, entry in result.models.items():
+        checks["models"][role] = _check_model(entry, registry, load_models)
+    checks["ok"] = bool(checks["status_ok"] and checks["gate_passed"] and checks["has_models"]
+                        and all(m["ok"] for m in checks["models"].values()))
+    return checks
+
+
+def _check_model(entry: dict, registry: Any, load_models: bool) -> dict:
+    out: dict[str, Any] = {"path": entry.get("path"), "ok": False}
+    try:
+        path = registry.verify_model(entry["registry_id"])
+        out["checksum"] = "match"
+        if load_models and Path(path).is_dir() and (Path(path) / "config.json").is_file():
+            from .models.loading import load_causal_lm
+
+            load_causal_lm(path)
+            out["loads"] = True
+        out["ok"] = True
+    except Exception as exc:  # recorded in the handoff row and raised by the caller
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _set_aside(folder: Path) -> Path | None:
+    """Move an incomplete phase folder aside (kept as a record, never deleted)."""
+    if not folder.exists():
+        return None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target = folder.with_name(f"{folder.name}.incomplete-{stamp}")
+    shutil.move(str(folder), target)
+    return target
+
+
+def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
+                      upstream: str | None, log: Callable[[str], None]) -> Path:
+    import papermill as pm
+
+    out_dir = phase_dir(session, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / Path(spec.notebook).name
+    parameters = {"params_file": str(params_file), "overrides": overrides or {}, "session": session,
+                  "upstream": upstream}
+    try:
+        pm.execute_notebook(str(paths.resolve(spec.notebook)), str(output), parameters=parameters,
+                            kernel_name="python3", cwd=str(paths.repo_root()), progress_bar=False,
+                            request_save_on_cell_execute=True)
+    except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
+        raise PipelineError(_phase_failure_message(spec, out_dir, output, exc)) from exc
+    return output
+
+
+def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: Exception) -> str:
+    reason = f"{type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}"
+    try:
+        result = PhaseResult.load(out_dir)
+        reason = result.error or reason
+    except (FileNotFoundError, ValueError):
+        pass
+    return f"phase {spec.dirname} failed: {reason}\n  executed notebook kept at {notebook}"
+
+
+class Pipeline:
+    """Runs phases of one session. Use :func:`run_pipeline` or :class:`PipelineOrchestrator`."""
+
+    def __init__(self, params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
+                 session: str | None = None, overrides: dict | None = None, specs: list[PhaseSpec] | None = None,
+                 log: Callable[[str], None] = print):
+        from .registry import ModelRegistry
+
+        self.all_specs = list(specs) if specs is not None else list(PHASES)
+        self.params_file = str(params_file)
+        self.overrides = overrides or {}
+        self.phase_selection = phases
+        self.specs = select(phases, self.all_specs)
+        self.session = session or new_session_id()
+        self.log = log
+        self.registry = ModelRegistry(paths.registry_path())
+
+    @classmethod
+    def resume(cls, session: str, specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
+               ) -> "Pipeline":
+        """A pipeline continuing ``session`` with the parameters it was started with."""
+        from .registry import ModelRegistry
+
+        registry = ModelRegistry(paths.registry_path())
+        row = registry.get_session(session) if session_exists(registry, session) else None
+        registry.close()
+        if row is None:
+            raise UnknownSessionError(f"unknown session {session!r}; `forge registry list` shows the known ones")
+        config = row.get("config") or {}
+        return cls(config.get("params_file", "parameters/smoke.yaml"), config.get("phases", "all"), session,
+                   config.get("overrides"), specs, log)
+
+    def run(self) -> list[PhaseOutcome]:
+        """Run every selected phase not yet completed; stop at the first failure (PipelineError)."""
+        paths.contain_tool_caches()
+        validate_params_file(self.params_file, self.specs, self.overrides, self.all_specs)
+        self._open_session()
+        outcomes: list[PhaseOutcome] = []
+        upstream = self._initial_upstream()
+        for i, spec in enumerate(self.specs):
+            outcome = self._run_one(spec, upstream)
+            outcomes.append(outcome)
+            upstream = outcome.result
+            self.registry.update_session(self.session, progress=(i + 1) / len(self.specs))
+        self.registry.update_session(self.session, status="completed")
+        self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
+        return outcomes
+
+    def _open_session(self) -> None:
+        config = {"params_file": self.params_file, "overrides": self.overrides,
+                  "phases": self.phase_selection if isinstance(self.phase_selection, (str, type(None)))
+                  else list(self.phase_selection)}
+        if not session_exists(self.registry, self.session):
+            self.registry.create_session(self.session, config)
+        self.registry.update_session(self.session, status="running")
+
+    def _initial_upstream(self) -> PhaseResult | None:
+        """The completed phase just before the first selected one (for runs like ``--phases 2-3``)."""
+        if not self.specs:
+            return None
+        earlier = [s for s in self.all_specs if s.number < self.specs[0].number]
+        return completed_result(self.session, earlier[-1]) if earlier else None
+
+    def _run_one(self, spec: PhaseSpec, upstream: PhaseResult | None) -> PhaseOutcome:
+        done = completed_result(self.session, spec)
+        if done is not None:
+            self.log(f"[forge] {spec.dirname}: already completed in session {self.session}; kept as is")
+            return PhaseOutcome(spec, "skipped", done, None, 0.0)
+        moved = _set_aside(phase_dir(self.session, spec))
+        if moved:
+            self.log(f"[forge] {spec.dirname}: incomplete earlier attempt moved to {moved.name}")
+        self.log(f"[forge] {spec.dirname}: running {spec.notebook} (session {self.session})")
+        started = time.perf_counter()
+        upstream_arg = paths.relative(phase_dir(self.session, _spec_of(upstream, self.all_specs))) if upstream else None
+        try:
+            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg, self.log)
+        except PipelineError:
+            self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+            raise
+        result = PhaseResult.load(phase_dir(self.session, spec))
+        self._check_handoff(spec, result)
+        seconds = time.perf_counter() - started
+        self.log(f"[forge] {spec.dirname}: completed in {seconds:.1f}s — "
+                 + ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6]))
+        return PhaseOutcome(spec, "completed", result, notebook, seconds)
+
+    def _check_handoff(self, spec: PhaseSpec, result: PhaseResult) -> None:
+        validation = validate_handoff(result, self.registry)
+        for role, entry in result.models.items():
+            self.registry.record_handoff(self.session, spec.name, entry.get("registry_id"), _next_name(
+                spec, self.all_specs), validation["ok"], validation)
+            break
+        if not validation["ok"]:
+            self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+            raise PipelineError(f"handoff after {spec.dirname} is invalid: {validation}")
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def _spec_of(result: PhaseResult, specs: list[PhaseSpec]) -> PhaseSpec:
+    return next(s for s in specs if s.name == result.phase)
+
+
+def _next_name(spec: PhaseSpec, specs: list[PhaseSpec]) -> str:
+    later = [s for s in specs if s.number > spec.number]
+    return later[0].name if later else "end"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_pipeline(params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
+                 session: str | None = None, overrides: dict | None = None, resume: bool = False,
+                 specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print) -> list[PhaseOutcome]:
+    """Run (or, with ``resume=True``, continue) a session's phases; returns one outcome per phase."""
+    if resume:
+        if not session:
+            raise PipelineError("resume needs the session id to continue")
+        pipe = Pipeline.resume(session, specs, log)
+    else:
+        pipe = Pipeline(params_file, phases, session, overrides, specs, log)
+    try:
+        return pipe.run()
+    finally:
+        pipe.close()
+
+
+def summary_table(outcomes: Iterable[PhaseOutcome]):
+    """One row per phase: status, seconds, gate, and its headline metrics (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for o in outcomes:
+        row = {"phase": o.spec.dirname, "status": o.status, "seconds": round(o.seconds, 1)}
+        if o.result is not None:
+            row["gate"] = "pass" if o.result.gate_passed else "FAIL"
+            row["phase_seconds"] = o.result.duration_s
+            row.update(o.result.metrics)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+class PipelineOrchestrator:
+    """The source design's orchestrator API over :class:`Pipeline`, as a context manager.
+
+    ``config`` is a dict: ``params_file`` (default the smoke set), optional ``overrides``, ``session``,
+    ``phases``.
+    """
+
+    def __init__(self, config: dict | None = None):
+        config = dict(config or {})
+        self.params_file = config.pop("params_file", "parameters/smoke.yaml")
+        self.overrides = config.pop("overrides", None)
+        self.session = config.pop("session", None) or new_session_id()
+        self.phases = config.pop("phases", "all")
+        if config:
+            raise ValueError(f"unknown orchestrator config key(s) {sorted(config)}; "
+                             "allowed: params_file, overrides, session, phases")
+
+    def __enter__(self) -> "PipelineOrchestrator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def run_full_pipeline(self) -> dict[str, dict]:
+        outcomes = run_pipeline(self.params_file, self.phases, self.session, self.overrides)
+        return {o.spec.name: {"status": o.status, "duration": o.seconds,
+                              "metrics": o.result.metrics if o.result else {}} for o in outcomes}
+
+    def run_single_phase(self, phase_num: int, input_models: list | None = None) -> PhaseResult:
+        """Run one phase in-process (no notebook); ``input_models[0]`` may name the upstream result/folder."""
+        from .phases import PhaseController
+
+        controller = PhaseController(phase_num, self.params_file, self.overrides, self.session)
+        controller.validate_input(input_models)
+        result = controller.execute(input_models)
+        controller.validate_output(result)
+        return result

@@ -1,0 +1,219 @@
+"""The one training loop every phase reuses.
+
+Loss hooks, gradient clipping, a progress bar, metrics to the tracker, periodic evaluation, atomic
+checkpoints, NaN/divergence detection, and device placement / mixed precision through Hugging Face
+Accelerate (so the same code runs on a CPU, one GPU or several).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .utils import TrainingIssue, TrainingIssueError, detect_training_issues
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+"""A loss hook: ``(model, batch) -> (loss, extra scalar metrics)``."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to another architecture or shape than the model being trained."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run (phases embed the fields they expose in their own Params)."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    log_every: int = 10
+    """Log training metrics every N steps."""
+    eval_every: int = 0
+    """Run the evaluation hook every N steps (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every N steps (0: none)."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: 'no', 'bf16' or 'fp16' (GPU)."""
+    divergence_factor: float = 4.0
+    """Stop when the recent mean loss exceeds this multiple of the best (see utils.detect_training_issues)."""
+
+
+@dataclasses.dataclass
+class TrainHistory:
+    """What a run measured: per-step losses, logged rows, evaluations, timing."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    evals: list[dict] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def first_loss(self) -> float:
+        return float(sum(self.losses[:5]) / max(1, len(self.losses[:5])))
+
+    @property
+    def last_loss(self) -> float:
+        return float(sum(self.losses[-5:]) / max(1, len(self.losses[-5:])))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def default_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The model's own loss given ``labels``; scalar extras the output carries are logged too."""
+    out = model(**batch)
+    extras = {}
+    for key in ("lm_loss", "act_loss", "mean_cycles", "gate_entropy"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            extras[key] = float(value.detach())
+        elif isinstance(value, (int, float)):
+            extras[key] = float(value)
+    return out.loss, extras
+
+
+def _accelerator(device: str, mixed_precision: str):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+
+
+def _step(model, optimizer, batch, loss_fn, accelerator, grad_clip, step: int) -> tuple[float, dict, float]:
+    loss, extras = loss_fn(model, batch)
+    if not torch.isfinite(loss.detach()):
+        raise _issue(f"non-finite loss ({float(loss.detach())}) at step {step}; stopped before the update", step)
+    accelerator.backward(loss)
+    grad_norm = float("nan")
+    if grad_clip:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), extras, grad_norm
+
+
+def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.optim.Optimizer,
+          config: TrainConfig, *, loss_fn: LossFn = default_loss, tracker: Any = None,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None, checkpoint_dir: str | Path | None = None,
+          device: str = "cpu", desc: str = "train", quiet: bool = False, step_offset: int = 0) -> TrainHistory:
+    """Train ``model`` for ``config.steps`` optimizer steps over ``batches`` (an endless iterator of dicts).
+
+    Metrics go to ``tracker`` under ``desc/...`` with global steps ``step_offset + step``. A NaN loss or a
+    diverging loss stops training with a TrainingIssueError naming the step; checkpoints already written stay.
+    """
+    from tqdm.auto import tqdm
+
+    accelerator = _accelerator(device, config.mixed_precision)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    history = TrainHistory()
+    started = time.perf_counter()
+    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet, leave=False, mininterval=1.0)
+    for step in bar:
+        batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+        loss, extras, grad_norm = _step(model, optimizer, batch, loss_fn, accelerator, config.grad_clip, step)
+        history.losses.append(loss)
+        history.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        _check_health(history.losses, step, config)
+        if step % config.log_every == 0 or step == config.steps:
+            row = {f"{desc}/loss": loss, f"{desc}/grad_norm": grad_norm, **{f"{desc}/{k}": v for k, v in extras.items()}}
+            history.rows.append({"step": step, **row})
+            if tracker is not None:
+                tracker.log(row, step=step_offset + step)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        _maybe_evaluate(model, evaluate, step, config, history, tracker, desc, step_offset)
+        if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(accelerator.unwrap_model(model), optimizer, step, checkpoint_dir)
+    history.seconds = time.perf_counter() - started
+    model.eval()
+    return history
+
+
+def _check_health(losses: list[float], step: int, config: TrainConfig) -> None:
+    if not math.isfinite(losses[-1]):
+        raise _issue(f"NaN/inf loss at step {step}", step)
+    if step >= 20 and step % 10 == 0:
+        detect_training_issues(losses, divergence_factor=config.divergence_factor, raise_on=("nan", "divergence"))
+
+
+def _issue(message: str, step: int = -1) -> TrainingIssueError:
+    return TrainingIssueError(TrainingIssue("nan", step, message))
+
+
+def _maybe_evaluate(model, evaluate, step, config, history, tracker, desc, step_offset) -> None:
+    if evaluate is None:
+        return
+    if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model)
+        model.train()
+        history.evals.append({"step": step, **metrics})
+        if tracker is not None:
+            tracker.log({f"{desc}/eval/{k}": v for k, v in metrics.items()}, step=step_offset + step)
+
+
+def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    folder: str | Path) -> Path:
+    """Write ``folder/checkpoint-<step>`` atomically: the model (save_pretrained) and the optimizer state."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder))
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: str | Path) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``); returns its step.
+
+    A checkpoint of another architecture or with other shapes fails with CheckpointMismatchError.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    want = getattr(model.config, "model_type", None)
+    if config.get("model_type") != want:
+        raise CheckpointMismatchError(f"checkpoint {path} is a {config.get('model_type')!r} model, "
+                                      f"but the model being trained is {want!r}")
+    state = load_file(path / "model.safetensors")
+    own = model.state_dict()
+    bad = sorted(k for k in set(state) | set(own) if k not in state or k not in own or state[k].shape != own[k].shape)
+    bad = [k for k in bad if not (k not in state and k.endswith("lm_head.weight"))]  # tied head is not saved
+    if bad:
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit the model: {len(bad)} tensor(s) differ, "
+                                      f"e.g. {bad[:3]}")
+    model.load_state_dict(state, strict=False)
+    if optimizer is not None and (path / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return int(json.loads((path / "trainer_state.json").read_text())["step"])
+
+
+def endless(make_epoch: Callable[[int], Iterator[dict]]) -> Iterator[dict]:
+    """Cycle through epochs forever: ``make_epoch(epoch)`` yields the batches of one (reshuffled) epoch."""
+    epoch = 0
+    while True:
+        yielded = False
+        for batch in make_epoch(epoch):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training data produced no batch (is the data set empty?)")
+        epoch += 1

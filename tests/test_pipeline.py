@@ -1,0 +1,162 @@
+"""The pipeline end to end with real papermill runs of two small real phases (tests/pipeline_phases)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from forgelib import paths
+from forgelib.params import ParameterError
+from forgelib.phases import PhaseController, UpstreamError, open_phase
+from forgelib.phases.base import OutputNotWritableError
+from forgelib.pipeline import PipelineError, UnknownSessionError, run_pipeline
+from forgelib.registry import ModelRegistry
+from forgelib.results import PhaseResult
+from pipeline_phases import ALL, SPECS
+
+PARAMS = "tests/params/pipeline.yaml"
+TESTS_DIR = str(Path(__file__).parent)
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    """Fresh outputs root per test; the kernels papermill starts find the test phases on PYTHONPATH."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("FORGE_OUTPUTS", str(out))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_pipeline_runs_phases_and_records_everything(outputs):
+    outcomes = run_pipeline(PARAMS, session="s1", specs=ALL, log=lambda m: None)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    for spec in ALL:
+        folder = outputs / "s1" / spec.dirname
+        assert (folder / Path(spec.notebook).name).is_file(), "executed notebook is the run's record"
+        result = PhaseResult.load(folder)
+        assert result.ok and result.gate_passed and result.models["model"]["registry_id"]
+        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert rows and "step" in rows[0]
+        assert (folder / "params.yaml").is_file()
+    beta = PhaseResult.load(outputs / "s1" / "02_beta")
+    assert beta.metrics["scale"] == 1.05  # the parameter file's value reached the notebook
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert len(reg.list_models(session_id="s1")) == 2
+        assert [r["status"] for r in reg.list_phase_runs("s1")] == ["completed", "completed"]
+        handoffs = reg.list_handoffs("s1")
+        assert [h["ok"] for h in handoffs] == [True, True]
+        assert reg.get_session("s1")["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_failed_phase_stops_pipeline_and_keeps_earlier_outputs(outputs):
+    with pytest.raises(PipelineError, match="did not pass its gate"):
+        run_pipeline(PARAMS, session="s2", specs=ALL, overrides={"beta": {"fail_gate": True}}, log=lambda m: None)
+    alpha = PhaseResult.load(outputs / "s2" / "01_alpha")
+    assert alpha.ok
+    beta_dir = outputs / "s2" / "02_beta"
+    assert (beta_dir / "beta.ipynb").is_file(), "the failed notebook is kept as the record"
+    failed = PhaseResult.load(beta_dir)
+    assert failed.status == "failed" and "gate_ok" in failed.error
+
+
+@pytest.mark.slow
+def test_kill_mid_phase_then_resume_keeps_completed_phase(outputs, tmp_path):
+    hold = tmp_path / "hold"
+    hold.write_text("hold beta")
+    env = dict(os.environ, FORGE_TEST_HOLD=str(hold))
+    code = ("import sys; from forgelib.pipeline import run_pipeline; from pipeline_phases import ALL; "
+            f"run_pipeline({PARAMS!r}, session='s3', specs=ALL)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=paths.repo_root(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = outputs / "s3" / "02_beta" / "started"
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert started.exists(), "beta never started"
+    before = _snapshot(outputs / "s3" / "01_alpha")
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline dies mid-phase
+    proc.wait()
+    # The phase kernel runs in its own session; ipykernel's parent poller ends it within ~1 s of its
+    # parent's death. Keep it held until then so it cannot finish the phase behind the test's back.
+    time.sleep(3)
+    hold.unlink()
+    outcomes = run_pipeline(session="s3", resume=True, specs=ALL, log=lambda m: None)
+    assert [o.status for o in outcomes] == ["skipped", "completed"]
+    assert _snapshot(outputs / "s3" / "01_alpha") == before, "a completed phase is never recomputed"
+    assert PhaseResult.load(outputs / "s3" / "02_beta").ok
+    assert list((outputs / "s3").glob("02_beta.incomplete-*")), "the killed attempt is kept aside"
+
+
+def test_typo_in_parameter_file_fails_before_anything_runs(outputs, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("alpha:\n  widht: 16\n")
+    with pytest.raises(ParameterError, match=r"widht.*allowed keys.*width"):
+        run_pipeline(bad, session="s4", specs=ALL, log=lambda m: None)
+    assert not (outputs / "s4").exists()
+
+
+def test_resume_of_unknown_session_is_a_clear_error(outputs):
+    with pytest.raises(UnknownSessionError, match="unknown session 'nope'"):
+        run_pipeline(session="nope", resume=True, specs=ALL, log=lambda m: None)
+
+
+def test_missing_upstream_is_a_clear_error(outputs, tmp_path):
+    with pytest.raises(UpstreamError, match="no phase result"):
+        open_phase(SPECS["beta"], PARAMS, session="s5", upstream=tmp_path / "missing", all_specs=ALL)
+
+
+def _execute(spec, session, upstream=None):
+    from forgelib.phases import run_phase
+
+    return run_phase(open_phase(spec, PARAMS, session=session, upstream=upstream, all_specs=ALL))
+
+
+def test_checksum_mismatch_of_upstream_is_refused(outputs):
+    alpha = _execute(SPECS["alpha"], "s6")
+    weights = paths.resolve(alpha.models["model"]["path"]) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the checkpoint
+    weights.write_bytes(bytes(data))
+    ctx = open_phase(SPECS["beta"], PARAMS, session="s6", upstream=outputs / "s6" / "01_alpha", all_specs=ALL)
+    with pytest.raises(UpstreamError, match="failed verification"):
+        ctx.upstream_model_path()
+
+
+def test_completed_phase_is_never_overwritten(outputs):
+    from forgelib.phases import PhaseError
+
+    _execute(SPECS["alpha"], "s7")
+    before = _snapshot(outputs / "s7" / "01_alpha")
+    with pytest.raises(PhaseError, match="already completed"):
+        _execute(SPECS["alpha"], "s7")
+    assert _snapshot(outputs / "s7" / "01_alpha") == before
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the outputs folder should be")
+    monkeypatch.setenv("FORGE_OUTPUTS", str(blocker))
+    with pytest.raises(OutputNotWritableError, match="cannot write"):
+        open_phase(SPECS["alpha"], PARAMS, session="s8", all_specs=ALL)
+    assert blocker.read_text().startswith("a file")
+
+
+def test_phase_controller_contract(outputs):
+    controller = PhaseController(SPECS["alpha"], PARAMS, session="s9", all_specs=ALL)
+    assert controller.validate_input() is True
+    result = controller.execute()
+    assert controller.validate_output(result)
+    beta = PhaseController(SPECS["beta"], PARAMS, session="s9", all_specs=ALL)
+    assert beta.validate_input([outputs / "s9" / "01_alpha"])
+    assert beta.execute([outputs / "s9" / "01_alpha"]).ok
