@@ -1,0 +1,81 @@
+"""Loading of causal LMs from local folders: Cognate, or any Hugging Face Llama/Qwen2/GPT-2 style model.
+
+Every phase takes any causal LM that forgelib can load; these helpers are the one way in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .configuration_cognate import CognateConfig
+from .modeling_cognate import CognateForCausalLM
+
+
+class ModelLoadError(ValueError):
+    """A model folder cannot be loaded as asked (the message says what was found)."""
+
+
+def read_model_config(path) -> dict:
+    """The ``config.json`` of a local model folder as a dict (clear errors for a missing folder or file)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{str(folder)!r} has no config.json: not a Hugging Face model folder "
+                             f"(found: {sorted(p.name for p in folder.iterdir())})")
+    with open(config_file, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_causal_lm(path, **kwargs) -> PreTrainedModel:
+    """Load any local Hugging Face causal-LM folder (Cognate or a Llama/Qwen2/GPT-2 style model) with
+    ``AutoModelForCausalLM``; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``)."""
+    found = read_model_config(path).get("model_type")
+    if found is None:
+        raise ModelLoadError(f"{str(path)!r}: config.json has no model_type, so no architecture can be chosen")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (KeyError, ValueError) as err:
+        raise ModelLoadError(
+            f"{str(path)!r} holds model_type {found!r}, which cannot be loaded as a causal LM here: {err}") from err
+
+
+def load_cognate(path, **kwargs) -> CognateForCausalLM:
+    """Load a Cognate model folder; refuses another architecture (naming what it found) and any checkpoint
+    whose weights do not match the Cognate config exactly."""
+    config = read_model_config(path)
+    found = config.get("model_type")
+    if found != CognateConfig.model_type:
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {found!r} model (architectures {config.get('architectures')}), not a Cognate "
+            "model; use load_causal_lm(path) for other architectures, or cognate_from_llama for Llama weights")
+    model, info = CognateForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+    if problems:
+        raise ModelLoadError(f"{str(path)!r}: the weights do not match the Cognate config: {problems}")
+    return model
+
+
+def cognate_from_llama(llama, **overrides) -> CognateForCausalLM:
+    """A Cognate model carrying the weights of a ``LlamaForCausalLM`` (the model or its local folder).
+
+    With no overrides (recursion, ACT and memory off) its logits equal the Llama model's. Overrides (e.g.
+    ``n_cycles=2, use_act=True``) add Cognate features; their extra parameters start freshly initialised."""
+    if not isinstance(llama, PreTrainedModel):
+        llama = load_causal_lm(llama)
+    if llama.config.model_type != "llama":
+        raise ModelLoadError(f"cognate_from_llama needs a llama model, got model_type {llama.config.model_type!r}")
+    model = CognateForCausalLM(CognateConfig.from_llama(llama.config, **overrides))
+    model.to(dtype=llama.dtype, device=llama.device)
+    fresh = {name for name in model.state_dict() if ".memory." in name or name.startswith("model.halt_head.")}
+    missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+    if unexpected or set(missing) - fresh:
+        raise ModelLoadError(f"Llama weights do not fit: missing {sorted(set(missing) - fresh)}, "
+                             f"unexpected {sorted(unexpected)}")
+    return model.train(llama.training)
+
+
+__all__ = ["ModelLoadError", "load_causal_lm", "load_cognate", "cognate_from_llama", "read_model_config"]
