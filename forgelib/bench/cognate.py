@@ -1,0 +1,182 @@
+"""`forge bench cognate`: three measurements of the Phase-1 model, printed as JSON (also under outputs/bench/).
+
+(a) throughput — training tokens/s of Cognate (n=0, T=1, memory and ACT off) vs ``LlamaForCausalLM`` of
+    identical shape and weights, interleaved in one run (rounds alternate the two; medians reported);
+(b) cycles — a reasoning model trained with T=2 cycles, evaluated at test-time T = 1, 2, 4, 8 (exact-match
+    accuracy and answer-token loss on the test split): does thinking longer help?
+(c) memory — ``recall`` with the queried pair further back than the attention window, memory on vs off,
+    same data, seed and training budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .. import paths
+from ..data.tasks import build_mix, format_sample, generate
+from ..data.tokenizer import encode_samples, lm_batches, train_tokenizer
+from ..evaluate import exact_match_accuracy, mean_nll
+from ..models import CognateConfig, CognateForCausalLM
+from ..train import TrainConfig, train
+
+
+def _tokenizer(seed: int, vocab_size: int = 320):
+    corpus = build_mix({f: 1.0 for f in ("arith", "multistep", "algebra", "recall", "sequence", "logic")},
+                       (1, 3), 2000, "train", seed)
+    return train_tokenizer([format_sample(s, with_steps=True) for s in corpus], vocab_size=vocab_size)
+
+
+def _shape(args) -> dict:
+    return dict(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+# --- (a) throughput -----------------------------------------------------------------------------------
+
+
+def _time_steps(model, batch, steps: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_throughput(args) -> dict:
+    """Interleaved rounds: each round times ``steps`` training steps of Llama, then of Cognate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    shape = _shape(args)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, tie_word_embeddings=False, **shape))
+    cognate = CognateForCausalLM(CognateConfig.from_llama(llama.config))
+    cognate.load_state_dict(llama.state_dict(), strict=False)
+    ids = torch.randint(0, 512, (args.batch, args.seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    times = {"llama": [], "cognate": []}
+    _time_steps(llama, batch, 2), _time_steps(cognate, batch, 2)  # warm-up
+    for _ in range(args.rounds):
+        times["llama"].append(_time_steps(llama, batch, args.steps))
+        times["cognate"].append(_time_steps(cognate, batch, args.steps))
+    tokens = args.batch * args.seq * args.steps
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    return {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+            "ratio_cognate_over_llama": round(tps["cognate"] / tps["llama"], 3),
+            "params": sum(p.numel() for p in llama.parameters()), "rounds": args.rounds,
+            "steps_per_round": args.steps, "batch": args.batch, "seq": args.seq, "target": ">= 0.9"}
+
+
+# --- shared training ----------------------------------------------------------------------------------
+
+
+def _train(model, tokenizer, samples, args, seed: int):
+    encoded = encode_samples(tokenizer, samples, args.max_len, answer_only_loss=False, drop_long=True)
+    batches = lm_batches(encoded, 16, seed=seed, epochs=None)
+    from ..optim import create_optimizer_from_phase
+
+    optimizer = create_optimizer_from_phase(model, phase_num=1)
+    return train(model, batches, optimizer, TrainConfig(steps=args.train_steps, log_every=50), quiet=True)
+
+
+def _new_model(tokenizer, args, **config) -> CognateForCausalLM:
+    torch.manual_seed(args.seed)
+    return CognateForCausalLM(CognateConfig(
+        vocab_size=len(tokenizer), **_shape(args), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config))
+
+
+# --- (b) test-time cycles -----------------------------------------------------------------------------
+
+
+def bench_cycles(args, tokenizer) -> dict:
+    """Train with T=2 (n_latent=1) on multistep/algebra/arith, evaluate at T = 1, 2, 4, 8."""
+    mix = {"multistep": 3, "algebra": 3, "arith": 1}
+    model = _new_model(tokenizer, args, n_latent=1, n_cycles=2, memory_modules=True)
+    history = _train(model, tokenizer, build_mix(mix, (1, 2), 4000, "train", args.seed), args, args.seed)
+    test = build_mix(mix, (1, 2), args.eval_samples, "test", args.seed + 1)
+    rows = {}
+    for cycles in (1, 2, 4, 8):
+        model.config.n_cycles = cycles
+        rows[cycles] = {"accuracy": round(exact_match_accuracy(model, tokenizer, test, batch_size=32), 4),
+                        "answer_nll": round(mean_nll(model, tokenizer, test, max_len=args.max_len + 16,
+                                                     answer_only=True), 4)}
+    model.config.n_cycles = 2
+    return {"trained_cycles": 2, "n_latent": 1, "train_steps": args.train_steps, "n_test": len(test),
+            "final_train_loss": round(history.last_loss, 4), "by_test_time_cycles": rows}
+
+
+# --- (c) memory beyond the attention window -----------------------------------------------------------
+
+
+def _recall_set(n: int, split: str, distances: list[int], seed: int) -> list:
+    per = max(1, n // len(distances))
+    out = []
+    for i, d in enumerate(distances):
+        out += generate("recall", 1, per, split, seed + i, distance=d)
+    return out
+
+
+def bench_memory(args, tokenizer) -> dict:
+    """Same data/seed/budget; window W tokens; queried pair 2W..4W characters before the query."""
+    window = args.window
+    distances = [2 * window, 3 * window, 4 * window]
+    train_set = _recall_set(4000, "train", distances, args.seed)
+    test_set = _recall_set(args.eval_samples, "test", distances, args.seed + 1)
+    out = {"window_tokens": window, "distances_chars": distances, "train_steps": args.train_steps,
+           "n_test": len(test_set), "chance": 0.1}
+    for label, use_memory in (("memory_off", False), ("memory_on", True)):
+        model = _new_model(tokenizer, args, sliding_window=window, use_memory=use_memory, memory_modules=True,
+                           use_act=False)
+        history = _train(model, tokenizer, train_set, args, args.seed)
+        out[label] = {"accuracy": round(exact_match_accuracy(model, tokenizer, test_set, batch_size=32), 4),
+                      "answer_nll": round(mean_nll(model, tokenizer, test_set, max_len=args.max_len + 16,
+                                                   answer_only=True), 4),
+                      "final_train_loss": round(history.last_loss, 4)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forge bench cognate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="throughput,cycles,memory")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="training steps per throughput round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=400, help="training budget of (b) and (c)")
+    parser.add_argument("--max-len", type=int, default=96)
+    parser.add_argument("--eval-samples", type=int, default=120)
+    parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    report: dict = {"benchmark": "cognate", "threads": args.threads, "torch": torch.__version__}
+    tokenizer = _tokenizer(args.seed) if {"cycles", "memory"} & set(parts) else None
+    runners = {"throughput": lambda: bench_throughput(args), "cycles": lambda: bench_cycles(args, tokenizer),
+               "memory": lambda: bench_memory(args, tokenizer)}
+    for part in parts:
+        if part not in runners:
+            parser.error(f"unknown part {part!r}; valid: {sorted(runners)}")
+        started = time.perf_counter()
+        report[part] = runners[part]()
+        report[part]["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"cognate-{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0

@@ -1,0 +1,299 @@
+"""Phase 1 — Cognate: train the tokenizer, pretrain a shared trunk, fork three specialists.
+
+The trunk is pretrained on the task-suite mix with the Phase-1 MuGrokfast preset. Three specialists of
+identical shapes (every model carries the memory and halting parameters, so Phase 2 can merge them) continue
+from it with their own seed, data mix and runtime settings: ``reasoning`` (more recursion cycles),
+``memory`` (Titans memory on, recall heavy) and ``speed`` (one cycle). The trunk is kept as the merge base.
+
+Gate (measured on the test split, which no model trained on): each specialist's answer-token loss on its own
+families is below the trunk's; pairwise argmax disagreement between the specialists is above the bound; the
+trunk's training loss fell; no NaN (training stops on one).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from typing import Any, Optional
+
+import torch
+
+from ..data.tasks import FAMILIES, build_mix, format_sample
+from ..data.tokenizer import encode_samples, lm_batches, train_tokenizer
+from ..evaluate import accuracy_by_family, argmax_disagreement, encode_for_eval, mean_nll
+from ..models import CognateConfig, CognateForCausalLM
+from ..optim import create_optimizer_from_phase
+from ..results import GateCheck, PhaseResult, write_json_atomic
+from ..train import TrainConfig, train
+
+ROLES = ("reasoning", "memory", "speed")
+
+
+@dataclasses.dataclass
+class ModelShape:
+    """Shapes shared by the trunk and every specialist (identical shapes make Phase 2's merging meaningful)."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 176
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int = 2
+    """Blocks in the shared stack that the recursion reuses."""
+    num_attention_heads: int = 4
+    """Query heads (must divide hidden_size)."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention; must divide num_attention_heads)."""
+    max_position_embeddings: int = 128
+    """Longest sequence."""
+    sliding_window: Optional[int] = None
+    """Attention window (None: full causal attention); the memory carries what lies beyond it."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+    memory_chunk_size: int = 16
+    """Chunk length of the memory's parallel update (1 = exact token-by-token)."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """One model's training: data mix, budget and runtime settings."""
+
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Task families and their weights in this model's training data."""
+    families: list[str] = dataclasses.field(default_factory=list)
+    """The families this model is judged on by the gate (specialists only)."""
+    steps: int = 100
+    """Optimizer steps."""
+    seed: int = 0
+    """Added to the phase seed (data order, initialisation)."""
+    n_latent: int = 0
+    """Latent updates per recursion cycle."""
+    n_cycles: int = 1
+    """Recursion cycles (answer-state updates)."""
+    use_memory: bool = False
+    """Run the Titans-style memory."""
+    halt_threshold: float = 0.5
+    """ACT: halting probability at which a token stops updating (inference)."""
+
+
+@dataclasses.dataclass
+class Params:
+    """Phase 1 parameters (the ``cognate`` section). Defaults are the smoke set."""
+
+    vocab_size: int = 320
+    """Byte-level BPE vocabulary size (special tokens and 256 bytes included)."""
+    tokenizer_samples: int = 2000
+    """Task-suite samples the tokenizer is trained on."""
+    levels: tuple[int, int] = (1, 2)
+    """Task difficulty levels used for training and evaluation."""
+    max_len: int = 64
+    """Longest training sequence in tokens (longer samples are left out and counted)."""
+    train_samples: int = 3000
+    """Training samples drawn for each model's mix."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    eval_per_family: int = 16
+    """Test-split samples per family for accuracy and loss."""
+    model: ModelShape = dataclasses.field(default_factory=ModelShape)
+    """Shapes shared by all four models."""
+    trunk: Stage = dataclasses.field(default_factory=lambda: Stage(
+        mix={f: 1.0 for f in ("arith", "multistep", "modular", "sequence", "logic", "algebra", "recall")},
+        steps=600, n_latent=0, n_cycles=2))
+    """The shared trunk's training."""
+    reasoning: Stage = dataclasses.field(default_factory=lambda: Stage(
+        mix={"multistep": 3, "algebra": 3, "arith": 1}, families=["multistep", "algebra"], steps=250, seed=1,
+        n_latent=1, n_cycles=2))
+    """The reasoning specialist: more recursion, multistep/algebra heavy."""
+    memory: Stage = dataclasses.field(default_factory=lambda: Stage(
+        mix={"recall": 4, "sequence": 1}, families=["recall"], steps=250, seed=2, n_cycles=2,
+        use_memory=True))
+    """The memory specialist: Titans memory on, recall heavy."""
+    speed: Stage = dataclasses.field(default_factory=lambda: Stage(
+        mix={"arith": 2, "logic": 2, "modular": 1}, families=["arith", "logic"], steps=250, seed=3, n_cycles=1,
+        halt_threshold=0.3))
+    """The speed specialist: one cycle, early halting."""
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of the Phase-1 MuGrokfast preset (keys: forgelib.optim.MuGrokfastConfig fields)."""
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(log_every=10))
+    """Training-loop settings (steps come from each Stage)."""
+    min_disagreement: float = 0.02
+    """Gate: smallest allowed pairwise argmax disagreement between specialists on the test split."""
+
+    @property
+    def specialists(self) -> dict[str, Stage]:
+        return {name: getattr(self, name) for name in ROLES}
+
+    def __post_init__(self):
+        for name, stage in [("trunk", self.trunk), *self.specialists.items()]:
+            unknown = sorted(set(stage.mix) - set(FAMILIES))
+            if unknown or not stage.mix:
+                raise ValueError(f"{name}.mix: unknown or no families {unknown}; valid: {sorted(FAMILIES)}")
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(params: Params, seed: int, save_dir):
+    """Train the byte-level BPE on a task-suite corpus covering every family (train split only)."""
+    corpus = build_mix({f: 1.0 for f in FAMILIES}, params.levels, params.tokenizer_samples, "train", seed)
+    texts = [format_sample(s, with_answer=True, with_steps=True) for s in corpus]
+    return train_tokenizer(texts, vocab_size=params.vocab_size, save_dir=save_dir)
+
+
+def training_batches(tokenizer, params: Params, stage: Stage, seed: int):
+    """Endless shuffled batches of the stage's mix (train split); returns (iterator, rows, dropped)."""
+    samples = build_mix(stage.mix, params.levels, params.train_samples, "train", seed)
+    encoded = encode_samples(tokenizer, samples, params.max_len, answer_only_loss=False, drop_long=True)
+    return lm_batches(encoded, params.batch_size, seed=seed, epochs=None), len(encoded["input_ids"]), encoded.n_dropped
+
+
+def test_samples(params: Params, seed: int):
+    """The evaluation set: ``eval_per_family`` test-split samples of every family the phase uses."""
+    families = sorted(set(params.trunk.mix).union(*(s.mix for s in params.specialists.values())))
+    return build_mix({f: 1.0 for f in families}, params.levels, params.eval_per_family * len(families), "test", seed)
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+def make_trunk(params: Params, tokenizer, seed: int) -> CognateForCausalLM:
+    """A fresh Cognate model with memory and halting parameters built (used or not by each stage)."""
+    torch.manual_seed(seed)
+    shape = dataclasses.asdict(params.model)
+    config = CognateConfig(vocab_size=len(tokenizer), **shape, memory_modules=True, use_act=True,
+                           n_latent=params.trunk.n_latent, n_cycles=params.trunk.n_cycles,
+                           use_memory=params.trunk.use_memory, halt_threshold=params.trunk.halt_threshold,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    return CognateForCausalLM(config)
+
+
+def apply_stage(model: CognateForCausalLM, stage: Stage) -> CognateForCausalLM:
+    """Set a model's runtime settings (no parameter changes shape)."""
+    for key in ("n_latent", "n_cycles", "use_memory", "halt_threshold"):
+        setattr(model.config, key, getattr(stage, key))
+    return model
+
+
+def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int):
+    """Train ``model`` on the stage's mix with the Phase-1 MuGrokfast preset; returns the history."""
+    seed = ctx.seed + stage.seed
+    torch.manual_seed(seed)
+    batches, rows, dropped = training_batches(tokenizer, params, stage, seed)
+    ctx.log({f"{name}/train_rows": rows, f"{name}/dropped_long": dropped}, step=step_offset)
+    optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
+    config = dataclasses.replace(params.train, steps=stage.steps)
+    return train(model, batches, optimizer, config, tracker=ctx.tracker, device=ctx.device, desc=name,
+                 quiet=ctx.quiet, step_offset=step_offset)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+def answer_nll_by_family(model, tokenizer, samples, max_len: int) -> dict[str, float]:
+    """Mean answer-token NLL per family (teacher-forced, test split)."""
+    out = {}
+    for family in sorted({s.family for s in samples}):
+        subset = [s for s in samples if s.family == family]
+        out[family] = mean_nll(model, tokenizer, subset, max_len=max_len, answer_only=True)
+    return out
+
+
+@torch.no_grad()
+def act_statistics(model, encoded) -> dict[str, Any]:
+    """Per-token ACT cycles (inference mode) and memory gate entropy on real positions of ``encoded``."""
+    model.eval()
+    out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    real = encoded["attention_mask"].bool()
+    cycles = out.act_cycles[real].float()  # (N_real,)
+    stats = {"mean_cycles": float(cycles.mean()), "cycles": cycles.tolist()}
+    entropy = getattr(out, "gate_entropy", None)
+    stats["gate_entropy"] = float(entropy) if entropy is not None else float("nan")
+    return stats
+
+
+def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[str, Any]:
+    """Accuracy and answer loss per family, ACT cycles and gate entropy for every model (test split)."""
+    samples = test_samples(params, seed)
+    encoded = encode_for_eval(tokenizer, samples, params.max_len + 16)
+    report: dict[str, Any] = {"n_test": len(samples), "models": {}}
+    for name, model in models.items():
+        report["models"][name] = {
+            "accuracy": accuracy_by_family(model, tokenizer, samples, batch_size=32),
+            "answer_nll": answer_nll_by_family(model, tokenizer, samples, params.max_len + 16),
+            **act_statistics(model, encoded),
+        }
+    pairs = {}
+    for a, b in itertools.combinations(ROLES, 2):
+        pairs[f"{a}-{b}"] = argmax_disagreement(models[a], models[b], encoded, batch_size=32)
+    report["disagreement"] = pairs
+    return report
+
+
+def own_family_score(report: dict, name: str, families: list[str], key: str) -> float:
+    values = [report["models"][name][key][f] for f in families]
+    return sum(values) / len(values)
+
+
+def gate_checks(report: dict, params: Params, trunk_history) -> list[GateCheck]:
+    """The phase gate (see the module docstring)."""
+    checks = []
+    for name in ROLES:
+        fams = params.specialists[name].families or list(params.specialists[name].mix)
+        gain = own_family_score(report, "trunk", fams, "answer_nll") - own_family_score(report, name, fams, "answer_nll")
+        checks.append(GateCheck(f"{name}_nll_gain_over_trunk", gain, 0.0, ">"))
+    checks.append(GateCheck("min_disagreement", min(report["disagreement"].values()), params.min_disagreement, ">="))
+    checks.append(GateCheck("trunk_loss_drop", trunk_history.first_loss - trunk_history.last_loss, 0.0, ">"))
+    return checks
+
+
+def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
+    """The few numbers the pipeline table shows."""
+    metrics: dict[str, float] = {"trunk_loss_first": round(histories["trunk"].first_loss, 4),
+                                 "trunk_loss_last": round(histories["trunk"].last_loss, 4)}
+    for name in ("trunk", *ROLES):
+        fams = list(params.specialists[name].families) if name in ROLES else sorted(params.trunk.mix)
+        metrics[f"{name}_acc_own"] = round(own_family_score(report, name, fams, "accuracy"), 4)
+    metrics["reasoning_mean_cycles"] = round(report["models"]["reasoning"]["mean_cycles"], 3)
+    metrics["memory_gate_entropy"] = round(report["models"]["memory"]["gate_entropy"], 4)
+    metrics["min_disagreement"] = round(min(report["disagreement"].values()), 4)
+    metrics["trunk_tokens_per_s"] = round(histories["trunk"].tokens_per_s, 1)
+    return metrics
+
+
+# --- the phase ----------------------------------------------------------------------------------------
+
+
+def run(params: Params, ctx) -> PhaseResult:
+    """Phase 1 (see the module docstring)."""
+    tokenizer = build_tokenizer(params, ctx.seed, ctx.path("tokenizer"))
+    ctx.register("tokenizer", ctx.dir / "tokenizer", metadata={"vocab_size": len(tokenizer)})
+    trunk = make_trunk(params, tokenizer, ctx.seed)
+    ctx.log({"params": sum(p.numel() for p in trunk.parameters())}, step=0)
+    histories = {"trunk": train_stage(trunk, tokenizer, params, params.trunk, "trunk", ctx, 0)}
+    models = {"trunk": trunk}
+    offset = params.trunk.steps
+    for name in ROLES:
+        stage = params.specialists[name]
+        models[name] = apply_stage(copy.deepcopy(trunk), stage)
+        histories[name] = train_stage(models[name], tokenizer, params, stage, name, ctx, offset)
+        offset += stage.steps
+    report = evaluate_models(models, tokenizer, params, ctx.seed + 7)
+    report["histories"] = {k: {"first_loss": h.first_loss, "last_loss": h.last_loss, "seconds": h.seconds,
+                               "tokens_per_s": h.tokens_per_s} for k, h in histories.items()}
+    ctx.result.artifacts["report"] = str(write_json_atomic(ctx.path("report.json"), report))
+    for name, model in models.items():
+        ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})
+    ctx.result.metrics.update(headline(report, params, histories))
+    ctx.result.gate.extend(gate_checks(report, params, histories["trunk"]))
+    return ctx.result
+
+
+def validate_output(result: PhaseResult, ctx) -> None:
+    """Every model and the tokenizer must have been handed on."""
+    missing = [r for r in ("tokenizer", "trunk", *ROLES) if r not in result.models]
+    if missing:
+        raise ValueError(f"phase 1 did not hand on {missing}")
+    for key, value in result.metrics.items():
+        if isinstance(value, float) and math.isnan(value) and key != "memory_gate_entropy":
+            raise ValueError(f"phase 1 metric {key} is NaN")

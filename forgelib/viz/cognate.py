@@ -1,0 +1,66 @@
+"""Phase 1 views: per-family accuracy table, ACT cycle histogram, and a prompt playground widget."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .. import paths
+
+
+def load_report(result) -> dict:
+    """The phase's report.json (per-model accuracy, answer loss, ACT cycles, disagreement)."""
+    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+
+
+def accuracy_frame(report: dict, key: str = "accuracy"):
+    """Families × models table of ``key`` ('accuracy' or 'answer_nll') on the test split."""
+    import pandas as pd
+
+    return pd.DataFrame({name: m[key] for name, m in report["models"].items()}).round(3)
+
+
+def plot_act_histogram(report: dict) -> "plt.Figure":
+    """Histogram of recursion cycles per token (inference, ACT halting on) for every model."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    top = max(max(m["cycles"], default=1) for m in report["models"].values())
+    bins = [b + 0.5 for b in range(0, int(top) + 1)]
+    for name, m in report["models"].items():
+        ax.hist(m["cycles"], bins=bins, alpha=0.5, label=f"{name} (mean {m['mean_cycles']:.2f})")
+    ax.set_xlabel("cycles per token")
+    ax.set_ylabel("tokens")
+    ax.set_title("ACT: cycles per token on the test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"), max_new_tokens: int = 16):
+    """Type a prompt; see each model's greedy answer and the cycles each prompt token used."""
+    import ipywidgets as w
+    import torch
+
+    from ..data.tokenizer import encode_prompts
+    from ..models.loading import load_causal_lm
+    from transformers import AutoTokenizer
+
+    models = {r: load_causal_lm(paths.resolve(result.models[r]["path"])).eval() for r in roles}
+    tokenizer = AutoTokenizer.from_pretrained(paths.resolve(result.models["tokenizer"]["path"]))
+    text = w.Text(value="12+7*3=", description="prompt")
+    out = w.Output()
+
+    def answer(change=None):
+        out.clear_output()
+        ids = torch.tensor(encode_prompts(tokenizer, [text.value]))
+        with out, torch.no_grad():
+            for role, model in models.items():
+                gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+                cycles = model(input_ids=ids).act_cycles[0].tolist()
+                print(f"{role:>9}: {reply!r:24} cycles per prompt token {cycles}")
+
+    text.observe(answer, names="value")
+    answer()
+    return w.VBox([text, out])
