@@ -75,7 +75,7 @@ def default_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dic
     """The model's own loss given ``labels``; scalar extras the output carries are logged too."""
     out = model(**batch)
     extras = {}
-    for key in ("lm_loss", "act_loss", "mean_cycles", "gate_entropy"):
+    for key in ("lm_loss", "act_loss", "act_cycles_mean", "gate_entropy"):
         value = getattr(out, key, None)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             extras[key] = float(value.detach())

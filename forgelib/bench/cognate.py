@@ -19,7 +19,7 @@ import torch
 
 from .. import paths
 from ..data.tasks import build_mix, format_sample, generate
-from ..data.tokenizer import encode_samples, lm_batches, train_tokenizer
+from ..data.tokenizer import encode_samples, lm_batches, token_distance, train_tokenizer
 from ..evaluate import exact_match_accuracy, mean_nll
 from ..models import CognateConfig, CognateForCausalLM
 from ..train import TrainConfig, train
@@ -104,11 +104,15 @@ def bench_cycles(args, tokenizer) -> dict:
     history = _train(model, tokenizer, build_mix(mix, (1, 2), 4000, "train", args.seed), args, args.seed)
     test = build_mix(mix, (1, 2), args.eval_samples, "test", args.seed + 1)
     rows = {}
+    encoded = encode_samples(tokenizer, test, args.max_len + 16)
     for cycles in (1, 2, 4, 8):
         model.config.n_cycles = cycles
+        with torch.no_grad():
+            used = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).act_cycles
         rows[cycles] = {"accuracy": round(exact_match_accuracy(model, tokenizer, test, batch_size=32), 4),
                         "answer_nll": round(mean_nll(model, tokenizer, test, max_len=args.max_len + 16,
-                                                     answer_only=True), 4)}
+                                                     answer_only=True), 4),
+                        "mean_cycles_used": round(float(used[encoded["attention_mask"].bool()].float().mean()), 3)}
     model.config.n_cycles = 2
     return {"trained_cycles": 2, "n_latent": 1, "train_steps": args.train_steps, "n_test": len(test),
             "final_train_loss": round(history.last_loss, 4), "by_test_time_cycles": rows}
@@ -131,8 +135,11 @@ def bench_memory(args, tokenizer) -> dict:
     distances = [2 * window, 3 * window, 4 * window]
     train_set = _recall_set(4000, "train", distances, args.seed)
     test_set = _recall_set(args.eval_samples, "test", distances, args.seed + 1)
+    gaps = sorted(token_distance(tokenizer, s) for s in test_set)
     out = {"window_tokens": window, "distances_chars": distances, "train_steps": args.train_steps,
-           "n_test": len(test_set), "chance": 0.1}
+           "n_test": len(test_set), "chance": 0.1,
+           "token_gap_min_median": [gaps[0], gaps[len(gaps) // 2]],
+           "note": "distance mode lists the queried pair first; the answer lies further back than the window"}
     for label, use_memory in (("memory_off", False), ("memory_on", True)):
         model = _new_model(tokenizer, args, sliding_window=window, use_memory=use_memory, memory_modules=True,
                            use_act=False)

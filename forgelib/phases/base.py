@@ -243,7 +243,11 @@ def _setup_runtime(run: RunParams) -> str:
 
     from ..utils import resolve_device, set_seed
 
+    import transformers
+
     torch.set_num_threads(max(1, run.threads))
+    # Loading/saving bars of tiny checkpoints are noise in the executed notebooks; our own bars stay.
+    transformers.utils.logging.disable_progress_bar()
     set_seed(run.seed)
     return resolve_device(run.device)
 

@@ -22,14 +22,21 @@ def accuracy_frame(report: dict, key: str = "accuracy"):
 
 
 def plot_act_histogram(report: dict) -> "plt.Figure":
-    """Histogram of recursion cycles per token (inference, ACT halting on) for every model."""
-    fig, ax = plt.subplots(figsize=(6, 3))
-    top = max(max(m["cycles"], default=1) for m in report["models"].values())
-    bins = [b + 0.5 for b in range(0, int(top) + 1)]
-    for name, m in report["models"].items():
-        ax.hist(m["cycles"], bins=bins, alpha=0.5, label=f"{name} (mean {m['mean_cycles']:.2f})")
-    ax.set_xlabel("cycles per token")
-    ax.set_ylabel("tokens")
+    """Share of tokens that used 1, 2, … recursion cycles (inference, ACT halting on), one bar per model."""
+    import numpy as np
+
+    models = report["models"]
+    top = int(max(max(m["cycles"], default=1) for m in models.values()))
+    xs = np.arange(1, top + 1)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    for k, (name, m) in enumerate(models.items()):
+        counts = np.bincount(np.asarray(m["cycles"], dtype=int), minlength=top + 1)[1:]
+        ax.bar(xs + (k - (len(models) - 1) / 2) * width, counts / max(1, counts.sum()), width,
+               label=f"{name} (mean {m['mean_cycles']:.2f})")
+    ax.set_xticks(xs)
+    ax.set_xlabel("cycles used per token")
+    ax.set_ylabel("share of tokens")
     ax.set_title("ACT: cycles per token on the test split")
     ax.legend(fontsize=8)
     fig.tight_layout()
