@@ -1,0 +1,90 @@
+"""Phase 2 views: fitness per generation, champion vs parents vs uniform merge, and a merge-weight widget."""
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+
+from .. import paths
+
+
+def load_report(result) -> dict:
+    """The phase's report.json (evolution record, test-split scores, champion recipe)."""
+    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+
+
+def plot_fitness(report: dict) -> "plt.Figure":
+    """Best and mean fitness of every CMA-ES generation, in search order, coloured by method."""
+    gens = report["evolution"]["generations"]
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for k, method in enumerate(dict.fromkeys(g["method"] for g in gens)):
+        xs = [i for i, g in enumerate(gens) if g["method"] == method]
+        color = f"C{k}"
+        ax.plot(xs, [gens[i]["best"] for i in xs], "o-", color=color, label=f"{method} (best)")
+        ax.plot(xs, [gens[i]["mean"] for i in xs], "x--", color=color, alpha=0.5, label=f"{method} (mean)")
+    ax.set_xlabel("generation (search order)")
+    ax.set_ylabel("fitness (fitness split)")
+    ax.set_title("EvoMerge: best (solid) and mean (dashed) fitness per generation")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def score_frame(report: dict):
+    """Test-split accuracy, answer NLL and score of each parent, the uniform merge and the champion."""
+    import pandas as pd
+
+    return pd.DataFrame(report["test"]).T.round(4)
+
+
+def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
+    """Two sliders over the task-arithmetic weights of the first two sources (the others keep 1/n);
+    each move builds the merge in memory and shows its measured fitness on a small fitness-split sample."""
+    import ipywidgets as w
+
+    from ..merge import MergeRecipe, merge_models
+    from ..phases.evomerge import Params, _configured, load_upstream_models, make_scorer
+    from ..phases.base import load_upstream
+    from ..registry import ModelRegistry
+
+    params = Params(**_params_section(result))
+    ctx = _UpstreamOnly(load_upstream(upstream), ModelRegistry(paths.registry_path()))
+    models, base, tokenizer, _ = load_upstream_models(params, ctx)
+    scorer = make_scorer(params, tokenizer, "fitness", samples_per_family, seed=0)
+    names = list(models)
+    sliders = [w.FloatSlider(value=1 / len(names), min=0.0, max=1.5, step=0.05, description=n) for n in names[:2]]
+    out = w.Output()
+
+    def show(change=None):
+        weights = [s.value for s in sliders] + [1 / len(names)] * (len(names) - 2)
+        recipe = MergeRecipe("task_arithmetic", names, params.base, parameters={"weights": weights})
+        details = scorer.details(_configured(merge_models(recipe, models, base), params.runtime))
+        out.clear_output()
+        with out:
+            print(f"weights {dict(zip(names, [round(x, 2) for x in weights]))}")
+            print(f"fitness-sample accuracy {details['accuracy']:.3f}  answer NLL {details['answer_nll']:.3f}  "
+                  f"score {details['score']:.3f}")
+
+    for s in sliders:
+        s.observe(show, names="value")
+    show()
+    return w.VBox([*sliders, out])
+
+
+class _UpstreamOnly:
+    """The little of a PhaseContext that loading the upstream models needs."""
+
+    def __init__(self, upstream, registry):
+        self.upstream, self.registry = upstream, registry
+
+    def upstream_model_path(self, role):
+        from ..phases.base import upstream_model_path
+
+        return upstream_model_path(self.upstream, role, self.registry)
+
+
+def _params_section(result) -> dict:
+    import yaml
+
+    data = yaml.safe_load((paths.resolve(result.artifacts["report"]).parent / "params.yaml").read_text())
+    return data["evomerge"]

@@ -1,0 +1,169 @@
+"""Phases 1 and 2 run for real on the smoke set (one shared session), hand on what they promise, and
+refuse bad input clearly."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forgelib import paths
+from forgelib.models import CognateConfigError
+from forgelib.params import ParameterError
+from forgelib.phases import UpstreamError, open_phase, run_phase
+from forgelib.registry import ModelRegistry
+from forgelib.results import PhaseResult
+
+QUIET = {"run": {"quiet": True, "tracking": "jsonl"}}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phase-outputs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FORGE_OUTPUTS", str(out))
+    yield out
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def cognate(outputs):
+    ctx = open_phase("cognate", "parameters/smoke.yaml", QUIET, session="p")
+    return ctx, run_phase(ctx)
+
+
+@pytest.fixture(scope="module")
+def evomerge(outputs, cognate):
+    ctx = open_phase("evomerge", "parameters/smoke.yaml", QUIET, session="p", upstream=cognate[0].dir)
+    return ctx, run_phase(ctx)
+
+
+@pytest.mark.slow
+def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
+    from forgelib.models.loading import load_cognate
+    from transformers import AutoTokenizer
+
+    ctx, result = cognate
+    assert result.ok and result.gate_passed
+    assert set(result.models) == {"tokenizer", "trunk", "reasoning", "memory", "speed"}
+    shapes = {}
+    for role in ("trunk", "reasoning", "memory", "speed"):
+        model = load_cognate(paths.resolve(result.models[role]["path"]))
+        shapes[role] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert model.config.model_type == "cognate"
+    assert all(s == shapes["trunk"] for s in shapes.values()), "identical shapes so Phase 2 can merge them"
+    assert load_cognate(paths.resolve(result.models["reasoning"]["path"])).config.n_cycles == 2
+    assert load_cognate(paths.resolve(result.models["memory"]["path"])).config.use_memory
+    tok = AutoTokenizer.from_pretrained(paths.resolve(result.models["tokenizer"]["path"]))
+    assert tok.convert_tokens_to_ids("<|startofthought|>") != tok.unk_token_id
+    report = json.loads((ctx.dir / "report.json").read_text())
+    for name in ("trunk", "reasoning", "memory", "speed"):
+        assert set(report["models"][name]["accuracy"]) >= {"recall", "multistep", "arith"}
+    # the gate's numbers are the report's numbers
+    gate = {g.name: g.value for g in result.gate}
+    fams = ["multistep", "algebra"]
+    own = lambda m: sum(report["models"][m]["answer_nll"][f] for f in fams) / 2  # noqa: E731
+    assert gate["reasoning_nll_gain_over_trunk"] == pytest.approx(own("trunk") - own("reasoning"))
+    assert gate["min_disagreement"] == pytest.approx(min(report["disagreement"].values()))
+    assert result.metrics["trunk_loss_last"] < result.metrics["trunk_loss_first"]
+    rows = [json.loads(l) for l in (ctx.dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("trunk/loss" in r for r in rows) and any("speed/loss" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_registry_holds_phase_rows(cognate):
+    with ModelRegistry(paths.registry_path()) as reg:
+        roles = {m["model_name"] for m in reg.list_models(session_id="p", phase_name="cognate")}
+        assert roles == {"tokenizer", "trunk", "reasoning", "memory", "speed"}
+        assert reg.list_phase_runs("p")[0]["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_evomerge_champion_beats_parents_and_rebuilds_bit_exactly(evomerge):
+    ctx, result = evomerge
+    assert result.ok and result.gate_passed
+    report = json.loads((ctx.dir / "report.json").read_text())
+    champ = report["test"]["champion"]["score"]
+    assert champ >= max(report["test"][p]["score"] for p in ("reasoning", "memory", "speed"))
+    assert champ > report["test"]["uniform_merge"]["score"]
+    assert len(report["evolution"]["evaluations"]) == 40
+    recipe = paths.resolve(result.artifacts["recipe"])
+    out = ctx.dir / "rebuilt"
+    proc = subprocess.run([sys.executable, "-m", "forgelib.cli", "merge", str(recipe), "--out", str(out),
+                           "--compare", str(paths.resolve(result.models["champion"]["path"]))],
+                          capture_output=True, text=True, cwd=paths.repo_root())
+    assert proc.returncode == 0, proc.stderr
+    assert "bit-identical" in proc.stdout and "True" in proc.stdout
+
+
+def test_evomerge_on_llama_style_models(tmp_path, monkeypatch, tiny_llama):
+    """Phase 2 takes any HF causal LM: a tiny Llama trunk and three perturbed copies as the upstream."""
+    import copy
+
+    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.results import PhaseResult
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    texts = [format_sample(s) for s in build_mix({f: 1 for f in FAMILIES}, (1, 1), 300, "train", 0)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    trunk = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    up = PhaseResult("handmade", 1, "llama", status="ok")
+    with ModelRegistry(paths.registry_path()) as reg:
+        for i, role in enumerate(("trunk", "a", "b", "c")):
+            model = copy.deepcopy(trunk)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * i * torch.randn_like(p))
+            folder = tmp_path / role
+            model.save_pretrained(folder)
+            tok.save_pretrained(folder)
+            up.models[role] = {"path": str(folder), "registry_id": reg.register_model(
+                session_id="llama", phase_name="handmade", model_name=role, model_path=str(folder))}
+    overrides = {**QUIET, "evomerge": {"sources": ["a", "b", "c"], "runtime": {}, "budget": 6,
+                                       "fitness_per_family": 2, "test_per_family": 2, "per_layer": False}}
+    ctx = open_phase("evomerge", "parameters/smoke.yaml", overrides, session="llama", upstream=up)
+    result = ctx.spec.load().run(ctx.params, ctx)
+    assert result.models["champion"]["registry_id"]
+    assert {g.name for g in result.gate} == {"champion_minus_best_parent", "champion_minus_uniform"}
+
+
+def test_evomerge_without_needed_upstream_models_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    up = PhaseResult("cognate", 1, "x", status="ok", models={"trunk": {"path": str(tmp_path), "registry_id": None}})
+    ctx = open_phase("evomerge", "parameters/smoke.yaml", QUIET, session="x", upstream=up)
+    with pytest.raises(UpstreamError, match=r"needs upstream models \['reasoning', 'memory', 'speed'\]"):
+        run_phase(ctx)
+    assert PhaseResult.load(ctx.dir).status == "failed"
+
+
+def test_impossible_model_shape_names_the_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    ctx = open_phase("cognate", "parameters/smoke.yaml",
+                     {**QUIET, "cognate": {"model": {"hidden_size": 30}, "trunk": {"steps": 1}}}, session="bad")
+    with pytest.raises(CognateConfigError, match=r"hidden_size \(30\) must be divisible by num_attention_heads"):
+        run_phase(ctx)
+
+
+def test_unknown_family_in_mix_is_a_parameter_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    with pytest.raises(ParameterError, match=r"trunk\.mix: unknown or no families \['arithmetic'\]"):
+        open_phase("cognate", "parameters/smoke.yaml", {"cognate": {"trunk": {"mix": {"arithmetic": 1}}}})
+
+
+def test_tokenizer_without_special_tokens_is_refused(tmp_path):
+    from forgelib.data.tokenizer import MissingSpecialTokensError, load_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path)
+    with pytest.raises(MissingSpecialTokensError, match=r"<\|startofthought\|>"):
+        load_tokenizer(tmp_path)
