@@ -72,7 +72,9 @@ def _check_model(entry: dict, registry: Any, load_models: bool) -> dict:
         out["checksum"] = "match"
         if load_models and Path(path).is_dir() and (Path(path) / "config.json").is_file():
             from .models.loading import load_causal_lm
+            from .phases.base import quiet_library_bars
 
+            quiet_library_bars()
             load_causal_lm(path)
             out["loads"] = True
         out["ok"] = True

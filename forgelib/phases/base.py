@@ -238,16 +238,21 @@ def _prepare_dir(folder: Path) -> None:
         raise OutputNotWritableError(f"cannot write the phase output folder {folder}: {exc}") from exc
 
 
+def quiet_library_bars() -> None:
+    """Hide transformers' loading/saving bars: for tiny checkpoints they are noise in notebooks and logs
+    (the phases' own training bars stay)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _setup_runtime(run: RunParams) -> str:
     import torch
 
     from ..utils import resolve_device, set_seed
 
-    import transformers
-
     torch.set_num_threads(max(1, run.threads))
-    # Loading/saving bars of tiny checkpoints are noise in the executed notebooks; our own bars stay.
-    transformers.utils.logging.disable_progress_bar()
+    quiet_library_bars()
     set_seed(run.seed)
     return resolve_device(run.device)
 
