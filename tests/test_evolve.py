@@ -1,5 +1,4 @@
 """CMA-ES search over merge recipes and layer paths, on problems whose optimum is known."""
-import copy
 
 import pytest
 import torch
@@ -8,13 +7,7 @@ from forgelib.merge import (MergeError, MergeRecipe, evolve_layer_path, evolve_r
                             param_group, rebuild_from_recipe, save_recipe)
 
 
-def _specialist(model, seed, scale=0.05):
-    child = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in child.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return child
+from helpers import perturbed_copy as _specialist
 
 
 @pytest.fixture

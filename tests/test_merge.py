@@ -17,14 +17,7 @@ ALL_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", 
                "slerp", "model_stock", "karcher", "passthrough"}
 
 
-def _specialist(model, seed, scale=0.05):
-    """A copy of ``model`` with every parameter nudged by seeded noise (a 'fine-tuned' child of the trunk)."""
-    child = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in child.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return child
+from helpers import perturbed_copy as _specialist
 
 
 def _llama(**overrides):

@@ -1,6 +1,5 @@
 """Strict parameter loading: every file in parameters/ loads; typos and wrong types name the problem."""
 import dataclasses
-from pathlib import Path
 from typing import Literal, Optional
 
 import pytest

@@ -1,6 +1,5 @@
 """Phases 1 and 2 run for real on the smoke set (one shared session), hand on what they promise, and
 refuse bad input clearly."""
-import dataclasses
 import json
 import subprocess
 import sys

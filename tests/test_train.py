@@ -1,6 +1,5 @@
 """The shared training loop: it learns, stops on NaN with a clear error, checkpoints atomically and
 refuses a checkpoint of another architecture."""
-import math
 
 import pytest
 import torch

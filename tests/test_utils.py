@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import perturbed_copy
 from torch import nn
 
 from forgelib.utils import (ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN, DeviceUnavailableError,
@@ -125,12 +126,7 @@ def _brute_force_disagreement(models, input_ids, mask):
 
 
 def _perturbed(model, scale, seed):
-    clone = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return clone
+    return perturbed_copy(model, seed, scale)
 
 
 @pytest.fixture
