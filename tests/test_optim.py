@@ -336,6 +336,12 @@ def test_monitor_matches_brute_force_logits(tiny_llama, family):
         expected = _brute_force_max_logits(*seen[layer])
         assert expected.abs().max() > 1.0
         assert torch.allclose(module.qk_max_logits, expected, rtol=1e-4, atol=1e-4)
+    # A projection wrapped after attaching (as a LoRA layer would be) is recomputed through the wrapper.
+    for m in monitor.modules:
+        m.q_proj = nn.Sequential(m.q_proj)
+    model(ids)
+    for layer, module in enumerate(monitor.modules):
+        assert torch.allclose(module.qk_max_logits, _brute_force_max_logits(*seen[layer]), rtol=1e-4, atol=1e-4)
     monitor.remove()
 
 

@@ -1,14 +1,15 @@
 """`forge bench optim-lm`: MuGrokfast (Phase-1 preset) vs AdamW on the task suite, same model and data.
 
 A small ``LlamaForCausalLM`` is trained from the same initial weights on the same batches with each
-optimizer (alternating step by step, so both see the same machine load) until a fixed budget of training tokens (real, non-padding tokens) is spent; reported are the
-validation loss (mean next-token NLL over all tokens of held-out samples, and over answer tokens only),
-the mean optimizer-step time and the mean whole training-step time (forward, backward, step). The target
-is MuGrokfast's step at most 1.2x AdamW's. MuGrokfast runs with the QK-logit monitor attached, so the
-step time includes the cost of QK-clip's logit bookkeeping. Training rows are task-suite samples packed
-into ``max_len``-token chunks. Why the tokens per step matter: Newton–Schulz costs about 30*n^2*m flops
-per n x m matrix per step whatever the batch, forward+backward about 6*n*m per token, so Muon's overhead
-is roughly 5*n / (tokens per step): small batches of short rows make any Muon step look expensive.
+optimizer (alternating step by step, so both see the same machine load) until a fixed budget of
+training tokens (real, non-padding tokens) is spent. Reported: the validation loss (mean next-token NLL
+over all tokens of held-out samples, and over their answer tokens only), the mean optimizer-step time and
+the mean whole training-step time (forward, backward, step). Target: MuGrokfast's step at most 1.2x
+AdamW's. MuGrokfast runs with the QK-logit monitor attached, so its step time includes QK-clip's logit
+bookkeeping. Rows hold one task-suite sample each (batches trimmed to their longest row); the default
+batch is large because the tokens per step matter: Newton–Schulz costs about 30*n^2*m flops per n x m
+matrix per step whatever the batch, forward+backward about 6*n*m per token, so Muon's overhead is
+roughly 5*n / (tokens per step), and small batches of short rows make any Muon step look expensive.
 """
 from __future__ import annotations
 
@@ -20,30 +21,24 @@ import time
 import torch
 
 from ..data.tasks import build_mix, format_sample
-from ..data.tokenizer import encode_samples, encode_texts, lm_batches, train_tokenizer
+from ..data.tokenizer import encode_samples, lm_batches, train_tokenizer
 from ..optim import create_optimizer_from_phase, preset_config
 from .grokking import write_result
 
 FAMILIES = ("arith", "multistep", "modular", "sequence", "logic", "algebra")
 
 
-def _packed(samples, per_doc: int = 16) -> list[str]:
-    """Samples joined by newlines into documents, so training rows are full ``max_len`` chunks (as in
-    LM pretraining) rather than one short sample padded to the row width."""
-    texts = [format_sample(s) for s in samples]
-    return ["\n".join(texts[i:i + per_doc]) for i in range(0, len(texts), per_doc)]
-
-
 def build_data(args) -> dict:
-    """Tokenizer, packed training and validation rows (all-token loss), and validation samples one per
-    row with the loss on the answer tokens only."""
+    """Tokenizer and one-sample-per-row tensors: training and validation with the loss on every token,
+    and validation with the loss on the answer tokens only."""
     mix = {f: 1.0 for f in FAMILIES}
     train = build_mix(mix, (1, args.max_level), args.train_samples, "train", args.seed)
     val = build_mix(mix, (1, args.max_level), args.val_samples, "test", args.seed)
     tok = train_tokenizer([format_sample(s) for s in train], vocab_size=args.vocab)
-    return {"tokenizer": tok, "train": encode_texts(tok, _packed(train), args.max_len),
-            "val": encode_texts(tok, _packed(val), args.max_len),
-            "val_answers": encode_samples(tok, val, args.max_len, answer_only_loss=True, drop_long=True)}
+    enc = dict(max_len=args.max_len, drop_long=True)
+    return {"tokenizer": tok, "train": encode_samples(tok, train, answer_only_loss=False, **enc),
+            "val": encode_samples(tok, val, answer_only_loss=False, **enc),
+            "val_answers": encode_samples(tok, val, answer_only_loss=True, **enc)}
 
 
 def build_model(args, vocab_size: int, pad_id: int):
@@ -139,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--max-level", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--val-samples", type=int, default=400)

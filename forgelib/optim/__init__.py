@@ -17,11 +17,13 @@ from .kl import ReferenceKL, kl_divergence
 from .muon_grokfast import MuonGrokfast, embedding_param_ids, split_parameters
 from .newton_schulz import muon_lr_scale, newton_schulz, resolve_ns_dtype
 from .presets import PRESETS, create_optimizer_from_phase, preset_config
-from .qk_clip import attach_qk_logit_monitor, causal_max_logits, clip_attention_heads_, find_qk_targets, qk_clip_
+from .qk_clip import (
+    QKLogitMonitor, attach_qk_logit_monitor, causal_max_logits, clip_attention_heads_, find_qk_targets, qk_clip_,
+)
 
 __all__ = [
     "MuGrokfastConfig", "OptimConfigError", "MuonGrokfast", "PRESETS", "create_optimizer_from_phase",
     "preset_config", "split_parameters", "embedding_param_ids", "newton_schulz", "muon_lr_scale",
     "resolve_ns_dtype", "grokfast_ema", "grokfast_ma", "attach_qk_logit_monitor", "causal_max_logits",
-    "clip_attention_heads_", "find_qk_targets", "qk_clip_", "ReferenceKL", "kl_divergence",
+    "clip_attention_heads_", "find_qk_targets", "qk_clip_", "QKLogitMonitor", "ReferenceKL", "kl_divergence",
 ]

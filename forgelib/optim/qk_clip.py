@@ -122,26 +122,44 @@ def _rotary_fn(module: nn.Module):
     return apply_rotary_pos_emb
 
 
-def _make_hook(module: nn.Module, training_only: bool):
+def _active(training_only: bool) -> bool:
+    """Whether a hook should record: always, or only in forwards with gradients (training)."""
+    return not training_only or torch.is_grad_enabled()
+
+
+def _make_hooks(module: nn.Module, training_only: bool):
+    """(projection hook, attention hook): the first keeps q_proj/k_proj outputs of the current forward
+    (so they are not computed twice), the second turns them into ``qk_max_logits``."""
     rotary = _rotary_fn(module)
     group = module.num_heads // module.num_key_value_heads
     scaling = getattr(module, "scaling", module.head_dim ** -0.5)
+    stash: dict[str, tuple[nn.Module, torch.Tensor]] = {}
 
-    def hook(mod, args, kwargs, output):
-        if training_only and not torch.is_grad_enabled():
-            return  # generation / evaluation: skip the extra cost
-        with torch.no_grad():
-            mod.qk_max_logits = _recompute_max_logits(mod, args, kwargs, rotary, group, scaling)
-    return hook
+    def keep(name):
+        def proj_hook(proj, args, output):
+            if _active(training_only):
+                stash[name] = (proj, output.detach())  # output: (B, T, heads * head_dim)
+        return proj_hook
+
+    def attn_hook(mod, args, kwargs, output):
+        if _active(training_only):
+            with torch.no_grad():
+                mod.qk_max_logits = _max_logits(mod, args, kwargs, stash, rotary, group, scaling)
+        stash.clear()
+    return keep, attn_hook
 
 
-def _recompute_max_logits(mod, args, kwargs, rotary, group, scaling) -> torch.Tensor:
-    """(num_heads,) max causal logits of one attention call, from the inputs its hook saw."""
+def _max_logits(mod, args, kwargs, stash, rotary, group, scaling) -> torch.Tensor:
+    """(num_heads,) max causal logits of one attention call, from its projections' outputs (recomputed
+    from the hook's ``hidden_states`` if they were not seen) and the ``position_embeddings`` kwarg."""
     hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, hidden)
     cos, sin = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
     shape = (*hidden.shape[:-1], -1, mod.head_dim)
-    q = mod.q_proj(hidden).view(shape).transpose(1, 2)  # (B, H, T, D)
-    k = mod.k_proj(hidden).view(shape).transpose(1, 2)  # (B, KV, T, D)
+    # Use a kept output only if it came from the module's current projection (a wrapper installed
+    # later, e.g. a LoRA layer, changes the output; then recompute through the wrapper).
+    q = stash["q"][1] if stash.get("q", (None,))[0] is mod.q_proj else mod.q_proj(hidden)
+    k = stash["k"][1] if stash.get("k", (None,))[0] is mod.k_proj else mod.k_proj(hidden)
+    q, k = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)  # (B, H, T, D), (B, KV, T, D)
     q, k = rotary(q, k, cos, sin)
     k = k.repeat_interleave(group, dim=1)  # (B, H, T, D): head h reads key head h // group
     return causal_max_logits(q.float(), k.float(), scaling, kwargs.get("attention_mask")).detach()
@@ -152,9 +170,10 @@ def attach_qk_logit_monitor(model: nn.Module, training_only: bool = True) -> QKL
 
     Each attention module (one with ``q_proj``, ``k_proj`` and a ``config`` holding
     ``num_attention_heads``) gets ``num_heads``, ``num_key_value_heads`` (and ``head_dim``) attributes and
-    a forward hook (with kwargs) that recomputes q and k from the hook's ``hidden_states`` with the
-    module's own projections and the ``position_embeddings`` (cos, sin) kwarg, then stores
-    ``qk_max_logits``. Cost: one extra q/k projection and a (B, H, T, T) logit tensor per layer. With
+    a forward hook (with kwargs) that takes q and k from the module's own projections (their outputs
+    kept by hooks on ``q_proj``/``k_proj``, else recomputed from the hook's ``hidden_states``), applies
+    the ``position_embeddings`` (cos, sin) kwarg with the model's ``apply_rotary_pos_emb``, and stores
+    ``qk_max_logits``. Cost: RoPE on q and k again and a (B, H, T, T) logit tensor per layer. With
     ``training_only`` the hook does nothing when gradients are disabled (generation, evaluation), which
     also keeps it away from KV-cached decoding where the keys are not all in ``hidden_states``.
     Models with QK-norm (``q_norm``) are refused: scaling W_q does not change their normalized logits.
@@ -172,5 +191,7 @@ def attach_qk_logit_monitor(model: nn.Module, training_only: bool = True) -> QKL
         m.num_key_value_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         if not hasattr(m, "head_dim"):
             m.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        handles.append(m.register_forward_hook(_make_hook(m, training_only), with_kwargs=True))
+        keep, attn_hook = _make_hooks(m, training_only)
+        handles += [m.q_proj.register_forward_hook(keep("q")), m.k_proj.register_forward_hook(keep("k")),
+                    m.register_forward_hook(attn_hook, with_kwargs=True)]
     return QKLogitMonitor(modules, handles)
