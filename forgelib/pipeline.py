@@ -300,5 +300,7 @@ class PipelineOrchestrator:
         controller = PhaseController(phase_num, self.params_file, self.overrides, self.session)
         controller.validate_input(input_models)
         result = controller.execute(input_models)
-        controller.validate_output(result)
+        if not controller.validate_output(result):
+            raise PipelineError(f"phase {phase_num} returned no valid output: status {result.status}, "
+                                f"models {sorted(result.models)}")
         return result

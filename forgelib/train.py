@@ -188,6 +188,8 @@ def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     from safetensors.torch import load_file
 
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointMismatchError(f"{path} is not a checkpoint or model folder (no config.json)")
     config = json.loads((path / "config.json").read_text())
     want = getattr(model.config, "model_type", None)
     if config.get("model_type") != want:
@@ -203,7 +205,8 @@ def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     model.load_state_dict(state, strict=False)
     if optimizer is not None and (path / "optimizer.pt").is_file():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    state_file = path / "trainer_state.json"
+    return int(json.loads(state_file.read_text())["step"]) if state_file.is_file() else 0
 
 
 def endless(make_epoch: Callable[[int], Iterator[dict]]) -> Iterator[dict]:

@@ -78,3 +78,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("outer: [1, 2\n")
     with pytest.raises(ParameterError, match="not valid YAML"):
         load_section(bad, "outer", Outer)
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+def test_every_parameter_set_can_draw_its_phase1_training_data(name):
+    """A budget asking for more distinct prompts than a family/level holds fails here, not hours into a run."""
+    from forgelib.data.tasks import build_mix
+    from forgelib.phases.cognate import ROLES
+
+    spec = next(s for s in PHASES if s.name == "cognate")
+    _, params = load_phase_params(spec, paths.repo_root() / "parameters" / f"{name}.yaml", None, PHASES)
+    for stage in [params.trunk, *(getattr(params, r) for r in ROLES)]:
+        assert len(build_mix(stage.mix, params.levels, params.train_samples, "train", 0)) == params.train_samples

@@ -166,3 +166,24 @@ def test_tokenizer_without_special_tokens_is_refused(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path)
     with pytest.raises(MissingSpecialTokensError, match=r"<\|startofthought\|>"):
         load_tokenizer(tmp_path)
+
+
+def test_trunk_from_a_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatch, tiny_llama):
+    from forgelib.train import CheckpointMismatchError
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    tiny_llama.save_pretrained(tmp_path / "llama")
+    ctx = open_phase("cognate", "parameters/smoke.yaml",
+                     {**QUIET, "cognate": {"init_from": str(tmp_path / "llama")}}, session="ckpt")
+    with pytest.raises(CheckpointMismatchError, match="is a 'llama' model, but the model being trained is 'cognate'"):
+        run_phase(ctx)
+
+
+@pytest.mark.slow
+def test_orchestrator_runs_a_single_phase_with_the_source_design_names(cognate):
+    from forgelib.pipeline import PipelineOrchestrator
+
+    with PipelineOrchestrator({"params_file": "parameters/smoke.yaml", "session": "orch",
+                               "overrides": QUIET}) as pipe:
+        result = pipe.run_single_phase(phase_num=2, input_models=[cognate[0].dir])
+    assert result.ok and result.models["champion"]["registry_id"]

@@ -25,7 +25,8 @@ from ..evaluate import accuracy_by_family, argmax_disagreement, encode_for_eval,
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
 from ..results import GateCheck, PhaseResult, write_json_atomic
-from ..train import TrainConfig, train
+from .. import paths
+from ..train import TrainConfig, load_checkpoint, train
 
 ROLES = ("reasoning", "memory", "speed")
 
@@ -118,6 +119,9 @@ class Params:
     """Training-loop settings (steps come from each Stage)."""
     min_disagreement: float = 0.02
     """Gate: smallest allowed pairwise argmax disagreement between specialists on the test split."""
+    init_from: Optional[str] = None
+    """Start the trunk from this checkpoint (``checkpoints/<stage>/checkpoint-N`` of an earlier run) or Cognate
+    model folder instead of from scratch; it must have the configured shapes (a clear error otherwise)."""
 
     @property
     def specialists(self) -> dict[str, Stage]:
@@ -165,7 +169,10 @@ def make_trunk(params: Params, tokenizer, seed: int) -> CognateForCausalLM:
                            use_memory=params.trunk.use_memory, halt_threshold=params.trunk.halt_threshold,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
-    return CognateForCausalLM(config)
+    model = CognateForCausalLM(config)
+    if params.init_from:
+        load_checkpoint(model, None, paths.resolve(params.init_from))
+    return model
 
 
 def apply_stage(model: CognateForCausalLM, stage: Stage) -> CognateForCausalLM:
@@ -183,8 +190,9 @@ def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, 
     ctx.log({f"{name}/train_rows": rows, f"{name}/dropped_long": dropped}, step=step_offset)
     optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
     config = dataclasses.replace(params.train, steps=stage.steps)
+    checkpoints = ctx.dir / "checkpoints" / name if config.checkpoint_every else None
     return train(model, batches, optimizer, config, tracker=ctx.tracker, device=ctx.device, desc=name,
-                 quiet=ctx.quiet, step_offset=step_offset)
+                 quiet=ctx.quiet, step_offset=step_offset, checkpoint_dir=checkpoints)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
