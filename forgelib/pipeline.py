@@ -94,7 +94,7 @@ def _set_aside(folder: Path) -> Path | None:
 
 
 def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
-                      upstream: str | None, log: Callable[[str], None]) -> Path:
+                      upstream: str | None) -> Path:
     import papermill as pm
 
     out_dir = phase_dir(session, spec)
@@ -196,7 +196,7 @@ class Pipeline:
         started = time.perf_counter()
         upstream_arg = paths.relative(phase_dir(self.session, _spec_of(upstream, self.all_specs))) if upstream else None
         try:
-            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg, self.log)
+            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg)
         except PipelineError:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
             raise
@@ -209,10 +209,10 @@ class Pipeline:
 
     def _check_handoff(self, spec: PhaseSpec, result: PhaseResult) -> None:
         validation = validate_handoff(result, self.registry)
-        for role, entry in result.models.items():
-            self.registry.record_handoff(self.session, spec.name, entry.get("registry_id"), _next_name(
-                spec, self.all_specs), validation["ok"], validation)
-            break
+        # One handoff row per phase; it names the phase's first model and holds every model's check.
+        first = next(iter(result.models.values()), {})
+        self.registry.record_handoff(self.session, spec.name, first.get("registry_id"),
+                                     _next_name(spec, self.all_specs), validation["ok"], validation)
         if not validation["ok"]:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
             raise PipelineError(f"handoff after {spec.dirname} is invalid: {validation}")

@@ -111,9 +111,6 @@ class MultiTracker(Tracker):
         for tracker in self.trackers:
             tracker.finish()
 
-    def find(self, kind: type) -> Tracker | None:
-        return next((t for t in self.trackers if isinstance(t, kind)), None)
-
 
 TRACKING_MODES = ("wandb", "jsonl", "none")
 

@@ -207,16 +207,3 @@ def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state_file = path / "trainer_state.json"
     return int(json.loads(state_file.read_text())["step"]) if state_file.is_file() else 0
-
-
-def endless(make_epoch: Callable[[int], Iterator[dict]]) -> Iterator[dict]:
-    """Cycle through epochs forever: ``make_epoch(epoch)`` yields the batches of one (reshuffled) epoch."""
-    epoch = 0
-    while True:
-        yielded = False
-        for batch in make_epoch(epoch):
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError("the training data produced no batch (is the data set empty?)")
-        epoch += 1
