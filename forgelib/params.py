@@ -67,12 +67,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, where)
-            except ParameterError as exc:
-                errors.append(str(exc))
+            except ParameterError:
+                continue
         raise ParameterError(f"{where}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:

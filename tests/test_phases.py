@@ -187,3 +187,9 @@ def test_orchestrator_runs_a_single_phase_with_the_source_design_names(cognate):
                                "overrides": QUIET}) as pipe:
         result = pipe.run_single_phase(phase_num=2, input_models=[cognate[0].dir])
     assert result.ok and result.models["champion"]["registry_id"]
+
+
+def test_a_step_budget_that_phase1_would_ignore_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    with pytest.raises(ParameterError, match=r"train\.steps \(500\) is not used by Phase 1.*trunk\.steps"):
+        open_phase("cognate", "parameters/smoke.yaml", {"cognate": {"train": {"steps": 500}}})

@@ -116,7 +116,7 @@ class Params:
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides of the Phase-1 MuGrokfast preset (keys: forgelib.optim.MuGrokfastConfig fields)."""
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(log_every=10))
-    """Training-loop settings (steps come from each Stage)."""
+    """Training-loop settings; ``train.steps`` is not used (each Stage has its own ``steps``)."""
     min_disagreement: float = 0.02
     """Gate: smallest allowed pairwise argmax disagreement between specialists on the test split."""
     init_from: Optional[str] = None
@@ -128,6 +128,9 @@ class Params:
         return {name: getattr(self, name) for name in ROLES}
 
     def __post_init__(self):
+        if self.train.steps != TrainConfig().steps:
+            raise ValueError(f"train.steps ({self.train.steps}) is not used by Phase 1; set the steps of each "
+                             f"stage instead: trunk.steps, {'.steps, '.join(ROLES)}.steps")
         for name, stage in [("trunk", self.trunk), *self.specialists.items()]:
             unknown = sorted(set(stage.mix) - set(FAMILIES))
             if unknown or not stage.mix:
