@@ -94,6 +94,17 @@ def test_ties_density_one_single_model_returns_its_task_vector():
         assert torch.allclose(out - base, tau, atol=1e-6)
 
 
+def test_ties_trimming_keeps_at_least_one_entry():
+    # n=3, density 0.2: int(0.6) = 0, but a positive density keeps the largest entry (the toolkit's max(1, k))
+    base = torch.zeros(3)
+    assert torch.equal(merge_tensors("ties", [T([0.1, -3.0, 2.0])], base, density=0.2), T([0.0, -3.0, 0.0]))
+    assert torch.equal(merge_tensors("ties", [T([0.1, -3.0, 2.0])], base, density=0.0), base)
+    # two models, weights [1, 2]: trimmed [0, -3, 0] and [1, 0, 0]; weighted sum [2, -3, 0]; disjoint mean
+    # e0 2/2, e1 -3/1, e2 nothing agrees -> 0
+    out = merge_tensors("ties", [T([0.1, -3.0, 2.0]), T([1.0, 0.5, -0.2])], base, weights=[1, 2], density=0.2)
+    assert torch.allclose(out, T([1.0, -3.0, 0.0]))
+
+
 def test_breadcrumbs_hand_example():
     tau = T([1.0, -2, 3, -4, 5, -6, 7, -8, 9, -10])
     # n=10, keep int(0.5*10)=5, drop the int(0.2*10)=2 largest (|9|, |10|) and the 3 smallest (1, 2, 3)
@@ -102,6 +113,12 @@ def test_breadcrumbs_hand_example():
     # density + gamma > 1: fewer outliers are dropped so that 9 of 10 survive (only |10| goes)
     out = merge_tensors("breadcrumbs", [tau], torch.zeros(10), density=0.9, gamma=0.2)
     assert torch.equal(out, T([1.0, -2, 3, -4, 5, -6, 7, -8, 9, 0]))
+
+
+def test_breadcrumbs_with_no_whole_outlier_drops_only_small_entries():
+    # n=5, gamma 0.1: int(0.5) = 0 outliers, so the int(0.4*5) = 2 largest survive (as in the toolkit)
+    out = merge_tensors("breadcrumbs", [T([1.0, -2, 3, -4, 5])], torch.zeros(5), density=0.4, gamma=0.1)
+    assert torch.equal(out, T([0.0, 0, 0, -4, 5]))
 
 
 def test_slerp_hand_examples_and_ends():
@@ -124,6 +141,14 @@ def test_slerp_falls_back_to_lerp_when_colinear():
     assert torch.isfinite(out).all()
 
 
+def test_slerp_with_a_list_t_fails_clearly():
+    v0, v1 = T([1.0, 0.0]), T([0.0, 1.0])
+    for bad in ([0.1, 0.5], [0.5], "0.5"):
+        with pytest.raises(MergeError, match="'t' must be one number.*per layer group"):
+            merge_tensors("slerp", [v1], v0, t=bad)
+    assert torch.allclose(merge_tensors("slerp", [v1], v0, t=torch.tensor(0.0)), v0)  # a 0-d tensor is a number
+
+
 def test_model_stock_hand_example():
     base = torch.zeros(2)
     a, b = T([1.0, 0.0]), T([1.0, 1.0])
@@ -143,6 +168,38 @@ def test_model_stock_filter_wise_uses_one_ratio_per_row():
     assert torch.allclose(out, T([[0.0, 0.0], [1.0, 0.0]]), atol=1e-6)
 
 
+def test_model_stock_falls_back_to_the_base_for_opposed_task_vectors():
+    # cos = -1 with k = 2: 1 + (k - 1) cos = 0, so t = 0 (the base), as in the toolkit
+    base = T([0.5, 0.5])
+    out = merge_tensors("model_stock", [base + T([1.0, 0.0]), base - T([1.0, 0.0])], base)
+    assert torch.equal(out, base)
+
+
+def _model_stock_reference(w0, ws):
+    """Model Stock on 1-D vectors, written out from the paper's formula (float64)."""
+    offsets = [(w - w0).double() for w in ws]
+    k = len(ws)
+    cos = sum(float(a @ b / (a.norm() * b.norm())) for i, a in enumerate(offsets) for b in offsets[i + 1:])
+    cos /= k * (k - 1) / 2
+    t = k * cos / (1 + (k - 1) * cos)
+    return t * sum(w.double() for w in ws) / k + (1 - t) * w0.double()
+
+
+def test_model_stock_on_a_3d_tensor_matches_a_brute_force_reference():
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 3, 4, generator=gen)
+    models = [base + torch.randn(2, 3, 4, generator=gen) + 0.5 for _ in range(3)]
+    ref = _model_stock_reference(base.reshape(-1), [m.reshape(-1) for m in models]).reshape(2, 3, 4)
+    assert torch.allclose(merge_tensors("model_stock", models, base).double(), ref, atol=1e-5)
+    # filter-wise: one ratio per vector along the last dimension (per row of a matrix), as in the toolkit
+    ref = torch.zeros(2, 3, 4, dtype=torch.float64)
+    for i in range(2):
+        for j in range(3):
+            ref[i, j] = _model_stock_reference(base[i, j], [m[i, j] for m in models])
+    out = merge_tensors("model_stock", models, base, filter_wise=True)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
 def test_karcher_hand_example():
     # directions 0 and 90 degrees, equal weights -> 45 degrees; scale = mean norm (2 + 4) / 2 = 3
     out = merge_tensors("karcher", [T([2.0, 0.0]), T([0.0, 4.0])])
@@ -160,6 +217,23 @@ def test_karcher_matches_brute_force_frechet_mean_on_the_circle():
     scale = (1 * 1 + 2 * 2 + 1 * 3) / 4  # weighted mean of the norms
     assert math.isclose(math.atan2(out[1], out[0]), best, abs_tol=1e-4)
     assert math.isclose(float(out.norm()), scale, rel_tol=1e-5)
+
+
+def test_karcher_with_a_base_merges_it_in_as_one_more_point():
+    base, a, b = T([1.0, 1.0]), T([2.0, 0.0]), T([0.0, 4.0])  # directions 45, 0 and 90 degrees
+    # uniform (the toolkit): mean direction 45 degrees, scale = mean norm (sqrt(2) + 2 + 4) / 3
+    r = (math.sqrt(2) + 6) / 3 / math.sqrt(2)
+    for weights in (1.0, [2.0, 2.0]):
+        assert torch.allclose(merge_tensors("karcher", [a, b], base, weights=weights), T([r, r]), atol=1e-5)
+    # weights [1, 3]: the base takes their mean, 2; alphas [1, 3, 2] / 6 -> direction (0 + 270 + 90) / 6 = 60
+    # degrees, scale (2 + 12 + 2 sqrt(2)) / 6
+    out = merge_tensors("karcher", [a, b], base, weights=[1.0, 3.0])
+    scale = (14 + 2 * math.sqrt(2)) / 6
+    assert torch.allclose(out, scale * T([math.cos(math.pi / 3), math.sin(math.pi / 3)]), atol=1e-5)
+    # one model and a base: two points, 22.5 degrees, scale (sqrt(2) + 2) / 2
+    out = merge_tensors("karcher", [a], base)
+    angle, scale = math.pi / 8, (math.sqrt(2) + 2) / 2
+    assert torch.allclose(out, scale * T([math.cos(angle), math.sin(angle)]), atol=1e-5)
 
 
 def test_passthrough_returns_its_one_tensor():
@@ -227,6 +301,35 @@ def test_della_expectation_equals_input_for_one_model():
     p = T([[0.3, 0.4333, 0.5667, 0.7]])  # keep probability per rank
     sd = tau.abs() * torch.sqrt((1 - p) / (p * draws))
     assert ((samples.mean(0) - tau).abs() < 4 * sd).all()
+
+
+def test_della_on_a_3d_tensor_ranks_along_dim_1():
+    # as in the toolkit, keep probabilities follow the magnitude rank along dimension 1 at each (i, k)
+    gen = torch.Generator().manual_seed(2)
+    base, tau = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    density, eps = 0.5, 0.2
+    probs = torch.zeros(2, 3, 4)
+    for i in range(2):
+        for k in range(4):
+            col = tau[i, :, k].abs()
+            for j in range(3):
+                rank = int((col < col[j]).sum())  # 0 = smallest of the 3
+                probs[i, j, k] = (density - eps) + 2 * eps * rank / 2
+    mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(9))
+    # one model: the disjoint mean is the pruned, 1/p-rescaled task vector itself
+    out = merge_tensors("della", [base + tau], base, density=density, epsilon=eps, seed=9)
+    assert torch.allclose(out, base + tau * mask / probs, atol=1e-5)
+
+
+def test_della_with_density_zero_drops_the_task_vector():
+    gen = torch.Generator().manual_seed(3)
+    base, a, b = (torch.randn(4, 6, generator=gen) for _ in range(3))
+    # density 0 keeps nothing (epsilon is not checked; the toolkit does the same): the base comes back
+    assert torch.equal(merge_tensors("della", [a], base, density=0.0), base)
+    # per-model: a model at density 0 takes no part and draws no random numbers
+    out = merge_tensors("della", [a, b], base, density=[0.0, 0.5], seed=1)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, merge_tensors("della", [b], base, density=0.5, seed=1), atol=1e-6)
 
 
 # ---------------------------------------------------------------- model level

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, magnitude_based_pruning
+from peft.utils.merge_utils import calculate_majority_sign_mask
 
 Tensor = torch.Tensor
 
@@ -47,7 +47,7 @@ class MergeMethod:
 
     name: str
     fn: Callable[..., Tensor]
-    base: str  # "required": task-vector methods; "optional": slerp; "unused": linear, karcher, passthrough
+    base: str  # "required": task-vector methods; "optional": slerp, karcher; "unused": linear, passthrough
     randomized: bool
     evolvable: tuple[str, ...]  # continuous parameters an evolutionary search may tune
 
@@ -157,11 +157,17 @@ def _check_density(density: float, name: str = "density") -> None:
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES trimming), zero the rest."""
+    """Keep the ``int(density * n)`` entries with the largest magnitude (TIES trimming), zero the rest. A
+    positive density keeps at least one entry, as in the toolkit; density 0 keeps none."""
     _check_density(density)
     if density >= 1.0:
         return delta
-    return magnitude_based_pruning(delta, density)
+    if density <= 0.0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.topk(delta.abs().reshape(-1), k).indices] = 1
+    return delta * mask.view_as(delta)
 
 
 def random_prune(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
@@ -183,9 +189,7 @@ def random_prune(delta: Tensor, density: float, generator: torch.Generator, resc
 def outlier_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs: drop the ``gamma`` fraction of largest-magnitude entries (outliers), then the
     smallest ones, so that a ``density`` fraction survives. When ``density + gamma > 1`` fewer outliers are
-    dropped so that the density is met (the toolkit's rule).
-
-    Deviation: with ``int(gamma * n) == 0`` no outlier is dropped (the toolkit's slice then keeps nothing).
+    dropped so that the density is met, and with ``int(gamma * n) == 0`` none is (both as in the toolkit).
     """
     _check_density(density)
     _check_density(gamma, "gamma")
@@ -203,27 +207,31 @@ def outlier_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
 
 def rank_sampling_prune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator,
                         rescale: bool = True) -> Tensor:
-    """DELLA MagPrune: keep probabilities rise linearly with magnitude rank within each row, from
+    """DELLA MagPrune: keep probabilities rise linearly with magnitude rank along dimension 1, from
     ``density - epsilon`` (smallest) to ``density + epsilon`` (largest), so the mean keep rate is ``density``;
     survivors are rescaled by 1/p (their own keep probability) so the expectation equals the input.
 
-    Rows are the first dimension; a 1-D tensor is one row. ``density +- epsilon`` must lie in (0, 1), as in
-    the toolkit. Deviation: the toolkit's current release rescales to match the L1 norm instead of 1/p (the
-    paper's and its earlier rule); a one-element row gets p = density rather than a division by zero.
+    As in the toolkit, ranks are taken within each row of a matrix, over the whole of a 1-D tensor, and for
+    3 or more dimensions along dimension 1 at each fixed index of the others. ``density +- epsilon`` must lie
+    in (0, 1), and density 0 drops every entry (epsilon is then not checked), both as in the toolkit.
+    Deviation: the toolkit's current release rescales to match the L1 norm instead of 1/p (the paper's and
+    its earlier rule); a one-element row gets p = density rather than a division by zero.
     """
     _check_density(density)
     if density >= 1.0:
         return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise MergeError(f"della needs density - epsilon > 0 and density + epsilon < 1, "
                          f"got density={density}, epsilon={epsilon}")
-    rows = delta.reshape(delta.shape[0] if delta.dim() > 1 else 1, -1)  # (R, C)
-    n_cols = rows.shape[1]
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(rows.dtype)  # (R, C)
-    rank_norm = ranks / (n_cols - 1) if n_cols > 1 else torch.full_like(rows, 0.5)
-    probs = (density - epsilon) + 2.0 * epsilon * rank_norm  # (R, C)
+    x = delta if delta.dim() > 1 else delta.reshape(1, -1)  # ranked along dim 1
+    n = x.shape[1]
+    ranks = torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1).to(x.dtype)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(x, 0.5)
+    probs = (density - epsilon) + 2.0 * epsilon * rank_norm
     mask = torch.bernoulli(probs, generator=generator)
-    kept = rows * mask / probs if rescale else rows * mask
+    kept = x * mask / probs if rescale else x * mask
     return kept.reshape(delta.shape)
 
 
@@ -305,7 +313,10 @@ def dare_linear(tensors, base, *, weights=1.0, density=1.0, normalize: bool = Fa
                 lambda_: float = 1.0, seed: int | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
     """DARE without sign consensus: randomly drop task-vector entries (keep probability ``density``),
-    rescale survivors by 1/density, then add the weighted sum to the base."""
+    rescale survivors by 1/density, then add the weighted sum to the base.
+
+    Deviation: the toolkit (0.1.5) rescales survivors so that the task vector keeps its L1 norm; 1/density
+    is the DARE paper's rule (and peft's), equal to it in expectation."""
     deltas = _dare_deltas(tensors, base, density, rescale, seed, generator)
     return _task_merge(tensors, base, weights, deltas, False, normalize, lambda_)
 
@@ -369,7 +380,15 @@ def slerp_pair(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, 
 @register_method("slerp", base="optional", evolvable=("t",))
 def slerp(tensors, base=None, *, t: float = 0.5, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation between two endpoints: the base (t = 0) and the one source model (t = 1), or,
-    given two source tensors, between them (then the base is not used)."""
+    given two source tensors, between them (then the base is not used). ``t`` is one number per tensor; to
+    vary it by layer, set it per layer group in the recipe."""
+    try:
+        if isinstance(t, (str, bytes)):  # float("0.5") would parse it
+            raise TypeError
+        t = float(t)
+    except (TypeError, ValueError):
+        raise MergeError(f"slerp's 't' must be one number (0 = first endpoint, 1 = second), got {t!r}; "
+                         "to vary t by layer, set it per layer group in the recipe's groups") from None
     if len(tensors) == 2:
         v0, v1 = tensors
     elif len(tensors) == 1 and base is not None:
@@ -377,13 +396,14 @@ def slerp(tensors, base=None, *, t: float = 0.5, dot_threshold: float = 0.9995, 
     else:
         raise MergeError(f"slerp needs a base and one model, or two models; got {len(tensors)} model(s) "
                          f"and {'a' if base is not None else 'no'} base")
-    return slerp_pair(v0, v1, float(t), dot_threshold, eps)
+    return slerp_pair(v0, v1, t, dot_threshold, eps)
 
 
 def _rows(x: Tensor, filter_wise: bool) -> Tensor:
-    """(R, C) view: one row per output filter when filter-wise, else the whole tensor as one row."""
+    """(R, C) view: when filter-wise one row per vector along the last dimension (the rows of a matrix),
+    else the whole tensor as one row."""
     if filter_wise and x.dim() > 1:
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(-1, x.shape[-1])
     return x.reshape(1, -1)
 
 
@@ -391,9 +411,9 @@ def _rows(x: Tensor, filter_wise: bool) -> Tensor:
 def model_stock(tensors, base, *, filter_wise: bool = False) -> Tensor:
     """Model Stock: move from the base towards the average of the k models by the ratio
     t = k cos(theta) / (1 + (k - 1) cos(theta)), with cos(theta) the mean pairwise cosine between the task
-    vectors (per filter with ``filter_wise``). Needs at least two models besides the base.
-
-    Deviation: where 1 + (k - 1) cos(theta) is ~0 (opposed task vectors) t is set to 0 (the base).
+    vectors (with ``filter_wise``, per vector along the last dimension: per row of a matrix, as in the
+    toolkit). Needs at least two models besides the base. Where 1 + (k - 1) cos(theta) is ~0 (opposed task
+    vectors) t is set to 0, i.e. the base, as in the toolkit.
     """
     k = len(tensors)
     if k < 2:
@@ -435,20 +455,24 @@ def _karcher_direction(units: list[Tensor], alphas: list[float], max_iter: int, 
     return mean
 
 
-@register_method("karcher", base="unused", evolvable=("weights",))
+@register_method("karcher", base="optional", evolvable=("weights",))
 def karcher(tensors, base=None, *, weights=1.0, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
     """Karcher mean: the weighted Riemannian mean of the tensors' directions on the unit sphere, scaled by
     the weighted mean of their norms (weights are normalized to sum to 1; uniform by default). Zero tensors
-    take no part in the direction. The base is not used."""
+    take no part in the direction. A given base is merged in as one more point, as in the toolkit, with the
+    mean of the models' weights (so with uniform weights every point, the base included, counts equally)."""
     w = _per_model(weights, len(tensors), "weights")
+    total = sum(w)
+    if abs(total) < 1e-12:
+        raise MergeError(f"karcher: the weights {w} sum to zero")
+    if base is not None:
+        tensors, w = [*tensors, base], [*w, total / len(w)]
+        total += w[-1]
     if len(tensors) == 1:
         return tensors[0]
     dtype = _work_dtype(tensors[0])
     flat = [t.to(dtype).reshape(-1) for t in tensors]
     norms = [float(f.norm()) for f in flat]
-    total = sum(w)
-    if abs(total) < 1e-12:
-        raise MergeError(f"karcher: the weights {w} sum to zero")
     alphas = [x / total for x in w]
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
