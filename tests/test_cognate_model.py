@@ -201,6 +201,19 @@ def test_act_freezing_matches_reference_and_reports_cycles():
     assert (unfrozen - reference_recursion(model, ids, freeze=False)[0][-1]).abs().max() <= 1e-5
 
 
+def test_act_halting_is_the_same_in_training_and_inference():
+    """Training used to run every cycle for every token while inference froze halted ones, so later cycles
+    read states at inference they were never trained on; both modes now freeze the same tokens."""
+    model = make_model("act")
+    ids = token_ids(length=16)
+    with torch.no_grad():
+        evaluated = model.eval()(ids)
+        trained = model.train()(ids, labels=ids)
+    assert 1.0 < evaluated.act_cycles_mean.item() < 3.0  # some tokens halted early
+    assert torch.equal(trained.act_cycles, evaluated.act_cycles)
+    assert (trained.logits - evaluated.logits).abs().max() <= 1e-5
+
+
 def test_n_cycles_override_equals_configured_model():
     model = make_model("recursion")
     other = fm.CognateForCausalLM(make_config(**{**MODES["recursion"], "n_cycles": 4})).eval()

@@ -36,8 +36,9 @@ class CognateConfig(PreTrainedConfig):
     (1-based) by c / sum(1..T), "uniform" by 1/T, "last" puts all weight on the final cycle.
 
     ACT: ``use_act`` builds the halting head (Linear on the normalized answer state, bias initialised to
-    ``halt_bias_init``); ``act_loss_weight`` scales its BCE loss; in eval mode a token whose halting probability
-    reaches ``halt_threshold`` keeps its state for the remaining cycles.
+    ``halt_bias_init``); ``act_loss_weight`` scales its BCE loss; in training and inference alike a token whose
+    halting probability reaches ``halt_threshold`` keeps its state for the remaining cycles (so the states later
+    cycles read at inference are the ones they were trained on).
 
     Memory (Titans MAG): ``memory_modules`` builds the memory parameters in every attention layer (defaults to
     ``use_memory``; build them without using them to keep shapes identical across specialists), ``use_memory``

@@ -348,15 +348,15 @@ class CognateModel(CognatePreTrainedModel):
             raise CognateConfigError(f"n_latent must be >= 0, got {n_latent}")
         if use_memory and not cfg.memory_modules:
             raise CognateConfigError("use_memory=True but this model was built without memory_modules")
-        freeze = (not self.training) if act_freeze is None else bool(act_freeze)
+        freeze = True if act_freeze is None else bool(act_freeze)  # train and infer the same way
         return _Recursion(n_latent, n_cycles, use_memory, freeze and self.halt_head is not None, collect)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, n_cycles=None, n_latent=None, use_memory=None, act_freeze=None,
                 collect_cycles: bool = False, output_hidden_states: bool | None = None) -> CognateModelOutput:
         """Run the recursion. ``n_cycles``/``n_latent``/``use_memory`` override the config for this call;
-        ``act_freeze`` (default: not self.training) freezes halted tokens; ``collect_cycles`` keeps every
-        cycle's normalised state for deep supervision."""
+        ``act_freeze`` (default True, in training and inference alike) freezes halted tokens; ``collect_cycles``
+        keeps every cycle's normalised state for deep supervision."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         rec = self.resolve_recursion(n_cycles, n_latent, use_memory, act_freeze, collect_cycles)
@@ -492,7 +492,7 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         labels: (B, T) token ids (-100 = ignored), shifted inside as in transformers. With labels, the loss is
         the deep-supervision weighted sum of every cycle's cross-entropy plus ``act_loss_weight`` times the
         halting BCE. ``n_cycles``, ``n_latent``, ``use_memory`` override the config for this call (the benchmark
-        measures test-time cycles this way); ``act_freeze`` overrides per-token freezing (default: eval mode).
+        measures test-time cycles this way); ``act_freeze=False`` turns per-token freezing off (default: on, in training as in inference).
         ``past_key_values`` is accepted as the older name of ``cache``."""
         unknown = sorted(set(kwargs) - set(IGNORED_FORWARD_KWARGS))
         if unknown:
