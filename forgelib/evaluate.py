@@ -19,7 +19,7 @@ from forgelib.data.tasks import check, completion_text
 from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompts, encode_samples,
                                      encode_texts, lm_batches, pad_id)
 
-__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "encode_for_eval",
+__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "chance_accuracy", "encode_for_eval",
            "exact_match_accuracy", "family_accuracy", "generate_answers", "kl_divergence", "mean_nll",
            "perplexity"]
 
@@ -173,6 +173,19 @@ def accuracy_by_family(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
                        with_steps: bool = False) -> dict[str, float]:
     """Exact-match accuracy per family (see answer_correctness)."""
     correct = answer_correctness(model, tokenizer, samples, max_new_tokens, batch_size, with_steps)
+    return family_accuracy(samples, correct)
+
+
+def chance_accuracy(samples: Sequence[Sample], reference: Sequence[Sample]) -> dict[str, float]:
+    """Chance level per family: the accuracy on ``samples`` of always giving the most frequent answer of that
+    family in ``reference`` (e.g. train-split samples of the same levels) -- the best constant guess. For a
+    true/false family it is about 0.5, for a sum of two numbers near 0."""
+    counts: dict[str, dict[str, int]] = {}
+    for sample in reference:
+        family = counts.setdefault(sample.family, {})
+        family[sample.answer.strip()] = family.get(sample.answer.strip(), 0) + 1
+    modes = {family: max(answers, key=answers.get) for family, answers in counts.items()}
+    correct = [sample.answer.strip() == modes.get(sample.family) for sample in samples]
     return family_accuracy(samples, correct)
 
 

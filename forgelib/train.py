@@ -46,6 +46,31 @@ class TrainConfig:
     """Accelerate mixed precision: 'no', 'bf16' or 'fp16' (GPU)."""
     divergence_factor: float = 4.0
     """Stop when the recent mean loss exceeds this multiple of the best (see utils.detect_training_issues)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0 over this many steps."""
+    schedule: str = "constant"
+    """Learning rate after warm-up: 'constant', or 'cosine' decay to ``min_lr_ratio`` × lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine decay, as a fraction of each group's base learning rate."""
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {self.warmup_steps}, "
+                             f"{self.min_lr_ratio}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (1-based): linear warm-up over
+    ``warmup_steps``, then constant or a cosine decay reaching ``min_lr_ratio`` at ``config.steps``."""
+    if config.warmup_steps and step <= config.warmup_steps:
+        return step / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclasses.dataclass
@@ -57,6 +82,7 @@ class TrainHistory:
     evals: list[dict] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    data: dict = dataclasses.field(default_factory=dict)  # what the data source reports (samples, padding)
 
     @property
     def first_loss(self) -> float:
@@ -118,16 +144,21 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     history = TrainHistory()
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet, leave=False, mininterval=1.0)
     for step in bar:
+        factor = lr_factor(step, config)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * factor
         batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
         loss, extras, grad_norm = _step(model, optimizer, batch, loss_fn, accelerator, config.grad_clip, step)
         history.losses.append(loss)
         history.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         _check_health(history.losses, step, config)
         if step % config.log_every == 0 or step == config.steps:
-            row = {f"{desc}/loss": loss, f"{desc}/grad_norm": grad_norm, **{f"{desc}/{k}": v for k, v in extras.items()}}
+            row = {f"{desc}/loss": loss, f"{desc}/grad_norm": grad_norm, f"{desc}/lr_factor": factor,
+                   **{f"{desc}/{k}": v for k, v in extras.items()}}
             history.rows.append({"step": step, **row})
             if tracker is not None:
                 tracker.log(row, step=step_offset + step)
@@ -136,6 +167,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(accelerator.unwrap_model(model), optimizer, step, checkpoint_dir)
     history.seconds = time.perf_counter() - started
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base_lr  # the optimizer is left as it was given
     model.eval()
     return history
 
@@ -143,8 +176,9 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
 def _check_health(losses: list[float], step: int, config: TrainConfig) -> None:
     if not math.isfinite(losses[-1]):
         raise _issue(f"NaN/inf loss at step {step}", step)
-    if step >= 20 and step % 10 == 0:
-        detect_training_issues(losses, divergence_factor=config.divergence_factor, raise_on=("nan", "divergence"))
+    if step >= 40 and step % 10 == 0:  # means of 20 steps: single batches of streamed data vary a lot
+        detect_training_issues(losses, window=20, divergence_factor=config.divergence_factor,
+                               raise_on=("nan", "divergence"))
 
 
 def _issue(message: str, step: int = -1) -> TrainingIssueError:

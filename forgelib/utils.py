@@ -13,6 +13,7 @@ Everything here works on any ``torch.nn.Module`` (a ``transformers`` causal LM i
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -374,17 +375,23 @@ def _nan_issue(steps: list[int], losses: list[float]) -> TrainingIssue | None:
 
 def _divergence_issue(steps: list[int], losses: list[float], window: int,
                       factor: float) -> TrainingIssue | None:
-    """Recent mean above ``factor`` × the best loss seen before the recent window. The best is
-    taken before the window so that a steep but healthy drop inside it is not called divergence;
-    skipped for a best ≤ 0, where a ratio means nothing."""
+    """Recent mean above ``factor`` × the best mean of ``window`` consecutive losses seen before the recent
+    window. Means, not single losses, because batches differ (a batch of short easy problems can score far
+    below the average, and a later mixed batch is not divergence); the best is taken before the window so
+    that a steep but healthy drop inside it is not called divergence; skipped for a best ≤ 0, where a ratio
+    means nothing."""
     if len(losses) <= window:
         return None
-    best, recent = min(losses[:-window]), sum(losses[-window:]) / window
+    earlier = losses[:-window]
+    span = min(window, len(earlier))
+    sums = list(itertools.accumulate(earlier, initial=0.0))  # prefix sums: every window mean in O(n)
+    best = min(sums[i + span] - sums[i] for i in range(len(earlier) - span + 1)) / span
+    recent = sum(losses[-window:]) / window
     if best <= 0 or recent <= factor * best:
         return None
     return TrainingIssue("divergence", steps[-1],
                          f"loss diverged at step {steps[-1]}: mean of the last {window} losses "
-                         f"{recent:.4g} > {factor:g} x best earlier loss {best:.4g}")
+                         f"{recent:.4g} > {factor:g} x best earlier mean of {span} losses {best:.4g}")
 
 
 def _plateau_issue(steps: list[int], losses: list[float], patience: int,
@@ -424,7 +431,7 @@ def detect_training_issues(loss_history: Any, window: int = 10, divergence_facto
     ``loss_history``: losses (the step is the index), (step, loss) pairs, or a step -> loss mapping.
     - nan: the first non-finite loss ("NaN loss at step k");
     - divergence: the mean of the last ``window`` losses exceeds ``divergence_factor`` × the best
-      loss before that window (positive losses);
+      mean of ``window`` consecutive losses before that window (positive losses);
     - plateau: the best loss of the last ``plateau_patience`` entries improves on the best before
       them by no more than ``plateau_tol`` × |that best| (a relative tolerance).
     Divergence and plateau look only at the losses before the first non-finite one. Kinds in

@@ -1,0 +1,150 @@
+"""Streamed training data: fresh task samples drawn without end, batched by length.
+
+The generators give an unlimited supply of problems, so a training budget is a number of steps (and
+tokens), not the size of a fixed pool that the model would memorise after a few epochs:
+
+    stream = TaskStream({"arith": 1, "logic": 1}, levels=(1, 3), split="train", seed=0)
+    batches = LengthBucketedBatches(tokenizer, stream, batch_size=128, max_len=64, with_steps=True)
+    batch = next(batches)              # input_ids / attention_mask / labels, trimmed to the longest row
+    batches.stats.padding_fraction     # share of computed positions that are padding
+
+Only prompts whose hash falls in ``split`` are kept (the same rule as ``tasks.split_of``), so no test or
+fitness prompt is ever trained on. Families are drawn in proportion to ``mix``, levels in proportion to
+``level_weights`` (uniform by default). Rows of similar length are batched together: a pool of
+``bucket`` batches is drawn, sorted by length, cut into batches, and the batches are served in a shuffled
+order, so little compute goes to padding while every batch still mixes families.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .base import Sample, get_family
+from .tasks import TaskOptionError, _check_options, _check_split, _levels, split_of
+from .tokenizer import encode_samples
+
+__all__ = ["TaskStream", "LengthBucketedBatches", "StreamStats"]
+
+
+class TaskStream:
+    """An endless iterator of fresh samples of ``mix`` at ``levels`` whose prompts fall in ``split``.
+
+    Deterministic in its arguments. Samples may repeat where a family's space at a level is small (a
+    level-1 sum has a few hundred prompts), exactly as often as the generator draws them.
+    """
+
+    def __init__(self, mix: dict[str, float], levels: int | tuple[int, int] | Iterable[int],
+                 split: str = "train", seed: int = 0, level_weights: dict[int, float] | None = None,
+                 family_options: dict[str, dict[str, Any]] | None = None):
+        if not mix:
+            raise TaskOptionError("mix must name at least one family")
+        for name, weight in mix.items():
+            get_family(name)
+            if not weight >= 0:
+                raise TaskOptionError(f"mix weight of {name!r} must be >= 0, got {weight!r}")
+        if sum(mix.values()) <= 0:
+            raise TaskOptionError(f"mix weights must not all be zero: {mix}")
+        self.levels = _levels(levels)
+        level_weights = dict(level_weights or {})
+        stray = sorted(set(level_weights) - set(self.levels))
+        if stray:
+            raise TaskOptionError(f"level_weights names levels {stray} outside the levels {self.levels}")
+        self.level_weights = [float(level_weights.get(level, 1.0)) for level in self.levels]
+        if any(not w >= 0 for w in self.level_weights) or sum(self.level_weights) <= 0:
+            raise TaskOptionError(f"level_weights must be >= 0 and not all zero: {level_weights}")
+        self.families = [name for name, w in mix.items() if w > 0]
+        self.family_weights = [float(mix[name]) for name in self.families]
+        self.family_options = dict(family_options or {})
+        for name, options in self.family_options.items():
+            _check_options(get_family(name), options)
+        self.split = _check_split(split)
+        self.rng = random.Random(f"stream|{seed}|{split}|{sorted(mix.items())}|{self.levels}")
+        self.drawn = 0   # samples generated (all splits)
+        self.served = 0  # samples in `split` handed out
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __next__(self) -> Sample:
+        while True:
+            name = self.rng.choices(self.families, self.family_weights)[0]
+            level = self.rng.choices(self.levels, self.level_weights)[0]
+            sample = get_family(name).draw(self.rng, level, **self.family_options.get(name, {}))
+            self.drawn += 1
+            if split_of(sample.prompt) == self.split:
+                self.served += 1
+                return sample
+
+    def take(self, n: int) -> list[Sample]:
+        """The next ``n`` samples."""
+        return [next(self) for _ in range(n)]
+
+
+@dataclasses.dataclass
+class StreamStats:
+    """What a batch stream has served so far."""
+
+    samples: int = 0
+    dropped_long: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0  # batch rows × trimmed width: what the model actually runs on
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+
+class LengthBucketedBatches:
+    """Endless training batches from a :class:`TaskStream`, grouped by length (see the module docstring).
+
+    Each batch holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding and, with
+    ``answer_only_loss``, on the prompt), right-padded and trimmed to its longest row. Samples longer than
+    ``max_len`` tokens are left out and counted in ``stats.dropped_long``. ``bucket=1`` turns bucketing off.
+    """
+
+    def __init__(self, tokenizer, stream: TaskStream, batch_size: int, max_len: int, *,
+                 with_steps: bool = True, answer_only_loss: bool = True, bucket: int = 16, seed: int = 0):
+        if batch_size < 1 or bucket < 1 or max_len < 2:
+            raise ValueError(f"batch_size, bucket must be >= 1 and max_len >= 2, got {batch_size}, {bucket}, "
+                             f"{max_len}")
+        self.tokenizer, self.stream = tokenizer, stream
+        self.batch_size, self.max_len, self.bucket = batch_size, max_len, bucket
+        self.with_steps, self.answer_only_loss = with_steps, answer_only_loss
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = StreamStats()
+        self._queue: list[dict[str, torch.Tensor]] = []
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while not self._queue:
+            self._refill()
+        batch = self._queue.pop()
+        self.stats.real_tokens += int(batch["attention_mask"].sum())
+        self.stats.computed_tokens += batch["input_ids"].numel()
+        return batch
+
+    def _refill(self) -> None:
+        samples = self.stream.take(self.batch_size * self.bucket)
+        encoded = encode_samples(self.tokenizer, samples, self.max_len, answer_only_loss=self.answer_only_loss,
+                                 with_steps=self.with_steps, drop_long=True)
+        self.stats.dropped_long += encoded.n_dropped
+        n = len(encoded["input_ids"])
+        self.stats.samples += n
+        if n < self.batch_size:
+            if n == 0:
+                raise ValueError(f"every sample of a pool of {len(samples)} was longer than max_len={self.max_len}")
+            return  # a pool (almost) all too long: draw another
+        lengths = encoded["attention_mask"].sum(1).float()  # (N,)
+        jitter = torch.rand(n, generator=self.generator)    # random order among equal lengths
+        order = torch.argsort(lengths + 0.5 * jitter)
+        order = order[: n - n % self.batch_size]  # full batches only; the rest of the pool is dropped
+        groups = list(order.split(self.batch_size))
+        for i in torch.randperm(len(groups), generator=self.generator).tolist():
+            idx = groups[i]
+            width = int(lengths[idx].max())
+            self._queue.append({key: value[idx, :width] for key, value in encoded.items()})
