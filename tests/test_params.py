@@ -81,12 +81,22 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
-def test_every_parameter_set_can_draw_its_phase1_training_data(name):
-    """A budget asking for more distinct prompts than a family/level holds fails here, not hours into a run."""
-    from forgelib.data.tasks import build_mix
-    from forgelib.phases.cognate import ROLES
+def test_every_parameter_set_can_stream_its_phase1_training_data(name):
+    """Each stage's stream serves batches with (almost) nothing too long for max_len, and the test sets of the
+    phase's levels and headroom levels can be drawn: a bad budget fails here, not hours into a run."""
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.phases.cognate import ROLES, test_samples, training_batches
+    from forgelib.data.tasks import build_mix, format_sample
 
     spec = next(s for s in PHASES if s.name == "cognate")
     _, params = load_phase_params(spec, paths.repo_root() / "parameters" / f"{name}.yaml", None, PHASES)
+    corpus = build_mix({f: 1.0 for f in params.trunk.mix}, params.levels, 300, "train", 0)
+    tok = train_tokenizer([format_sample(s, with_steps=True) for s in corpus], vocab_size=params.vocab_size)
     for stage in [params.trunk, *(getattr(params, r) for r in ROLES)]:
-        assert len(build_mix(stage.mix, params.levels, params.train_samples, "train", 0)) == params.train_samples
+        batches = training_batches(tok, params, stage, 0)
+        batch = next(batches)
+        assert batch["input_ids"].shape[0] == params.batch_size
+        assert batches.stats.dropped_long <= 0.01 * (batches.stats.samples + batches.stats.dropped_long)
+    assert len(test_samples(params, 0)) == params.eval_per_family * 7
+    if params.headroom_levels:
+        assert len(test_samples(params, 1, levels=tuple(params.headroom_levels))) == params.eval_per_family * 7

@@ -14,10 +14,28 @@ def load_report(result) -> dict:
 
 
 def accuracy_frame(report: dict, key: str = "accuracy"):
-    """Families × models table of ``key`` ('accuracy' or 'answer_nll') on the test split."""
+    """Families × models table of ``key`` ('accuracy' or 'answer_nll') on the test split; the accuracy table
+    has a ``chance`` column (the best constant answer per family) and a ``mean`` row."""
     import pandas as pd
 
-    return pd.DataFrame({name: m[key] for name, m in report["models"].items()}).round(3)
+    frame = pd.DataFrame({name: m[key] for name, m in report["models"].items()})
+    if key == "accuracy" and "chance" in report:
+        frame["chance"] = pd.Series(report["chance"])
+    frame.loc["mean"] = frame.mean()
+    return frame.round(3)
+
+
+def headroom_frame(report: dict):
+    """The trunk's accuracy per family at the harder headroom levels (empty when none were measured)."""
+    import pandas as pd
+
+    headroom = report.get("headroom")
+    if not headroom:
+        return pd.DataFrame()
+    levels = "-".join(str(level) for level in headroom["levels"])
+    frame = pd.DataFrame({f"trunk, levels {levels}": headroom["trunk_accuracy"]})
+    frame.loc["mean"] = frame.mean()
+    return frame.round(3)
 
 
 def plot_act_histogram(report: dict) -> "plt.Figure":
@@ -42,7 +60,7 @@ def plot_act_histogram(report: dict) -> "plt.Figure":
     return fig
 
 
-def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"), max_new_tokens: int = 16):
+def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"), max_new_tokens: int = 48):
     """Type a prompt; see each model's greedy answer and the cycles each prompt token used."""
     import ipywidgets as w
     import torch
@@ -53,7 +71,7 @@ def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"
 
     models = {r: load_causal_lm(paths.resolve(result.models[r]["path"])).eval() for r in roles}
     tokenizer = AutoTokenizer.from_pretrained(paths.resolve(result.models["tokenizer"]["path"]))
-    text = w.Text(value="12+7*3=", description="prompt")
+    text = w.Text(value="34+50=", description="prompt")
     out = w.Output()
 
     def answer(change=None):
@@ -65,7 +83,7 @@ def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
                 reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
                 cycles = model(input_ids=ids).act_cycles[0].tolist()
-                print(f"{role:>9}: {reply!r:24} cycles per prompt token {cycles}")
+                print(f"{role:>9}: {reply!r:36} cycles per prompt token {cycles}")
 
     text.observe(answer, names="value")
     answer()
