@@ -1,21 +1,50 @@
-"""Phase 2 — EvoMerge: evolve the three specialists into one model.
+"""Phase 2 — EvoMerge: evolve the three specialists into one model, and check it against the right baselines.
 
-CMA-ES searches merge recipes (per-layer-group weights, densities, ``t``) for each configured method, with
-task vectors taken against the trunk; every candidate is built in memory and scored on the **fitness**
-split. Optionally a data-flow search then evolves which source's block runs at each depth. The champion is
-scored once on the **test** split, next to each parent and the uniform linear merge.
+**Search** (every candidate is built in memory and scored on the **fitness** split; ``budget`` evaluations in
+all). A candidate is a merge recipe (per-layer-group weights, densities, ``t``; task vectors taken against the
+trunk) *plus* a runtime setting: one of ``runtime_choices`` (Cognate config switches such as ``n_cycles`` and
+``use_memory``, each laid over ``runtime``; for other architectures only keys the config has are applied, and
+choices that then coincide count once). The search alternates over the two, one round of coordinate ascent:
 
-Score (fitness and test alike): ``accuracy − loss_weight × answer-token NLL``, both measured on the split's
-task samples (accuracy alone is too coarse and noisy at tiny scale, so the loss carries weight).
+1. *runtime screen* — the uniform merge (the recipe search's starting point) is scored under every runtime
+   choice; the best is the runtime the recipe search uses;
+2. *recipe search* — CMA-ES per merge method (``forgelib.merge.evolve_recipe``) under that runtime, on the
+   rest of the budget;
+3. *runtime re-pick* — the ``runtime_top_k`` best distinct recipes are scored under every other runtime
+   choice. The champion is the best (recipe, runtime) pair over all evaluations of steps 1–3.
 
-Gate: the champion's test score is at least the best parent's and above the uniform merge's.
+Why this way: the runtime switches are a handful of discrete settings that change no weight, so a
+categorical coordinate suits CMA-ES badly and one CMA-ES run per choice would divide the budget by the number
+of choices. Screening at the starting point and re-picking for the best recipes costs ``n + k·(n−1)``
+evaluations and still finds a runtime that suits the recipes the search ends on, not only the average.
+Optionally a data-flow search (``layer_path_budget``) then evolves which source's block runs at each depth,
+under the champion's runtime. The champion's recipe ``config`` holds its runtime, so ``forge merge
+recipe.yaml`` rebuilds it bit-identically.
+
+**Score** (fitness and test alike): ``accuracy − loss_weight × answer NLL``. Accuracy is exact match of the
+greedy completion over the union of the families; with ``with_steps`` the models write worked solutions
+(``step;step#answer``): the generation budget covers them, the answer after ``#`` is checked, and the NLL is
+that of the whole completion. Accuracy is primary: ``loss_weight`` is small (0.05), so the NLL only breaks
+ties and separates candidates of (nearly) equal accuracy.
+
+**Test table** (test split, scored once): the trunk and each parent with their own saved settings, the uniform
+merge (under the runtime the screen chose for it) and the champion.
+
+**Gate** (accuracy over the union of the families first; the answer NLL only on an exact accuracy tie): the
+champion ranks at least as high as the trunk, the best parent (so every parent) and the uniform merge. Each
+comparison is two checks: ``champion_acc_minus_<x>_acc >= 0`` and ``<x>_nll_minus_champion_nll_at_acc_tie
+>= 0`` (the latter is 0 when the accuracies differ). The trunk is not a search candidate: a champion that does
+not beat the model it was merged from fails the gate instead of quietly handing the trunk on.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+import time
+from typing import Any, Callable
 
 import torch
+import yaml
 
 from .. import paths
 from ..data.tasks import FAMILIES, build_mix
@@ -26,6 +55,8 @@ from ..results import GateCheck, PhaseResult, write_json_atomic
 from .base import UpstreamError
 
 DEFAULT_FAMILIES = ["arith", "multistep", "modular", "sequence", "logic", "algebra", "recall"]
+DEFAULT_RUNTIME_CHOICES = [{"n_cycles": 1, "use_memory": False}, {"n_cycles": 1, "use_memory": True},
+                           {"n_cycles": 2, "use_memory": False}, {"n_cycles": 2, "use_memory": True}]
 
 
 @dataclasses.dataclass
@@ -35,11 +66,12 @@ class Params:
     sources: list[str] = dataclasses.field(default_factory=lambda: ["reasoning", "memory", "speed"])
     """Upstream model roles to merge."""
     base: str = "trunk"
-    """Upstream role of the merge base (task vectors are taken against it)."""
+    """Upstream role of the merge base (task vectors are taken against it); it is also a test contender."""
     methods: list[str] = dataclasses.field(default_factory=lambda: ["task_arithmetic", "ties"])
     """Merge methods searched (one CMA-ES run each, sharing the budget)."""
     budget: int = 40
-    """Evaluations of the fitness function for the recipe search (the uniform merge counts as one)."""
+    """Fitness evaluations of the search in all: runtime screen (one per runtime choice), CMA-ES, and runtime
+    re-pick (``runtime_top_k`` × (choices − 1))."""
     per_layer: bool = True
     """Tune parameters per layer group (else once for the whole model)."""
     group_size: int = 1
@@ -50,21 +82,27 @@ class Params:
     layer_path_budget: int = 0
     """Evaluations of the optional data-flow (layer path) search; 0 skips it."""
     families: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    """Task families of the fitness and test sets."""
+    """Task families of the fitness and test sets (accuracy is over their union)."""
     levels: tuple[int, int] = (1, 2)
     """Task levels of the fitness and test sets."""
     fitness_per_family: int = 20
     """Fitness-split samples per family."""
     test_per_family: int = 24
     """Test-split samples per family."""
-    loss_weight: float = 1.0
-    """Score = accuracy − loss_weight × answer NLL. At tiny scale accuracy on a few hundred samples moves by
-    noise alone (0.1 let the search overfit the fitness split in the smoke runs), so the loss carries weight."""
+    loss_weight: float = 0.05
+    """Score = accuracy − loss_weight × answer NLL. Small: accuracy is primary, the NLL breaks ties (the
+    Phase-1 models now reach high accuracy; 1.0 was for accuracy at the floor)."""
+    with_steps: bool = True
+    """Score worked solutions (``step;step#answer``): generation budget, answer check and completion NLL."""
     max_len: int = 96
-    """Longest evaluation sequence in tokens."""
-    runtime: dict[str, Any] = dataclasses.field(default_factory=lambda: {"n_cycles": 2, "n_latent": 0,
-                                                                         "use_memory": True})
-    """Config settings of the merged model (Cognate runtime switches; {} for other architectures)."""
+    """Longest evaluation sequence in tokens (prompt and completion, worked steps included)."""
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Config settings shared by every runtime choice (each choice overrides them), e.g. ``{n_latent: 0}``."""
+    runtime_choices: list[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: [dict(c) for c in DEFAULT_RUNTIME_CHOICES])
+    """Runtime settings the search chooses from (Cognate config switches; see the module docstring)."""
+    runtime_top_k: int = 2
+    """Best distinct recipes scored under every other runtime choice after the recipe search."""
 
     def __post_init__(self):
         unknown = sorted(set(self.families) - set(FAMILIES))
@@ -72,6 +110,13 @@ class Params:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
         if len(self.sources) < 2:
             raise ValueError(f"sources: merging needs at least two models, got {self.sources}")
+        if not self.runtime_choices:
+            raise ValueError("runtime_choices: give at least one setting ([{}] keeps the trunk's config)")
+        if self.runtime_top_k < 1:
+            raise ValueError(f"runtime_top_k must be >= 1, got {self.runtime_top_k}")
+
+
+# --- scoring ------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -82,11 +127,13 @@ class Scorer:
     samples: list
     loss_weight: float
     max_len: int
+    with_steps: bool = True
 
     def details(self, model) -> dict[str, float]:
-        correct = answer_correctness(model, self.tokenizer, self.samples, batch_size=64)
+        correct = answer_correctness(model, self.tokenizer, self.samples, batch_size=64, with_steps=self.with_steps)
         acc = sum(correct) / len(correct)
-        nll = mean_nll(model, self.tokenizer, self.samples, batch_size=64, max_len=self.max_len, answer_only=True)
+        nll = mean_nll(model, self.tokenizer, self.samples, batch_size=64, max_len=self.max_len, answer_only=True,
+                       with_steps=self.with_steps)
         return {"accuracy": acc, "answer_nll": nll, "score": acc - self.loss_weight * nll}
 
     def __call__(self, model) -> float:
@@ -96,7 +143,35 @@ class Scorer:
 def make_scorer(params: Params, tokenizer, split: str, per_family: int, seed: int) -> Scorer:
     samples = build_mix({f: 1.0 for f in params.families}, params.levels, per_family * len(params.families),
                         split, seed)
-    return Scorer(tokenizer, samples, params.loss_weight, params.max_len)
+    return Scorer(tokenizer, samples, params.loss_weight, params.max_len, params.with_steps)
+
+
+def ranks_at_least(a: dict, b: dict) -> bool:
+    """Does row ``a`` rank at least as high as ``b``: higher accuracy, or equal accuracy and NLL not worse."""
+    return a["accuracy"] > b["accuracy"] or (a["accuracy"] == b["accuracy"] and a["answer_nll"] <= b["answer_nll"])
+
+
+def best_row(table: dict[str, dict], names: list[str]) -> str:
+    """The name ranking highest among ``names`` (accuracy, then lower NLL; the first on a full tie)."""
+    return max(names, key=lambda n: (table[n]["accuracy"], -table[n]["answer_nll"]))
+
+
+def gate_checks(table: dict[str, dict], parents: list[str], trunk: str = "trunk",
+                uniform: str = "uniform_merge", champion: str = "champion") -> list[GateCheck]:
+    """The champion ranks at least as high as the trunk, the best parent and the uniform merge (see the module
+    docstring): per contender, an accuracy check and an NLL tie-breaker check that is 0 unless accuracies tie."""
+    champ = table[champion]
+    checks = []
+    for label, row in (("trunk", table[trunk]), ("best_parent", table[best_row(table, parents)]),
+                       ("uniform", table[uniform])):
+        tied = champ["accuracy"] == row["accuracy"]
+        checks += [GateCheck(f"champion_acc_minus_{label}_acc", champ["accuracy"] - row["accuracy"], 0.0, ">="),
+                   GateCheck(f"{label}_nll_minus_champion_nll_at_acc_tie",
+                             row["answer_nll"] - champ["answer_nll"] if tied else 0.0, 0.0, ">=")]
+    return checks
+
+
+# --- upstream -----------------------------------------------------------------------------------------
 
 
 def load_upstream_models(params: Params, ctx) -> tuple[dict, Any, Any, dict[str, str]]:
@@ -118,41 +193,183 @@ def load_upstream_models(params: Params, ctx) -> tuple[dict, Any, Any, dict[str,
     return loaded, base, tokenizer, {r: paths.relative(p) for r, p in folders.items()}
 
 
+# --- runtime settings ---------------------------------------------------------------------------------
+
+
+def runtime_settings(params: Params, base) -> list[dict[str, Any]]:
+    """The distinct runtime settings to search: each choice over ``runtime``, restricted to keys the base's
+    config has (a Cognate model must have every key: a typo is an error, not a silent no-op)."""
+    config = base.config
+    out: list[dict[str, Any]] = []
+    for choice in params.runtime_choices:
+        merged = {**params.runtime, **choice}
+        unknown = sorted(k for k in merged if not hasattr(config, k))
+        if unknown and getattr(config, "model_type", None) == "cognate":
+            raise ValueError(f"runtime/runtime_choices: {unknown} are not fields of the Cognate config")
+        settings = {k: v for k, v in merged.items() if hasattr(config, k)}
+        if settings not in out:
+            out.append(settings)
+    return out
+
+
+def runtime_label(settings: dict[str, Any]) -> str:
+    """``n_cycles=1 use_memory=True`` (``config`` for no settings)."""
+    return " ".join(f"{k}={v}" for k, v in settings.items()) or "config"
+
+
+def settings_of(model, keys) -> dict[str, Any]:
+    """The model's current values of the config ``keys`` it has."""
+    return {k: getattr(model.config, k) for k in keys if hasattr(model.config, k)}
+
+
 def _with_runtime(recipe: MergeRecipe, runtime: dict, base) -> MergeRecipe:
     settings = {k: v for k, v in runtime.items() if hasattr(base.config, k)}
     return dataclasses.replace(recipe, config=settings)
 
 
-def search(params: Params, models: dict, base, fitness: Scorer, ctx):
-    """CMA-ES over recipes, then (optionally) over layer paths seeded with the best recipe."""
-    def fitness_fn(model) -> float:
-        return fitness(_configured(model, params.runtime))
-
-    def log(record: dict) -> None:
-        ctx.log({"evomerge/fitness": record["fitness"], "evomerge/seconds": record["seconds"]}, step=record["index"])
-
-    result = evolve_recipe(models, base, fitness_fn, methods=params.methods, budget=params.budget, seed=ctx.seed,
-                           sigma0=params.sigma0, per_layer=params.per_layer, group_size=params.group_size,
-                           base_name=params.base, progress=not ctx.quiet, log=log)
-    paths_result = None
-    if params.layer_path_budget:
-        paths_result = evolve_layer_path(models, base, fitness_fn, recipe=result.champion,
-                                         budget=params.layer_path_budget, seed=ctx.seed, base_name=params.base,
-                                         progress=not ctx.quiet)
-    return result, paths_result
-
-
 def _configured(model, runtime: dict):
+    """Set the runtime settings the model's config has (others are skipped) on ``model``; returns it."""
     for key, value in runtime.items():
         if hasattr(model.config, key):
             setattr(model.config, key, value)
     return model
 
 
-def score_table(params: Params, models: dict, base, champion, test: Scorer) -> dict[str, dict]:
-    """Test-split scores of every parent (with its own settings), the uniform merge and the champion."""
-    rows = {name: test.details(model) for name, model in models.items()}
-    uniform = merge_models(_with_runtime(uniform_recipe(list(models), params.base), params.runtime, base), models, base)
+# --- search -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The champion (its recipe's ``config`` holds its runtime) and the record of the search."""
+
+    champion: MergeRecipe
+    champion_fitness: float
+    search_runtime: dict[str, Any]
+    """The runtime the recipe search ran under: the one that suited the uniform merge best in the screen."""
+    runtimes: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]
+    """Every evaluation: index, stage, method, generation, fitness, seconds, runtime, recipe."""
+    generations: list[dict[str, Any]]
+    recipe_search: Any
+    layer_path: Any = None
+
+
+def search_budget(params: Params, n_runtimes: int) -> tuple[int, int]:
+    """(CMA-ES evaluations, re-pick evaluations) out of ``params.budget`` for ``n_runtimes`` settings."""
+    repick = params.runtime_top_k * (n_runtimes - 1)
+    cma = params.budget - n_runtimes - repick
+    if cma < len(params.methods):
+        raise ValueError(f"budget {params.budget} is too small: the runtime screen takes {n_runtimes} and the "
+                         f"re-pick {repick} evaluations, leaving {cma} for CMA-ES over {len(params.methods)} "
+                         f"method(s); raise budget or lower runtime_top_k / runtime_choices")
+    return cma, repick
+
+
+def search(params: Params, models: dict, base, fitness: Callable, seed: int = 0, progress: bool = False,
+           log: Callable[[dict], None] | None = None) -> SearchResult:
+    """Runtime screen, CMA-ES recipe search, runtime re-pick, optional layer paths (see the module docstring).
+    ``fitness(model) -> float`` (higher is better); every evaluation goes to ``log(record)``."""
+    runtimes = runtime_settings(params, base)
+    cma_budget, _ = search_budget(params, len(runtimes))
+    evaluations: list[dict] = []
+    generations: list[dict] = []
+
+    def record(stage: str, method: str, generation: int, value: float, seconds: float, runtime: dict,
+               recipe: MergeRecipe) -> None:
+        row = {"index": len(evaluations), "stage": stage, "method": method, "generation": generation,
+               "fitness": value, "seconds": seconds, "runtime": dict(runtime), "recipe": recipe.to_dict()}
+        evaluations.append(row)
+        if log is not None:
+            log(row)
+
+    def evaluate(stage: str, recipe: MergeRecipe, runtime: dict) -> float:
+        start = time.perf_counter()
+        model = merge_models(dataclasses.replace(recipe, config=dict(runtime)), models, base)
+        with torch.no_grad():
+            value = float(fitness(model))
+        record(stage, recipe.method, 0, value, time.perf_counter() - start, runtime, recipe)
+        return value
+
+    def end_stage(label: str, values: list[float]) -> None:
+        finite = [v for v in values if math.isfinite(v)]
+        generations.append({"method": label, "generation": 0, "evaluations": len(values),
+                            "best": max(finite) if finite else float("nan"),
+                            "mean": sum(finite) / len(finite) if finite else float("nan")})
+
+    # 1. runtime screen on the uniform merge
+    uniform = uniform_recipe(list(models), params.base)
+    screen = [evaluate("runtime_screen", uniform, r) for r in runtimes]
+    end_stage("runtime screen", screen)
+    search_runtime = runtimes[_argmax(screen)]
+
+    # 2. CMA-ES over recipes under the screened runtime
+    def cma_log(row: dict) -> None:
+        record("recipe_search", row["method"], row["generation"], row["fitness"], row["seconds"], search_runtime,
+               MergeRecipe.from_dict(row["recipe"]))
+
+    evo = evolve_recipe(models, base, lambda m: fitness(_configured(m, search_runtime)), methods=params.methods,
+                        budget=cma_budget, seed=seed, sigma0=params.sigma0, per_layer=params.per_layer,
+                        group_size=params.group_size, base_name=params.base, include_uniform=False,
+                        progress=progress, log=cma_log)
+    generations += evo.generations
+
+    # 3. runtime re-pick for the best distinct recipes
+    others = [r for r in runtimes if r != search_runtime]
+    if others:
+        searched = [row for row in evaluations if row["stage"] == "recipe_search"]
+        repick = [evaluate("runtime_repick", recipe, r)
+                  for recipe in _top_recipes(searched, params.runtime_top_k) for r in others]
+        end_stage("runtime re-pick", repick)
+
+    best = max(range(len(evaluations)), key=lambda i: _finite(evaluations[i]["fitness"]))
+    champ_row = evaluations[best]
+    if not math.isfinite(champ_row["fitness"]):
+        raise RuntimeError("no candidate had a finite fitness")
+    champion = dataclasses.replace(MergeRecipe.from_dict(champ_row["recipe"]), config=dict(champ_row["runtime"]))
+    champion_fitness = champ_row["fitness"]
+
+    path_evo = None
+    if params.layer_path_budget:
+        path_evo = evolve_layer_path(models, base, fitness, recipe=champion, budget=params.layer_path_budget,
+                                     seed=seed, base_name=params.base, progress=progress)
+        if path_evo.champion_fitness > champion_fitness:
+            champion, champion_fitness = path_evo.champion, path_evo.champion_fitness
+    return SearchResult(champion, champion_fitness, search_runtime, runtimes, evaluations, generations, evo,
+                        path_evo)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: _finite(values[i]))
+
+
+def _top_recipes(evaluations: list[dict], k: int) -> list[MergeRecipe]:
+    """The ``k`` best distinct recipes of ``evaluations`` (by fitness, the earliest first on ties)."""
+    seen, out = set(), []
+    for row in sorted(evaluations, key=lambda r: -_finite(r["fitness"])):
+        key = yaml.safe_dump(row["recipe"])
+        if key not in seen and math.isfinite(row["fitness"]):
+            seen.add(key)
+            out.append(MergeRecipe.from_dict(row["recipe"]))
+        if len(out) == k:
+            break
+    return out
+
+
+# --- test table and run -------------------------------------------------------------------------------
+
+
+def score_table(params: Params, models: dict, base, champion, test: Scorer,
+                uniform_runtime: dict[str, Any]) -> dict[str, dict]:
+    """Test-split rows: the trunk and every parent (each with its own saved settings), the uniform merge
+    (under ``uniform_runtime``) and the champion."""
+    rows = {params.base: test.details(base)}
+    rows.update({name: test.details(model) for name, model in models.items()})
+    uniform = merge_models(_with_runtime(uniform_recipe(list(models), params.base), uniform_runtime, base),
+                           models, base)
     rows["uniform_merge"] = test.details(uniform)
     rows["champion"] = test.details(champion)
     return rows
@@ -164,22 +381,33 @@ def run(params: Params, ctx) -> PhaseResult:
     models, base, tokenizer, folders = load_upstream_models(params, ctx)
     fitness = make_scorer(params, tokenizer, "fitness", params.fitness_per_family, ctx.seed)
     test = make_scorer(params, tokenizer, "test", params.test_per_family, ctx.seed + 1)
-    evo, path_evo = search(params, models, base, fitness, ctx)
-    best = path_evo if path_evo is not None and path_evo.champion_fitness > evo.champion_fitness else evo
-    recipe = _with_runtime(best.champion, params.runtime, base)
+
+    def log(record: dict) -> None:
+        ctx.log({"evomerge/fitness": record["fitness"], "evomerge/seconds": record["seconds"]}, step=record["index"])
+
+    found = search(params, models, base, fitness, seed=ctx.seed, progress=not ctx.quiet, log=log)
+    recipe = found.champion
     champion = merge_models(recipe, models, base).eval()
-    table = score_table(params, models, base, champion, test)
+    table = score_table(params, models, base, champion, test, found.search_runtime)
+    keys = list(dict.fromkeys(k for r in found.runtimes for k in r))
+    settings = {params.base: settings_of(base, keys), **{n: settings_of(m, keys) for n, m in models.items()},
+                "uniform_merge": dict(found.search_runtime), "champion": dict(recipe.config)}
     portable = dataclasses.replace(recipe, models=[folders[m] for m in recipe.models], base=folders[params.base],
                                    layer_path=_portable_path(recipe.layer_path, folders))
     ctx.result.artifacts["recipe"] = paths.relative(save_recipe(portable, ctx.path("recipe.yaml")))
-    report = {"evolution": {"generations": evo.generations, "evaluations": _strip(evo.evaluations),
-                            "champion_fitness": evo.champion_fitness},
+    path_evo = found.layer_path
+    report = {"evolution": {"generations": found.generations, "evaluations": _strip(found.evaluations),
+                            "champion_fitness": found.champion_fitness},
+              "runtime": {"choices": found.runtimes, "search_runtime": found.search_runtime,
+                          "uniform_runtime": found.search_runtime, "champion_runtime": recipe.config},
               "layer_path": None if path_evo is None else {"generations": path_evo.generations,
                                                            "champion_fitness": path_evo.champion_fitness},
-              "test": table, "champion_recipe": recipe.to_dict()}
+              "test": table, "settings": settings, "trunk": params.base, "parents": list(params.sources),
+              "with_steps": params.with_steps, "n_fitness": len(fitness.samples), "n_test": len(test.samples),
+              "champion_recipe": recipe.to_dict()}
     ctx.result.artifacts["report"] = paths.relative(write_json_atomic(ctx.path("report.json"), report))
     ctx.save_model("champion", champion, tokenizer, metadata={"recipe": paths.relative(ctx.dir / "recipe.yaml")})
-    _summarize(ctx, table, params, evo, recipe)
+    _summarize(ctx, table, params, found, recipe)
     return ctx.result
 
 
@@ -194,15 +422,15 @@ def _strip(evaluations: list[dict]) -> list[dict]:
             for e in evaluations]
 
 
-def _summarize(ctx, table: dict, params: Params, evo, recipe: MergeRecipe) -> None:
-    parents = {n: table[n]["score"] for n in params.sources}
-    best_parent = max(parents, key=parents.get)
-    champ = table["champion"]["score"]
-    ctx.result.metrics.update({
-        "champion_method": recipe.method, "champion_fitness": round(evo.champion_fitness, 4),
-        "champion_test": round(champ, 4), "champion_test_acc": round(table["champion"]["accuracy"], 4),
-        "best_parent": best_parent, "best_parent_test": round(parents[best_parent], 4),
-        "uniform_test": round(table["uniform_merge"]["score"], 4), "evaluations": len(evo.evaluations)})
-    ctx.result.gate.extend([
-        GateCheck("champion_minus_best_parent", champ - parents[best_parent], 0.0, ">="),
-        GateCheck("champion_minus_uniform", champ - table["uniform_merge"]["score"], 0.0, ">")])
+def _summarize(ctx, table: dict, params: Params, found: SearchResult, recipe: MergeRecipe) -> None:
+    best_parent = best_row(table, list(params.sources))
+    rows = {"champion": table["champion"], "trunk": table[params.base], "best_parent": table[best_parent],
+            "uniform": table["uniform_merge"]}
+    ctx.result.metrics.update({"champion_method": recipe.method, "champion_runtime": runtime_label(recipe.config),
+                               "champion_fitness": round(found.champion_fitness, 4), "best_parent": best_parent})
+    for label, row in rows.items():
+        ctx.result.metrics[f"{label}_test_acc"] = round(row["accuracy"], 4)
+    for label, row in rows.items():
+        ctx.result.metrics[f"{label}_test_nll"] = round(row["answer_nll"], 4)
+    ctx.result.metrics["evaluations"] = len(found.evaluations)
+    ctx.result.gate.extend(gate_checks(table, list(params.sources), trunk=params.base))

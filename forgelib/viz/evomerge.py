@@ -1,4 +1,5 @@
-"""Phase 2 views: fitness per generation, champion vs parents vs uniform merge, and a merge-weight widget."""
+"""Phase 2 views: fitness per generation, champion vs trunk vs parents vs uniform merge, and a merge-weight
+widget."""
 from __future__ import annotations
 
 import json
@@ -31,23 +32,47 @@ def plot_fitness(report: dict) -> "plt.Figure":
 
 
 def score_frame(report: dict):
-    """Test-split accuracy, answer NLL and score of each parent, the uniform merge and the champion."""
+    """Test-split rows — trunk, parents, uniform merge, champion — with exact-match accuracy (over the union of
+    the families), answer NLL, score, and the runtime settings each was scored with."""
     import pandas as pd
 
-    return pd.DataFrame(report["test"]).T.round(4)
+    frame = pd.DataFrame(report["test"]).T[["accuracy", "answer_nll", "score"]].astype(float).round(4)
+    settings = report.get("settings", {})
+    frame["settings"] = [" ".join(f"{k}={v}" for k, v in settings.get(n, {}).items()) for n in frame.index]
+    return frame
+
+
+def plot_test_accuracy(report: dict) -> "plt.Figure":
+    """Test-split accuracy of each contender (trunk first, champion last), answer NLL written on each bar."""
+    rows = report["test"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colors = ["C7" if n == report.get("trunk", "trunk") else "C3" if n == "champion" else
+              "C1" if n == "uniform_merge" else "C0" for n in names]
+    bars = ax.bar(names, [rows[n]["accuracy"] for n in names], color=colors)
+    for bar, n in zip(bars, names):
+        ax.annotate(f"NLL {rows[n]['answer_nll']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max(1.0, max(rows[n]["accuracy"] for n in names) * 1.15))
+    ax.set_ylabel("exact-match accuracy (test)")
+    ax.set_title("EvoMerge: test accuracy (answer NLL on each bar)")
+    fig.tight_layout()
+    return fig
 
 
 def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
     """Two sliders over the task-arithmetic weights of the first two sources (the others keep 1/n);
-    each move builds the merge in memory and shows its measured fitness on a small fitness-split sample."""
+    each move builds the merge in memory, under the champion's runtime settings, and shows its measured
+    fitness on a small fitness-split sample."""
     import ipywidgets as w
 
     from ..merge import MergeRecipe, merge_models
-    from ..phases.evomerge import Params, _configured, load_upstream_models, make_scorer
+    from ..phases.evomerge import Params, load_upstream_models, make_scorer
     from ..phases.base import load_upstream
     from ..registry import ModelRegistry
 
     params = Params(**_params_section(result))
+    runtime = load_report(result)["champion_recipe"].get("config", {})
     ctx = _UpstreamOnly(load_upstream(upstream), ModelRegistry(paths.registry_path()))
     models, base, tokenizer, _ = load_upstream_models(params, ctx)
     scorer = make_scorer(params, tokenizer, "fitness", samples_per_family, seed=0)
@@ -57,11 +82,11 @@ def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
 
     def show(change=None):
         weights = [s.value for s in sliders] + [1 / len(names)] * (len(names) - 2)
-        recipe = MergeRecipe("task_arithmetic", names, params.base, parameters={"weights": weights})
-        details = scorer.details(_configured(merge_models(recipe, models, base), params.runtime))
+        recipe = MergeRecipe("task_arithmetic", names, params.base, parameters={"weights": weights}, config=runtime)
+        details = scorer.details(merge_models(recipe, models, base))
         out.clear_output()
         with out:
-            print(f"weights {dict(zip(names, [round(x, 2) for x in weights]))}")
+            print(f"weights {dict(zip(names, [round(x, 2) for x in weights]))}  runtime {runtime}")
             print(f"fitness-sample accuracy {details['accuracy']:.3f}  answer NLL {details['answer_nll']:.3f}  "
                   f"score {details['score']:.3f}")
 
