@@ -13,6 +13,7 @@ BENCHMARKS = {
     "optim-lm": "forgelib.bench.optim_lm",
     "cognate": "forgelib.bench.cognate",
     "evomerge": "forgelib.bench.evomerge",
+    "learn": "forgelib.bench.learn",
 }
 
 

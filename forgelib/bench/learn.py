@@ -1,0 +1,138 @@
+"""`forge bench learn`: learning curves — exact-match accuracy per family against wall-clock and tokens.
+
+Contenders, each trained from scratch on the same streamed data (fresh train-split samples of Phase 1's
+trunk mix, worked steps, answer-only loss, length-bucketed batches) with Phase 1's optimizer and schedule,
+for the same wall-clock budget (``--seconds``; the number of steps is set from a short timing of each
+contender, so a slower model gets fewer steps — equal compute, not equal steps):
+
+- ``cognate``: the Phase-1 trunk (Cognate, one cycle, no latent updates);
+- ``llama``: ``LlamaForCausalLM`` of the same shape (same width, depth, heads, untied head where Cognate
+  ties it: parameter counts are reported side by side) under the same trainer;
+- ``cognate-t2``: Cognate with two recursion cycles and deep supervision (ACT on), at the same wall-clock.
+
+Accuracy is measured on the test split at ``--points`` moments along the way (evaluation time is not
+counted as training time). ``--seeds`` repeats everything with another model initialisation *and* another
+data stream (the tokenizer and the test set stay fixed, so the seeds vary training only). Prints JSON (also
+written under outputs/bench/) with every curve and the median final accuracy per contender.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .. import paths
+from ..evaluate import accuracy_by_family
+from ..optim import create_optimizer_from_phase
+from ..params import load_section
+from ..phases import cognate as phase1
+from ..train import train
+
+CONTENDERS = ("cognate", "llama", "cognate-t2")
+
+
+def make_model(name: str, params: phase1.Params, tokenizer, seed: int):
+    """A fresh contender model of Phase 1's shape."""
+    if name in ("cognate", "cognate-t2"):
+        stage = dataclasses.replace(params.trunk, n_cycles=2 if name == "cognate-t2" else 1, n_latent=0)
+        model = phase1.make_trunk(dataclasses.replace(params, trunk=stage, init_from=None), tokenizer, seed)
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = params.model
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden_size,
+                         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                         num_attention_heads=shape.num_attention_heads,
+                         num_key_value_heads=shape.num_key_value_heads,
+                         max_position_embeddings=shape.max_position_embeddings,
+                         tie_word_embeddings=shape.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def _seconds_per_step(name, params, tokenizer, seed, steps: int = 15) -> float:
+    """Median-free quick timing: ``steps`` training steps after 3 warm-up steps."""
+    model = make_model(name, params, tokenizer, seed)
+    batches = phase1.training_batches(tokenizer, params, params.trunk, seed + 1000)
+    optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
+    config = dataclasses.replace(params.train, steps=3, warmup_steps=0, log_every=1000)
+    train(model, batches, optimizer, config, quiet=True)
+    config = dataclasses.replace(config, steps=steps)
+    return train(model, batches, optimizer, config, quiet=True).seconds / steps
+
+
+def learning_curve(name, params, tokenizer, samples, seed: int, seconds: float, points: int) -> dict:
+    """Train one contender for ``seconds`` of training time, evaluating at ``points`` moments."""
+    steps = max(points, int(seconds / _seconds_per_step(name, params, tokenizer, seed)))
+    model = make_model(name, params, tokenizer, seed)
+    batches = phase1.training_batches(tokenizer, params, params.trunk, seed)
+    optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
+    config = dataclasses.replace(params.train, steps=steps, eval_every=max(1, steps // points), log_every=50)
+    clock = {"start": time.perf_counter(), "eval": 0.0}
+    curve = []
+
+    def evaluate(m) -> dict:
+        started = time.perf_counter()
+        acc = accuracy_by_family(m, tokenizer, samples, batch_size=64, with_steps=params.with_steps)
+        mean = sum(acc.values()) / len(acc)
+        curve.append({"train_seconds": round(started - clock["start"] - clock["eval"], 2),
+                      "tokens": batches.stats.real_tokens, "samples": batches.stats.samples,
+                      "mean": round(mean, 4), "accuracy": {k: round(v, 4) for k, v in acc.items()}})
+        clock["eval"] += time.perf_counter() - started
+        return {"accuracy_mean": mean}
+
+    train(model, batches, optimizer, config, evaluate=evaluate, quiet=True)
+    for i, point in enumerate(curve):
+        point["step"] = min(steps, (i + 1) * config.eval_every)
+    return {"contender": name, "seed": seed, "steps": steps, "params": sum(p.numel() for p in model.parameters()),
+            "final_mean": curve[-1]["mean"], "final_accuracy": curve[-1]["accuracy"], "curve": curve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forge bench learn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter set whose Phase-1 recipe is used")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=60.0, help="training wall-clock per run")
+    parser.add_argument("--points", type=int, default=6, help="evaluations along each curve")
+    parser.add_argument("--eval-per-family", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown}; valid: {list(CONTENDERS)}")
+    from ..phases import PHASES
+
+    overrides = {"cognate": {"eval_per_family": args.eval_per_family}} if args.eval_per_family else None
+    params = load_section(paths.resolve(args.params), "cognate", phase1.Params, overrides,
+                          [spec.name for spec in PHASES] + ["run"])
+    tokenizer = phase1.build_tokenizer(params, 0, None)
+    samples = phase1.test_samples(params, 7)
+    runs = [learning_curve(name, params, tokenizer, samples, seed, args.seconds, args.points)
+            for seed in range(args.seeds) for name in contenders]
+    summary = {}
+    for name in contenders:
+        finals = [r["final_mean"] for r in runs if r["contender"] == name]
+        summary[name] = {"median_final_mean": statistics.median(finals), "finals": finals,
+                         "params": next(r["params"] for r in runs if r["contender"] == name),
+                         "median_steps": statistics.median(r["steps"] for r in runs if r["contender"] == name)}
+    report = {"benchmark": "learn", "params_file": args.params, "levels": list(params.levels),
+              "seconds": args.seconds, "seeds": args.seeds, "threads": args.threads, "torch": torch.__version__,
+              "test_samples": len(samples), "seeds_vary": "model initialisation and training data stream",
+              "summary": summary, "runs": runs}
+    text = json.dumps(report, indent=2)
+    print(json.dumps({"summary": summary}, indent=2))
+    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"learn-{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
