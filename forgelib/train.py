@@ -45,7 +45,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     """Accelerate mixed precision: 'no', 'bf16' or 'fp16' (GPU)."""
     divergence_factor: float = 4.0
-    """Stop when the recent mean loss exceeds this multiple of the best (see utils.detect_training_issues)."""
+    """Stop when the recent mean loss exceeds this multiple of the best (see utils.detect_training_issues)..."""
+    divergence_min_increase: float = 0.5
+    """... and exceeds it by more than this many nats (a cpu-set trunk at 0.009 nats was stopped at 0.036)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0 over this many steps."""
     schedule: str = "constant"
@@ -178,7 +180,7 @@ def _check_health(losses: list[float], step: int, config: TrainConfig) -> None:
         raise _issue(f"NaN/inf loss at step {step}", step)
     if step >= 40 and step % 10 == 0:  # means of 20 steps: single batches of streamed data vary a lot
         detect_training_issues(losses, window=20, divergence_factor=config.divergence_factor,
-                               raise_on=("nan", "divergence"))
+                               divergence_min_increase=config.divergence_min_increase, raise_on=("nan", "divergence"))
 
 
 def _issue(message: str, step: int = -1) -> TrainingIssueError:

@@ -374,12 +374,13 @@ def _nan_issue(steps: list[int], losses: list[float]) -> TrainingIssue | None:
 
 
 def _divergence_issue(steps: list[int], losses: list[float], window: int,
-                      factor: float) -> TrainingIssue | None:
+                      factor: float, min_increase: float = 0.0) -> TrainingIssue | None:
     """Recent mean above ``factor`` × the best mean of ``window`` consecutive losses seen before the recent
     window. Means, not single losses, because batches differ (a batch of short easy problems can score far
     below the average, and a later mixed batch is not divergence); the best is taken before the window so
     that a steep but healthy drop inside it is not called divergence; skipped for a best ≤ 0, where a ratio
-    means nothing."""
+    means nothing. The rise must also exceed ``min_increase`` (absolute): near zero a ratio means little
+    (0.009 -> 0.036 nats is 4x, yet a model that answers almost everything right)."""
     if len(losses) <= window:
         return None
     earlier = losses[:-window]
@@ -387,7 +388,7 @@ def _divergence_issue(steps: list[int], losses: list[float], window: int,
     sums = list(itertools.accumulate(earlier, initial=0.0))  # prefix sums: every window mean in O(n)
     best = min(sums[i + span] - sums[i] for i in range(len(earlier) - span + 1)) / span
     recent = sum(losses[-window:]) / window
-    if best <= 0 or recent <= factor * best:
+    if best <= 0 or recent <= factor * best or recent - best <= min_increase:
         return None
     return TrainingIssue("divergence", steps[-1],
                          f"loss diverged at step {steps[-1]}: mean of the last {window} losses "
@@ -424,14 +425,15 @@ def _check_issue_args(window: int, divergence_factor: float, plateau_patience: i
 
 
 def detect_training_issues(loss_history: Any, window: int = 10, divergence_factor: float = 3.0,
-                           plateau_patience: int = 50, plateau_tol: float = 1e-3,
+                           plateau_patience: int = 50, plateau_tol: float = 1e-3, divergence_min_increase: float = 0.0,
                            raise_on: Iterable[str] = ("nan", "divergence")) -> list[TrainingIssue]:
     """Find NaN/inf losses, divergence and plateaus in a loss history.
 
     ``loss_history``: losses (the step is the index), (step, loss) pairs, or a step -> loss mapping.
     - nan: the first non-finite loss ("NaN loss at step k");
     - divergence: the mean of the last ``window`` losses exceeds ``divergence_factor`` × the best
-      mean of ``window`` consecutive losses before that window (positive losses);
+      mean of ``window`` consecutive losses before that window (positive losses), and by more than
+      ``divergence_min_increase`` in absolute terms;
     - plateau: the best loss of the last ``plateau_patience`` entries improves on the best before
       them by no more than ``plateau_tol`` × |that best| (a relative tolerance).
     Divergence and plateau look only at the losses before the first non-finite one. Kinds in
@@ -444,7 +446,7 @@ def detect_training_issues(loss_history: Any, window: int = 10, divergence_facto
     if nan is not None:
         cut = steps.index(nan.step)
         steps, losses = steps[:cut], losses[:cut]
-    for issue in (nan, _divergence_issue(steps, losses, window, divergence_factor),
+    for issue in (nan, _divergence_issue(steps, losses, window, divergence_factor, divergence_min_increase),
                   _plateau_issue(steps, losses, plateau_patience, plateau_tol)):
         if issue is None:
             continue

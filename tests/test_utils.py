@@ -202,6 +202,16 @@ def test_divergence_raises_and_healthy_drop_does_not():
     assert [i.kind for i in issues] == ["divergence"]
 
 
+def test_divergence_needs_an_absolute_rise_too():
+    """Near zero a ratio means little: 0.009 -> 0.036 nats is 4x but no divergence with a 0.5-nat floor."""
+    tiny = [0.009] * 30 + [0.036] * 10
+    assert detect_training_issues(tiny, window=10, divergence_factor=3.0, divergence_min_increase=0.5,
+                                  plateau_patience=1000) == []
+    with pytest.raises(TrainingIssueError, match="diverged"):
+        detect_training_issues([0.2] * 30 + [2.0] * 10, window=10, divergence_factor=3.0,
+                               divergence_min_increase=0.5, plateau_patience=1000)
+
+
 def test_plateau_is_a_warning_not_an_error():
     flat = [5.0, 3.0, 2.0] + [2.0 - 1e-4 * k for k in range(1, 6)]  # improves by 0.025% only
     issues = detect_training_issues(flat, window=2, plateau_patience=5, plateau_tol=1e-3)
