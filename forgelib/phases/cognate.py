@@ -276,9 +276,10 @@ def answer_nll_by_family(model, tokenizer, samples, max_len: int, with_steps: bo
 def act_statistics(model, encoded) -> dict[str, Any]:
     """Per-token ACT cycles (inference mode) and memory gate entropy on real positions of ``encoded``."""
     model.eval()
-    out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-    real = encoded["attention_mask"].bool()
-    cycles = out.act_cycles[real].float()  # (N_real,)
+    device = next(model.parameters()).device
+    out = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+    real = encoded["attention_mask"].bool().to(device)
+    cycles = out.act_cycles[real].float().cpu()  # (N_real,)
     stats = {"mean_cycles": float(cycles.mean()), "cycles": cycles.tolist()}
     entropy = getattr(out, "gate_entropy", None)
     stats["gate_entropy"] = float(entropy) if entropy is not None else float("nan")
