@@ -2,8 +2,8 @@
 
 (a) throughput — training tokens/s of Cognate (n=0, T=1, memory and ACT off) vs ``LlamaForCausalLM`` of
     identical shape and weights, interleaved in one run (rounds alternate the two; medians reported);
-(b) cycles — a reasoning model trained with T=2 cycles, evaluated at test-time T = 1, 2, 4, 8 (exact-match
-    accuracy and answer-token loss on the test split): does thinking longer help?
+(b) cycles — a one-layer model trained with T=4 cycles (deep supervision, ACT), evaluated at test-time
+    T = 1, 2, 4, 8 (exact-match accuracy per family, cycles ACT spends per token): does thinking longer help?
 (c) memory — ``recall`` with the queried pair further back than the attention window, memory on vs off,
     same data, seed and training budget.
 """
@@ -98,24 +98,44 @@ def _new_model(tokenizer, args, **config) -> CognateForCausalLM:
 
 
 def bench_cycles(args, tokenizer) -> dict:
-    """Train with T=2 (n_latent=1) on multistep/algebra/arith, evaluate at T = 1, 2, 4, 8."""
-    mix = {"multistep": 3, "algebra": 3, "arith": 1}
-    model = _new_model(tokenizer, args, n_latent=1, n_cycles=2, memory_modules=True)
-    history = _train(model, tokenizer, build_mix(mix, (1, 2), 4000, "train", args.seed), args, args.seed)
-    test = build_mix(mix, (1, 2), args.eval_samples, "test", args.seed + 1)
+    """A one-layer Cognate trained with ``--cycles-train`` recursion cycles (deep supervision, ACT halting on,
+    in training as in inference) on Phase 1's streamed recipe, evaluated at test-time T = 1, 2, 4, 8: exact-match
+    accuracy per family and the cycles ACT spends per token. One layer, so depth comes from the cycles only."""
+    from ..data.stream import LengthBucketedBatches, TaskStream
+    from ..evaluate import accuracy_by_family
+    from ..optim import create_optimizer_from_phase
+
+    mix = {"arith": 1, "multistep": 1, "modular": 1, "algebra": 1}
+    levels = (1, args.cycles_max_level)
+    shape = {**_shape(args), "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 1}
+    torch.manual_seed(args.seed)
+    model = CognateForCausalLM(CognateConfig(
+        vocab_size=len(tokenizer), **shape, n_latent=0, n_cycles=args.cycles_train, use_act=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    batches = LengthBucketedBatches(tokenizer, TaskStream(mix, levels, "train", args.seed), 16, args.max_len,
+                                    with_steps=True, seed=args.seed)
+    optimizer = create_optimizer_from_phase(model, phase_num=1, lr=2e-3, weight_decay=0.1)
+    history = train(model, batches, optimizer, TrainConfig(steps=args.cycles_steps, log_every=50, warmup_steps=50,
+                                                           schedule="cosine", min_lr_ratio=0.1), quiet=True)
+    test = build_mix(mix, levels, args.eval_samples, "test", args.seed + 1)
+    encoded = encode_samples(tokenizer, test, args.max_len + 32, with_steps=True)
+    completion = encoded["labels"] != -100  # (N, T) the tokens the model writes (worked steps and answer)
     rows = {}
-    encoded = encode_samples(tokenizer, test, args.max_len + 16)
     for cycles in (1, 2, 4, 8):
         model.config.n_cycles = cycles
         with torch.no_grad():
             used = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).act_cycles
-        rows[cycles] = {"accuracy": round(exact_match_accuracy(model, tokenizer, test, batch_size=32), 4),
-                        "answer_nll": round(mean_nll(model, tokenizer, test, max_len=args.max_len + 16,
-                                                     answer_only=True), 4),
-                        "mean_cycles_used": round(float(used[encoded["attention_mask"].bool()].float().mean()), 3)}
-    model.config.n_cycles = 2
-    return {"trained_cycles": 2, "n_latent": 1, "train_steps": args.train_steps, "n_test": len(test),
-            "final_train_loss": round(history.last_loss, 4), "by_test_time_cycles": rows}
+        acc = accuracy_by_family(model, tokenizer, test, batch_size=64, with_steps=True)
+        prompt = encoded["attention_mask"].bool() & ~completion
+        rows[cycles] = {"accuracy": round(sum(acc.values()) / len(acc), 4),
+                        "by_family": {k: round(v, 4) for k, v in acc.items()},
+                        "mean_cycles_prompt_tokens": round(float(used[prompt].float().mean()), 3),
+                        "mean_cycles_written_tokens": round(float(used[completion].float().mean()), 3)}
+    model.config.n_cycles = args.cycles_train
+    return {"trained_cycles": args.cycles_train, "layers": 1, "levels": list(levels), "train_steps": args.cycles_steps,
+            "n_test": len(test), "final_train_loss": round(history.last_loss, 4), "train_seconds": round(history.seconds, 1),
+            "by_test_time_cycles": rows}
 
 
 # --- (c) memory beyond the attention window -----------------------------------------------------------
@@ -163,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=400, help="training budget of (b) and (c)")
     parser.add_argument("--max-len", type=int, default=96)
+    parser.add_argument("--cycles-train", type=int, default=4, help="recursion cycles (b) trains with")
+    parser.add_argument("--cycles-steps", type=int, default=3000, help="training steps of (b)")
+    parser.add_argument("--cycles-max-level", type=int, default=3, help="task levels 1..N of (b)")
     parser.add_argument("--eval-samples", type=int, default=120)
     parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
     parser.add_argument("--threads", type=int, default=1)

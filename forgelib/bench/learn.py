@@ -56,12 +56,13 @@ def make_model(name: str, params: phase1.Params, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def _seconds_per_step(name, params, tokenizer, seed, steps: int = 15) -> float:
-    """Median-free quick timing: ``steps`` training steps after 3 warm-up steps."""
+def _seconds_per_step(name, params, tokenizer, seed, steps: int = 40) -> float:
+    """Quick timing: ``steps`` training steps after 5 warm-up steps (a 15-step timing set budgets that came
+    out 25% short or long on a loaded machine)."""
     model = make_model(name, params, tokenizer, seed)
     batches = phase1.training_batches(tokenizer, params, params.trunk, seed + 1000)
     optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
-    config = dataclasses.replace(params.train, steps=3, warmup_steps=0, log_every=1000)
+    config = dataclasses.replace(params.train, steps=5, warmup_steps=0, log_every=1000, checkpoint_every=0)
     train(model, batches, optimizer, config, quiet=True)
     config = dataclasses.replace(config, steps=steps)
     return train(model, batches, optimizer, config, quiet=True).seconds / steps
@@ -73,7 +74,8 @@ def learning_curve(name, params, tokenizer, samples, seed: int, seconds: float, 
     model = make_model(name, params, tokenizer, seed)
     batches = phase1.training_batches(tokenizer, params, params.trunk, seed)
     optimizer = create_optimizer_from_phase(model, phase_num=1, **params.optimizer)
-    config = dataclasses.replace(params.train, steps=steps, eval_every=max(1, steps // points), log_every=50)
+    config = dataclasses.replace(params.train, steps=steps, eval_every=max(1, steps // points), log_every=50,
+                                 checkpoint_every=0)
     clock = {"start": time.perf_counter(), "eval": 0.0}
     curve = []
 
@@ -91,7 +93,14 @@ def learning_curve(name, params, tokenizer, samples, seed: int, seconds: float, 
     for i, point in enumerate(curve):
         point["step"] = min(steps, (i + 1) * config.eval_every)
     return {"contender": name, "seed": seed, "steps": steps, "params": sum(p.numel() for p in model.parameters()),
-            "final_mean": curve[-1]["mean"], "final_accuracy": curve[-1]["accuracy"], "curve": curve}
+            "train_seconds": curve[-1]["train_seconds"], "final_mean": curve[-1]["mean"],
+            "final_accuracy": curve[-1]["accuracy"], "curve": curve}
+
+
+def mean_at(curve: list[dict], seconds: float) -> float:
+    """Accuracy of the last evaluation at or before ``seconds`` of training (0 before the first)."""
+    reached = [point["mean"] for point in curve if point["train_seconds"] <= seconds]
+    return reached[-1] if reached else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter set whose Phase-1 recipe is used")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (to split seeds over processes)")
     parser.add_argument("--seconds", type=float, default=60.0, help="training wall-clock per run")
     parser.add_argument("--points", type=int, default=6, help="evaluations along each curve")
     parser.add_argument("--eval-per-family", type=int, default=None)
@@ -119,16 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = phase1.build_tokenizer(params, 0, None)
     samples = phase1.test_samples(params, 7)
     runs = [learning_curve(name, params, tokenizer, samples, seed, args.seconds, args.points)
-            for seed in range(args.seeds) for name in contenders]
+            for seed in range(args.seed_start, args.seed_start + args.seeds) for name in contenders]
+    common = min(r["train_seconds"] for r in runs)  # every contender has trained at least this long
     summary = {}
     for name in contenders:
         finals = [r["final_mean"] for r in runs if r["contender"] == name]
+        at_common = [mean_at(r["curve"], common) for r in runs if r["contender"] == name]
         summary[name] = {"median_final_mean": statistics.median(finals), "finals": finals,
+                         "median_mean_at_common_seconds": statistics.median(at_common),
+                         "median_train_seconds": statistics.median(r["train_seconds"] for r in runs
+                                                                   if r["contender"] == name),
                          "params": next(r["params"] for r in runs if r["contender"] == name),
                          "median_steps": statistics.median(r["steps"] for r in runs if r["contender"] == name)}
     report = {"benchmark": "learn", "params_file": args.params, "levels": list(params.levels),
               "seconds": args.seconds, "seeds": args.seeds, "threads": args.threads, "torch": torch.__version__,
               "test_samples": len(samples), "seeds_vary": "model initialisation and training data stream",
+              "common_seconds": common,
               "summary": summary, "runs": runs}
     text = json.dumps(report, indent=2)
     print(json.dumps({"summary": summary}, indent=2))
