@@ -173,6 +173,26 @@ def test_sequence_and_logic_answers_by_independent_evaluation():
         assert ("T" if py_value(py) else "F") == s.answer, s.prompt
 
 
+def test_logic_worked_steps_apply_one_operator_at_a_time():
+    seen_compare = 0
+    for level in (1, 3, 5, 8):
+        for s in generate("logic", level, 40, seed=9):
+            if s.meta["kind"] == "compare" and level <= 4:
+                assert s.steps is None
+                continue
+            assert s.steps and s.steps[-1].rsplit("=", 1)[1] == s.answer
+            for step in s.steps:
+                expr, value = step.rsplit("=", 1)
+                if s.meta["kind"] == "compare" and "+" in expr:
+                    assert int(value) == py_value(expr)  # the sum first
+                    continue
+                py = expr.replace("&", " and ").replace("|", " or ").replace("~", " not ")
+                py = py.replace("T", "True").replace("F", "False").strip()
+                assert ("T" if py_value(py) else "F") == value, (s.prompt, step)
+            seen_compare += s.meta["kind"] == "compare"
+    assert seen_compare > 0
+
+
 def test_recall_answer_is_the_queried_value():
     for s in generate("recall", 4, 30, seed=6):
         listed, query = s.prompt.split(" ?")

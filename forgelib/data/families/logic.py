@@ -38,8 +38,26 @@ def _value(node: Tree) -> bool:
     return (_value(left) and _value(right)) if op == "&" else (_value(left) or _value(right))
 
 
-def _comparison(rng: random.Random, level: int) -> tuple[str, bool]:
-    """`a<b` with larger numbers by level; from level 5 the left side is a sum."""
+def _steps(node: Tree, out: list[str]) -> bool:
+    """Evaluate ``node`` bottom-up, appending one worked step per operation (``T&F=F``, ``~F=T``): each step
+    applies one operator to values already known, the last step gives the answer."""
+    if isinstance(node, bool):
+        return node
+    op, left, right = node
+    a = _steps(left, out)
+    if op == "~":
+        value = not a
+        out.append(f"~{'T' if a else 'F'}={'T' if value else 'F'}")
+        return value
+    b = _steps(right, out)
+    value = (a and b) if op == "&" else (a or b)
+    out.append(f"{'T' if a else 'F'}{op}{'T' if b else 'F'}={'T' if value else 'F'}")
+    return value
+
+
+def _comparison(rng: random.Random, level: int) -> tuple[str, bool, list[str] | None]:
+    """`a<b` with larger numbers by level; from level 5 the left side is a sum (worked: the sum, then the
+    comparison)."""
     top = 99 if level <= 2 or 5 <= level <= 7 else 999
     op = rng.choice("<>")
     if level <= 4:
@@ -48,16 +66,22 @@ def _comparison(rng: random.Random, level: int) -> tuple[str, bool]:
     else:
         x, y, b = rng.randint(0, top), rng.randint(0, top), rng.randint(0, 2 * top)
         left_text, left = f"{x}+{y}", x + y
-    return f"{left_text}{op}{b}", (left < b) if op == "<" else (left > b)
+    return f"{left_text}{op}{b}", (left < b) if op == "<" else (left > b), (
+        [f"{left_text}={left}", f"{left}{op}{b}={'T' if ((left < b) if op == '<' else (left > b)) else 'F'}"]
+        if level > 4 else None)
 
 
 @register_family("logic", "boolean expressions over T/F with & | ~ (more operands by level) and comparisons")
 def make_logic(rng: random.Random, level: int):
-    """40% comparisons, 60% boolean trees with 2 + (level-1)//2 leaves."""
+    """40% comparisons, 60% boolean trees with 2 + (level-1)//2 leaves; worked steps evaluate a tree one
+    operator at a time (innermost first)."""
     if rng.random() < 0.4:
-        text, value = _comparison(rng, level)
+        text, value, steps = _comparison(rng, level)
         kind = "compare"
     else:
         tree = _tree(rng, 2 + (level - 1) // 2)
         text, value, kind = _render(tree), _value(tree), "boolean"
-    return f"{text}=", "T" if value else "F", None, {"kind": kind}
+        steps = []
+        _steps(tree, steps)
+        steps = steps or None  # a lone negated leaf cannot occur (two leaves at least); kept for safety
+    return f"{text}=", "T" if value else "F", steps, {"kind": kind}
