@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .base import Sample, get_family
-from .tasks import TaskOptionError, _check_options, _check_split, _levels, split_of
+from .tasks import TaskOptionError, _check_mix, _check_options, _check_split, _levels, split_of
 from .tokenizer import encode_samples
 
 __all__ = ["TaskStream", "LengthBucketedBatches", "StreamStats"]
@@ -39,14 +39,7 @@ class TaskStream:
     def __init__(self, mix: dict[str, float], levels: int | tuple[int, int] | Iterable[int],
                  split: str = "train", seed: int = 0, level_weights: dict[int, float] | None = None,
                  family_options: dict[str, dict[str, Any]] | None = None):
-        if not mix:
-            raise TaskOptionError("mix must name at least one family")
-        for name, weight in mix.items():
-            get_family(name)
-            if not weight >= 0:
-                raise TaskOptionError(f"mix weight of {name!r} must be >= 0, got {weight!r}")
-        if sum(mix.values()) <= 0:
-            raise TaskOptionError(f"mix weights must not all be zero: {mix}")
+        _check_mix(mix)
         self.levels = _levels(levels)
         level_weights = dict(level_weights or {})
         stray = sorted(set(level_weights) - set(self.levels))

@@ -115,6 +115,18 @@ def _levels(levels: int | tuple[int, int] | Iterable[int]) -> list[int]:
     return chosen
 
 
+def _check_mix(mix: dict[str, float]) -> None:
+    """Known families, weights >= 0, not all zero."""
+    if not mix:
+        raise TaskOptionError(f"mix must name at least one family; valid families: {sorted(FAMILIES)}")
+    for name, weight in mix.items():
+        get_family(name)
+        if not weight >= 0:
+            raise TaskOptionError(f"mix weight of {name!r} must be >= 0, got {weight!r}")
+    if sum(mix.values()) <= 0:
+        raise TaskOptionError(f"mix weights must not all be zero: {mix}")
+
+
 def build_mix(mix: dict[str, float], levels: int | tuple[int, int] | Iterable[int], n: int,
               split: str = "train", seed: int = 0,
               family_options: dict[str, dict[str, Any]] | None = None) -> list[Sample]:
@@ -128,14 +140,7 @@ def build_mix(mix: dict[str, float], levels: int | tuple[int, int] | Iterable[in
     stray = sorted(set(family_options) - set(mix))
     if stray:
         raise TaskOptionError(f"family_options names {stray}, which are not in the mix {sorted(mix)}")
-    if not mix:
-        raise TaskOptionError(f"mix must name at least one family; valid families: {sorted(FAMILIES)}")
-    for name, weight in mix.items():
-        get_family(name)
-        if not weight >= 0:
-            raise TaskOptionError(f"mix weight of {name!r} must be >= 0, got {weight!r}")
-    if sum(mix.values()) <= 0:
-        raise TaskOptionError(f"mix weights must not all be zero: {mix}")
+    _check_mix(mix)
     chosen = _levels(levels)
     samples: list[Sample] = []
     for name, count in zip(mix, _largest_remainder(n, list(mix.values()))):
