@@ -126,7 +126,7 @@ def tiny():
 
 
 def _small_params(**changes) -> evo.Params:
-    values = dict(families=["arith", "logic"], fitness_per_family=3, test_per_family=3, budget=14,
+    values = dict(families=["arith", "logic"], fitness_per_family=3, test_per_family=3, budget=18,
                   per_layer=False, methods=["task_arithmetic", "ties"])
     return evo.Params(**{**values, **changes})
 
@@ -183,8 +183,10 @@ def test_runtime_settings_dedupe_for_other_architectures_and_refuse_typos_for_co
 
 
 def test_budget_too_small_for_screen_and_repick_is_a_clear_error():
-    with pytest.raises(ValueError, match="budget 10 is too small: the runtime screen takes 4 and the re-pick 6"):
-        evo.search_budget(_small_params(budget=10), 4)
+    with pytest.raises(ValueError, match="budget 14 is too small: the unmerged candidates take 4, the runtime "
+                                         "screen 4 and the re-pick 6 evaluations, leaving 0"):
+        evo.search_budget(_small_params(budget=14), 4)
+    assert evo.search_budget(_small_params(budget=14, unmerged_candidates=False), 4) == (4, 6)
 
 
 def test_old_runtime_key_still_loads_and_new_defaults_hold(tmp_path, monkeypatch):
@@ -220,7 +222,8 @@ def upstream(tiny, tmp_path_factory):
 
 def test_real_run_fails_its_gate_when_the_trunk_beats_the_merges(upstream):
     overrides = {**QUIET, "evomerge": {"budget": 14, "per_layer": False, "families": ["arith", "logic"],
-                                       "fitness_per_family": 3, "test_per_family": 4}}
+                                       "fitness_per_family": 3, "test_per_family": 4,
+                                       "unmerged_candidates": False, "gate_z": 0.0}}
     ctx = open_phase("evomerge", "parameters/smoke.yaml", overrides, session="tiny", upstream=upstream)
     with pytest.raises(GateFailedError, match="champion_acc_minus_trunk_acc|trunk_nll_minus_champion_nll"):
         run_phase(ctx)
@@ -234,6 +237,7 @@ def test_real_run_fails_its_gate_when_the_trunk_beats_the_merges(upstream):
     assert report["settings"]["trunk"]["n_cycles"] == 2 and not report["settings"]["trunk"]["use_memory"]
     assert report["settings"]["speed"]["n_cycles"] == 1 and report["settings"]["memory"]["use_memory"]
     assert report["with_steps"] is True and len(report["evolution"]["evaluations"]) == 14
+    assert report["champion_source"] == "merge" and result.metrics["champion_above_all"] is False
     # the chosen runtime is in the recipe, and the recipe rebuilds the saved champion bit-identically
     recipe = load_recipe(paths.resolve(ctx.dir / "recipe.yaml"))
     assert recipe.config == report["runtime"]["champion_runtime"] == report["champion_recipe"]["config"]
@@ -250,6 +254,78 @@ def test_real_run_fails_its_gate_when_the_trunk_beats_the_merges(upstream):
     for key in ("champion_test_acc", "trunk_test_acc", "best_parent_test_acc", "uniform_test_acc",
                 "champion_test_nll", "trunk_test_nll", "best_parent_test_nll", "uniform_test_nll"):
         assert key in metrics and math.isfinite(metrics[key])
+
+
+def test_real_run_hands_on_the_trunk_when_no_merge_beats_it(upstream):
+    """With the unmerged candidates (the default) the wrecked merges lose to the trunk on the fitness split: the
+    trunk itself is the champion, bit for bit, the gate ties it exactly, and the metrics say so."""
+    overrides = {**QUIET, "evomerge": {"budget": 18, "per_layer": False, "families": ["arith", "logic"],
+                                       "fitness_per_family": 3, "test_per_family": 4}}
+    ctx = open_phase("evomerge", "parameters/smoke.yaml", overrides, session="tiny2", upstream=upstream)
+    result = run_phase(ctx)
+    report = json.loads((ctx.dir / "report.json").read_text())
+    stages = [e["stage"] for e in report["evolution"]["evaluations"]]
+    assert stages[:4] == ["unmerged"] * 4 and len(stages) == 18
+    assert [e["source"] for e in report["evolution"]["evaluations"][:4]] == ["trunk", "reasoning", "memory", "speed"]
+    assert report["champion_source"] == result.metrics["champion_source"] == "trunk"
+    assert report["champion_recipe"]["method"] == "task_arithmetic"
+    assert result.gate_passed and result.metrics["champion_above_all"] is False
+    test = report["test"]
+    assert test["champion"]["correct"] == test["trunk"]["correct"]
+    assert result.metrics["champion_minus_trunk_acc_se"] == 0.0
+    from forgelib.models.loading import load_causal_lm
+
+    saved = load_causal_lm(paths.resolve(result.models["champion"]["path"]))
+    trunk_state = load_causal_lm(paths.resolve(upstream.models["trunk"]["path"])).state_dict()
+    assert all(torch.equal(v, trunk_state[k]) for k, v in saved.state_dict().items())
+    assert saved.config.n_cycles == 2 and not saved.config.use_memory, "the trunk's own settings"
+
+
+def test_unmerged_recipes_rebuild_the_trunk_and_each_parent_exactly(tiny):
+    trunk, specialists, _ = tiny
+    keys = ["n_cycles", "use_memory"]
+    for source, recipe in evo.unmerged_recipes(_small_params(), specialists, trunk, keys):
+        model = merge_models(recipe, specialists, trunk)
+        want = trunk if source == "trunk" else specialists[source]
+        assert all(torch.equal(v, want.state_dict()[k]) for k, v in model.state_dict().items()), source
+        assert {k: getattr(model.config, k) for k in keys} == {k: getattr(want.config, k) for k in keys}
+
+
+# --- the paired standard error ------------------------------------------------------------------------
+
+
+def test_paired_se_matches_the_formula_on_a_worked_example():
+    a = {"correct": [1, 1, 0, 1, 0, 1]}
+    b = {"correct": [1, 0, 0, 1, 1, 0]}
+    # differences 0, 1, 0, 0, -1, 1: mean 1/6, sample variance (sum of squares 3 - 6 * (1/6)^2) / 5 = 17/30
+    assert evo.paired_se(a, b) == pytest.approx(math.sqrt(17 / 30 / 6))
+    assert evo.paired_se(a, a) == 0.0 and evo.paired_se(a, {"accuracy": 0.5}) == 0.0
+
+
+def test_gate_margin_lets_a_champion_trail_within_noise_but_not_beyond():
+    n = 100
+    trunk = {"accuracy": 0.74, "answer_nll": 0.1, "correct": [1] * 74 + [0] * 26}
+    close = [1] * 72 + [0] * 26 + [1, 1]  # 72 shared + 2 the trunk misses; loses 4 the trunk gets: -0.02
+    close[70] = close[71] = close[72] = close[73] = 0
+    champ = {"accuracy": sum(close) / n, "answer_nll": 0.1, "correct": close}
+    assert champ["accuracy"] == pytest.approx(0.72)
+    table = {"trunk": trunk, "champion": champ, "uniform_merge": trunk, "reasoning": trunk, "memory": trunk,
+             "speed": trunk}
+    se = evo.paired_se(champ, trunk)
+    strict = {c.name: c for c in evo.gate_checks(table, ["reasoning", "memory", "speed"])}
+    loose = {c.name: c for c in evo.gate_checks(table, ["reasoning", "memory", "speed"], z=1.645)}
+    assert not strict["champion_acc_minus_trunk_acc"].passed
+    assert loose["champion_acc_minus_trunk_acc"].passed and loose["champion_acc_minus_trunk_acc"].bound == \
+        pytest.approx(-1.645 * se)
+    far = [0] * 10 + [1] * 64 + [0] * 26  # misses 10 the trunk gets and gains none: -0.10, far beyond the margin
+    table["champion"] = {"accuracy": 0.64, "answer_nll": 0.1, "correct": far}
+    loose = {c.name: c for c in evo.gate_checks(table, ["reasoning", "memory", "speed"], z=1.645)}
+    assert not loose["champion_acc_minus_trunk_acc"].passed
+
+
+def test_gate_z_must_not_be_negative():
+    with pytest.raises(ValueError, match="gate_z must be >= 0"):
+        evo.Params(gate_z=-1.0)
 
 
 # --- benchmark: single-weight task arithmetic ---------------------------------------------------------

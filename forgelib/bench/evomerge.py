@@ -125,7 +125,9 @@ def run_seed(models, base, fitness, test, params: Params, budget: int, seed: int
     """All contenders for one search seed."""
     names = list(models)
     runtimes = runtime_settings(params, base)
-    search_params = dataclasses.replace(params, budget=budget)
+    # the merge search alone (the phase also lets the unmerged trunk and parents compete; here they are
+    # contenders of their own, so "evolved" measures what merging finds)
+    search_params = dataclasses.replace(params, budget=budget, unmerged_candidates=False)
     evo, evo_s = _timed(lambda: search(search_params, models, base, fitness, seed=seed))
     out = {"evolved": {**_score(evo.champion, models, base, test), "fitness": evo.champion_fitness,
                        "method": evo.champion.method, "runtime": evo.champion.config, "seconds": evo_s}}
