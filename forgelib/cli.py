@@ -28,13 +28,24 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def _session_arg(value: str) -> str:
+    """argparse type of ``--session``/``--resume``: a safe folder name under outputs/ (the rule is in the error)."""
+    from .session import InvalidSessionNameError, check_session_name
+
+    try:
+        return check_session_name(value)
+    except InvalidSessionNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import PipelineError, run_pipeline, summary_table
+    from .session import SessionInUseError
 
     try:
         outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
                                 resume=bool(args.resume))
-    except (PipelineError, ValueError, KeyError) as exc:
+    except (PipelineError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
     print(summary_table(outcomes).to_string(index=False))
@@ -113,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
     run.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
     run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
-    run.add_argument("--session", default=None, help="session id (default: a new one)")
-    run.add_argument("--resume", metavar="SESSION", default=None,
+    run.add_argument("--session", default=None, type=_session_arg,
+                     help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
+    run.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
                      help="continue SESSION from its first phase not completed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a parameter, e.g. --set cognate.trunk_steps=50")

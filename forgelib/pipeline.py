@@ -19,6 +19,7 @@ from . import paths
 from .phases import PHASES, PhaseSpec, select
 from .phases.base import completed_result, load_phase_params, new_session_id, phase_dir, session_exists
 from .results import PhaseResult
+from .session import HELD_ENV, SessionLock, check_session_name
 
 
 class PipelineError(RuntimeError):
@@ -134,7 +135,7 @@ class Pipeline:
         self.overrides = overrides or {}
         self.phase_selection = phases
         self.specs = select(phases, self.all_specs)
-        self.session = session or new_session_id()
+        self.session = check_session_name(session) if session else new_session_id()
         self.log = log
         self.registry = ModelRegistry(paths.registry_path())
 
@@ -144,6 +145,7 @@ class Pipeline:
         """A pipeline continuing ``session`` with the parameters it was started with."""
         from .registry import ModelRegistry
 
+        check_session_name(session)
         registry = ModelRegistry(paths.registry_path())
         row = registry.get_session(session) if session_exists(registry, session) else None
         registry.close()
@@ -154,7 +156,23 @@ class Pipeline:
                    config.get("overrides"), specs, log)
 
     def run(self) -> list[PhaseOutcome]:
-        """Run every selected phase not yet completed; stop at the first failure (PipelineError)."""
+        """Run every selected phase not yet completed; stop at the first failure (PipelineError).
+
+        The session's lock is held throughout (``SessionInUseError`` at once when another process runs it);
+        the phase kernels started here inherit it through ``HELD_ENV``.
+        """
+        lock = SessionLock(self.session)
+        claim, os.environ[HELD_ENV] = os.environ.get(HELD_ENV), f"{self.session}:{os.getpid()}"
+        try:
+            return self._run_locked()
+        finally:
+            if claim is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = claim
+            lock.release()
+
+    def _run_locked(self) -> list[PhaseOutcome]:
         paths.contain_tool_caches()
         validate_params_file(self.params_file, self.specs, self.overrides, self.all_specs)
         self._open_session()
@@ -276,7 +294,8 @@ class PipelineOrchestrator:
         config = dict(config or {})
         self.params_file = config.pop("params_file", "parameters/smoke.yaml")
         self.overrides = config.pop("overrides", None)
-        self.session = config.pop("session", None) or new_session_id()
+        session = config.pop("session", None)
+        self.session = check_session_name(session) if session else new_session_id()
         self.phases = config.pop("phases", "all")
         if config:
             raise ValueError(f"unknown orchestrator config key(s) {sorted(config)}; "

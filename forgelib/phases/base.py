@@ -27,6 +27,7 @@ import yaml
 from .. import paths
 from ..params import RunParams, load_section, to_dict
 from ..results import PhaseResult
+from ..session import SessionLock, check_session_name, lock_session
 
 
 class PhaseError(RuntimeError):
@@ -78,7 +79,8 @@ def now_iso() -> str:
 
 
 def phase_dir(session: str, spec: PhaseSpec) -> Path:
-    return paths.outputs_root() / session / spec.dirname
+    """``outputs/<session>/<NN_phase>``; a session name that could leave outputs/ is refused."""
+    return paths.outputs_root() / check_session_name(session) / spec.dirname
 
 
 def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
@@ -106,6 +108,7 @@ class PhaseContext:
     result: PhaseResult
     device: str = "cpu"
     phase_run_id: int | None = None
+    session_lock: SessionLock | None = None
 
     @property
     def seed(self) -> int:
@@ -238,6 +241,15 @@ def _prepare_dir(folder: Path) -> None:
         raise OutputNotWritableError(f"cannot write the phase output folder {folder}: {exc}") from exc
 
 
+def _lock(session: str) -> SessionLock | None:
+    """The session's lock (None when the pipeline that started this kernel holds it); nothing else is
+    written before it is held."""
+    try:
+        return lock_session(session)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot write the session lock under {paths.outputs_root()}: {exc}") from exc
+
+
 def quiet_library_bars() -> None:
     """Hide transformers' loading/saving bars: for tiny checkpoints they are noise in notebooks and logs
     (the phases' own training bars stay)."""
@@ -270,15 +282,16 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     from . import PHASES, get_spec
 
     spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
+    session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
     upstream_result = load_upstream(upstream)
-    session = session or new_session_id()
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
+    session_lock = _lock(session)
     folder = phase_dir(session, spec)
     _prepare_dir(folder)
     paths.contain_tool_caches()
@@ -295,7 +308,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
-                        tracker=tracker, result=result, device=device)
+                        tracker=tracker, result=result, device=device, session_lock=session_lock)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
@@ -330,6 +343,7 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     except BaseException as exc:
         _fail(ctx, exc, started)
         ctx.tracker.finish()
+        _release(ctx)
         raise
     result.status = "ok"
     result.finished_at = now_iso()
@@ -339,7 +353,15 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     ctx.tracker.finish()
     ctx.registry.finish_phase_run(ctx.phase_run_id, "completed", metrics=result.metrics)
     ctx.registry.update_session(ctx.session, status="running", current_phase=ctx.spec.name)
+    _release(ctx)
     return result
+
+
+def _release(ctx: PhaseContext) -> None:
+    """Free the session lock that ``open_phase`` took (a pipeline's own lock is not the context's)."""
+    if ctx.session_lock is not None:
+        ctx.session_lock.release()
+        ctx.session_lock = None
 
 
 class PhaseController:
