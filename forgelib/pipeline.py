@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 
 from . import paths
 from .phases import PHASES, PhaseSpec, select
-from .phases.base import completed_result, load_phase_params, new_session_id, phase_dir, session_exists
+from .phases.base import (completed_result, load_phase_params, new_session_id, phase_dir, session_exists,
+                          verified_model_path)
 from .results import PhaseResult
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -59,17 +60,17 @@ def validate_handoff(result: PhaseResult, registry: Any, load_models: bool = Tru
     """
     checks: dict[str, Any] = {"status_ok": result.ok, "gate_passed": result.gate_passed,
                               "has_models": bool(result.models), "models": {}}
-    for role, entry in result.models.items():
-        checks["models"][role] = _check_model(entry, registry, load_models)
+    for role in result.models:
+        checks["models"][role] = _check_model(result, role, registry, load_models)
     checks["ok"] = bool(checks["status_ok"] and checks["gate_passed"] and checks["has_models"]
                         and all(m["ok"] for m in checks["models"].values()))
     return checks
 
 
-def _check_model(entry: dict, registry: Any, load_models: bool) -> dict:
-    out: dict[str, Any] = {"path": entry.get("path"), "ok": False}
+def _check_model(result: PhaseResult, role: str, registry: Any, load_models: bool) -> dict:
+    out: dict[str, Any] = {"path": result.models[role].get("path"), "ok": False}
     try:
-        path = registry.verify_model(entry["registry_id"])
+        path = verified_model_path(result, role, registry)
         out["checksum"] = "match"
         if load_models and Path(path).is_dir() and (Path(path) / "config.json").is_file():
             from .models.loading import load_causal_lm
@@ -200,11 +201,15 @@ class Pipeline:
         if not self.specs:
             return None
         earlier = [s for s in self.all_specs if s.number < self.specs[0].number]
-        return completed_result(self.session, earlier[-1]) if earlier else None
+        done = completed_result(self.session, earlier[-1]) if earlier else None
+        if done is not None:
+            self._check_handoff(earlier[-1], done, earlier=True)
+        return done
 
     def _run_one(self, spec: PhaseSpec, upstream: PhaseResult | None) -> PhaseOutcome:
         done = completed_result(self.session, spec)
         if done is not None:
+            self._check_handoff(spec, done, earlier=True)  # its models must still exist and match
             self.log(f"[forge] {spec.dirname}: already completed in session {self.session}; kept as is")
             return PhaseOutcome(spec, "skipped", done, None, 0.0)
         moved = _set_aside(phase_dir(self.session, spec))
@@ -225,14 +230,22 @@ class Pipeline:
                  + ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6]))
         return PhaseOutcome(spec, "completed", result, notebook, seconds)
 
-    def _check_handoff(self, spec: PhaseSpec, result: PhaseResult) -> None:
+    def _check_handoff(self, spec: PhaseSpec, result: PhaseResult, earlier: bool = False) -> None:
+        """Validate and record the phase's handoff; ``earlier`` for a phase completed by an earlier run (kept,
+        skipped or the upstream of the first selected phase), whose models must still verify."""
         validation = validate_handoff(result, self.registry)
         # One handoff row per phase; it names the phase's first model and holds every model's check.
-        first = next(iter(result.models.values()), {})
-        self.registry.record_handoff(self.session, spec.name, first.get("registry_id"),
+        first = next(iter(result.models), None)
+        first_id = result.models[first].get("registry_id") if first and validation["models"][first]["ok"] else None
+        self.registry.record_handoff(self.session, spec.name, first_id,
                                      _next_name(spec, self.all_specs), validation["ok"], validation)
         if not validation["ok"]:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+            if earlier:
+                problems = "; ".join(f"{role}: {m.get('error')}" for role, m in validation["models"].items()
+                                     if not m["ok"]) or f"status/gate no longer hold: {validation}"
+                raise PipelineError(f"phase {spec.dirname} of session {self.session} completed earlier but its "
+                                    f"handoff no longer holds ({problems}); start a new session or rerun it")
             raise PipelineError(f"handoff after {spec.dirname} is invalid: {validation}")
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import re
+import weakref
 from pathlib import Path
 
 from . import paths
@@ -49,6 +50,7 @@ class SessionLock:
     """
 
     _fd: int | None = None
+    users = 1  # lock_session shares one lock among the contexts of this process that use the session
 
     def __init__(self, session: str):
         self.session = check_session_name(session)
@@ -79,6 +81,9 @@ class SessionLock:
     def release(self, unlink: bool = False) -> None:
         """Free the lock; ``unlink`` also removes the lock file (when the session itself is deleted)."""
         if self._fd is None:
+            return
+        if self.users > 1:
+            self.users -= 1
             return
         if unlink:
             self.path.unlink(missing_ok=True)
@@ -120,11 +125,21 @@ def held_by_parent(session: str) -> bool:
     return claim == f"{session}:{holder_pid(session)}"
 
 
+_HELD: "weakref.WeakValueDictionary[str, SessionLock]" = weakref.WeakValueDictionary()
+
+
 def lock_session(session: str) -> SessionLock | None:
-    """Take ``session``'s lock, or None when the pipeline that started this process already holds it."""
+    """Take ``session``'s lock for a phase context. Reentrant within a process (a notebook that opens the
+    phase again shares the lock it holds); None when the pipeline that started this process holds it."""
+    held = _HELD.get(session)
+    if held is not None and held.held:
+        held.users += 1
+        return held
     try:
-        return SessionLock(session)
+        lock = SessionLock(session)
     except SessionInUseError:
         if held_by_parent(session):
             return None
         raise
+    _HELD[session] = lock
+    return lock

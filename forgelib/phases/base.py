@@ -161,23 +161,48 @@ class PhaseContext:
 
 
 def upstream_model_path(upstream: PhaseResult, role: str | None, registry: Any) -> Path:
-    """Resolve and checksum-verify a model of an upstream PhaseResult."""
+    """Resolve an upstream model to the registry's path, after its checksum matched (see verified_model_path)."""
     models = upstream.models
     if role is None:
         role = next((r for r in ("model", "champion") if r in models), None) or (
             next(iter(models)) if len(models) == 1 else None)
     if role not in models:
         raise UpstreamError(f"upstream phase {upstream.phase!r} has no model {role!r}; it has {sorted(models)}")
-    entry = models[role]
-    path = paths.resolve(entry["path"])
-    if not path.exists():
-        raise UpstreamError(f"upstream model {role!r} of phase {upstream.phase!r} is missing: {path}")
-    if entry.get("registry_id") is not None:
-        try:
-            registry.verify_model(entry["registry_id"])
-        except Exception as exc:  # the registry's own errors name the path and both hashes
-            raise UpstreamError(f"upstream model {role!r} failed verification: {exc}") from exc
-    return path
+    return verified_model_path(upstream, role, registry)
+
+
+def verified_model_path(result: PhaseResult, role: str, registry: Any) -> Path:
+    """The path of ``result``'s model ``role`` exactly as its registry row holds it, once its files match the
+    row's checksum. The row must exist and belong to the result's session, phase and role, and result.json
+    must name the row's path: a result.json edited to point elsewhere (or at no row) is refused."""
+    from ..registry import UnknownRecordError
+
+    entry, source = result.models[role], _result_file(result)
+    where = f"upstream model {role!r} of phase {result.phase!r} (session {result.session})"
+    if entry.get("registry_id") is None:
+        raise UpstreamError(f"{where} has no registry row (registry_id is null in {source}); only registered, "
+                            "checksummed models are handed on")
+    try:
+        row = registry.get_model(entry["registry_id"])
+    except (UnknownRecordError, TypeError, ValueError) as exc:
+        raise UpstreamError(f"{where}: registry id {entry['registry_id']!r} named in {source} is not in the "
+                            f"registry {getattr(registry, 'db_path', '')}") from exc
+    owner = (row["session_id"], row["phase_name"], row["model_name"])
+    if owner != (result.session, result.phase, role):
+        raise UpstreamError(f"{where}: registry row {row['id']} belongs to session {owner[0]!r}, phase "
+                            f"{owner[1]!r}, model {owner[2]!r}; {source} points at another run's model")
+    if paths.resolve(entry["path"]).resolve() != Path(row["model_path"]).resolve():
+        raise UpstreamError(f"{where}: {source} names {entry['path']} but registry row {row['id']} holds "
+                            f"{row['model_path']}; only the registered path is loaded")
+    try:
+        return Path(registry.verify_model(row["id"]))
+    except Exception as exc:  # the registry's own errors name the path and both hashes
+        raise UpstreamError(f"upstream model {role!r} failed verification: {exc}") from exc
+
+
+def _result_file(result: PhaseResult) -> str:
+    """Where ``result``'s result.json lives (for messages)."""
+    return str(paths.outputs_root() / result.session / f"{result.number:02d}_{result.phase}" / "result.json")
 
 
 def load_upstream(upstream: str | os.PathLike | PhaseResult | None) -> PhaseResult | None:
