@@ -194,6 +194,9 @@ class Pipeline:
                   else list(self.phase_selection)}
         if not session_exists(self.registry, self.session):
             self.registry.create_session(self.session, config)
+        for run in self.registry.interrupt_stale_runs(self.session):  # safe: this process holds the lock
+            self.log(f"[forge] phase run {run['id']} ({run['phase_name']}) of session {self.session} was left "
+                     "'running' by a process that ended: marked interrupted, its models retired")
         self.registry.update_session(self.session, status="running")
 
     def _initial_upstream(self) -> PhaseResult | None:

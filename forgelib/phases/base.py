@@ -327,6 +327,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     registry = ModelRegistry(paths.registry_path())
     if not session_exists(registry, session):
         registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
+    if session_lock is not None and session_lock.users == 1:  # this context alone holds the session
+        registry.interrupt_stale_runs(session)
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder)
