@@ -75,13 +75,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from . import paths
     from .registry import ModelRegistry
+    from .session import clean_sessions
 
     if args.keep is None and args.max_age_days is None:
         print("forge clean: give --keep N and/or --max-age-days D", file=sys.stderr)
         return 2
     with ModelRegistry(paths.registry_path()) as reg:
-        removed = reg.cleanup(keep_sessions=args.keep, max_age_days=args.max_age_days, dry_run=args.dry_run,
-                              outputs_root=paths.outputs_root())
+        removed = clean_sessions(reg, keep_sessions=args.keep, max_age_days=args.max_age_days,
+                                 dry_run=args.dry_run)
+    for item in removed["skipped_sessions"]:
+        print(f"forge clean: skipped session {item['session']!r}: {item['reason']}", file=sys.stderr)
     print(json.dumps(removed, indent=2, default=str))
     return 0
 
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)
     reg.add_argument("--json", action="store_true")
-    clean = sub.add_parser("clean", help="delete old sessions (rows and files together)")
+    clean = sub.add_parser("clean", help="delete old sessions (rows, models and folders together; "
+                                         "a session in use is skipped)")
     clean.add_argument("--keep", type=int, default=None, help="keep the N newest sessions")
     clean.add_argument("--max-age-days", type=float, default=None)
     clean.add_argument("--dry-run", action="store_true")

@@ -177,6 +177,15 @@ def _migrate(conn: sqlite3.Connection, statements: list[str]) -> None:
             conn.execute(f"ALTER TABLE models ADD COLUMN {column} TEXT")
 
 
+def _check_policy(keep_sessions: int | None, max_age_days: float | None) -> None:
+    if keep_sessions is None and max_age_days is None:
+        raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
+    if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
+        raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
+    if max_age_days is not None and not max_age_days >= 0:
+        raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
+
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
@@ -619,19 +628,35 @@ class ModelRegistry:
         are not registered by a kept session and do not hold the database; anything else is
         reported under ``skipped_paths``. With ``dry_run`` nothing changes and the report says what
         would go. Returns ``{'dry_run', 'sessions', 'models', 'phase_runs', 'handoffs',
-        'deleted_paths', 'skipped_paths'}``.
+        'deleted_paths', 'skipped_paths'}``. (``forge clean`` uses :meth:`select_sessions` and
+        :meth:`delete_sessions` instead, to skip sessions in use.)
         """
-        if keep_sessions is None and max_age_days is None:
-            raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
-        if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
-            raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
-        if max_age_days is not None and not max_age_days >= 0:
-            raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
-        root = Path(outputs_root).resolve() if outputs_root is not None else self.outputs_root
+        _check_policy(keep_sessions, max_age_days)
         moment = now or self._clock()
+        return self._delete(lambda conn: self._select_sessions(conn, keep_sessions, max_age_days, moment),
+                            dry_run, outputs_root)
+
+    def select_sessions(self, keep_sessions: int | None = None, max_age_days: float | None = None,
+                        now: datetime | None = None) -> list[str]:
+        """Ids of the sessions that :meth:`cleanup` would remove under this policy, newest first."""
+        _check_policy(keep_sessions, max_age_days)
+        moment = now or self._clock()
+        return self._retry(lambda: self._select_sessions(self._connection(), keep_sessions, max_age_days, moment))
+
+    def delete_sessions(self, sessions: Iterable[str], dry_run: bool = False,
+                        outputs_root: str | os.PathLike | None = None) -> dict:
+        """Delete the named sessions' rows and model files as :meth:`cleanup` does (same report)."""
+        chosen = list(sessions)
+        return self._delete(lambda conn: [row["id"] for row in conn.execute(
+            f"SELECT id FROM sessions WHERE id IN ({','.join('?' * len(chosen))}) "
+            "ORDER BY created_at DESC, rowid DESC", chosen)] if chosen else [], dry_run, outputs_root)
+
+    def _delete(self, choose: Callable[[sqlite3.Connection], list[str]], dry_run: bool,
+                outputs_root: str | os.PathLike | None) -> dict:
+        root = Path(outputs_root).resolve() if outputs_root is not None else self.outputs_root
 
         def work(conn: sqlite3.Connection) -> tuple[list[str], dict]:
-            sessions = self._select_sessions(conn, keep_sessions, max_age_days, moment)
+            sessions = choose(conn)
             if not sessions:
                 return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": [],
                                   "kept_paths": set()}

@@ -11,8 +11,10 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import weakref
 from pathlib import Path
+from typing import Any
 
 from . import paths
 
@@ -143,3 +145,43 @@ def lock_session(session: str) -> SessionLock | None:
         raise
     _HELD[session] = lock
     return lock
+
+
+def clean_sessions(registry: Any, keep_sessions: int | None = None, max_age_days: float | None = None,
+                   dry_run: bool = False) -> dict:
+    """``forge clean``: delete old sessions, their registry rows, model files and session folder together.
+
+    Each selected session is locked first; one whose lock another process holds is skipped (reported under
+    ``skipped_sessions`` with the holder's pid) and nothing of it is touched. Returns the registry's cleanup
+    report plus ``session_dirs`` (folders deleted, or that would be with ``dry_run``) and ``skipped_sessions``.
+    """
+    locks: dict[str, SessionLock | None] = {}
+    skipped = []
+    for session in registry.select_sessions(keep_sessions, max_age_days):
+        try:
+            locks[session] = SessionLock(session)
+        except SessionInUseError:
+            skipped.append({"session": session, "reason": f"in use by process {holder_pid(session)}"})
+        except InvalidSessionNameError:
+            locks[session] = None  # not a folder name this workbench writes: its rows only
+    try:
+        report = registry.delete_sessions(list(locks), dry_run=dry_run, outputs_root=paths.outputs_root())
+        report["session_dirs"] = _remove_session_dirs([s for s, lock in locks.items() if lock], dry_run)
+    finally:
+        for lock in locks.values():
+            if lock is not None:
+                lock.release(unlink=not dry_run)
+    report["skipped_sessions"] = skipped
+    return report
+
+
+def _remove_session_dirs(sessions: list[str], dry_run: bool) -> list[str]:
+    """Delete ``outputs/<session>`` of each (never following a link); returns the folders removed."""
+    removed = []
+    for session in sessions:
+        folder = paths.outputs_root() / check_session_name(session)
+        if folder.is_dir() and not folder.is_symlink():
+            if not dry_run:
+                shutil.rmtree(folder)
+            removed.append(str(folder))
+    return removed
