@@ -167,6 +167,19 @@ def test_lock_held_by_another_process_blocks_pipeline_and_cli(outputs):
     _execute(SPECS["alpha"], "dup")  # free again once the holder ended
 
 
+def test_reopening_a_phase_in_the_same_process_shares_the_lock(outputs):
+    from forgelib.session import SessionInUseError, SessionLock
+
+    first = open_phase(SPECS["alpha"], PARAMS, session="re", all_specs=ALL)  # a notebook cell run twice
+    second = open_phase(SPECS["alpha"], PARAMS, session="re", all_specs=ALL)
+    assert first.session_lock is second.session_lock and second.session_lock.users == 2
+    run_phase(second)
+    with pytest.raises(SessionInUseError):  # the first context still holds the session
+        SessionLock("re")
+    first.session_lock.release()
+    SessionLock("re").release()
+
+
 # ---------------------------------------------------------------- 4. forge clean vs running sessions
 def _sessions(out: Path, names) -> None:
     with ModelRegistry(out / "registry.db") as reg:
@@ -184,6 +197,8 @@ def test_clean_skips_a_session_in_use_and_deletes_folders_with_rows(outputs):
 
     _sessions(outputs, ("old", "mid", "new"))
     with SessionLock("old"):
+        dry = forge("clean", "--keep", "1", "--dry-run")
+        assert json.loads(dry.stdout)["session_dirs"] == [str(outputs / "mid")] and (outputs / "mid").exists()
         proc = forge("clean", "--keep", "1")
     assert proc.returncode == 0, proc.stderr
     assert f"skipped session 'old': in use by process {os.getpid()}" in proc.stderr
