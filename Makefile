@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PARAMS ?= parameters/smoke.yaml
 SESSION ?= $(shell date -u +%Y%m%d-%H%M%S)-run
+SESSION := $(SESSION)# evaluated once: every line of a recipe names the same session
 PYTEST_ARGS ?=
 
 # Tool caches and logs stay inside the repository (never the user's home); a user's own settings win.
@@ -21,7 +22,15 @@ export JUPYTER_RUNTIME_DIR ?= $(CACHE)/jupyter-runtime
 export HF_HOME ?= $(CACHE)/huggingface
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test clean-outputs
+.PHONY: setup run test clean-outputs check-session
+
+# SESSION names a folder under outputs/: the same rule as forgelib.session.check_session_name. Checked before
+# anything is created (the value is single-quoted for the shell, its own quotes escaped).
+SESSION_RULE := 1-100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'
+check-session:
+	@name='$(subst ','\'',$(SESSION))'; \
+	if [[ ! $$name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$$ || $$name == *..* ]]; then \
+		echo "make run: invalid session name '$$name': a session name must be $(SESSION_RULE)" >&2; exit 2; fi
 
 # Creates .venv if missing and installs/refreshes the project with its notebook and test extras.
 # torch is pinned to 2.13.0 in pyproject.toml: on these machines that is the local CPU build.
@@ -31,8 +40,9 @@ setup:
 	$(PY) -m pip install --quiet -e '.[notebooks,dev]'
 
 # The whole pipeline on the smoke parameter set; the executed notebooks land in outputs/<session>/.
-run: setup
-	@mkdir -p outputs/$(SESSION) $(CACHE)
+run: check-session
+	@$(MAKE) --no-print-directory setup
+	@mkdir -p 'outputs/$(SESSION)' '$(CACHE)'
 	$(PY) -m papermill notebooks/00_pipeline.ipynb outputs/$(SESSION)/00_pipeline.ipynb \
 		-p params_file $(PARAMS) -p session $(SESSION) --cwd $(CURDIR) --no-progress-bar --log-output
 	@echo "outputs: outputs/$(SESSION)"

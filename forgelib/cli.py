@@ -28,13 +28,24 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def _session_arg(value: str) -> str:
+    """argparse type of ``--session``/``--resume``: a safe folder name under outputs/ (the rule is in the error)."""
+    from .session import InvalidSessionNameError, check_session_name
+
+    try:
+        return check_session_name(value)
+    except InvalidSessionNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import PipelineError, run_pipeline, summary_table
+    from .session import SessionInUseError
 
     try:
         outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
                                 resume=bool(args.resume))
-    except (PipelineError, ValueError, KeyError) as exc:
+    except (PipelineError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
     print(summary_table(outcomes).to_string(index=False))
@@ -64,13 +75,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from . import paths
     from .registry import ModelRegistry
+    from .session import clean_sessions
 
     if args.keep is None and args.max_age_days is None:
         print("forge clean: give --keep N and/or --max-age-days D", file=sys.stderr)
         return 2
     with ModelRegistry(paths.registry_path()) as reg:
-        removed = reg.cleanup(keep_sessions=args.keep, max_age_days=args.max_age_days, dry_run=args.dry_run,
-                              outputs_root=paths.outputs_root())
+        removed = clean_sessions(reg, keep_sessions=args.keep, max_age_days=args.max_age_days,
+                                 dry_run=args.dry_run)
+    for item in removed["skipped_sessions"]:
+        print(f"forge clean: skipped session {item['session']!r}: {item['reason']}", file=sys.stderr)
     print(json.dumps(removed, indent=2, default=str))
     return 0
 
@@ -113,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
     run.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
     run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
-    run.add_argument("--session", default=None, help="session id (default: a new one)")
-    run.add_argument("--resume", metavar="SESSION", default=None,
+    run.add_argument("--session", default=None, type=_session_arg,
+                     help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
+    run.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
                      help="continue SESSION from its first phase not completed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a parameter, e.g. --set cognate.trunk_steps=50")
@@ -122,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)
     reg.add_argument("--json", action="store_true")
-    clean = sub.add_parser("clean", help="delete old sessions (rows and files together)")
+    clean = sub.add_parser("clean", help="delete old sessions (rows, models and folders together; "
+                                         "a session in use is skipped)")
     clean.add_argument("--keep", type=int, default=None, help="keep the N newest sessions")
     clean.add_argument("--max-age-days", type=float, default=None)
     clean.add_argument("--dry-run", action="store_true")

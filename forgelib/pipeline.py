@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterable
 
 from . import paths
 from .phases import PHASES, PhaseSpec, select
-from .phases.base import completed_result, load_phase_params, new_session_id, phase_dir, session_exists
+from .phases.base import (completed_result, load_phase_params, new_session_id, phase_dir, session_exists,
+                          verified_model_path)
 from .results import PhaseResult
+from .session import HELD_ENV, SessionLock, check_session_name
 
 
 class PipelineError(RuntimeError):
@@ -58,17 +60,17 @@ def validate_handoff(result: PhaseResult, registry: Any, load_models: bool = Tru
     """
     checks: dict[str, Any] = {"status_ok": result.ok, "gate_passed": result.gate_passed,
                               "has_models": bool(result.models), "models": {}}
-    for role, entry in result.models.items():
-        checks["models"][role] = _check_model(entry, registry, load_models)
+    for role in result.models:
+        checks["models"][role] = _check_model(result, role, registry, load_models)
     checks["ok"] = bool(checks["status_ok"] and checks["gate_passed"] and checks["has_models"]
                         and all(m["ok"] for m in checks["models"].values()))
     return checks
 
 
-def _check_model(entry: dict, registry: Any, load_models: bool) -> dict:
-    out: dict[str, Any] = {"path": entry.get("path"), "ok": False}
+def _check_model(result: PhaseResult, role: str, registry: Any, load_models: bool) -> dict:
+    out: dict[str, Any] = {"path": result.models[role].get("path"), "ok": False}
     try:
-        path = registry.verify_model(entry["registry_id"])
+        path = verified_model_path(result, role, registry)
         out["checksum"] = "match"
         if load_models and Path(path).is_dir() and (Path(path) / "config.json").is_file():
             from .models.loading import load_causal_lm
@@ -134,7 +136,7 @@ class Pipeline:
         self.overrides = overrides or {}
         self.phase_selection = phases
         self.specs = select(phases, self.all_specs)
-        self.session = session or new_session_id()
+        self.session = check_session_name(session) if session else new_session_id()
         self.log = log
         self.registry = ModelRegistry(paths.registry_path())
 
@@ -144,6 +146,7 @@ class Pipeline:
         """A pipeline continuing ``session`` with the parameters it was started with."""
         from .registry import ModelRegistry
 
+        check_session_name(session)
         registry = ModelRegistry(paths.registry_path())
         row = registry.get_session(session) if session_exists(registry, session) else None
         registry.close()
@@ -154,7 +157,23 @@ class Pipeline:
                    config.get("overrides"), specs, log)
 
     def run(self) -> list[PhaseOutcome]:
-        """Run every selected phase not yet completed; stop at the first failure (PipelineError)."""
+        """Run every selected phase not yet completed; stop at the first failure (PipelineError).
+
+        The session's lock is held throughout (``SessionInUseError`` at once when another process runs it);
+        the phase kernels started here inherit it through ``HELD_ENV``.
+        """
+        lock = SessionLock(self.session)
+        claim, os.environ[HELD_ENV] = os.environ.get(HELD_ENV), f"{self.session}:{os.getpid()}"
+        try:
+            return self._run_locked()
+        finally:
+            if claim is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = claim
+            lock.release()
+
+    def _run_locked(self) -> list[PhaseOutcome]:
         paths.contain_tool_caches()
         validate_params_file(self.params_file, self.specs, self.overrides, self.all_specs)
         self._open_session()
@@ -175,6 +194,9 @@ class Pipeline:
                   else list(self.phase_selection)}
         if not session_exists(self.registry, self.session):
             self.registry.create_session(self.session, config)
+        for run in self.registry.interrupt_stale_runs(self.session):  # safe: this process holds the lock
+            self.log(f"[forge] phase run {run['id']} ({run['phase_name']}) of session {self.session} was left "
+                     "'running' by a process that ended: marked interrupted, its models retired")
         self.registry.update_session(self.session, status="running")
 
     def _initial_upstream(self) -> PhaseResult | None:
@@ -182,11 +204,15 @@ class Pipeline:
         if not self.specs:
             return None
         earlier = [s for s in self.all_specs if s.number < self.specs[0].number]
-        return completed_result(self.session, earlier[-1]) if earlier else None
+        done = completed_result(self.session, earlier[-1]) if earlier else None
+        if done is not None:
+            self._check_handoff(earlier[-1], done, earlier=True)
+        return done
 
     def _run_one(self, spec: PhaseSpec, upstream: PhaseResult | None) -> PhaseOutcome:
         done = completed_result(self.session, spec)
         if done is not None:
+            self._check_handoff(spec, done, earlier=True)  # its models must still exist and match
             self.log(f"[forge] {spec.dirname}: already completed in session {self.session}; kept as is")
             return PhaseOutcome(spec, "skipped", done, None, 0.0)
         moved = _set_aside(phase_dir(self.session, spec))
@@ -207,14 +233,22 @@ class Pipeline:
                  + ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6]))
         return PhaseOutcome(spec, "completed", result, notebook, seconds)
 
-    def _check_handoff(self, spec: PhaseSpec, result: PhaseResult) -> None:
+    def _check_handoff(self, spec: PhaseSpec, result: PhaseResult, earlier: bool = False) -> None:
+        """Validate and record the phase's handoff; ``earlier`` for a phase completed by an earlier run (kept,
+        skipped or the upstream of the first selected phase), whose models must still verify."""
         validation = validate_handoff(result, self.registry)
         # One handoff row per phase; it names the phase's first model and holds every model's check.
-        first = next(iter(result.models.values()), {})
-        self.registry.record_handoff(self.session, spec.name, first.get("registry_id"),
+        first = next(iter(result.models), None)
+        first_id = result.models[first].get("registry_id") if first and validation["models"][first]["ok"] else None
+        self.registry.record_handoff(self.session, spec.name, first_id,
                                      _next_name(spec, self.all_specs), validation["ok"], validation)
         if not validation["ok"]:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+            if earlier:
+                problems = "; ".join(f"{role}: {m.get('error')}" for role, m in validation["models"].items()
+                                     if not m["ok"]) or f"status/gate no longer hold: {validation}"
+                raise PipelineError(f"phase {spec.dirname} of session {self.session} completed earlier but its "
+                                    f"handoff no longer holds ({problems}); start a new session or rerun it")
             raise PipelineError(f"handoff after {spec.dirname} is invalid: {validation}")
 
     def close(self) -> None:
@@ -276,7 +310,8 @@ class PipelineOrchestrator:
         config = dict(config or {})
         self.params_file = config.pop("params_file", "parameters/smoke.yaml")
         self.overrides = config.pop("overrides", None)
-        self.session = config.pop("session", None) or new_session_id()
+        session = config.pop("session", None)
+        self.session = check_session_name(session) if session else new_session_id()
         self.phases = config.pop("phases", "all")
         if config:
             raise ValueError(f"unknown orchestrator config key(s) {sorted(config)}; "

@@ -7,10 +7,11 @@ transaction, retried with jittered back-off when another process holds the write
 Tables
 ------
 sessions    id, config (JSON), status, current_phase, progress (fraction 0..1), created_at, updated_at
-phase_runs  id, session_id, phase_name, status (running/completed/failed), started_at, finished_at,
-            duration_s, metrics (JSON), error
+phase_runs  id, session_id, phase_name, status (running/completed/failed/interrupted), started_at,
+            finished_at, duration_s, metrics (JSON), error
 models      id, session_id, phase_name, model_name, model_path, sha256, size_mb, parameter_count,
-            metadata (JSON), created_at
+            metadata (JSON), created_at, retired_at, retired_reason (set when the run that registered the
+            model was interrupted: a retired model is never verified again)
 handoffs    id, session_id, source_phase, source_model_id, target_phase, ok, validation (JSON), created_at
 
 JSON columns hold dicts; timestamps are ISO-8601 strings in UTC. Model checksums are SHA-256 over the
@@ -34,12 +35,12 @@ from typing import Any, Callable, Iterable
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
-    "UnknownRecordError", "SessionExistsError", "compute_checksum", "path_size_mb",
+    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "compute_checksum", "path_size_mb",
     "SESSION_STATUSES", "PHASE_RUN_STATUSES",
 ]
 
 SESSION_STATUSES = ("created", "running", "paused", "completed", "failed", "interrupted")
-PHASE_RUN_STATUSES = ("running", "completed", "failed")
+PHASE_RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 _FINISHED_RUN_STATUSES = ("completed", "failed")
 
 _SCHEMA = """
@@ -50,14 +51,14 @@ CREATE TABLE IF NOT EXISTS phase_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     phase_name TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'interrupted')),
     started_at TEXT NOT NULL, finished_at TEXT, duration_s REAL, metrics TEXT, error TEXT);
 CREATE TABLE IF NOT EXISTS models (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     phase_name TEXT NOT NULL, model_name TEXT NOT NULL, model_path TEXT NOT NULL,
     sha256 TEXT NOT NULL, size_mb REAL NOT NULL, parameter_count INTEGER, metadata TEXT NOT NULL,
-    created_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, retired_at TEXT, retired_reason TEXT);
 CREATE TABLE IF NOT EXISTS handoffs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -94,6 +95,10 @@ class UnknownRecordError(RegistryError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class RetiredModelError(RegistryError, ValueError):
+    """The model was retired (registered by a phase run that was interrupted) and is not handed on."""
 
 
 class SessionExistsError(RegistryError, ValueError):
@@ -153,6 +158,32 @@ def path_size_mb(path: str | os.PathLike) -> float:
     if path.is_file():
         return path.stat().st_size / 2**20
     return sum(file.stat().st_size for _, file in _model_files(path)) / 2**20
+
+
+def _migrate(conn: sqlite3.Connection, statements: list[str]) -> None:
+    """Bring a registry written by an earlier version to this schema (idempotent, inside the schema's
+    transaction): phase_runs gains the 'interrupted' status, models the retired_at/retired_reason columns."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'phase_runs'").fetchone()[0]
+    if "'interrupted'" not in sql:  # SQLite cannot alter a CHECK constraint: rebuild the table
+        create = next(s for s in statements if "TABLE IF NOT EXISTS phase_runs" in s)
+        conn.execute("ALTER TABLE phase_runs RENAME TO phase_runs_v1")
+        conn.execute(create)
+        conn.execute("INSERT INTO phase_runs SELECT * FROM phase_runs_v1")
+        conn.execute("DROP TABLE phase_runs_v1")
+        conn.execute("CREATE INDEX IF NOT EXISTS runs_session ON phase_runs(session_id)")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
+    for column in ("retired_at", "retired_reason"):
+        if column not in columns:
+            conn.execute(f"ALTER TABLE models ADD COLUMN {column} TEXT")
+
+
+def _check_policy(keep_sessions: int | None, max_age_days: float | None) -> None:
+    if keep_sessions is None and max_age_days is None:
+        raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
+    if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
+        raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
+    if max_age_days is not None and not max_age_days >= 0:
+        raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
@@ -231,7 +262,12 @@ class ModelRegistry:
         conn.execute("PRAGMA foreign_keys = ON")
         # statement by statement: executescript would commit the surrounding transaction
         statements = [s.strip() for s in _SCHEMA.split(";") if s.strip()]
-        self._write(lambda c: [c.execute(statement) for statement in statements], retry=False)
+
+        def work(conn: sqlite3.Connection) -> None:
+            for statement in statements:
+                conn.execute(statement)
+            _migrate(conn, statements)
+        self._write(work, retry=False)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -389,6 +425,33 @@ class ModelRegistry:
         return self._query("SELECT * FROM phase_runs WHERE session_id = ? AND phase_name = ? "
                            "ORDER BY id", (session_id, phase_name))
 
+    def interrupt_stale_runs(self, session_id: str) -> list[dict]:
+        """Mark the session's runs still 'running' as 'interrupted' and retire the models each registered.
+
+        Call it only while holding the session's lock (forgelib.session): then nothing of the session really
+        runs, and a 'running' row is what a killed process left behind. A run's models are those of its
+        session and phase registered from its start until the next run of that phase. Returns the runs marked.
+        """
+        error = "interrupted: its process ended while the phase was running (found when the session resumed)"
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            stale = conn.execute("SELECT id, phase_name, started_at FROM phase_runs WHERE session_id = ? AND "
+                                 "status = 'running' ORDER BY id", (session_id,)).fetchall()
+            now = self._now()
+            for run in stale:
+                until = conn.execute("SELECT MIN(started_at) FROM phase_runs WHERE session_id = ? AND "
+                                     "phase_name = ? AND id > ?", (session_id, run["phase_name"], run["id"])
+                                     ).fetchone()[0]
+                conn.execute("UPDATE models SET retired_at = ?, retired_reason = ? WHERE session_id = ? AND "
+                             "phase_name = ? AND created_at >= ? AND (? IS NULL OR created_at < ?) AND "
+                             "retired_at IS NULL", (now, f"registered by phase run {run['id']}, which was "
+                                                    "interrupted", session_id, run["phase_name"],
+                                                    run["started_at"], until, until))
+                conn.execute("UPDATE phase_runs SET status = 'interrupted', finished_at = ?, error = ? "
+                             "WHERE id = ?", (now, error, run["id"]))
+            return [run["id"] for run in stale]
+        return [self.get_phase_run(run_id) for run_id in self._write(work)]
+
     # ------------------------------------------------------------------ models
     def register_model(self, *, session_id: str, phase_name: str, model_name: str,
                        model_path: str | os.PathLike, metadata: dict | None = None,
@@ -436,17 +499,28 @@ class ModelRegistry:
         return self._query(f"SELECT * FROM models{where} ORDER BY id", tuple(params))
 
     def latest_model(self, session_id: str, phase_name: str) -> dict | None:
-        """The most recently registered model of a session's phase, or None."""
-        models = self.list_models(session_id=session_id, phase_name=phase_name)
+        """The most recently registered model of a session's phase that is not retired, or None."""
+        models = [m for m in self.list_models(session_id=session_id, phase_name=phase_name)
+                  if m.get("retired_at") is None]
         return models[-1] if models else None
+
+    def retire_model(self, model_id: int, reason: str) -> dict:
+        """Retire a model: its row stays as a record, but ``verify_model`` refuses it from now on."""
+        self.get_model(model_id)  # clear error for an unknown id
+        self._write(lambda c: c.execute("UPDATE models SET retired_at = ?, retired_reason = ? WHERE id = ?",
+                                        (self._now(), reason, int(model_id))))
+        return self.get_model(model_id)
 
     def verify_model(self, model_id: int) -> str:
         """Recompute the model's checksum; returns its path when the files are unchanged.
 
-        Raises ``ModelNotFoundError`` when the files are gone and ``ChecksumMismatchError`` (naming
-        the path and both hashes) when they changed.
+        Raises ``RetiredModelError`` for a retired model, ``ModelNotFoundError`` when the files are gone
+        and ``ChecksumMismatchError`` (naming the path and both hashes) when they changed.
         """
         model = self.get_model(model_id)
+        if model.get("retired_at"):
+            raise RetiredModelError(f"model {model_id} ({model['model_name']!r}) was retired at "
+                                    f"{model['retired_at']} ({model['retired_reason']}); it is not handed on")
         path = model["model_path"]
         if not Path(path).exists():
             raise ModelNotFoundError(f"files of model {model_id} ({model['model_name']!r}) are gone: "
@@ -554,19 +628,35 @@ class ModelRegistry:
         are not registered by a kept session and do not hold the database; anything else is
         reported under ``skipped_paths``. With ``dry_run`` nothing changes and the report says what
         would go. Returns ``{'dry_run', 'sessions', 'models', 'phase_runs', 'handoffs',
-        'deleted_paths', 'skipped_paths'}``.
+        'deleted_paths', 'skipped_paths'}``. (``forge clean`` uses :meth:`select_sessions` and
+        :meth:`delete_sessions` instead, to skip sessions in use.)
         """
-        if keep_sessions is None and max_age_days is None:
-            raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
-        if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
-            raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
-        if max_age_days is not None and not max_age_days >= 0:
-            raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
-        root = Path(outputs_root).resolve() if outputs_root is not None else self.outputs_root
+        _check_policy(keep_sessions, max_age_days)
         moment = now or self._clock()
+        return self._delete(lambda conn: self._select_sessions(conn, keep_sessions, max_age_days, moment),
+                            dry_run, outputs_root)
+
+    def select_sessions(self, keep_sessions: int | None = None, max_age_days: float | None = None,
+                        now: datetime | None = None) -> list[str]:
+        """Ids of the sessions that :meth:`cleanup` would remove under this policy, newest first."""
+        _check_policy(keep_sessions, max_age_days)
+        moment = now or self._clock()
+        return self._retry(lambda: self._select_sessions(self._connection(), keep_sessions, max_age_days, moment))
+
+    def delete_sessions(self, sessions: Iterable[str], dry_run: bool = False,
+                        outputs_root: str | os.PathLike | None = None) -> dict:
+        """Delete the named sessions' rows and model files as :meth:`cleanup` does (same report)."""
+        chosen = list(sessions)
+        return self._delete(lambda conn: [row["id"] for row in conn.execute(
+            f"SELECT id FROM sessions WHERE id IN ({','.join('?' * len(chosen))}) "
+            "ORDER BY created_at DESC, rowid DESC", chosen)] if chosen else [], dry_run, outputs_root)
+
+    def _delete(self, choose: Callable[[sqlite3.Connection], list[str]], dry_run: bool,
+                outputs_root: str | os.PathLike | None) -> dict:
+        root = Path(outputs_root).resolve() if outputs_root is not None else self.outputs_root
 
         def work(conn: sqlite3.Connection) -> tuple[list[str], dict]:
-            sessions = self._select_sessions(conn, keep_sessions, max_age_days, moment)
+            sessions = choose(conn)
             if not sessions:
                 return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": [],
                                   "kept_paths": set()}

@@ -96,6 +96,8 @@ def test_kill_mid_phase_then_resume_keeps_completed_phase(outputs, tmp_path):
     assert _snapshot(outputs / "s3" / "01_alpha") == before, "a completed phase is never recomputed"
     assert PhaseResult.load(outputs / "s3" / "02_beta").ok
     assert list((outputs / "s3").glob("02_beta.incomplete-*")), "the killed attempt is kept aside"
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert [r["status"] for r in reg.list_phase_runs("s3")] == ["completed", "interrupted", "completed"]
 
 
 def test_typo_in_parameter_file_fails_before_anything_runs(outputs, tmp_path):

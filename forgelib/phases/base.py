@@ -27,6 +27,7 @@ import yaml
 from .. import paths
 from ..params import RunParams, load_section, to_dict
 from ..results import PhaseResult
+from ..session import SessionLock, check_session_name, lock_session
 
 
 class PhaseError(RuntimeError):
@@ -78,7 +79,8 @@ def now_iso() -> str:
 
 
 def phase_dir(session: str, spec: PhaseSpec) -> Path:
-    return paths.outputs_root() / session / spec.dirname
+    """``outputs/<session>/<NN_phase>``; a session name that could leave outputs/ is refused."""
+    return paths.outputs_root() / check_session_name(session) / spec.dirname
 
 
 def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
@@ -106,6 +108,7 @@ class PhaseContext:
     result: PhaseResult
     device: str = "cpu"
     phase_run_id: int | None = None
+    session_lock: SessionLock | None = None
 
     @property
     def seed(self) -> int:
@@ -158,23 +161,48 @@ class PhaseContext:
 
 
 def upstream_model_path(upstream: PhaseResult, role: str | None, registry: Any) -> Path:
-    """Resolve and checksum-verify a model of an upstream PhaseResult."""
+    """Resolve an upstream model to the registry's path, after its checksum matched (see verified_model_path)."""
     models = upstream.models
     if role is None:
         role = next((r for r in ("model", "champion") if r in models), None) or (
             next(iter(models)) if len(models) == 1 else None)
     if role not in models:
         raise UpstreamError(f"upstream phase {upstream.phase!r} has no model {role!r}; it has {sorted(models)}")
-    entry = models[role]
-    path = paths.resolve(entry["path"])
-    if not path.exists():
-        raise UpstreamError(f"upstream model {role!r} of phase {upstream.phase!r} is missing: {path}")
-    if entry.get("registry_id") is not None:
-        try:
-            registry.verify_model(entry["registry_id"])
-        except Exception as exc:  # the registry's own errors name the path and both hashes
-            raise UpstreamError(f"upstream model {role!r} failed verification: {exc}") from exc
-    return path
+    return verified_model_path(upstream, role, registry)
+
+
+def verified_model_path(result: PhaseResult, role: str, registry: Any) -> Path:
+    """The path of ``result``'s model ``role`` exactly as its registry row holds it, once its files match the
+    row's checksum. The row must exist and belong to the result's session, phase and role, and result.json
+    must name the row's path: a result.json edited to point elsewhere (or at no row) is refused."""
+    from ..registry import UnknownRecordError
+
+    entry, source = result.models[role], _result_file(result)
+    where = f"upstream model {role!r} of phase {result.phase!r} (session {result.session})"
+    if entry.get("registry_id") is None:
+        raise UpstreamError(f"{where} has no registry row (registry_id is null in {source}); only registered, "
+                            "checksummed models are handed on")
+    try:
+        row = registry.get_model(entry["registry_id"])
+    except (UnknownRecordError, TypeError, ValueError) as exc:
+        raise UpstreamError(f"{where}: registry id {entry['registry_id']!r} named in {source} is not in the "
+                            f"registry {getattr(registry, 'db_path', '')}") from exc
+    owner = (row["session_id"], row["phase_name"], row["model_name"])
+    if owner != (result.session, result.phase, role):
+        raise UpstreamError(f"{where}: registry row {row['id']} belongs to session {owner[0]!r}, phase "
+                            f"{owner[1]!r}, model {owner[2]!r}; {source} points at another run's model")
+    if paths.resolve(entry["path"]).resolve() != Path(row["model_path"]).resolve():
+        raise UpstreamError(f"{where}: {source} names {entry['path']} but registry row {row['id']} holds "
+                            f"{row['model_path']}; only the registered path is loaded")
+    try:
+        return Path(registry.verify_model(row["id"]))
+    except Exception as exc:  # the registry's own errors name the path and both hashes
+        raise UpstreamError(f"upstream model {role!r} failed verification: {exc}") from exc
+
+
+def _result_file(result: PhaseResult) -> str:
+    """Where ``result``'s result.json lives (for messages)."""
+    return str(paths.outputs_root() / result.session / f"{result.number:02d}_{result.phase}" / "result.json")
 
 
 def load_upstream(upstream: str | os.PathLike | PhaseResult | None) -> PhaseResult | None:
@@ -238,6 +266,15 @@ def _prepare_dir(folder: Path) -> None:
         raise OutputNotWritableError(f"cannot write the phase output folder {folder}: {exc}") from exc
 
 
+def _lock(session: str) -> SessionLock | None:
+    """The session's lock (None when the pipeline that started this kernel holds it); nothing else is
+    written before it is held."""
+    try:
+        return lock_session(session)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot write the session lock under {paths.outputs_root()}: {exc}") from exc
+
+
 def quiet_library_bars() -> None:
     """Hide transformers' loading/saving bars: for tiny checkpoints they are noise in notebooks and logs
     (the phases' own training bars stay)."""
@@ -270,15 +307,16 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     from . import PHASES, get_spec
 
     spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
+    session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
     upstream_result = load_upstream(upstream)
-    session = session or new_session_id()
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
+    session_lock = _lock(session)
     folder = phase_dir(session, spec)
     _prepare_dir(folder)
     paths.contain_tool_caches()
@@ -289,13 +327,15 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     registry = ModelRegistry(paths.registry_path())
     if not session_exists(registry, session):
         registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
+    if session_lock is not None and session_lock.users == 1:  # this context alone holds the session
+        registry.interrupt_stale_runs(session)
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder)
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
-                        tracker=tracker, result=result, device=device)
+                        tracker=tracker, result=result, device=device, session_lock=session_lock)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
@@ -330,6 +370,7 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     except BaseException as exc:
         _fail(ctx, exc, started)
         ctx.tracker.finish()
+        _release(ctx)
         raise
     result.status = "ok"
     result.finished_at = now_iso()
@@ -339,7 +380,15 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     ctx.tracker.finish()
     ctx.registry.finish_phase_run(ctx.phase_run_id, "completed", metrics=result.metrics)
     ctx.registry.update_session(ctx.session, status="running", current_phase=ctx.spec.name)
+    _release(ctx)
     return result
+
+
+def _release(ctx: PhaseContext) -> None:
+    """Free the session lock that ``open_phase`` took (a pipeline's own lock is not the context's)."""
+    if ctx.session_lock is not None:
+        ctx.session_lock.release()
+        ctx.session_lock = None
 
 
 class PhaseController:
