@@ -151,7 +151,7 @@ class Pipeline:
         row = registry.get_session(session) if session_exists(registry, session) else None
         registry.close()
         if row is None:
-            raise UnknownSessionError(f"unknown session {session!r}; `forge registry list` shows the known ones")
+            raise UnknownSessionError(f"unknown session {session!r}; `forge registry sessions` lists the known ones")
         config = row.get("config") or {}
         return cls(config.get("params_file", "parameters/smoke.yaml"), config.get("phases", "all"), session,
                    config.get("overrides"), specs, log)
