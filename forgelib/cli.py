@@ -52,12 +52,6 @@ def _at_least_zero(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def _os_error_message(exc: OSError) -> str:
-    """One line for a file-system error: what failed, on which path."""
-    where = f" {exc.filename}" if exc.filename else ""
-    return f"cannot use{where}: {exc.strerror or exc}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .phases import PhaseError
     from .pipeline import PipelineError, run_pipeline, summary_table
@@ -182,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a registry or file-system problem is one line on stderr and exit status 1."""
+    from .paths import WRITE_ERRNOS, describe_write_error
     from .registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -194,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"forge: {exc}", file=sys.stderr)
     except OSError as exc:
-        print(f"forge: {_os_error_message(exc)}", file=sys.stderr)
+        message = describe_write_error(exc) if exc.errno in WRITE_ERRNOS else f"{exc.filename}: {exc.strerror or exc}"
+        print(f"forge: {message}", file=sys.stderr)
     return 1
 
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable
 
 from . import paths
 from .phases import PHASES, PhaseSpec, select
-from .phases.base import (completed_result, load_phase_params, new_session_id, phase_dir, session_exists,
-                          verified_model_path)
+from .phases.base import (as_phase_error, completed_result, load_phase_params, new_session_id, phase_dir,
+                          session_exists, verified_model_path)
 from .results import PhaseResult
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -180,7 +180,14 @@ class Pipeline:
         outcomes: list[PhaseOutcome] = []
         upstream = self._initial_upstream()
         for i, spec in enumerate(self.specs):
-            outcome = self._run_one(spec, upstream)
+            try:
+                outcome = self._run_one(spec, upstream)
+            except OSError as exc:  # a full disk or a file in the way: named, and the session ends failed
+                self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+                error = as_phase_error(exc, phase_dir(self.session, spec))
+                if error is exc:
+                    raise
+                raise error from exc
             outcomes.append(outcome)
             upstream = outcome.result
             self.registry.update_session(self.session, progress=(i + 1) / len(self.specs))

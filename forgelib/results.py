@@ -113,11 +113,20 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file and an atomic rename."""
+    """Write JSON through a temporary file and an atomic rename.
+
+    On failure the temporary file is removed and ``path`` keeps its earlier content; an OSError names ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     return path

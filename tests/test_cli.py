@@ -121,3 +121,13 @@ def test_the_run_help_example_override_loads():
     overrides = _parse_set([example])
     for spec in PHASES:
         load_phase_params(spec, run.get_default("params"), overrides, PHASES)
+
+
+@pytest.mark.parametrize("command", [("registry", "sessions"), ("run", "--phases", "1")])
+def test_outputs_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch, command):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FORGE_OUTPUTS", str(blocker))
+    message = _one_line_error(forge(*command))
+    assert message == f"forge: cannot write {blocker}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "not a folder"
