@@ -36,7 +36,8 @@ class PhaseResult:
     """The outcome of one phase run.
 
     ``metrics`` holds the few headline numbers; ``models`` maps a model's role (e.g. 'trunk', 'reasoning') to
-    ``{"path": ..., "registry_id": ...}``; ``artifacts`` maps names to files (paths relative to the repo root).
+    ``{"path": ..., "registry_id": ...}``; ``artifacts`` maps names to files (paths relative to the repo root);
+    ``upstream`` names the earlier phase run it was given (its session may be another one).
     """
 
     phase: str
@@ -51,6 +52,8 @@ class PhaseResult:
     finished_at: str = ""
     duration_s: float = 0.0
     error: str | None = None
+    upstream: dict[str, str] | None = None
+    """The completed phase this run took its input from: ``{"session", "phase", "folder"}`` (None: none)."""
 
     @property
     def gate_passed(self) -> bool:

@@ -234,3 +234,31 @@ def test_pipeline_with_a_file_for_its_session_folder_ends_failed(outputs):
         run_pipeline(PARAMS, session="w4", specs=ALL, log=lambda m: None)
     assert _session_status(outputs, "w4") == ("failed", [])
     assert blocker.read_text().startswith("a file")
+
+
+def test_partial_run_names_the_upstream_it_takes_from_another_session(outputs, capsys):
+    from forgelib.pipeline import Pipeline
+
+    _execute(SPECS["alpha"], "u1")
+    folder = paths.relative(outputs / "u1" / "01_alpha")
+    logs = []
+    pipe = Pipeline(PARAMS, "2", "u2", specs=ALL, log=logs.append)
+    try:
+        assert pipe._initial_upstream().session == "u1"
+    finally:
+        pipe.close()
+    assert any("taken from session u1" in m and folder in m for m in logs), logs
+    capsys.readouterr()
+    result = _execute(SPECS["beta"], "u3")  # a phase opened on its own takes the newest Phase 1 too
+    assert f"taken from session u1 ({folder})" in capsys.readouterr().out
+    expected = {"session": "u1", "phase": "alpha", "folder": folder}
+    assert result.upstream == expected
+    assert json.loads((outputs / "u3" / "02_beta" / "result.json").read_text())["upstream"] == expected
+
+
+def test_partial_run_without_any_upstream_fails_before_running(outputs):
+    with pytest.raises(PipelineError, match=r"phase 02_beta needs a completed 01_alpha: none in session 'u5' "
+                                            r"or any other session; run --phases 1 first"):
+        run_pipeline(PARAMS, "2", session="u5", specs=ALL, log=lambda m: None)
+    assert _session_status(outputs, "u5")[0] == "failed"
+    assert not (outputs / "u5" / "02_beta").exists()

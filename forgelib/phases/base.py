@@ -247,6 +247,19 @@ def latest_completed(specs: Iterable[PhaseSpec], number: int, prefer_session: st
     return None
 
 
+def upstream_record(upstream: PhaseResult) -> dict[str, str]:
+    """Where an upstream result lives: its session, phase and folder (relative to the repo root)."""
+    folder = paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}"
+    return {"session": upstream.session, "phase": upstream.phase, "folder": paths.relative(folder)}
+
+
+def describe_upstream(spec: PhaseSpec, upstream: PhaseResult) -> str:
+    """The line that says which earlier run a phase takes as its upstream (for the terminal and logs)."""
+    record = upstream_record(upstream)
+    return (f"[forge] {spec.dirname}: upstream {upstream.number:02d}_{upstream.phase} taken from session "
+            f"{record['session']} ({record['folder']})")
+
+
 def load_phase_params(spec: PhaseSpec, params_file: str | os.PathLike, overrides: dict | None,
                       all_specs: Iterable[PhaseSpec]) -> tuple[RunParams, Any]:
     """Load the ``run`` section and the phase's section strictly (typos in any section name fail)."""
@@ -333,6 +346,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     upstream_result = load_upstream(upstream)
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
+        if upstream_result is not None and upstream_result.session != session:
+            print(describe_upstream(spec, upstream_result))  # picked from another session: say which
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
@@ -360,7 +375,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder)
-    result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
+    result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
+                         upstream=upstream_record(upstream_result) if upstream_result is not None else None)
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
                         tracker=tracker, result=result, device=device, session_lock=session_lock)
