@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import sys
+from typing import Any, Callable
 
 import yaml
 
@@ -38,14 +39,28 @@ def _session_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _at_least_zero(kind: type) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` that is >= 0 (the error names the value)."""
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+        if not number >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        return number
+    return parse
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .phases import PhaseError
     from .pipeline import PipelineError, run_pipeline, summary_table
     from .session import SessionInUseError
 
     try:
         outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
-                                resume=bool(args.resume))
-    except (PipelineError, SessionInUseError, ValueError, KeyError) as exc:
+                                resume=args.resume is not None)
+    except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
     print(summary_table(outcomes).to_string(index=False))
@@ -114,11 +129,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.name not in BENCHMARKS:
-        print(f"forge bench: unknown benchmark {args.name!r}; valid: {sorted(BENCHMARKS)}", file=sys.stderr)
+def cmd_bench(argv: list[str]) -> int:
+    """``forge bench NAME ARGS...``: every argument after NAME (``--help`` included) goes to NAME's own parser."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: forge bench NAME [ARGS...]\n\nbenchmarks: {', '.join(sorted(BENCHMARKS))}\n"
+              "`forge bench NAME --help` shows a benchmark's own options")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"forge bench: unknown benchmark {name!r}; valid: {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(BENCHMARKS[args.name]).main(rest) or 0)
+    return int(importlib.import_module(BENCHMARKS[name]).main(rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,34 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
                      help="continue SESSION from its first phase not completed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a parameter, e.g. --set cognate.trunk_steps=50")
+                     help="override a parameter, e.g. --set cognate.trunk.steps=50")
     reg = sub.add_parser("registry", help="list the model registry")
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)
     reg.add_argument("--json", action="store_true")
     clean = sub.add_parser("clean", help="delete old sessions (rows, models and folders together; "
                                          "a session in use is skipped)")
-    clean.add_argument("--keep", type=int, default=None, help="keep the N newest sessions")
-    clean.add_argument("--max-age-days", type=float, default=None)
+    clean.add_argument("--keep", type=_at_least_zero(int), default=None, help="keep the N newest sessions")
+    clean.add_argument("--max-age-days", type=_at_least_zero(float), default=None,
+                       help="delete sessions older than D days")
     clean.add_argument("--dry-run", action="store_true")
     merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML")
     merge.add_argument("recipe")
     merge.add_argument("--out", default=None, help="output folder (default: rebuilt/ next to the recipe)")
     merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
-    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))} "
+                                         "(`forge bench NAME --help` for a benchmark's options)")
     bench.add_argument("name")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a registry or file-system problem is one line on stderr and exit status 1."""
+    from .paths import WRITE_ERRNOS, describe_write_error
+    from .registry import RegistryError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return cmd_bench(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"run": cmd_run, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command](args)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    command = {"run": cmd_run, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command]
+    try:
+        return command(args)
+    except RegistryError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+    except OSError as exc:
+        message = describe_write_error(exc) if exc.errno in WRITE_ERRNOS else f"{exc.filename}: {exc.strerror or exc}"
+        print(f"forge: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -44,10 +45,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+"""A decimal number as text: YAML 1.1 reads ``1e6`` or ``5e-4`` (no dot) as a string, so float fields take it."""
+
+
 def _check_scalar(value: Any, tp: type, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ParameterError(f"{where}: expected {tp.__name__}, got a boolean ({value!r})")
@@ -115,6 +122,33 @@ def build_dataclass(cls: type, data: dict, where: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise ParameterError(f"{where}: {exc}") from exc
     return obj
+
+
+def check_fields(cls: type, data: dict, where: str) -> dict:
+    """``data`` as a partial set of ``cls``'s fields (e.g. overrides of a config dataclass): keys must be field
+    names and values fit the field types (coerced like a full section); ParameterError names the problem."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ParameterError(f"{where}: unknown key(s) {unknown}; allowed keys of {cls.__name__}: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return {name: coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+
+
+def require_positive(obj: Any, *names: str) -> None:
+    """ValueError naming the first of ``obj``'s fields ``names`` that is set (not None) but not > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def require_non_negative(obj: Any, *names: str) -> None:
+    """ValueError naming the first of ``obj``'s fields ``names`` that is set (not None) but negative."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def _default_of(field: dataclasses.Field) -> Any:

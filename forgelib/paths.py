@@ -1,8 +1,13 @@
 """Where things live. Every path is resolved from the repository root, never from the current directory."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST,
+                          errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
+"""File-system errors that mean "this output cannot be written here" (full disk, read-only, a file in the way)."""
 
 
 def repo_root() -> Path:
@@ -56,3 +61,15 @@ def contain_tool_caches(base: Path | None = None) -> dict[str, str]:
             path.mkdir(parents=True, exist_ok=True)
             os.environ[var] = set_now[var] = str(path)
     return set_now
+
+
+def describe_write_error(exc: OSError, path: str | os.PathLike | None = None) -> str:
+    """``cannot write PATH: REASON`` for a file-system error on ``exc.filename`` (else ``path``); a file that
+    stands where a folder must be is named as such."""
+    target = Path(exc.filename) if exc.filename else Path(path) if path is not None else None
+    reason = exc.strerror or str(exc)
+    if target is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in [target, *target.parents] if p.is_file()), None)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
+    return f"cannot write {target}: {reason}" if target is not None else f"cannot write: {reason}"

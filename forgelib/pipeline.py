@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable
 
 from . import paths
 from .phases import PHASES, PhaseSpec, select
-from .phases.base import (completed_result, load_phase_params, new_session_id, phase_dir, session_exists,
-                          verified_model_path)
+from .phases.base import (as_phase_error, completed_result, describe_upstream, latest_completed, load_phase_params,
+                          new_session_id, phase_dir, session_exists, upstream_record, verified_model_path)
 from .results import PhaseResult
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -151,7 +151,7 @@ class Pipeline:
         row = registry.get_session(session) if session_exists(registry, session) else None
         registry.close()
         if row is None:
-            raise UnknownSessionError(f"unknown session {session!r}; `forge registry list` shows the known ones")
+            raise UnknownSessionError(f"unknown session {session!r}; `forge registry sessions` lists the known ones")
         config = row.get("config") or {}
         return cls(config.get("params_file", "parameters/smoke.yaml"), config.get("phases", "all"), session,
                    config.get("overrides"), specs, log)
@@ -180,7 +180,14 @@ class Pipeline:
         outcomes: list[PhaseOutcome] = []
         upstream = self._initial_upstream()
         for i, spec in enumerate(self.specs):
-            outcome = self._run_one(spec, upstream)
+            try:
+                outcome = self._run_one(spec, upstream)
+            except OSError as exc:  # a full disk or a file in the way: named, and the session ends failed
+                self.registry.update_session(self.session, status="failed", current_phase=spec.name)
+                error = as_phase_error(exc, phase_dir(self.session, spec))
+                if error is exc:
+                    raise
+                raise error from exc
             outcomes.append(outcome)
             upstream = outcome.result
             self.registry.update_session(self.session, progress=(i + 1) / len(self.specs))
@@ -200,13 +207,20 @@ class Pipeline:
         self.registry.update_session(self.session, status="running")
 
     def _initial_upstream(self) -> PhaseResult | None:
-        """The completed phase just before the first selected one (for runs like ``--phases 2-3``)."""
-        if not self.specs:
+        """The completed phase just before the first selected one (for runs like ``--phases 2-3``): this
+        session's, else the newest of any session's (named in the log and in the phase's result.json)."""
+        earlier = [s for s in self.all_specs if s.number < self.specs[0].number] if self.specs else []
+        if not earlier:
             return None
-        earlier = [s for s in self.all_specs if s.number < self.specs[0].number]
-        done = completed_result(self.session, earlier[-1]) if earlier else None
-        if done is not None:
-            self._check_handoff(earlier[-1], done, earlier=True)
+        done = completed_result(self.session, earlier[-1]) or latest_completed(self.all_specs, earlier[-1].number)
+        if done is None:
+            self.registry.update_session(self.session, status="failed", current_phase=self.specs[0].name)
+            raise PipelineError(f"phase {self.specs[0].dirname} needs a completed {earlier[-1].dirname}: none in "
+                                f"session {self.session!r} or any other session; run --phases "
+                                f"{earlier[-1].number} first (or the whole pipeline)")
+        if done.session != self.session:
+            self.log(describe_upstream(self.specs[0], done))
+        self._check_handoff(earlier[-1], done, earlier=True)
         return done
 
     def _run_one(self, spec: PhaseSpec, upstream: PhaseResult | None) -> PhaseOutcome:
@@ -220,7 +234,7 @@ class Pipeline:
             self.log(f"[forge] {spec.dirname}: incomplete earlier attempt moved to {moved.name}")
         self.log(f"[forge] {spec.dirname}: running {spec.notebook} (session {self.session})")
         started = time.perf_counter()
-        upstream_arg = paths.relative(phase_dir(self.session, _spec_of(upstream, self.all_specs))) if upstream else None
+        upstream_arg = upstream_record(upstream)["folder"] if upstream else None
         try:
             notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg)
         except PipelineError:
@@ -247,16 +261,12 @@ class Pipeline:
             if earlier:
                 problems = "; ".join(f"{role}: {m.get('error')}" for role, m in validation["models"].items()
                                      if not m["ok"]) or f"status/gate no longer hold: {validation}"
-                raise PipelineError(f"phase {spec.dirname} of session {self.session} completed earlier but its "
+                raise PipelineError(f"phase {spec.dirname} of session {result.session} completed earlier but its "
                                     f"handoff no longer holds ({problems}); start a new session or rerun it")
             raise PipelineError(f"handoff after {spec.dirname} is invalid: {validation}")
 
     def close(self) -> None:
         self.registry.close()
-
-
-def _spec_of(result: PhaseResult, specs: list[PhaseSpec]) -> PhaseSpec:
-    return next(s for s in specs if s.name == result.phase)
 
 
 def _next_name(spec: PhaseSpec, specs: list[PhaseSpec]) -> str:

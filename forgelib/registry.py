@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
-    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "compute_checksum", "path_size_mb",
+    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "compute_checksum", "path_size_mb",
     "SESSION_STATUSES", "PHASE_RUN_STATUSES",
 ]
 
@@ -103,6 +103,10 @@ class RetiredModelError(RegistryError, ValueError):
 
 class SessionExistsError(RegistryError, ValueError):
     """``create_session`` was asked for an id that already exists (pass ``exist_ok=True``)."""
+
+
+class CorruptRegistryError(RegistryError):
+    """The registry file exists but is not a readable SQLite database (it is left untouched)."""
 
 
 def _utc_now() -> datetime:
@@ -221,6 +225,17 @@ def _check_choice(value: str, field: str, valid: Iterable[str]) -> None:
         raise ValueError(f"unknown {field} {value!r}; valid values: {', '.join(valid)}")
 
 
+def _open_error(db_path: Path, exc: sqlite3.DatabaseError) -> Exception:
+    """The error to raise when ``db_path`` cannot be opened as the registry (the file is never touched)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        if _is_locked(exc):
+            return exc
+        return RegistryError(f"cannot open the registry {db_path}: {exc}")
+    return CorruptRegistryError(
+        f"registry {db_path} is not a SQLite database ({exc}); move it aside (the next run starts a new, "
+        "empty registry) or point FORGE_OUTPUTS at another folder")
+
+
 class ModelRegistry:
     """The SQLite (WAL) registry of sessions, phase runs, models and handoffs.
 
@@ -245,11 +260,18 @@ class ModelRegistry:
         self._clock = clock or _utc_now
         self._max_retries = max_retries
         self._lock = threading.RLock()  # one connection, shared safely by notebook widget threads
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.db_path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        self._retry(self._init_db)
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = sqlite3.connect(str(self.db_path), timeout=timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._retry(self._init_db)
+        except sqlite3.DatabaseError as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            raise _open_error(self.db_path, exc) from None
 
     # ------------------------------------------------------------------ plumbing
     def _init_db(self) -> None:

@@ -36,7 +36,8 @@ class PhaseResult:
     """The outcome of one phase run.
 
     ``metrics`` holds the few headline numbers; ``models`` maps a model's role (e.g. 'trunk', 'reasoning') to
-    ``{"path": ..., "registry_id": ...}``; ``artifacts`` maps names to files (paths relative to the repo root).
+    ``{"path": ..., "registry_id": ...}``; ``artifacts`` maps names to files (paths relative to the repo root);
+    ``upstream`` names the earlier phase run it was given (its session may be another one).
     """
 
     phase: str
@@ -51,6 +52,8 @@ class PhaseResult:
     finished_at: str = ""
     duration_s: float = 0.0
     error: str | None = None
+    upstream: dict[str, str] | None = None
+    """The completed phase this run took its input from: ``{"session", "phase", "folder"}`` (None: none)."""
 
     @property
     def gate_passed(self) -> bool:
@@ -113,11 +116,20 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file and an atomic rename."""
+    """Write JSON through a temporary file and an atomic rename.
+
+    On failure the temporary file is removed and ``path`` keeps its earlier content; an OSError names ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     return path

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .params import require_non_negative, require_positive
 from .utils import TrainingIssue, TrainingIssueError, detect_training_issues
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -56,6 +57,10 @@ class TrainConfig:
     """Floor of the cosine decay, as a fraction of each group's base learning rate."""
 
     def __post_init__(self):
+        require_positive(self, "steps", "log_every")
+        require_non_negative(self, "eval_every", "checkpoint_every")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -100,3 +100,62 @@ def test_every_parameter_set_can_stream_its_phase1_training_data(name):
     assert len(test_samples(params, 0)) == params.eval_per_family * 7
     if params.headroom_levels:
         assert len(test_samples(params, 1, levels=tuple(params.headroom_levels))) == params.eval_per_family * 7
+
+
+def _load(phase: str, overrides: dict):
+    spec = next(s for s in PHASES if s.name == phase)
+    return load_phase_params(spec, paths.repo_root() / "parameters" / "smoke.yaml", overrides, PHASES)[1]
+
+
+@pytest.mark.parametrize("phase, key, value, match", [
+    ("cognate", "cognate.trunk.steps", 0, r"cognate\.trunk: steps must be > 0, got 0"),
+    ("cognate", "cognate.reasoning.steps", -5, r"cognate\.reasoning: steps must be > 0, got -5"),
+    ("cognate", "cognate.speed.n_cycles", 0, r"cognate\.speed: n_cycles must be > 0"),
+    ("cognate", "cognate.memory.warmup_steps", -1, r"cognate\.memory: warmup_steps must be >= 0"),
+    ("cognate", "cognate.model.hidden_size", 0, r"cognate\.model: hidden_size must be > 0"),
+    ("cognate", "cognate.model.num_hidden_layers", -2, r"cognate\.model: num_hidden_layers must be > 0"),
+    ("cognate", "cognate.batch_size", 0, r"cognate: batch_size must be > 0"),
+    ("cognate", "cognate.vocab_size", -1, r"cognate: vocab_size must be > 0"),
+    ("cognate", "cognate.max_len", 0, r"cognate: max_len must be > 0"),
+    ("cognate", "cognate.train.log_every", 0, r"cognate\.train: log_every must be > 0"),
+    ("cognate", "cognate.train.checkpoint_every", -1, r"cognate\.train: checkpoint_every must be >= 0"),
+    ("evomerge", "evomerge.budget", 0, r"evomerge: budget must be > 0, got 0"),
+    ("evomerge", "evomerge.budget", -40, r"evomerge: budget must be > 0, got -40"),
+    ("evomerge", "evomerge.fitness_per_family", 0, r"evomerge: fitness_per_family must be > 0"),
+    ("evomerge", "evomerge.group_size", 0, r"evomerge: group_size must be > 0"),
+    ("evomerge", "evomerge.layer_path_budget", -1, r"evomerge: layer_path_budget must be >= 0"),
+])
+def test_non_positive_counts_sizes_and_budgets_are_refused(phase, key, value, match):
+    with pytest.raises(ParameterError, match=match):
+        _load(phase, {key: value})
+
+
+def test_train_config_refuses_non_positive_steps():
+    from forgelib.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"steps must be > 0, got 0"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match=r"grad_clip must be None or > 0"):
+        TrainConfig(grad_clip=-1.0)
+
+
+def test_optimizer_keys_are_checked_when_parameters_load():
+    with pytest.raises(ParameterError, match=r"cognate: optimizer: unknown key\(s\) \['lrr'\]; allowed keys of "
+                                             r"MuGrokfastConfig: \[.*'lr'.*'weight_decay'"):
+        _load("cognate", {"cognate.optimizer.lrr": 0.1})
+    with pytest.raises(ParameterError, match=r"optimizer\.lr: expected float, got str \('fast'\)"):
+        _load("cognate", {"cognate.optimizer.lr": "fast"})
+    with pytest.raises(ParameterError, match=r"weight_decay.*>= 0"):
+        _load("cognate", {"cognate.optimizer.weight_decay": -0.5})
+
+
+def test_exponent_numbers_from_set_parse_as_floats():
+    """YAML 1.1 reads ``1e6`` as a string; a float field takes it as the number it spells."""
+    from forgelib.cli import _parse_set
+
+    params = _load("cognate", _parse_set(["cognate.optimizer.lr=1e6", "cognate.reasoning.lr=5e-4",
+                                          "cognate.min_disagreement=2E-2"]))
+    assert params.optimizer["lr"] == 1e6 and isinstance(params.optimizer["lr"], float)
+    assert params.reasoning.lr == 5e-4 and params.min_disagreement == 0.02
+    with pytest.raises(ParameterError, match=r"cognate\.trunk\.steps: expected int, got str \('1e3'\)"):
+        _load("cognate", _parse_set(["cognate.trunk.steps=1e3"]))

@@ -1,4 +1,5 @@
 """The pipeline end to end with real papermill runs of two small real phases (tests/pipeline_phases)."""
+import errno
 import json
 import os
 import signal
@@ -162,3 +163,102 @@ def test_phase_controller_contract(outputs):
     beta = PhaseController(SPECS["beta"], PARAMS, session="s9", all_specs=ALL)
     assert beta.validate_input([outputs / "s9" / "01_alpha"])
     assert beta.execute([outputs / "s9" / "01_alpha"]).ok
+
+
+def _session_status(outputs, session):
+    with ModelRegistry(outputs / "registry.db") as reg:
+        return reg.get_session(session)["status"], [r["status"] for r in reg.list_phase_runs(session)]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_model_write_failure_is_a_phase_error_and_the_session_ends_failed(outputs, monkeypatch, code):
+    """A full disk (or a read-only folder) while a model is saved: a PhaseError naming the folder, the registry
+    says failed, and the half-written temporary folder is gone."""
+    from transformers import PreTrainedModel
+
+    from forgelib.phases import PhaseError, run_phase
+
+    def failing_save(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half a checkpoint")
+        raise OSError(code, os.strerror(code), str(Path(folder) / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+    ctx = open_phase(SPECS["alpha"], PARAMS, session="w1", all_specs=ALL)
+    with pytest.raises(PhaseError) as info:
+        run_phase(ctx)
+    models = outputs / "w1" / "01_alpha" / "models"
+    assert f"cannot write {models / 'model'}: {os.strerror(code)}" in str(info.value)
+    assert _session_status(outputs, "w1") == ("failed", ["failed"])
+    assert list(models.iterdir()) == [], "no temporary folder left behind"
+    assert PhaseResult.load(outputs / "w1" / "01_alpha").status == "failed"
+
+
+def test_full_disk_while_writing_result_json(outputs, monkeypatch):
+    """result.json cannot be written: the model already saved stays, no temporary file is left, the registry
+    row ends failed rather than running."""
+    import forgelib.results as results
+    from forgelib.phases import PhaseError, run_phase
+
+    def full_disk(data, handle, **kwargs):
+        handle.write('{"phase": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ctx = open_phase(SPECS["alpha"], PARAMS, session="w2", all_specs=ALL)
+    monkeypatch.setattr(results.json, "dump", full_disk)
+    with pytest.raises(PhaseError, match=f"cannot write {outputs / 'w2' / '01_alpha' / 'result.json'}: "
+                                         "No space left on device"):
+        run_phase(ctx)
+    folder = outputs / "w2" / "01_alpha"
+    assert _session_status(outputs, "w2") == ("failed", ["failed"])
+    assert not list(folder.glob(".result.json.*")), "no temporary file left behind"
+    assert (folder / "models" / "model" / "model.safetensors").is_file(), "what was written is kept"
+
+
+def test_phase_folder_that_is_a_file_is_named_and_the_lock_freed(outputs):
+    from forgelib.session import SessionLock
+
+    blocker = outputs / "w3" / "01_alpha"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the phase folder should be")
+    with pytest.raises(OutputNotWritableError, match=f"cannot write {blocker}: {blocker} is a file, not a folder"):
+        open_phase(SPECS["alpha"], PARAMS, session="w3", all_specs=ALL)
+    assert blocker.read_text().startswith("a file")
+    SessionLock("w3").release()  # the failed open let go of the session
+
+
+def test_pipeline_with_a_file_for_its_session_folder_ends_failed(outputs):
+    blocker = outputs / "w4"
+    outputs.mkdir(parents=True)
+    blocker.write_text("a file where the session folder should be")
+    with pytest.raises(OutputNotWritableError, match=f"{blocker} is a file, not a folder"):
+        run_pipeline(PARAMS, session="w4", specs=ALL, log=lambda m: None)
+    assert _session_status(outputs, "w4") == ("failed", [])
+    assert blocker.read_text().startswith("a file")
+
+
+def test_partial_run_names_the_upstream_it_takes_from_another_session(outputs, capsys):
+    from forgelib.pipeline import Pipeline
+
+    _execute(SPECS["alpha"], "u1")
+    folder = paths.relative(outputs / "u1" / "01_alpha")
+    logs = []
+    pipe = Pipeline(PARAMS, "2", "u2", specs=ALL, log=logs.append)
+    try:
+        assert pipe._initial_upstream().session == "u1"
+    finally:
+        pipe.close()
+    assert any("taken from session u1" in m and folder in m for m in logs), logs
+    capsys.readouterr()
+    result = _execute(SPECS["beta"], "u3")  # a phase opened on its own takes the newest Phase 1 too
+    assert f"taken from session u1 ({folder})" in capsys.readouterr().out
+    expected = {"session": "u1", "phase": "alpha", "folder": folder}
+    assert result.upstream == expected
+    assert json.loads((outputs / "u3" / "02_beta" / "result.json").read_text())["upstream"] == expected
+
+
+def test_partial_run_without_any_upstream_fails_before_running(outputs):
+    with pytest.raises(PipelineError, match=r"phase 02_beta needs a completed 01_alpha: none in session 'u5' "
+                                            r"or any other session; run --phases 1 first"):
+        run_pipeline(PARAMS, "2", session="u5", specs=ALL, log=lambda m: None)
+    assert _session_status(outputs, "u5")[0] == "failed"
+    assert not (outputs / "u5" / "02_beta").exists()

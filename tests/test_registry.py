@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from forgelib.registry import (ChecksumMismatchError, ModelNotFoundError, ModelRegistry,
-                               SessionExistsError, UnknownRecordError, compute_checksum)
+from forgelib.registry import (ChecksumMismatchError, CorruptRegistryError, ModelNotFoundError, ModelRegistry,
+                               RegistryError, SessionExistsError, UnknownRecordError, compute_checksum)
 
 
 class FakeClock:
@@ -304,3 +304,12 @@ def test_retries_when_another_process_holds_the_write_lock(tmp_path):
             reg.create_session("x")
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def test_corrupt_database_file_is_named_and_left_alone(tmp_path):
+    db = tmp_path / "registry.db"
+    db.write_bytes(b"not a database, just garbage bytes " * 200)
+    with pytest.raises(CorruptRegistryError, match=f"{db}.*not a SQLite database"):
+        ModelRegistry(db)
+    assert db.read_bytes().startswith(b"not a database")
+    assert issubclass(CorruptRegistryError, RegistryError)

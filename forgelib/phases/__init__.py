@@ -12,13 +12,37 @@ PHASES: list[PhaseSpec] = [
 ]
 
 
+SELECTION_FORMS = "'all', a phase number or name ('2', 'evomerge'), a range ('1-2') or a list ('1,2')"
+
+
+class UnknownPhaseError(KeyError):
+    """A phase key or a ``--phases`` selection that names no phase; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def get_spec(key: str | int, specs: list[PhaseSpec] | None = None) -> PhaseSpec:
     """A phase by name or number; an unknown key fails with the list of valid ones."""
     specs = PHASES if specs is None else specs
     for spec in specs:
         if key == spec.name or key == spec.number or (isinstance(key, str) and key == spec.dirname):
             return spec
-    raise KeyError(f"unknown phase {key!r}; valid: {[f'{s.number}:{s.name}' for s in specs]}")
+    raise UnknownPhaseError(f"unknown phase {key!r}; valid: {[f'{s.number}:{s.name}' for s in specs]}")
+
+
+def _selection_keys(selection: str) -> list:
+    """The phase keys of a selection string such as '2', '1-3' or '1,evomerge' (UnknownPhaseError if malformed)."""
+    keys: list = []
+    for part in (p.strip() for p in selection.split(",")):
+        lo, dash, hi = part.partition("-")
+        if dash and lo.strip().isdigit() and hi.strip().isdigit() and int(lo) <= int(hi):
+            keys.extend(range(int(lo), int(hi) + 1))
+        elif part and not dash:
+            keys.append(int(part) if part.isdigit() else part)
+        else:
+            raise UnknownPhaseError(f"invalid phase selection {selection!r}: use {SELECTION_FORMS}")
+    return keys
 
 
 def select(selection: str | list | None, specs: list[PhaseSpec] | None = None) -> list[PhaseSpec]:
@@ -26,20 +50,10 @@ def select(selection: str | list | None, specs: list[PhaseSpec] | None = None) -
     specs = PHASES if specs is None else specs
     if selection in (None, "all", ""):
         return list(specs)
-    if isinstance(selection, str):
-        keys: list = []
-        for part in selection.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                keys.extend(range(lo, hi + 1))
-            else:
-                keys.append(int(part) if part.isdigit() else part)
-    else:
-        keys = list(selection)
+    keys = _selection_keys(selection) if isinstance(selection, str) else list(selection)
     chosen = {get_spec(k, specs).number for k in keys}
     return [s for s in specs if s.number in chosen]
 
 
 __all__ = ["PHASES", "PhaseSpec", "PhaseContext", "PhaseController", "PhaseError", "GateFailedError",
-           "UpstreamError", "OutputNotWritableError", "get_spec", "select", "open_phase", "run_phase"]
+           "UpstreamError", "OutputNotWritableError", "UnknownPhaseError", "get_spec", "select", "open_phase", "run_phase"]

@@ -129,13 +129,23 @@ class PhaseContext:
         return p
 
     def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
-        """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it."""
+        """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it.
+
+        A failed write (full disk, read-only folder) removes the temporary folder and raises
+        OutputNotWritableError naming ``models/<role>``; an earlier model of that role is kept.
+        """
         final = self.dir / "models" / role
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=final.parent))
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tmp = None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=final.parent))
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except OSError as exc:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputNotWritableError(paths.describe_write_error(OSError(exc.errno, exc.strerror), final)) from exc
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -237,6 +247,19 @@ def latest_completed(specs: Iterable[PhaseSpec], number: int, prefer_session: st
     return None
 
 
+def upstream_record(upstream: PhaseResult) -> dict[str, str]:
+    """Where an upstream result lives: its session, phase and folder (relative to the repo root)."""
+    folder = paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}"
+    return {"session": upstream.session, "phase": upstream.phase, "folder": paths.relative(folder)}
+
+
+def describe_upstream(spec: PhaseSpec, upstream: PhaseResult) -> str:
+    """The line that says which earlier run a phase takes as its upstream (for the terminal and logs)."""
+    record = upstream_record(upstream)
+    return (f"[forge] {spec.dirname}: upstream {upstream.number:02d}_{upstream.phase} taken from session "
+            f"{record['session']} ({record['folder']})")
+
+
 def load_phase_params(spec: PhaseSpec, params_file: str | os.PathLike, overrides: dict | None,
                       all_specs: Iterable[PhaseSpec]) -> tuple[RunParams, Any]:
     """Load the ``run`` section and the phase's section strictly (typos in any section name fail)."""
@@ -263,7 +286,17 @@ def _prepare_dir(folder: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise OutputNotWritableError(f"cannot write the phase output folder {folder}: {exc}") from exc
+        raise OutputNotWritableError(paths.describe_write_error(exc, folder)) from exc
+
+
+def as_phase_error(exc: BaseException, folder: Path) -> BaseException:
+    """``exc`` unchanged, or, for a file-system error writing outputs (full disk, read-only, a file in the
+    way), an OutputNotWritableError naming the path (``folder`` when the error names none)."""
+    if isinstance(exc, PhaseError) or not isinstance(exc, OSError) or exc.errno not in paths.WRITE_ERRNOS:
+        return exc
+    if exc.filename and not Path(exc.filename).resolve().is_relative_to(paths.outputs_root()):
+        return exc  # not one of the run's outputs
+    return OutputNotWritableError(paths.describe_write_error(exc, folder))
 
 
 def _lock(session: str) -> SessionLock | None:
@@ -313,18 +346,28 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     upstream_result = load_upstream(upstream)
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
+        if upstream_result is not None and upstream_result.session != session:
+            print(describe_upstream(spec, upstream_result))  # picked from another session: say which
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
     session_lock = _lock(session)
     folder = phase_dir(session, spec)
-    _prepare_dir(folder)
-    paths.contain_tool_caches()
-    device = _setup_runtime(run)
-    (folder / "params.yaml").write_text(yaml.safe_dump(
-        {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
-         "run": to_dict(run), spec.name: to_dict(params)}, sort_keys=False))
-    registry = ModelRegistry(paths.registry_path())
+    try:  # a failure here frees the session again
+        _prepare_dir(folder)
+        paths.contain_tool_caches()
+        device = _setup_runtime(run)
+        (folder / "params.yaml").write_text(yaml.safe_dump(
+            {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
+             "run": to_dict(run), spec.name: to_dict(params)}, sort_keys=False))
+        registry = ModelRegistry(paths.registry_path())
+    except BaseException as exc:
+        if session_lock is not None:
+            session_lock.release()
+        error = as_phase_error(exc, folder)
+        if error is exc:
+            raise
+        raise error from exc
     if not session_exists(registry, session):
         registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
     if session_lock is not None and session_lock.users == 1:  # this context alone holds the session
@@ -332,21 +375,28 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder)
-    result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
+    result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
+                         upstream=upstream_record(upstream_result) if upstream_result is not None else None)
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
                         tracker=tracker, result=result, device=device, session_lock=session_lock)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
+    """Record the failure: registry rows first (they must never stay 'running'), then error.txt and
+    result.json as far as the disk allows, then the tracker."""
     ctx.result.status = "failed"
     ctx.result.error = f"{type(exc).__name__}: {exc}"
     ctx.result.finished_at = now_iso()
     ctx.result.duration_s = round(time.perf_counter() - started, 3)
-    (ctx.dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
-    ctx.result.save(ctx.dir)
     ctx.registry.finish_phase_run(ctx.phase_run_id, "failed", metrics=ctx.result.metrics, error=ctx.result.error)
     ctx.registry.update_session(ctx.session, status="failed", current_phase=ctx.spec.name)
+    for record in (lambda: (ctx.dir / "error.txt").write_text("".join(traceback.format_exception(exc))),
+                   lambda: ctx.result.save(ctx.dir), ctx.tracker.finish):
+        try:
+            record()
+        except OSError:
+            pass  # e.g. a full disk: the registry row holds the error
 
 
 def run_phase(ctx: PhaseContext) -> PhaseResult:
@@ -367,15 +417,17 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
             module.validate_output(result, ctx)
         if not result.gate_passed:
             raise GateFailedError(f"phase {ctx.spec.name} did not pass its gate: " + "; ".join(result.gate_failures()))
+        result.status = "ok"
+        result.finished_at = now_iso()
+        result.duration_s = round(time.perf_counter() - started, 3)
+        result.save(ctx.dir)
     except BaseException as exc:
-        _fail(ctx, exc, started)
-        ctx.tracker.finish()
+        error = as_phase_error(exc, ctx.dir)
+        _fail(ctx, error, started)
         _release(ctx)
-        raise
-    result.status = "ok"
-    result.finished_at = now_iso()
-    result.duration_s = round(time.perf_counter() - started, 3)
-    result.save(ctx.dir)
+        if error is exc:
+            raise
+        raise error from exc
     ctx.tracker.summary(result.metrics)
     ctx.tracker.finish()
     ctx.registry.finish_phase_run(ctx.phase_run_id, "completed", metrics=result.metrics)

@@ -29,6 +29,9 @@ from ..data.tokenizer import train_tokenizer
 from ..evaluate import (accuracy_by_family, argmax_disagreement, chance_accuracy, encode_for_eval, mean_nll)
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
+from ..optim.config import MuGrokfastConfig, OptimConfigError
+from ..optim.presets import preset_config
+from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
@@ -64,6 +67,10 @@ class ModelShape:
     memory_chunk_size: int = 16
     """Chunk length of the memory's parallel update (1 = exact token-by-token)."""
 
+    def __post_init__(self):
+        require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "max_position_embeddings", "sliding_window", "memory_chunk_size")
+
 
 @dataclasses.dataclass
 class Stage:
@@ -97,6 +104,10 @@ class Stage:
     with zero weights and this bias (attention share sigmoid(4) = 0.98), so the specialist starts from the
     trunk's function instead of a 12% blend of an untrained memory (measured at smoke scale: the first loss
     jumped from 0.09 to 3.7 and recall fell from 0.81 to 0.50 after 300 steps)."""
+
+    def __post_init__(self):
+        require_positive(self, "steps", "n_cycles")
+        require_non_negative(self, "n_latent", "warmup_steps", "lr")
 
 
 @dataclasses.dataclass
@@ -145,7 +156,8 @@ class Params:
         halt_threshold=0.3))
     """The speed specialist: one cycle, early halting."""
     optimizer: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(LM_OPTIMIZER))
-    """Overrides of the Phase-1 MuGrokfast preset (keys: forgelib.optim.MuGrokfastConfig fields)."""
+    """Overrides of the Phase-1 MuGrokfast preset (keys: forgelib.optim.MuGrokfastConfig fields, checked with
+    their types and ranges when the parameters load)."""
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         log_every=10, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1))
     """Training-loop settings; ``train.steps`` is not used (each Stage has its own ``steps``)."""
@@ -163,6 +175,13 @@ class Params:
         return {name: getattr(self, name) for name in ROLES}
 
     def __post_init__(self):
+        require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
+                         "eval_per_family")
+        self.optimizer = check_fields(MuGrokfastConfig, self.optimizer, "optimizer")
+        try:
+            preset_config(1, **self.optimizer)
+        except OptimConfigError as exc:
+            raise ValueError(f"optimizer: {exc}") from None
         if self.train.steps != TrainConfig().steps:
             raise ValueError(f"train.steps ({self.train.steps}) is not used by Phase 1; set the steps of each "
                              f"stage instead: trunk.steps, {'.steps, '.join(ROLES)}.steps")

@@ -62,6 +62,7 @@ from ..data.tasks import FAMILIES, build_mix
 from ..evaluate import answer_correctness, mean_nll
 from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models, save_recipe
 from ..merge.models import uniform_recipe
+from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from .base import UpstreamError
 
@@ -121,6 +122,8 @@ class Params:
     difference (one-sided 95 %; 0 = strict). See the module docstring."""
 
     def __post_init__(self):
+        require_positive(self, "budget", "group_size", "sigma0", "fitness_per_family", "test_per_family", "max_len")
+        require_non_negative(self, "layer_path_budget", "loss_weight")
         unknown = sorted(set(self.families) - set(FAMILIES))
         if unknown:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
