@@ -26,7 +26,7 @@ import yaml
 
 from .. import paths
 from ..params import RunParams, load_section, to_dict
-from ..results import PhaseResult
+from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 
 
@@ -127,6 +127,13 @@ class PhaseContext:
         p = self.dir.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def write_report(self, report: dict, name: str = "report.json") -> Path:
+        """Write ``report`` as strict JSON into the phase folder and record it as the ``report`` artifact,
+        repo-relative like every path of result.json."""
+        path = write_json_atomic(self.path(name), report)
+        self.result.artifacts["report"] = paths.relative(path)
+        return path
 
     def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
         """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it."""

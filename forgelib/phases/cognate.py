@@ -29,7 +29,7 @@ from ..data.tokenizer import train_tokenizer
 from ..evaluate import (accuracy_by_family, argmax_disagreement, chance_accuracy, encode_for_eval, mean_nll)
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
-from ..results import GateCheck, PhaseResult, write_json_atomic
+from ..results import GateCheck, PhaseResult
 from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
 
@@ -385,7 +385,7 @@ def run(params: Params, ctx) -> PhaseResult:
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
     report["specialist_gain"] = {name: specialist_gain(report, name, params.specialists[name].families
                                                        or list(params.specialists[name].mix)) for name in ROLES}
-    ctx.result.artifacts["report"] = str(write_json_atomic(ctx.path("report.json"), report))
+    ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})
     ctx.result.metrics.update(headline(report, params, histories))

@@ -62,7 +62,7 @@ from ..data.tasks import FAMILIES, build_mix
 from ..evaluate import answer_correctness, mean_nll
 from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models, save_recipe
 from ..merge.models import uniform_recipe
-from ..results import GateCheck, PhaseResult, write_json_atomic
+from ..results import GateCheck, PhaseResult
 from .base import UpstreamError
 
 DEFAULT_FAMILIES = ["arith", "multistep", "modular", "sequence", "logic", "algebra", "recall"]
@@ -468,7 +468,7 @@ def run(params: Params, ctx) -> PhaseResult:
               "test": table, "settings": settings, "trunk": params.base, "parents": list(params.sources),
               "with_steps": params.with_steps, "n_fitness": len(fitness.samples), "n_test": len(test.samples),
               "champion_recipe": recipe.to_dict(), "champion_source": found.source, "gate_z": params.gate_z}
-    ctx.result.artifacts["report"] = paths.relative(write_json_atomic(ctx.path("report.json"), report))
+    ctx.write_report(report)
     ctx.save_model("champion", champion, tokenizer, metadata={"recipe": paths.relative(ctx.dir / "recipe.yaml")})
     _summarize(ctx, table, params, found, recipe)
     return ctx.result
