@@ -36,3 +36,14 @@ def test_report_artifact_is_repo_relative(tmp_path, monkeypatch):
     ctx.write_report({"acc": float("nan")})
     assert ctx.result.artifacts["report"] == "outputs/s/01_x/report.json"
     assert json.loads(paths.resolve(ctx.result.artifacts["report"]).read_text()) == {"acc": None}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_merge_weight_slider_starts_on_its_grid_at_the_uniform_weight(n):
+    from forgelib.viz.evomerge import weight_slider
+
+    slider = weight_slider("reasoning", n)
+    steps = (slider.value - slider.min) / slider.step
+    assert abs(steps - round(steps)) < 1e-9, "the browser would snap an off-grid value"
+    assert slider.value == pytest.approx(1 / n, abs=1e-12)
+    assert slider.readout_format == ".3f" and not slider.continuous_update

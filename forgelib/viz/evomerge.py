@@ -62,7 +62,7 @@ def plot_test_accuracy(report: dict) -> "plt.Figure":
 
 def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
     """Two sliders over the task-arithmetic weights of the first two sources (the others keep 1/n);
-    each move builds the merge in memory, under the champion's runtime settings, and shows its measured
+    each move (on release) builds the merge in memory, under the champion's runtime settings, and shows its measured
     fitness on a small fitness-split sample."""
     import ipywidgets as w
 
@@ -77,7 +77,7 @@ def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
     models, base, tokenizer, _ = load_upstream_models(params, ctx)
     scorer = make_scorer(params, tokenizer, "fitness", samples_per_family, seed=0)
     names = list(models)
-    sliders = [w.FloatSlider(value=1 / len(names), min=0.0, max=1.5, step=0.05, description=n) for n in names[:2]]
+    sliders = [weight_slider(n, len(names)) for n in names[:2]]
     out = w.Output()
 
     def show(change=None):
@@ -94,6 +94,17 @@ def merge_weight_sliders(result, upstream, samples_per_family: int = 4):
         s.observe(show, names="value")
     show()
     return w.VBox([*sliders, out])
+
+
+def weight_slider(name: str, n_sources: int, top: float = 1.5):
+    """A merge-weight slider that starts at the uniform weight ``1/n_sources`` exactly: its step is
+    ``1/(20·n_sources)`` (0.0167 for three sources), so the uniform weight lies on the grid and the browser
+    does not snap it to a neighbour (as a 0.05 step did, showing 0.35 for 1/3)."""
+    import ipywidgets as w
+
+    step = 1.0 / (20 * n_sources)
+    return w.FloatSlider(value=1.0 / n_sources, min=0.0, max=top, step=step, description=name,
+                         readout_format=".3f", continuous_update=False)
 
 
 class _UpstreamOnly:
