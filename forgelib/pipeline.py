@@ -285,18 +285,22 @@ def run_pipeline(params_file: str | os.PathLike = "parameters/smoke.yaml", phase
 
 
 def summary_table(outcomes: Iterable[PhaseOutcome]):
-    """One row per phase: status, seconds, gate, and its headline metrics (pandas DataFrame)."""
+    """One row per phase: status, gate, seconds, and a compact ``headline`` of that phase's own headline
+    metrics (the phase module's ``HEADLINE`` keys, else its first few metrics); a pandas DataFrame."""
     import pandas as pd
+
+    from .viz.tables import headline_text
 
     rows = []
     for o in outcomes:
-        row = {"phase": o.spec.dirname, "status": o.status, "seconds": round(o.seconds, 1)}
+        row = {"phase": o.spec.dirname, "status": o.status, "gate": "", "seconds": round(o.seconds, 1),
+               "headline": ""}
         if o.result is not None:
             row["gate"] = "pass" if o.result.gate_passed else "FAIL"
-            row["phase_seconds"] = o.result.duration_s
-            row.update(o.result.metrics)
+            row["seconds"] = round(o.result.duration_s, 1)
+            row["headline"] = headline_text(o.result.metrics, getattr(o.spec.load(), "HEADLINE", None))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["phase", "status", "gate", "seconds", "headline"]).set_index("phase")
 
 
 class PipelineOrchestrator:

@@ -109,6 +109,8 @@ class PhaseContext:
     device: str = "cpu"
     phase_run_id: int | None = None
     session_lock: SessionLock | None = None
+    upstream_how: str = "given"
+    """How the upstream was chosen: 'given' (``upstream=``) or the newest completed run (not given)."""
 
     @property
     def seed(self) -> int:
@@ -210,6 +212,14 @@ def verified_model_path(result: PhaseResult, role: str, registry: Any) -> Path:
 def _result_file(result: PhaseResult) -> str:
     """Where ``result``'s result.json lives (for messages)."""
     return str(paths.outputs_root() / result.session / f"{result.number:02d}_{result.phase}" / "result.json")
+
+
+def describe_upstream(upstream: PhaseResult | None, how: str = "given") -> str:
+    """One line naming the upstream phase run a phase uses: phase, session, folder, and how it was chosen."""
+    if upstream is None:
+        return "none"
+    folder = paths.relative(paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}")
+    return f"{upstream.number:02d}_{upstream.phase} of session {upstream.session} ({folder}); {how}"
 
 
 def load_upstream(upstream: str | os.PathLike | PhaseResult | None) -> PhaseResult | None:
@@ -317,9 +327,12 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
-    upstream_result = load_upstream(upstream)
+    upstream_result, how = load_upstream(upstream), "given"
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
+        how = "not given: the newest completed run (this session's if it has one, else any session's)"
+        if upstream_result is not None:
+            print(f"[forge] {spec.dirname} uses upstream {describe_upstream(upstream_result, how)}")
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
@@ -342,7 +355,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
-                        tracker=tracker, result=result, device=device, session_lock=session_lock)
+                        tracker=tracker, result=result, device=device, session_lock=session_lock,
+                        upstream_how=how)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:

@@ -34,6 +34,9 @@ from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
 
 ROLES = ("reasoning", "memory", "speed")
+# The metrics the pipeline summary shows for this phase (its "headline" column).
+HEADLINE = ("trunk_acc_mean", "chance_mean", "reasoning_acc_own", "memory_acc_own", "speed_acc_own",
+            "min_disagreement")
 
 # The optimizer of Phase 1's language-model training: the Phase-1 MuGrokfast preset (tuned on the grokking
 # task, where weight decay 1.0 was needed) with the learning rate and weight decay measured on the task suite

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from .. import paths
 
@@ -23,6 +24,7 @@ def plot_fitness(report: dict) -> "plt.Figure":
         color = f"C{k}"
         ax.plot(xs, [gens[i]["best"] for i in xs], "o-", color=color, label=f"{method} (best)")
         ax.plot(xs, [gens[i]["mean"] for i in xs], "x--", color=color, alpha=0.5, label=f"{method} (mean)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation (search order)")
     ax.set_ylabel("fitness (fitness split)")
     ax.set_title("EvoMerge: best (solid) and mean (dashed) fitness per generation")
@@ -33,13 +35,27 @@ def plot_fitness(report: dict) -> "plt.Figure":
 
 def score_frame(report: dict):
     """Test-split rows — trunk, parents, uniform merge, champion — with exact-match accuracy (over the union of
-    the families), answer NLL, score, and the runtime settings each was scored with."""
+    the families), answer NLL, score, and the runtime settings each was scored with; a last ``chance`` row holds
+    the accuracy of the best constant answer per family (when the report has it)."""
     import pandas as pd
 
     frame = pd.DataFrame(report["test"]).T[["accuracy", "answer_nll", "score"]].astype(float).round(4)
     settings = report.get("settings", {})
     frame["settings"] = [" ".join(f"{k}={v}" for k, v in settings.get(n, {}).items()) for n in frame.index]
+    if "chance" in report:
+        frame.loc["chance"] = [round(report["chance"]["overall"], 4), float("nan"), float("nan"),
+                               "best constant answer per family"]
     return frame
+
+
+def chance_frame(report: dict):
+    """Chance accuracy per family of the test split (the best constant answer) and over all of them."""
+    import pandas as pd
+
+    chance = report.get("chance") or {"per_family": {}, "overall": float("nan")}
+    frame = pd.DataFrame({"chance": pd.Series(chance["per_family"], dtype=float)})
+    frame.loc["all"] = chance["overall"]
+    return frame.round(3)
 
 
 def plot_test_accuracy(report: dict) -> "plt.Figure":
@@ -53,6 +69,9 @@ def plot_test_accuracy(report: dict) -> "plt.Figure":
     for bar, n in zip(bars, names):
         ax.annotate(f"NLL {rows[n]['answer_nll']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=7)
+    if "chance" in report:
+        ax.axhline(report["chance"]["overall"], color="k", ls=":", lw=1, label="chance (best constant answer)")
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_ylim(0, max(1.0, max(rows[n]["accuracy"] for n in names) * 1.15))
     ax.set_ylabel("exact-match accuracy (test)")
     ax.set_title("EvoMerge: test accuracy (answer NLL on each bar)")
