@@ -1,5 +1,6 @@
 """Notebook rough edges: strict JSON reports, repo-relative artifacts, widgets' initial state and submit
 behaviour, readable tables and plots, the upstream a standalone phase took."""
+import html
 import json
 import math
 
@@ -140,3 +141,25 @@ def test_context_table_names_the_upstream_and_how_it_was_chosen(tmp_path, monkey
     line = table.loc["upstream", "value"]
     assert "session old-run" in line and "outputs/old-run/01_cognate" in line and "not given" in line
     assert table.loc["session", "value"] == "new" and "evomerge.trunk" in table.index
+
+
+def test_playground_runs_on_submit_only_and_lists_examples():
+    from forgelib.viz.cognate import playground_lines, playground_widget, prompt_examples, suite_answers
+
+    examples = prompt_examples(["arith", "logic"])
+    assert [e[0] for e in examples] == ["arith", "logic"] and all(e[1] and e[2] for e in examples)
+    answers = suite_answers(["arith", "logic"], levels=[1], per_level=20)
+    calls = []
+    widget = playground_widget(lambda prompt: calls.append(prompt) or [f"model: {prompt}"], examples, answers)
+    text, button = widget.children[0].children
+    assert text.continuous_update is False, "typing must not send the prompt (Enter or leaving the box does)"
+    assert calls == [examples[0][1]], "the example prompt runs once when the widget is built"
+    assert text._trait_notifiers["value"]["change"], "Enter (a value change) runs the models"
+    button.click()
+    assert len(calls) == 2, "the Run button runs the models once"
+    shown = widget.children[2].value
+    assert all(f"<code>{html.escape(p)}</code>" in shown and f"<code>{html.escape(a)}</code>" in shown
+               for _, p, a in examples)
+    sample = next(iter(answers))
+    assert playground_lines(sample, lambda p: [], answers)[0] == f"expected answer: {answers[sample]!r} (a suite sample)"
+    assert "unknown" in playground_lines("not a suite prompt", lambda p: [], answers)[0]
