@@ -351,7 +351,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         registry.interrupt_stale_runs(session)
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
-                           wandb_mode=run.wandb_mode, wandb_dir=folder)
+                           wandb_mode=run.wandb_mode, wandb_dir=folder, notebook=paths.resolve(spec.notebook))
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso())
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
