@@ -97,7 +97,7 @@ def _set_aside(folder: Path) -> Path | None:
 
 def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
                       upstream: str | None) -> Path:
-    import papermill as pm
+    from .notebooks import execute
 
     out_dir = phase_dir(session, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,7 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
     parameters = {"params_file": str(params_file), "overrides": overrides or {}, "session": session,
                   "upstream": upstream}
     try:
-        pm.execute_notebook(str(paths.resolve(spec.notebook)), str(output), parameters=parameters,
-                            kernel_name="python3", cwd=str(paths.repo_root()), progress_bar=False,
-                            request_save_on_cell_execute=True)
+        execute(paths.resolve(spec.notebook), output, parameters)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         raise PipelineError(_phase_failure_message(spec, out_dir, output, exc)) from exc
     return output
