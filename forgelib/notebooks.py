@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in strip(notebook_files(args.paths)):
             print(f"stripped {paths.relative(path)}")
         return 0
+    if args.log_output:  # papermill relays cell outputs through its logger
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     execute(args.source, args.output, dict(args.parameter), log_output=args.log_output)
     return 0
 
