@@ -21,8 +21,13 @@ class FullTable:
             return self.frame.style.set_properties(**{"text-align": "left"}).to_html()
 
     def __repr__(self) -> str:
+        """Plain text: one ``name  value`` line per row, values left-aligned (a one-column table), else the
+        frame's full text."""
         import pandas as pd
 
+        if len(self.frame.columns) == 1:
+            width = max((len(str(i)) for i in self.frame.index), default=0)
+            return "\n".join(f"{str(i):<{width}}  {v}" for i, v in self.frame.iloc[:, 0].items())
         with pd.option_context("display.max_colwidth", None, "display.max_rows", None, "display.width", 200):
             return self.frame.to_string()
 
