@@ -22,7 +22,7 @@ export JUPYTER_RUNTIME_DIR ?= $(CACHE)/jupyter-runtime
 export HF_HOME ?= $(CACHE)/huggingface
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test clean-outputs check-session
+.PHONY: setup run test strip clean-outputs check-session
 
 # SESSION names a folder under outputs/: the same rule as forgelib.session.check_session_name. Checked before
 # anything is created (the value is single-quoted for the shell, its own quotes escaped).
@@ -43,9 +43,13 @@ setup:
 run: check-session
 	@$(MAKE) --no-print-directory setup
 	@mkdir -p 'outputs/$(SESSION)' '$(CACHE)'
-	$(PY) -m papermill notebooks/00_pipeline.ipynb outputs/$(SESSION)/00_pipeline.ipynb \
-		-p params_file $(PARAMS) -p session $(SESSION) --cwd $(CURDIR) --no-progress-bar --log-output
+	$(PY) -m forgelib.notebooks run notebooks/00_pipeline.ipynb outputs/$(SESSION)/00_pipeline.ipynb \
+		-p params_file $(PARAMS) -p session $(SESSION) --log-output
 	@echo "outputs: outputs/$(SESSION)"
+
+# Notebooks are committed without outputs and with the metadata JupyterLab writes (tests/test_notebooks.py checks).
+strip:
+	$(PY) -m forgelib.notebooks strip notebooks tests/notebooks
 
 # pytest (unit, phase, pipeline tests) plus nbval on every notebook.
 test: setup

@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
-    print(summary_table(outcomes).to_string(index=False))
+    print(summary_table(outcomes).to_string())
     return 0
 
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable
 
 from . import paths
 from .phases import PHASES, PhaseSpec, select
-from .phases.base import (as_phase_error, completed_result, describe_upstream, latest_completed, load_phase_params,
-                          new_session_id, phase_dir, session_exists, upstream_record, verified_model_path)
+from .phases.base import (as_phase_error, completed_result, latest_completed, load_phase_params, new_session_id,
+                          phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
 from .results import PhaseResult
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -97,7 +97,7 @@ def _set_aside(folder: Path) -> Path | None:
 
 def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
                       upstream: str | None) -> Path:
-    import papermill as pm
+    from .notebooks import execute
 
     out_dir = phase_dir(session, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,7 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
     parameters = {"params_file": str(params_file), "overrides": overrides or {}, "session": session,
                   "upstream": upstream}
     try:
-        pm.execute_notebook(str(paths.resolve(spec.notebook)), str(output), parameters=parameters,
-                            kernel_name="python3", cwd=str(paths.repo_root()), progress_bar=False,
-                            request_save_on_cell_execute=True)
+        execute(paths.resolve(spec.notebook), output, parameters)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         raise PipelineError(_phase_failure_message(spec, out_dir, output, exc)) from exc
     return output
@@ -219,7 +217,7 @@ class Pipeline:
                                 f"session {self.session!r} or any other session; run --phases "
                                 f"{earlier[-1].number} first (or the whole pipeline)")
         if done.session != self.session:
-            self.log(describe_upstream(self.specs[0], done))
+            self.log(upstream_line(self.specs[0], done))
         self._check_handoff(earlier[-1], done, earlier=True)
         return done
 
@@ -295,18 +293,22 @@ def run_pipeline(params_file: str | os.PathLike = "parameters/smoke.yaml", phase
 
 
 def summary_table(outcomes: Iterable[PhaseOutcome]):
-    """One row per phase: status, seconds, gate, and its headline metrics (pandas DataFrame)."""
+    """One row per phase: status, gate, seconds, and a compact ``headline`` of that phase's own headline
+    metrics (the phase module's ``HEADLINE`` keys, else its first few metrics); a pandas DataFrame."""
     import pandas as pd
+
+    from .viz.tables import headline_text
 
     rows = []
     for o in outcomes:
-        row = {"phase": o.spec.dirname, "status": o.status, "seconds": round(o.seconds, 1)}
+        row = {"phase": o.spec.dirname, "status": o.status, "gate": "", "seconds": round(o.seconds, 1),
+               "headline": ""}
         if o.result is not None:
             row["gate"] = "pass" if o.result.gate_passed else "FAIL"
-            row["phase_seconds"] = o.result.duration_s
-            row.update(o.result.metrics)
+            row["seconds"] = round(o.result.duration_s, 1)
+            row["headline"] = headline_text(o.result.metrics, getattr(o.spec.load(), "HEADLINE", None))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["phase", "status", "gate", "seconds", "headline"]).set_index("phase")
 
 
 class PipelineOrchestrator:

@@ -27,6 +27,8 @@ class GateCheck:
                "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
         if self.op not in ops:
             raise ValueError(f"gate check {self.name!r}: unknown op {self.op!r}; valid: {sorted(ops)}")
+        if self.value is None:  # a NaN is stored as null in result.json
+            self.value = float("nan")
         value = float(self.value)
         self.passed = bool(not math.isnan(value) and ops[self.op](value, float(self.bound)))
 
@@ -115,17 +117,38 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file and an atomic rename.
+def json_safe(data: Any) -> Any:
+    """``data`` with every NaN/inf float (including numpy/torch scalars) replaced by None, so that it
+    serializes as strict JSON (``null``); dataclasses, paths and tuples become plain JSON values."""
+    if isinstance(data, float) or (hasattr(data, "item") and getattr(data, "ndim", 0) == 0):
+        value = data.item() if hasattr(data, "item") else data
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return json_safe(dataclasses.asdict(data))
+    return data
 
-    On failure the temporary file is removed and ``path`` keeps its earlier content; an OSError names ``path``.
-    """
+
+def dumps_json(data: Any, indent: int | None = 2, default: Any = None) -> str:
+    """Strict JSON text of ``data``: NaN/inf written as null (never the invalid bare ``NaN``); ``default``
+    converts other objects (numpy/torch scalars, paths and dataclasses when None)."""
+    return json.dumps(json_safe(data), indent=indent, default=default or _json_default, allow_nan=False)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write strict JSON (NaN/inf as null, see :func:`dumps_json`) through a temporary file and an atomic
+    rename. On failure the temporary file is removed and ``path`` keeps its earlier content; an OSError names
+    ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps_json(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

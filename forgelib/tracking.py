@@ -66,16 +66,37 @@ class JsonlTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """A W&B run; offline by default so no network is used (``wandb sync <dir>`` uploads it later)."""
+    """A W&B run; offline by default so no network is used (``wandb sync <dir>`` uploads it later).
+
+    W&B's own banners (stderr, shown as red blocks in notebooks) are silenced; one plain line on stdout says
+    where the run is and how to upload it. ``notebook`` (the phase notebook's path) is given to W&B so that
+    it does not query the Jupyter server for the notebook's name (and print an error when it cannot).
+    """
 
     def __init__(self, project: str, name: str, config: dict | None = None, group: str | None = None,
-                 directory: str | Path | None = None, mode: str = "offline"):
+                 directory: str | Path | None = None, mode: str = "offline", notebook: str | Path | None = None):
+        import os
+
+        if notebook is not None and Path(notebook).is_file():
+            os.environ.setdefault("WANDB_NOTEBOOK_NAME", str(Path(notebook).resolve()))
+        os.environ.setdefault("WANDB_SILENT", "true")  # read when W&B sets itself up (its notebook check too)
         import wandb
 
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=name, group=group, config=config or {},
-                              dir=str(directory) if directory else None, mode=mode, reinit="create_new")
+                              dir=str(directory) if directory else None, mode=mode, reinit="create_new",
+                              settings=wandb.Settings(silent=True))
+        print(self.where(mode))
+
+    def where(self, mode: str) -> str:
+        """The one line a user needs: the offline run's folder and its ``wandb sync`` command, or the run URL."""
+        from . import paths
+
+        run_dir = paths.relative(self.run_dir) if self.run_dir else "?"
+        if mode == "offline":
+            return f"W&B offline run: {run_dir} (upload it with: wandb sync {run_dir})"
+        return f"W&B run: {getattr(self.run, 'url', None) or run_dir}"
 
     @property
     def run_dir(self) -> Path | None:
@@ -117,7 +138,7 @@ TRACKING_MODES = ("wandb", "jsonl", "none")
 
 def make_tracker(mode: str, phase_dir: str | Path, *, project: str = "agent-forge", name: str = "",
                  group: str | None = None, config: dict | None = None, wandb_mode: str = "offline",
-                 wandb_dir: str | Path | None = None) -> MultiTracker:
+                 wandb_dir: str | Path | None = None, notebook: str | Path | None = None) -> MultiTracker:
     """The tracker a phase uses: JSONL at ``phase_dir/metrics.jsonl`` plus W&B when ``mode == 'wandb'``.
 
     ``WANDB_MODE=disabled`` in the environment (as in the tests) turns W&B off whatever the mode.
@@ -130,7 +151,8 @@ def make_tracker(mode: str, phase_dir: str | Path, *, project: str = "agent-forg
         return MultiTracker([NullTracker()])
     trackers: list[Tracker] = [JsonlTracker(Path(phase_dir) / "metrics.jsonl")]
     if mode == "wandb" and os.environ.get("WANDB_MODE") != "disabled" and wandb_mode != "disabled":
-        trackers.append(WandbTracker(project, name, config, group, wandb_dir or Path(phase_dir), wandb_mode))
+        trackers.append(WandbTracker(project, name, config, group, wandb_dir or Path(phase_dir), wandb_mode,
+                                     notebook))
     return MultiTracker(trackers)
 
 

@@ -153,7 +153,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     history = TrainHistory()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
-    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet, leave=False, mininterval=1.0)
+    # leave=True: a finished bar stays as its final line (a cleared one leaves a blank gap in exported HTML)
+    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet, leave=True, mininterval=1.0)
     for step in bar:
         factor = lr_factor(step, config)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from forgelib import paths
+from forgelib.notebooks import KERNELSPEC, LANGUAGE_INFO, clean, execute, strip
 from forgelib.phases import PHASES
 
 ROOT = paths.repo_root()
@@ -32,6 +33,49 @@ def test_notebook_is_clean_and_thin(nb):
         tree = ast.parse("".join(cell["source"]))
         defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
         assert not defs, f"{nb.name}: logic belongs in forgelib, found {[d.name for d in defs]}"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_is_stored_as_jupyterlab_saves_it(nb):
+    """The kernelspec and language_info JupyterLab writes (so opening a notebook does not mark it modified),
+    and exactly the form `make strip` writes."""
+    import nbformat
+
+    data = json.loads(nb.read_text())
+    assert data["metadata"]["kernelspec"] == KERNELSPEC
+    info = dict(data["metadata"]["language_info"])
+    assert {**info, "version": LANGUAGE_INFO["version"]} == LANGUAGE_INFO
+    text = nb.read_text()
+    stored = nbformat.writes(clean(nbformat.reads(text, as_version=4)))
+    assert text == stored + ("" if stored.endswith("\n") else "\n"), f"{nb.name}: run `make strip`"
+
+
+def test_strip_clears_an_executed_notebook(tmp_path):
+    executed = json.loads((ROOT / "tests" / "notebooks" / "alpha.ipynb").read_text())
+    executed["metadata"].update(papermill={"duration": 1.0}, kernelspec={"name": "python3", "display_name": "x"})
+    for cell in executed["cells"]:
+        if cell["cell_type"] == "code":
+            cell.update(execution_count=3, outputs=[{"output_type": "stream", "name": "stdout", "text": ["1\n"]}])
+            cell["metadata"]["execution"] = {"iopub.status.busy": "2026-01-01"}
+    path = tmp_path / "alpha.ipynb"
+    path.write_text(json.dumps(executed))
+    assert strip([path]) == [path] and strip([path]) == []
+    back = json.loads(path.read_text())
+    assert "papermill" not in back["metadata"] and back["metadata"]["kernelspec"] == KERNELSPEC
+    code = [c for c in back["cells"] if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None and "execution" not in c["metadata"] for c in code)
+    assert any("parameters" in c["metadata"].get("tags", []) for c in code), "tags are kept"
+
+
+def test_executed_notebook_has_no_kernel_warning(tmp_path, capfd):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    out = execute(tmp_path / "in.ipynb", tmp_path / "out.ipynb", cwd=tmp_path)
+    cells = json.loads(out.read_text())["cells"]
+    assert cells[0]["outputs"][0]["text"] == ["42\n"]
+    assert "without encryption" not in capfd.readouterr().err, "ipykernel's transport warning is not shown"
 
 
 @pytest.mark.parametrize("spec", PHASES, ids=lambda s: s.dirname)

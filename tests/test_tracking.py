@@ -42,3 +42,22 @@ def test_phase_result_round_trip_and_gate(tmp_path):
     back = PhaseResult.load(tmp_path)
     assert back.gate[0].passed and not back.gate[1].passed and back.metrics == {"acc": 0.5}
     assert json.loads((tmp_path / "result.json").read_text())["gate_passed"] is False
+
+
+def test_wandb_prints_one_plain_line_and_no_banner(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_NOTEBOOK_NAME", raising=False)
+    notebook = tmp_path / "01_x.ipynb"
+    notebook.write_text("{}")
+    t = make_tracker("wandb", tmp_path, name="unit", wandb_mode="offline", notebook=notebook)
+    t.log({"loss": 1.0}, step=0)
+    t.finish()
+    out, err = capfd.readouterr()
+    assert "wandb:" not in err and "wandb:" not in out, "W&B's banners are silenced"
+    lines = [line for line in out.splitlines() if "W&B" in line]
+    run = next(tmp_path.rglob("offline-run-*"))
+    assert len(lines) == 1 and f"wandb sync {run}" in lines[0]
+    import os
+
+    assert os.environ["WANDB_NOTEBOOK_NAME"] == str(notebook.resolve()), "W&B need not ask Jupyter for the name"

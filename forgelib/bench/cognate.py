@@ -22,6 +22,7 @@ from ..data.tasks import build_mix, format_sample, generate
 from ..data.tokenizer import encode_samples, lm_batches, token_distance, train_tokenizer
 from ..evaluate import exact_match_accuracy, mean_nll
 from ..models import CognateConfig, CognateForCausalLM
+from ..results import dumps_json
 from ..train import TrainConfig, train
 
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         report[part] = runners[part]()
         report[part]["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
+    text = dumps_json(report)
     print(text)
     out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"cognate-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from .. import paths
 from ..merge import MergeRecipe, merge_models
 from ..merge.models import uniform_recipe
 from ..phases.evomerge import Params, make_scorer, ranks_at_least, runtime_settings, search
+from ..results import dumps_json
 
 DEFAULT_WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               "budget": args.budget, "seeds": args.seeds, "weight_grid": args.weight_grid,
               "params": dataclasses.asdict(params), "n_fitness": len(setup[2].samples),
               "n_test": len(setup[3].samples), "per_seed": per_seed, **summarize(per_seed)}
-    text = json.dumps(report, indent=2, default=str)
+    text = dumps_json(report, default=str)
     print(text)
     out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"evomerge-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

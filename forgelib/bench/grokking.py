@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import paths
 from ..optim import MuonGrokfast, grokfast_ema, preset_config
+from ..results import dumps_json
 
 PRIME = 97
 TARGETS = (0.95, 0.99)
@@ -376,7 +377,7 @@ def write_result(result: dict, out: str | None, stem: str) -> Path:
     default = paths.outputs_root() / "bench" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path = paths.resolve(out) if out else default
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(dumps_json(result, indent=1))
     return path
 
 

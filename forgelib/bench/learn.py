@@ -31,6 +31,7 @@ from ..evaluate import accuracy_by_family
 from ..optim import create_optimizer_from_phase
 from ..params import load_section
 from ..phases import cognate as phase1
+from ..results import dumps_json
 from ..train import train
 
 CONTENDERS = ("cognate", "llama", "cognate-t2")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "test_samples": len(samples), "seeds_vary": "model initialisation and training data stream",
               "common_seconds": common,
               "summary": summary, "runs": runs}
-    text = json.dumps(report, indent=2)
+    text = dumps_json(report)
     print(json.dumps({"summary": summary}, indent=2))
     out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"learn-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import yaml
 
 from .. import paths
 from ..params import RunParams, load_section, to_dict
-from ..results import PhaseResult
+from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 
 
@@ -109,6 +109,8 @@ class PhaseContext:
     device: str = "cpu"
     phase_run_id: int | None = None
     session_lock: SessionLock | None = None
+    upstream_how: str = "given"
+    """How the upstream was chosen: 'given' (``upstream=``) or the newest completed run (not given)."""
 
     @property
     def seed(self) -> int:
@@ -127,6 +129,13 @@ class PhaseContext:
         p = self.dir.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def write_report(self, report: dict, name: str = "report.json") -> Path:
+        """Write ``report`` as strict JSON into the phase folder and record it as the ``report`` artifact,
+        repo-relative like every path of result.json."""
+        path = write_json_atomic(self.path(name), report)
+        self.result.artifacts["report"] = paths.relative(path)
+        return path
 
     def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
         """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it.
@@ -215,6 +224,14 @@ def _result_file(result: PhaseResult) -> str:
     return str(paths.outputs_root() / result.session / f"{result.number:02d}_{result.phase}" / "result.json")
 
 
+def describe_upstream(upstream: PhaseResult | None, how: str = "given") -> str:
+    """One line naming the upstream phase run a phase uses: phase, session, folder, and how it was chosen."""
+    if upstream is None:
+        return "none"
+    folder = paths.relative(paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}")
+    return f"{upstream.number:02d}_{upstream.phase} of session {upstream.session} ({folder}); {how}"
+
+
 def load_upstream(upstream: str | os.PathLike | PhaseResult | None) -> PhaseResult | None:
     """Accept a PhaseResult, a result.json path, or a phase output folder (relative to the repo root)."""
     if upstream is None or isinstance(upstream, PhaseResult):
@@ -253,7 +270,7 @@ def upstream_record(upstream: PhaseResult) -> dict[str, str]:
     return {"session": upstream.session, "phase": upstream.phase, "folder": paths.relative(folder)}
 
 
-def describe_upstream(spec: PhaseSpec, upstream: PhaseResult) -> str:
+def upstream_line(spec: PhaseSpec, upstream: PhaseResult) -> str:
     """The line that says which earlier run a phase takes as its upstream (for the terminal and logs)."""
     record = upstream_record(upstream)
     return (f"[forge] {spec.dirname}: upstream {upstream.number:02d}_{upstream.phase} taken from session "
@@ -343,11 +360,12 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
-    upstream_result = load_upstream(upstream)
+    upstream_result, how = load_upstream(upstream), "given"
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
-        if upstream_result is not None and upstream_result.session != session:
-            print(describe_upstream(spec, upstream_result))  # picked from another session: say which
+        how = "not given: the newest completed run (this session's if it has one, else any session's)"
+        if upstream_result is not None:  # picked, not given: say which
+            print(upstream_line(spec, upstream_result) + f"; {how}")
     if completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
@@ -374,12 +392,13 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         registry.interrupt_stale_runs(session)
     tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
-                           wandb_mode=run.wandb_mode, wandb_dir=folder)
+                           wandb_mode=run.wandb_mode, wandb_dir=folder, notebook=paths.resolve(spec.notebook))
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
                          upstream=upstream_record(upstream_result) if upstream_result is not None else None)
     return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                         params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
-                        tracker=tracker, result=result, device=device, session_lock=session_lock)
+                        tracker=tracker, result=result, device=device, session_lock=session_lock,
+                        upstream_how=how)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:

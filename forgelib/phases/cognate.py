@@ -32,11 +32,14 @@ from ..optim import create_optimizer_from_phase
 from ..optim.config import MuGrokfastConfig, OptimConfigError
 from ..optim.presets import preset_config
 from ..params import check_fields, require_non_negative, require_positive
-from ..results import GateCheck, PhaseResult, write_json_atomic
+from ..results import GateCheck, PhaseResult
 from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
 
 ROLES = ("reasoning", "memory", "speed")
+# The metrics the pipeline summary shows for this phase (its "headline" column).
+HEADLINE = ("trunk_acc_mean", "chance_mean", "reasoning_acc_own", "memory_acc_own", "speed_acc_own",
+            "min_disagreement")
 
 # The optimizer of Phase 1's language-model training: the Phase-1 MuGrokfast preset (tuned on the grokking
 # task, where weight decay 1.0 was needed) with the learning rate and weight decay measured on the task suite
@@ -404,7 +407,7 @@ def run(params: Params, ctx) -> PhaseResult:
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
     report["specialist_gain"] = {name: specialist_gain(report, name, params.specialists[name].families
                                                        or list(params.specialists[name].mix)) for name in ROLES}
-    ctx.result.artifacts["report"] = str(write_json_atomic(ctx.path("report.json"), report))
+    ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})
     ctx.result.metrics.update(headline(report, params, histories))

@@ -59,13 +59,16 @@ import yaml
 
 from .. import paths
 from ..data.tasks import FAMILIES, build_mix
-from ..evaluate import answer_correctness, mean_nll
+from ..evaluate import answer_correctness, chance_accuracy, mean_nll
 from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models, save_recipe
 from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
-from ..results import GateCheck, PhaseResult, write_json_atomic
+from ..results import GateCheck, PhaseResult
 from .base import UpstreamError
 
+# The metrics the pipeline summary shows for this phase (its "headline" column).
+HEADLINE = ("champion_method", "champion_test_acc", "trunk_test_acc", "best_parent_test_acc", "uniform_test_acc",
+            "chance_test_acc")
 DEFAULT_FAMILIES = ["arith", "multistep", "modular", "sequence", "logic", "algebra", "recall"]
 DEFAULT_RUNTIME_CHOICES = [{"n_cycles": 1, "use_memory": False}, {"n_cycles": 1, "use_memory": True},
                            {"n_cycles": 2, "use_memory": False}, {"n_cycles": 2, "use_memory": True}]
@@ -441,6 +444,16 @@ def score_table(params: Params, models: dict, base, champion, test: Scorer,
     return rows
 
 
+def chance_levels(params: Params, samples: list, seed: int) -> dict[str, Any]:
+    """Chance on ``samples``: per family the accuracy of always giving the family's most frequent train-split
+    answer (the best constant guess), and ``overall``, the same over all the samples."""
+    reference = build_mix({f: 1.0 for f in params.families}, params.levels, 300 * len(params.families), "train",
+                          seed)
+    per_family = chance_accuracy(samples, reference)
+    hits = sum(per_family[s.family] for s in samples) / len(samples)
+    return {"per_family": per_family, "overall": hits}
+
+
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 2 (see the module docstring)."""
     torch.manual_seed(ctx.seed)
@@ -470,10 +483,12 @@ def run(params: Params, ctx) -> PhaseResult:
                                                            "champion_fitness": path_evo.champion_fitness},
               "test": table, "settings": settings, "trunk": params.base, "parents": list(params.sources),
               "with_steps": params.with_steps, "n_fitness": len(fitness.samples), "n_test": len(test.samples),
-              "champion_recipe": recipe.to_dict(), "champion_source": found.source, "gate_z": params.gate_z}
-    ctx.result.artifacts["report"] = paths.relative(write_json_atomic(ctx.path("report.json"), report))
+              "champion_recipe": recipe.to_dict(), "champion_source": found.source, "gate_z": params.gate_z,
+              "chance": chance_levels(params, test.samples, ctx.seed + 2)}
+    ctx.write_report(report)
     ctx.save_model("champion", champion, tokenizer, metadata={"recipe": paths.relative(ctx.dir / "recipe.yaml")})
     _summarize(ctx, table, params, found, recipe)
+    ctx.result.metrics["chance_test_acc"] = round(report["chance"]["overall"], 4)
     return ctx.result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any, Callable, Iterable
 
 import matplotlib.pyplot as plt
 
@@ -60,9 +61,73 @@ def plot_act_histogram(report: dict) -> "plt.Figure":
     return fig
 
 
-def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"), max_new_tokens: int = 48):
-    """Type a prompt; see each model's greedy answer and the cycles each prompt token used."""
+def prompt_examples(families: Iterable[str] | None = None, level: int = 1, seed: int = 0) -> list[tuple[str, str, str]]:
+    """One ``(family, prompt, expected answer)`` per task family, drawn from the suite's test split: the prompt
+    format each family expects (the model answers with worked steps, then ``#`` and the answer)."""
+    from ..data.tasks import FAMILIES, generate
+
+    out = []
+    for family in families or sorted(FAMILIES):
+        sample = generate(family, level, 1, "test", seed)[0]
+        out.append((family, sample.prompt, sample.answer))
+    return out
+
+
+def suite_answers(families: Iterable[str] | None = None, levels: Iterable[int] = (1, 2), per_level: int = 200,
+                  seed: int = 0) -> dict[str, str]:
+    """``{prompt: expected answer}`` for a sample of the suite (every split), to name the expected answer when
+    a typed prompt is one of the suite's problems."""
+    from ..data.tasks import FAMILIES, SPLITS, generate
+
+    answers = {}
+    for family in families or sorted(FAMILIES):
+        for level in levels:
+            for split in SPLITS:
+                answers.update({s.prompt: s.answer for s in generate(family, level, per_level, split, seed)})
+    return answers
+
+
+def playground_lines(prompt: str, run: Callable[[str], Iterable[str]], answers: dict[str, str]) -> list[str]:
+    """What the playground shows for ``prompt``: the expected answer when it is a suite sample, then ``run``'s
+    lines (one per model)."""
+    expected = answers.get(prompt)
+    head = [f"expected answer: {expected!r} (a suite sample)" if expected is not None
+            else "expected answer: unknown (not one of the suite's sampled prompts)"]
+    return head + list(run(prompt))
+
+
+def playground_widget(run: Callable[[str], Iterable[str]], examples: list[tuple[str, str, str]],
+                      answers: dict[str, str], value: str = ""):
+    """A prompt box that runs ``run`` on Enter or the Run button only (``continuous_update=False``: typing
+    sends nothing), above a table of example prompts per family with their expected answers."""
+    import html
+
     import ipywidgets as w
+
+    text = w.Text(value=value or examples[0][1], description="prompt", continuous_update=False,
+                  placeholder="a prompt, e.g. one of the examples below; Enter runs it",
+                  layout=w.Layout(width="80%"))
+    button = w.Button(description="Run", tooltip="run every model on the prompt")
+    out = w.Output()
+    rows = "".join(f"<tr><td>{html.escape(f)}</td><td><code>{html.escape(p)}</code></td>"
+                   f"<td><code>{html.escape(a)}</code></td></tr>" for f, p, a in examples)
+    table = w.HTML("<b>Example prompts</b> (copy one into the box)<table><tr><th>family</th><th>prompt</th>"
+                   f"<th>expected answer</th></tr>{rows}</table>")
+
+    def submit(change: Any = None) -> None:
+        out.clear_output()
+        with out:
+            print("\n".join(playground_lines(text.value, run, answers)))
+
+    text.observe(submit, names="value")
+    button.on_click(submit)
+    submit()
+    return w.VBox([w.HBox([text, button]), out, table])
+
+
+def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"), max_new_tokens: int = 48):
+    """Type a prompt and press Enter (or Run): each model's greedy answer and the cycles each prompt token used,
+    the expected answer when the prompt is a suite sample, and one example prompt per family."""
     import torch
 
     from ..data.tokenizer import encode_prompts
@@ -71,20 +136,20 @@ def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"
 
     models = {r: load_causal_lm(paths.resolve(result.models[r]["path"])).eval() for r in roles}
     tokenizer = AutoTokenizer.from_pretrained(paths.resolve(result.models["tokenizer"]["path"]))
-    text = w.Text(value="34+50=", description="prompt")
-    out = w.Output()
 
-    def answer(change=None):
-        out.clear_output()
-        ids = torch.tensor(encode_prompts(tokenizer, [text.value]))
-        with out, torch.no_grad():
+    def run(prompt: str) -> list[str]:
+        ids = torch.tensor(encode_prompts(tokenizer, [prompt]))
+        lines = []
+        with torch.no_grad():
             for role, model in models.items():
                 gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
                 reply = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
                 cycles = model(input_ids=ids).act_cycles[0].tolist()
-                print(f"{role:>9}: {reply!r:36} cycles per prompt token {cycles}")
+                lines.append(f"{role:>9}: {reply!r:36} cycles per prompt token {cycles}")
+        return lines
 
-    text.observe(answer, names="value")
-    answer()
-    return w.VBox([text, out])
+    report = load_report(result)
+    families = sorted(report.get("chance") or next(iter(report["models"].values()))["accuracy"])
+    levels = report.get("levels", [1, 2])
+    return playground_widget(run, prompt_examples(families, min(levels)), suite_answers(families, levels))

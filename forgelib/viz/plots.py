@@ -22,7 +22,8 @@ def plot_phase_durations(outcomes: Iterable) -> "plt.Figure":
     return fig
 
 
-def plot_metric_rows(rows: Sequence[dict], keys: Sequence[str], title: str = "", logy: bool = False) -> "plt.Figure":
+def plot_metric_rows(rows: Sequence[dict], keys: Sequence[str], title: str = "", logy: bool = False,
+                     ylabel: str = "") -> "plt.Figure":
     """Line plot of ``keys`` against ``step`` from tracker rows (metrics.jsonl); missing keys are skipped."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for key in keys:
@@ -31,6 +32,7 @@ def plot_metric_rows(rows: Sequence[dict], keys: Sequence[str], title: str = "",
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=key)
     ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     ax.set_title(title)
@@ -46,4 +48,4 @@ def plot_history(metrics_path: str | Path, prefix_keys: dict[str, str] | None = 
 
     rows = read_jsonl(metrics_path)
     keys = sorted({k for r in rows for k in r if k.endswith("/loss") and "/eval/" not in k})
-    return plot_metric_rows(rows, keys, title=title)
+    return plot_metric_rows(rows, keys, title=title, ylabel="training loss")

@@ -1,0 +1,103 @@
+"""The committed notebooks' form, and executing notebooks without kernel noise.
+
+``python -m forgelib.notebooks strip [paths]`` (``make strip``) clears outputs and execution counts and stores
+the metadata JupyterLab writes (so a notebook does not show as modified the moment it is opened);
+``python -m forgelib.notebooks run IN OUT -p name value …`` executes a notebook with papermill (``make run``).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import paths
+
+# What JupyterLab (ipykernel's kernel_info) writes into a notebook's metadata; only the version varies.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                 "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                 "pygments_lexer": "ipython3", "version": platform.python_version()}
+# Kernels started here log errors only: ipykernel's "running over TCP without encryption" warning (the
+# kernel listens on localhost) otherwise lands in the terminal and, for nested runs, in the notebook.
+QUIET_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+_CELL_KEYS_DROPPED = ("execution", "papermill", "scrolled", "collapsed")
+
+
+def notebook_files(roots: Iterable[str | Path] = ("notebooks", "tests/notebooks")) -> list[Path]:
+    """Every ``.ipynb`` under ``roots`` (files or folders, relative to the repository root), checkpoints
+    excluded."""
+    found: list[Path] = []
+    for root in roots:
+        root = paths.resolve(root)
+        found += [root] if root.is_file() else sorted(root.rglob("*.ipynb"))
+    return [p for p in found if ".ipynb_checkpoints" not in p.parts]
+
+
+def clean(nb: Any) -> Any:
+    """``nb`` (an nbformat node) as committed: no outputs, no execution counts, no run metadata (papermill,
+    widget state), the kernelspec and language_info JupyterLab writes; cell ids kept."""
+    nb.metadata = {**{k: v for k, v in nb.metadata.items() if k not in ("papermill", "widgets")},
+                   "kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)}
+    for cell in nb.cells:
+        cell.metadata = {k: v for k, v in cell.metadata.items() if k not in _CELL_KEYS_DROPPED}
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def strip(files: Iterable[str | Path]) -> list[Path]:
+    """Rewrite each notebook in its committed form (see :func:`clean`); returns the files that changed."""
+    import nbformat
+
+    changed = []
+    for path in map(Path, files):
+        before = path.read_text()
+        nb = nbformat.reads(before, as_version=4)
+        after = nbformat.writes(clean(nb))
+        after += "" if after.endswith("\n") else "\n"  # as nbformat.write (and so JupyterLab) saves it
+        if after != before:
+            path.write_text(after)
+            changed.append(path)
+    return changed
+
+
+def execute(source: str | Path, output: str | Path, parameters: dict | None = None, *, log_output: bool = False,
+            cwd: str | Path | None = None) -> Path:
+    """Execute ``source`` into ``output`` with papermill (kernel ``python3``, quiet kernel logs, cells saved as
+    they finish); raises papermill's error with the failing cell's traceback."""
+    import papermill as pm
+
+    pm.execute_notebook(str(source), str(output), parameters=parameters or {}, kernel_name="python3",
+                        cwd=str(cwd or paths.repo_root()), progress_bar=False, log_output=log_output,
+                        request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS))
+    return Path(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``strip [paths…]`` or ``run IN OUT [-p NAME VALUE]… [--log-output]`` (values are strings)."""
+    parser = argparse.ArgumentParser(prog="python -m forgelib.notebooks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_strip = sub.add_parser("strip", help="clear outputs, store JupyterLab's metadata")
+    p_strip.add_argument("paths", nargs="*", default=["notebooks", "tests/notebooks"])
+    p_run = sub.add_parser("run", help="execute a notebook with papermill")
+    p_run.add_argument("source")
+    p_run.add_argument("output")
+    p_run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p_run.add_argument("--log-output", action="store_true", help="relay cell outputs to the terminal")
+    args = parser.parse_args(argv)
+    if args.command == "strip":
+        for path in strip(notebook_files(args.paths)):
+            print(f"stripped {paths.relative(path)}")
+        return 0
+    if args.log_output:  # papermill relays cell outputs through its logger
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    execute(args.source, args.output, dict(args.parameter), log_output=args.log_output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
