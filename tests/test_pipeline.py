@@ -199,12 +199,24 @@ def test_full_disk_while_writing_result_json(outputs, monkeypatch):
     import forgelib.results as results
     from forgelib.phases import PhaseError, run_phase
 
-    def full_disk(data, handle, **kwargs):
-        handle.write('{"phase": ')
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # the temporary file's handle: a first chunk lands, then the disk is full
+        def __init__(self, fd, *args, **kwargs):
+            self.handle = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     ctx = open_phase(SPECS["alpha"], PARAMS, session="w2", all_specs=ALL)
-    monkeypatch.setattr(results.json, "dump", full_disk)
+    monkeypatch.setattr(results.os, "fdopen", FullDisk)
     with pytest.raises(PhaseError, match=f"cannot write {outputs / 'w2' / '01_alpha' / 'result.json'}: "
                                          "No space left on device"):
         run_phase(ctx)
