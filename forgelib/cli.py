@@ -108,12 +108,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe)."""
     from . import paths
     from .merge import MergeError
-    from .merge.models import rebuild_from_recipe
-    from .models.loading import load_causal_lm
+    from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
 
     recipe = paths.resolve(args.recipe)
     try:
-        model = rebuild_from_recipe(recipe, lambda name: load_causal_lm(paths.resolve(name)))
+        unchecked = verify_sources(load_recipe(recipe), paths.resolve)
+        if unchecked:
+            print(f"forge merge: warning: the recipe holds no checksum for {unchecked}; they are not verified",
+                  file=sys.stderr)
+        model = rebuild_from_recipe(recipe, _load_source)
     except (MergeError, OSError, ValueError) as exc:
         print(f"forge merge: {exc}", file=sys.stderr)
         return 1
@@ -127,6 +130,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"bit-identical to {args.compare}: {same}")
         return 0 if same else 1
     return 0
+
+
+def _load_source(name: str):
+    """Load a recipe's source model folder; an unreadable folder or a broken config.json is a ValueError
+    naming the folder."""
+    from . import paths
+    from .models.loading import load_causal_lm
+
+    folder = paths.resolve(name)
+    try:
+        return load_causal_lm(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # json errors are ValueErrors
+        raise ValueError(f"cannot load source model {folder}: {type(exc).__name__}: {exc}") from exc
 
 
 def cmd_bench(argv: list[str]) -> int:

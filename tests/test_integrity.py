@@ -273,3 +273,77 @@ def test_registry_of_the_old_schema_is_migrated(tmp_path):
         marked = reg.interrupt_stale_runs("old")
         assert [r["status"] for r in marked] == ["interrupted"]
         assert reg.list_phase_runs("old")[0]["status"] == "interrupted"
+
+
+# --- forge merge verifies what it rebuilds from ------------------------------------------------------
+
+
+@pytest.fixture
+def merge_sources(tmp_path, tiny_llama):
+    """A trunk and two perturbed copies saved as folders, and a recipe over them holding their checksums."""
+    import copy
+
+    import torch
+
+    from forgelib.merge import MergeRecipe, save_recipe
+    from forgelib.registry import compute_checksum
+
+    folders = {}
+    for i, name in enumerate(("trunk", "a", "b")):
+        model = copy.deepcopy(tiny_llama)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * i)
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+    names = {k: str(v) for k, v in folders.items()}
+    recipe = MergeRecipe("task_arithmetic", [names["a"], names["b"]], names["trunk"], parameters={"weights": 0.5},
+                         checksums={v: compute_checksum(v) for v in names.values()})
+    return folders, save_recipe(recipe, tmp_path / "recipe.yaml")
+
+
+def _forge_merge(*args):
+    from forgelib.cli import main
+
+    return main(["merge", *map(str, args)])
+
+
+def test_forge_merge_rebuilds_from_verified_sources(merge_sources, tmp_path, capsys):
+    _, recipe = merge_sources
+    assert _forge_merge(recipe, "--out", tmp_path / "out") == 0
+    assert "rebuilt model written to" in capsys.readouterr().out
+
+
+def test_forge_merge_refuses_a_tampered_source(merge_sources, tmp_path, capsys):
+    folders, recipe = merge_sources
+    weights = folders["b"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in a tensor
+    weights.write_bytes(bytes(data))
+    assert _forge_merge(recipe, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"source model '{folders['b']}' at {folders['b']} was changed since the recipe was saved" in err
+    assert not (tmp_path / "out").exists(), "nothing rebuilt from a tampered source"
+
+
+def test_forge_merge_names_an_invalid_recipe_file(tmp_path, capsys):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("method: [unclosed\n")
+    assert _forge_merge(bad) == 1
+    assert f"recipe file {bad} is not valid YAML" in capsys.readouterr().err
+    bad.write_text("method: linear\nmodels: [x]\nweights: 1\n")
+    assert _forge_merge(bad) == 1
+    assert f"recipe file {bad}: unknown recipe field(s) ['weights']" in capsys.readouterr().err
+
+
+def test_forge_merge_names_a_garbage_config(merge_sources, tmp_path, capsys):
+    from forgelib.merge import load_recipe, save_recipe
+
+    folders, recipe_path = merge_sources
+    recipe = load_recipe(recipe_path)
+    recipe.checksums = {}  # a hand-written recipe: nothing to verify, so the load itself must fail clearly
+    save_recipe(recipe, recipe_path)
+    (folders["a"] / "config.json").write_text("{not json")
+    assert _forge_merge(recipe_path, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "holds no checksum" in err and f"cannot load source model {folders['a']}" in err

@@ -60,6 +60,9 @@ class MergeRecipe:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Model-config settings applied to the merged model (e.g. Cognate's runtime ``n_cycles``/``use_memory``);
     they change no parameter shape."""
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+    """SHA-256 (``forgelib.registry.compute_checksum``) of the base and each source by name, written by the
+    phase that saved the recipe; a rebuild verifies them before loading (see :func:`verify_sources`)."""
 
     def __post_init__(self) -> None:
         get_method(self.method)  # unknown method -> error listing the valid ones
@@ -112,11 +115,41 @@ def save_recipe(recipe: MergeRecipe, path: str | Path) -> Path:
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
-    """Read a recipe written by :func:`save_recipe`."""
-    data = yaml.safe_load(Path(path).read_text())
+    """Read a recipe written by :func:`save_recipe`; a file that is not a valid recipe is a MergeError
+    naming it."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise MergeError(f"recipe file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise MergeError(f"recipe file {path} does not hold a mapping")
-    return MergeRecipe.from_dict(data)
+    try:
+        return MergeRecipe.from_dict(data)
+    except (MergeError, TypeError, ValueError) as exc:
+        raise MergeError(f"recipe file {path}: {exc}") from exc
+
+
+def verify_sources(recipe: MergeRecipe, resolve: Callable[[str], Path]) -> list[str]:
+    """Check the base and every source against the recipe's ``checksums`` (``resolve(name)`` gives the folder).
+    Raises MergeError naming the first folder whose contents changed; returns the names that had no checksum
+    to check (an older recipe or a hand-written one)."""
+    from ..registry import compute_checksum
+
+    names = ([recipe.base] if recipe.base else []) + list(recipe.models)
+    unchecked = []
+    for name in names:
+        expected = recipe.checksums.get(name)
+        if expected is None:
+            unchecked.append(name)
+            continue
+        folder = resolve(name)
+        if not Path(folder).exists():
+            raise MergeError(f"source model {name!r} of the recipe is missing: {folder}")
+        actual = compute_checksum(folder)
+        if actual != expected:
+            raise MergeError(f"source model {name!r} at {folder} was changed since the recipe was saved: "
+                             f"sha256 {actual}, the recipe holds {expected}; refusing to rebuild from it")
+    return unchecked
 
 
 def uniform_recipe(names: Sequence[str], base: str | None = None) -> MergeRecipe:

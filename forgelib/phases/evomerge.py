@@ -64,6 +64,7 @@ from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models,
 from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
+from ..registry import compute_checksum
 from .base import UpstreamError
 
 # The metrics the pipeline summary shows for this phase (its "headline" column).
@@ -472,7 +473,9 @@ def run(params: Params, ctx) -> PhaseResult:
     settings = {params.base: settings_of(base, keys), **{n: settings_of(m, keys) for n, m in models.items()},
                 "uniform_merge": dict(found.search_runtime), "champion": dict(recipe.config)}
     portable = dataclasses.replace(recipe, models=[folders[m] for m in recipe.models], base=folders[params.base],
-                                   layer_path=_portable_path(recipe.layer_path, folders))
+                                   layer_path=_portable_path(recipe.layer_path, folders),
+                                   checksums={folders[r]: compute_checksum(paths.resolve(folders[r]))
+                                              for r in (params.base, *recipe.models)})
     ctx.result.artifacts["recipe"] = paths.relative(save_recipe(portable, ctx.path("recipe.yaml")))
     path_evo = found.layer_path
     report = {"evolution": {"generations": found.generations, "evaluations": _strip(found.evaluations),
