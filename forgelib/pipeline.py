@@ -96,8 +96,10 @@ def _set_aside(folder: Path) -> Path | None:
 
 
 def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
-                      upstream: str | None) -> Path:
+                      upstream: str | None, log: Callable[[str], None] = print) -> Path:
+    """Run the phase notebook through papermill; meanwhile one progress line at a time goes to ``log``."""
     from .notebooks import execute
+    from .progress import ProgressRelay
 
     out_dir = phase_dir(session, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,8 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
     parameters = {"params_file": str(params_file), "overrides": overrides or {}, "session": session,
                   "upstream": upstream}
     try:
-        execute(paths.resolve(spec.notebook), output, parameters)
+        with ProgressRelay(out_dir / "metrics.jsonl", spec.dirname, log):
+            execute(paths.resolve(spec.notebook), output, parameters)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         raise PipelineError(_phase_failure_message(spec, out_dir, output, exc)) from exc
     return output
@@ -234,7 +237,8 @@ class Pipeline:
         started = time.perf_counter()
         upstream_arg = upstream_record(upstream)["folder"] if upstream else None
         try:
-            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg)
+            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg,
+                                         self.log)
         except PipelineError:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
             raise
