@@ -524,3 +524,41 @@ def test_bad_forward_arguments_are_refused():
         model(ids, n_cycle=2)
     with pytest.raises(ValueError, match="memory_modules"):
         model(ids, use_memory=True)
+
+
+def test_halting_learns_on_prompt_tokens_too():
+    """Halting freezes prompt states as well as written ones, so the halting BCE covers every non-padding
+    position: labels where given, the input token itself under an answer-only loss, padding never."""
+    import torch.nn.functional as F
+
+    from forgelib.models import CognateConfig, CognateForCausalLM
+    from forgelib.models.modeling_cognate import _halt_targets
+
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100, -100]])  # answer-only: the prompt is not scored
+    assert _halt_targets(labels, ids, mask).tolist() == [[5, 6, 7, 8, -100, -100]]
+    assert _halt_targets(labels, None, None) is labels
+
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, n_cycles=2, n_latent=0,
+                                             use_act=True, max_position_embeddings=32)).eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        # reference: the BCE over positions 0..2 (each predicts the next input token), every cycle
+        inner = model.model(input_ids=ids, attention_mask=mask, collect_cycles=True)
+        logits = [model.lm_head(s) for s in inner.cycle_states]
+        nxt = ids[:, 1:4]
+        correct = torch.stack([lg[:, :3].argmax(-1) == nxt for lg in logits], -1).float()
+        halt = inner.halt_logits[:, :3]  # (B, T, cycles)
+        want = F.binary_cross_entropy_with_logits(halt, correct)
+    assert torch.allclose(out.act_loss, want, atol=1e-6)
+    # with one cycle nothing is ever frozen: the BCE stays on the labelled tokens (positions 1, 2 predict 7, 8)
+    model.config.n_cycles = 1
+    with torch.no_grad():
+        one = model(input_ids=ids, attention_mask=mask, labels=labels)
+        inner = model.model(input_ids=ids, attention_mask=mask, collect_cycles=True, n_cycles=1)
+        right = (model.lm_head(inner.cycle_states[0])[:, 1:3].argmax(-1) == torch.tensor([[7, 8]])).float()
+        want = F.binary_cross_entropy_with_logits(inner.halt_logits[:, 1:3, 0], right)
+    assert torch.allclose(one.act_loss, want, atol=1e-6)

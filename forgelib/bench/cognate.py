@@ -2,8 +2,9 @@
 
 (a) throughput — training tokens/s of Cognate (n=0, T=1, memory and ACT off) vs ``LlamaForCausalLM`` of
     identical shape and weights, interleaved in one run (rounds alternate the two; medians reported);
-(b) cycles — a one-layer model trained with T=4 cycles (deep supervision, ACT), evaluated at test-time
-    T = 1, 2, 4, 8 (exact-match accuracy per family, cycles ACT spends per token): does thinking longer help?
+(b) cycles — a one-layer model trained with T=4 cycles (deep supervision), with ACT halting and without (same
+    data and seed), evaluated at test-time T = 1, 2, 4, 8 (exact-match accuracy per family, cycles ACT spends
+    per prompt and per written token): does thinking longer help, and what does halting cost?
 (c) memory — ``recall`` with the queried pair further back than the attention window, memory on vs off,
     same data, seed and training budget.
 """
@@ -99,9 +100,17 @@ def _new_model(tokenizer, args, **config) -> CognateForCausalLM:
 
 
 def bench_cycles(args, tokenizer) -> dict:
-    """A one-layer Cognate trained with ``--cycles-train`` recursion cycles (deep supervision, ACT halting on,
-    in training as in inference) on Phase 1's streamed recipe, evaluated at test-time T = 1, 2, 4, 8: exact-match
-    accuracy per family and the cycles ACT spends per token. One layer, so depth comes from the cycles only."""
+    """(b) with ACT halting on and off (``--cycles-act``), one model each, same data and seed."""
+    modes = [m.strip() for m in args.cycles_act.split(",") if m.strip()]
+    if not modes or set(modes) - {"on", "off"}:
+        raise SystemExit(f"--cycles-act: give on, off or on,off; got {args.cycles_act!r}")
+    return {f"act_{mode}": _cycles_run(args, tokenizer, mode == "on") for mode in modes}
+
+
+def _cycles_run(args, tokenizer, use_act: bool) -> dict:
+    """A one-layer Cognate trained with ``--cycles-train`` recursion cycles (deep supervision; ACT halting in
+    training as in inference when ``use_act``) on Phase 1's streamed recipe, evaluated at test-time T = 1, 2, 4,
+    8: exact-match accuracy per family and the cycles spent per token. One layer: depth comes from the cycles."""
     from ..data.stream import LengthBucketedBatches, TaskStream
     from ..evaluate import accuracy_by_family
     from ..optim import create_optimizer_from_phase
@@ -111,7 +120,7 @@ def bench_cycles(args, tokenizer) -> dict:
     shape = {**_shape(args), "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 1}
     torch.manual_seed(args.seed)
     model = CognateForCausalLM(CognateConfig(
-        vocab_size=len(tokenizer), **shape, n_latent=0, n_cycles=args.cycles_train, use_act=True,
+        vocab_size=len(tokenizer), **shape, n_latent=0, n_cycles=args.cycles_train, use_act=use_act,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id))
     batches = LengthBucketedBatches(tokenizer, TaskStream(mix, levels, "train", args.seed), 16, args.max_len,
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=96)
     parser.add_argument("--cycles-train", type=int, default=4, help="recursion cycles (b) trains with")
     parser.add_argument("--cycles-steps", type=int, default=3000, help="training steps of (b)")
+    parser.add_argument("--cycles-act", default="on,off", help="(b) with ACT halting on, off, or both")
     parser.add_argument("--cycles-max-level", type=int, default=3, help="task levels 1..N of (b)")
     parser.add_argument("--eval-samples", type=int, default=120)
     parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
