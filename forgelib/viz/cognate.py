@@ -75,15 +75,22 @@ def prompt_examples(families: Iterable[str] | None = None, level: int = 1, seed:
 
 def suite_answers(families: Iterable[str] | None = None, levels: Iterable[int] = (1, 2), per_level: int = 200,
                   seed: int = 0) -> dict[str, str]:
-    """``{prompt: expected answer}`` for a sample of the suite (every split), to name the expected answer when
-    a typed prompt is one of the suite's problems."""
-    from ..data.tasks import FAMILIES, SPLITS, generate
+    """``{prompt: expected answer}`` for a sample of the suite (every split, up to ``per_level`` prompts per
+    family, level and split; fewer where a small level has fewer distinct prompts in a split), to name the
+    expected answer when a typed prompt is one of the suite's problems."""
+    from ..data.tasks import FAMILIES, SPLITS, TaskSpaceExhaustedError, generate
 
     answers = {}
     for family in families or sorted(FAMILIES):
         for level in levels:
             for split in SPLITS:
-                answers.update({s.prompt: s.answer for s in generate(family, level, per_level, split, seed)})
+                n = per_level
+                while n > 0:
+                    try:
+                        answers.update({s.prompt: s.answer for s in generate(family, level, n, split, seed)})
+                        break
+                    except TaskSpaceExhaustedError:  # e.g. algebra level 3 holds ~150 'fitness' prompts
+                        n //= 2
     return answers
 
 
@@ -151,5 +158,5 @@ def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"
 
     report = load_report(result)
     families = sorted(report.get("chance") or next(iter(report["models"].values()))["accuracy"])
-    levels = report.get("levels", [1, 2])
-    return playground_widget(run, prompt_examples(families, min(levels)), suite_answers(families, levels))
+    lo, hi = report.get("levels", [1, 2])  # the phase's (lowest, highest) training level
+    return playground_widget(run, prompt_examples(families, lo), suite_answers(families, range(lo, hi + 1)))
