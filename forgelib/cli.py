@@ -109,6 +109,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import paths
     from .merge import MergeError
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
+    from .models.loading import load_causal_lm
 
     recipe = paths.resolve(args.recipe)
     try:

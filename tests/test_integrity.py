@@ -347,3 +347,10 @@ def test_forge_merge_names_a_garbage_config(merge_sources, tmp_path, capsys):
     assert _forge_merge(recipe_path, "--out", tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert "holds no checksum" in err and f"cannot load source model {folders['a']}" in err
+
+
+def test_forge_merge_compare_reports_bit_identity(merge_sources, tmp_path, capsys):
+    _, recipe = merge_sources
+    assert _forge_merge(recipe, "--out", tmp_path / "one") == 0
+    assert _forge_merge(recipe, "--out", tmp_path / "two", "--compare", tmp_path / "one") == 0
+    assert f"bit-identical to {tmp_path / 'one'}: True" in capsys.readouterr().out
