@@ -1,6 +1,9 @@
 """Small helpers shared by several test files."""
 import copy
+import os
+from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -12,3 +15,16 @@ def perturbed_copy(model, seed: int, scale: float = 0.05):
         for p in child.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))
     return child
+
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+@pytest.fixture
+def pipeline_outputs(tmp_path, monkeypatch):
+    """Fresh outputs root per test; the kernels papermill starts find the test phases (tests/pipeline_phases)
+    on PYTHONPATH."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("FORGE_OUTPUTS", str(out))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    return out

@@ -15,19 +15,16 @@ from forgelib.phases import UpstreamError, open_phase, run_phase
 from forgelib.pipeline import PipelineError, run_pipeline
 from forgelib.registry import ModelRegistry, RegistryError
 from forgelib.results import PhaseResult
+from helpers import pipeline_outputs  # noqa: F401  (fixture)
 from pipeline_phases import ALL, SPECS
 
 PARAMS = "tests/params/pipeline.yaml"
-TESTS_DIR = str(Path(__file__).parent)
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def outputs(tmp_path, monkeypatch):
-    out = tmp_path / "outputs"
-    monkeypatch.setenv("FORGE_OUTPUTS", str(out))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    return out
+def outputs(pipeline_outputs):
+    return pipeline_outputs
 
 
 def _execute(spec, session, upstream=None):

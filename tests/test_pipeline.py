@@ -17,19 +17,15 @@ from forgelib.phases.base import OutputNotWritableError
 from forgelib.pipeline import PipelineError, UnknownSessionError, run_pipeline
 from forgelib.registry import ModelRegistry
 from forgelib.results import PhaseResult
+from helpers import pipeline_outputs  # noqa: F401  (fixture)
 from pipeline_phases import ALL, SPECS
 
 PARAMS = "tests/params/pipeline.yaml"
-TESTS_DIR = str(Path(__file__).parent)
 
 
 @pytest.fixture
-def outputs(tmp_path, monkeypatch):
-    """Fresh outputs root per test; the kernels papermill starts find the test phases on PYTHONPATH."""
-    out = tmp_path / "outputs"
-    monkeypatch.setenv("FORGE_OUTPUTS", str(out))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    return out
+def outputs(pipeline_outputs):
+    return pipeline_outputs
 
 
 def _snapshot(folder: Path) -> dict:
