@@ -243,7 +243,10 @@ def test_real_run_fails_its_gate_when_the_trunk_beats_the_merges(upstream):
     assert recipe.config == report["runtime"]["champion_runtime"] == report["champion_recipe"]["config"]
     assert recipe.config in report["runtime"]["choices"]
     from forgelib.merge import rebuild_from_recipe
+    from forgelib.merge.models import verify_sources
     from forgelib.models.loading import load_causal_lm
+
+    assert verify_sources(recipe, paths.resolve) == [], "the recipe carries the registered checksum of every source"
 
     rebuilt = rebuild_from_recipe(ctx.dir / "recipe.yaml", lambda p: load_causal_lm(paths.resolve(p)))
     saved = load_causal_lm(paths.resolve(result.models["champion"]["path"]))

@@ -2,9 +2,10 @@
 
 **Search** (every candidate is built in memory and scored on the **fitness** split; ``budget`` evaluations in
 all). The *unmerged* candidates come first: the trunk and each parent under its own saved settings (the
-"no merge" options, ``1 + len(sources)`` evaluations; ``unmerged_candidates``). A merge candidate is a recipe (per-layer-group weights, densities, ``t``; task vectors taken against the
-trunk) *plus* a runtime setting: one of ``runtime_choices`` (Cognate config switches such as ``n_cycles`` and
-``use_memory``, each laid over ``runtime``; for other architectures only keys the config has are applied, and
+"no merge" options, ``1 + len(sources)`` evaluations; ``unmerged_candidates``). A merge candidate is a recipe
+(per-layer-group weights, densities, ``t``; task vectors taken against the trunk) *plus* a runtime setting:
+one of ``runtime_choices`` (Cognate config switches such as ``n_cycles`` and ``use_memory``, each laid over
+``runtime``; for other architectures only keys the config has are applied, and
 choices that then coincide count once). The search alternates over the two, one round of coordinate ascent:
 
 1. *runtime screen* — the uniform merge (the recipe search's starting point) is scored under every runtime
@@ -15,8 +16,7 @@ choices that then coincide count once). The search alternates over the two, one 
    choice. The champion is the best candidate over all evaluations, the unmerged ones included: when no
    merge beats the trunk or a parent on the fitness split, that model is handed on (its recipe is task
    arithmetic with weights 0 for the trunk, ``linear`` over the one parent otherwise; both rebuild it
-   bit-identically) and
-   the metric ``champion_source`` says so — Phase 2 never hands on a merge that measured worse than a model
+   bit-identically) and the metric ``champion_source`` says so — Phase 2 never hands on a merge that measured worse than a model
    it could have kept.
 
 Why this way: the runtime switches are a handful of discrete settings that change no weight, so a
@@ -64,7 +64,6 @@ from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models,
 from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
-from ..registry import compute_checksum
 from .base import UpstreamError
 
 # The metrics the pipeline summary shows for this phase (its "headline" column).
@@ -474,7 +473,7 @@ def run(params: Params, ctx) -> PhaseResult:
                 "uniform_merge": dict(found.search_runtime), "champion": dict(recipe.config)}
     portable = dataclasses.replace(recipe, models=[folders[m] for m in recipe.models], base=folders[params.base],
                                    layer_path=_portable_path(recipe.layer_path, folders),
-                                   checksums={folders[r]: compute_checksum(paths.resolve(folders[r]))
+                                   checksums={folders[r]: _registered_sha256(ctx, r)
                                               for r in (params.base, *recipe.models)})
     ctx.result.artifacts["recipe"] = paths.relative(save_recipe(portable, ctx.path("recipe.yaml")))
     path_evo = found.layer_path
@@ -493,6 +492,12 @@ def run(params: Params, ctx) -> PhaseResult:
     _summarize(ctx, table, params, found, recipe)
     ctx.result.metrics["chance_test_acc"] = round(report["chance"]["overall"], 4)
     return ctx.result
+
+
+def _registered_sha256(ctx, role: str) -> str:
+    """The checksum of upstream model ``role`` from its registry row (its files were checked against it when
+    the model was loaded, so the folder is not hashed again)."""
+    return ctx.registry.get_model(ctx.upstream.models[role]["registry_id"])["sha256"]
 
 
 def _portable_path(layer_path, folders: dict[str, str]):
