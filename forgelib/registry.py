@@ -526,13 +526,6 @@ class ModelRegistry:
                   if m.get("retired_at") is None]
         return models[-1] if models else None
 
-    def retire_model(self, model_id: int, reason: str) -> dict:
-        """Retire a model: its row stays as a record, but ``verify_model`` refuses it from now on."""
-        self.get_model(model_id)  # clear error for an unknown id
-        self._write(lambda c: c.execute("UPDATE models SET retired_at = ?, retired_reason = ? WHERE id = ?",
-                                        (self._now(), reason, int(model_id))))
-        return self.get_model(model_id)
-
     def verify_model(self, model_id: int) -> str:
         """Recompute the model's checksum; returns its path when the files are unchanged.
 
