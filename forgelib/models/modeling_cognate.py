@@ -89,8 +89,10 @@ class CognateCausalLMOutput(CausalLMOutputWithPast):
 class _ForwardContext:
     """Everything one top-level forward shares with its layers: rotary tables, cache, masks, switches, stats."""
 
-    def __init__(self, *, cos, sin, cache, past, q_len, real, sliding_window, num_layers, use_memory, track_qk):
+    def __init__(self, *, cos, sin, cache, past, q_len, real, sliding_window, num_layers, use_memory, track_qk,
+                 custom=None):
         self.cos, self.sin, self.cache, self.past, self.q_len = cos, sin, cache, past, q_len
+        self.custom = custom  # (B|1, 1, T, past + T) bool: a caller's 4-D mask, used as is (or None)
         self.real = real  # (B, past + T) bool (False = padding) or None
         self.real_new = None if real is None else real[:, past:]  # (B, T)
         self.sliding_window, self.num_layers = sliding_window, num_layers
@@ -109,6 +111,11 @@ class _ForwardContext:
         return self._masks[kv_len]
 
     def _build_masks(self, kv_len: int):
+        if self.custom is not None:
+            if kv_len != self.custom.shape[-1]:
+                raise ValueError(f"the 4-D attention_mask covers {self.custom.shape[-1]} keys but the cache holds "
+                                 f"{kv_len}")
+            return self.custom, False, self.custom
         device = self.cos.device
         q_pos = self.past + torch.arange(self.q_len, device=device)  # (T,)
         k_pos = self.past + self.q_len - kv_len + torch.arange(kv_len, device=device)  # (Tk,)
@@ -356,7 +363,8 @@ class CognateModel(CognatePreTrainedModel):
                 collect_cycles: bool = False, output_hidden_states: bool | None = None) -> CognateModelOutput:
         """Run the recursion. ``n_cycles``/``n_latent``/``use_memory`` override the config for this call;
         ``act_freeze`` (default True, in training and inference alike) freezes halted tokens; ``collect_cycles``
-        keeps every cycle's normalised state for deep supervision."""
+        keeps every cycle's normalised state for deep supervision. ``attention_mask`` is a 2-D padding mask, or a
+        4-D mask (B|1, 1, T, past + T) used as is (bool True or additive 0 = visible)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         rec = self.resolve_recursion(n_cycles, n_latent, use_memory, act_freeze, collect_cycles)
@@ -402,8 +410,10 @@ class CognateModel(CognatePreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (past + torch.arange(T, device=x.device)).unsqueeze(0)  # (1, T)
-        real = None
-        if attention_mask is not None:
+        real = custom = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            custom = self._custom_mask(attention_mask, B, past + T, T, rec)
+        elif attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask must be a 2-D padding mask of shape (batch, past + new tokens) = "
                                  f"{(B, past + T)}, got {tuple(attention_mask.shape)}")
@@ -413,7 +423,22 @@ class CognateModel(CognatePreTrainedModel):
         cos, sin = self.rotary_emb(x, position_ids)  # (B|1, T, d) each
         return _ForwardContext(cos=cos, sin=sin, cache=cache, past=past, q_len=T, real=real,
                                sliding_window=self.config.sliding_window, num_layers=len(self.layers),
-                               use_memory=rec.use_memory, track_qk=self.config.track_qk_logits)
+                               use_memory=rec.use_memory, track_qk=self.config.track_qk_logits, custom=custom)
+
+    def _custom_mask(self, mask: torch.Tensor, batch: int, kv_len: int, q_len: int, rec: _Recursion) -> torch.Tensor:
+        """A caller's 4-D mask (B|1, 1, T, past + T): bool (True = visible) or additive float (0 = visible), used as
+        is instead of the causal/padding mask (parallel thoughts build one; see forgelib.thoughts). The Titans
+        memory (a chunked recurrence over the sequence order) and a sliding window have no meaning under an
+        arbitrary mask, so they are refused."""
+        if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2:] != (q_len, kv_len):
+            raise ValueError(f"a 4-D attention_mask must have shape (batch or 1, 1, new tokens, past + new tokens) = "
+                             f"({batch}, 1, {q_len}, {kv_len}), got {tuple(mask.shape)}")
+        if rec.use_memory:
+            raise CognateConfigError("a 4-D attention_mask cannot be used with use_memory=True (the memory is a "
+                                     "recurrence over the sequence order); run with use_memory=False")
+        if self.config.sliding_window is not None:
+            raise CognateConfigError("a 4-D attention_mask cannot be combined with sliding_window")
+        return mask if mask.dtype == torch.bool else mask == 0
 
     def _net(self, hidden: torch.Tensor, ctx: _ForwardContext, call_idx: int) -> torch.Tensor:
         """One application of the shared block stack (call_idx picks the virtual cache layers)."""

@@ -1,0 +1,541 @@
+"""Quiet-STaR: a causal LM that thinks before each token (parallel thoughts, mixing head, REINFORCE).
+
+``QuietStarModel(base, tokenizer, config)`` wraps any causal LM forgelib loads (Cognate, Llama/Qwen2-style HF
+models). For every position t of a sequence it writes a thought ``<|startofthought|> c_1 .. c_n
+<|endofthought|>`` after the real prefix ``x≤t`` and predicts the next tokens from the thought's end:
+
+* **Parallel thoughts.** One base pass over the real tokens fills a KV cache; then one forward pass per
+  thought token handles *all* positions at once. The queries of step j (one per position t) see the real keys
+  ``s ≤ t`` (padding hidden) and the keys of steps ``0..j`` *of their own position* only -- a 4-D mask of shape
+  (B, 1, Q, T + (j+1)·Q) whose extension part is ``[I_Q I_Q .. I_Q]``. Position ids continue the prefix:
+  step j at t has position ``p(t) + 1 + j``. The result equals writing each thought after its own prefix
+  separately (``tests/test_thoughts.py`` checks it against that loop, with the same Gumbel noise).
+* **After the thought** the eot token predicts ``x_{t+1}``; then the true tokens ``x_{t+1} .. x_{t+n_true-1}``
+  are fed (teacher forcing) and predict ``x_{t+2} .. x_{t+n_true}``.
+* **Mixing head**: an MLP on ``[h_base(t+i), h_thought(t, i)]`` gives ``w ∈ [0, 1]``; the prediction of
+  ``x_{t+1+i}`` is ``logits_base + w · (logits_thought − logits_base)`` -- the same as mixing the final hidden
+  states before the (linear) LM head. Its last layer starts at zero and ``w = clamp(a, 0, 1)``, so an untrained
+  model gives exactly the base model's logits. Why a clamp and not a sigmoid: ``sigmoid(0) = 0.5`` would mix
+  from the start, and a sigmoid started near 0 has a vanishing gradient. The clamp's gradient is passed
+  straight through (also below 0, where the value stays 0): the head learns whether *opening* would help
+  at a position even where it is closed -- a clamp with a dead zone stopped learning once most positions
+  were closed.
+* **Loss** = base NLL + mixed NLL of the ``n_true`` teacher-forced tokens + REINFORCE on the thought tokens
+  (+ the KL to the frozen start model from the Phase-3 MuGrokfast preset, added by the caller's ``kl``).
+  The reward of a thought is the log-likelihood it gives the ``n_true`` true tokens (``reward="mixed"``: under
+  the mixed prediction, as in the paper; ``"thought"``: under the post-thought prediction alone, which gives a
+  signal before the mixing head opens); the advantage is the reward minus the mean over the ``n_passes``
+  thoughts sampled at that position, and only positive advantages are reinforced.
+* ``thought_mode="pause"`` writes the same number of content-free (learned, all equal) pause tokens and
+  ``"random"`` uniform random tokens -- the honest ablations; neither has a REINFORCE term.
+
+Thought tokens are sampled from the ordinary vocabulary only (special tokens masked). The start/end/pause
+embeddings are parameters of the wrapper (their gradient scaled by ``embedding_grad_scale``), initialised from
+the base embedding rows of ``<|startofthought|>`` / ``<|endofthought|>``.
+
+The Titans memory (a recurrence over the sequence order) and sliding windows cannot run under a parallel-thought
+mask: such a model raises a clear error (run it with ``use_memory=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.tokenizer import END_THOUGHT, IGNORE_INDEX, START_THOUGHT
+
+THOUGHT_MODES = ("sample", "pause", "random")
+THINK_AT = ("answer", "all")
+REWARDS = ("mixed", "thought")
+EXTRA_FILE, CONFIG_FILE = "quietstar.safetensors", "quietstar.json"
+
+
+@dataclasses.dataclass
+class QuietStarConfig:
+    """Settings of a QuietStarModel (the ``quietstar`` phase section embeds them)."""
+
+    n_thought: int = 4
+    """Content tokens per thought (between the start and end tokens)."""
+    n_true: int = 2
+    """Teacher-forced future tokens scored after each thought."""
+    n_passes: int = 2
+    """Thoughts sampled per position in training (the REINFORCE baseline is their mean)."""
+    mixing_hidden: int = 64
+    """Width of the mixing head's hidden layer."""
+    embedding_grad_scale: float = 100.0
+    """Gradient multiplier of the start/end/pause embeddings (they start untrained)."""
+    think_at: str = "answer"
+    """Where the loss counts: 'answer' (positions whose next token is labelled) or 'all' (every real token)."""
+    thought_mode: str = "sample"
+    """'sample' (Quiet-STaR), 'pause' (content-free pause tokens) or 'random' (uniform random tokens)."""
+    temperature: float = 1.0
+    """Thought sampling temperature in training."""
+    inference_temperature: float = 0.0
+    """Thought sampling temperature in evaluation and generation (0: greedy thoughts, deterministic)."""
+    reward: str = "thought"
+    """REINFORCE reward: log-likelihood of the true tokens under the 'mixed' or the post-'thought' prediction."""
+    reinforce_weight: float = 1.0
+    """Weight of the REINFORCE term."""
+    base_loss_weight: float = 1.0
+    """Weight of the base (no-thought) NLL."""
+
+    def __post_init__(self):
+        for name in ("n_thought", "n_true", "n_passes", "mixing_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, allowed in (("think_at", THINK_AT), ("thought_mode", THOUGHT_MODES), ("reward", REWARDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("embedding_grad_scale", "temperature", "inference_temperature", "reinforce_weight",
+                     "base_loss_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.thought_mode == "sample" and self.temperature == 0 and self.reinforce_weight > 0:
+            raise ValueError("REINFORCE needs sampled thoughts: temperature must be > 0")
+
+
+@dataclasses.dataclass
+class Thoughts:
+    """One thinking pass over a batch (B' = batch × passes rows; Q thinking positions per row)."""
+
+    base_logits: torch.Tensor  # (B', T, V) the base model's next-token logits
+    base_hidden: torch.Tensor  # (B', T, D) its final (normalised) hidden states
+    positions: torch.Tensor  # (B', Q) the positions t that thought
+    tokens: torch.Tensor  # (B', Q, n_thought) the thought's content tokens
+    logprob: torch.Tensor  # (B', Q) log-probability of the content under the sampling distribution (0 if not sampled)
+    thought_logits: torch.Tensor  # (B', Q, n_true, V) prediction of x_{t+1+i} after the thought
+    base_future_logits: torch.Tensor  # (B', Q, n_true, V) the base prediction of x_{t+1+i} (at t+i)
+    weights: torch.Tensor  # (B', Q, n_true) mixing weights
+    mixed_logits: torch.Tensor  # (B', Q, n_true, V)
+
+
+@dataclasses.dataclass
+class QuietStarOutput:
+    """``forward``'s result: mixed next-token logits (B, T, V) like any causal LM, plus what the thoughts were."""
+
+    logits: torch.Tensor
+    base_logits: torch.Tensor
+    mix_weights: torch.Tensor  # (B, T)
+    thought_tokens: torch.Tensor  # (B, T, n_thought)
+    loss: torch.Tensor | None = None
+
+
+def _straight_through_clamp(a: torch.Tensor) -> torch.Tensor:
+    """clamp(a, 0, 1) in value, identity in gradient (see the module docstring)."""
+    return a + (a.clamp(0.0, 1.0) - a).detach()
+
+
+def _scaled_grad(p: torch.Tensor, scale: float) -> torch.Tensor:
+    """``p`` in value, ``scale`` × its gradient in the backward pass."""
+    return p.detach() + scale * (p - p.detach()) if scale != 1.0 else p
+
+
+def _cache_for(model: nn.Module):
+    """A fresh KV cache the model accepts (a CognateCache for Cognate: one layer per virtual layer)."""
+    if getattr(model.config, "model_type", None) == "cognate":
+        from .models.cache import CognateCache
+
+        return CognateCache(model.config)
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def sample_tokens(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits`` (..., V) from ``softmax(logits / temperature)`` restricted to
+    ``allowed`` (V,) by the Gumbel-max trick with ``noise`` (..., V) (drawn when None); temperature 0 is the
+    argmax. Returns (tokens (...), their log-probability (...), 0 for greedy)."""
+    masked = logits.float().masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return masked.argmax(-1), torch.zeros(masked.shape[:-1], device=logits.device)
+    scaled = masked / temperature
+    if noise is None:
+        noise = -torch.log(-torch.log(torch.rand_like(scaled).clamp_(1e-20, 1.0)))
+    tokens = (scaled + noise).argmax(-1)
+    logp = F.log_softmax(scaled, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    return tokens, logp
+
+
+def thought_mask(key_visible: torch.Tensor, step: int) -> torch.Tensor:
+    """The 4-D mask of thought step ``step`` (0-based): ``key_visible`` (B, Q, T) marks the real keys each
+    thinking position sees; every step appends Q keys of which a query sees only its own position's.
+    Returns bool (B, 1, Q, T + (step+1)·Q), True = visible."""
+    B, Q, _ = key_visible.shape
+    own = torch.eye(Q, dtype=torch.bool, device=key_visible.device).expand(B, Q, Q)
+    return torch.cat([key_visible, *([own] * (step + 1))], dim=-1)[:, None]
+
+
+class QuietStarModel(nn.Module):
+    """A causal LM with Quiet-STaR thoughts (see the module docstring).
+
+    ``forward(input_ids, attention_mask)`` returns mixed next-token logits at every position (thinking with
+    ``inference_temperature`` in eval mode), so ``forgelib.evaluate`` scores it like any model; ``generate``
+    thinks before each new token and returns token ids without any thought token.
+    """
+
+    def __init__(self, base_model: nn.Module, tokenizer: Any, config: QuietStarConfig | None = None):
+        super().__init__()
+        self.base = base_model
+        self.qconfig = config or QuietStarConfig()
+        cfg = base_model.config
+        if getattr(cfg, "use_memory", False):
+            raise ValueError("Quiet-STaR cannot think in parallel with the Titans memory on (a recurrence over the "
+                             "sequence order); load the model with use_memory=False")
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "model_type", None) == "cognate":
+            raise ValueError("Quiet-STaR needs full attention; this Cognate model has a sliding_window")
+        ids = {}
+        for token in (START_THOUGHT, END_THOUGHT):
+            found = tokenizer.convert_tokens_to_ids(token)
+            if found is None or found == tokenizer.unk_token_id or found >= base_model.get_input_embeddings().num_embeddings:
+                raise ValueError(f"the tokenizer has no {token} token inside the model's vocabulary; add it with "
+                                 f"forgelib.data.tokenizer.ensure_special_tokens and resize the embeddings")
+            ids[token] = int(found)
+        self.sot_id, self.eot_id = ids[START_THOUGHT], ids[END_THOUGHT]
+        table = base_model.get_input_embeddings().weight
+        vocab, hidden = base_model.get_output_embeddings().weight.shape
+        allowed = torch.ones(vocab, dtype=torch.bool)
+        special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]
+        allowed[special] = False
+        self.register_buffer("thought_vocab", allowed, persistent=False)
+        # start, end, pause: initialised from the reserved tokens' rows (pause from the start token's)
+        init = table.detach()[[self.sot_id, self.eot_id, self.sot_id]].clone()
+        self.thought_embeddings = nn.Parameter(init)  # (3, D)
+        self.mixing_head = nn.Sequential(nn.Linear(2 * hidden, self.qconfig.mixing_hidden), nn.ReLU(),
+                                         nn.Linear(self.qconfig.mixing_hidden, 1))
+        nn.init.zeros_(self.mixing_head[-1].weight)
+        nn.init.zeros_(self.mixing_head[-1].bias)
+        self.to(table.device)
+        self.thinking = True
+
+    # --- the HF-like surface -------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        """The base model's config (runtime settings such as ``n_cycles`` live there)."""
+        return self.base.config
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.base.get_output_embeddings()
+
+    @contextlib.contextmanager
+    def no_thoughts(self):
+        """Within the block the model is its base: forward/generate give the base model's predictions."""
+        before, self.thinking = self.thinking, False
+        try:
+            yield self
+        finally:
+            self.thinking = before
+
+    # --- thinking ------------------------------------------------------------------------------------
+
+    def _lm(self, cache, **kwargs):
+        """(logits, final hidden states, the cache -- updated in place) of one base forward."""
+        out = self.base(use_cache=True, output_hidden_states=True, cache=cache, **kwargs)
+        return out.logits, out.hidden_states[-1], cache
+
+    def _additive(self, mask: torch.Tensor, dtype) -> torch.Tensor:
+        if getattr(self.base.config, "model_type", None) == "cognate":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def think(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+              n_passes: int = 1, temperature: float | None = None, mode: str | None = None,
+              n_true: int | None = None, noise: torch.Tensor | None = None,
+              tokens: torch.Tensor | None = None) -> Thoughts:
+        """Think at ``positions`` (B, Q) (default: every position) of ``input_ids`` (B, T), ``n_passes``
+        thoughts each (rows repeated: row b·n_passes + p is pass p of row b).
+
+        ``noise`` (B·n_passes, Q, n_thought, V): Gumbel noise for the samples (random mode: the token is the
+        argmax of the noise over the allowed vocabulary); drawn from torch's RNG when None.
+        ``position_ids`` (B, T): the real tokens' positions (default 0..T-1, as the base model's default).
+        ``tokens`` (B·n_passes, Q, n_thought): think these given contents instead of sampling (``logprob`` is
+        then their log-probability under the sampling distribution at ``temperature``)."""
+        cfg = self.qconfig
+        mode = cfg.thought_mode if mode is None else mode
+        n_true = cfg.n_true if n_true is None else n_true
+        temperature = (cfg.temperature if self.training else cfg.inference_temperature) if temperature is None \
+            else temperature
+        B, T = input_ids.shape
+        device = input_ids.device
+        mask2 = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if positions is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+        rep = (lambda t: t.repeat_interleave(n_passes, 0)) if n_passes > 1 else (lambda t: t)
+        ids, mask2, positions = rep(input_ids), rep(mask2), rep(positions)
+        pos_given = position_ids is not None
+        position_ids = rep(position_ids) if pos_given else torch.arange(T, device=device).expand(ids.shape[0], T)
+        Bp, Q = positions.shape
+        base_logits, base_hidden, cache = self._lm(input_ids=ids, attention_mask=mask2,
+                                                   position_ids=position_ids if pos_given else None,
+                                                   cache=_cache_for(self.base))
+        key_visible = (torch.arange(T, device=device)[None, None, :] <= positions[:, :, None]) \
+            & mask2.bool()[:, None, :]  # (B', Q, T)
+        start_pos = position_ids.gather(1, positions) + 1  # (B', Q)
+        emb = _scaled_grad(self.thought_embeddings, cfg.embedding_grad_scale)  # (3, D)
+        embed = self.base.get_input_embeddings()
+        true_next = ids.gather(1, (positions[..., None] + torch.arange(1, n_true, device=device)).clamp(max=T - 1)
+                               .flatten(1)).view(Bp, Q, n_true - 1)  # x_{t+1} .. x_{t+n_true-1}
+        n = cfg.n_thought
+        forced = tokens
+        tokens = torch.full((Bp, Q, n), self.sot_id, dtype=torch.long, device=device)  # pause: shown as start
+        logprob = torch.zeros(Bp, Q, device=device)
+        after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, hidden) after eot and each true token
+        step_input = emb[0].expand(Bp, Q, -1)
+        for step in range(n + 1 + n_true):
+            mask4 = self._additive(thought_mask(key_visible, step), base_hidden.dtype)
+            logits, hidden, cache = self._lm(inputs_embeds=step_input, attention_mask=mask4,
+                                             position_ids=start_pos + step, cache=cache)
+            if step < n:  # choose content token `step`
+                if mode == "pause":
+                    step_input = emb[2].expand(Bp, Q, -1)
+                    continue
+                step_noise = None if noise is None else noise[:, :, step]
+                if forced is not None:
+                    token = forced[:, :, step]
+                    if temperature > 0:
+                        scaled = logits.float().masked_fill(~self.thought_vocab, float("-inf")) / temperature
+                        logprob = logprob + F.log_softmax(scaled, -1).gather(-1, token[..., None]).squeeze(-1)
+                elif mode == "random":
+                    if step_noise is None:
+                        step_noise = torch.rand(Bp, Q, logits.shape[-1], device=device)
+                    token, _ = sample_tokens(torch.zeros_like(logits), self.thought_vocab, 1.0, step_noise)
+                else:
+                    token, logp = sample_tokens(logits, self.thought_vocab, temperature, step_noise)
+                    logprob = logprob + logp
+                tokens[:, :, step] = token
+                step_input = embed(token)
+            elif step == n:
+                step_input = emb[1].expand(Bp, Q, -1)
+            else:  # after eot (step n+1) and after each true token
+                after.append((logits, hidden))
+                i = step - n - 1  # this output predicts x_{t+1+i}
+                if i < n_true - 1:
+                    step_input = embed(true_next[:, :, i])
+        thought_logits = torch.stack([lg for lg, _ in after], 2)  # (B', Q, n_true, V)
+        thought_hidden = torch.stack([h for _, h in after], 2)  # (B', Q, n_true, D)
+        base_idx = (positions[..., None] + torch.arange(n_true, device=device)).clamp(max=T - 1)  # (B', Q, n_true)
+        flat = base_idx.flatten(1)
+        b_logits = base_logits.gather(1, flat[..., None].expand(-1, -1, base_logits.shape[-1])).view(
+            Bp, Q, n_true, -1)
+        b_hidden = base_hidden.gather(1, flat[..., None].expand(-1, -1, base_hidden.shape[-1])).view(
+            Bp, Q, n_true, -1)
+        a = self.mixing_head(torch.cat([b_hidden, thought_hidden.to(b_hidden.dtype)], -1)).squeeze(-1)
+        weights = _straight_through_clamp(a.float())  # (B', Q, n_true)
+        mixed = b_logits.float() + weights[..., None] * (thought_logits.float() - b_logits.float())
+        return Thoughts(base_logits, base_hidden, positions, tokens, logprob, thought_logits, b_logits, weights, mixed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **unused) -> QuietStarOutput:
+        """Mixed next-token logits (B, T, V) at every position (one thought each, no REINFORCE); with
+        ``no_thoughts()`` the base model's logits."""
+        if not self.thinking:
+            logits = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            B, T = input_ids.shape
+            return QuietStarOutput(logits, logits, logits.new_zeros(B, T),
+                                   torch.zeros(B, T, self.qconfig.n_thought, dtype=torch.long, device=logits.device))
+        th = self.think(input_ids, attention_mask, position_ids=position_ids, n_true=1)
+        return QuietStarOutput(th.mixed_logits[:, :, 0], th.base_logits, th.weights[:, :, 0], th.tokens)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 return_trace: bool = False, **unused):
+        """Greedy decoding (left-padded prompts), thinking before every new token. Returns (B, T + new) ids
+        like ``transformers`` generate -- thought tokens never enter the sequence -- or, with ``return_trace``,
+        (ids, trace) where trace[k] = {"token": (B,), "thought": (B, n_thought), "weight": (B,)}."""
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        trace = []
+        for _ in range(max_new_tokens):
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate
+            last = torch.full((ids.shape[0], 1), ids.shape[1] - 1, device=ids.device)
+            if self.thinking:
+                th = self.think(ids, mask, positions=last, position_ids=position_ids, n_true=1)
+                logits, thought, weight = th.mixed_logits[:, 0, 0], th.tokens[:, 0], th.weights[:, 0, 0]
+            else:
+                logits = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+                thought = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
+                weight = logits.new_zeros(ids.shape[0])
+            token = logits.argmax(-1).masked_fill(done, pad)
+            trace.append({"token": token, "thought": thought, "weight": weight.float()})
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            if eos_token_id is not None:
+                done = done | (token == eos_token_id)
+            if bool(done.all()):
+                break
+        return (ids, trace) if return_trace else ids
+
+    # --- save / load ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
+        """The base as a normal HF folder, plus the mixing head and thought embeddings (``quietstar.safetensors``)
+        and the settings (``quietstar.json``) next to it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.base.save_pretrained(path, safe_serialization=True, **kwargs)
+        extra = {"thought_embeddings": self.thought_embeddings.detach().contiguous()}
+        extra.update({f"mixing_head.{k}": v.detach().contiguous() for k, v in self.mixing_head.state_dict().items()})
+        save_file(extra, str(path / EXTRA_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps({"config": dataclasses.asdict(self.qconfig),
+                                                     "sot_id": self.sot_id, "eot_id": self.eot_id}, indent=2))
+
+
+def is_quietstar(path: str | Path) -> bool:
+    """Does the model folder hold a Quiet-STaR model (the base plus quietstar.json / .safetensors)?"""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / EXTRA_FILE).is_file()
+
+
+def load_quietstar(path: str | Path, tokenizer: Any = None, **config_overrides) -> QuietStarModel:
+    """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from .models.loading import load_causal_lm
+
+    path = Path(path)
+    if not is_quietstar(path):
+        raise FileNotFoundError(f"{path} is not a Quiet-STaR model folder (needs {CONFIG_FILE} and {EXTRA_FILE})")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    config = QuietStarConfig(**{**meta["config"], **config_overrides})
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    model = QuietStarModel(load_causal_lm(path), tokenizer, config)
+    if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
+        raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
+                         f"saved ones {(meta['sot_id'], meta['eot_id'])}")
+    extra = load_file(str(path / EXTRA_FILE))
+    want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
+    if set(extra) != want:
+        raise ValueError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found {sorted(extra)}")
+    with torch.no_grad():
+        model.thought_embeddings.copy_(extra.pop("thought_embeddings"))
+    model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extra.items()})
+    return model.eval()
+
+
+@dataclasses.dataclass
+class ThoughtTrace:
+    """What ``generate_with_thoughts`` produced: the answer (no thought tokens) and, per answer token, the
+    thought written before it and the mixing weight given to it."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    steps: list[dict]  # per answer token: token, token_id, thought, thought_ids, weight
+
+
+def generate_with_thoughts(model: QuietStarModel, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> ThoughtTrace:
+    """Greedy answer to ``prompt``, thinking before each answer token (see ``QuietStarModel.generate``)."""
+    from .data.tokenizer import encode_prompts
+
+    row = encode_prompts(tokenizer, [prompt])[0]
+    device = next(model.parameters()).device
+    ids = torch.tensor([row], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        out, trace = model.generate(ids, torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    return_trace=True)
+    finally:
+        model.train(was_training)
+    steps, token_ids = [], []
+    for step in trace:
+        token = int(step["token"][0])
+        if token == tokenizer.eos_token_id:
+            break
+        thought_ids = [int(t) for t in step["thought"][0]]
+        token_ids.append(token)
+        steps.append({"token": tokenizer.decode([token]), "token_id": token, "thought_ids": thought_ids,
+                      "thought": tokenizer.decode(thought_ids), "weight": float(step["weight"][0])})
+    return ThoughtTrace(prompt, tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, steps)
+
+
+# --- training loss --------------------------------------------------------------------------------------
+
+
+def future_targets(labels: torch.Tensor, n_true: int) -> torch.Tensor:
+    """(B, T, n_true) with [b, t, i] = labels[b, t+1+i] (IGNORE_INDEX past the end)."""
+    B, T = labels.shape
+    padded = torch.cat([labels, labels.new_full((B, n_true), IGNORE_INDEX)], 1)
+    return torch.stack([padded[:, 1 + i:T + 1 + i] for i in range(n_true)], -1)
+
+
+def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The Quiet-STaR training loss for ``forgelib.train`` (``loss_fn=partial(quietstar_loss, kl=...)``).
+
+    batch: input_ids, attention_mask, labels (answer-only labels mark the answer positions). ``kl(logits,
+    input_ids, attention_mask)`` (a ``ReferenceKL``) regularizes the base logits toward the start model.
+    Returns (loss, extras: base_nll, mixed_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl, kl).
+    """
+    cfg = model.qconfig
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if cfg.think_at == "all":
+        labels = ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
+    P = cfg.n_passes
+    th = model.think(ids, mask, n_passes=P, temperature=cfg.temperature, noise=noise)
+    B, T = ids.shape
+    targets = future_targets(labels, cfg.n_true).repeat_interleave(P, 0)  # (B', T, n_true)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    V = th.mixed_logits.shape[-1]
+    mixed_nll = F.cross_entropy(th.mixed_logits.reshape(-1, V), safe.reshape(-1), reduction="none").view_as(safe)
+    n_valid = valid.sum().clamp(min=1)
+    mixed_loss = (mixed_nll * valid).sum() / n_valid
+    base = th.base_logits[::P]  # (B, T, V): the passes share the base pass
+    base_nll = F.cross_entropy(base[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        base_tok = F.cross_entropy(th.base_future_logits.float().reshape(-1, V), safe.reshape(-1),
+                                   reduction="none").view_as(safe)
+        gain = ((base_tok - mixed_nll.detach()) * valid).sum() / n_valid
+    loss = cfg.base_loss_weight * base_nll + mixed_loss
+    rl = torch.zeros((), device=ids.device)
+    if cfg.thought_mode == "sample" and cfg.reinforce_weight > 0 and P > 1:
+        if cfg.reward == "mixed":
+            token_ll = -mixed_nll.detach()
+        else:
+            token_ll = -F.cross_entropy(th.thought_logits.detach().float().reshape(-1, V), safe.reshape(-1),
+                                        reduction="none").view_as(safe)
+        rl = reinforce_term((token_ll * valid).sum(-1), th.logprob, valid[..., 0], P)
+        loss = loss + cfg.reinforce_weight * rl
+    kl_value = torch.zeros((), device=ids.device)
+    if kl is not None:
+        kl_value = kl(base, ids, mask)
+        loss = loss + kl_value
+    weight_mean = float((th.weights.detach() * valid).sum() / n_valid)
+    return loss, {"base_nll": float(base_nll.detach()), "mixed_nll": float(mixed_loss.detach()),
+                  "gain": float(gain), "mix_weight": weight_mean, "rl": float(rl.detach()),
+                  "kl": float(kl_value.detach())}
+
+
+
+def reinforce_term(reward: torch.Tensor, logprob: torch.Tensor, thinks: torch.Tensor, n_passes: int) -> torch.Tensor:
+    """REINFORCE with the mean-over-passes baseline, positive advantages only.
+
+    reward, logprob, thinks: (B·n_passes, Q) -- row b·n_passes + p is pass p of row b; ``thinks`` marks the
+    positions that count. Returns ``-Σ max(0, r − mean_p r) · log π / #thinking positions`` (rewards detached),
+    whose gradient raises the log-probability of every thought that beat its position's mean."""
+    BP, Q = reward.shape
+    grouped = reward.detach().view(BP // n_passes, n_passes, Q)
+    advantage = (grouped - grouped.mean(1, keepdim=True)).view(BP, Q).clamp(min=0)
+    thinks = thinks.float()
+    return -(advantage * thinks * logprob).sum() / thinks.sum().clamp(min=1)
