@@ -1,0 +1,213 @@
+"""BitNet b1.58 layers: ternary weights and 8-bit activations, trained through a straight-through estimator.
+
+Weights (absmean, per tensor): ``scale = max(mean(|W|), 1e-5)``, ``codes = clip(round(W / scale), -1, 1)``
+in {-1, 0, 1} and ``W_q = codes * scale``. Every weight costs log2(3) = 1.58 bits of information; the matmul
+needs no multiplications by weights, only additions, subtractions and one scale per tensor.
+
+Activations (absmax, per token): ``s_x = 127 / max(max_j |x_j|, 1e-5)`` over the last dimension,
+``x_q = clip(round(x * s_x), -128, 127) / s_x`` (the clip never bites at -128: |x * s_x| <= 127).
+``torch.round`` rounds halves to even (0.5 -> 0, 1.5 -> 2), as transformers' BitNet code does.
+
+Training (quantization-aware): the forward uses W_q and x_q, the backward treats both quantizers as the identity
+(straight-through estimator), so the latent full-precision weight ``BitLinear.weight`` receives exactly the
+gradient a plain Linear would get at W_q. The STE is written ``q.detach() + (w - w.detach())`` rather than the
+textbook ``w + (q - w).detach()``: both have gradient 1 w.r.t. w, but the textbook form evaluates to
+``w + (q - w)``, which floating point rounds away from q by an ulp now and then, while ``w - w.detach()`` is an
+exact 0; so the fake-quantized forward equals the packed inference forward bit for bit.
+
+Only the attention and MLP projections are converted (``convert_to_bitnet``); embeddings, ``lm_head``, norms, the
+ACT halting head and the Titans memory keep their precision, as in the BitNet b1.58 papers (the projections hold
+nearly all the parameters; the small rest is precision-sensitive). ``BitLinear`` subclasses ``nn.Linear`` so that
+peft LoRA (which dispatches on isinstance nn.Linear) attaches to it. ``PackedBitLinear`` is the inference layer:
+it keeps only the packed codes (``forgelib.quant.packing``) and the scale, and unpacks one matrix per call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import check_packing, pack_ternary, packed_shape, unpack_ternary
+
+#: Name suffixes of the Linear layers ``convert_to_bitnet`` converts by default (LLaMA / Cognate names).
+DEFAULT_BITNET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ACTIVATION_BITS = 8
+EPS = 1e-5
+
+
+def ternary_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization of a whole tensor (no gradient).
+
+    Returns ``(codes, scale)``: int8 codes in {-1, 0, 1} of w's shape and the float32 0-d scale
+    ``max(mean(|w|), eps)``, with ``w ~ codes * scale``. Computed in float32 whatever w's dtype."""
+    with torch.no_grad():
+        w32 = w.detach().float()
+        scale = w32.abs().mean().clamp(min=eps)  # ()
+        codes = (w32 / scale).round().clamp(-1, 1).to(torch.int8)
+    return codes, scale
+
+
+def ternary_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` (exact in float32), cast to ``dtype``: the weight both BitLinear paths multiply by."""
+    return (codes.float() * scale.float()).to(dtype)
+
+
+def activation_quantize(x: torch.Tensor, bits: int = ACTIVATION_BITS,
+                        eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax quantization over the last dimension (no gradient).
+
+    Returns ``(q, s_x)``: integer codes (int8 for 8 bits) of x's shape and the float32 scales (..., 1) with
+    ``s_x = (2^(bits-1) - 1) / max(max|x|, eps)``, so that ``x ~ q / s_x``. Computed in float32."""
+    q_max = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        x32 = x.detach().float()
+        s_x = q_max / x32.abs().amax(dim=-1, keepdim=True).clamp(min=eps)  # (..., 1)
+        q = (x32 * s_x).round().clamp(-q_max - 1, q_max)  # (..., D)
+    return q.to(torch.int8 if bits <= 8 else torch.int32), s_x
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = ACTIVATION_BITS) -> torch.Tensor:
+    """``q / s_x`` from ``activation_quantize`` in x's dtype (no gradient)."""
+    q, s_x = activation_quantize(x, bits)
+    return (q.float() / s_x).to(x.dtype)
+
+
+def _straight_through(quantized: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Value ``quantized`` (exactly), gradient w.r.t. ``latent`` the identity (see the module docstring)."""
+    if not (torch.is_grad_enabled() and latent.requires_grad):
+        return quantized
+    return quantized + (latent - latent.detach())
+
+
+class BitLinear(nn.Linear):
+    """A Linear that trains a latent full-precision ``weight`` and computes with its ternary quantization.
+
+    Forward: ``F.linear(x_q, W_q, bias)`` with W_q = absmean ternary weight and x_q = per-token 8-bit activations
+    (``quantize_activations=False`` keeps x as is), straight-through gradients on both. ``weight`` and ``bias`` are
+    ordinary Parameters, so optimizers, peft LoRA and ``state_dict`` see a plain Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 quantize_activations: bool = True):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.quantize_activations = quantize_activations
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantize_activations: bool = True) -> "BitLinear":
+        """A BitLinear holding the very same weight (and bias) Parameters as ``linear`` (no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                    quantize_activations=quantize_activations)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer.train(linear.training)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """W_q = codes * scale in the weight's dtype (no gradient)."""
+        codes, scale = ternary_quantize(self.weight)
+        return ternary_dequantize(codes, scale, self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_q = _straight_through(self.quantized_weight(), self.weight)  # (out, in)
+        if self.quantize_activations:
+            x = _straight_through(fake_quantize_activations(x), x)  # (..., in)
+        return F.linear(x, w_q, self.bias)  # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quantize_activations={self.quantize_activations}"
+
+
+class PackedBitLinear(nn.Module):
+    """Inference form of a BitLinear: buffers ``weight_packed`` (uint8, ``forgelib.quant.packing``) and
+    ``weight_scale`` (float32 0-d), plus ``bias`` if any. Each forward unpacks the codes of this one matrix,
+    multiplies exactly as ``BitLinear`` does (so the outputs are equal) and drops the unpacked weight again:
+    the model's full-precision matrices never exist all at once. Not trainable (see ``load_packed(trainable=True)``)."""
+
+    def __init__(self, in_features: int, out_features: int, packing: str, bias: bool = False,
+                 quantize_activations: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.packing = check_packing(packing)
+        self.quantize_activations = quantize_activations
+        shape = packed_shape((out_features, in_features), packing)
+        self.register_buffer("weight_packed", torch.zeros(shape, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, packing: str) -> "PackedBitLinear":
+        """Pack a BitLinear's quantized weight (its bias is shared, detached)."""
+        check_packing(packing)
+        packed = cls(layer.in_features, layer.out_features, packing, bias=False,
+                     quantize_activations=layer.quantize_activations, device="meta")
+        codes, scale = ternary_quantize(layer.weight)
+        packed.weight_packed = pack_ternary(codes, packing)
+        packed.weight_scale = scale
+        packed.bias = None if layer.bias is None else layer.bias.detach()
+        return packed
+
+    def ternary_codes(self) -> torch.Tensor:
+        """The int8 codes (out, in)."""
+        return unpack_ternary(self.weight_packed, (self.out_features, self.in_features), self.packing, check=False)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """codes * scale (out, in): the quantized weight, as BitLinear computes with it."""
+        return ternary_dequantize(self.ternary_codes(), self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_q = self.dequantized_weight(x.dtype)  # (out, in), freed on return
+        if self.quantize_activations:
+            x = fake_quantize_activations(x)  # (..., in)
+        return F.linear(x, w_q, self.bias)  # (..., out)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) would round the scale to that dtype; keep it float32 and follow only the device.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.weight_packed.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, packing={self.packing!r}, "
+                f"bias={self.bias is not None}, quantize_activations={self.quantize_activations}")
+
+
+def _matches(name: str, suffixes) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
+def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool = True) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose name ends with one of ``include`` (default
+    ``DEFAULT_BITNET_SUFFIXES``, matched at a '.' boundary) by a ``BitLinear`` holding the same Parameters.
+
+    Everything else (embeddings, lm_head, norms, the halting head, the memory's Linears) is left untouched. Records
+    ``model.config.bitnet`` (included suffixes, activation bits, packing "none") so a saved config says so. Layers
+    that already are BitLinear are kept; ValueError if nothing matches. Returns the model."""
+    suffixes = tuple(DEFAULT_BITNET_SUFFIXES if include is None else include)
+    targets = [name for name, module in model.named_modules()
+               if _matches(name, suffixes) and isinstance(module, nn.Linear)]
+    if not targets:
+        raise ValueError(f"convert_to_bitnet: no nn.Linear in {type(model).__name__} ends with any of {suffixes}")
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, BitLinear):
+            model.set_submodule(name, BitLinear.from_linear(module, quantize_activations))
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
+                         "activation_bits": ACTIVATION_BITS if quantize_activations else None, "packing": "none"}
+    return model
+
+
+def bitlinear_modules(model: nn.Module) -> dict[str, BitLinear]:
+    """Every BitLinear of the model by its module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, BitLinear)}
+
+
+def packed_bitlinear_modules(model: nn.Module) -> dict[str, PackedBitLinear]:
+    """Every PackedBitLinear of the model by its module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, PackedBitLinear)}
+
+
+__all__ = ["DEFAULT_BITNET_SUFFIXES", "ACTIVATION_BITS", "ternary_quantize", "ternary_dequantize",
+           "activation_quantize", "fake_quantize_activations", "BitLinear", "PackedBitLinear", "convert_to_bitnet",
+           "bitlinear_modules", "packed_bitlinear_modules"]
