@@ -15,6 +15,7 @@ BENCHMARKS = {
     "cognate": "forgelib.bench.cognate",
     "evomerge": "forgelib.bench.evomerge",
     "learn": "forgelib.bench.learn",
+    "quietstar": "forgelib.bench.quietstar",
 }
 
 

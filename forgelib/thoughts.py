@@ -20,7 +20,8 @@ models). For every position t of a sequence it writes a thought ``<|startofthoug
   straight through (also below 0, where the value stays 0): the head learns whether *opening* would help
   at a position even where it is closed -- a clamp with a dead zone stopped learning once most positions
   were closed.
-* **Loss** = base NLL + mixed NLL of the ``n_true`` teacher-forced tokens + REINFORCE on the thought tokens
+* **Loss** = base NLL + mixed NLL of the ``n_true`` teacher-forced tokens + their post-thought NLL (unmixed,
+  ``thought_loss_weight``: see there why) + REINFORCE on the thought tokens
   (+ the KL to the frozen start model from the Phase-3 MuGrokfast preset, added by the caller's ``kl``).
   The reward of a thought is the log-likelihood it gives the ``n_true`` true tokens (``reward="mixed"``: under
   the mixed prediction, as in the paper; ``"thought"``: under the post-thought prediction alone, which gives a
@@ -29,8 +30,9 @@ models). For every position t of a sequence it writes a thought ``<|startofthoug
 * ``thought_mode="pause"`` writes the same number of content-free (learned, all equal) pause tokens and
   ``"random"`` uniform random tokens -- the honest ablations; neither has a REINFORCE term.
 
-Thought tokens are sampled from the ordinary vocabulary only (special tokens masked). The start/end/pause
-embeddings are parameters of the wrapper (their gradient scaled by ``embedding_grad_scale``), initialised from
+Thought tokens are sampled from the ordinary text vocabulary only (``thought_vocabulary``: no special tokens,
+no lone bytes of multi-byte characters). The start/end/pause
+embeddings are parameters of the wrapper (learning ``embedding_grad_scale`` times faster), initialised from
 the base embedding rows of ``<|startofthought|>`` / ``<|endofthought|>``.
 
 The Titans memory (a recurrence over the sequence order) and sliding windows cannot run under a parallel-thought
@@ -70,7 +72,10 @@ class QuietStarConfig:
     mixing_hidden: int = 64
     """Width of the mixing head's hidden layer."""
     embedding_grad_scale: float = 100.0
-    """Gradient multiplier of the start/end/pause embeddings (they start untrained)."""
+    """How much faster the start/end/pause embeddings learn than the rest (they start untrained). The paper
+    multiplies their gradient; under Adam-type updates (MuGrokfast's AdamW group) a gradient multiplier changes
+    nothing but the global gradient clipping -- measured: at 100 the clipped norm was ~1200 and the rest of the
+    model barely moved -- so ``quietstar_optimizer`` applies it to their learning rate instead."""
     think_at: str = "answer"
     """Where the loss counts: 'answer' (positions whose next token is labelled) or 'all' (every real token)."""
     thought_mode: str = "sample"
@@ -85,6 +90,11 @@ class QuietStarConfig:
     """Weight of the REINFORCE term."""
     base_loss_weight: float = 1.0
     """Weight of the base (no-thought) NLL."""
+    thought_loss_weight: float = 1.0
+    """Weight of the post-thought NLL of the true tokens (unmixed). Why: the mixed NLL reaches the thought branch
+    only through ``w``, which starts at 0; a small model that never saw thought tokens predicts badly after
+    them, so the head stays closed and nothing learns (measured at smoke: ``w`` stayed 0.000 for 120 steps).
+    This term teaches the model to continue after a thought; the head then opens where thoughts help."""
 
     def __post_init__(self):
         for name in ("n_thought", "n_true", "n_passes", "mixing_hidden"):
@@ -95,7 +105,7 @@ class QuietStarConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("embedding_grad_scale", "temperature", "inference_temperature", "reinforce_weight",
-                     "base_loss_weight"):
+                     "base_loss_weight", "thought_loss_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -134,11 +144,6 @@ def _straight_through_clamp(a: torch.Tensor) -> torch.Tensor:
     return a + (a.clamp(0.0, 1.0) - a).detach()
 
 
-def _scaled_grad(p: torch.Tensor, scale: float) -> torch.Tensor:
-    """``p`` in value, ``scale`` × its gradient in the backward pass."""
-    return p.detach() + scale * (p - p.detach()) if scale != 1.0 else p
-
-
 def _cache_for(model: nn.Module):
     """A fresh KV cache the model accepts (a CognateCache for Cognate: one layer per virtual layer)."""
     if getattr(model.config, "model_type", None) == "cognate":
@@ -175,6 +180,21 @@ def thought_mask(key_visible: torch.Tensor, step: int) -> torch.Tensor:
     return torch.cat([key_visible, *([own] * (step + 1))], dim=-1)[:, None]
 
 
+def thought_vocabulary(tokenizer: Any, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: the tokens a thought may use -- every token that decodes to text on its own, i.e. not a
+    special token and not a lone byte of a multi-byte character (those decode to U+FFFD; the tasks are ASCII,
+    so their embeddings are never trained, and greedy thoughts of the smoke model were made of them)."""
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    for i in range(min(vocab, len(tokenizer))):
+        if i not in special:
+            text = tokenizer.decode([i])
+            allowed[i] = bool(text) and "\ufffd" not in text
+    if not allowed.any():
+        raise ValueError("the tokenizer has no ordinary text token to think with")
+    return allowed
+
+
 class QuietStarModel(nn.Module):
     """A causal LM with Quiet-STaR thoughts (see the module docstring).
 
@@ -203,10 +223,7 @@ class QuietStarModel(nn.Module):
         self.sot_id, self.eot_id = ids[START_THOUGHT], ids[END_THOUGHT]
         table = base_model.get_input_embeddings().weight
         vocab, hidden = base_model.get_output_embeddings().weight.shape
-        allowed = torch.ones(vocab, dtype=torch.bool)
-        special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]
-        allowed[special] = False
-        self.register_buffer("thought_vocab", allowed, persistent=False)
+        self.register_buffer("thought_vocab", thought_vocabulary(tokenizer, vocab), persistent=False)
         # start, end, pause: initialised from the reserved tokens' rows (pause from the start token's)
         init = table.detach()[[self.sot_id, self.eot_id, self.sot_id]].clone()
         self.thought_embeddings = nn.Parameter(init)  # (3, D)
@@ -285,7 +302,7 @@ class QuietStarModel(nn.Module):
         key_visible = (torch.arange(T, device=device)[None, None, :] <= positions[:, :, None]) \
             & mask2.bool()[:, None, :]  # (B', Q, T)
         start_pos = position_ids.gather(1, positions) + 1  # (B', Q)
-        emb = _scaled_grad(self.thought_embeddings, cfg.embedding_grad_scale)  # (3, D)
+        emb = self.thought_embeddings  # (3, D): start, end, pause
         embed = self.base.get_input_embeddings()
         true_next = ids.gather(1, (positions[..., None] + torch.arange(1, n_true, device=device)).clamp(max=T - 1)
                                .flatten(1)).view(Bp, Q, n_true - 1)  # x_{t+1} .. x_{t+n_true-1}
@@ -468,6 +485,24 @@ def generate_with_thoughts(model: QuietStarModel, tokenizer: Any, prompt: str, m
     return ThoughtTrace(prompt, tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, steps)
 
 
+def quietstar_optimizer(model: QuietStarModel, **overrides):
+    """The Phase-3 MuGrokfast preset (``overrides`` applied) for ``model``, with the thought embeddings in an
+    AdamW group of their own at ``embedding_grad_scale`` × the learning rate (see that field)."""
+    from .optim import create_optimizer_from_phase
+
+    optimizer = create_optimizer_from_phase(model, phase_num=3, **overrides)
+    emb = model.thought_embeddings
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if p is not emb]
+        if len(kept) != len(group["params"]):
+            group["params"] = kept
+            template = group
+    extra = {k: v for k, v in template.items() if k != "params"}
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({**extra, "params": [emb], "lr": extra["lr"] * model.qconfig.embedding_grad_scale})
+    return optimizer
+
+
 # --- training loss --------------------------------------------------------------------------------------
 
 
@@ -484,7 +519,7 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
 
     batch: input_ids, attention_mask, labels (answer-only labels mark the answer positions). ``kl(logits,
     input_ids, attention_mask)`` (a ``ReferenceKL``) regularizes the base logits toward the start model.
-    Returns (loss, extras: base_nll, mixed_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl, kl).
+    Returns (loss, extras: base_nll, mixed_nll, thought_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl, kl).
     """
     cfg = model.qconfig
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
@@ -507,14 +542,16 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
         base_tok = F.cross_entropy(th.base_future_logits.float().reshape(-1, V), safe.reshape(-1),
                                    reduction="none").view_as(safe)
         gain = ((base_tok - mixed_nll.detach()) * valid).sum() / n_valid
-    loss = cfg.base_loss_weight * base_nll + mixed_loss
+    thought_nll = F.cross_entropy(th.thought_logits.float().reshape(-1, V), safe.reshape(-1),
+                                  reduction="none").view_as(safe)  # (B', T, n_true)
+    thought_loss = (thought_nll * valid).sum() / n_valid
+    loss = cfg.base_loss_weight * base_nll + mixed_loss + cfg.thought_loss_weight * thought_loss
     rl = torch.zeros((), device=ids.device)
     if cfg.thought_mode == "sample" and cfg.reinforce_weight > 0 and P > 1:
         if cfg.reward == "mixed":
             token_ll = -mixed_nll.detach()
         else:
-            token_ll = -F.cross_entropy(th.thought_logits.detach().float().reshape(-1, V), safe.reshape(-1),
-                                        reduction="none").view_as(safe)
+            token_ll = -thought_nll.detach()
         rl = reinforce_term((token_ll * valid).sum(-1), th.logprob, valid[..., 0], P)
         loss = loss + cfg.reinforce_weight * rl
     kl_value = torch.zeros((), device=ids.device)
@@ -523,6 +560,7 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
         loss = loss + kl_value
     weight_mean = float((th.weights.detach() * valid).sum() / n_valid)
     return loss, {"base_nll": float(base_nll.detach()), "mixed_nll": float(mixed_loss.detach()),
+                  "thought_nll": float(thought_loss.detach()),
                   "gain": float(gain), "mix_weight": weight_mean, "rl": float(rl.detach()),
                   "kl": float(kl_value.detach())}
 

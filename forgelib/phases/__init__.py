@@ -9,6 +9,8 @@ PHASES: list[PhaseSpec] = [
               "Cognate: trunk + three specialists"),
     PhaseSpec(2, "evomerge", "forgelib.phases.evomerge", "notebooks/02_evomerge.ipynb",
               "EvoMerge: CMA-ES over merge recipes"),
+    PhaseSpec(3, "quietstar", "forgelib.phases.quietstar", "notebooks/03_quietstar.ipynb",
+              "Quiet-STaR: thinking before each answer token"),
 ]
 
 

@@ -1,0 +1,118 @@
+"""Phase 3 views: the test table (Phase-2 model, thoughts, thoughts off, pause tokens, chance), answer NLL with
+and without thoughts over training, a heatmap of mixing weights per token, and a thinking playground."""
+from __future__ import annotations
+
+import json
+import matplotlib.pyplot as plt
+
+from .. import paths
+
+ROW_LABELS = {"base": "Phase-2 model (start)", "thoughts": "Quiet-STaR, thinking", "no_thoughts":
+              "Quiet-STaR weights, thoughts off", "pause": "pause tokens (ablation)"}
+
+
+def load_report(result) -> dict:
+    """The phase's report.json (test table, training curves, heatmap rows, chance)."""
+    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+
+
+def score_frame(report: dict):
+    """Test-split accuracy (exact match of the worked solution's answer), per family, and answer NLL for each
+    model; the last row is chance (the best constant answer per family)."""
+    import pandas as pd
+
+    rows = {}
+    for key, row in report["test"].items():
+        rows[ROW_LABELS.get(key, key)] = {"accuracy": row["accuracy"], "answer NLL": row["answer_nll"],
+                                          **{f"acc {f}": a for f, a in row["per_family"].items()}}
+    chance = report["chance"]
+    rows["chance"] = {"accuracy": chance["overall"], "answer NLL": float("nan"),
+                      **{f"acc {f}": a for f, a in chance["per_family"].items()}}
+    return pd.DataFrame(rows).T.astype(float).round(4)
+
+
+def plot_nll_curves(report: dict) -> "plt.Figure":
+    """Answer NLL on the curve samples over training, with thoughts (solid) and with them off (dashed), for the
+    Quiet-STaR model and the pause-token model; step 0 is the Phase-2 model."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for k, (arm, history) in enumerate(report["training"].items()):
+        steps = [e["step"] for e in history["evals"]]
+        ax.plot(steps, [e["nll_thoughts"] for e in history["evals"]], "o-", color=f"C{k}", label=f"{arm}: thinking")
+        ax.plot(steps, [e["nll_no_thoughts"] for e in history["evals"]], "x--", color=f"C{k}", alpha=0.6,
+                label=f"{arm}: thoughts off")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("answer NLL (nats/token)")
+    ax.set_title("Answer NLL with and without thoughts (curve samples, test split)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mixing_heatmap(report: dict, max_tokens: int = 40) -> "plt.Figure":
+    """Mixing weight ``w`` given to the thought before each token (rows: test samples; columns: the tokens
+    predicted, answer tokens in bold). 0 = the base prediction alone, 1 = the post-thought prediction alone."""
+    rows = report["heatmap"]
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.text(0.5, 0.5, "no heatmap samples (heatmap_samples: 0)", ha="center")
+        ax.axis("off")
+        return fig
+    width = min(max_tokens, max(len(r["tokens"]) for r in rows))
+    import numpy as np
+
+    grid = np.full((len(rows), width), np.nan)
+    for i, row in enumerate(rows):
+        weights = row["weights"][:width]
+        grid[i, :len(weights)] = weights
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * width), 0.8 + 0.55 * len(rows)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(grid))))
+    for i, row in enumerate(rows):
+        for j, (token, is_answer) in enumerate(zip(row["tokens"][:width], row["answer"][:width])):
+            ax.text(j, i, token.replace("$", r"\$"), ha="center", va="center", fontsize=7, color="white",
+                    fontweight="bold" if is_answer else "normal")
+    ax.set_yticks(range(len(rows)), [r["prompt"][:24] for r in rows], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title("Mixing weight per predicted token (bold: answer tokens)")
+    fig.colorbar(image, ax=ax, fraction=0.03, label="w")
+    fig.tight_layout()
+    return fig
+
+
+def _pieces(tokenizer, ids) -> str:
+    """A thought as its token pieces separated by '|' (so that single-character tokens stay visible)."""
+    return "|".join(tokenizer.decode([i]) for i in ids)
+
+
+def thought_lines(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> list[str]:
+    """What the playground prints for ``prompt``: the answer with thoughts, each thought and weight, and the
+    answer of the same weights with thoughts off."""
+    from ..thoughts import generate_with_thoughts
+
+    trace = generate_with_thoughts(model, tokenizer, prompt, max_new_tokens)
+    with model.no_thoughts():
+        plain = generate_with_thoughts(model, tokenizer, prompt, max_new_tokens)
+    lines = [f"answer (thinking):     {trace.text!r}", f"answer (thoughts off): {plain.text!r}",
+             "token   | w     | thought before it"]
+    lines += [f"{s['token']!r:7} | {s['weight']:.3f} | {_pieces(tokenizer, s['thought_ids'])!r}" for s in trace.steps]
+    return lines
+
+
+def thought_playground(result, max_new_tokens: int = 48):
+    """Type a prompt and press Enter (or Run): the Quiet-STaR model's answer, the thought sampled before each
+    answer token with its mixing weight, and the answer with thoughts off; example prompts per family below."""
+    from ..thoughts import load_quietstar
+    from .cognate import playground_widget, prompt_examples, suite_answers
+
+    model = load_quietstar(paths.resolve(result.models["model"]["path"]))
+    tokenizer = _tokenizer(result)
+    report = load_report(result)
+    families = report["families"]
+    lo, hi = report.get("levels", [1, 2])
+    return playground_widget(lambda prompt: thought_lines(model, tokenizer, prompt, max_new_tokens),
+                             prompt_examples(families, lo), suite_answers(families, range(lo, hi + 1)))
+
+
+def _tokenizer(result):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(paths.resolve(result.models["model"]["path"]))
