@@ -39,6 +39,12 @@ def evomerge(outputs, cognate):
     return ctx, run_phase(ctx)
 
 
+@pytest.fixture(scope="module")
+def quietstar(outputs, evomerge):
+    ctx = open_phase("quietstar", "parameters/smoke.yaml", QUIET, session="p", upstream=evomerge[0].dir)
+    return ctx, run_phase(ctx)
+
+
 @pytest.mark.slow
 def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
     from forgelib.models.loading import load_cognate
@@ -112,6 +118,110 @@ def test_evomerge_champion_beats_parents_and_rebuilds_bit_exactly(evomerge):
                           capture_output=True, text=True, cwd=paths.repo_root())
     assert proc.returncode == 0, proc.stderr
     assert "bit-identical" in proc.stdout and "True" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar, evomerge):
+    """Phase 3 on the smoke set: the gate's numbers are the report's, the model reloads with its thoughts and
+    as a plain HF model, and the Phase-2 model row is the upstream champion measured afresh."""
+    from transformers import AutoTokenizer
+
+    from forgelib.evaluate import mean_nll
+    from forgelib.models.loading import load_causal_lm
+    from forgelib.phases.quietstar import Params, test_samples
+    from forgelib.thoughts import QuietStarModel, load_quietstar
+
+    ctx, result = quietstar
+    assert result.ok and result.gate_passed
+    report = json.loads((ctx.dir / "report.json").read_text())
+    test = report["test"]
+    assert set(test) == {"base", "thoughts", "pause", "no_thoughts"}
+    for key in ("thoughts", "base", "pause", "no_thoughts"):
+        assert result.metrics[f"acc_{key}"] == round(test[key]["accuracy"], 4)
+        assert result.metrics[f"nll_{key}"] == round(test[key]["answer_nll"], 4)
+    gate = {g.name: g for g in result.gate}
+    assert gate["nll_no_thoughts_minus_nll_thoughts"].value == pytest.approx(
+        test["no_thoughts"]["answer_nll"] - test["thoughts"]["answer_nll"])
+    assert gate["acc_thoughts_minus_acc_base"].value == pytest.approx(
+        test["thoughts"]["accuracy"] - test["base"]["accuracy"])
+    assert result.metrics["gain_over_pause_acc"] == round(test["thoughts"]["accuracy"] - test["pause"]["accuracy"], 4)
+    # the curves start at the Phase-2 model, where thinking and not thinking are the same (w = 0)
+    for arm in ("thoughts", "pause"):
+        first = report["training"][arm]["evals"][0]
+        assert first["step"] == 0 and first["nll_thoughts"] == pytest.approx(first["nll_no_thoughts"], abs=1e-6)
+    assert len(report["heatmap"]) == 4 and all(0 <= w <= 1 for r in report["heatmap"] for w in r["weights"])
+    folder = paths.resolve(result.models["model"]["path"])
+    model = load_quietstar(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    params = Params()
+    samples = test_samples(params, ctx.seed + 1)[:12]
+    plain = load_causal_lm(folder)  # the base weights are a normal HF folder
+    with model.no_thoughts():
+        assert mean_nll(model, tok, samples, max_len=96, answer_only=True, with_steps=True) == pytest.approx(
+            mean_nll(plain, tok, samples, max_len=96, answer_only=True, with_steps=True))
+    # the base row is the upstream champion itself
+    champion = load_causal_lm(paths.resolve(evomerge[1].models["champion"]["path"]))
+    untrained = QuietStarModel(champion, tok)
+    assert mean_nll(untrained, tok, samples, max_len=96, answer_only=True, with_steps=True) == pytest.approx(
+        mean_nll(champion, tok, samples, max_len=96, answer_only=True, with_steps=True), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_quietstar_refuses_the_titans_memory_clearly(outputs, evomerge):
+    overrides = {**QUIET, "quietstar": {"runtime": {"use_memory": True}, "steps": 2}}
+    ctx = open_phase("quietstar", "parameters/smoke.yaml", overrides, session="qm", upstream=evomerge[0].dir)
+    with pytest.raises(Exception, match="use_memory=False"):
+        run_phase(ctx)
+
+
+@pytest.mark.slow
+def test_bench_quietstar_counts_equal_compute(evomerge, tmp_path):
+    from forgelib.bench import quietstar as bench
+
+    out = tmp_path / "qs.json"
+    assert bench.main(["--phase2", str(evomerge[0].dir), "--seeds", "2", "--steps", "2", "--test-per-family", "2",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    steps = report["equal_compute"]["steps"]
+    assert steps == {"plain": 32, "quietstar": 2, "pause": 4, "random": 4}  # smoke: 2 passes x (1+4+1+2) = 16
+    for row in report["per_seed"]:
+        tokens = {arm: row[arm]["forward_tokens"] for arm in bench.ARMS}
+        # measured forward tokens: the thinking arms spend the same within batch-length noise, plain too
+        assert max(tokens.values()) / min(tokens.values()) < 1.6
+    assert set(report["quietstar_gain"]) == {"over_plain", "over_pause", "over_random"}
+    assert report["accuracy"]["quietstar"]["n"] == 2
+
+
+def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
+    """Phase 3 takes any HF causal LM with the reserved thought tokens: a tiny Llama as the upstream champion."""
+    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.results import PhaseResult
+    from forgelib.thoughts import load_quietstar
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    folder = tmp_path / "champion"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    up = PhaseResult("evomerge", 2, "llama3", status="ok")
+    with ModelRegistry(paths.registry_path()) as reg:
+        up.models["champion"] = {"path": str(folder), "registry_id": reg.register_model(
+            session_id="llama3", phase_name="evomerge", model_name="champion", model_path=str(folder))}
+    overrides = {**QUIET, "quietstar": {"steps": 3, "test_per_family": 2, "curve_every": 0, "curve_samples": 3,
+                                        "heatmap_samples": 1, "acc_margin": 1.0, "nll_margin": 10.0}}
+    ctx = open_phase("quietstar", "parameters/smoke.yaml", overrides, session="llama3", upstream=up)
+    result = ctx.spec.load().run(ctx.params, ctx)
+    again = load_quietstar(paths.resolve(result.models["model"]["path"]))
+    assert type(again.base).__name__ == "LlamaForCausalLM"
+    assert {g.name for g in result.gate} == {"nll_no_thoughts_minus_nll_thoughts", "acc_thoughts_minus_acc_base"}
 
 
 def test_evomerge_on_llama_style_models(tmp_path, monkeypatch, tiny_llama):

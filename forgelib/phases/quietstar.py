@@ -226,7 +226,8 @@ def gate_checks(table: dict[str, dict], params: Params) -> list[GateCheck]:
     bound = -(params.acc_margin + params.gate_z * paired_se(thoughts, base))
     return [GateCheck("nll_no_thoughts_minus_nll_thoughts", off["answer_nll"] - thoughts["answer_nll"],
                       -params.nll_margin, ">="),
-            GateCheck("acc_thoughts_minus_acc_base", thoughts["accuracy"] - base["accuracy"], round(bound, 6), ">=")]
+            GateCheck("acc_thoughts_minus_acc_base", round(thoughts["accuracy"] - base["accuracy"], 9),
+                      round(bound, 9), ">=")]  # rounded: 0.99 - 1.0 is -0.01000000000000001 in floats
 
 
 def run(params: Params, ctx) -> PhaseResult:
