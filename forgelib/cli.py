@@ -16,6 +16,7 @@ BENCHMARKS = {
     "evomerge": "forgelib.bench.evomerge",
     "learn": "forgelib.bench.learn",
     "quietstar": "forgelib.bench.quietstar",
+    "bitnet": "forgelib.bench.bitnet",
 }
 
 

@@ -233,6 +233,8 @@ class QuietStarModel(nn.Module):
         nn.init.zeros_(self.mixing_head[-1].bias)
         self.to(table.device)
         self.thinking = True
+        self.export_packing: str | None = None
+        self.export_report: dict | None = None
 
     # --- the HF-like surface -------------------------------------------------------------------------
 
@@ -402,12 +404,19 @@ class QuietStarModel(nn.Module):
     # --- save / load ---------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
-        """The base as a normal HF folder, plus the mixing head and thought embeddings (``quietstar.safetensors``)
-        and the settings (``quietstar.json``) next to it."""
+        """The base as a normal HF folder (packed with ``export_packing`` = '2bit' or 'base3' when it is a BitNet
+        model, ``forgelib.quant.export_packed``; its byte accounting lands in ``export_report``), plus the mixing
+        head and thought embeddings (``quietstar.safetensors``) and the settings (``quietstar.json``) next to it."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.base.save_pretrained(path, safe_serialization=True, **kwargs)
+        if self.export_packing is not None:  # a BitNet base: its ternary layers packed (forgelib.quant)
+            from .quant import export_packed
+
+            path.mkdir(parents=True, exist_ok=True)
+            self.export_report = export_packed(self.base, path, self.export_packing)
+        else:
+            self.base.save_pretrained(path, safe_serialization=True, **kwargs)
         extra = {"thought_embeddings": self.thought_embeddings.detach().contiguous()}
         extra.update({f"mixing_head.{k}": v.detach().contiguous() for k, v in self.mixing_head.state_dict().items()})
         save_file(extra, str(path / EXTRA_FILE))
@@ -420,8 +429,10 @@ def is_quietstar(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / EXTRA_FILE).is_file()
 
 
-def load_quietstar(path: str | Path, tokenizer: Any = None, **config_overrides) -> QuietStarModel:
-    """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given)."""
+def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
+                   **config_overrides) -> QuietStarModel:
+    """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given). A packed
+    BitNet base loads with packed inference layers, or as BitLinear layers with ``trainable=True``."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -433,7 +444,7 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, **config_overrides) 
     meta = json.loads((path / CONFIG_FILE).read_text())
     config = QuietStarConfig(**{**meta["config"], **config_overrides})
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    model = QuietStarModel(load_causal_lm(path), tokenizer, config)
+    model = QuietStarModel(load_causal_lm(path, trainable=trainable), tokenizer, config)
     if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
         raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
                          f"saved ones {(meta['sot_id'], meta['eot_id'])}")

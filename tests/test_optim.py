@@ -240,7 +240,8 @@ def test_split_parameters_without_hf_helpers():
 
 
 @pytest.mark.parametrize("phase,lr,lamb,tau,kl,ste", [
-    (1, 1e-3, 0.3, 30.0, 0.0, False), (3, 5e-4, 0.1, 25.0, 0.1, False), (5, 1e-3, 2.0, 30.0, 0.0, True),
+    (1, 1e-3, 0.3, 30.0, 0.0, False), (3, 5e-4, 0.1, 25.0, 0.1, False), (4, 3e-3, 0.0, 30.0, 0.0, True),
+    (5, 1e-3, 2.0, 30.0, 0.0, True),
     (6, 1e-4, 0.2, 30.0, 0.0, False), (7, 5e-4, 0.15, 28.0, 0.05, False)])
 def test_presets_carry_the_phase_numbers(phase, lr, lamb, tau, kl, ste):
     cfg = PRESETS[phase]
@@ -254,7 +255,7 @@ def test_create_optimizer_overrides_and_errors(tiny_llama):
     with pytest.raises(OptimConfigError, match="grokfast_lambda") as err:
         create_optimizer_from_phase(tiny_llama, phase_num=1, grokfast_lamda=0.1)
     assert "valid" in str(err.value)
-    with pytest.raises(OptimConfigError, match=r"\[1, 3, 5, 6, 7\]"):
+    with pytest.raises(OptimConfigError, match=r"\[1, 3, 4, 5, 6, 7\]"):
         preset_config(2)
     with pytest.raises(OptimConfigError, match="grokfast_scope"):
         preset_config(1, grokfast_scope="attention")

@@ -45,6 +45,12 @@ def quietstar(outputs, evomerge):
     return ctx, run_phase(ctx)
 
 
+@pytest.fixture(scope="module")
+def bitnet(outputs, quietstar):
+    ctx = open_phase("bitnet", "parameters/smoke.yaml", QUIET, session="p", upstream=quietstar[0].dir)
+    return ctx, run_phase(ctx)
+
+
 @pytest.mark.slow
 def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
     from forgelib.models.loading import load_cognate
@@ -190,6 +196,50 @@ def test_bench_quietstar_counts_equal_compute(evomerge, tmp_path):
         assert max(tokens.values()) / min(tokens.values()) < 1.6
     assert set(report["quietstar_gain"]) == {"over_plain", "over_pause", "over_random"}
     assert report["accuracy"]["quietstar"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_bitnet_hands_on_a_packed_ternary_thinking_model(bitnet, quietstar):
+    """Phase 4 on the smoke set: ternary layers packed on disk, the bytes counted, the gate's numbers the
+    report's, and the model loads both for packed inference and as trainable BitLinear layers (Phase 5)."""
+    from forgelib.quant import bitlinear_modules, packed_bitlinear_modules
+    from forgelib.thoughts import load_quietstar
+
+    ctx, result = bitnet
+    assert result.ok and result.gate_passed
+    report = json.loads((ctx.dir / "report.json").read_text())
+    m = result.metrics
+    assert m["acc_fp"] == round(report["test"]["fp"]["accuracy"], 4)
+    assert m["acc_fp"] == quietstar[1].metrics["acc_thoughts"]  # the input model, measured again
+    assert m["acc_retention"] == pytest.approx(report["test"]["ternary"]["accuracy"] / report["test"]["fp"]["accuracy"],
+                                               abs=1e-4)
+    assert m["ppl_ratio"] == pytest.approx(math.exp(report["test"]["ternary"]["answer_nll"]
+                                                    - report["test"]["fp"]["answer_nll"]), rel=1e-3)
+    folder = paths.resolve(result.models["model"]["path"])
+    assert m["total_bytes_packed"] == sum((folder / f).stat().st_size
+                                          for f in ("model.safetensors", "quietstar.safetensors"))
+    assert report["export"]["file_bytes"] == (folder / "model.safetensors").stat().st_size
+    assert report["sizes"]["base3"]["total_bytes"] < report["sizes"]["2bit"]["total_bytes"] < \
+        report["sizes"]["fp16"]["total_bytes"] < report["sizes"]["fp32"]["total_bytes"] == m["total_bytes_fp32"]
+    packed = load_quietstar(folder)
+    assert len(packed_bitlinear_modules(packed.base)) == 14 and not bitlinear_modules(packed.base)
+    assert len(bitlinear_modules(load_quietstar(folder, trainable=True).base)) == 14
+    shares = report["ternary_share"]["qat"]
+    assert all(abs(sum(v[k] for k in ("-1", "0", "+1")) - 1) < 1e-9 for v in shares.values())
+
+
+@pytest.mark.slow
+def test_bench_bitnet_runs_every_arm(quietstar, tmp_path):
+    from forgelib.bench import bitnet as bench
+
+    out = tmp_path / "bn.json"
+    assert bench.main(["--phase3", str(quietstar[0].dir), "--seeds", "2", "--steps", "3", "--test-per-family", "2",
+                       "--speed-repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["acc_retention"]) == {"qat_distill", "qat_no_distill"}
+    assert report["acc_retention"]["qat_distill"]["n"] == 2
+    assert report["tokens_per_s"]["packed"] > 0 and report["tokens_per_s"]["fp32"] > 0
+    assert set(report["sizes"]) == {"fp32", "fp16", "2bit", "base3"}
 
 
 def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):

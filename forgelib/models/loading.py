@@ -30,17 +30,32 @@ def read_model_config(path) -> dict:
         return json.load(handle)
 
 
-def load_causal_lm(path, **kwargs) -> PreTrainedModel:
+def load_causal_lm(path, trainable: bool = False, **kwargs) -> PreTrainedModel:
     """Load any local Hugging Face causal-LM folder (Cognate or a Llama/Qwen2/GPT-2 style model) with
-    ``AutoModelForCausalLM``; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``)."""
-    found = read_model_config(path).get("model_type")
+    ``AutoModelForCausalLM``; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``).
+
+    BitNet models (a ``bitnet`` entry in config.json, ``forgelib.quant``) come back as they were saved: a packed
+    folder through ``load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on),
+    a fake-quantized one with its Linear layers converted back to BitLinear."""
+    config = read_model_config(path)
+    found = config.get("model_type")
     if found is None:
         raise ModelLoadError(f"{str(path)!r}: config.json has no model_type, so no architecture can be chosen")
+    bitnet = config.get("bitnet")
+    if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none":
+        from ..quant import load_packed
+
+        return load_packed(path, trainable=trainable, **({"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}))
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (KeyError, ValueError) as err:
         raise ModelLoadError(
             f"{str(path)!r} holds model_type {found!r}, which cannot be loaded as a causal LM here: {err}") from err
+    if isinstance(bitnet, dict):
+        from ..quant import convert_to_bitnet
+
+        convert_to_bitnet(model, include=bitnet.get("include"), quantize_activations=bitnet.get("activation_bits") is not None)
+    return model
 
 
 def load_cognate(path, **kwargs) -> CognateForCausalLM:

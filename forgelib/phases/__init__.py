@@ -11,6 +11,8 @@ PHASES: list[PhaseSpec] = [
               "EvoMerge: CMA-ES over merge recipes"),
     PhaseSpec(3, "quietstar", "forgelib.phases.quietstar", "notebooks/03_quietstar.ipynb",
               "Quiet-STaR: thinking before each answer token"),
+    PhaseSpec(4, "bitnet", "forgelib.phases.bitnet", "notebooks/04_bitnet.ipynb",
+              "BitNet: ternary weights by quantization-aware training, packed"),
 ]
 
 
