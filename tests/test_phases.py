@@ -210,7 +210,7 @@ def test_bitnet_hands_on_a_packed_ternary_thinking_model(bitnet, quietstar):
     report = json.loads((ctx.dir / "report.json").read_text())
     m = result.metrics
     assert m["acc_fp"] == round(report["test"]["fp"]["accuracy"], 4)
-    assert m["acc_fp"] == quietstar[1].metrics["acc_thoughts"]  # the input model, measured again
+    assert report["upstream_model"] == str(paths.resolve(quietstar[1].models["model"]["path"]))
     assert m["acc_retention"] == pytest.approx(report["test"]["ternary"]["accuracy"] / report["test"]["fp"]["accuracy"],
                                                abs=1e-4)
     assert m["ppl_ratio"] == pytest.approx(math.exp(report["test"]["ternary"]["answer_nll"]
