@@ -371,14 +371,17 @@ class QuietStarModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 return_trace: bool = False, **unused):
+                 max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, return_trace: bool = False, **unused):
         """Greedy decoding (left-padded prompts), thinking before every new token. Returns (B, T + new) ids
         like ``transformers`` generate -- thought tokens never enter the sequence -- or, with ``return_trace``,
-        (ids, trace) where trace[k] = {"token": (B,), "thought": (B, n_thought), "weight": (B,)}."""
+        (ids, trace) where trace[k] = {"token": (B,), "thought": (B, n_thought), "weight": (B,)}.
+        ``eos_token_id`` may be one id or a list (as in ``transformers``): a row is done at any of them."""
         ids = input_ids
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        eos_ids = [] if eos_token_id is None else [int(i) for i in torch.as_tensor(eos_token_id).flatten().tolist()]
+        stop = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)  # (E,)
+        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         trace = []
         for _ in range(max_new_tokens):
@@ -395,8 +398,8 @@ class QuietStarModel(nn.Module):
             trace.append({"token": token, "thought": thought, "weight": weight.float()})
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, (~done).long()[:, None]], 1)
-            if eos_token_id is not None:
-                done = done | (token == eos_token_id)
+            if eos_ids:
+                done = done | torch.isin(token, stop)
             if bool(done.all()):
                 break
         return (ids, trace) if return_trace else ids
