@@ -354,8 +354,9 @@ def _check_args(max_new_tokens: int, max_calls: int, batch_size: int) -> None:
 def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                         prompts: Sequence[str] | Sequence[Sample], max_new_tokens: int = 64,
                         tool: Callable[[str], str] | None = calculator, max_calls: int = 4,
-                        batch_size: int = 16) -> list[ToolTrace]:
-    """Greedy completions of `prompts` (strings or samples) that run the model's tool calls.
+                        batch_size: int = 16, temperature: float = 0.0) -> list[ToolTrace]:
+    """Greedy completions of `prompts` (strings or samples) that run the model's tool calls (``temperature`` >
+    0: sampled instead, for a model with transformers' ``generate``; the curriculum's dreams use it).
 
     Each round generates every unfinished row (batches of `batch_size`, left-padded) until eos or
     ``<|/tool|>``. A row stopped at ``<|/tool|>`` gets ``<|result|>`` + ``tool(expr)`` appended as tokens and
@@ -368,6 +369,8 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     its calls are recorded with ``result=None``.
     """
     _check_args(max_new_tokens, max_calls, batch_size)
+    sampling = {"do_sample": True, "temperature": float(temperature), "top_k": 0} if temperature > 0 else \
+        {"do_sample": False}
     missing = [t for t in missing_special_tokens(tokenizer) if t in (TOOL_OPEN, TOOL_CLOSE, TOOL_RESULT)]
     if missing and tool is not None:
         raise MissingSpecialTokensError(f"tokenizer lacks the tool tokens {missing} (see "
@@ -417,7 +420,7 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
                 budget = max(max_new_tokens - row.generated for row in chunk)
                 ids, mask = _left_pad([row.ids for row in chunk], pad)  # (B, T) each
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=budget, do_sample=False, num_beams=1,
+                                     max_new_tokens=budget, num_beams=1, **sampling,
                                      eos_token_id=stops, pad_token_id=pad)  # (B, T + new)
                 for row, new in zip(chunk, out[:, ids.shape[1]:].tolist()):
                     advance(row, new)

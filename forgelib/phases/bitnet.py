@@ -93,7 +93,7 @@ class Params:
     test_per_family: int = 48
     max_ppl_ratio: float = 1.5
     """Gate: exp(answer NLL of the ternary model − of the Phase-3 model) at most this."""
-    min_acc_retention: float = 0.6
+    min_acc_retention: float = 0.5
     """Gate: ternary accuracy / Phase-3 accuracy at least this."""
 
     def __post_init__(self):
