@@ -55,8 +55,10 @@ def test_params_table_has_one_row_per_dotted_key():
     from forgelib.phases.cognate import Params
     from forgelib.viz.tables import params_table
 
-    params = load_section(paths.resolve("parameters/smoke.yaml"), "cognate", Params, None, {"cognate", "run",
-                                                                                            "evomerge"})
+    from forgelib.phases import PHASES
+
+    params = load_section(paths.resolve("parameters/smoke.yaml"), "cognate", Params, None,
+                          {s.name for s in PHASES} | {"run"})
     shown = params_table(params)
     table = shown.frame
     assert list(table.columns) == ["value"] and table.index.name == "parameter"
