@@ -29,7 +29,8 @@ accuracy per family and level from 1 to the level reached, for the input model a
 ``think`` (default off, for time) says whether the model writes Quiet-STaR thoughts while answering.
 
 **Gate**: per family the accuracy at the level reached ≥ the band's lower edge; the mean accuracy over the
-levels below the reached ones ≥ the input model's − ``retention_margin``; ``tool`` accuracy with the calculator
+levels below the reached ones ≥ the input model's − ``retention_margin`` − ``gate_z`` paired standard errors
+(the same test questions before and after); ``tool`` accuracy with the calculator
 > without it. A level is left when its pool is nearly empty (``done_threshold``) or a round's answers at it
 reach the band's upper edge.
 """
@@ -71,7 +72,7 @@ class Params:
     """Upstream model role (Phase 4 hands on ``model``)."""
     families: list[str] = dataclasses.field(default_factory=lambda: ["arith", "multistep", "algebra", "tool"])
     """Families of the curriculum (each with its own pool and level)."""
-    band: tuple[float, float] = (0.5, 0.85)
+    band: tuple[float, float] = (0.3, 0.8)
     """Target accuracy band: the frontier is the highest level with accuracy ≥ band[0]; ≥ band[1] is mastered."""
     max_level: int = 4
     """Highest level assessed and trained."""
@@ -111,6 +112,8 @@ class Params:
     tool_test: int = 24
     """Test-split ``tool`` questions (at the tool family's start level) for the with/without comparison."""
     retention_margin: float = 0.05
+    gate_z: float = 1.645
+    """Retention may further trail by ``gate_z`` paired standard errors (same test questions before and after)."""
     resume_from: str | None = None
     """A phase folder of an interrupted run whose ``state/`` to continue from."""
 
@@ -202,15 +205,23 @@ def dream_completions(model, tokenizer, prompts: list[str], params: Params) -> l
     return [t.text for t in traces]
 
 
-def accuracy_at(model, tokenizer, family: str, level: int, n: int, split: str, seed: int, params: Params) -> float:
+def correctness_at(model, tokenizer, family: str, level: int, n: int, split: str, seed: int,
+                   params: Params) -> list[int]:
+    """Per question (``n`` of ``family`` at ``level`` from ``split``): is the greedy answer (calculator on) right."""
     samples = generate(family, level, n, split, seed)
     outputs = answer(model, tokenizer, [s.prompt for s in samples], params)
-    return sum(check(s, o) for s, o in zip(samples, outputs)) / len(samples)
+    return [int(check(s, o)) for s, o in zip(samples, outputs)]
 
 
-def accuracy_table(model, tokenizer, levels: dict[str, int], params: Params, seed: int) -> dict[str, dict[int, float]]:
-    """Test-split accuracy per family at levels 1..levels[family]."""
-    return {f: {lv: accuracy_at(model, tokenizer, f, lv, params.test_per_level, "test", seed, params)
+def accuracy_at(model, tokenizer, family: str, level: int, n: int, split: str, seed: int, params: Params) -> float:
+    correct = correctness_at(model, tokenizer, family, level, n, split, seed, params)
+    return sum(correct) / len(correct)
+
+
+def accuracy_table(model, tokenizer, levels: dict[str, int], params: Params, seed: int) -> dict[str, dict[int, list]]:
+    """Test-split per-question results per family at levels 1..levels[family] (the same questions for every
+    model measured with the same seed, so differences can be paired)."""
+    return {f: {lv: correctness_at(model, tokenizer, f, lv, params.test_per_level, "test", seed, params)
                 for lv in range(1, levels[f] + 1)} for f in params.families}
 
 
@@ -224,11 +235,17 @@ def as_sample(prompt: str, completion: str, family: str, level: int, answer_text
 
 
 def save_state(folder: Path, pools: dict[str, QuestionPool], dreams: DreamBuffer, round_index: int,
-               history: list, trainee: Trainee, rng: random.Random) -> None:
-    """Pools, dream buffer, round counter, history and model weights (latent, trainable) under ``folder``."""
+               history: list, trainee: Trainee, rng: random.Random, optimizer=None) -> None:
+    """Pools, dream buffer, round counter, history, model weights (latent, trainable; the self-model head too)
+    and the optimizer state under ``folder``, each file written atomically."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
+        (folder / "optimizer.pt.tmp").replace(folder / "optimizer.pt")
+    torch.save(torch.get_rng_state(), folder / "torch_rng.pt.tmp")  # dream sampling draws from it
+    (folder / "torch_rng.pt.tmp").replace(folder / "torch_rng.pt")
     for family, pool in pools.items():
         pool.save(folder / f"pool_{family}.json")
     state = {k: v.detach().cpu().contiguous() for k, v in trainee.state_dict().items()}
@@ -251,14 +268,25 @@ def _untied(state: dict) -> dict:
     return out
 
 
-def load_state(folder: Path, families: list[str], trainee: Trainee):
+def load_state(folder: Path, families: list[str], trainee: Trainee, optimizer=None):
+    """The state ``save_state`` wrote (a clear error when the folder holds none)."""
     from safetensors.torch import load_file
 
     from ..curriculum.state import rng_from_json
 
+    if not (folder / "state.json").is_file():
+        raise UpstreamError(f"resume_from: {folder} holds no curriculum state (state.json); give the folder of a "
+                            f"phase-5 run that completed at least one round")
     state = json.loads((folder / "state.json").read_text())
     pools = {f: QuestionPool.load(folder / f"pool_{f}.json") for f in families}
-    trainee.load_state_dict(load_file(str(folder / "trainee.safetensors")), strict=False)
+    missing, unexpected = trainee.load_state_dict(load_file(str(folder / "trainee.safetensors")), strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise UpstreamError(f"resume_from: the saved weights do not fit this model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    if optimizer is not None and (folder / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if (folder / "torch_rng.pt").is_file():
+        torch.set_rng_state(torch.load(folder / "torch_rng.pt", weights_only=True))
     return pools, DreamBuffer.from_dict(state["dreams"]), state["round"], state["history"], rng_from_json(state["rng"])
 
 
@@ -304,7 +332,7 @@ def run(params: Params, ctx) -> PhaseResult:
         from .. import paths
 
         pools, dreams, first, history, rng = load_state(paths.resolve(params.resume_from) / "state", params.families,
-                                                        trainee)
+                                                        trainee, optimizer)
     t0 = time.perf_counter()
     step = first * params.steps_per_round
     for round_index in range(first, params.rounds):
@@ -312,21 +340,25 @@ def run(params: Params, ctx) -> PhaseResult:
                         last=round_index == params.rounds - 1)
         step += params.steps_per_round
         history.append({"round": round_index, **row})
-        save_state(ctx.dir / "state", pools, dreams, round_index + 1, history, trainee, rng)
+        save_state(ctx.dir / "state", pools, dreams, round_index + 1, history, trainee, rng, optimizer)
     timing["rounds_s"] = round(time.perf_counter() - t0, 2)
     model.eval()
     reached = {f: min(p.level or params.max_level, params.max_level) for f, p in pools.items()}
     t0 = time.perf_counter()
     before_model, _ = load_source(params, ctx)
-    before = accuracy_table(before_model, tokenizer, reached, params, ctx.seed + 1)
-    after = accuracy_table(model, tokenizer, reached, params, ctx.seed + 1)
+    before_c = accuracy_table(before_model, tokenizer, reached, params, ctx.seed + 1)
+    after_c = accuracy_table(model, tokenizer, reached, params, ctx.seed + 1)
+    rate = lambda table: {f: {lv: sum(c) / len(c) for lv, c in by.items()} for f, by in table.items()}  # noqa: E731
+    before, after = rate(before_c), rate(after_c)
     tool = tool_comparison(model, tokenizer, start.get("tool", 1), params, ctx.seed + 2) \
         if "tool" in params.families else None
     timing["test_s"] = round(time.perf_counter() - t0, 2)
     report = {"assessment": assessment, "start_levels": start, "level_reached": reached, "history": history,
               "acc_by_level": {"before": before, "after": after}, "tool": tool, "timing": timing,
+              "correct_by_level": {"before": before_c, "after": after_c},
               "pools": {f: p.summary() for f, p in pools.items()}, "dreams": dreams.counts(),
-              "question_pool": {f: p.table() for f, p in pools.items()}, "band": list(params.band)}
+              "question_pool": {f: [dict(row, history=p.questions[row["qid"]].history) for row in p.table()]
+                                for f, p in pools.items()}, "band": list(params.band)}
     ctx.write_report(report)
     ctx.save_model("model", model, tokenizer, metadata={"curriculum": {"level_reached": reached}})
     metrics, checks = summarize(report, params)
@@ -404,10 +436,15 @@ def run_round(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dream
 
 def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCheck]]:
     """Metrics and gate checks from the report (see the module docstring)."""
-    reached, before, after = report["level_reached"], report["acc_by_level"]["before"], report["acc_by_level"]["after"]
+    from .evomerge import paired_se
+
+    reached, before_c, after_c = (report["level_reached"], report["correct_by_level"]["before"],
+                                  report["correct_by_level"]["after"])
+    before, after = report["acc_by_level"]["before"], report["acc_by_level"]["after"]
     at_reached = {f: after[f][reached[f]] for f in reached}
     earlier = [(f, lv) for f in reached for lv in range(1, reached[f])]
     mean = lambda table: sum(table[f][lv] for f, lv in earlier) / len(earlier) if earlier else float("nan")  # noqa: E731
+    pooled = lambda table: [c for f, lv in earlier for c in table[f][lv]]  # noqa: E731
     metrics: dict[str, Any] = {f"level_reached_{f}": lv for f, lv in reached.items()}
     metrics.update({f"acc_reached_{f}": round(a, 4) for f, a in at_reached.items()})
     metrics["acc_reached_mean"] = round(sum(at_reached.values()) / len(at_reached), 4)
@@ -415,8 +452,10 @@ def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCh
     metrics["acc_earlier_before"] = round(mean(before), 4) if earlier else None
     checks = [GateCheck(f"acc_at_level_reached_{f}", round(a, 4), params.band[0], ">=") for f, a in at_reached.items()]
     if earlier:
+        se = paired_se({"correct": pooled(after_c)}, {"correct": pooled(before_c)})
+        metrics["acc_earlier_minus_before_se"] = round(se, 4)
         checks.append(GateCheck("acc_earlier_minus_before", round(mean(after) - mean(before), 4),
-                                -params.retention_margin, ">="))
+                                round(-(params.retention_margin + params.gate_z * se), 4), ">="))
     tool = report.get("tool")
     if tool:
         metrics.update({"tool_acc_with": round(tool["with"]["accuracy"], 4),
