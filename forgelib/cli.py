@@ -17,6 +17,7 @@ BENCHMARKS = {
     "learn": "forgelib.bench.learn",
     "quietstar": "forgelib.bench.quietstar",
     "bitnet": "forgelib.bench.bitnet",
+    "curriculum": "forgelib.bench.curriculum",
 }
 
 

@@ -51,6 +51,12 @@ def bitnet(outputs, quietstar):
     return ctx, run_phase(ctx)
 
 
+@pytest.fixture(scope="module")
+def curriculum(outputs, bitnet):
+    ctx = open_phase("curriculum", "parameters/smoke.yaml", QUIET, session="p", upstream=bitnet[0].dir)
+    return ctx, run_phase(ctx)
+
+
 @pytest.mark.slow
 def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
     from forgelib.models.loading import load_cognate
@@ -240,6 +246,30 @@ def test_bench_bitnet_runs_every_arm(quietstar, tmp_path):
     assert report["acc_retention"]["qat_distill"]["n"] == 2
     assert report["tokens_per_s"]["packed"] > 0 and report["tokens_per_s"]["fp32"] > 0
     assert set(report["sizes"]) == {"fp32", "fp16", "2bit", "base3"}
+
+
+@pytest.mark.slow
+def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculum, bitnet):
+    """Phase 5 on the smoke set: the gate's numbers are the report's, every answer in the pools was graded by
+    the checker, the handed-on model is the Phase-4 architecture (no self-model head) and still ternary."""
+    from forgelib.quant import bitlinear_modules
+    from forgelib.thoughts import load_quietstar
+
+    ctx, result = curriculum
+    assert result.ok and result.gate_passed
+    report = json.loads((ctx.dir / "report.json").read_text())
+    m = result.metrics
+    assert m["tool_acc_with"] > m["tool_acc_without"] and m["tool_success_rate"] > 0
+    assert m["tool_acc_with"] == round(report["tool"]["with"]["accuracy"], 4)
+    for family, level in report["level_reached"].items():
+        correct = report["correct_by_level"]["after"][family][str(level)]
+        assert m[f"acc_reached_{family}"] == round(sum(correct) / len(correct), 4)
+    answered = [h for rows in report["question_pool"].values() for row in rows for h in row["history"]]
+    assert answered and all(isinstance(h["correct"], bool) for h in answered)
+    assert len(report["history"]) == 8 and (ctx.dir / "state" / "state.json").is_file()
+    model = load_quietstar(paths.resolve(result.models["model"]["path"]), trainable=True)
+    start = load_quietstar(paths.resolve(bitnet[1].models["model"]["path"]), trainable=True)
+    assert set(model.state_dict()) == set(start.state_dict()) and len(bitlinear_modules(model.base)) == 14
 
 
 def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):

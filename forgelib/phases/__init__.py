@@ -13,6 +13,8 @@ PHASES: list[PhaseSpec] = [
               "Quiet-STaR: thinking before each answer token"),
     PhaseSpec(4, "bitnet", "forgelib.phases.bitnet", "notebooks/04_bitnet.ipynb",
               "BitNet: ternary weights by quantization-aware training, packed"),
+    PhaseSpec(5, "curriculum", "forgelib.phases.curriculum", "notebooks/05_curriculum.ipynb",
+              "Curriculum: training at the edge of ability, with a calculator, self-modeling and dreaming"),
 ]
 
 

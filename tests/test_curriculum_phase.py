@@ -1,0 +1,145 @@
+"""Phase 5 on tiny real models: the self-model head's loss against a hand computation, the head never handed
+on, a run interrupted after two rounds that resumes to the same state as an uninterrupted one, the gate."""
+import json
+
+import pytest
+import torch
+
+from forgelib import paths
+from forgelib.phases.curriculum import Params, SelfModelHead, Trainee, curriculum_loss, summarize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tokenizer import train_tokenizer
+
+    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def tiny_llama(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def test_self_model_loss_is_the_masked_mse_to_a_detached_earlier_layer(tok):
+    model = tiny_llama(tok)
+    head = SelfModelHead(32, layer=1)
+    ids = torch.randint(10, 200, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    loss = head.loss(hs, mask)
+    pred, target = head.proj(hs[-1]), hs[1]
+    per = ((pred - target) ** 2).mean(-1)
+    want = (per * mask).sum() / mask.sum()
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert head.proj.weight.grad is not None
+    # the target is detached: the first layer gets gradient only through the final state's path
+    with pytest.raises(ValueError, match="self_model_layer"):
+        SelfModelHead(32, layer=len(hs) - 1).loss(hs, mask)
+
+
+def test_curriculum_loss_adds_the_weighted_self_model_term(tok):
+    from forgelib.data.tasks import generate
+    from forgelib.data.tokenizer import encode_samples
+
+    model = tiny_llama(tok)
+    batch = dict(encode_samples(tok, generate("arith", 1, 4, "train", 0), 64, answer_only_loss=True, with_steps=True))
+    plain, extras0 = curriculum_loss(Trainee(model, None), batch, 0.5)
+    torch.manual_seed(1)
+    with_head, extras = curriculum_loss(Trainee(model, SelfModelHead(32, 1)), batch, 0.5)
+    assert "self_model_mse" not in extras0
+    assert float(with_head.detach()) == pytest.approx(float(plain.detach()) + 0.5 * extras["self_model_mse"], rel=1e-5)
+
+
+def test_gate_reads_the_report():
+    report = {"level_reached": {"arith": 2, "tool": 1},
+              "acc_by_level": {"before": {"arith": {1: 0.8, 2: 0.2}, "tool": {1: 0.0}},
+                               "after": {"arith": {1: 0.75, 2: 0.5}, "tool": {1: 0.6}}},
+              "correct_by_level": {"before": {"arith": {1: [1, 1, 1, 0]}}, "after": {"arith": {1: [1, 1, 0, 1]}}},
+              "tool": {"with": {"accuracy": 0.6, "tool_success_rate": 1.0}, "without": {"accuracy": 0.0}}}
+    metrics, checks = summarize(report, Params(band=(0.4, 0.9)))
+    gate = {c.name: c for c in checks}
+    assert metrics["level_reached_arith"] == 2 and metrics["acc_reached_arith"] == 0.5
+    assert gate["acc_at_level_reached_arith"].passed and gate["acc_at_level_reached_tool"].passed
+    assert gate["acc_earlier_minus_before"].value == pytest.approx(-0.05)
+    assert gate["acc_earlier_minus_before"].passed  # within 0.05 + 1.645 paired SEs
+    assert gate["tool_acc_with_minus_without"].passed
+    report["tool"]["with"]["accuracy"] = 0.0
+    _, checks = summarize(report, Params(band=(0.4, 0.9)))
+    assert not {c.name: c for c in checks}["tool_acc_with_minus_without"].passed
+
+
+def _upstream(tok, tmp_path):
+    """A Phase-4-like upstream: a Quiet-STaR Llama with ternary layers, packed."""
+    from forgelib.quant import convert_to_bitnet
+    from forgelib.registry import ModelRegistry
+    from forgelib.results import PhaseResult
+    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+
+    qs = QuietStarModel(tiny_llama(tok), tok, QuietStarConfig(n_thought=2))
+    convert_to_bitnet(qs.base)
+    qs.export_packing = "base3"
+    folder = tmp_path / "ternary"
+    qs.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    up = PhaseResult("bitnet", 4, "cur", status="ok")
+    with ModelRegistry(paths.registry_path()) as reg:
+        up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
+            session_id="cur", phase_name="bitnet", model_name="model", model_path=str(folder))}
+    return up
+
+
+TINY = {"families": ["arith", "tool"], "max_level": 2, "assess_per_level": 2, "rounds": 3, "ask_per_family": 3,
+        "pool_size": 4, "steps_per_round": 2, "fresh_per_round": 4, "batch_size": 4, "dream_per_round": 2,
+        "max_new_tokens": 12, "test_per_level": 2, "tool_test": 2, "band": [0.0, 1.0]}
+
+
+def _run(session, up, extra=None):
+    from forgelib.phases import open_phase
+
+    overrides = {"run": {"quiet": True, "tracking": "jsonl"}, "curriculum": {**TINY, **(extra or {})}}
+    ctx = open_phase("curriculum", "parameters/smoke.yaml", overrides, session=session, upstream=up)
+    return ctx, ctx.spec.load().run(ctx.params, ctx)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_state(tok, tmp_path, monkeypatch):
+    from forgelib.phases import curriculum as phase
+    from forgelib.thoughts import load_quietstar
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    up = _upstream(tok, tmp_path)
+    full_ctx, full = _run("full", up)
+    real_round = phase.run_round
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption in round 3")
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(phase, "run_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run("cut", up)
+    monkeypatch.setattr(phase, "run_round", real_round)
+    cut_dir = tmp_path / "out" / "cut" / "05_curriculum"
+    assert json.loads((cut_dir / "state" / "state.json").read_text())["round"] == 2
+    resumed_ctx, resumed = _run("resumed", up, {"resume_from": str(cut_dir)})
+    a = json.loads((full_ctx.dir / "report.json").read_text())
+    b = json.loads((resumed_ctx.dir / "report.json").read_text())
+    assert a["history"] == b["history"] and a["question_pool"] == b["question_pool"]
+    ma = load_quietstar(paths.resolve(full.models["model"]["path"]))
+    mb = load_quietstar(paths.resolve(resumed.models["model"]["path"]))
+    for (name, p), (_, q) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(p, q), name
+    # the self-model head is not part of the handed-on model
+    assert set(ma.state_dict()) == set(load_quietstar(up.models["model"]["path"], trainable=True).state_dict())
+    assert full.metrics["level_reached_arith"] in (1, 2) and "tool_acc_with" in full.metrics
