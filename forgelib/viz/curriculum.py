@@ -57,7 +57,10 @@ def pool_frame(report: dict):
     import pandas as pd
 
     keys = ("questions", "retired", "active", "pending", "with_hint", "variants_spawned", "answers", "accuracy")
-    return pd.DataFrame({f: {k: s.get(k) for k in keys} for f, s in report["pools"].items()}).T
+    frame = pd.DataFrame({f: {k: s.get(k) for k in keys} for f, s in report["pools"].items()}).T
+    frame["answers given with a hint"] = [sum(1 for row in report["question_pool"].get(f, []) for h in row["history"]
+                                              if h.get("hints")) for f in frame.index]
+    return frame
 
 
 def tool_frame(report: dict):
