@@ -143,3 +143,54 @@ def test_interrupted_run_resumes_to_the_uninterrupted_state(tok, tmp_path, monke
     # the self-model head is not part of the handed-on model
     assert set(ma.state_dict()) == set(load_quietstar(up.models["model"]["path"], trainable=True).state_dict())
     assert full.metrics["level_reached_arith"] in (1, 2) and "tool_acc_with" in full.metrics
+
+
+def test_frontier_questions_join_the_pool_only_when_configured(tok, tmp_path, monkeypatch):
+    """With an endpoint and a key the phase asks a local OpenAI-compatible server each round; the questions its
+    solver confirms join the pools (origin 'frontier'); without the key nothing is sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from forgelib.data.tasks import split_of
+
+    prompts = [p for a in range(10, 60) for b in range(10, 60) if split_of(p := f"{a}+{b}=") == "train"][:40]
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            requests.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            lines = [json.dumps({"prompt": p, "answer": str(eval_sum(p))}) for p in prompts[len(requests) * 2:][:2]]
+            lines.append(json.dumps({"prompt": "2+2=", "answer": "5"}))  # wrong: rejected
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "\n".join(lines)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def eval_sum(prompt):
+        a, b = prompt[:-1].split("+")
+        return int(a) + int(b)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    up = _upstream(tok, tmp_path)
+    frontier = {"frontier": {"endpoint": endpoint, "model": "m", "api_key_env": "FORGE_TEST_FRONTIER_KEY",
+                             "per_round": 2}, "families": ["arith"], "rounds": 2}
+    monkeypatch.delenv("FORGE_TEST_FRONTIER_KEY", raising=False)
+    _run("nokey", up, frontier)
+    assert requests == []
+    monkeypatch.setenv("FORGE_TEST_FRONTIER_KEY", "sk-local")
+    ctx, _ = _run("withkey", up, frontier)
+    httpd.shutdown()
+    assert requests and all(r == "Bearer sk-local" for r in requests)
+    report = json.loads((ctx.dir / "report.json").read_text())
+    assert any(row.get("frontier", {}).get("arith", {}).get("accepted", 0) > 0 for row in report["history"])
+    origins = {row["origin"] for row in report["question_pool"]["arith"]}
+    assert "frontier" in origins

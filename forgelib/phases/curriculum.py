@@ -20,6 +20,9 @@ weights reproduce the packed codes) and trained with the Phase-5 MuGrokfast pres
    ``self_model_layer`` from its final hidden state (MSE, weight ``self_model_weight``); it exists only during
    training and is not part of the handed-on model.
 
+5. **Frontier questions** (optional, ``frontier``): with an endpoint and a key in the environment, each round asks an
+   OpenAI-compatible model for new questions per family; only those the family's own solver confirms join the pool.
+
 The state (pools, dream buffer, round, model weights) is written after every round under ``state/``; a run
 given ``resume_from`` (a phase folder of an interrupted run) continues from its last completed round.
 
@@ -116,6 +119,11 @@ class Params:
     """Retention may further trail by ``gate_z`` paired standard errors (same test questions before and after)."""
     resume_from: str | None = None
     """A phase folder of an interrupted run whose ``state/`` to continue from."""
+    frontier: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Optional questions from a frontier model: ``{endpoint, model, api_key_env, per_round}`` (an OpenAI-compatible
+    ``/chat/completions`` API). Used only when ``endpoint`` is set and the key variable (default OPENAI_API_KEY) is
+    in the environment; each round asks for ``per_round`` (default 4) new questions per family at its level, and
+    only those the family's own solver confirms (train split, new prompts) join the pool. Off by default."""
 
     def __post_init__(self):
         require_positive(self, "max_level", "assess_per_level", "rounds", "ask_per_family", "pool_size",
@@ -328,6 +336,7 @@ def run(params: Params, ctx) -> PhaseResult:
                              done_threshold=params.done_threshold)
              for i, f in enumerate(params.families)}
     dreams, history, first, rng = DreamBuffer(capacity=512, seed=ctx.seed), [], 0, random.Random(ctx.seed)
+    frontier = frontier_client(params)
     if params.resume_from:
         from .. import paths
 
@@ -336,8 +345,12 @@ def run(params: Params, ctx) -> PhaseResult:
     t0 = time.perf_counter()
     step = first * params.steps_per_round
     for round_index in range(first, params.rounds):
+        if frontier is not None:
+            history_extra = ask_frontier(frontier, pools, params)
         row = run_round(trainee, tokenizer, pools, dreams, params, optimizer, rng, step, ctx,
                         last=round_index == params.rounds - 1)
+        if frontier is not None:
+            row["frontier"] = history_extra
         step += params.steps_per_round
         history.append({"round": round_index, **row})
         save_state(ctx.dir / "state", pools, dreams, round_index + 1, history, trainee, rng, optimizer)
@@ -365,6 +378,30 @@ def run(params: Params, ctx) -> PhaseResult:
     ctx.result.metrics.update(metrics)
     ctx.result.gate.extend(checks)
     return ctx.result
+
+
+def frontier_client(params: Params):
+    """A ``FrontierClient`` when ``frontier`` names an endpoint and its key is in the environment, else None."""
+    from ..curriculum import frontier as fr
+
+    if not params.frontier or not fr.enabled(params.frontier):
+        return None
+    config = {k: v for k, v in params.frontier.items() if k != "per_round"}
+    return fr.FrontierClient.from_config(config)
+
+
+def ask_frontier(client, pools: dict[str, QuestionPool], params: Params) -> dict[str, dict[str, int]]:
+    """Ask the frontier model for new questions per family at its current level (examples: a few pool
+    questions); the checked ones join the pool. Returns per family the proposals accepted and rejected."""
+    out = {}
+    for family, pool in pools.items():
+        if pool.finished:
+            continue
+        examples = [pool.questions[q].sample for q in pool.active_ids()[:3]]
+        proposed = client.propose_questions(family, pool.level, examples, int(params.frontier.get("per_round", 4)))
+        added = pool.add_questions(proposed, origin="frontier")
+        out[family] = {"accepted": len(added), "rejected": len(client.last_rejected)}
+    return out
 
 
 def tool_comparison(model, tokenizer, level: int, params: Params, seed: int) -> dict[str, Any]:
