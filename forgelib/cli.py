@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The tokenizers' own thread pool busy-waits beside torch: measured, a 1-thread Phase-4 run ran 20x slower next
+    # to a second job with it on. Threads are the run's `threads` setting (torch), as under `make`.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
