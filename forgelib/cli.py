@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    # The tokenizers' own thread pool busy-waits beside torch: measured, a 1-thread Phase-4 run ran 20x slower next
-    # to a second job with it on. Threads are the run's `threads` setting (torch), as under `make`.
+    # The tokenizers' own thread pool keeps a second core busy (seen: a 1-thread Phase-4 run at 2 x 100 % CPU, and
+    # 0.04 -> 0.5-0.75 s per step once a second job shared the machine). Threads are torch's, as under `make`.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
         return cmd_bench(argv[1:])
