@@ -113,7 +113,7 @@ class Params:
     """Answer with Quiet-STaR thoughts (slower); the handed-on model keeps its thought machinery either way."""
     test_per_level: int = 32
     tool_test: int = 24
-    """Test-split ``tool`` questions (at the tool family's start level) for the with/without comparison."""
+    """Test-split ``tool`` questions (at the level the tool family reached) for the with/without comparison."""
     retention_margin: float = 0.05
     gate_z: float = 1.645
     """Retention may further trail by ``gate_z`` paired standard errors (same test questions before and after)."""
@@ -363,7 +363,7 @@ def run(params: Params, ctx) -> PhaseResult:
     after_c = accuracy_table(model, tokenizer, reached, params, ctx.seed + 1)
     rate = lambda table: {f: {lv: sum(c) / len(c) for lv, c in by.items()} for f, by in table.items()}  # noqa: E731
     before, after = rate(before_c), rate(after_c)
-    tool = tool_comparison(model, tokenizer, start.get("tool", 1), params, ctx.seed + 2) \
+    tool = tool_comparison(model, tokenizer, reached["tool"], params, ctx.seed + 2) \
         if "tool" in params.families else None
     timing["test_s"] = round(time.perf_counter() - t0, 2)
     report = {"assessment": assessment, "start_levels": start, "level_reached": reached, "history": history,
