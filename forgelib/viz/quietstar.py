@@ -50,7 +50,8 @@ def plot_nll_curves(report: dict) -> "plt.Figure":
 
 def plot_mixing_heatmap(report: dict, max_tokens: int = 40) -> "plt.Figure":
     """Mixing weight ``w`` given to the thought before each token (rows: test samples; columns: the tokens
-    predicted, answer tokens in bold). 0 = the base prediction alone, 1 = the post-thought prediction alone."""
+    predicted, answer tokens in bold; a sample longer than ``max_tokens`` shows its last ``max_tokens``, where the
+    answer is). 0 = the base prediction alone, 1 = the post-thought prediction alone."""
     rows = report["heatmap"]
     if not rows:
         fig, ax = plt.subplots(figsize=(6, 1))
@@ -61,8 +62,9 @@ def plot_mixing_heatmap(report: dict, max_tokens: int = 40) -> "plt.Figure":
     import numpy as np
 
     grid = np.full((len(rows), width), np.nan)
+    rows = [{**row, **{k: row[k][-width:] for k in ("tokens", "weights", "answer")}} for row in rows]
     for i, row in enumerate(rows):
-        weights = row["weights"][:width]
+        weights = row["weights"]
         grid[i, :len(weights)] = weights
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * width), 0.8 + 0.55 * len(rows)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(grid))))
