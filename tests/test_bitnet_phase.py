@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from forgelib.phases.bitnet import Params, gate_checks
-from forgelib.quant import BitLinear, PackedBitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
+from forgelib.quant import BitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
 from forgelib.thoughts import QuietStarConfig, QuietStarModel, load_quietstar
 
 

@@ -149,7 +149,7 @@ def test_parallel_thoughts_equal_the_one_prefix_at_a_time_loop(tok, kind):
                                        atol=5e-5, rtol=1e-4)
             compared += 1
     assert compared >= 20 and T == th.tokens.shape[1]
-    assert 0 < float(th.weights.min()) or 0 < float(th.weights.max()) < 1 or th.weights.std() > 0
+    assert th.weights.std() > 0  # the randomized head mixes by different amounts at different positions
     assert not (th.tokens == tok.convert_tokens_to_ids(START_THOUGHT)).any()  # special tokens are never thought
 
 

@@ -29,29 +29,15 @@ from pathlib import Path
 import torch
 
 from .. import paths
-from ..phases.bitnet import Params, size_table, ternary_copy, train_qat
+from ..phases.bitnet import size_table, ternary_copy, train_qat
 from ..phases.quietstar import score, test_samples
 from ..results import dumps_json
+from . import phase_folder, phase_params
 from .quietstar import interval
 
 
-def _params(params_file: str) -> Params:
-    from ..phases import PHASES, get_spec
-    from ..phases.base import load_phase_params
-
-    return load_phase_params(get_spec("bitnet"), params_file, None, PHASES)[1]
 
 
-def _phase3(folder: str | None) -> Path:
-    from ..phases import PHASES
-    from ..phases.base import latest_completed
-
-    if folder:
-        return paths.resolve(folder)
-    result = latest_completed(PHASES, 3)
-    if result is None:
-        raise SystemExit("no completed Phase 3 run found: run `make run` first or pass --phase3 FOLDER")
-    return paths.resolve(f"outputs/{result.session}/03_quietstar")
 
 
 @torch.no_grad()
@@ -84,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..results import PhaseResult
     from ..thoughts import load_quietstar
 
-    params = _params(args.params)
+    params = phase_params("bitnet", args.params)
     if args.steps is not None:
         params = dataclasses.replace(params, steps=args.steps)
     if args.test_per_family is not None:
         params = dataclasses.replace(params, test_per_family=args.test_per_family)
-    folder = _phase3(args.phase3)
+    folder = phase_folder("quietstar", args.phase3)
     model_dir = paths.resolve(PhaseResult.load(folder).models[params.source]["path"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fp_model = load_quietstar(model_dir, tokenizer).eval()

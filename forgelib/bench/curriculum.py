@@ -35,29 +35,15 @@ from ..optim import create_optimizer_from_phase
 from ..phases.curriculum import (Params, SelfModelHead, Trainee, accuracy_at, curriculum_loss, run_round,
                                  tool_comparison)
 from ..results import dumps_json
+from . import phase_folder, phase_params
 from ..train import TrainConfig, train
 from .quietstar import interval
 
 ARMS = ("curriculum", "uniform", "easy_to_hard")
 
 
-def _params(params_file: str) -> Params:
-    from ..phases import PHASES, get_spec
-    from ..phases.base import load_phase_params
-
-    return load_phase_params(get_spec("curriculum"), params_file, None, PHASES)[1]
 
 
-def _phase4(folder: str | None) -> Path:
-    from ..phases import PHASES
-    from ..phases.base import latest_completed
-
-    if folder:
-        return paths.resolve(folder)
-    result = latest_completed(PHASES, 4)
-    if result is None:
-        raise SystemExit("no completed Phase 4 run found: run `make run` first or pass --phase4 FOLDER")
-    return paths.resolve(f"outputs/{result.session}/04_bitnet")
 
 
 def _load(folder: Path, params: Params):
@@ -156,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    params = _params(args.params)
+    params = phase_params("curriculum", args.params)
     changes = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps_per_round),
                                  ("test_per_level", args.test_per_level)) if v is not None}
     params = dataclasses.replace(params, **changes)
-    folder = _phase4(args.phase4)
+    folder = phase_folder("bitnet", args.phase4)
     started = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):

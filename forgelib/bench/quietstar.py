@@ -40,6 +40,7 @@ from .. import paths
 from ..optim import ReferenceKL, create_optimizer_from_phase, preset_config
 from ..phases.quietstar import Params, score, test_samples, train_arm, training_batches
 from ..results import dumps_json
+from . import phase_folder, phase_params
 from ..train import train
 
 ARMS = ("plain", "quietstar", "pause", "random")
@@ -158,17 +159,6 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
-def _phase2(folder: str | None) -> Path:
-    """A Phase 2 output folder, or the newest completed one in the registry."""
-    from ..phases import PHASES
-    from ..phases.base import latest_completed
-
-    if folder:
-        return paths.resolve(folder)
-    result = latest_completed(PHASES, 2)
-    if result is None:
-        raise SystemExit("no completed Phase 2 run found: run `make run` first or pass --phase2 FOLDER")
-    return paths.resolve(f"outputs/{result.session}/02_evomerge")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.loading import load_causal_lm
     from ..results import PhaseResult
 
-    params = _params(args.params)
+    params = phase_params("quietstar", args.params)
     if args.steps is not None:
         params = dataclasses.replace(params, steps=args.steps)
     if args.test_per_family is not None:
         params = dataclasses.replace(params, test_per_family=args.test_per_family)
-    folder = _phase2(args.phase2)
+    folder = phase_folder("evomerge", args.phase2)
     result = PhaseResult.load(folder)
     model_dir = paths.resolve(result.models[params.source]["path"])
     base = load_causal_lm(model_dir).eval()
@@ -220,10 +210,3 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0
-
-
-def _params(params_file: str) -> Params:
-    from ..phases import PHASES, get_spec
-    from ..phases.base import load_phase_params
-
-    return load_phase_params(get_spec("quietstar"), params_file, None, PHASES)[1]

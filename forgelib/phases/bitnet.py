@@ -39,12 +39,11 @@ import torch
 from ..data.tasks import FAMILIES
 from ..optim import ReferenceKL, create_optimizer_from_phase
 from ..params import require_non_negative, require_positive
-from ..quant import bitlinear_modules, convert_to_bitnet, export_packed, ternary_quantize
+from ..quant import bitlinear_modules, convert_to_bitnet, ternary_quantize
 from ..quant.packing import PACKINGS
 from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarModel, load_quietstar, quietstar_loss
 from ..train import TrainConfig, train
-from .base import UpstreamError
 from .quietstar import Params as QuietStarParams
 from .quietstar import chance_levels, score, test_samples, training_batches
 
@@ -211,10 +210,7 @@ def logits_difference(a: QuietStarModel, b: QuietStarModel, tokenizer, samples, 
 def load_source(params: Params, ctx) -> tuple[QuietStarModel, Any, Path]:
     from transformers import AutoTokenizer
 
-    if ctx.upstream is None or params.source not in ctx.upstream.models:
-        have = sorted(ctx.upstream.models) if ctx.upstream else []
-        raise UpstreamError(f"phase 4 needs upstream model {params.source!r}; the upstream has {have}")
-    folder = ctx.upstream_model_path(params.source)
+    folder = ctx.upstream_model_path(params.source)  # UpstreamError naming the roles it has when missing
     model = load_quietstar(folder).eval()  # first: it registers Cognate, which the tokenizer's config lookup needs
     return model, AutoTokenizer.from_pretrained(folder), folder
 

@@ -42,7 +42,6 @@ from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
-from .base import UpstreamError
 from .evomerge import paired_se
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
@@ -140,10 +139,7 @@ def load_source(params: Params, ctx) -> tuple[Any, Any]:
 
     from ..models.loading import load_causal_lm
 
-    if ctx.upstream is None or params.source not in ctx.upstream.models:
-        have = sorted(ctx.upstream.models) if ctx.upstream else []
-        raise UpstreamError(f"phase 3 needs upstream model {params.source!r}; the upstream has {have}")
-    folder = ctx.upstream_model_path(params.source)
+    folder = ctx.upstream_model_path(params.source)  # UpstreamError naming the roles it has when missing
     model = load_causal_lm(folder).eval()
     for key, value in params.runtime.items():
         if not hasattr(model.config, key):
@@ -234,7 +230,7 @@ def run(params: Params, ctx) -> PhaseResult:
     """Phase 3 (see the module docstring)."""
     torch.manual_seed(ctx.seed)
     base, tokenizer = load_source(params, ctx)
-    QuietStarModel(base, tokenizer, params.thoughts)  # fail early on an unsupported model (memory, no tokens)
+    untrained = QuietStarModel(base, tokenizer, params.thoughts).eval()  # fails early on memory / missing tokens
     test = test_samples(params, ctx.seed + 1)
     curve_set = test_samples(params, ctx.seed + 2, per_family=max(1, params.curve_samples // len(params.mix)))
     curve = nll_curve(tokenizer, curve_set, params)
@@ -242,7 +238,7 @@ def run(params: Params, ctx) -> PhaseResult:
     arms = {"thoughts": params.thoughts}
     if params.pause_arm:
         arms["pause"] = dataclasses.replace(params.thoughts, thought_mode="pause", n_passes=1)
-    models, start = {}, {"step": 0, **curve(QuietStarModel(base, tokenizer, params.thoughts).eval())}
+    models, start = {}, {"step": 0, **curve(untrained)}
     for name, config in arms.items():
         started = time.perf_counter()
         models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
