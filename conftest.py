@@ -15,5 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-collect_ignore = ["outputs", ".venv"]
+# The pipeline notebook runs the whole smoke chain: tests/test_phases.py executes it with papermill (every cell, a
+# failing cell fails the test) and checks what each phase handed on, so nbval does not run it a second time.
+collect_ignore = ["outputs", ".venv", "notebooks/00_pipeline.ipynb"]
 collect_ignore_glob = ["tests/notebooks/*.ipynb", "outputs/*"]

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "quietstar": "forgelib.bench.quietstar",
     "bitnet": "forgelib.bench.bitnet",
     "curriculum": "forgelib.bench.curriculum",
+    "baking": "forgelib.bench.baking",
 }
 
 

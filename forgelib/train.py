@@ -159,7 +159,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         factor = lr_factor(step, config)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
-        batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+        batch = _to_device(next(batches), accelerator.device)
         loss, extras, grad_norm = _step(model, optimizer, batch, loss_fn, accelerator, config.grad_clip, step)
         history.losses.append(loss)
         history.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -179,6 +179,11 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         group["lr"] = base_lr  # the optimizer is left as it was given
     model.eval()
     return history
+
+
+def _to_device(batch: dict, device) -> dict:
+    """The batch's tensors on ``device`` (nested dicts too: a loss may take a second batch under one key)."""
+    return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def _check_health(losses: list[float], step: int, config: TrainConfig) -> None:

@@ -1,5 +1,5 @@
-"""Phases 1 and 2 run for real on the smoke set (one shared session), hand on what they promise, and
-refuse bad input clearly."""
+"""The pipeline notebook runs every phase for real on the smoke set (one shared session); each phase hands on
+what it promises; bad input is refused clearly."""
 import json
 import math
 import subprocess
@@ -28,33 +28,74 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cognate(outputs):
-    ctx = open_phase("cognate", "parameters/smoke.yaml", QUIET, session="p")
-    return ctx, run_phase(ctx)
+def pipeline(outputs):
+    """The pipeline notebook itself, executed by papermill on the smoke set as session "p": every phase runs for
+    real, in its own kernel, and the tests below check what each handed on. (nbval leaves this notebook to this
+    fixture, see ../conftest.py: one smoke chain instead of two.)"""
+    from forgelib.notebooks import execute
+
+    out = execute(paths.repo_root() / "notebooks" / "00_pipeline.ipynb", outputs / "00_pipeline.ipynb",
+                  {"params_file": "parameters/smoke.yaml", "session": "p", "overrides": QUIET})
+    return out
+
+
+def _completed(name):
+    """(a context-like record: dir, seed, params; the PhaseResult) of phase ``name`` in the pipeline's session."""
+    from types import SimpleNamespace
+
+    from forgelib.phases import PHASES, get_spec
+    from forgelib.phases.base import load_phase_params
+
+    spec = get_spec(name)
+    folder = paths.outputs_root() / "p" / spec.dirname
+    run, params = load_phase_params(spec, "parameters/smoke.yaml", QUIET, PHASES)
+    return SimpleNamespace(dir=folder, seed=run.seed + 1000 * spec.number, params=params, spec=spec), \
+        PhaseResult.load(folder)
 
 
 @pytest.fixture(scope="module")
-def evomerge(outputs, cognate):
-    ctx = open_phase("evomerge", "parameters/smoke.yaml", QUIET, session="p", upstream=cognate[0].dir)
-    return ctx, run_phase(ctx)
+def cognate(pipeline):
+    return _completed("cognate")
 
 
 @pytest.fixture(scope="module")
-def quietstar(outputs, evomerge):
-    ctx = open_phase("quietstar", "parameters/smoke.yaml", QUIET, session="p", upstream=evomerge[0].dir)
-    return ctx, run_phase(ctx)
+def evomerge(pipeline):
+    return _completed("evomerge")
 
 
 @pytest.fixture(scope="module")
-def bitnet(outputs, quietstar):
-    ctx = open_phase("bitnet", "parameters/smoke.yaml", QUIET, session="p", upstream=quietstar[0].dir)
-    return ctx, run_phase(ctx)
+def quietstar(pipeline):
+    return _completed("quietstar")
 
 
 @pytest.fixture(scope="module")
-def curriculum(outputs, bitnet):
-    ctx = open_phase("curriculum", "parameters/smoke.yaml", QUIET, session="p", upstream=bitnet[0].dir)
-    return ctx, run_phase(ctx)
+def bitnet(pipeline):
+    return _completed("bitnet")
+
+
+@pytest.fixture(scope="module")
+def curriculum(pipeline):
+    return _completed("curriculum")
+
+
+@pytest.fixture(scope="module")
+def baking(pipeline):
+    return _completed("baking")
+
+
+@pytest.mark.slow
+def test_pipeline_notebook_completes_every_phase(pipeline):
+    import nbformat
+
+    from forgelib.phases import PHASES
+
+    nb = nbformat.read(pipeline, as_version=4)
+    assert all(c.get("outputs") is not None for c in nb.cells if c.cell_type == "code")
+    assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c["outputs"])
+    for spec in PHASES:
+        result = PhaseResult.load(paths.outputs_root() / "p" / spec.dirname)
+        assert result.ok and result.gate_passed, spec.name
+        assert (paths.outputs_root() / "p" / spec.dirname / spec.notebook.split("/")[-1]).is_file()
 
 
 @pytest.mark.slow
@@ -270,6 +311,37 @@ def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculu
     model = load_quietstar(paths.resolve(result.models["model"]["path"]), trainable=True)
     start = load_quietstar(paths.resolve(bitnet[1].models["model"]["path"]), trainable=True)
     assert set(model.state_dict()) == set(start.state_dict()) and len(bitlinear_modules(model.base)) == 14
+
+
+@pytest.mark.slow
+def test_baking_hands_on_a_ternary_model_that_uses_the_calculator_unprompted(baking, curriculum):
+    """Phase 6 on the smoke set: the gate's numbers are the report's; the handed-on model is still ternary (the
+    adapters merged inside the quantizer) and, asked a question with no prompt, calls the calculator."""
+    from forgelib.data.tasks import generate
+    from forgelib.quant.bitnet import BitLinear
+    from forgelib.thoughts import load_quietstar
+    from forgelib.tools import generate_with_tools
+
+    ctx, result = baking
+    assert result.ok and result.gate_passed
+    assert result.upstream["folder"].endswith("p/05_curriculum")
+    report = json.loads((ctx.dir / "report.json").read_text())
+    gate = {g.name: g.value for g in result.gate}
+    for row in report["cycles"]:
+        assert gate[f"gap_closed_{row['prompt']}"] == pytest.approx(row["gap_closed"], abs=1e-4)
+        assert row["gap_closed"] == pytest.approx(1 - row["kl_baked"] / row["kl_unbaked"])
+    assert result.metrics["acc_before"] == pytest.approx(report["input"]["none"]["accuracy"], abs=1e-4)
+    assert result.metrics["tool_use_rate_after"] > result.metrics["tool_use_rate_before"]
+    model = load_quietstar(paths.resolve(result.models["model"]["path"]))
+    assert any(isinstance(m, BitLinear) for m in model.base.modules())
+    assert not any("lora" in name for name, _ in model.base.named_modules())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths.resolve(result.models["model"]["path"]))
+    questions = [s.prompt for s in generate("arith", 1, 16, "test", 99)]
+    with model.no_thoughts():
+        texts = [t.text for t in generate_with_tools(model, tok, questions, 32)]
+    assert sum("<|tool|>" in t for t in texts) >= 12, texts
 
 
 def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ PHASES: list[PhaseSpec] = [
               "BitNet: ternary weights by quantization-aware training, packed"),
     PhaseSpec(5, "curriculum", "forgelib.phases.curriculum", "notebooks/05_curriculum.ipynb",
               "Curriculum: training at the edge of ability, with a calculator, self-modeling and dreaming"),
+    PhaseSpec(6, "baking", "forgelib.phases.baking", "notebooks/06_baking.ipynb",
+              "Baking: tool and persona prompts baked into the weights (KL + LoRA)"),
 ]
 
 

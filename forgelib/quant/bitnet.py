@@ -107,7 +107,13 @@ class BitLinear(nn.Linear):
         return ternary_dequantize(codes, scale, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q = _straight_through(self.quantized_weight(), self.weight)  # (out, in)
+        return self.forward_with_weight(x, self.weight)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The forward with ``weight`` as the latent matrix (a LoRA-adapted latent ``W + BA`` is quantized as a
+        whole, so that merging the adapter into ``weight`` gives the very same forward: ``forgelib.baking``)."""
+        codes, scale = ternary_quantize(weight)
+        w_q = _straight_through(ternary_dequantize(codes, scale, weight.dtype), weight)  # (out, in)
         if self.quantize_activations:
             x = _straight_through(fake_quantize_activations(x), x)  # (..., in)
         return F.linear(x, w_q, self.bias)  # (..., out)
