@@ -23,6 +23,18 @@ LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_ext
 # kernel listens on localhost) otherwise lands in the terminal and, for nested runs, in the notebook.
 QUIET_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 _CELL_KEYS_DROPPED = ("execution", "papermill", "scrolled", "collapsed")
+# A cell that runs a phase or the pipeline may take hours; any other cell (tables, plots, widgets) takes seconds.
+# Seen once on a loaded machine: a widget cell's execute_reply never reached papermill's client, which then
+# waited forever (the kernel sat idle). Such a cell now fails with nbclient's CellTimeoutError after this long.
+DISPLAY_CELL_TIMEOUT_S = 600
+LONG_CELL_MARKERS = ("run_phase(", "run_pipeline(")
+
+
+def cell_timeout(cell: Any) -> int | None:
+    """nbclient's per-cell timeout: none for a cell that runs a phase or the pipeline, DISPLAY_CELL_TIMEOUT_S
+    for any other."""
+    source = cell.get("source", "") if isinstance(cell, dict) else getattr(cell, "source", "")
+    return None if any(marker in source for marker in LONG_CELL_MARKERS) else DISPLAY_CELL_TIMEOUT_S
 
 
 def notebook_files(roots: Iterable[str | Path] = ("notebooks", "tests/notebooks")) -> list[Path]:
@@ -66,12 +78,13 @@ def strip(files: Iterable[str | Path]) -> list[Path]:
 def execute(source: str | Path, output: str | Path, parameters: dict | None = None, *, log_output: bool = False,
             cwd: str | Path | None = None) -> Path:
     """Execute ``source`` into ``output`` with papermill (kernel ``python3``, quiet kernel logs, cells saved as
-    they finish); raises papermill's error with the failing cell's traceback."""
+    they finish, ``cell_timeout`` per cell); raises papermill's error with the failing cell's traceback."""
     import papermill as pm
 
     pm.execute_notebook(str(source), str(output), parameters=parameters or {}, kernel_name="python3",
                         cwd=str(cwd or paths.repo_root()), progress_bar=False, log_output=log_output,
-                        request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS))
+                        request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS),
+                        timeout_func=cell_timeout)
     return Path(output)
 
 

@@ -177,3 +177,22 @@ def test_suite_answers_cover_levels_whose_splits_hold_few_prompts():
     sample = generate("algebra", 3, 5, "test", 0)[0]
     assert answers[sample.prompt] == sample.answer
     assert len(answers) > 300
+
+
+def test_a_display_cell_that_never_answers_fails_instead_of_hanging(tmp_path, monkeypatch):
+    """Cells that run a phase or the pipeline have no time limit; any other cell gets DISPLAY_CELL_TIMEOUT_S, so a
+    lost kernel reply ends the run with nbclient's CellTimeoutError (a cell that sleeps stands in for it)."""
+    import nbformat
+    from nbclient.exceptions import CellTimeoutError
+
+    from forgelib import notebooks
+
+    assert notebooks.cell_timeout(nbformat.v4.new_code_cell("result = run_phase(ctx)")) is None
+    assert notebooks.cell_timeout(nbformat.v4.new_code_cell("outcomes = run_pipeline(p, 'all')")) is None
+    assert notebooks.cell_timeout(nbformat.v4.new_code_cell("plot_kl_curves(report);")) == 600
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import time"), nbformat.v4.new_code_cell("time.sleep(5)")]
+    nbformat.write(nb, tmp_path / "slow.ipynb")
+    monkeypatch.setattr(notebooks, "DISPLAY_CELL_TIMEOUT_S", 1)
+    with pytest.raises(CellTimeoutError):
+        notebooks.execute(tmp_path / "slow.ipynb", tmp_path / "out.ipynb")
