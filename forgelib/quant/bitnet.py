@@ -87,6 +87,9 @@ class BitLinear(nn.Linear):
     (``quantize_activations=False`` keeps x as is), straight-through gradients on both. ``weight`` and ``bias`` are
     ordinary Parameters, so optimizers, peft LoRA and ``state_dict`` see a plain Linear."""
 
+    quantize_weight = True
+    """False while an SVF expert parametrizes ``weight`` with a matrix already built from the ternary one."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  quantize_activations: bool = True):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -112,8 +115,11 @@ class BitLinear(nn.Linear):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The forward with ``weight`` as the latent matrix (a LoRA-adapted latent ``W + BA`` is quantized as a
         whole, so that merging the adapter into ``weight`` gives the very same forward: ``forgelib.baking``)."""
-        codes, scale = ternary_quantize(weight)
-        w_q = _straight_through(ternary_dequantize(codes, scale, weight.dtype), weight)  # (out, in)
+        if self.quantize_weight:
+            codes, scale = ternary_quantize(weight)
+            w_q = _straight_through(ternary_dequantize(codes, scale, weight.dtype), weight)  # (out, in)
+        else:  # an SVF expert's matrix, built from the quantized weight (forgelib.experts)
+            w_q = weight
         if self.quantize_activations:
             x = _straight_through(fake_quantize_activations(x), x)  # (..., in)
         return F.linear(x, w_q, self.bias)  # (..., out)
