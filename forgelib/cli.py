@@ -20,6 +20,7 @@ BENCHMARKS = {
     "bitnet": "forgelib.bench.bitnet",
     "curriculum": "forgelib.bench.curriculum",
     "baking": "forgelib.bench.baking",
+    "experts": "forgelib.bench.experts",
 }
 
 

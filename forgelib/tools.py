@@ -329,6 +329,11 @@ class ToolTrace:
     n_generated: int = 0
     n_result_tokens: int = 0
     stop: str = ""
+    ids: list[int] = field(default_factory=list)
+    """The completion's token ids as the model saw them (its own tokens, stop tokens included, and the appended
+    result tokens)."""
+    generated: list[int] = field(default_factory=list)
+    """Per id: 1 for a token the model wrote, 0 for an appended result token (a policy gradient counts only 1s)."""
 
 
 @dataclass
@@ -342,6 +347,7 @@ class _Row:
     generated: int = 0
     result_tokens: int = 0
     stop: str | None = None  # None while the row is still generating
+    own: list[int] = field(default_factory=list)  # per completion id: 1 = written by the model, 0 = a tool result
 
 
 def _check_args(max_new_tokens: int, max_calls: int, batch_size: int) -> None:
@@ -392,6 +398,7 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
         cut = next((k for k, t in enumerate(new) if t in stops), None)
         new = new if cut is None else new[:cut + 1]
         row.ids += new
+        row.own += [1] * len(new)
         row.generated += len(new)
         if cut is None:
             row.stop = "length"
@@ -408,6 +415,7 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
             row.calls.append({"expr": expr, "result": result, "ok": not result.startswith(ERROR_PREFIX)})
             appended = tokenizer(TOOL_RESULT + result, add_special_tokens=False)["input_ids"]
             row.ids += appended
+            row.own += [0] * len(appended)
             row.result_tokens += len(appended)
 
     for row in rows:
@@ -429,7 +437,8 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
         text = completion(row)
         calls = row.calls if tool is not None else [{"expr": e, "result": None, "ok": False}
                                                     for e in find_tool_calls(text)]
-        traces.append(ToolTrace(row.prompt, text, calls, row.generated, row.result_tokens, row.stop))
+        traces.append(ToolTrace(row.prompt, text, calls, row.generated, row.result_tokens, row.stop,
+                                row.ids[row.n_prompt:], list(row.own)))
     return traces
 
 

@@ -83,6 +83,11 @@ def baking(pipeline):
     return _completed("baking")
 
 
+@pytest.fixture(scope="module")
+def experts(pipeline):
+    return _completed("experts")
+
+
 @pytest.mark.slow
 def test_pipeline_notebook_completes_every_phase(pipeline):
     import nbformat
@@ -342,6 +347,35 @@ def test_baking_hands_on_a_ternary_model_that_uses_the_calculator_unprompted(bak
     with model.no_thoughts():
         texts = [t.text for t in generate_with_tools(model, tok, questions, 32)]
     assert sum("<|tool|>" in t for t in texts) >= 12, texts
+
+
+@pytest.mark.slow
+def test_experts_hand_on_the_model_and_expert_files_that_reproduce_the_routed_answers(experts, baking):
+    """Phase 7 on the smoke set: the gate's numbers are the report's, the handed-on model is the Phase-6 model (the
+    experts live in small files beside it), and reloading an expert file gives the answers the report recorded."""
+    from forgelib.experts import apply_svf, load_expert
+    from forgelib.phases.experts import correctness, make_check, questions
+    from forgelib.thoughts import load_quietstar
+
+    ctx, result = experts
+    assert result.ok and result.gate_passed
+    report = json.loads((ctx.dir / "report.json").read_text())
+    k = report["k"]
+    assert result.metrics["n_experts"] == k and 2 <= k <= 4
+    assert result.metrics["acc_routed"] == pytest.approx(
+        sum(report["test"]["correct"]["routed"]) / len(report["test"]["route"]), abs=1e-4)
+    handed = load_quietstar(paths.resolve(result.models["model"]["path"]))
+    before = load_quietstar(paths.resolve(baking[1].models["model"]["path"]))
+    ids = torch.randint(5, 200, (1, 9))
+    assert torch.equal(handed.base(input_ids=ids).logits, before.base(input_ids=ids).logits)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths.resolve(result.models["model"]["path"]))
+    svf = apply_svf(handed.base)
+    params = ctx.params
+    test = questions(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    z = load_expert(paths.resolve(result.artifacts["experts"]) / "expert_0.safetensors")
+    assert correctness(svf, tok, test, z, make_check(params.answer_prefixes), params) == report["test"]["correct"]["expert_0"]
 
 
 def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):

@@ -17,6 +17,8 @@ PHASES: list[PhaseSpec] = [
               "Curriculum: training at the edge of ability, with a calculator, self-modeling and dreaming"),
     PhaseSpec(6, "baking", "forgelib.phases.baking", "notebooks/06_baking.ipynb",
               "Baking: tool and persona prompts baked into the weights (KL + LoRA)"),
+    PhaseSpec(7, "experts", "forgelib.phases.experts", "notebooks/07_experts.ipynb",
+              "Experts: self-discovered SVF experts with two-pass routing"),
 ]
 
 

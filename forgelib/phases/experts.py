@@ -1,0 +1,282 @@
+"""Phase 7 — Experts: self-guided SVF experts (Transformer²), two-pass routing, mixtures for an unseen task.
+
+The Phase-6 model's base language model gets SVF expert vectors (``forgelib.experts``: one ``z`` per attention/MLP
+matrix; ternary layers keep their stored codes, an expert's layer computes with ``U diag(σ ⊙ s(z)) Vᵀ`` of the
+ternary matrix).
+
+1. **Discovery**: the model's own hidden states of ``discover_per_family`` train questions per family (levels
+   ``levels``) are clustered (k-means, k in ``k_range`` chosen by the silhouette). Each cluster is one expert's
+   training set: the split is the model's, not the family list (the report shows how families fall into clusters).
+2. **Experts**: per cluster a ``z`` trained by REINFORCE on the exact-match reward of the model's own sampled answers
+   with a KL term to the base (``train``; ``method: ce`` trains by cross-entropy on its correct answers instead).
+3. **Two-pass inference**: pass 1 routes a question to the nearest centroid of its base hidden state, pass 2
+   answers with that expert.
+4. **Unseen family** (``unseen_family``): a CEM search over mixtures ``Σ α_k z_k`` scored on ``few_shot``
+   questions of a family no expert trained on; measured on its test questions.
+5. **Routing search**: CMA-ES over the routing strength and confidence gate (``forgelib.experts.route``), held-out
+   accuracy against seconds per question; the best setting at weight 0 is reported (not used by the gate).
+
+**Measured** (test split, greedy, calculator on, the persona's answer prefix removed): per question the base
+(``z = 0``), every expert, the routed answer; per cluster (its test questions = those routed to it) base vs its
+expert; ``acc_oracle`` = a question counts when any expert answers it; ``routing_acc`` = among the questions some
+expert answers, the share routed to an expert that does.
+
+**Gate**: each expert's accuracy on its cluster's test questions − the base's ≥ ``min_expert_gain`` − ``gate_z``
+paired SEs; routed accuracy ≥ base − ``gate_z`` paired SEs; ``routing_acc`` ≥ ``min_routing_acc``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from ..data.tasks import FAMILIES, check, generate
+from ..params import require_non_negative, require_positive
+from ..results import GateCheck, PhaseResult
+
+HEADLINE = ("n_experts", "expert_params", "acc_base", "acc_routed", "acc_oracle", "routing_acc")
+
+
+@dataclasses.dataclass
+class Params:
+    """Phase 7 parameters (the ``experts`` section). Defaults are the smoke set."""
+
+    source: str = "model"
+    families: list[str] = dataclasses.field(default_factory=lambda: ["arith", "multistep", "algebra", "tool"])
+    levels: tuple[int, int] = (1, 3)
+    discover_per_family: int = 48
+    k_range: tuple[int, int] = (2, 4)
+    svf: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``SVFConfig`` fields (target_modules, rescale)."""
+    train: dict[str, Any] = dataclasses.field(default_factory=lambda: {"steps": 15})
+    """``ExpertTrainConfig`` fields (method, steps, batch_size, lr, kl_weight, temperature, max_new_tokens)."""
+    test_per_level: int = 8
+    answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
+    """Answer styles removed before the task checker (the persona Phase 6 baked)."""
+    unseen_family: str | None = "modular"
+    few_shot: int = 8
+    cem: dict[str, Any] = dataclasses.field(default_factory=lambda: {"iterations": 3, "population": 6, "elite": 2})
+    search_budget: int = 4
+    """Routing settings evaluated per trade-off weight (0: no search)."""
+    search_per_family: int = 4
+    max_new_tokens: int = 40
+    min_expert_gain: float = 0.0
+    min_routing_acc: float = 0.5
+    gate_z: float = 1.645
+
+    def __post_init__(self):
+        from ..experts.svf import SVFConfig
+        from ..experts.train import ExpertTrainConfig
+
+        require_positive(self, "discover_per_family", "test_per_level", "few_shot", "max_new_tokens")
+        require_non_negative(self, "search_budget", "gate_z")
+        unknown = [f for f in [*self.families, *([self.unseen_family] if self.unseen_family else [])]
+                   if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
+        if self.unseen_family in self.families:
+            raise ValueError(f"unseen_family {self.unseen_family!r} is one of the experts' families")
+        if not 2 <= self.k_range[0] <= self.k_range[1]:
+            raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {self.k_range}")
+        SVFConfig(**self.svf)
+        ExpertTrainConfig(**self.train)
+
+
+def questions(families, levels, per_level: int, split: str, seed: int) -> list:
+    return [s for f in families for lv in range(levels[0], levels[1] + 1) for s in generate(f, lv, per_level, split, seed)]
+
+
+def make_check(prefixes):
+    from ..data.base import ANSWER_MARK
+
+    def strip(text: str) -> str:
+        if ANSWER_MARK not in text:
+            return text
+        body, _, answer = text.rpartition(ANSWER_MARK)
+        answer = answer.strip()
+        for p in prefixes:
+            if answer.startswith(p):
+                answer = answer[len(p):].strip()
+        return body + ANSWER_MARK + answer
+
+    return lambda sample, text: check(sample, strip(text))
+
+
+def load_source(params: Params, ctx):
+    from transformers import AutoTokenizer
+
+    from ..models.loading import load_causal_lm
+    from ..thoughts import is_quietstar, load_quietstar
+
+    folder = ctx.upstream_model_path(params.source)
+    model = load_quietstar(folder) if is_quietstar(folder) else load_causal_lm(folder)
+    return model.eval(), AutoTokenizer.from_pretrained(folder), folder
+
+
+def correctness(svf, tokenizer, samples, z: dict | None, grader, params: Params) -> list[int]:
+    from ..tools import generate_with_tools
+
+    saved = svf.get_z()
+    svf.load_z(z) if z is not None else svf.reset()
+    texts = [t.text for t in generate_with_tools(svf, tokenizer, [s.prompt for s in samples], params.max_new_tokens,
+                                                 batch_size=64)]
+    svf.load_z(saved)
+    return [int(grader(s, t)) for s, t in zip(samples, texts)]
+
+
+def run(params: Params, ctx) -> PhaseResult:
+    """Phase 7 (see the module docstring)."""
+    from ..experts import SVFConfig, apply_svf, save_expert
+    from ..experts.discover import choose_k, question_features, route
+    from ..experts.train import ExpertTrainConfig, base_weights, train_expert
+
+    torch.manual_seed(ctx.seed)
+    wrapper, tokenizer, folder = load_source(params, ctx)
+    base = wrapper.base if hasattr(wrapper, "qconfig") else wrapper
+    grader, timing = make_check(params.answer_prefixes), {}
+    t0 = time.perf_counter()
+    svf = apply_svf(base, SVFConfig(**params.svf))
+    pool = questions(params.families, params.levels, max(1, params.discover_per_family //
+                                                          (params.levels[1] - params.levels[0] + 1)), "train", ctx.seed)
+    feats = question_features(svf, tokenizer, [s.prompt for s in pool])
+    found = choose_k(feats, range(params.k_range[0], params.k_range[1] + 1), seed=ctx.seed)
+    k, centroids = found["k"], found["centroids"]
+    labels = found["labels"].tolist()
+    timing["discover_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    experts, histories = [], []
+    config = ExpertTrainConfig(**{"max_new_tokens": params.max_new_tokens, **params.train})
+    for c in range(k):
+        svf.reset()
+        members = [s for s, lab in zip(pool, labels) if lab == c]
+        histories.append(train_expert(svf, tokenizer, members, grader, config, seed=ctx.seed + c))
+        experts.append(svf.get_z())
+        save_expert(svf, ctx.path("experts", f"expert_{c}.safetensors"), {"cluster": c, "n_train": len(members)})
+    svf.reset()
+    timing["train_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    test = questions(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    with base_weights(svf):
+        test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), centroids).tolist()
+    table = {"base": correctness(svf, tokenizer, test, None, grader, params)}
+    for c, z in enumerate(experts):
+        table[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params)
+    table["routed"] = [table[f"expert_{r}"][i] for i, r in enumerate(test_route)]
+    timing["test_s"] = round(time.perf_counter() - t0, 2)
+    report = {"k": k, "levels": list(params.levels), "families": params.families, "silhouettes": found["silhouettes"], "discovery": cluster_table(pool, labels, k),
+              "features_2d": projection(feats, labels, pool), "histories": histories,
+              "test": {"families": [s.family for s in test], "levels": [s.level for s in test], "route": test_route,
+                       "correct": table}, "expert_params": svf.expert_params,
+              "scalings": {f"expert_{c}": layer_scalings(svf, z) for c, z in enumerate(experts)}}
+    t0 = time.perf_counter()
+    if params.unseen_family:
+        report["unseen"] = unseen_mixture(svf, tokenizer, experts, grader, params, ctx.seed)
+    timing["unseen_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    if params.search_budget:
+        report["search"] = routing_search(svf, tokenizer, centroids, experts, grader, params, ctx.seed)
+    timing["search_s"] = round(time.perf_counter() - t0, 2)
+    report["timing"] = timing
+    ctx.write_report(report)
+    torch.save({"centroids": centroids, "k": k}, ctx.path("experts", "router.pt"))
+    from ..experts import remove_svf
+
+    wrapper_base = remove_svf(svf)
+    if hasattr(wrapper, "qconfig"):
+        wrapper.base = wrapper_base
+    ctx.save_model("model", wrapper, tokenizer, metadata={"experts": {"k": k, "folder": "experts/"}})
+    metrics, checks = summarize(report, params)
+    ctx.result.metrics.update(metrics)
+    ctx.result.gate.extend(checks)
+    from .. import paths
+
+    ctx.result.artifacts["experts"] = paths.relative(ctx.dir / "experts")
+    return ctx.result
+
+
+def cluster_table(pool, labels, k) -> dict[str, list[int]]:
+    """Per family, how many of its discovery questions fell into each cluster."""
+    out: dict[str, list[int]] = {}
+    for s, lab in zip(pool, labels):
+        out.setdefault(s.family, [0] * k)[lab] += 1
+    return out
+
+
+def projection(feats: torch.Tensor, labels, pool) -> dict[str, list]:
+    """The 2-D PCA projection of the discovery features (for the cluster picture)."""
+    centered = feats - feats.mean(0)
+    _, _, v = torch.pca_lowrank(centered, q=2, center=False)
+    xy = (centered @ v[:, :2]).tolist()
+    return {"xy": xy, "label": list(labels), "family": [s.family for s in pool]}
+
+
+def layer_scalings(svf, z: dict) -> dict[str, list[float]]:
+    saved = svf.get_z()
+    svf.load_z(z)
+    out = {n: [round(float(x), 4) for x in v] for n, v in svf.scalings().items()}
+    svf.load_z(saved)
+    return out
+
+
+def unseen_mixture(svf, tokenizer, experts, grader, params: Params, seed: int) -> dict[str, Any]:
+    """CEM over mixture weights on ``few_shot`` fitness questions of the unseen family; test accuracy of base,
+    each expert alone and the mixture."""
+    from ..experts import cem_search, mix
+
+    shots = generate(params.unseen_family, params.levels[0], params.few_shot, "fitness", seed + 7)
+    test = questions([params.unseen_family], params.levels, params.test_per_level, "test", seed + 8)
+    score = lambda a: sum(correctness(svf, tokenizer, shots, mix(experts, a), grader, params)) / len(shots)  # noqa: E731
+    alphas, few_shot_acc, history = cem_search(score, len(experts), seed=seed, **params.cem)
+    rows = {"base": correctness(svf, tokenizer, test, None, grader, params),
+            "mixture": correctness(svf, tokenizer, test, mix(experts, alphas), grader, params)}
+    for c, z in enumerate(experts):
+        rows[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params)
+    return {"family": params.unseen_family, "alphas": alphas, "few_shot_acc": few_shot_acc, "history": history,
+            "test": {k: sum(v) / len(v) for k, v in rows.items()}, "correct": rows}
+
+
+def routing_search(svf, tokenizer, centroids, experts, grader, params: Params, seed: int) -> dict[str, Any]:
+    from ..experts.route import evaluate_settings, search_settings
+
+    held = questions(params.families, params.levels, params.search_per_family, "fitness", seed + 9)
+    return search_settings(lambda s: evaluate_settings(svf, tokenizer, held, None, centroids, experts, s, grader,
+                                                       params.max_new_tokens),
+                           budget=params.search_budget, seed=seed)
+
+
+def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCheck]]:
+    from .evomerge import paired_se
+
+    t = report["test"]
+    table, route_ = t["correct"], t["route"]
+    n, k = len(route_), report["k"]
+    rate = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    oracle = [int(any(table[f"expert_{c}"][i] for c in range(k))) for i in range(n)]
+    solvable = [i for i in range(n) if oracle[i]]
+    routing_acc = rate([table["routed"][i] for i in solvable])
+    metrics = {"n_experts": k, "expert_params": report["expert_params"], "acc_base": round(rate(table["base"]), 4),
+               "acc_routed": round(rate(table["routed"]), 4), "acc_oracle": round(rate(oracle), 4),
+               "routing_acc": round(routing_acc, 4)}
+    checks, unused = [], []
+    for c in range(k):
+        idx = [i for i in range(n) if route_[i] == c]
+        if not idx:  # no test question goes to this expert: nothing to compare (reported)
+            unused.append(c)
+            continue
+        base_c = [table["base"][i] for i in idx]
+        exp_c = [table[f"expert_{c}"][i] for i in idx]
+        metrics[f"acc_cluster{c}_base"], metrics[f"acc_cluster{c}_expert"] = round(rate(base_c), 4), round(rate(exp_c), 4)
+        se = paired_se({"correct": exp_c}, {"correct": base_c})
+        checks.append(GateCheck(f"expert{c}_minus_base", round(rate(exp_c) - rate(base_c), 4),
+                                round(params.min_expert_gain - params.gate_z * se, 4), ">="))
+    metrics["unused_experts"] = len(unused)
+    se = paired_se({"correct": table["routed"]}, {"correct": table["base"]})
+    checks.append(GateCheck("routed_minus_base", round(rate(table["routed"]) - rate(table["base"]), 4),
+                            round(-params.gate_z * se, 4), ">="))
+    checks.append(GateCheck("routing_acc", round(routing_acc, 4), params.min_routing_acc, ">="))
+    if "unseen" in report:
+        metrics["unseen_acc_base"] = round(report["unseen"]["test"]["base"], 4)
+        metrics["unseen_acc_mixture"] = round(report["unseen"]["test"]["mixture"], 4)
+    return metrics, checks
