@@ -17,9 +17,8 @@ ternary matrix).
    accuracy against seconds per question; the best setting at weight 0 is reported (not used by the gate).
 
 **Measured** (test split, greedy, calculator on, without Quiet-STaR thoughts as in Phases 5–6, the persona's answer
-prefix removed): per question the base
-(``z = 0``), every expert, the routed answer; per cluster (its test questions = those routed to it) base vs its
-expert; ``acc_oracle`` = a question counts when any expert answers it; ``routing_acc`` = among the questions some
+prefix removed): per question the base (``z = 0``), every expert, the routed answer; per cluster (its test
+questions = those routed to it) base vs its expert; ``acc_oracle`` = a question counts when any expert answers it; ``routing_acc`` = among the questions some
 expert answers, the share routed to an expert that does.
 
 **Gate**: each expert's accuracy on its cluster's test questions − the base's ≥ ``min_expert_gain`` − ``gate_z``
