@@ -18,8 +18,8 @@ ternary matrix).
 
 **Measured** (test split, greedy, calculator on, without Quiet-STaR thoughts as in Phases 5–6, the persona's answer
 prefix removed): per question the base (``z = 0``), every expert, the routed answer; per cluster (its test
-questions = those routed to it) base vs its expert; ``acc_oracle`` = a question counts when any expert answers it; ``routing_acc`` = among the questions some
-expert answers, the share routed to an expert that does.
+questions = those routed to it) base vs its expert; ``acc_oracle`` = a question counts when any expert answers
+it; ``routing_acc`` = among the questions some expert answers, the share routed to an expert that does.
 
 **Gate**: each expert's accuracy on its cluster's test questions − the base's ≥ ``min_expert_gain`` − ``gate_z``
 paired SEs; routed accuracy ≥ base − ``gate_z`` paired SEs; ``routing_acc`` ≥ ``min_routing_acc``.
