@@ -44,7 +44,8 @@ def teaching_samples(prompts: Sequence[BakePrompt], families: Sequence[str], lev
 
 
 def teaching_batches(tokenizer, prompts: Sequence[BakePrompt], families: Sequence[str], levels: Sequence[int],
-                     batch_size: int, max_len: int, seed: int, replay: Sequence[str] = ()) -> Iterator[dict[str, torch.Tensor]]:
+                     batch_size: int, max_len: int, seed: int,
+                     replay: Sequence[str] = ()) -> Iterator[dict[str, torch.Tensor]]:
     """Endless answer-only-loss batches of ``teaching_samples`` (worked solutions; too long ones left out)."""
     rng = random.Random(seed)
     for _ in itertools.count():

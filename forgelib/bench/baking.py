@@ -45,7 +45,8 @@ def _load_taught(folder: Path):
     from ..thoughts import is_quietstar, load_quietstar
 
     model_dir = paths.resolve(PhaseResult.load(folder).models["taught"]["path"])
-    model = load_quietstar(model_dir, trainable=True) if is_quietstar(model_dir) else load_causal_lm(model_dir, trainable=True)
+    loader = load_quietstar if is_quietstar(model_dir) else load_causal_lm
+    model = loader(model_dir, trainable=True)
     return base_of(model).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 

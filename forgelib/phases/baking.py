@@ -165,8 +165,9 @@ def drift(reference, model, tokenizer, params: Params, seed: int) -> dict[str, A
     samples = drift_samples(params, seed)
     enc = encode_samples(tokenizer, samples, 128, answer_only_loss=True, with_steps=True, drop_long=True)
     mask = enc["labels"][:, 1:] != -100
-    ref = F.log_softmax(reference(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float(), -1)
-    new = F.log_softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float(), -1)
+    logp = lambda m: F.log_softmax(  # noqa: E731
+        m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float(), -1)
+    ref, new = logp(reference), logp(model)
     kl = (F.kl_div(new, ref, log_target=True, reduction="none").sum(-1) * mask).sum() / mask.sum()
     before = measure(reference, tokenizer, [], samples, params)
     after = measure(model, tokenizer, [], samples, params)

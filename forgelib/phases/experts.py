@@ -165,7 +165,8 @@ def run(params: Params, ctx) -> PhaseResult:
         table[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params)
     table["routed"] = [table[f"expert_{r}"][i] for i, r in enumerate(test_route)]
     timing["test_s"] = round(time.perf_counter() - t0, 2)
-    report = {"k": k, "levels": list(params.levels), "families": params.families, "silhouettes": found["silhouettes"], "discovery": cluster_table(pool, labels, k),
+    report = {"k": k, "levels": list(params.levels), "families": params.families,
+              "silhouettes": found["silhouettes"], "discovery": cluster_table(pool, labels, k),
               "features_2d": projection(feats, labels, pool), "histories": histories,
               "test": {"families": [s.family for s in test], "levels": [s.level for s in test], "route": test_route,
                        "correct": table}, "expert_params": svf.expert_params,

@@ -58,7 +58,8 @@ def cycle_frame(report: dict):
     after each full pass."""
     import pandas as pd
 
-    rows = [{"cycle": r["cycle"], "prompt": r["prompt"], "kept": r.get("kept", True), "kl_unbaked": r["kl_unbaked"], "kl_baked": r["kl_baked"],
+    rows = [{"cycle": r["cycle"], "prompt": r["prompt"], "kept": r.get("kept", True),
+             "kl_unbaked": r["kl_unbaked"], "kl_baked": r["kl_baked"],
              "gap_closed": r["gap_closed"], "accuracy after": r["accuracy_after"],
              **{f"adherence {n}": v for n, v in r["adherence_after"].items()}, "seconds": r["seconds"]}
             for r in report["cycles"]]
