@@ -432,6 +432,20 @@ def is_quietstar(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / EXTRA_FILE).is_file()
 
 
+def load_lm(path: str | Path, trainable: bool = False) -> nn.Module:
+    """Any model folder a phase hands on: a Quiet-STaR folder as ``QuietStarModel``, any other through
+    ``forgelib.models.loading.load_causal_lm`` (``trainable``: BitLinear layers on latent weights); eval mode."""
+    from .models.loading import load_causal_lm
+
+    loader = load_quietstar if is_quietstar(path) else load_causal_lm
+    return loader(path, trainable=trainable).eval()
+
+
+def base_lm(model: nn.Module) -> nn.Module:
+    """The causal LM itself: a QuietStarModel's ``base``, any other model unchanged."""
+    return model.base if isinstance(model, QuietStarModel) else model
+
+
 def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
                    **config_overrides) -> QuietStarModel:
     """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given). A packed

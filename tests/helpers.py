@@ -28,3 +28,46 @@ def pipeline_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_OUTPUTS", str(out))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     return out
+
+
+def task_tokenizer(extra_texts=()):
+    """A real tokenizer (vocab 300, the project's special tokens) trained on worked solutions of every family."""
+    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tokenizer import train_tokenizer
+
+    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    return train_tokenizer(texts + list(extra_texts), vocab_size=300)
+
+
+def tiny_task_llama(tok):
+    """A seeded 2-layer LlamaForCausalLM (hidden 32) fitting ``tok``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def quietstar_upstream(tok, folder, phase: str, number: int, session: str, ternary: bool = True,
+                       packing: str | None = None):
+    """A Quiet-STaR tiny Llama (ternary layers unless ``ternary=False``; packed with ``packing``) saved in ``folder``
+    and registered as ``phase``'s model: the PhaseResult a later phase takes as ``upstream``."""
+    from forgelib import paths
+    from forgelib.quant import convert_to_bitnet
+    from forgelib.registry import ModelRegistry
+    from forgelib.results import PhaseResult
+    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+
+    qs = QuietStarModel(tiny_task_llama(tok), tok, QuietStarConfig(n_thought=2))
+    if ternary:
+        convert_to_bitnet(qs.base)
+    qs.export_packing = packing
+    qs.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    up = PhaseResult(phase, number, session, status="ok")
+    with ModelRegistry(paths.registry_path()) as reg:
+        up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
+            session_id=session, phase_name=phase, model_name="model", model_path=str(folder))}
+    return up

@@ -5,17 +5,13 @@ import pytest
 import torch
 
 from forgelib import paths
+from helpers import quietstar_upstream, task_tokenizer
 from forgelib.phases.baking import Params, summarize
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
-    from forgelib.data.tokenizer import train_tokenizer
-
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
-    texts += ["use calc: say Answer: "] * 20
-    return train_tokenizer(texts, vocab_size=300)
+    return task_tokenizer(["use calc: say Answer: "] * 20)
 
 
 def _measured(acc, tool, persona, correct):
@@ -40,6 +36,8 @@ def test_gate_reads_the_report():
     metrics, checks = summarize(_report(), Params(min_gap_closed=0.6, bake_retention=0.8))
     gate = {c.name: c for c in checks}
     assert metrics["gap_closed_calculator"] == 0.9 and metrics["gap_closed_answer-style"] == 0.7
+    assert gate["gap_closed_calculator"].value == 0.9 and gate["gap_closed_calculator"].bound == 0.6
+    assert gate["adherence_kept_answer-style"].bound == 0.8  # bake_retention x the adherence right after its bake
     assert metrics["tool_use_rate_before"] == 0.0 and metrics["tool_use_rate_after"] == 1.0
     assert metrics["persona_adherence_before"] == 0.0 and metrics["persona_adherence_after"] == 0.9
     assert metrics["acc_retention"] == 1.5 and metrics["gap_closed_library"] == 0.8
@@ -58,35 +56,10 @@ def test_gate_reads_the_report():
     assert [c.name for c in checks if not c.passed] == ["prompts_baked"]
 
 
-def tiny_llama(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-
-
 def _upstream(tok, tmp_path, ternary=True):
     """A Phase-5-like upstream: a Quiet-STaR Llama with ternary (BitLinear) layers, fake-quantized latent weights
     (``ternary=False``: a plain Llama-style model)."""
-    from forgelib.quant import convert_to_bitnet
-    from forgelib.registry import ModelRegistry
-    from forgelib.results import PhaseResult
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
-
-    qs = QuietStarModel(tiny_llama(tok), tok, QuietStarConfig(n_thought=2))
-    if ternary:
-        convert_to_bitnet(qs.base)
-    folder = tmp_path / "curriculum"
-    qs.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    up = PhaseResult("curriculum", 5, "bk", status="ok")
-    with ModelRegistry(paths.registry_path()) as reg:
-        up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
-            session_id="bk", phase_name="curriculum", model_name="model", model_path=str(folder))}
-    return up
+    return quietstar_upstream(tok, tmp_path / "curriculum", "curriculum", 5, "bk", ternary=ternary)
 
 
 TINY = {"families": ["arith"], "levels": [1, 1], "teach_steps": 60, "teach_batch_size": 8,

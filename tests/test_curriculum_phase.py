@@ -6,26 +6,16 @@ import pytest
 import torch
 
 from forgelib import paths
+from helpers import quietstar_upstream, task_tokenizer, tiny_task_llama
 from forgelib.phases.curriculum import Params, SelfModelHead, Trainee, curriculum_loss, summarize
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
-    from forgelib.data.tokenizer import train_tokenizer
-
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
-    return train_tokenizer(texts, vocab_size=300)
+    return task_tokenizer()
 
 
-def tiny_llama(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+tiny_llama = tiny_task_llama
 
 
 def test_self_model_loss_is_the_masked_mse_to_a_detached_earlier_layer(tok):
@@ -79,22 +69,7 @@ def test_gate_reads_the_report():
 
 def _upstream(tok, tmp_path):
     """A Phase-4-like upstream: a Quiet-STaR Llama with ternary layers, packed."""
-    from forgelib.quant import convert_to_bitnet
-    from forgelib.registry import ModelRegistry
-    from forgelib.results import PhaseResult
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
-
-    qs = QuietStarModel(tiny_llama(tok), tok, QuietStarConfig(n_thought=2))
-    convert_to_bitnet(qs.base)
-    qs.export_packing = "base3"
-    folder = tmp_path / "ternary"
-    qs.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    up = PhaseResult("bitnet", 4, "cur", status="ok")
-    with ModelRegistry(paths.registry_path()) as reg:
-        up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
-            session_id="cur", phase_name="bitnet", model_name="model", model_path=str(folder))}
-    return up
+    return quietstar_upstream(tok, tmp_path / "ternary", "bitnet", 4, "cur", packing="base3")
 
 
 TINY = {"families": ["arith", "tool"], "max_level": 2, "assess_per_level": 2, "rounds": 3, "ask_per_family": 3,

@@ -6,41 +6,17 @@ import pytest
 import torch
 
 from forgelib import paths
+from helpers import quietstar_upstream, task_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
-    from forgelib.data.tokenizer import train_tokenizer
-
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
-    return train_tokenizer(texts, vocab_size=300)
+    return task_tokenizer()
 
 
 def _upstream(tok, tmp_path, ternary=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from forgelib.quant import convert_to_bitnet
-    from forgelib.registry import ModelRegistry
-    from forgelib.results import PhaseResult
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
-
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    qs = QuietStarModel(llama, tok, QuietStarConfig(n_thought=2))
-    if ternary:
-        convert_to_bitnet(qs.base)
     folder = tmp_path / "baking"
-    qs.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    up = PhaseResult("baking", 6, "ex", status="ok")
-    with ModelRegistry(paths.registry_path()) as reg:
-        up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
-            session_id="ex", phase_name="baking", model_name="model", model_path=str(folder))}
-    return up, folder
+    return quietstar_upstream(tok, folder, "baking", 6, "ex", ternary=ternary), folder
 
 
 TINY = {"families": ["arith", "multistep"], "levels": [1, 1], "discover_per_family": 12, "k_range": [2, 3],
@@ -99,8 +75,9 @@ def test_bench_experts_runs_every_arm(tok, tmp_path):
     summary = report["summary"]
     assert {"base", "svf", "lora_matched", "lora_r16"} <= set(summary) and len(report["per_seed"]) == 2
     svf, matched = summary["svf"]["params_per_expert"], summary["lora_matched"]["params_per_expert"]
+    from forgelib.bench import phase_model
     from forgelib.bench.experts import lora_cost
 
-    assert matched == lora_cost(bench._load(ctx.dir)[0], summary["lora_matched"]["targets"], 1)
+    assert matched == lora_cost(phase_model(ctx.dir)[0], summary["lora_matched"]["targets"], 1)
     assert summary["lora_r16"]["params_per_expert"] > 10 * svf and abs(matched - svf) <= svf
     assert "oracle" in summary["svf"] and "routing_acc" in summary["svf"] and "unseen" in summary["svf"]

@@ -354,7 +354,8 @@ def test_experts_hand_on_the_model_and_expert_files_that_reproduce_the_routed_an
     """Phase 7 on the smoke set: the gate's numbers are the report's, the handed-on model is the Phase-6 model (the
     experts live in small files beside it), and reloading an expert file gives the answers the report recorded."""
     from forgelib.experts import apply_svf, load_expert
-    from forgelib.phases.experts import correctness, make_check, questions
+    from forgelib.data.tasks import generate_levels
+    from forgelib.phases.experts import correctness, make_check
     from forgelib.thoughts import load_quietstar
 
     ctx, result = experts
@@ -373,7 +374,7 @@ def test_experts_hand_on_the_model_and_expert_files_that_reproduce_the_routed_an
     tok = AutoTokenizer.from_pretrained(paths.resolve(result.models["model"]["path"]))
     svf = apply_svf(handed.base)
     params = ctx.params
-    test = questions(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
     z = load_expert(paths.resolve(result.artifacts["experts"]) / "expert_0.safetensors")
     assert correctness(svf, tok, test, z, make_check(params.answer_prefixes), params) == report["test"]["correct"]["expert_0"]
 

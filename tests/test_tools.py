@@ -307,7 +307,7 @@ SCRIPTS = {
     "12*3=": {"": "<|tool|>12*3<|/tool|>", "<|tool|>12*3<|/tool|>": "<|result|>35#35<|eos|>",
               "<|tool|>12*3<|/tool|><|result|>36": "#36<|eos|>"},
     # calls forever: 1+1, then the previous result plus one
-    "count=": {"": "<|tool|>1+1<|/tool|>", **{f"<|tool|>1+1<|/tool|>" + "".join(
+    "count=": {"": "<|tool|>1+1<|/tool|>", **{"<|tool|>1+1<|/tool|>" + "".join(
         f"<|result|>{k}<|tool|>{k}+1<|/tool|>" for k in range(2, n)) + f"<|result|>{n}": f"<|tool|>{n}+1<|/tool|>"
         for n in range(2, 9)}},
     # a close without an open, then a call the calculator refuses, then an answer

@@ -32,9 +32,8 @@ sampled once from the prompted model (``eval_data``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -377,6 +376,16 @@ def context_length(model: nn.Module, config: PromptBakingConfig) -> int | None:
     return config.max_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def teacher_pairs(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str | Sample], n: int,
+                  config: PromptBakingConfig, seed: int) -> tuple[PairBatch, torch.Tensor]:
+    """``n`` trajectories of the model prompted with ``prompt`` (``inputs`` cycled, sampled as ``config`` says),
+    as teacher/student pairs that fit the context, with the teacher's log-probabilities (adapter off)."""
+    trajectories = sample_trajectories(model, tokenizer, prompt, list(inputs), n, config.temperature,
+                                       config.max_new_tokens, seed)
+    pairs = encode_pairs(tokenizer, prompt, trajectories, context_length(model, config))
+    return pairs, teacher_logprobs(model, pairs)
+
+
 def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequence[str | Sample],
                 config: PromptBakingConfig | None = None, eval_data: Sequence[str | Sample] | None = None,
                 loss: str = "kl", tracker: Any = None, desc: str = "bake",
@@ -399,24 +408,12 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
         raise ValueError(f"loss must be 'kl' or 'sft', got {loss!r}")
     started = time.perf_counter()
     model = add_lora(merge_baked(model), config)
-    max_len = context_length(model, config)
     model.eval()
-    trajectories = sample_trajectories(model, tokenizer, prompt, list(calibration_data), config.trajectories,
-                                       config.temperature, config.max_new_tokens, config.seed)
-    pairs = encode_pairs(tokenizer, prompt, trajectories, max_len)
-    teacher = teacher_logprobs(model, pairs)
-    retain = None
-    if retain_data:
-        kept = sample_trajectories(model, tokenizer, "", list(retain_data), config.trajectories, config.temperature,
-                                   config.max_new_tokens, config.seed + 2)
-        retain_pairs = encode_pairs(tokenizer, "", kept, max_len)
-        retain = (retain_pairs, teacher_logprobs(model, retain_pairs))
-    held = None
-    if eval_data:
-        held_traj = sample_trajectories(model, tokenizer, prompt, list(eval_data), len(eval_data), config.temperature,
-                                        config.max_new_tokens, config.seed + 1)
-        held_pairs = encode_pairs(tokenizer, prompt, held_traj, max_len)
-        held = (held_pairs, teacher_logprobs(model, held_pairs))
+    pairs, teacher = teacher_pairs(model, tokenizer, prompt, calibration_data, config.trajectories, config, config.seed)
+    retain = teacher_pairs(model, tokenizer, "", retain_data, config.trajectories, config, config.seed + 2) \
+        if retain_data else None
+    held = teacher_pairs(model, tokenizer, prompt, eval_data, len(eval_data), config, config.seed + 1) \
+        if eval_data else None
     report: dict[str, Any] = {"prompt": prompt, "pairs": len(pairs), "curve": []}
     if held:
         report["kl_unbaked"] = prompt_kl(model, *held, adapter=False)

@@ -97,16 +97,23 @@ def adheres(text: str, prompt: BakePrompt) -> bool:
     return ANSWER_MARK in text and answer_part(text).startswith(prompt.answer_prefix.strip())
 
 
-def normalize(text: str, prompts: Sequence[BakePrompt]) -> str:
-    """The completion with the personas' answer prefixes removed from its answer (for the task checker)."""
+def strip_answer_prefixes(text: str, prefixes: Sequence[str]) -> str:
+    """The completion with ``prefixes`` removed, in order, from the start of its answer (the text after the last
+    answer mark) — what the task checker should grade."""
     if ANSWER_MARK not in text:
         return text
     body, _, answer = text.rpartition(ANSWER_MARK)
     answer = answer.strip()
-    for p in reversed(prompts):  # styled() put the last persona's prefix first
-        if p.kind == "persona" and answer.startswith(p.answer_prefix.strip()):
-            answer = answer[len(p.answer_prefix.strip()):].strip()
+    for prefix_ in prefixes:
+        if prefix_ and answer.startswith(prefix_):
+            answer = answer[len(prefix_):].strip()
     return body + ANSWER_MARK + answer
+
+
+def normalize(text: str, prompts: Sequence[BakePrompt]) -> str:
+    """The completion with the personas' answer prefixes removed from its answer (for the task checker)."""
+    personas = [p.answer_prefix.strip() for p in reversed(prompts) if p.kind == "persona"]  # styled() put the last first
+    return strip_answer_prefixes(text, personas)
 
 
 def correct(sample: Sample, text: str, prompts: Sequence[BakePrompt]) -> bool:
@@ -114,5 +121,5 @@ def correct(sample: Sample, text: str, prompts: Sequence[BakePrompt]) -> bool:
     return check(sample, normalize(text, prompts))
 
 
-__all__ = ["BakePrompt", "KINDS", "adheres", "answer_part", "correct", "normalize", "prefix", "styled", "tool_step",
-           "uses_tool", "STEP_SEP"]
+__all__ = ["BakePrompt", "KINDS", "adheres", "answer_part", "correct", "normalize", "prefix", "strip_answer_prefixes",
+           "styled", "tool_step", "uses_tool", "STEP_SEP"]

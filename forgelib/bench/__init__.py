@@ -27,3 +27,16 @@ def phase_folder(name: str, folder: str | None) -> Path:
         raise SystemExit(f"no completed Phase {spec.number} ({name}) run found: run `make run` first or pass "
                          f"--phase{spec.number} FOLDER")
     return paths.resolve(f"outputs/{result.session}/{spec.dirname}")
+
+
+def phase_model(folder: Path, role: str = "model", trainable: bool = False):
+    """(the causal LM of model ``role`` of the phase run in ``folder`` — a Quiet-STaR wrapper's base —, its
+    tokenizer), eval mode."""
+    from transformers import AutoTokenizer
+
+    from .. import paths
+    from ..results import PhaseResult
+    from ..thoughts import base_lm, load_lm
+
+    model_dir = paths.resolve(PhaseResult.load(folder).models[role]["path"])
+    return base_lm(load_lm(model_dir, trainable=trainable)).eval(), AutoTokenizer.from_pretrained(model_dir)

@@ -29,25 +29,12 @@ import torch
 from .. import paths
 from ..baking import bake_prompt, merge_baked, prompt_kl, scale_adapter
 from ..baking.bake import gap_closed
-from ..phases.baking import Params, base_of, drift, measure, questions
+from ..phases.baking import Params, drift, measure, questions
 from ..results import dumps_json
-from . import phase_folder, phase_params
+from . import phase_folder, phase_model, phase_params
 from .quietstar import interval
 
 ARMS = ("kl", "sft", "half", "plain_lora")
-
-
-def _load_taught(folder: Path):
-    from transformers import AutoTokenizer
-
-    from ..models.loading import load_causal_lm
-    from ..results import PhaseResult
-    from ..thoughts import is_quietstar, load_quietstar
-
-    model_dir = paths.resolve(PhaseResult.load(folder).models["taught"]["path"])
-    loader = load_quietstar if is_quietstar(model_dir) else load_causal_lm
-    model = loader(model_dir, trainable=True)
-    return base_of(model).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def _score(model, reference, tokenizer, prompt, test, params: Params, seed: int) -> dict:
@@ -108,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                if v is not None}
     params = dataclasses.replace(params, bake={**params.bake, **changes})
     folder = phase_folder("baking", args.phase6)
-    taught, tokenizer = _load_taught(folder)
+    taught, tokenizer = phase_model(folder, "taught", trainable=True)
     test = questions(params, "test", params.test_per_level, 1)
     held = questions(params, "fitness", params.heldout_per_level, 2)
     calibration = questions(params, "train", params.calibration_per_level, 3)

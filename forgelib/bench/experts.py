@@ -29,22 +29,10 @@ import torch
 
 from .. import paths
 from ..results import dumps_json
-from . import phase_folder, phase_params
+from . import phase_folder, phase_model, phase_params
 from .quietstar import interval
 
 ARMS = ("svf", "lora_matched", "lora_r16")
-
-
-def _load(folder: Path, role: str = "model"):
-    from transformers import AutoTokenizer
-
-    from ..models.loading import load_causal_lm
-    from ..results import PhaseResult
-    from ..thoughts import is_quietstar, load_quietstar
-
-    model_dir = paths.resolve(PhaseResult.load(folder).models[role]["path"])
-    model = load_quietstar(model_dir).base if is_quietstar(model_dir) else load_causal_lm(model_dir)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def lora_cost(model, targets, rank: int) -> int:
@@ -92,20 +80,16 @@ def lora_arm(base, tokenizer, clusters, test, route, grader, params, config, tar
 
 def run_seed(base, tokenizer, clusters, test, route, grader, params, arms, seed) -> dict:
     from ..experts import apply_svf, cem_search, mix, remove_svf
-    from ..experts.train import ExpertTrainConfig, train_expert
-    from ..phases.experts import correctness, questions
-    from ..data.tasks import generate
+    from ..data.tasks import generate, generate_levels
+    from ..experts.train import ExpertTrainConfig
+    from ..phases.experts import correctness, train_experts
 
     config = ExpertTrainConfig(**{"max_new_tokens": params.max_new_tokens, **params.train})
     out = {}
     if "svf" in arms:
         t0 = time.perf_counter()
         svf = apply_svf(copy.deepcopy(base))
-        experts = []
-        for c, members in enumerate(clusters):
-            svf.reset()
-            train_expert(svf, tokenizer, members, grader, config, seed=seed + c)
-            experts.append(svf.get_z())
+        experts, _ = train_experts(svf, tokenizer, clusters, grader, params, seed)
         per = [correctness(svf, tokenizer, test, z, grader, params) for z in experts]
         row = {"routed": [per[r][i] for i, r in enumerate(route)],
                "oracle": [int(any(p[i] for p in per)) for i in range(len(test))], "params_per_expert": svf.expert_params}
@@ -113,7 +97,7 @@ def run_seed(base, tokenizer, clusters, test, route, grader, params, arms, seed)
         row["routing_acc"] = sum(row["routed"][i] for i in solvable) / len(solvable) if solvable else float("nan")
         if params.unseen_family:
             shots = generate(params.unseen_family, params.levels[0], params.few_shot, "fitness", seed + 7)
-            unseen = questions([params.unseen_family], params.levels, params.test_per_level, "test", 8)
+            unseen = generate_levels([params.unseen_family], params.levels, params.test_per_level, "test", 8)
             alphas, _, _ = cem_search(lambda a: sum(correctness(svf, tokenizer, shots, mix(experts, a), grader, params))
                                       / len(shots), len(experts), seed=seed, **params.cem)
             row["unseen_base"] = sum(correctness(svf, tokenizer, unseen, None, grader, params)) / len(unseen)
@@ -135,45 +119,14 @@ def run_seed(base, tokenizer, clusters, test, route, grader, params, arms, seed)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench experts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its experts section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per expert (default: the file's)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from ..experts.discover import choose_k, question_features, route
-    from ..phases.experts import correctness, make_check, questions
-
-    params = phase_params("experts", args.params)
-    if args.steps:
-        params = dataclasses.replace(params, train={**params.train, "steps": args.steps})
-    folder = phase_folder("experts", args.phase7)
-    base, tokenizer = _load(folder)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    grader = make_check(params.answer_prefixes)
-    started = time.perf_counter()
-    pool = questions(params.families, params.levels, max(1, params.discover_per_family //
-                                                          (params.levels[1] - params.levels[0] + 1)), "train", 0)
-    feats = question_features(base, tokenizer, [s.prompt for s in pool])
-    found = choose_k(feats, range(params.k_range[0], params.k_range[1] + 1), seed=0)
-    clusters = [[s for s, lab in zip(pool, found["labels"].tolist()) if lab == c] for c in range(found["k"])]
-    test = questions(params.families, params.levels, params.test_per_level, "test", 1)
-    test_route = route(question_features(base, tokenizer, [s.prompt for s in test]), found["centroids"]).tolist()
-    base_correct = correct_with(base, tokenizer, test, grader, params.max_new_tokens)
-    per_seed = [run_seed(base, tokenizer, clusters, test, test_route, grader, params, args.arms, seed)
-                for seed in range(args.seeds)]
+def summarize(test, base_correct, per_seed, arms, params) -> dict:
+    """Per arm: routed accuracy overall and per family (mean and 95 % interval over seeds), parameters per expert,
+    seconds; for SVF also the oracle, routing accuracy and the unseen family's mixture."""
     families = sorted({s.family for s in test})
     by_family = lambda correct: {f: sum(c for c, s in zip(correct, test) if s.family == f)  # noqa: E731
                                  / sum(1 for s in test if s.family == f) for f in families}
     summary = {"base": {"accuracy": sum(base_correct) / len(test), "per_family": by_family(base_correct)}}
-    for arm in args.arms:
+    for arm in arms:
         rows = [r[arm] for r in per_seed]
         summary[arm] = {"accuracy": interval([sum(r["routed"]) / len(test) for r in rows]),
                         "per_family": {f: interval([by_family(r["routed"])[f] for r in rows]) for f in families},
@@ -188,6 +141,42 @@ def main(argv: list[str] | None = None) -> int:
                                           "mixture": interval([r["unseen_mixture"] for r in rows])}
         else:
             summary[arm]["targets"], summary[arm]["rank"] = rows[0]["targets"], rows[0]["rank"]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forge bench experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its experts section)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="training steps per expert (default: the file's)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from ..data.tasks import generate_levels
+    from ..experts.discover import question_features, route
+    from ..phases.experts import discover, make_check
+
+    params = phase_params("experts", args.params)
+    if args.steps:
+        params = dataclasses.replace(params, train={**params.train, "steps": args.steps})
+    folder = phase_folder("experts", args.phase7)
+    base, tokenizer = phase_model(folder)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    grader = make_check(params.answer_prefixes)
+    started = time.perf_counter()
+    pool, _, found = discover(base, tokenizer, params, seed=0)
+    clusters = [[s for s, lab in zip(pool, found["labels"].tolist()) if lab == c] for c in range(found["k"])]
+    test = generate_levels(params.families, params.levels, params.test_per_level, "test", 1)
+    test_route = route(question_features(base, tokenizer, [s.prompt for s in test]), found["centroids"]).tolist()
+    base_correct = correct_with(base, tokenizer, test, grader, params.max_new_tokens)
+    per_seed = [run_seed(base, tokenizer, clusters, test, test_route, grader, params, args.arms, seed)
+                for seed in range(args.seeds)]
+    summary = summarize(test, base_correct, per_seed, args.arms, params)
     report = {"benchmark": "experts", "phase7": paths.relative(folder), "params_file": args.params, "k": found["k"],
               "what_the_seeds_vary": "the expert training only (answer sampling, batch order, LoRA initialisation); "
                                      "one start model, one clustering, one set of test questions",

@@ -89,6 +89,14 @@ def generate(family: str, level: int, n: int, split: str = "train", seed: int = 
     return out
 
 
+def generate_levels(families: Sequence[str], levels: tuple[int, int], per_level: int, split: str = "train",
+                    seed: int = 0) -> list[Sample]:
+    """``per_level`` problems of every family at every level ``levels[0]..levels[1]`` (``generate`` with the same
+    seed for each), family by family, level by level."""
+    return [s for f in families for lv in range(levels[0], levels[1] + 1)
+            for s in generate(f, lv, per_level, split, seed)]
+
+
 def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     """Integer shares of `total` proportional to `weights` that sum to `total` (ties go to the first)."""
     s = float(sum(weights))

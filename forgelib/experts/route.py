@@ -19,9 +19,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .discover import route
-
-
 @dataclasses.dataclass
 class RoutingSettings:
     strength: float = 1.0
@@ -64,19 +61,16 @@ def answer_groups(svf, tokenizer, prompts: Sequence[str], groups: Sequence[tuple
     return out
 
 
-def evaluate_settings(svf, tokenizer, samples, features, centroids, experts, settings: RoutingSettings,
+def evaluate_settings(svf, tokenizer, samples, centroids, experts, settings: RoutingSettings,
                       check: Callable, max_new_tokens: int = 40) -> dict[str, float]:
-    """Accuracy and seconds per question of two-pass answering under ``settings`` (pass 1 included in the time:
-    the features are recomputed)."""
+    """Accuracy and seconds per question of two-pass answering under ``settings`` (pass 1 included in the time)."""
     from .discover import question_features
     from .train import base_weights
 
     started = time.perf_counter()
-    if features is None:
-        with base_weights(svf):  # pass 1 reads the base model's hidden states
-            features = question_features(svf, tokenizer, [s.prompt for s in samples])
-    feats = features
-    groups = assignments(feats, centroids, settings)
+    with base_weights(svf):  # pass 1 reads the base model's hidden states
+        features = question_features(svf, tokenizer, [s.prompt for s in samples])
+    groups = assignments(features, centroids, settings)
     texts = answer_groups(svf, tokenizer, [s.prompt for s in samples], groups, experts, settings.strength,
                           max_new_tokens)
     seconds = (time.perf_counter() - started) / len(samples)

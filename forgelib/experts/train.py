@@ -21,7 +21,6 @@ import random
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..params import require_non_negative, require_positive
 

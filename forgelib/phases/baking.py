@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from ..baking import BakePrompt, PromptBakingConfig, bake_prompt, merge_baked, teach_prompts
-from ..baking.bake import encode_pairs, prompt_kl, sample_trajectories, teacher_logprobs
+from ..baking.bake import prompt_kl, teacher_pairs
 from ..baking.library import adheres, correct, prefix
-from ..data.tasks import generate
+from ..data.tasks import generate, generate_levels
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
+from ..thoughts import base_lm
 
 HEADLINE = ("acc_before", "acc_after", "acc_retention", "tool_use_rate_before", "tool_use_rate_after",
             "persona_adherence_before", "persona_adherence_after", "gap_closed_library")
@@ -123,9 +124,7 @@ class Params:
 
 
 def questions(params: Params, split: str, per_level: int, seed: int, families: list[str] | None = None) -> list:
-    lo, hi = params.levels
-    return [s for f in (families or params.families) for lv in range(lo, hi + 1)
-            for s in generate(f, lv, per_level, split, seed)]
+    return generate_levels(families or params.families, params.levels, per_level, split, seed)
 
 
 def answers(model, tokenizer, prompts: list[BakePrompt], samples: list, params: Params) -> list[str]:
@@ -178,37 +177,18 @@ def drift(reference, model, tokenizer, params: Params, seed: int) -> dict[str, A
 # --- run ----------------------------------------------------------------------------------------------
 
 
-def load_source(params: Params, ctx):
-    from transformers import AutoTokenizer
-
-    from ..models.loading import load_causal_lm
-    from ..thoughts import is_quietstar, load_quietstar
-
-    folder = ctx.upstream_model_path(params.source)
-    model = load_quietstar(folder, trainable=True) if is_quietstar(folder) else load_causal_lm(folder, trainable=True)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def base_of(model):
-    return model.base if hasattr(model, "base") and hasattr(model, "qconfig") else model
-
-
 def library_gap(taught, tokenizer, baked_prompts: list[BakePrompt], held: list, params: Params, seed: int):
     """(pairs, teacher log-probs, KL(taught + all ‖ taught)) for the library gap (module docstring)."""
-    config = params.bake_config(seed)
-    text = prefix(baked_prompts)
-    traj = sample_trajectories(taught, tokenizer, text, held, len(held), config.temperature, config.max_new_tokens,
-                               seed)
-    pairs = encode_pairs(tokenizer, text, traj, config.max_len or taught.config.max_position_embeddings)
-    logp = teacher_logprobs(taught, pairs)
+    pairs, logp = teacher_pairs(taught, tokenizer, prefix(baked_prompts), held, len(held), params.bake_config(seed),
+                                seed)
     return pairs, logp, prompt_kl(taught, pairs, logp)
 
 
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 6 (see the module docstring)."""
     torch.manual_seed(ctx.seed)
-    wrapper, tokenizer = load_source(params, ctx)
-    model = base_of(wrapper).to(ctx.device)
+    wrapper, tokenizer = ctx.load_upstream_lm(params.source, trainable=True)
+    model = base_lm(wrapper).to(ctx.device)
     library, timing = params.library, {}
     test = questions(params, "test", params.test_per_level, ctx.seed + 1)
     held = questions(params, "fitness", params.heldout_per_level, ctx.seed + 2)

@@ -169,6 +169,16 @@ class PhaseContext:
         self.result.models[role] = {"path": paths.relative(path), "registry_id": model_id}
         return path
 
+    def load_upstream_lm(self, role: str | None = None, trainable: bool = False):
+        """(the upstream model ``role`` loaded with ``forgelib.thoughts.load_lm``, its tokenizer), after the
+        checksum check of ``upstream_model_path``."""
+        from transformers import AutoTokenizer
+
+        from ..thoughts import load_lm
+
+        folder = self.upstream_model_path(role)
+        return load_lm(folder, trainable=trainable), AutoTokenizer.from_pretrained(folder)
+
     def upstream_model_path(self, role: str | None = None) -> Path:
         """Path of an upstream model, verified against its registry checksum.
 

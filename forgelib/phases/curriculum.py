@@ -301,14 +301,7 @@ def load_state(folder: Path, families: list[str], trainee: Trainee, optimizer=No
 
 
 def load_source(params: Params, ctx):
-    from transformers import AutoTokenizer
-
-    from ..thoughts import is_quietstar, load_quietstar
-    from ..models.loading import load_causal_lm
-
-    folder = ctx.upstream_model_path(params.source)  # UpstreamError naming the roles it has when missing
-    model = load_quietstar(folder, trainable=True) if is_quietstar(folder) else load_causal_lm(folder, trainable=True)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return ctx.load_upstream_lm(params.source, trainable=True)  # UpstreamError naming the roles it has if missing
 
 
 def run(params: Params, ctx) -> PhaseResult:

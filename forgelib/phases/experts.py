@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from ..data.tasks import FAMILIES, check, generate
+from ..data.tasks import FAMILIES, check, generate, generate_levels
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
+from ..thoughts import base_lm
 
 HEADLINE = ("n_experts", "expert_params", "acc_base", "acc_routed", "acc_oracle", "routing_acc")
 
@@ -84,35 +85,11 @@ class Params:
         ExpertTrainConfig(**self.train)
 
 
-def questions(families, levels, per_level: int, split: str, seed: int) -> list:
-    return [s for f in families for lv in range(levels[0], levels[1] + 1) for s in generate(f, lv, per_level, split, seed)]
-
-
 def make_check(prefixes):
-    from ..data.base import ANSWER_MARK
+    """The task checker applied after ``prefixes`` (answer styles) are removed from the answer."""
+    from ..baking.library import strip_answer_prefixes
 
-    def strip(text: str) -> str:
-        if ANSWER_MARK not in text:
-            return text
-        body, _, answer = text.rpartition(ANSWER_MARK)
-        answer = answer.strip()
-        for p in prefixes:
-            if answer.startswith(p):
-                answer = answer[len(p):].strip()
-        return body + ANSWER_MARK + answer
-
-    return lambda sample, text: check(sample, strip(text))
-
-
-def load_source(params: Params, ctx):
-    from transformers import AutoTokenizer
-
-    from ..models.loading import load_causal_lm
-    from ..thoughts import is_quietstar, load_quietstar
-
-    folder = ctx.upstream_model_path(params.source)
-    model = load_quietstar(folder) if is_quietstar(folder) else load_causal_lm(folder)
-    return model.eval(), AutoTokenizer.from_pretrained(folder), folder
+    return lambda sample, text: check(sample, strip_answer_prefixes(text, prefixes))
 
 
 def correctness(svf, tokenizer, samples, z: dict | None, grader, params: Params) -> list[int]:
@@ -126,38 +103,53 @@ def correctness(svf, tokenizer, samples, z: dict | None, grader, params: Params)
     return [int(grader(s, t)) for s, t in zip(samples, texts)]
 
 
+def discover(model, tokenizer, params: Params, seed: int) -> tuple[list, torch.Tensor, dict]:
+    """(the discovery questions, their features, ``choose_k``'s clustering) of the model's own hidden states."""
+    from ..experts.discover import choose_k, question_features
+
+    per_level = max(1, params.discover_per_family // (params.levels[1] - params.levels[0] + 1))
+    pool = generate_levels(params.families, params.levels, per_level, "train", seed)
+    feats = question_features(model, tokenizer, [s.prompt for s in pool])
+    return pool, feats, choose_k(feats, range(params.k_range[0], params.k_range[1] + 1), seed=seed)
+
+
+def train_experts(svf, tokenizer, clusters: list[list], grader, params: Params, seed: int, folder=None):
+    """One ``z`` per cluster (each from ``z = 0``), saved under ``folder`` when given; (experts, histories)."""
+    from ..experts import save_expert
+    from ..experts.train import ExpertTrainConfig, train_expert
+
+    config = ExpertTrainConfig(**{"max_new_tokens": params.max_new_tokens, **params.train})
+    experts, histories = [], []
+    for c, members in enumerate(clusters):
+        svf.reset()
+        histories.append(train_expert(svf, tokenizer, members, grader, config, seed=seed + c))
+        experts.append(svf.get_z())
+        if folder is not None:
+            save_expert(svf, folder / f"expert_{c}.safetensors", {"cluster": c, "n_train": len(members)})
+    svf.reset()
+    return experts, histories
+
+
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 7 (see the module docstring)."""
-    from ..experts import SVFConfig, apply_svf, save_expert
-    from ..experts.discover import choose_k, question_features, route
-    from ..experts.train import ExpertTrainConfig, base_weights, train_expert
+    from ..experts import SVFConfig, apply_svf
+    from ..experts.discover import question_features, route
+    from ..experts.train import base_weights
 
     torch.manual_seed(ctx.seed)
-    wrapper, tokenizer, folder = load_source(params, ctx)
-    base = wrapper.base if hasattr(wrapper, "qconfig") else wrapper
+    wrapper, tokenizer = ctx.load_upstream_lm(params.source)
     grader, timing = make_check(params.answer_prefixes), {}
     t0 = time.perf_counter()
-    svf = apply_svf(base, SVFConfig(**params.svf))
-    pool = questions(params.families, params.levels, max(1, params.discover_per_family //
-                                                          (params.levels[1] - params.levels[0] + 1)), "train", ctx.seed)
-    feats = question_features(svf, tokenizer, [s.prompt for s in pool])
-    found = choose_k(feats, range(params.k_range[0], params.k_range[1] + 1), seed=ctx.seed)
-    k, centroids = found["k"], found["centroids"]
-    labels = found["labels"].tolist()
+    svf = apply_svf(base_lm(wrapper), SVFConfig(**params.svf))
+    pool, feats, found = discover(svf, tokenizer, params, ctx.seed)
+    k, centroids, labels = found["k"], found["centroids"], found["labels"].tolist()
     timing["discover_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    experts, histories = [], []
-    config = ExpertTrainConfig(**{"max_new_tokens": params.max_new_tokens, **params.train})
-    for c in range(k):
-        svf.reset()
-        members = [s for s, lab in zip(pool, labels) if lab == c]
-        histories.append(train_expert(svf, tokenizer, members, grader, config, seed=ctx.seed + c))
-        experts.append(svf.get_z())
-        save_expert(svf, ctx.path("experts", f"expert_{c}.safetensors"), {"cluster": c, "n_train": len(members)})
-    svf.reset()
+    clusters = [[s for s, lab in zip(pool, labels) if lab == c] for c in range(k)]
+    experts, histories = train_experts(svf, tokenizer, clusters, grader, params, ctx.seed, ctx.dir / "experts")
     timing["train_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    test = questions(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
     with base_weights(svf):
         test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), centroids).tolist()
     table = {"base": correctness(svf, tokenizer, test, None, grader, params)}
@@ -184,9 +176,7 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.save({"centroids": centroids, "k": k}, ctx.path("experts", "router.pt"))
     from ..experts import remove_svf
 
-    wrapper_base = remove_svf(svf)
-    if hasattr(wrapper, "qconfig"):
-        wrapper.base = wrapper_base
+    remove_svf(svf)  # the parametrizations come off in place: the wrapper holds the Phase-6 model again
     ctx.save_model("model", wrapper, tokenizer, metadata={"experts": {"k": k, "folder": "experts/"}})
     metrics, checks = summarize(report, params)
     ctx.result.metrics.update(metrics)
@@ -227,7 +217,7 @@ def unseen_mixture(svf, tokenizer, experts, grader, params: Params, seed: int) -
     from ..experts import cem_search, mix
 
     shots = generate(params.unseen_family, params.levels[0], params.few_shot, "fitness", seed + 7)
-    test = questions([params.unseen_family], params.levels, params.test_per_level, "test", seed + 8)
+    test = generate_levels([params.unseen_family], params.levels, params.test_per_level, "test", seed + 8)
     score = lambda a: sum(correctness(svf, tokenizer, shots, mix(experts, a), grader, params)) / len(shots)  # noqa: E731
     alphas, few_shot_acc, history = cem_search(score, len(experts), seed=seed, **params.cem)
     rows = {"base": correctness(svf, tokenizer, test, None, grader, params),
@@ -241,8 +231,8 @@ def unseen_mixture(svf, tokenizer, experts, grader, params: Params, seed: int) -
 def routing_search(svf, tokenizer, centroids, experts, grader, params: Params, seed: int) -> dict[str, Any]:
     from ..experts.route import evaluate_settings, search_settings
 
-    held = questions(params.families, params.levels, params.search_per_family, "fitness", seed + 9)
-    return search_settings(lambda s: evaluate_settings(svf, tokenizer, held, None, centroids, experts, s, grader,
+    held = generate_levels(params.families, params.levels, params.search_per_family, "fitness", seed + 9)
+    return search_settings(lambda s: evaluate_settings(svf, tokenizer, held, centroids, experts, s, grader,
                                                        params.max_new_tokens),
                            budget=params.search_budget, seed=seed)
 

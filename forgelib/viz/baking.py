@@ -97,14 +97,11 @@ def baking_playground(result, max_new_tokens: int = 48):
     from transformers import AutoTokenizer
 
     from ..baking.library import BakePrompt, prefix
-    from ..models.loading import load_causal_lm
-    from ..thoughts import is_quietstar, load_quietstar
+    from ..thoughts import base_lm, load_lm
     from .cognate import playground_widget, prompt_examples, suite_answers
 
     def base(role):
-        folder = paths.resolve(result.models[role]["path"])
-        model = load_quietstar(folder).base if is_quietstar(folder) else load_causal_lm(folder)
-        return model.eval()
+        return base_lm(load_lm(paths.resolve(result.models[role]["path"])))
 
     models = {"taught": base("taught"), "baked": base("model")}
     tokenizer = AutoTokenizer.from_pretrained(paths.resolve(result.models["model"]["path"]))

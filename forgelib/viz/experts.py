@@ -140,12 +140,11 @@ def expert_playground(result, max_new_tokens: int = 40):
     from transformers import AutoTokenizer
 
     from ..experts import apply_svf, load_expert
-    from ..models.loading import load_causal_lm
-    from ..thoughts import is_quietstar, load_quietstar
+    from ..thoughts import base_lm, load_lm
     from .cognate import playground_widget, prompt_examples, suite_answers
 
     folder = paths.resolve(result.models["model"]["path"])
-    model = load_quietstar(folder).base if is_quietstar(folder) else load_causal_lm(folder)
+    model = base_lm(load_lm(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     experts_dir = paths.resolve(result.artifacts["experts"])
     router = torch.load(experts_dir / "router.pt", weights_only=True)
