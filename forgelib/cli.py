@@ -21,6 +21,7 @@ BENCHMARKS = {
     "curriculum": "forgelib.bench.curriculum",
     "baking": "forgelib.bench.baking",
     "experts": "forgelib.bench.experts",
+    "compression": "forgelib.bench.compression",
 }
 
 

@@ -79,6 +79,11 @@ def _check_model(result: PhaseResult, role: str, registry: Any, load_models: boo
             quiet_library_bars()
             load_causal_lm(path)
             out["loads"] = True
+        elif load_models and Path(path).is_dir() and (Path(path) / "model.forge").is_file():
+            from .quant.artifact import load_compressed
+
+            load_compressed(Path(path) / "model.forge")
+            out["loads"] = True
         out["ok"] = True
     except Exception as exc:  # recorded in the handoff row and raised by the caller
         out["error"] = f"{type(exc).__name__}: {exc}"

@@ -433,10 +433,15 @@ def is_quietstar(path: str | Path) -> bool:
 
 
 def load_lm(path: str | Path, trainable: bool = False) -> nn.Module:
-    """Any model folder a phase hands on: a Quiet-STaR folder as ``QuietStarModel``, any other through
+    """Any model folder a phase hands on: a Quiet-STaR folder as ``QuietStarModel``, a Phase-8 artifact folder
+    (``model.forge``) through ``forgelib.quant.artifact.load_compressed``, any other through
     ``forgelib.models.loading.load_causal_lm`` (``trainable``: BitLinear layers on latent weights); eval mode."""
     from .models.loading import load_causal_lm
 
+    if (Path(path) / "model.forge").is_file():
+        from .quant.artifact import load_compressed
+
+        return load_compressed(Path(path) / "model.forge")
     loader = load_quietstar if is_quietstar(path) else load_causal_lm
     return loader(path, trainable=trainable).eval()
 

@@ -88,6 +88,11 @@ def experts(pipeline):
     return _completed("experts")
 
 
+@pytest.fixture(scope="module")
+def compression(pipeline):
+    return _completed("compression")
+
+
 @pytest.mark.slow
 def test_pipeline_notebook_completes_every_phase(pipeline):
     import nbformat
@@ -193,8 +198,8 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     assert result.ok and result.gate_passed
     report = json.loads((ctx.dir / "report.json").read_text())
     test = report["test"]
-    assert set(test) == {"base", "thoughts", "pause", "no_thoughts"}
-    for key in ("thoughts", "base", "pause", "no_thoughts"):
+    assert set(test) == {"base", "thoughts", "no_thoughts"}  # the pause arm is off at smoke (the Llama test runs it)
+    for key in ("thoughts", "base", "no_thoughts"):
         assert result.metrics[f"acc_{key}"] == round(test[key]["accuracy"], 4)
         assert result.metrics[f"nll_{key}"] == round(test[key]["answer_nll"], 4)
     gate = {g.name: g for g in result.gate}
@@ -202,9 +207,8 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
         test["no_thoughts"]["answer_nll"] - test["thoughts"]["answer_nll"])
     assert gate["acc_thoughts_minus_acc_base"].value == pytest.approx(
         test["thoughts"]["accuracy"] - test["base"]["accuracy"])
-    assert result.metrics["gain_over_pause_acc"] == round(test["thoughts"]["accuracy"] - test["pause"]["accuracy"], 4)
     # the curves start at the Phase-2 model, where thinking and not thinking are the same (w = 0)
-    for arm in ("thoughts", "pause"):
+    for arm in ("thoughts",):
         first = report["training"][arm]["evals"][0]
         assert first["step"] == 0 and first["nll_thoughts"] == pytest.approx(first["nll_no_thoughts"], abs=1e-6)
     assert len(report["heatmap"]) == 4 and all(0 <= w <= 1 for r in report["heatmap"] for w in r["weights"])
@@ -379,6 +383,32 @@ def test_experts_hand_on_the_model_and_expert_files_that_reproduce_the_routed_an
     assert correctness(svf, tok, test, z, make_check(params.answer_prefixes), params) == report["test"]["correct"]["expert_0"]
 
 
+@pytest.mark.slow
+def test_compression_hands_on_one_artifact_whose_bits_are_its_bytes(compression, experts):
+    """Phase 8 on the smoke set: the final model is one artifact file; bits per weight are its bytes; the input
+    measured by Phase 8 is the model Phase 7 handed on, routed with its experts; the artifact answers."""
+    from forgelib.quant.artifact import artifact_report
+    from forgelib.thoughts import load_lm
+    from forgelib.tools import generate_with_tools
+    from transformers import AutoTokenizer
+
+    ctx, result = compression
+    assert result.ok and result.gate_passed
+    m = result.metrics
+    folder = paths.resolve(result.models["model"]["path"])
+    on_disk = artifact_report(folder / "model.forge")
+    assert m["artifact_bytes"] == on_disk["file_bytes"] and m["bits_per_weight"] == round(on_disk["bits_per_weight"], 4)
+    assert m["bits_per_weight"] < 3.0 and m["compression_vs_specialists"] > 20  # measured 2.52 and 36
+    assert m["acc_retention"] == pytest.approx(m["acc_final"] / m["acc_input"], abs=1e-4)
+    assert ctx.upstream_model_path() == paths.resolve(experts[1].models["model"]["path"])
+    report = json.loads((ctx.dir / "report.json").read_text())
+    assert report["experts"] == experts[1].metrics["n_experts"]  # the routed system, experts carried in the file
+    assert m["stages_kept"] + m["stages_rolled_back"] == len(report["stages"]) == len(ctx.params.stages)
+    model = load_lm(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert generate_with_tools(model.base, tok, ["3+4="], 16)[0].text  # it answers (with the calculator format)
+
+
 def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
     """Phase 3 takes any HF causal LM with the reserved thought tokens: a tiny Llama as the upstream champion."""
     from forgelib.data.tasks import FAMILIES, build_mix, format_sample
@@ -403,11 +433,15 @@ def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
         up.models["champion"] = {"path": str(folder), "registry_id": reg.register_model(
             session_id="llama3", phase_name="evomerge", model_name="champion", model_path=str(folder))}
     overrides = {**QUIET, "quietstar": {"steps": 3, "test_per_family": 2, "curve_every": 0, "curve_samples": 3,
-                                        "heatmap_samples": 1, "acc_margin": 1.0, "nll_margin": 10.0}}
+                                        "heatmap_samples": 1, "acc_margin": 1.0, "nll_margin": 10.0,
+                                        "pause_arm": True}}
     ctx = open_phase("quietstar", "parameters/smoke.yaml", overrides, session="llama3", upstream=up)
     result = ctx.spec.load().run(ctx.params, ctx)
     again = load_quietstar(paths.resolve(result.models["model"]["path"]))
     assert type(again.base).__name__ == "LlamaForCausalLM"
+    test = json.loads((ctx.dir / "report.json").read_text())["test"]  # the pause-token ablation ran and is reported
+    assert set(test) == {"base", "thoughts", "pause", "no_thoughts"}
+    assert result.metrics["gain_over_pause_acc"] == round(test["thoughts"]["accuracy"] - test["pause"]["accuracy"], 4)
     assert {g.name for g in result.gate} == {"nll_no_thoughts_minus_nll_thoughts", "acc_thoughts_minus_acc_base"}
 
 

@@ -63,7 +63,8 @@ def answer_groups(svf, tokenizer, prompts: Sequence[str], groups: Sequence[tuple
 
 def evaluate_settings(svf, tokenizer, samples, centroids, experts, settings: RoutingSettings,
                       check: Callable, max_new_tokens: int = 40) -> dict[str, float]:
-    """Accuracy and seconds per question of two-pass answering under ``settings`` (pass 1 included in the time)."""
+    """Accuracy, seconds per question (pass 1 included) and per-question correctness (``correct``) of two-pass
+    answering under ``settings``."""
     from .discover import question_features
     from .train import base_weights
 
@@ -74,7 +75,8 @@ def evaluate_settings(svf, tokenizer, samples, centroids, experts, settings: Rou
     texts = answer_groups(svf, tokenizer, [s.prompt for s in samples], groups, experts, settings.strength,
                           max_new_tokens)
     seconds = (time.perf_counter() - started) / len(samples)
-    return {"accuracy": sum(check(s, t) for s, t in zip(samples, texts)) / len(samples), "seconds": seconds}
+    correct = [int(check(s, t)) for s, t in zip(samples, texts)]
+    return {"accuracy": sum(correct) / len(samples), "seconds": seconds, "correct": correct}
 
 
 def pareto_front(points: Sequence[dict]) -> list[dict]:
@@ -103,7 +105,9 @@ def search_settings(evaluate: Callable[[RoutingSettings], dict], weights: Sequen
             scores = []
             for x in xs:
                 settings = RoutingSettings(strength=float(x[0]), gate=float(x[1]))
-                row = {**dataclasses.asdict(settings), **evaluate(settings), "weight": w}
+                scored = evaluate(settings)
+                row = {**dataclasses.asdict(settings), "accuracy": scored["accuracy"], "seconds": scored["seconds"],
+                       "weight": w}
                 points.append(row)
                 scores.append(-(row["accuracy"] - w * row["seconds"]))
             if len(xs) == es.popsize:  # cma learns from whole generations only

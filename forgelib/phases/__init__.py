@@ -19,6 +19,8 @@ PHASES: list[PhaseSpec] = [
               "Baking: tool and persona prompts baked into the weights (KL + LoRA)"),
     PhaseSpec(7, "experts", "forgelib.phases.experts", "notebooks/07_experts.ipynb",
               "Experts: self-discovered SVF experts with two-pass routing"),
+    PhaseSpec(8, "compression", "forgelib.phases.compression", "notebooks/08_compression.ipynb",
+              "Compression: the model as one small artifact, in gated stages with rollback"),
 ]
 
 

@@ -1,28 +1,50 @@
 """One-file compressed artifacts: ``save_compressed(model, path, plan)`` and ``load_compressed(path)``, with every
 stored bit counted.
 
-A ``plan`` maps tensor names of ``model.state_dict()`` to a codec; tensors not named are stored as fp16
-(``raw16``). Codecs: ``raw16`` / ``raw32``; ``ternary`` (a BitLinear weight: its codes packed base-3, 5 per byte,
-and one fp32 scale; ``forgelib.quant.packing``); ``rtn`` (``bits``, ``group``; integer codes bit-packed to ``bits``
-bits each); ``seedlm`` (``K``, ``C``, ``P``; seeds packed to K bits, coefficients to 4, exponents to 4). Integer
-fields are bit-packed (``pack_bits``) so that the bytes on disk are the bits the method claims, plus the
-safetensors header.
+A ``plan`` maps tensor names of ``model.state_dict()`` to a codec spec (a dict with ``codec`` and its settings);
+tensors not named are stored as fp16 (``raw16``). Codecs (``CODECS``):
 
-The file is a safetensors file: one or more uint8/float16 tensors per model tensor, and in its metadata the model's
-``config.json``, the plan, the shapes, and (optionally) the tokenizer's ``tokenizer.json``. ``artifact_report``
-reads back the size on disk and the payload bits per tensor (the header counted as overhead), so bits per weight
-are computed from the file itself.
+* ``raw16`` / ``raw32``: the values as fp16 / fp32.
+* ``ternary``: a BitLinear weight: its codes packed base-3 (5 per byte) and one fp32 scale (``forgelib.quant.packing``).
+* ``rtn``: round to nearest, ``bits`` and ``group`` (``codecs.rtn_quantize``); codes bit-packed, fp16 scales.
+* ``hqq``: HQQ (the ``hqq`` package's half-quadratic optimizer of scale and zero), ``bits`` and ``group``; codes
+  bit-packed, fp16 scale and zero per group.
+* ``bfp``: block floating point, ``mantissa_bits``, ``block``, ``exp_bits`` (``codecs.bfp_quantize``).
+* ``seedlm``: ``K``, ``C``, ``P`` (``forgelib.quant.seedlm``): seeds packed to K bits, coefficients to 4, exponents
+  to 4.
+* ``vq``: ``v``, ``codebook_bits``, ``residual`` (``codecs.vq_quantize``, Hessian-weighted when the calibration
+  gives the tensor's input second moments): indices bit-packed, fp16 codebooks and row scales.
+* ``hyper``: ``n``, ``index_bits`` (``codecs.hyper_quantize``): trajectory indices bit-packed, fp16 row ranges.
+
+Integer fields are bit-packed (``pack_bits``) so that the bytes on disk are the bits the method claims.
+
+The file is a safetensors file with **one** uint8 tensor, the payload: every stored part of every tensor back to
+back. Its metadata holds, zlib-compressed and base64-encoded, the model's ``config``, each entry's codec, shape and
+parts (name, dtype, shape, in payload order), a Quiet-STaR model's settings, and ``extras`` (tensors that are not
+the model's, e.g. Phase-7 expert vectors). The tokenizer is written beside the file (``tokenizer.json``): it is not
+counted as weights; ``artifact_report`` reads the bytes back and counts the header (metadata) as overhead, so
+``bits_per_weight = 8 × file bytes / stored values`` counts everything in the file.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+CODECS = ("raw16", "raw32", "ternary", "rtn", "hqq", "bfp", "seedlm", "vq", "hyper")
+EXTRA = "extra::"
+"""Prefix of the entries that are not the model's (``extras``)."""
+
+
+class ArtifactError(ValueError):
+    """A file that is not a readable Agent Forge artifact, or one that does not fit its own layout."""
 
 
 def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -41,69 +63,138 @@ def unpack_bits(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     return (bits << torch.arange(width)).sum(1)
 
 
-def _encode(name: str, tensor: torch.Tensor, spec: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """(stored tensors, the entry's metadata) of one tensor under its codec."""
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+
+
+def check_spec(name: str, spec: dict) -> dict:
+    """A codec spec with its settings checked (unknown codec or setting: ValueError naming the tensor)."""
+    allowed = {"raw16": set(), "raw32": set(), "ternary": set(), "rtn": {"bits", "group"}, "hqq": {"bits", "group"},
+               "bfp": {"mantissa_bits", "block", "exp_bits"}, "seedlm": {"K", "C", "P"}, "vq": {"v", "codebook_bits", "residual"}, "hyper": {"n", "index_bits"}}
     codec = spec.get("codec", "raw16")
-    meta: dict[str, Any] = {"codec": codec, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if codec not in allowed:
+        raise ValueError(f"tensor {name!r}: unknown codec {codec!r}; valid: {', '.join(CODECS)}")
+    extra = set(spec) - allowed[codec] - {"codec"}
+    if extra:
+        raise ValueError(f"tensor {name!r}: codec {codec!r} has no setting {sorted(extra)}; "
+                         f"valid: {sorted(allowed[codec]) or 'none'}")
+    return spec
+
+
+def _encode(name: str, tensor: torch.Tensor, spec: dict, hessian: torch.Tensor | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(stored parts, the entry's metadata) of one tensor under its codec (``hessian``: the input second moments
+    of the layer the tensor feeds, used by ``vq``)."""
+    codec = check_spec(name, spec).get("codec", "raw16")
+    meta: dict[str, Any] = {"codec": codec, "shape": list(tensor.shape)}
     t = tensor.detach().float().cpu()
     if codec in ("raw16", "raw32"):
-        return {name: t.half() if codec == "raw16" else t}, meta
+        return {"": t.half() if codec == "raw16" else t}, meta
     if codec == "ternary":
         from .bitnet import ternary_quantize
         from .packing import pack_ternary
 
         codes, scale = ternary_quantize(t)
-        return {f"{name}.packed": pack_ternary(codes, "base3"), f"{name}.scale": scale.reshape(1)}, meta
-    if codec == "rtn":
-        from .codecs import rtn_quantize
+        return {"packed": pack_ternary(codes, "base3"), "scale": scale.reshape(1)}, meta
+    if codec in ("rtn", "hqq"):
+        from .codecs import hqq_quantize, rtn_quantize
 
         bits, group = int(spec.get("bits", 4)), int(spec.get("group", 32))
-        q = rtn_quantize(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1), bits, group)
-        meta.update(bits=bits, group=group, pad=q["pad"], matrix=list(q["shape"]), n=q["codes"].numel())
-        return {f"{name}.codes": pack_bits(q["codes"].to(torch.int64) + (1 << (bits - 1)), bits),
-                f"{name}.scale": q["scale"]}, meta
+        quantize = rtn_quantize if codec == "rtn" else hqq_quantize
+        q = quantize(_matrix(t), bits, group)
+        meta.update(bits=bits, group=group, matrix=list(q["shape"]), n=q["codes"].numel(), groups=list(q["scale"].shape))
+        offset = 1 << (bits - 1) if codec == "rtn" else 0  # rtn codes are signed
+        parts = {"codes": pack_bits(q["codes"].to(torch.int64) + offset, bits), "scale": q["scale"]}
+        if "zero" in q:
+            parts["zero"] = q["zero"]
+        return parts, meta
+    if codec == "bfp":
+        from .codecs import bfp_quantize
+
+        q = bfp_quantize(t, int(spec.get("mantissa_bits", 3)), int(spec.get("block", 8)), int(spec.get("exp_bits", 4)))
+        meta.update({k: q[k] for k in ("mantissa_bits", "block", "exp_bits", "exp_lo", "pad")}, n=len(q["exp"]))
+        return {"mant": pack_bits(q["mant"] + (1 << (q["mantissa_bits"] - 1)), q["mantissa_bits"]),
+                "exp": pack_bits(q["exp"] - q["exp_lo"], q["exp_bits"])}, meta
     if codec == "seedlm":
         from .seedlm import SeedLMConfig, compress_matrix
 
         config = SeedLMConfig(K=int(spec.get("K", 12)), C=int(spec.get("C", 8)), P=int(spec.get("P", 3)))
-        q = compress_matrix(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1), config)
+        q = compress_matrix(_matrix(t), config)
         meta.update(K=config.K, C=config.C, P=config.P, pad=q["pad"], matrix=list(q["shape"]), n=len(q["seed"]),
                     seconds_per_block=q["seconds_per_block"])
-        return {f"{name}.seeds": pack_bits(q["seed"], config.K),
-                f"{name}.coefs": pack_bits(q["coef"].to(torch.int64) + 8, 4),
-                f"{name}.exps": pack_bits(q["exp"].to(torch.int64) + 15, 4)}, meta
-    raise ValueError(f"tensor {name!r}: unknown codec {codec!r}; valid: raw16, raw32, ternary, rtn, seedlm")
+        return {"seeds": pack_bits(q["seed"], config.K), "coefs": pack_bits(q["coef"].to(torch.int64) + 8, 4),
+                "exps": pack_bits(q["exp"].to(torch.int64) + 15, 4)}, meta
+    if codec == "vq":
+        from .codecs import vq_quantize
+
+        v, cb = int(spec.get("v", 4)), int(spec.get("codebook_bits", 8))
+        q = vq_quantize(_matrix(t), v, cb, hessian_diag=hessian, residual=bool(spec.get("residual", False)))
+        meta.update(v=v, codebook_bits=cb, matrix=list(q["shape"]), n=q["labels"].numel(), book=list(q["book"].shape),
+                    residual="book2" in q, hessian=hessian is not None)
+        parts = {"scale": q["scale"], "book": q["book"], "labels": pack_bits(q["labels"], cb)}
+        if "book2" in q:
+            parts.update(book2=q["book2"], labels2=pack_bits(q["labels2"], cb))
+        return parts, meta
+    from .codecs import hyper_quantize  # hyper
+
+    n, bits = int(spec.get("n", 4)), int(spec.get("index_bits", 12))
+    q = hyper_quantize(_matrix(t), n, bits)
+    meta.update(n=n, index_bits=bits, matrix=list(q["shape"]), count=q["index"].numel())
+    return {"index": pack_bits(q["index"], bits), "lo": q["lo"], "hi": q["hi"]}, meta
 
 
-def _decode(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+def _decode(name: str, parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     shape, codec = tuple(meta["shape"]), meta["codec"]
     if codec in ("raw16", "raw32"):
-        return tensors[name].float().reshape(shape)
+        return parts[""].float().reshape(shape)
     if codec == "ternary":
         from .export import latent_from_ternary
         from .packing import unpack_ternary
 
-        codes = unpack_ternary(tensors[f"{name}.packed"], shape, "base3")
-        return latent_from_ternary(codes, tensors[f"{name}.scale"][0], torch.float32)
-    if codec == "rtn":
-        from .codecs import rtn_dequantize
+        codes = unpack_ternary(parts["packed"], shape, "base3")
+        return latent_from_ternary(codes, parts["scale"][0], torch.float32)
+    if codec in ("rtn", "hqq"):
+        from .codecs import hqq_dequantize, rtn_dequantize
 
-        bits, n = meta["bits"], meta["n"]
-        codes = (unpack_bits(tensors[f"{name}.codes"], bits, n) - (1 << (bits - 1))).to(torch.int8)
-        scale = tensors[f"{name}.scale"]
-        q = {"codes": codes.reshape(scale.shape[0], scale.shape[1], -1), "scale": scale, "shape": tuple(meta["matrix"])}
-        return rtn_dequantize(q).reshape(shape)
+        bits, groups = meta["bits"], meta["groups"]
+        codes = unpack_bits(parts["codes"], bits, meta["n"]).reshape(groups[0], groups[1], -1)
+        if codec == "rtn":
+            q = {"codes": codes - (1 << (bits - 1)), "scale": parts["scale"], "shape": tuple(meta["matrix"])}
+            return rtn_dequantize(q).reshape(shape)
+        q = {"codes": codes, "scale": parts["scale"], "zero": parts["zero"], "shape": tuple(meta["matrix"])}
+        return hqq_dequantize(q).reshape(shape)
+    if codec == "bfp":
+        from .codecs import bfp_dequantize
+
+        m, n = meta["mantissa_bits"], meta["n"]
+        mant = unpack_bits(parts["mant"], m, n * meta["block"]).reshape(n, -1) - (1 << (m - 1))
+        exp = unpack_bits(parts["exp"], meta["exp_bits"], n) + meta["exp_lo"]
+        return bfp_dequantize({"mant": mant, "exp": exp, "shape": shape})
     if codec == "seedlm":
         from .seedlm import SeedLMConfig, decompress_matrix
 
         config = SeedLMConfig(K=meta["K"], C=meta["C"], P=meta["P"])
         n = meta["n"]
-        packed = {"seed": unpack_bits(tensors[f"{name}.seeds"], config.K, n),
-                  "coef": (unpack_bits(tensors[f"{name}.coefs"], 4, n * config.P) - 8).reshape(n, config.P),
-                  "exp": unpack_bits(tensors[f"{name}.exps"], 4, n) - 15, "shape": tuple(meta["matrix"]),
-                  "pad": meta["pad"]}
+        packed = {"seed": unpack_bits(parts["seeds"], config.K, n),
+                  "coef": (unpack_bits(parts["coefs"], 4, n * config.P) - 8).reshape(n, config.P),
+                  "exp": unpack_bits(parts["exps"], 4, n) - 15, "shape": tuple(meta["matrix"]), "pad": meta["pad"]}
         return decompress_matrix(packed, config).reshape(shape)
-    raise ValueError(f"tensor {name!r}: unknown codec {codec!r} in the artifact")
+    if codec == "vq":
+        from .codecs import vq_dequantize
+
+        q = {"scale": parts["scale"], "book": parts["book"], "labels": unpack_bits(parts["labels"], meta["codebook_bits"],
+                                                                                    meta["n"]),
+             "shape": tuple(meta["matrix"])}
+        if meta["residual"]:
+            q.update(book2=parts["book2"], labels2=unpack_bits(parts["labels2"], meta["codebook_bits"], meta["n"]))
+        return vq_dequantize(q).reshape(shape)
+    if codec == "hyper":
+        from .codecs import hyper_dequantize
+
+        q = {"index": unpack_bits(parts["index"], meta["index_bits"], meta["count"]), "lo": parts["lo"],
+             "hi": parts["hi"], "shape": tuple(meta["matrix"]), "n": meta["n"], "index_bits": meta["index_bits"]}
+        return hyper_dequantize(q).reshape(shape)
+    raise ArtifactError(f"tensor {name!r}: unknown codec {codec!r} in the artifact")
 
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,56 +208,125 @@ def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | None = None, tokenizer=None) -> dict:
-    """Write ``model`` as one artifact file (module docstring); returns ``artifact_report(path)``."""
+def _pack_meta(obj: dict) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 9)).decode()
+
+
+def _unpack_meta(text: str) -> dict:
+    return json.loads(zlib.decompress(base64.b64decode(text)))
+
+
+def _model_parts(model: nn.Module) -> tuple[nn.Module, dict]:
+    """(the causal LM, the Quiet-STaR settings or {}) of a model or a QuietStarModel."""
+    import dataclasses
+
+    from ..thoughts import QuietStarModel
+
+    if isinstance(model, QuietStarModel):
+        return model.base, {"config": dataclasses.asdict(model.qconfig), "sot_id": model.sot_id, "eot_id": model.eot_id}
+    return model, {}
+
+
+def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | None = None, tokenizer=None,
+                    hessians: dict[str, torch.Tensor] | None = None,
+                    extras: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write ``model`` (a causal LM or a QuietStarModel) as one artifact file (module docstring); returns
+    ``artifact_report(path)``. ``plan`` may also name ``extra::<name>`` for an extra tensor (default raw16).
+    ``tokenizer`` is saved beside the file (its folder). The file is written to a temporary name and renamed, so
+    a failed write leaves an earlier artifact of that name intact."""
     from safetensors.torch import save_file
 
-    plan = plan or {}
-    unknown = sorted(set(plan) - set(model.state_dict()))
+    plan, hessians, extras = plan or {}, hessians or {}, extras or {}
+    unknown = sorted(set(plan) - set(model.state_dict()) - {EXTRA + k for k in extras})
     if unknown:
         raise ValueError(f"plan names tensors the model does not have: {unknown[:3]}")
-    stored, entries = {}, {}
-    for name, tensor in _owned(model).items():
-        tensors, meta = _encode(name, tensor, plan.get(name, {}))
-        stored.update({k: v.contiguous() for k, v in tensors.items()})
-        entries[name] = meta
-    metadata = {"forge_artifact": json.dumps({"entries": entries, "config": model.config.to_dict()})}
-    if tokenizer is not None:
-        metadata["tokenizer"] = tokenizer.backend_tokenizer.to_str()
+    base, quietstar = _model_parts(model)
+    tensors = {**_owned(model), **{EXTRA + k: v for k, v in extras.items()}}
+    chunks, entries, offset = [], {}, 0
+    for name, tensor in tensors.items():
+        parts, meta = _encode(name, tensor, plan.get(name, {}), hessians.get(name))
+        layout = []
+        for key, part in parts.items():
+            raw = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+            layout.append([key, str(part.dtype).removeprefix("torch."), list(part.shape), raw.numel()])
+            chunks.append(raw)
+            offset += raw.numel()
+        entries[name] = {**meta, "parts": layout}
+    header = {"entries": entries, "config": base.config.to_dict(), "quietstar": quietstar}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(stored, str(path), metadata=metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({"payload": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}, str(tmp),
+                  metadata={"forge_artifact": _pack_meta(header)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path.parent)
     return artifact_report(path)
 
 
-def artifact_report(path: str | Path) -> dict:
-    """Bytes on disk, header bytes, payload bytes per model tensor, weights, and bits per weight (file bytes × 8 /
-    weights: everything counted)."""
+def _read(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(header, {entry: {part: tensor}}) of an artifact, its layout checked against the payload."""
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no artifact at {path}")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            header = _unpack_meta((handle.metadata() or {})["forge_artifact"])
+            payload = handle.get_tensor("payload")
+    except Exception as exc:  # safetensors' own errors, a missing key, a bad header: all name the file
+        raise ArtifactError(f"{path} is not an Agent Forge artifact ({type(exc).__name__}: {exc})") from exc
+    out, offset = {}, 0
+    for name, entry in header["entries"].items():
+        parts = {}
+        for key, dtype, shape, nbytes in entry["parts"]:
+            raw = payload[offset:offset + nbytes].clone()
+            if raw.numel() != nbytes or math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size() != nbytes:
+                raise ArtifactError(f"{path}: the payload does not fit the layout of {name!r} (truncated or tampered)")
+            parts[key] = raw.view(getattr(torch, dtype)).reshape(shape)
+            offset += nbytes
+        out[name] = parts
+    if offset != payload.numel():
+        raise ArtifactError(f"{path}: {payload.numel() - offset} payload bytes beyond the layout (tampered)")
+    return header, out
+
+
+def artifact_report(path: str | Path) -> dict:
+    """Bytes on disk, header bytes, payload bytes per tensor, stored values (``weights``, extras included), and
+    ``bits_per_weight`` = 8 × file bytes / weights: everything in the file counted."""
+    path = Path(path)
     with open(path, "rb") as handle:
-        header = 8 + struct.unpack("<Q", handle.read(8))[0]
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["forge_artifact"])
-        sizes = {k: handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in handle.keys()}
-    weights = sum(math.prod(e["shape"]) for e in meta["entries"].values())
-    per = {name: sum(v for k, v in sizes.items() if k == name or k.startswith(name + ".")) for name in meta["entries"]}
+        header_bytes = 8 + struct.unpack("<Q", handle.read(8))[0]
+    header, _ = _read(path)
+    per = {name: sum(p[3] for p in e["parts"]) for name, e in header["entries"].items()}
+    weights = sum(math.prod(e["shape"]) for e in header["entries"].values())
+    codecs: dict[str, int] = {}
+    for e in header["entries"].values():
+        codecs[e["codec"]] = codecs.get(e["codec"], 0) + math.prod(e["shape"])
     file_bytes = path.stat().st_size
-    return {"file_bytes": file_bytes, "header_bytes": header, "payload_bytes": sum(sizes.values()),
-            "per_tensor_bytes": per, "weights": weights, "bits_per_weight": 8 * file_bytes / weights}
+    return {"file_bytes": file_bytes, "header_bytes": header_bytes, "payload_bytes": sum(per.values()),
+            "per_tensor_bytes": per, "weights": weights, "weights_per_codec": codecs,
+            "bits_per_weight": 8 * file_bytes / weights}
 
 
-def load_compressed(path: str | Path) -> nn.Module:
-    """The model the artifact holds (decoded tensors; BitLinear layers again where the config says so), eval mode."""
+def load_extras(path: str | Path) -> dict[str, torch.Tensor]:
+    """The extra tensors of an artifact (decoded), by the names ``save_compressed`` was given."""
+    header, parts = _read(path)
+    return {n.removeprefix(EXTRA): _decode(n, parts[n], e) for n, e in header["entries"].items() if n.startswith(EXTRA)}
+
+
+def load_compressed(path: str | Path, tokenizer=None) -> nn.Module:
+    """The model the artifact holds, eval mode: decoded tensors, BitLinear layers again where the config says so, a
+    QuietStarModel when it was one (its tokenizer: ``tokenizer`` or the one beside the file)."""
     import forgelib.models  # noqa: F401  (registers Cognate)
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["forge_artifact"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    config_dict = dict(meta["config"])
+    header, parts = _read(path)
+    config_dict = dict(header["config"])
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     model = AutoModelForCausalLM.from_config(config)
@@ -175,12 +335,23 @@ def load_compressed(path: str | Path) -> nn.Module:
         from .bitnet import convert_to_bitnet
 
         convert_to_bitnet(model, include=bitnet.get("include"), quantize_activations=bitnet.get("activation_bits") is not None)
-    state = {name: _decode(name, tensors, entry) for name, entry in meta["entries"].items()}
+    if header.get("quietstar"):
+        from transformers import AutoTokenizer
+
+        from ..thoughts import QuietStarConfig, QuietStarModel
+
+        qs = header["quietstar"]
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(Path(path).parent)
+        model = QuietStarModel(model, tokenizer, QuietStarConfig(**qs["config"]))
+        if (model.sot_id, model.eot_id) != (qs["sot_id"], qs["eot_id"]):
+            raise ArtifactError(f"{path}: the tokenizer's thought token ids differ from the artifact's")
+    state = {n: _decode(n, parts[n], e) for n, e in header["entries"].items() if not n.startswith(EXTRA)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    base = model.base if header.get("quietstar") else model
+    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(base.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: the artifact does not fit its config: missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+        raise ArtifactError(f"{path}: the artifact does not fit its config: missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}")
     if tied:
-        model.tie_weights()
+        base.tie_weights()
     return model.eval()

@@ -48,6 +48,52 @@ def rtn_bits(q: dict) -> int:
     return q["codes"].numel() * q["bits"] + q["scale"].numel() * 16
 
 
+def hqq_quantize(w: torch.Tensor, bits: int = 4, group: int = 64) -> dict:
+    """HQQ (half-quadratic quantization, the ``hqq`` package): per group of ``group`` consecutive weights (rows
+    flattened, as the package groups them), unsigned ``bits``-bit codes with a scale and a zero point that HQQ's
+    optimizer fits to a sparsity-promoting error; scale and zero stored as fp16. Bits per weight:
+    ``bits + 32 / group``."""
+    from hqq.core.quantize import Quantizer
+
+    rows, cols = w.shape
+    if (rows * cols) % group:
+        raise ValueError(f"hqq: the tensor's {rows * cols} values are not a multiple of the group size {group}")
+    codes, meta = Quantizer.quantize(w.float().contiguous(), nbits=bits, group_size=group, optimize=True, axis=1,
+                                     bitpack=False, compute_dtype=torch.float32, device="cpu")
+    n = rows * cols // group
+    return {"codes": codes.reshape(n, 1, group).to(torch.uint8), "scale": meta["scale"].reshape(n, 1).half(),
+            "zero": meta["zero"].reshape(n, 1).half(), "shape": (rows, cols), "bits": bits, "group": group}
+
+
+def hqq_dequantize(q: dict) -> torch.Tensor:
+    rows, cols = q["shape"]
+    n = q["codes"].shape[0]
+    out = (q["codes"].reshape(n, -1).float() - q["zero"].float()) * q["scale"].float()
+    return out.reshape(rows, cols)
+
+
+def bfp_quantize(w: torch.Tensor, mantissa_bits: int = 3, block: int = 8, exp_bits: int = 4) -> dict:
+    """Block floating point: blocks of ``block`` consecutive weights (rows flattened) share one power-of-two
+    exponent ``e`` in ``[3 − 2^exp_bits, 2]`` (``exp_bits`` bits) and each weight keeps a signed ``mantissa_bits``
+    integer: ``w ≈ m · 2^e``, ``e`` the smallest exponent with ``max|w| ≤ (2^(mantissa_bits−1) − 1) · 2^e``.
+    Bits per weight: ``mantissa_bits + exp_bits / block``."""
+    qmax = 2 ** (mantissa_bits - 1) - 1
+    flat = w.detach().float().reshape(-1)
+    pad = (-len(flat)) % block
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
+    lo, hi = 3 - 2 ** exp_bits, 2
+    amax = blocks.abs().amax(1).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / qmax)).clamp(lo, hi)
+    m = torch.round(blocks / 2.0 ** e[:, None]).clamp(-qmax - 1, qmax)
+    return {"mant": m.to(torch.int64), "exp": e.to(torch.int64), "shape": tuple(w.shape), "pad": pad,
+            "mantissa_bits": mantissa_bits, "exp_bits": exp_bits, "block": block, "exp_lo": lo}
+
+
+def bfp_dequantize(q: dict) -> torch.Tensor:
+    blocks = q["mant"].float() * 2.0 ** q["exp"].float()[:, None]
+    return blocks.reshape(-1)[:math.prod(q["shape"])].reshape(q["shape"])
+
+
 # --- vector quantization ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,202 @@
+"""`forge bench compression`: every compression method and baseline at its settings, on two models, side by side.
+
+1. **Phase-7 system** (the phase's own situation): the ternary projections stay packed (base-3), each method alone
+   compresses the embeddings and the other matrices; measured as Phase 8 measures (the two-pass routed system,
+   experts carried in the file).
+2. **Full-precision model** (Phase 3's, before BitNet): each method compresses every matrix (projections,
+   embeddings, thought extras) — where the methods compete for the weights that matter most; measured without
+   experts and without the ``tool`` family (that model never saw the calculator).
+
+Per method: bits per weight of the whole artifact file (everything counted), accuracy and perplexity and their
+retention against the uncompressed model, compression seconds, peak memory (resident, sampled). **SeedLM against
+block floating point at matched bits** (3.5 bits: K=12, C=8, P=3 vs 3-bit mantissas in blocks of 8; 3.0 bits:
+P=2 vs 2-bit mantissas in blocks of 4; both with 4-bit exponents). Points on the (bits down, accuracy up) Pareto
+front are marked; the Phase-8 artifact (``--phase8``, default the newest) is placed against the RTN and HQQ points.
+Deterministic: one model, one question set; VQ's k-means is seeded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from .. import paths
+from ..results import dumps_json
+
+METHODS = {
+    "rtn8": {"codec": "rtn", "bits": 8, "group": 64},
+    "rtn4": {"codec": "rtn", "bits": 4, "group": 32},
+    "rtn3": {"codec": "rtn", "bits": 3, "group": 64},
+    "rtn2": {"codec": "rtn", "bits": 2, "group": 64},
+    "hqq4": {"codec": "hqq", "bits": 4, "group": 64},
+    "hqq3": {"codec": "hqq", "bits": 3, "group": 64},
+    "hqq2": {"codec": "hqq", "bits": 2, "group": 64},
+    "bfp3.5": {"codec": "bfp", "mantissa_bits": 3, "block": 8},
+    "seedlm3.5": {"codec": "seedlm", "K": 12, "C": 8, "P": 3},
+    "bfp3.0": {"codec": "bfp", "mantissa_bits": 2, "block": 4},
+    "seedlm3.0": {"codec": "seedlm", "K": 12, "C": 8, "P": 2},
+    "vq6r": {"codec": "vq", "v": 4, "codebook_bits": 6, "residual": True},
+    "vq6": {"codec": "vq", "v": 4, "codebook_bits": 6},
+    "vq8": {"codec": "vq", "v": 4, "codebook_bits": 8},
+    "hyper3": {"codec": "hyper", "n": 4, "index_bits": 12},
+    "hyper4": {"codec": "hyper", "n": 2, "index_bits": 8},
+}
+MATCHED = [("seedlm3.5", "bfp3.5"), ("seedlm3.0", "bfp3.0")]
+
+
+def pareto(rows: list[dict]) -> None:
+    """Mark rows not dominated in (bits per weight down, accuracy up)."""
+    for r in rows:
+        r["pareto"] = not any(q["bits_per_weight"] <= r["bits_per_weight"] and q["acc"] >= r["acc"] and
+                              (q["bits_per_weight"] < r["bits_per_weight"] or q["acc"] > r["acc"]) for q in rows)
+
+
+def sweep(model, system, targets: list[str], base_assign: dict, methods: list[str], folder: Path) -> dict:
+    """The uncompressed reference and one row per method (each alone on ``targets`` over ``base_assign``)."""
+    from ..phases.compression import calibration, compress_and_measure
+    from ..quant.compress import plan_from, tensor_groups
+
+    reference = system.measure(model)
+    hessians = calibration(model, system.tokenizer, system.params, seed=0)
+    groups = tensor_groups(model, system.extras())
+    base = plan_from(groups, base_assign)
+    rows = []
+    for name in ["raw16", *methods]:
+        spec = {"codec": "raw16"} if name == "raw16" else METHODS[name]
+        plan = plan_from(groups, {t: spec for t in targets if t in groups.values()}, base)
+        row = compress_and_measure(model, system, plan, folder / f"{name}.forge", hessians, groups)
+        row.update(name=name, spec=spec, acc_retention=round(row["acc"] / reference["acc"], 4) if reference["acc"] else None,
+                   ppl_retention=round(reference["ppl"] / row["ppl"], 4))
+        del row["correct"]
+        rows.append(row)
+        print(f"{name:10s} bits {row['bits_per_weight']:.3f} acc {row['acc']:.3f} ppl {row['ppl']:.3f} "
+              f"({row['compress_s']} s)", flush=True)
+    pareto(rows)
+    return {"reference": {k: v for k, v in reference.items() if k != "correct"}, "rows": rows,
+            "matched_bits": [{"seedlm": a, "bfp": b, **{f"{k}_{m}": next(r[k] for r in rows if r["name"] == m)
+                                                          for m in (a, b) for k in ("bits_per_weight", "acc", "ppl")}}
+                             for a, b in MATCHED if a in methods and b in methods]}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [k for k in ("phase7", "fp") if k in report]
+    fig, axes = plt.subplots(len(parts), 2, figsize=(11, 3.8 * len(parts)), squeeze=False)
+    for row_axes, part in zip(axes, parts):
+        rows = report[part]["rows"]
+        for ax, key in zip(row_axes, ("ppl", "acc")):
+            for r in rows:
+                ax.scatter(r["bits_per_weight"], r[key], marker="o" if r["pareto"] else "x", s=30)
+                ax.annotate(r["name"], (r["bits_per_weight"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            ax.axhline(report[part]["reference"][key], color="grey", ls="--", lw=1, label="uncompressed")
+            if part == "phase7" and "phase8" in report:
+                ax.scatter(report["phase8"]["bits_per_weight"], report["phase8"][key], marker="*", s=140, color="k",
+                           label="Phase-8 artifact")
+            ax.set_xlabel("bits per weight (whole file)")
+            ax.set_ylabel({"ppl": "perplexity", "acc": "exact-match accuracy"}[key])
+            ax.set_title(f"{report[part]['what']}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import phase_folder, phase_params
+    from ..phases.compression import load_system
+    from ..results import PhaseResult
+    from ..thoughts import load_lm
+
+    parser = argparse.ArgumentParser(prog="forge bench compression", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
+    parser.add_argument("--phase3", default=None, help="a Phase 3 folder for the fp model (default: Phase 7's chain)")
+    parser.add_argument("--phase8", default=None, help="a Phase 8 folder to place on the chart (default: newest)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its compression section)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--parts", nargs="+", default=["phase7", "fp"], choices=["phase7", "fp"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    params = phase_params("compression", args.params)
+    folder7 = phase_folder("experts", args.phase7)
+    stamp = int(time.time())
+    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"compression-{stamp}.json"
+    scratch = out.with_suffix("")  # the artifacts of the sweep (removed at the end)
+    started = time.perf_counter()
+    report = {"benchmark": "compression", "phase7_folder": paths.relative(folder7), "params_file": args.params,
+              "what_varies": "nothing random but VQ's seeded k-means: one model, one question set per part"}
+    result7 = PhaseResult.load(folder7 / "result.json")
+    model_folder = paths.resolve(result7.models["model"]["path"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    ctx = _Ctx(result7, 0)
+    if "phase7" in args.parts:
+        system = load_system(ctx, tokenizer, params)
+        report["phase7"] = {"what": "Phase-7 system: ternary packed, each method on embeddings + matrices",
+                            **sweep(load_lm(model_folder), system, ["embeddings", "matrices"],
+                                    {"ternary": {"codec": "ternary"}}, args.methods, scratch / "p7")}
+    if "fp" in args.parts:
+        folder3 = paths.resolve(args.phase3) if args.phase3 else _chain_folder(result7, "quietstar")
+        result3 = PhaseResult.load(folder3 / "result.json")
+        fp_model = load_lm(paths.resolve(result3.models["model"]["path"]))
+        # Phase 3 never saw the calculator: the tool family is left out of its questions
+        plain = load_system(ctx, tokenizer, dataclasses.replace(
+            params, use_experts=False, families=[f for f in params.families if f != "tool"]))
+        report["fp"] = {"what": "Phase-3 full-precision model: each method on every matrix",
+                        "phase3": paths.relative(folder3),
+                        **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp")}
+    try:
+        folder8 = phase_folder("compression", args.phase8)
+        m = PhaseResult.load(folder8 / "result.json").metrics
+        report["phase8"] = {"folder": paths.relative(folder8), "bits_per_weight": m["bits_per_weight"],
+                            "acc": m["acc_final"], "ppl": m["ppl_final"], "acc_retention": m["acc_retention"]}
+        if "phase7" in report:
+            baselines = [r for r in report["phase7"]["rows"] if r["spec"]["codec"] in ("rtn", "hqq")]
+            report["phase8"]["dominated_by"] = [r["name"] for r in baselines if r["bits_per_weight"] <= m["bits_per_weight"]
+                                                and r["acc"] >= m["acc_final"]]
+    except SystemExit:
+        pass
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    text = dumps_json(report, default=str)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {paths.relative(out)} and {paths.relative(out.with_suffix('.png'))}")
+    return 0
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """What ``load_system`` reads from a phase context: the upstream result (for its experts) and the seed."""
+
+    upstream: object
+    seed: int
+
+
+def _chain_folder(result, phase: str) -> Path:
+    """The folder of ``phase`` in ``result``'s upstream chain."""
+    from ..results import PhaseResult
+
+    seen = set()
+    while result is not None and result.phase not in seen:
+        seen.add(result.phase)
+        folder = (result.upstream or {}).get("folder")
+        if not folder:
+            break
+        result = PhaseResult.load(paths.resolve(folder) / "result.json")
+        if result.phase == phase:
+            return paths.resolve(folder)
+    raise SystemExit(f"no {phase} phase in the upstream chain; pass --phase3 FOLDER")

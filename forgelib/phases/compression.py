@@ -1,0 +1,388 @@
+"""Phase 8 — Compression: the Phase-7 model as one small artifact file, compressed in gated stages.
+
+The input is the model Phase 7 hands on (Quiet-STaR wrapper, ternary projections, fp embeddings, norms and
+thought extras) with its SVF experts and router. Every compressed model is a real artifact file
+(``forgelib.quant.artifact``: ``save_compressed`` / ``load_compressed``), and every measurement reads the model
+back from that file, so the bits are the file's and the scores are the loaded model's.
+
+1. **Calibration**: the second moments of each layer's inputs on ``calibration_per_level`` train-split worked
+   solutions per family and level (the Hessian diagonal ``vq`` weights its k-means with).
+2. **Stages** (``stages``, in order): each assigns codecs to tensor groups or name patterns
+   (``forgelib.quant.compress``) on top of the plan kept so far, writes the artifact, loads it and measures it on
+   the test split. A stage whose accuracy falls below ``min_acc_retention`` × the input's (less ``gate_z`` paired
+   SEs) or whose perplexity rises above ``max_ppl_ratio`` × the input's is **rolled back**: the next stage starts
+   from the previous kept plan. The last kept stage's file is the phase's model (``models/model/model.forge``).
+3. **Sweep** (``sweep``): methods and baselines (RTN, HQQ, block floating point, SeedLM, VQ, hyper-compression),
+   each alone on ``sweep_targets`` over the first stage's plan, measured the same way: the bits-vs-perplexity
+   chart. Not used by the gate.
+
+**Measured** (test split, greedy, calculator on, without Quiet-STaR thoughts as in Phases 5–7, persona prefixes
+removed): exact-match accuracy of the two-pass routed system when the upstream has experts (the expert vectors and
+router centroids ride in the artifact as extras), else of the model alone; perplexity of the test questions'
+worked solutions (completion tokens, teacher-forced). Chance: 0 for the numeric families.
+
+**Gate**: the final artifact's accuracy ≥ ``min_acc_retention`` × the input's − ``gate_z`` paired SEs, perplexity
+≤ ``max_ppl_ratio`` × the input's, and (when set) bits per weight ≤ ``max_bits_per_weight``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.tasks import FAMILIES, generate_levels
+from ..params import require_non_negative, require_positive
+from ..results import GateCheck, PhaseResult
+from ..thoughts import base_lm
+
+HEADLINE = ("bits_per_weight", "artifact_bytes", "acc_input", "acc_final", "acc_retention", "ppl_retention",
+            "stages_kept", "stages_rolled_back")
+ARTIFACT = "model.forge"
+STAGE_KEYS = {"name", "assign", "min_acc_retention", "max_ppl_ratio"}
+
+
+def _default_stages() -> list[dict]:
+    return [{"name": "pack", "assign": {"ternary": {"codec": "ternary"}, "small": {"codec": "raw16"}}},
+            {"name": "matrices", "assign": {"matrices": {"codec": "hqq", "bits": 2, "group": 64}}},
+            {"name": "extras", "assign": {"extras": {"codec": "rtn", "bits": 8, "group": 64}}},
+            {"name": "small", "assign": {"small": {"codec": "rtn", "bits": 8, "group": 64}}},
+            {"name": "embeddings", "assign": {"embeddings": {"codec": "vq", "v": 4, "codebook_bits": 6,
+                                                             "residual": True}}},
+            {"name": "embeddings-2bit", "assign": {"embeddings": {"codec": "hqq", "bits": 2, "group": 64}}}]
+
+
+def _default_sweep() -> list[dict]:
+    return [{"name": "rtn4", "spec": {"codec": "rtn", "bits": 4, "group": 32}},
+            {"name": "hqq2", "spec": {"codec": "hqq", "bits": 2, "group": 64}},
+            {"name": "seedlm", "spec": {"codec": "seedlm", "K": 12, "C": 8, "P": 3}},
+            {"name": "vq6", "spec": {"codec": "vq", "v": 4, "codebook_bits": 6}},
+            {"name": "hyper", "spec": {"codec": "hyper", "n": 4, "index_bits": 12}}]
+
+
+@dataclasses.dataclass
+class Params:
+    """Phase 8 parameters (the ``compression`` section). Defaults are the smoke set."""
+
+    source: str = "model"
+    families: list[str] = dataclasses.field(default_factory=lambda: ["arith", "multistep", "algebra", "tool"])
+    levels: tuple[int, int] = (1, 3)
+    test_per_level: int = 8
+    answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
+    max_new_tokens: int = 40
+    max_len: int = 96
+    use_experts: bool = True
+    """Measure the routed system with the upstream's experts (and carry them in the artifact) when it has them."""
+    calibration_per_level: int = 8
+    stages: list[dict] = dataclasses.field(default_factory=_default_stages)
+    sweep: list[dict] = dataclasses.field(default_factory=_default_sweep)
+    """Methods for the chart: ``{name, spec}``, each applied alone to ``sweep_targets`` over the first stage."""
+    sweep_targets: list[str] = dataclasses.field(default_factory=lambda: ["embeddings", "matrices"])
+    min_acc_retention: float = 0.9
+    max_ppl_ratio: float = 1.25
+    max_bits_per_weight: float | None = None
+    gate_z: float = 1.645
+
+    def __post_init__(self):
+        from ..quant.artifact import check_spec
+        from ..quant.compress import GROUPS
+
+        require_positive(self, "test_per_level", "max_new_tokens", "max_len", "min_acc_retention", "max_ppl_ratio")
+        require_non_negative(self, "calibration_per_level", "gate_z")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed (e.g. {name: pack, assign: {ternary: {codec: "
+                             "ternary}}})")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, dict) or "name" not in stage or not isinstance(stage.get("assign"), dict):
+                raise ValueError(f"stages[{i}] must be a mapping with 'name' and 'assign' ({{group or pattern: "
+                                 f"codec spec}}), got {stage!r}")
+            extra = set(stage) - STAGE_KEYS
+            if extra:
+                raise ValueError(f"stages[{i}] ({stage['name']}): unknown keys {sorted(extra)}; valid: "
+                                 f"{sorted(STAGE_KEYS)}")
+            for selector, spec in stage["assign"].items():
+                check_spec(f"stages[{i}].{selector}", dict(spec))
+        names = [s["name"] for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        for i, point in enumerate(self.sweep):
+            if set(point) != {"name", "spec"}:
+                raise ValueError(f"sweep[{i}] must be {{name, spec}}, got {point!r}")
+            check_spec(f"sweep[{i}]", dict(point["spec"]))
+        bad = [t for t in self.sweep_targets if t not in GROUPS]
+        if bad:
+            raise ValueError(f"sweep_targets: unknown groups {bad}; valid: {list(GROUPS)}")
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class System:
+    """What the phase measures: test questions, the grader, and (optionally) the Phase-7 experts and router."""
+
+    test: list
+    grader: Any
+    tokenizer: Any
+    params: Params
+    experts: list[dict] | None = None
+    centroids: torch.Tensor | None = None
+    svf_config: dict = dataclasses.field(default_factory=dict)
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The expert vectors and router centroids as artifact extras."""
+        if not self.experts:
+            return {}
+        out = {f"expert{c}.{name}": z for c, zs in enumerate(self.experts) for name, z in zs.items()}
+        out["router.centroids"] = self.centroids
+        return out
+
+    def from_extras(self, extras: dict[str, torch.Tensor]) -> "System":
+        """This system with the experts and centroids read back from an artifact (as stored, i.e. compressed)."""
+        if not self.experts:
+            return self
+        experts = [{name: extras[f"expert{c}.{name}"] for name in zs} for c, zs in enumerate(self.experts)]
+        return dataclasses.replace(self, experts=experts, centroids=extras["router.centroids"])
+
+    def measure(self, model) -> dict[str, Any]:
+        """Accuracy (per question), perplexity and seconds per question of ``model`` (a wrapper or an LM)."""
+        from ..evaluate import perplexity
+
+        lm, p = base_lm(model), self.params
+        started = time.perf_counter()
+        ppl = perplexity(lm, self.tokenizer, self.test, max_len=p.max_len, answer_only=True, with_steps=True)
+        if self.experts:
+            from ..experts import SVFConfig, apply_svf, remove_svf
+            from ..experts.route import RoutingSettings, evaluate_settings
+
+            svf = apply_svf(lm, SVFConfig(**self.svf_config))
+            try:
+                scored = evaluate_settings(svf, self.tokenizer, self.test, self.centroids, self.experts,
+                                           RoutingSettings(), self.grader, p.max_new_tokens)
+            finally:
+                remove_svf(svf)
+            correct = scored["correct"]
+        else:
+            from ..tools import generate_with_tools
+
+            traces = generate_with_tools(lm, self.tokenizer, [s.prompt for s in self.test], p.max_new_tokens,
+                                         batch_size=64)
+            correct = [int(self.grader(s, t.text)) for s, t in zip(self.test, traces)]
+        return {"acc": round(sum(correct) / len(correct), 4), "ppl": round(ppl, 4), "correct": correct,
+                "seconds": round(time.perf_counter() - started, 2)}
+
+
+def load_system(ctx, tokenizer, params: Params) -> System:
+    """The test questions, the grader and, when the upstream has them and ``use_experts``, its experts."""
+    import yaml
+
+    from .. import paths
+    from ..experts import load_expert
+    from .experts import make_check
+
+    test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    system = System(test, make_check(params.answer_prefixes), tokenizer, params)
+    folder = (ctx.upstream.artifacts or {}).get("experts") if ctx.upstream is not None else None
+    if not params.use_experts or folder is None:
+        return system
+    folder = paths.resolve(folder)
+    files = sorted(folder.glob("expert_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
+    router = torch.load(folder / "router.pt", weights_only=True)
+    upstream_params = yaml.safe_load((folder.parent / "params.yaml").read_text())
+    svf = ((upstream_params or {}).get("experts") or {}).get("svf") or {}
+    return dataclasses.replace(system, experts=[load_expert(f) for f in files], centroids=router["centroids"],
+                               svf_config=svf)
+
+
+def calibration(model, tokenizer, params: Params, seed: int) -> dict[str, torch.Tensor]:
+    """Input second moments per tensor (``forgelib.quant.compress.input_hessians``) on train-split questions."""
+    from ..data.tokenizer import encode_samples
+    from ..quant.compress import input_hessians
+
+    if not params.calibration_per_level:
+        return {}
+    samples = generate_levels(params.families, params.levels, params.calibration_per_level, "train", seed + 3)
+    encoded = encode_samples(tokenizer, samples, params.max_len, with_steps=True)
+    device = next(model.parameters()).device
+    batches = [{k: encoded[k][i:i + 32].to(device) for k in ("input_ids", "attention_mask")}
+               for i in range(0, len(samples), 32)]
+    return input_hessians(model, base_lm(model), batches, [n for n, p in model.state_dict().items() if p.dim() == 2])
+
+
+def compress_and_measure(model, system: System, plan: dict, path: Path, hessians: dict,
+                         groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write the artifact of ``plan``, load it back, measure it; the row for tables and charts (with the bytes
+    per tensor group when ``groups`` is given; the header under ``header``)."""
+    from ..quant.artifact import load_compressed, load_extras, save_compressed
+    from ..quant.compress import PeakMemory
+
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        report = save_compressed(model, path, plan, tokenizer=system.tokenizer, hessians=hessians,
+                                 extras=system.extras())
+    seconds = time.perf_counter() - started
+    loaded = load_compressed(path)
+    scored = system.from_extras(load_extras(path)).measure(loaded)
+    return {**scored, "bits_per_weight": round(report["bits_per_weight"], 4), "file_bytes": report["file_bytes"],
+            "header_bytes": report["header_bytes"], "weights": report["weights"],
+            "weights_per_codec": report["weights_per_codec"], "compress_s": round(seconds, 2),
+            "peak_mb": round(memory.peak / 2**20, 1), "bytes_per_group": bytes_per_group(report, groups or {})}
+
+
+def bytes_per_group(report: dict, groups: dict[str, str]) -> dict[str, int]:
+    """Payload bytes of the artifact per tensor group, and the header."""
+    out: dict[str, int] = {"header": report["header_bytes"]}
+    for name, nbytes in report["per_tensor_bytes"].items():
+        key = groups.get(name, "other")
+        out[key] = out.get(key, 0) + nbytes
+    return out
+
+
+def stage_gate(row: dict, reference: dict, min_acc_retention: float, max_ppl_ratio: float,
+               gate_z: float) -> list[GateCheck]:
+    """Accuracy ≥ retention × the reference's − gate_z paired SEs; perplexity ≤ max_ppl_ratio × the reference's."""
+    from .evomerge import paired_se
+
+    se = paired_se({"correct": row["correct"]}, {"correct": reference["correct"]})
+    return [GateCheck("acc", row["acc"], round(min_acc_retention * reference["acc"] - gate_z * se, 4), ">="),
+            GateCheck("ppl_ratio", round(row["ppl"] / reference["ppl"], 4), max_ppl_ratio, "<=")]
+
+
+# --- the phase ----------------------------------------------------------------------------------------
+
+
+def run(params: Params, ctx) -> PhaseResult:
+    """Phase 8 (see the module docstring)."""
+    from ..quant.compress import plan_from, tensor_groups
+
+    torch.manual_seed(ctx.seed)
+    model, tokenizer = ctx.load_upstream_lm(params.source)
+    system = load_system(ctx, tokenizer, params)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reference = system.measure(model)
+    timing["measure_input_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    hessians = calibration(model, tokenizer, params, ctx.seed)
+    timing["calibration_s"] = round(time.perf_counter() - t0, 2)
+    groups = tensor_groups(model, system.extras())
+    stages, kept_plan, kept_path = [], {}, None
+    t0 = time.perf_counter()
+    for i, stage in enumerate(params.stages):
+        plan = plan_from(groups, stage["assign"], kept_plan)
+        path = ctx.path("stages", f"{i + 1}_{stage['name']}.forge")
+        row = compress_and_measure(model, system, plan, path, hessians, groups)
+        checks = stage_gate(row, reference, stage.get("min_acc_retention", params.min_acc_retention),
+                            stage.get("max_ppl_ratio", params.max_ppl_ratio), params.gate_z)
+        row.update(name=stage["name"], assign=stage["assign"], gate=[dataclasses.asdict(c) for c in checks],
+                   kept=all(c.passed for c in checks), path=str(path.relative_to(ctx.dir)))
+        stages.append(row)
+        if row["kept"]:
+            kept_plan, kept_path = plan, path
+        ctx.log({f"stage/{k}": row[k] for k in ("acc", "ppl", "bits_per_weight")}, step=i + 1)
+    timing["stages_s"] = round(time.perf_counter() - t0, 2)
+    if kept_path is None:  # every stage rolled back: the input stored as is (fp16 / ternary codes untouched)
+        kept_path = ctx.path("stages", "0_input.forge")
+        stages.insert(0, {**compress_and_measure(model, system, {}, kept_path, hessians, groups), "name": "input",
+                          "assign": {}, "gate": [], "kept": True, "path": str(kept_path.relative_to(ctx.dir))})
+    t0 = time.perf_counter()
+    first = plan_from(groups, params.stages[0]["assign"])
+    sweep = []
+    for point in params.sweep:
+        plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
+        row = compress_and_measure(model, system, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians, groups)
+        sweep.append({**row, "name": point["name"], "spec": point["spec"]})
+    shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
+    timing["sweep_s"] = round(time.perf_counter() - t0, 2)
+    final = next(s for s in reversed(stages) if s["kept"])
+    report = {"reference": reference, "stages": stages, "sweep": sweep, "groups": groups, "plan": kept_plan,
+              "input_bytes": input_bytes(ctx), "lineage": lineage(ctx), "timing": timing,
+              "experts": len(system.experts or []), "n_test": len(system.test),
+              "families": [s.family for s in system.test], "levels": [s.level for s in system.test]}
+    ctx.write_report(report)
+    save_final(ctx, kept_path, tokenizer)
+    metrics, checks = summarize(report, final, params)
+    ctx.result.metrics.update(metrics)
+    ctx.result.gate.extend(checks)
+    return ctx.result
+
+
+def save_final(ctx, artifact: Path, tokenizer) -> Path:
+    """The kept artifact (and the tokenizer beside it) as ``models/model``, registered."""
+    import tempfile
+
+    from ..quant.artifact import load_compressed
+
+    final = ctx.dir / "models" / "model"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=final.parent))
+    shutil.copyfile(artifact, tmp / ARTIFACT)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    return ctx.register("model", final, model=load_compressed(final / ARTIFACT), metadata={"artifact": ARTIFACT})
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def input_bytes(ctx) -> dict[str, int]:
+    """Bytes on disk of what Phase 8 starts from: the model folder and the experts folder."""
+    out = {"model": folder_bytes(ctx.upstream_model_path())}
+    folder = (ctx.upstream.artifacts or {}).get("experts")
+    if folder:
+        from .. import paths
+
+        out["experts"] = folder_bytes(paths.resolve(folder))
+    return out
+
+
+def lineage(ctx) -> list[dict[str, Any]]:
+    """Every earlier phase's models on disk (bytes, stored values) following the upstream chain back to Phase 1."""
+    from ..results import PhaseResult
+
+    from .. import paths
+
+    rows, result, seen = [], ctx.upstream, set()
+    while result is not None and result.phase not in seen:
+        seen.add(result.phase)
+        for role, entry in result.models.items():
+            path = paths.resolve(entry["path"])
+            if path.exists():
+                rows.append({"phase": result.phase, "number": result.number, "role": role,
+                             "bytes": folder_bytes(path) if path.is_dir() else path.stat().st_size})
+        folder = (result.upstream or {}).get("folder")
+        file = paths.resolve(folder) / "result.json" if folder else None
+        result = PhaseResult.load(file) if file is not None and file.is_file() else None
+    return sorted(rows, key=lambda r: r["number"])
+
+
+def summarize(report: dict, final: dict, params: Params) -> tuple[dict[str, Any], list[GateCheck]]:
+    ref = report["reference"]
+    stages = report["stages"]
+    specialists = sum(r["bytes"] for r in report["lineage"]
+                      if r["phase"] == "cognate" and r["role"] in ("reasoning", "memory", "speed"))
+    metrics = {"bits_per_weight": final["bits_per_weight"], "artifact_bytes": final["file_bytes"],
+               "weights": final["weights"], "acc_input": ref["acc"], "acc_final": final["acc"],
+               "acc_retention": round(final["acc"] / ref["acc"], 4) if ref["acc"] else float("nan"),
+               "ppl_input": ref["ppl"], "ppl_final": final["ppl"], "ppl_retention": round(ref["ppl"] / final["ppl"], 4),
+               "stages_kept": sum(1 for s in stages if s["kept"] and s["name"] != "input"),
+               "stages_rolled_back": sum(1 for s in stages if not s["kept"]),
+               "input_bytes": sum(report["input_bytes"].values())}
+    if specialists:
+        metrics["specialists_bytes"] = specialists
+        metrics["compression_vs_specialists"] = round(specialists / final["file_bytes"], 2)
+    checks = [GateCheck(f"final_{c.name}", c.value, c.bound, c.op)
+              for c in stage_gate(final, ref, params.min_acc_retention, params.max_ppl_ratio, params.gate_z)]
+    if params.max_bits_per_weight is not None:
+        checks.append(GateCheck("bits_per_weight", final["bits_per_weight"], params.max_bits_per_weight, "<="))
+    return metrics, checks
+

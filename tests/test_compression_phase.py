@@ -1,0 +1,178 @@
+"""Phase 8 on tiny real models: a Phase-7 run (ternary Quiet-STaR model with SVF experts) compressed in stages; the
+artifact on disk is the phase's model (it loads, generates, carries the experts, and its bits are its bytes); a
+stage that breaks the model is rolled back and the next starts from the last kept plan; tensor groups, plans and
+the calibration statistics against direct computations; parameter errors."""
+import json
+
+import pytest
+import torch
+
+from forgelib import paths
+from helpers import quietstar_upstream, task_tokenizer
+
+EXPERTS = {"families": ["arith", "multistep"], "levels": [1, 1], "discover_per_family": 12, "k_range": [2, 2],
+           "train": {"steps": 2, "batch_size": 4, "max_new_tokens": 8}, "test_per_level": 4, "few_shot": 3,
+           "cem": {"iterations": 1, "population": 2, "elite": 1}, "search_budget": 0, "max_new_tokens": 8}
+TINY = {"families": ["arith", "multistep"], "levels": [1, 2], "test_per_level": 6, "max_new_tokens": 8,
+        "calibration_per_level": 4,
+        "stages": [{"name": "pack", "assign": {"ternary": {"codec": "ternary"}}},
+                   # a random tiny model knows nothing to lose: this stage's own bound fails by construction
+                   {"name": "broken", "assign": {"embeddings": {"codec": "hyper", "n": 8, "index_bits": 2}},
+                    "max_ppl_ratio": 0.5},
+                   {"name": "embeddings", "assign": {"embeddings": {"codec": "rtn", "bits": 8, "group": 32}}}],
+        "sweep": [{"name": "rtn4", "spec": {"codec": "rtn", "bits": 4, "group": 32}},
+                  {"name": "seedlm", "spec": {"codec": "seedlm", "K": 8, "C": 8, "P": 3}}],
+        "min_acc_retention": 0.5, "max_ppl_ratio": 1.05}
+QUIET = {"run": {"quiet": True, "tracking": "jsonl"}}
+
+
+@pytest.fixture(scope="module")
+def phase7(tmp_path_factory):
+    """A Phase-7 folder on a tiny ternary Quiet-STaR model (its result saved as run_phase would)."""
+    from forgelib.phases import open_phase
+
+    tmp = tmp_path_factory.mktemp("p8")
+    tok = task_tokenizer()
+    up = quietstar_upstream(tok, tmp / "baking", "baking", 6, "p8-up")
+    ctx = open_phase("experts", "parameters/smoke.yaml", {**QUIET, "experts": EXPERTS}, session="p8-7", upstream=up)
+    result = ctx.spec.load().run(ctx.params, ctx)
+    result.status = "ok"
+    result.save(ctx.dir)
+    return ctx, result
+
+
+@pytest.fixture(scope="module")
+def phase8(phase7):
+    from forgelib.phases import open_phase
+
+    ctx = open_phase("compression", "parameters/smoke.yaml", {**QUIET, "compression": TINY}, session="p8-8",
+                     upstream=phase7[0].dir)
+    return ctx, ctx.spec.load().run(ctx.params, ctx)
+
+
+def test_the_artifact_is_the_phase_model_and_its_bits_are_its_bytes(phase7, phase8):
+    from forgelib.experts import load_expert
+    from forgelib.quant.artifact import artifact_report, load_extras
+    from forgelib.thoughts import QuietStarModel, load_lm
+
+    ctx, result = phase8
+    folder = paths.resolve(result.models["model"]["path"])
+    file = folder / "model.forge"
+    on_disk = artifact_report(file)
+    m = result.metrics
+    assert m["artifact_bytes"] == file.stat().st_size == on_disk["file_bytes"]
+    assert m["bits_per_weight"] == pytest.approx(8 * file.stat().st_size / on_disk["weights"], abs=1e-4)
+    for key in ("acc_retention", "ppl_retention", "stages_kept", "stages_rolled_back", "acc_input", "acc_final"):
+        assert key in m, key
+    model = load_lm(folder)  # the loader every phase uses reads the artifact folder
+    assert isinstance(model, QuietStarModel)
+    ids = torch.tensor([[0, 10, 11]])
+    assert model.base.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+    # the experts ride in the artifact: the same vectors as Phase 7's files (stored as fp16)
+    extras = load_extras(file)
+    experts = paths.resolve(phase7[1].artifacts["experts"])
+    z0 = load_expert(experts / "expert_0.safetensors")
+    for name, z in z0.items():
+        assert torch.allclose(extras[f"expert0.{name}"], z.half().float())
+    assert "router.centroids" in extras
+    # the pipeline's handoff check loads the artifact
+    from forgelib.pipeline import validate_handoff
+    from forgelib.registry import ModelRegistry
+
+    with ModelRegistry(paths.registry_path()) as reg:
+        check = validate_handoff(result, reg)
+    assert check["models"]["model"]["ok"] and check["models"]["model"].get("loads")
+
+
+def test_a_stage_that_breaks_the_model_is_rolled_back(phase8):
+    from forgelib.quant.artifact import artifact_report
+
+    ctx, result = phase8
+    report = json.loads((ctx.dir / "report.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert not stages["broken"]["kept"], stages["broken"]["gate"]
+    assert stages["broken"]["gate"][1]["bound"] == 0.5 and not stages["broken"]["gate"][1]["passed"]
+    assert stages["pack"]["kept"] and stages["embeddings"]["kept"]
+    assert result.metrics["stages_rolled_back"] == 1 and result.metrics["stages_kept"] == 2
+    # the next stage started from the last kept plan: no hyper codec in the final plan or file
+    assert all(spec.get("codec") != "hyper" for spec in report["plan"].values())
+    final = artifact_report(ctx.dir / "models" / "model" / "model.forge")
+    assert "hyper" not in final["weights_per_codec"] and "rtn" in final["weights_per_codec"]
+    # the final row is the last kept stage; the gate reads its numbers
+    gate = {g.name: g for g in result.gate}
+    assert gate["final_acc"].value == stages["embeddings"]["acc"] == result.metrics["acc_final"]
+    assert gate["final_ppl_ratio"].value == pytest.approx(stages["embeddings"]["ppl"] / report["reference"]["ppl"], abs=1e-4)
+    assert {p["name"] for p in report["sweep"]} == {"rtn4", "seedlm"}
+    assert not (ctx.dir / "sweep").exists()  # the sweep's files are measured, not kept
+
+
+def test_measuring_the_loaded_artifact_again_gives_the_reported_numbers(phase8):
+    from forgelib.phases.compression import load_system
+    from forgelib.quant.artifact import load_compressed, load_extras
+    from transformers import AutoTokenizer
+
+    ctx, result = phase8
+    folder = paths.resolve(result.models["model"]["path"])
+    system = load_system(ctx, AutoTokenizer.from_pretrained(folder), ctx.params)
+    again = system.from_extras(load_extras(folder / "model.forge")).measure(load_compressed(folder / "model.forge"))
+    assert again["acc"] == result.metrics["acc_final"]
+    assert again["ppl"] == pytest.approx(result.metrics["ppl_final"], rel=1e-4)
+
+
+def test_tensor_groups_and_plans():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelib.quant import convert_to_bitnet
+    from forgelib.quant.compress import plan_from, tensor_groups
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    convert_to_bitnet(model)
+    groups = tensor_groups(model, {"z": torch.zeros(3)})
+    assert groups["model.embed_tokens.weight"] == "embeddings" and "lm_head.weight" not in groups  # tied: once
+    assert groups["model.layers.0.self_attn.q_proj.weight"] == "ternary"
+    assert groups["model.norm.weight"] == "small" and groups["extra::z"] == "extras"
+    plan = plan_from(groups, {"ternary": {"codec": "ternary"}, "*.mlp.*": {"codec": "rtn", "bits": 4}})
+    assert plan["model.layers.0.mlp.up_proj.weight"] == {"codec": "rtn", "bits": 4}  # later selectors win
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == {"codec": "ternary"}
+    with pytest.raises(ValueError, match="matches no tensor"):
+        plan_from(groups, {"embedings": {"codec": "rtn"}})
+    with pytest.raises(ValueError, match="unknown codec"):
+        plan_from(groups, {"small": {"codec": "gzip"}})
+
+
+def test_input_hessians_are_the_second_moments_of_each_layer_input():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelib.quant.compress import input_hessians
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    ids = torch.randint(3, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    h = input_hessians(model, model, [{"input_ids": ids, "attention_mask": mask}],
+                       ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"])
+    with torch.no_grad():
+        final = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    real = final[mask.bool()]  # the head's inputs (the tied embedding's Hessian is the head's)
+    assert torch.allclose(h["model.embed_tokens.weight"], real.pow(2).mean(0), atol=1e-5)
+    assert h["model.layers.0.mlp.down_proj.weight"].shape == (64,)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"stages": []}, "at least one stage"),
+    ({"stages": [{"name": "a", "assign": {"ternary": {"codec": "zip"}}}]}, "unknown codec"),
+    ({"stages": [{"name": "a", "assign": {}, "bound": 1}]}, "unknown keys"),
+    ({"stages": [{"name": "a", "assign": {}}, {"name": "a", "assign": {}}]}, "unique"),
+    ({"sweep": [{"name": "x"}]}, "sweep"),
+    ({"sweep_targets": ["embedding"]}, "unknown groups"),
+    ({"families": ["arithm"]}, "unknown"),
+])
+def test_parameter_errors_name_what_is_wrong(bad, match):
+    from forgelib.phases.compression import Params
+
+    with pytest.raises(ValueError, match=match):
+        Params(**bad)
