@@ -38,6 +38,9 @@ setup:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[notebooks,dev]'
+	@# hqq (Phase 8's HQQ baseline) beside the environment, off the import path: transformers and peft import it
+	@# eagerly when they find it (forgelib.quant.codecs.hqq_quantizer puts it on the path when needed).
+	@test -f $(VENV)/hqq/hqq/__init__.py || $(PY) -m pip install --quiet --no-deps --target $(VENV)/hqq 'hqq==0.2.8.post1'
 
 # The whole pipeline on the smoke parameter set; the executed notebooks land in outputs/<session>/.
 run: check-session

@@ -468,14 +468,22 @@ _DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")
 def set_seed(seed: int, deterministic: bool = False) -> int:
     """Seed Python's ``random``, NumPy and torch (all CUDA devices too); returns the seed.
 
-    Uses ``transformers.set_seed``, which does exactly this; ``deterministic`` also switches torch
-    to deterministic algorithms.
+    The same calls as ``transformers.set_seed`` (a test compares the streams), without importing
+    ``transformers.trainer_utils``, which pulls in peft (about 3 s per process start); ``deterministic`` also
+    switches torch to deterministic algorithms.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")  # NumPy's range
-    from transformers import set_seed as _hf_set_seed
+    import random
 
-    _hf_set_seed(seed, deterministic=deterministic)
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
     return seed
 
 

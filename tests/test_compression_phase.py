@@ -34,11 +34,13 @@ def phase7(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("p8")
     tok = task_tokenizer()
     up = quietstar_upstream(tok, tmp / "baking", "baking", 6, "p8-up")
+    (tmp / "up").mkdir()
+    up.save(tmp / "up")  # its result.json in a phase folder of its own: the benchmark's fp model
     ctx = open_phase("experts", "parameters/smoke.yaml", {**QUIET, "experts": EXPERTS}, session="p8-7", upstream=up)
     result = ctx.spec.load().run(ctx.params, ctx)
     result.status = "ok"
     result.save(ctx.dir)
-    return ctx, result
+    return ctx, result, tmp / "up"
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +178,26 @@ def test_parameter_errors_name_what_is_wrong(bad, match):
 
     with pytest.raises(ValueError, match=match):
         Params(**bad)
+
+
+def test_bench_compression_runs_both_parts_and_marks_the_front(phase7, tmp_path):
+    import yaml
+
+    from forgelib.bench import compression as bench
+
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({"compression": {k: v for k, v in TINY.items() if k not in ("stages", "sweep")}}))
+    out = tmp_path / "bench.json"
+    # the fp part's model: the tiny Quiet-STaR upstream of the Phase-7 run (ternary here: the mechanics are tested)
+    assert bench.main(["--phase7", str(phase7[0].dir), "--phase3", str(phase7[2]), "--params", str(params),
+                       "--methods", "rtn4", "hqq3", "bfp3.5", "seedlm3.5", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for part in ("phase7", "fp"):
+        rows = {r["name"]: r for r in report[part]["rows"]}
+        assert set(rows) == {"raw16", "rtn4", "hqq3", "bfp3.5", "seedlm3.5"}
+        assert rows["raw16"]["bits_per_weight"] > rows["rtn4"]["bits_per_weight"] > rows["hqq3"]["bits_per_weight"]
+        assert any(r["pareto"] for r in rows.values())
+        assert all(r["peak_mb"] >= 0 and r["compress_s"] >= 0 for r in rows.values())
+    matched = report["fp"]["matched_bits"][0]
+    assert matched["seedlm"] == "seedlm3.5" and abs(matched["bits_per_weight_seedlm3.5"] - matched["bits_per_weight_bfp3.5"]) < 0.05
+    assert out.with_suffix(".png").is_file() and not out.with_suffix("").exists()

@@ -48,13 +48,32 @@ def rtn_bits(q: dict) -> int:
     return q["codes"].numel() * q["bits"] + q["scale"].numel() * 16
 
 
+def hqq_quantizer():
+    """The ``hqq`` package's ``Quantizer``. ``make setup`` installs hqq beside the environment (``.venv/hqq``), not
+    on the import path: where transformers and peft find hqq they import it at start-up, and its module runs
+    ``torch.compile`` decorators (measured: about 1 s more for every ``import peft``). It is put on the path here,
+    when a codec first needs it."""
+    import sys
+    from pathlib import Path
+
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError:
+        side = Path(sys.prefix) / "hqq"
+        if not (side / "hqq").is_dir():
+            raise ImportError("the hqq codec needs the hqq package: `make setup` installs it in .venv/hqq "
+                              "(pip install --target .venv/hqq --no-deps hqq==0.2.8.post1)") from None
+        sys.path.append(str(side))
+        from hqq.core.quantize import Quantizer
+    return Quantizer
+
+
 def hqq_quantize(w: torch.Tensor, bits: int = 4, group: int = 64) -> dict:
     """HQQ (half-quadratic quantization, the ``hqq`` package): per group of ``group`` consecutive weights (rows
     flattened, as the package groups them), unsigned ``bits``-bit codes with a scale and a zero point that HQQ's
     optimizer fits to a sparsity-promoting error; scale and zero stored as fp16. Bits per weight:
     ``bits + 32 / group``."""
-    from hqq.core.quantize import Quantizer
-
+    Quantizer = hqq_quantizer()
     rows, cols = w.shape
     if (rows * cols) % group:
         raise ValueError(f"hqq: the tensor's {rows * cols} values are not a multiple of the group size {group}")
