@@ -12,7 +12,8 @@ retention against the uncompressed model, compression seconds, peak memory (resi
 block floating point at matched bits** (3.5 bits: K=12, C=8, P=3 vs 3-bit mantissas in blocks of 8; 3.0 bits:
 P=2 vs 2-bit mantissas in blocks of 4; both with 4-bit exponents). Points on the (bits down, accuracy up) Pareto
 front are marked; the Phase-8 artifact (``--phase8``, default the newest) is placed against the RTN and HQQ points.
-Deterministic: one model, one question set; VQ's k-means is seeded.
+Deterministic: one model, one question set (Phase 8's own test questions for the parameter file's seed, so the
+artifact's accuracy is comparable); VQ's k-means is seeded.
 """
 from __future__ import annotations
 
@@ -54,13 +55,14 @@ def pareto(rows: list[dict]) -> None:
                               (q["bits_per_weight"] < r["bits_per_weight"] or q["acc"] > r["acc"]) for q in rows)
 
 
-def sweep(model, system, targets: list[str], base_assign: dict, methods: list[str], folder: Path) -> dict:
+def sweep(model, system, targets: list[str], base_assign: dict, methods: list[str], folder: Path,
+          seed: int = 0) -> dict:
     """The uncompressed reference and one row per method (each alone on ``targets`` over ``base_assign``)."""
     from ..phases.compression import calibration, compress_and_measure
     from ..quant.compress import plan_from, tensor_groups
 
     reference = system.measure(model)
-    hessians = calibration(model, system.tokenizer, system.params, seed=0)
+    hessians = calibration(model, system.tokenizer, system.params, seed)
     groups = tensor_groups(model, system.extras())
     base = plan_from(groups, base_assign)
     rows = []
@@ -101,8 +103,11 @@ def plot(report: dict, path: Path) -> None:
                 ax.scatter(report["phase8"]["bits_per_weight"], report["phase8"][key], marker="*", s=140, color="k",
                            label="Phase-8 artifact")
             ax.set_xlabel("bits per weight (whole file)")
-            ax.set_ylabel({"ppl": "perplexity", "acc": "exact-match accuracy"}[key])
-            ax.set_title(f"{report[part]['what']}")
+            ax.set_ylabel({"ppl": "perplexity (log)", "acc": "exact-match accuracy"}[key])
+            if key == "ppl":
+                ax.set_yscale("log")
+            ax.set_title({"phase7": "Phase-7 system (ternary packed)", "fp": "Phase-3 fp model (every matrix)"}[part]
+                         + ("; o: Pareto front" if key == "acc" else ""), fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -139,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    ctx = _Ctx(result7, 0)
+    from ..phases import PHASES, get_spec
+    from ..phases.base import load_phase_params
+
+    spec = get_spec("compression")
+    run_seed = load_phase_params(spec, args.params, None, PHASES)[0].seed
+    ctx = _Ctx(result7, run_seed + 1000 * spec.number)  # Phase 8's seed: its test questions and calibration
     if "phase7" in args.parts:
         system = load_system(ctx, tokenizer, params)
         report["phase7"] = {"what": "Phase-7 system: ternary packed, each method on embeddings + matrices",
                             **sweep(load_lm(model_folder), system, ["embeddings", "matrices"],
-                                    {"ternary": {"codec": "ternary"}}, args.methods, scratch / "p7")}
+                                    {"ternary": {"codec": "ternary"}}, args.methods, scratch / "p7", ctx.seed)}
     if "fp" in args.parts:
         folder3 = paths.resolve(args.phase3) if args.phase3 else _chain_folder(result7, "quietstar")
         result3 = PhaseResult.load(folder3 / "result.json")
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             params, use_experts=False, families=[f for f in params.families if f != "tool"]))
         report["fp"] = {"what": "Phase-3 full-precision model: each method on every matrix",
                         "phase3": paths.relative(folder3),
-                        **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp")}
+                        **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp", ctx.seed)}
     try:
         folder8 = phase_folder("compression", args.phase8)
         m = PhaseResult.load(folder8 / "result.json").metrics

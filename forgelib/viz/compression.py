@@ -67,6 +67,7 @@ def plot_bits_vs_ppl(report: dict) -> "plt.Figure":
         ax.set_xlabel("bits per weight (whole file)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
     axes[0].set_title("Perplexity against size (squares: methods alone)")
     axes[1].set_title("Accuracy against size")
     fig.tight_layout()
