@@ -1,0 +1,311 @@
+"""Inspectors for any session and model: a registry browser, a model inspector and a metrics explorer.
+
+Each has a **static** form (tables and figures: what a batch run under papermill keeps) and an ipywidgets form
+built on it (``*_widget``), whose callbacks are plain functions a test can drive.
+
+* ``registry_tables`` / ``registry_browser``: sessions (filtered by status), a session's phase runs and models,
+  a model's metadata, headline metrics and **lineage** (which phase made it from which model, through the
+  registry's recorded handoffs).
+* ``inspect_model`` / ``model_inspector``: parameter counts per module kind, weight statistics and histograms per
+  layer, the ternary share (−1 / 0 / +1) of BitLinear layers, the singular-value spectrum of a matrix, the bits
+  per weight of a Phase-8 artifact (per codec), and Phase-7 expert scalings when the folder has experts.
+* ``load_metrics`` / ``metrics_explorer``: any metric of any run's ``metrics.jsonl`` over steps, runs overlaid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib.pyplot as plt
+import torch
+
+from .. import paths
+
+HEADLINE_LIMIT = 8
+
+
+# --- registry ------------------------------------------------------------------------------------------
+
+
+def _registry(registry=None):
+    from ..registry import ModelRegistry
+
+    return registry if registry is not None else ModelRegistry(paths.registry_path())
+
+
+def registry_tables(registry=None, session: str | None = None, status: str | None = None) -> dict[str, Any]:
+    """DataFrames ``sessions`` (``status`` filter), and for ``session``: ``runs`` and ``models``."""
+    import pandas as pd
+
+    reg = _registry(registry)
+    sessions = pd.DataFrame([{k: s[k] for k in ("id", "status", "current_phase", "progress", "created_at")}
+                             for s in reg.list_sessions(status)])
+    out = {"sessions": sessions}
+    if session:
+        out["runs"] = pd.DataFrame([{"phase": r["phase_name"], "status": r["status"],
+                                     "seconds": round(r["duration_s"] or 0, 1),
+                                     "headline": ", ".join(f"{k}={v}" for k, v in list((r["metrics"] or {}).items())
+                                                           [:HEADLINE_LIMIT])}
+                                    for r in reg.list_phase_runs(session)])
+        out["models"] = pd.DataFrame([{"id": m["id"], "phase": m["phase_name"], "role": m["model_name"],
+                                       "parameters": m["parameter_count"], "MB": round(m["size_mb"] or 0, 3),
+                                       "path": paths.relative(m["model_path"])}
+                                      for m in reg.list_models(session)])
+    return out
+
+
+def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
+    """The chain of models that led to ``model_id``, newest first: each ``{id, phase, role, path}``, following the
+    registry's handoffs (the model a phase was given is the source of the handoff into that phase)."""
+    reg = _registry(registry)
+    chain, seen = [], set()
+    model = reg.get_model(model_id)
+    while model is not None and model["id"] not in seen:
+        seen.add(model["id"])
+        chain.append({"id": model["id"], "phase": model["phase_name"], "role": model["model_name"],
+                      "path": paths.relative(model["model_path"])})
+        into = [h for h in reg.list_handoffs(model["session_id"])
+                if h["target_phase"] == model["phase_name"] and h["source_model_id"] is not None and h["ok"]]
+        model = reg.get_model(into[-1]["source_model_id"]) if into else None
+    return chain
+
+
+def model_details(model_id: int, registry=None) -> list[str]:
+    """Text lines: a model's registry row, the headline metrics of the run that made it, its lineage."""
+    reg = _registry(registry)
+    m = reg.get_model(model_id)
+    lines = [f"model {m['id']}: {m['model_name']} of phase {m['phase_name']} (session {m['session_id']})",
+             f"  path {paths.relative(m['model_path'])}, {m['parameter_count']} parameters, "
+             f"{(m['size_mb'] or 0) * 1024:.1f} KiB, sha256 {m['sha256'][:12]}…",
+             f"  metadata {json.dumps(m['metadata'], default=str)}"]
+    runs = [r for r in reg.list_phase_runs(m["session_id"], m["phase_name"]) if r["status"] == "completed"]
+    if runs:
+        metrics = runs[-1]["metrics"] or {}
+        lines.append("  headline: " + ", ".join(f"{k}={v}" for k, v in list(metrics.items())[:HEADLINE_LIMIT]))
+    lines.append("  lineage: " + " ← ".join(f"{c['phase']}/{c['role']} (#{c['id']})"
+                                           for c in model_lineage(model_id, reg)))
+    return lines
+
+
+def registry_browser(registry=None):
+    """Widget: status filter → session → its runs and models; a model → details and lineage."""
+    import ipywidgets as w
+
+    reg = _registry(registry)
+    status = w.Dropdown(options=["any", "completed", "running", "failed", "interrupted"], description="status")
+    session = w.Dropdown(options=[], description="session")
+    model = w.Dropdown(options=[], description="model")
+    tables, details = w.HTML(), w.HTML()
+
+    def refresh_sessions(change=None):
+        frame = registry_tables(reg, status=None if status.value == "any" else status.value)["sessions"]
+        session.options = list(frame["id"]) if len(frame) else []
+
+    def show_session(change=None):
+        if not session.value:
+            tables.value, model.options = "", []
+            return
+        t = registry_tables(reg, session.value)
+        tables.value = _pre((t["runs"].to_string(index=False) if len(t["runs"]) else "no phase runs") + "\n\n" +
+                            (t["models"].to_string(index=False) if len(t["models"]) else "no models"))
+        model.options = [(f"{r.phase}/{r.role} (#{r.id})", int(r.id)) for r in t["models"].itertuples()] \
+            if len(t["models"]) else []
+
+    def show_model(change=None):
+        details.value = _pre("\n".join(model_details(model.value, reg))) if model.value is not None else ""
+
+    status.observe(refresh_sessions, names="value")
+    session.observe(show_session, names="value")
+    model.observe(show_model, names="value")
+    refresh_sessions()
+    box = w.VBox([w.HBox([status, session]), tables, model, details])
+    box.controls = {"status": status, "session": session, "model": model, "tables": tables, "details": details}
+    return box
+
+
+def _pre(text: str) -> str:
+    import html
+
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def _show(fig) -> None:
+    """Display a figure inside a widget's Output, then close it (no second copy at the cell's end)."""
+    from IPython.display import display
+
+    display(fig)
+    plt.close(fig)
+
+
+# --- model inspector -----------------------------------------------------------------------------------
+
+
+def _kind(name: str) -> str:
+    for key, kind in (("embed", "embeddings"), ("lm_head", "head"), ("norm", "norms"), ("self_attn", "attention"),
+                      ("attn", "attention"), ("mlp", "mlp"), ("mixing_head", "thought extras"),
+                      ("thought", "thought extras"), ("memory", "memory")):
+        if key in name:
+            return kind
+    return "other"
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """Parameter counts per module kind, per-matrix statistics (ternary share of BitLinear layers), the artifact's
+    bits (a Phase-8 folder) and the experts beside the model (a Phase-7 folder)."""
+    from ..quant.bitnet import BitLinear, ternary_quantize
+    from ..thoughts import load_lm
+
+    folder = paths.resolve(path)
+    model = load_lm(folder)
+    modules = dict(model.named_modules())
+    kinds: dict[str, int] = {}
+    layers = []
+    for name, param in model.named_parameters():
+        kinds[_kind(name)] = kinds.get(_kind(name), 0) + param.numel()
+        if param.dim() != 2:
+            continue
+        w = param.detach().float()
+        row = {"name": name, "shape": list(w.shape), "std": round(float(w.std()), 5),
+               "abs_max": round(float(w.abs().max()), 4)}
+        if isinstance(modules.get(name.removesuffix(".weight")), BitLinear):
+            codes = ternary_quantize(w)[0]
+            row.update({f"share_{v}": round(float((codes == v).float().mean()), 4) for v in (-1, 0, 1)})
+        layers.append(row)
+    out: dict[str, Any] = {"folder": paths.relative(folder), "parameters": sum(kinds.values()), "per_kind": kinds,
+                           "matrices": layers}
+    if (folder / "model.forge").is_file():
+        from ..quant.artifact import artifact_report
+
+        report = artifact_report(folder / "model.forge")
+        out["artifact"] = {"bits_per_weight": round(report["bits_per_weight"], 4), "file_bytes": report["file_bytes"],
+                           "weights_per_codec": report["weights_per_codec"]}
+    experts = folder.parent.parent / "experts"
+    if experts.is_dir():
+        from ..experts import load_expert
+
+        out["experts"] = {f.stem: {n: [round(float(x), 4) for x in torch.sigmoid(z)] for n, z in load_expert(f).items()}
+                          for f in sorted(experts.glob("expert_*.safetensors"))}
+    out["_model"] = model
+    return out
+
+
+def weight_figure(info: dict, name: str) -> "plt.Figure":
+    """Histogram of one matrix's weights and its singular-value spectrum."""
+    params = dict(info["_model"].named_parameters())
+    w = params[name].detach().float()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
+    a.hist(w.flatten().numpy(), bins=60, color="C0")
+    a.set_title(f"{name}: weights", fontsize=8)
+    s = torch.linalg.svdvals(w)
+    b.semilogy(s.numpy(), ".-")
+    b.set_title("singular values", fontsize=8)
+    b.set_xlabel("index")
+    fig.tight_layout()
+    return fig
+
+
+def model_tables(info: dict):
+    """(parameters per kind, per-matrix statistics) as DataFrames: the static form."""
+    import pandas as pd
+
+    kinds = pd.DataFrame({"parameters": info["per_kind"]}).sort_values("parameters", ascending=False)
+    return kinds, pd.DataFrame(info["matrices"]).set_index("name")
+
+
+def model_inspector(path: str | Path):
+    """Widget: the tables, a matrix picker showing its histogram and spectrum, the artifact's bits."""
+    import ipywidgets as w
+
+    info = inspect_model(path)
+    kinds, matrices = model_tables(info)
+    pick = w.Dropdown(options=list(matrices.index), description="matrix", layout=w.Layout(width="70%"))
+    lines = [f"{info['folder']}: {info['parameters']:,} parameters"]
+    if "artifact" in info:
+        lines.append(f"artifact: {info['artifact']['bits_per_weight']} bits per weight, "
+                     f"{info['artifact']['file_bytes']:,} bytes; values per codec {info['artifact']['weights_per_codec']}")
+    head, row, figure = w.HTML(_pre("\n".join(lines + [kinds.to_string()]))), w.HTML(), w.Output()
+
+    def show(change=None):
+        row.value = _pre(json.dumps(matrices.loc[pick.value].dropna().to_dict(), default=str))
+        figure.clear_output(wait=True)
+        with figure:
+            fig = weight_figure(info, pick.value)
+            _show(fig)
+        box.last_figure = fig
+
+    box = w.VBox([head, pick, row, figure])
+    pick.observe(show, names="value")
+    show()
+    box.controls = {"matrix": pick, "figure": figure, "head": head, "row": row}
+    box.info = info
+    return box
+
+
+# --- metrics explorer ----------------------------------------------------------------------------------
+
+
+def load_metrics(files: Iterable[str | Path]):
+    """Long DataFrame (run, step, metric, value) of numeric entries in ``metrics.jsonl`` files; ``run`` names the
+    session and phase folder."""
+    import pandas as pd
+
+    rows = []
+    for file in files:
+        file = paths.resolve(file)
+        run = f"{file.parent.parent.name}/{file.parent.name}"
+        for line in file.read_text().splitlines():
+            entry = json.loads(line)
+            step = entry.get("step")
+            for key, value in entry.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append({"run": run, "step": step, "metric": key, "value": float(value)})
+    return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
+
+
+def plot_metric(frame, metric: str, runs: Iterable[str] | None = None) -> "plt.Figure":
+    """One metric over steps, one line per run."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    sub = frame[frame.metric == metric]
+    for run in (runs or sorted(sub.run.unique())):
+        part = sub[sub.run == run].sort_values("step")
+        if len(part):
+            ax.plot(part.step, part.value, ".-", label=run, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_explorer(files: Iterable[str | Path] | None = None, session_glob: str = "*"):
+    """Widget: runs (several) and a metric → the overlaid curves. ``files`` default: every ``metrics.jsonl`` under
+    ``outputs/<session_glob>/``."""
+    import ipywidgets as w
+
+    files = list(files) if files is not None else sorted(paths.outputs_root().glob(f"{session_glob}/*/metrics.jsonl"))
+    frame = load_metrics(files)
+    runs = w.SelectMultiple(options=sorted(frame.run.unique()), description="runs", rows=6,
+                            layout=w.Layout(width="60%"))
+    metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="60%"))
+    out = w.Output()
+
+    def update_metrics(change=None):
+        chosen = frame[frame.run.isin(runs.value)] if runs.value else frame.iloc[0:0]
+        metric.options = sorted(chosen.metric.unique())
+
+    def show(change=None):
+        out.clear_output(wait=True)
+        if metric.value and runs.value:
+            with out:
+                fig = plot_metric(frame, metric.value, runs.value)
+                _show(fig)
+            box.last_figure = fig
+
+    box = w.VBox([runs, metric, out])
+    runs.observe(update_metrics, names="value")
+    runs.observe(show, names="value")
+    metric.observe(show, names="value")
+    box.controls = {"runs": runs, "metric": metric, "out": out}
+    box.frame = frame
+    return box
