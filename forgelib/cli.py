@@ -112,25 +112,45 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe)."""
+    """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe) or merge
+    what a mergekit configuration (a YAML with ``merge_method``) describes; ``--to-mergekit`` writes the recipe
+    as a mergekit configuration instead."""
     from . import paths
     from .merge import MergeError
+    from .merge.mergekit_yaml import count_layers, merge_from_mergekit, read_mergekit_file, save_mergekit
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
     from .models.loading import load_causal_lm
 
     recipe = paths.resolve(args.recipe)
+    mergekit = read_mergekit_file(recipe)
     try:
-        unchecked = verify_sources(load_recipe(recipe), paths.resolve)
-        if unchecked:
-            print(f"forge merge: warning: the recipe holds no checksum for {unchecked}; they are not verified",
-                  file=sys.stderr)
-        model = rebuild_from_recipe(recipe, _load_source)
+        if args.to_mergekit:
+            if mergekit:
+                raise MergeError(f"{recipe} is already a mergekit configuration")
+            ours = load_recipe(recipe)
+            layers = count_layers(paths.resolve(ours.base)) if ours.base else None
+            notes = save_mergekit(ours, paths.resolve(args.to_mergekit), num_layers=layers)
+            for note in notes:
+                print(f"forge merge: not expressible in mergekit: {note}", file=sys.stderr)
+            print(f"mergekit configuration written to {paths.resolve(args.to_mergekit)}")
+            return 0
+        if mergekit:
+            model, _ = merge_from_mergekit(mergekit, _load_source)
+            if mergekit.get("tokenizer_source"):
+                print(f"forge merge: note: no tokenizer is written; take it from {mergekit['tokenizer_source']!r}",
+                      file=sys.stderr)
+        else:
+            unchecked = verify_sources(load_recipe(recipe), paths.resolve)
+            if unchecked:
+                print(f"forge merge: warning: the recipe holds no checksum for {unchecked}; they are not verified",
+                      file=sys.stderr)
+            model = rebuild_from_recipe(recipe, _load_source)
     except (MergeError, OSError, ValueError) as exc:
         print(f"forge merge: {exc}", file=sys.stderr)
         return 1
     out = paths.resolve(args.out) if args.out else recipe.parent / "rebuilt"
     model.save_pretrained(out, safe_serialization=True)
-    print(f"rebuilt model written to {out}")
+    print(f"{'merged' if mergekit else 'rebuilt'} model written to {out}")
     if args.compare:
         reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
         state = model.state_dict()
@@ -188,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--max-age-days", type=_at_least_zero(float), default=None,
                        help="delete sessions older than D days")
     clean.add_argument("--dry-run", action="store_true")
-    merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML")
-    merge.add_argument("recipe")
+    merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML or a mergekit configuration")
+    merge.add_argument("recipe", help="our recipe YAML, or a mergekit YAML (one with 'merge_method')")
     merge.add_argument("--out", default=None, help="output folder (default: rebuilt/ next to the recipe)")
+    merge.add_argument("--to-mergekit", default=None, metavar="OUT.yaml",
+                       help="write the recipe as a mergekit configuration (notes list what it cannot express) "
+                            "instead of merging")
     merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))} "
                                          "(`forge bench NAME --help` for a benchmark's options)")
