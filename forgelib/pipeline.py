@@ -119,6 +119,30 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
     return output
 
 
+SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
+
+
+def run_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
+    """The scorecard notebook for ``session`` (every phase's model on the same test questions), executed into
+    ``outputs/<session>/09_scorecard/``: the pipeline's last step once Phase 8 completed."""
+    import time
+
+    from .notebooks import execute
+
+    out_dir = paths.outputs_root() / session / "09_scorecard"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / Path(SCORECARD_NOTEBOOK).name
+    started = time.perf_counter()
+    log(f"[forge] 09_scorecard: running {SCORECARD_NOTEBOOK} (session {session})")
+    try:
+        execute(paths.resolve(SCORECARD_NOTEBOOK), output, {"session": session})
+    except Exception as exc:
+        raise PipelineError(f"the scorecard failed: {type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}; "
+                            f"see {output}") from exc
+    log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}")
+    return output
+
+
 def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: Exception) -> str:
     reason = f"{type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}"
     try:
@@ -199,6 +223,8 @@ class Pipeline:
             self.registry.update_session(self.session, progress=(i + 1) / len(self.specs))
         self.registry.update_session(self.session, status="completed")
         self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
+        if self.specs and self.specs[-1].name == SCORECARD_AFTER and paths.resolve(SCORECARD_NOTEBOOK).is_file():
+            run_scorecard(self.session, self.log)
         return outcomes
 
     def _open_session(self) -> None:

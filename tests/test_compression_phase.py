@@ -47,9 +47,12 @@ def phase7(tmp_path_factory):
 def phase8(phase7):
     from forgelib.phases import open_phase
 
-    ctx = open_phase("compression", "parameters/smoke.yaml", {**QUIET, "compression": TINY}, session="p8-8",
+    ctx = open_phase("compression", "parameters/smoke.yaml", {**QUIET, "compression": TINY}, session="p8-7",
                      upstream=phase7[0].dir)
-    return ctx, ctx.spec.load().run(ctx.params, ctx)
+    result = ctx.spec.load().run(ctx.params, ctx)
+    result.status = "ok"
+    result.save(ctx.dir)  # as run_phase would (a tiny random model does not pass the gate): the scorecard reads it
+    return ctx, result
 
 
 def test_the_artifact_is_the_phase_model_and_its_bits_are_its_bytes(phase7, phase8):
@@ -201,3 +204,32 @@ def test_bench_compression_runs_both_parts_and_marks_the_front(phase7, tmp_path)
     matched = report["fp"]["matched_bits"][0]
     assert matched["seedlm"] == "seedlm3.5" and abs(matched["bits_per_weight_seedlm3.5"] - matched["bits_per_weight_bfp3.5"]) < 0.05
     assert out.with_suffix(".png").is_file() and not out.with_suffix("").exists()
+
+
+def test_scorecard_scores_every_model_of_the_session_on_the_same_questions(phase7, phase8):
+    from forgelib.quant.artifact import artifact_report
+    from forgelib.scorecard import ScorecardParams, scorecard, session_models
+
+    params = ScorecardParams(families=["arith", "multistep"], levels=(1, 1), per_level=3, max_new_tokens=8)
+    assert [(e["phase"], e["role"]) for e in session_models("p8-7")] == [("experts", "model"), ("compression", "model")]
+    card = scorecard("p8-7", params)
+    p7, p8 = card
+    assert p7["experts"] == p8["experts"] == phase7[1].metrics["n_experts"]  # both answer routed
+    artifact = paths.resolve(phase8[1].models["model"]["path"]) / "model.forge"
+    assert p8["bytes"] == artifact.stat().st_size and p8["values"] == artifact_report(artifact)["weights"]
+    assert p8["bits_per_value"] == round(8 * p8["bytes"] / p8["values"], 3) and p8["bytes"] < p7["bytes"]
+    for row in card:
+        assert 0 <= row["accuracy"] <= 1 and row["ppl"] > 1
+        assert row["accuracy"] == pytest.approx((row["acc_arith"] + row["acc_multistep"]) / 2, abs=1e-3)  # 3 + 3
+
+
+def test_scorecard_targets_worked_example():
+    from forgelib.scorecard import targets
+
+    card = [{"phase": "1 cognate", "model": "trunk", "bytes": 400, "accuracy": 0.9},
+            {"phase": "1 cognate", "model": "reasoning", "bytes": 400, "accuracy": 0.5},
+            {"phase": "1 cognate", "model": "speed", "bytes": 400, "accuracy": 0.7},
+            {"phase": "8 compression", "model": "model", "bytes": 20, "accuracy": 0.7}]
+    t = targets(card)
+    assert t["smaller_than_one_specialist"] == 20.0 and t["smaller_than_all_specialists"] == 40.0
+    assert t["best_specialist"] == "speed" and t["at_least_best_specialist"] is True  # the trunk is not a specialist

@@ -106,6 +106,11 @@ def test_pipeline_notebook_completes_every_phase(pipeline):
         result = PhaseResult.load(paths.outputs_root() / "p" / spec.dirname)
         assert result.ok and result.gate_passed, spec.name
         assert (paths.outputs_root() / "p" / spec.dirname / spec.notebook.split("/")[-1]).is_file()
+    # the last step: the scorecard over every phase's model
+    card = nbformat.read(paths.outputs_root() / "p" / "09_scorecard" / "09_scorecard.ipynb", as_version=4)
+    outputs = [o for c in card.cells if c.cell_type == "code" for o in c["outputs"]]
+    assert outputs and not any(o.get("output_type") == "error" for o in outputs)
+    assert any("8 compression" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def sweep(model, system, targets: list[str], base_assign: dict, methods: list[st
         print(f"{name:10s} bits {row['bits_per_weight']:.3f} acc {row['acc']:.3f} ppl {row['ppl']:.3f} "
               f"({row['compress_s']} s)", flush=True)
     pareto(rows)
-    return {"reference": {k: v for k, v in reference.items() if k != "correct"}, "rows": rows,
+    return {"reference": {k: v for k, v in reference.items() if k not in ("correct", "texts")}, "rows": rows,
             "matched_bits": [{"seedlm": a, "bfp": b, **{f"{k}_{m}": next(r[k] for r in rows if r["name"] == m)
                                                           for m in (a, b) for k in ("bits_per_weight", "acc", "ppl")}}
                              for a, b in MATCHED if a in methods and b in methods]}

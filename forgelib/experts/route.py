@@ -63,8 +63,8 @@ def answer_groups(svf, tokenizer, prompts: Sequence[str], groups: Sequence[tuple
 
 def evaluate_settings(svf, tokenizer, samples, centroids, experts, settings: RoutingSettings,
                       check: Callable, max_new_tokens: int = 40) -> dict[str, float]:
-    """Accuracy, seconds per question (pass 1 included) and per-question correctness (``correct``) of two-pass
-    answering under ``settings``."""
+    """Accuracy, seconds per question (pass 1 included), per-question correctness (``correct``) and the answers
+    (``texts``) of two-pass answering under ``settings``."""
     from .discover import question_features
     from .train import base_weights
 
@@ -76,7 +76,7 @@ def evaluate_settings(svf, tokenizer, samples, centroids, experts, settings: Rou
                           max_new_tokens)
     seconds = (time.perf_counter() - started) / len(samples)
     correct = [int(check(s, t)) for s, t in zip(samples, texts)]
-    return {"accuracy": sum(correct) / len(samples), "seconds": seconds, "correct": correct}
+    return {"accuracy": sum(correct) / len(samples), "seconds": seconds, "correct": correct, "texts": texts}
 
 
 def pareto_front(points: Sequence[dict]) -> list[dict]:

@@ -151,7 +151,8 @@ class System:
         return dataclasses.replace(self, experts=experts, centroids=extras["router.centroids"])
 
     def measure(self, model) -> dict[str, Any]:
-        """Accuracy (per question), perplexity and seconds per question of ``model`` (a wrapper or an LM)."""
+        """Accuracy (and per question), perplexity, seconds and the answers (``texts``) of ``model`` (a wrapper or
+        an LM)."""
         from ..evaluate import perplexity
 
         lm, p = base_lm(model), self.params
@@ -167,15 +168,16 @@ class System:
                                            RoutingSettings(), self.grader, p.max_new_tokens)
             finally:
                 remove_svf(svf)
-            correct = scored["correct"]
+            correct, texts = scored["correct"], scored["texts"]
         else:
             from ..tools import generate_with_tools
 
             traces = generate_with_tools(lm, self.tokenizer, [s.prompt for s in self.test], p.max_new_tokens,
                                          batch_size=64)
-            correct = [int(self.grader(s, t.text)) for s, t in zip(self.test, traces)]
+            texts = [t.text for t in traces]
+            correct = [int(self.grader(s, t)) for s, t in zip(self.test, texts)]
         return {"acc": round(sum(correct) / len(correct), 4), "ppl": round(ppl, 4), "correct": correct,
-                "seconds": round(time.perf_counter() - started, 2)}
+                "seconds": round(time.perf_counter() - started, 2), "texts": texts}
 
 
 def load_system(ctx, tokenizer, params: Params) -> System:
@@ -229,6 +231,7 @@ def compress_and_measure(model, system: System, plan: dict, path: Path, hessians
     seconds = time.perf_counter() - started
     loaded = load_compressed(path)
     scored = system.from_extras(load_extras(path)).measure(loaded)
+    scored.pop("texts")
     return {**scored, "bits_per_weight": round(report["bits_per_weight"], 4), "file_bytes": report["file_bytes"],
             "header_bytes": report["header_bytes"], "weights": report["weights"],
             "weights_per_codec": report["weights_per_codec"], "compress_s": round(seconds, 2),
@@ -267,6 +270,7 @@ def run(params: Params, ctx) -> PhaseResult:
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     reference = system.measure(model)
+    reference.pop("texts")
     timing["measure_input_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     hessians = calibration(model, tokenizer, params, ctx.seed)
