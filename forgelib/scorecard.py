@@ -32,25 +32,33 @@ class ScorecardParams:
 
 
 def session_models(session: str) -> list[dict[str, Any]]:
-    """The session's models in phase order: ``{number, phase, role, path, experts}`` (``experts``: Phase 7's folder
-    of expert vectors, or None)."""
+    """The models of the chain that ends at ``session``'s last completed phase (``chain_models``)."""
     from .phases import PHASES
     from .results import PhaseResult
 
-    rows = []
-    for spec in PHASES:
+    for spec in reversed(PHASES):
         folder = paths.outputs_root() / session / spec.dirname
-        if not (folder / "result.json").is_file():
-            continue
+        if (folder / "result.json").is_file() and PhaseResult.load(folder).ok:
+            return chain_models(folder)
+    raise FileNotFoundError(f"session {session!r} has no completed phase under {paths.outputs_root()}")
+
+
+def chain_models(folder: str | Path) -> list[dict[str, Any]]:
+    """The models of a phase folder and of every phase before it, following each ``result.json``'s upstream (one
+    session, or a chain across sessions), in phase order: ``{number, phase, role, path, experts}`` (``experts``:
+    Phase 7's folder of expert vectors, or None)."""
+    from .results import PhaseResult
+
+    rows, seen, folder = [], set(), paths.resolve(folder)
+    while folder is not None and (folder / "result.json").is_file() and folder not in seen:
+        seen.add(folder)
         result = PhaseResult.load(folder)
-        if not result.ok:
-            continue
-        for role, entry in result.models.items():
-            if role in SKIP_ROLES:
-                continue
-            experts = result.artifacts.get("experts")
-            rows.append({"number": spec.number, "phase": spec.name, "role": role,
-                         "path": paths.resolve(entry["path"]), "experts": paths.resolve(experts) if experts else None})
+        experts = result.artifacts.get("experts")
+        rows[:0] = [{"number": result.number, "phase": result.phase, "role": role,
+                     "path": paths.resolve(entry["path"]), "experts": paths.resolve(experts) if experts else None}
+                    for role, entry in result.models.items() if role not in SKIP_ROLES]
+        up = (result.upstream or {}).get("folder")
+        folder = paths.resolve(up) if up else None
     return rows
 
 
@@ -136,15 +144,18 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     return row
 
 
-def scorecard(session: str, params: ScorecardParams | None = None) -> list[dict[str, Any]]:
-    """Every model of ``session`` scored on the same test questions."""
+def scorecard(session: str | None = None, params: ScorecardParams | None = None,
+              folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every model of ``session``'s chain (or of the chain ending at the phase ``folder``) scored on the same test
+    questions."""
     from .data.tasks import generate_levels
     from .phases.base import quiet_library_bars
 
     quiet_library_bars()
     params = params or ScorecardParams()
     test = generate_levels(params.families, params.levels, params.per_level, "test", params.seed + 9000)
-    return [score_model(entry, test, params) for entry in session_models(session)]
+    entries = chain_models(folder) if folder is not None else session_models(session)
+    return [score_model(entry, test, params) for entry in entries]
 
 
 def targets(card: list[dict]) -> dict[str, Any]:
