@@ -56,19 +56,29 @@ def registry_tables(registry=None, session: str | None = None, status: str | Non
 
 
 def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
-    """The chain of models that led to ``model_id``, newest first: each ``{id, phase, role, path}``, following the
-    registry's handoffs (the model a phase was given is the source of the handoff into that phase)."""
+    """The chain of models that led to ``model_id``, newest first: each ``{id, phase, role, path}``. The phase a
+    model came from is the source of the registry's handoff into its phase; the model taken from there is that
+    phase's ``model`` or ``champion`` (what a phase takes by default); a phase with neither (Phase 1: trunk and
+    specialists) contributes all its models and ends the chain."""
     reg = _registry(registry)
-    chain, seen = [], set()
+
+    def row(m: dict) -> dict:
+        return {"id": m["id"], "phase": m["phase_name"], "role": m["model_name"], "path": paths.relative(m["model_path"])}
+
     model = reg.get_model(model_id)
-    while model is not None and model["id"] not in seen:
-        seen.add(model["id"])
-        chain.append({"id": model["id"], "phase": model["phase_name"], "role": model["model_name"],
-                      "path": paths.relative(model["model_path"])})
-        into = [h for h in reg.list_handoffs(model["session_id"])
-                if h["target_phase"] == model["phase_name"] and h["source_model_id"] is not None and h["ok"]]
-        model = reg.get_model(into[-1]["source_model_id"]) if into else None
-    return chain
+    chain, seen = [row(model)], {model["id"]}
+    while True:
+        into = [h for h in reg.list_handoffs(model["session_id"]) if h["target_phase"] == model["phase_name"] and h["ok"]]
+        if not into:
+            return chain
+        models = [m for m in reg.list_models(model["session_id"], into[-1]["source_phase"])
+                  if m["model_name"] not in ("tokenizer", "taught") and m["id"] not in seen]
+        pick = next((m for m in reversed(models) if m["model_name"] in ("model", "champion")), None)
+        if pick is None:
+            return chain + [row(m) for m in models]
+        chain.append(row(pick))
+        seen.add(pick["id"])
+        model = pick
 
 
 def model_details(model_id: int, registry=None) -> list[str]:
@@ -83,8 +93,16 @@ def model_details(model_id: int, registry=None) -> list[str]:
     if runs:
         metrics = runs[-1]["metrics"] or {}
         lines.append("  headline: " + ", ".join(f"{k}={v}" for k, v in list(metrics.items())[:HEADLINE_LIMIT]))
-    lines.append("  lineage: " + " ← ".join(f"{c['phase']}/{c['role']} (#{c['id']})"
-                                           for c in model_lineage(model_id, reg)))
+    steps: list[str] = []
+    last_phase = None
+    for c in model_lineage(model_id, reg):  # a phase's several models (Phase 1) joined with +
+        text = f"{c['role']} (#{c['id']})"
+        if c["phase"] == last_phase:
+            steps[-1] += f" + {text}"
+        else:
+            steps.append(f"{c['phase']}/{text}")
+        last_phase = c["phase"]
+    lines.append("  lineage: " + " ← ".join(steps))
     return lines
 
 
