@@ -233,3 +233,42 @@ def test_scorecard_targets_worked_example():
     t = targets(card)
     assert t["smaller_than_one_specialist"] == 20.0 and t["smaller_than_all_specialists"] == 40.0
     assert t["best_specialist"] == "speed" and t["at_least_best_specialist"] is True  # the trunk is not a specialist
+
+
+def test_playground_traces_the_expert_the_tool_calls_and_the_thoughts(phase7, phase8):
+    from forgelib.scorecard import session_models
+    from forgelib.viz.playground import phase_playground, trace_answer, trace_lines
+
+    entries = session_models("p8-7")
+    artifact = trace_answer(entries[-1], "3+4=", max_new_tokens=6)
+    assert artifact["expert"] in range(phase7[1].metrics["n_experts"]) and isinstance(artifact["text"], str)
+    thinking = trace_answer(entries[0], "3+4=", max_new_tokens=3, think=True)  # the Phase-7 Quiet-STaR model
+    assert thinking["thoughts"] and all(0 <= w <= 1 for _, _, w in thinking["thoughts"])
+    assert any("thought" in line for line in trace_lines(thinking))
+    box = phase_playground(session="p8-7", question="2+2=")
+    c = box.controls
+    assert box.last_trace["model"].startswith("8 compression")  # the last model of the chain by default
+    c["model"].value = 0
+    c["max_tokens"].value = 5
+    c["run"].click()
+    assert box.last_trace["model"].startswith("7 experts") and "7 experts" in c["out"].value
+
+
+def test_playground_shows_act_cycles_per_token_of_a_cognate_model(tmp_path):
+    from forgelib.models import CognateConfig, CognateForCausalLM
+    from forgelib.viz.playground import trace_answer
+    from helpers import task_tokenizer
+
+    tok = task_tokenizer()
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, use_act=True, n_cycles=3,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    trace = trace_answer({"number": 1, "phase": "cognate", "role": "trunk", "path": tmp_path / "m", "experts": None},
+                         "3+4=", max_new_tokens=5)
+    answer_ids = tok(trace["text"], add_special_tokens=False).input_ids
+    assert trace["act"] is not None and len(trace["act"]) == len(answer_ids)
+    assert all(1 <= c <= 3 for _, c in trace["act"])
