@@ -107,6 +107,20 @@ class PhaseResult:
         return pd.DataFrame(rows)
 
 
+def upstream_chain(folder: str | Path):
+    """``(phase folder, PhaseResult)`` from ``folder`` back along each result's ``upstream`` folder (one session or
+    a chain across sessions), newest first; stops where a folder has no result.json or the chain repeats."""
+    from . import paths
+
+    seen, folder = set(), paths.resolve(folder) if folder else None
+    while folder is not None and (folder / RESULT_FILE).is_file() and folder not in seen:
+        seen.add(folder)
+        result = PhaseResult.load(folder)
+        yield folder, result
+        up = (result.upstream or {}).get("folder")
+        folder = paths.resolve(up) if up else None
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

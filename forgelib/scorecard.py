@@ -44,21 +44,17 @@ def session_models(session: str) -> list[dict[str, Any]]:
 
 
 def chain_models(folder: str | Path) -> list[dict[str, Any]]:
-    """The models of a phase folder and of every phase before it, following each ``result.json``'s upstream (one
-    session, or a chain across sessions), in phase order: ``{number, phase, role, path, experts}`` (``experts``:
-    Phase 7's folder of expert vectors, or None)."""
-    from .results import PhaseResult
+    """The models of a phase folder and of every phase before it (``forgelib.results.upstream_chain``: one session,
+    or a chain across sessions), in phase order: ``{number, phase, role, path, experts}`` (``experts``: Phase 7's
+    folder of expert vectors, or None)."""
+    from .results import upstream_chain
 
-    rows, seen, folder = [], set(), paths.resolve(folder)
-    while folder is not None and (folder / "result.json").is_file() and folder not in seen:
-        seen.add(folder)
-        result = PhaseResult.load(folder)
+    rows = []
+    for _, result in upstream_chain(folder):
         experts = result.artifacts.get("experts")
         rows[:0] = [{"number": result.number, "phase": result.phase, "role": role,
                      "path": paths.resolve(entry["path"]), "experts": paths.resolve(experts) if experts else None}
                     for role, entry in result.models.items() if role not in SKIP_ROLES]
-        up = (result.upstream or {}).get("folder")
-        folder = paths.resolve(up) if up else None
     return rows
 
 
@@ -67,13 +63,11 @@ def _bytes(path: Path) -> int:
 
 
 def _system(entry: dict, tokenizer, test, params: ScorecardParams):
-    """The measuring System of ``forgelib.phases.compression`` for this model (experts where it has them)."""
-    import torch
-    import yaml
-
-    from .experts import load_expert
+    """The measuring System of ``forgelib.phases.compression`` for this model (experts where it has them: Phase 7's
+    folder, or those a Phase-8 artifact carries, with the SVF settings of the Phase-7 run it came from)."""
     from .phases import compression
     from .phases.experts import make_check
+    from .results import upstream_chain
 
     p = compression.Params(families=params.families, levels=params.levels, max_new_tokens=params.max_new_tokens,
                            max_len=params.max_len, answer_prefixes=params.answer_prefixes)
@@ -82,34 +76,17 @@ def _system(entry: dict, tokenizer, test, params: ScorecardParams):
     if artifact.is_file():
         from .quant.artifact import load_extras
 
-        extras = load_extras(artifact)
-        k = sorted({int(n.split(".")[0].removeprefix("expert")) for n in extras if n.startswith("expert")})
-        if not k:
+        found = compression.experts_from_extras(load_extras(artifact))
+        phase7 = next((r for _, r in upstream_chain(entry["path"].parent.parent) if r.phase == "experts"), None)
+        folder = (phase7.artifacts or {}).get("experts") if phase7 is not None else None
+        if found is None:
             return system
-        experts = [{n.split(".", 1)[1]: z for n, z in extras.items() if n.startswith(f"expert{c}.")} for c in k]
-        up = _phase7_params(entry)
-        return dataclasses.replace(system, experts=experts, centroids=extras["router.centroids"], svf_config=up)
+        svf = compression.phase7_experts(paths.resolve(folder))[2] if folder else {}
+        return dataclasses.replace(system, experts=found[0], centroids=found[1], svf_config=svf)
     if entry["experts"] is not None and entry["experts"].is_dir():
-        files = sorted(entry["experts"].glob("expert_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
-        router = torch.load(entry["experts"] / "router.pt", weights_only=True)
-        svf = ((yaml.safe_load((entry["experts"].parent / "params.yaml").read_text()) or {}).get("experts") or {})
-        return dataclasses.replace(system, experts=[load_expert(f) for f in files], centroids=router["centroids"],
-                                   svf_config=svf.get("svf") or {})
+        experts, centroids, svf = compression.phase7_experts(entry["experts"])
+        return dataclasses.replace(system, experts=experts, centroids=centroids, svf_config=svf)
     return system
-
-
-def _phase7_params(entry: dict) -> dict:
-    """The SVF settings of the Phase-7 run a Phase-8 artifact came from (its upstream's params.yaml)."""
-    import yaml
-
-    from .results import PhaseResult
-
-    result = PhaseResult.load(entry["path"].parent.parent)
-    folder = (result.upstream or {}).get("folder")
-    if not folder:
-        return {}
-    params = yaml.safe_load((paths.resolve(folder) / "params.yaml").read_text()) or {}
-    return (params.get("experts") or {}).get("svf") or {}
 
 
 def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:

@@ -113,12 +113,7 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import phase_folder, phase_params
-    from ..phases.compression import load_system
-    from ..results import PhaseResult
-    from ..thoughts import load_lm
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forge bench compression", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
@@ -129,60 +124,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["phase7", "fp"], choices=["phase7", "fp"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _phase3_folder(phase3: str | None, folder7: Path) -> Path:
+    """``--phase3``, or the Quiet-STaR phase in Phase 7's upstream chain."""
+    from ..results import upstream_chain
+
+    if phase3:
+        return paths.resolve(phase3)
+    found = next((f for f, r in upstream_chain(folder7) if r.phase == "quietstar"), None)
+    if found is None:
+        raise SystemExit("no quietstar phase in the upstream chain; pass --phase3 FOLDER")
+    return found
+
+
+def _place_phase8(report: dict, phase8: str | None) -> None:
+    """The Phase-8 artifact's numbers, and the RTN / HQQ rows that dominate it (none: it is on their front)."""
+    from . import phase_folder
+    from ..results import PhaseResult
+
+    try:
+        folder8 = phase_folder("compression", phase8)
+    except SystemExit:  # no completed Phase 8: nothing to place
+        return
+    m = PhaseResult.load(folder8 / "result.json").metrics
+    report["phase8"] = {"folder": paths.relative(folder8), "bits_per_weight": m["bits_per_weight"],
+                        "acc": m["acc_final"], "ppl": m["ppl_final"], "acc_retention": m["acc_retention"]}
+    if "phase7" in report:
+        baselines = [r for r in report["phase7"]["rows"] if r["spec"]["codec"] in ("rtn", "hqq")]
+        report["phase8"]["dominated_by"] = [r["name"] for r in baselines if r["bits_per_weight"] <= m["bits_per_weight"]
+                                            and r["acc"] >= m["acc_final"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from . import phase_folder, phase_params
+    from ..phases import PHASES, get_spec
+    from ..phases.base import load_phase_params
+    from ..phases.compression import load_system
+    from ..results import PhaseResult
+    from ..thoughts import load_lm
+
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     params = phase_params("compression", args.params)
     folder7 = phase_folder("experts", args.phase7)
-    stamp = int(time.time())
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"compression-{stamp}.json"
+    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"compression-{int(time.time())}.json"
     scratch = out.with_suffix("")  # the artifacts of the sweep (removed at the end)
     started = time.perf_counter()
     report = {"benchmark": "compression", "phase7_folder": paths.relative(folder7), "params_file": args.params,
               "what_varies": "nothing random but VQ's seeded k-means: one model, one question set per part"}
     result7 = PhaseResult.load(folder7 / "result.json")
     model_folder = paths.resolve(result7.models["model"]["path"])
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    from ..phases import PHASES, get_spec
-    from ..phases.base import load_phase_params
-
     spec = get_spec("compression")
     run_seed = load_phase_params(spec, args.params, None, PHASES)[0].seed
     ctx = _Ctx(result7, run_seed + 1000 * spec.number)  # Phase 8's seed: its test questions and calibration
     if "phase7" in args.parts:
-        system = load_system(ctx, tokenizer, params)
         report["phase7"] = {"what": "Phase-7 system: ternary packed, each method on embeddings + matrices",
-                            **sweep(load_lm(model_folder), system, ["embeddings", "matrices"],
+                            **sweep(load_lm(model_folder), load_system(ctx, tokenizer, params), ["embeddings", "matrices"],
                                     {"ternary": {"codec": "ternary"}}, args.methods, scratch / "p7", ctx.seed)}
     if "fp" in args.parts:
-        folder3 = paths.resolve(args.phase3) if args.phase3 else _chain_folder(result7, "quietstar")
-        result3 = PhaseResult.load(folder3 / "result.json")
-        fp_model = load_lm(paths.resolve(result3.models["model"]["path"]))
+        folder3 = _phase3_folder(args.phase3, folder7)
+        fp_model = load_lm(paths.resolve(PhaseResult.load(folder3 / "result.json").models["model"]["path"]))
         # Phase 3 never saw the calculator: the tool family is left out of its questions
         plain = load_system(ctx, tokenizer, dataclasses.replace(
             params, use_experts=False, families=[f for f in params.families if f != "tool"]))
         report["fp"] = {"what": "Phase-3 full-precision model: each method on every matrix",
                         "phase3": paths.relative(folder3),
                         **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp", ctx.seed)}
-    try:
-        folder8 = phase_folder("compression", args.phase8)
-        m = PhaseResult.load(folder8 / "result.json").metrics
-        report["phase8"] = {"folder": paths.relative(folder8), "bits_per_weight": m["bits_per_weight"],
-                            "acc": m["acc_final"], "ppl": m["ppl_final"], "acc_retention": m["acc_retention"]}
-        if "phase7" in report:
-            baselines = [r for r in report["phase7"]["rows"] if r["spec"]["codec"] in ("rtn", "hqq")]
-            report["phase8"]["dominated_by"] = [r["name"] for r in baselines if r["bits_per_weight"] <= m["bits_per_weight"]
-                                                and r["acc"] >= m["acc_final"]]
-    except SystemExit:
-        pass
-    import shutil
-
+    _place_phase8(report, args.phase8)
     shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = dumps_json(report, default=str)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(dumps_json(report, default=str))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {paths.relative(out)} and {paths.relative(out.with_suffix('.png'))}")
     return 0
@@ -194,19 +213,3 @@ class _Ctx:
 
     upstream: object
     seed: int
-
-
-def _chain_folder(result, phase: str) -> Path:
-    """The folder of ``phase`` in ``result``'s upstream chain."""
-    from ..results import PhaseResult
-
-    seen = set()
-    while result is not None and result.phase not in seen:
-        seen.add(result.phase)
-        folder = (result.upstream or {}).get("folder")
-        if not folder:
-            break
-        result = PhaseResult.load(paths.resolve(folder) / "result.json")
-        if result.phase == phase:
-            return paths.resolve(folder)
-    raise SystemExit(f"no {phase} phase in the upstream chain; pass --phase3 FOLDER")

@@ -145,10 +145,10 @@ class System:
 
     def from_extras(self, extras: dict[str, torch.Tensor]) -> "System":
         """This system with the experts and centroids read back from an artifact (as stored, i.e. compressed)."""
-        if not self.experts:
+        found = experts_from_extras(extras)
+        if not self.experts or found is None:
             return self
-        experts = [{name: extras[f"expert{c}.{name}"] for name in zs} for c, zs in enumerate(self.experts)]
-        return dataclasses.replace(self, experts=experts, centroids=extras["router.centroids"])
+        return dataclasses.replace(self, experts=found[0], centroids=found[1])
 
     def measure(self, model) -> dict[str, Any]:
         """Accuracy (and per question), perplexity, seconds and the answers (``texts``) of ``model`` (a wrapper or
@@ -182,10 +182,7 @@ class System:
 
 def load_system(ctx, tokenizer, params: Params) -> System:
     """The test questions, the grader and, when the upstream has them and ``use_experts``, its experts."""
-    import yaml
-
     from .. import paths
-    from ..experts import load_expert
     from .experts import make_check
 
     test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
@@ -193,13 +190,30 @@ def load_system(ctx, tokenizer, params: Params) -> System:
     folder = (ctx.upstream.artifacts or {}).get("experts") if ctx.upstream is not None else None
     if not params.use_experts or folder is None:
         return system
-    folder = paths.resolve(folder)
+    experts, centroids, svf = phase7_experts(paths.resolve(folder))
+    return dataclasses.replace(system, experts=experts, centroids=centroids, svf_config=svf)
+
+
+def phase7_experts(folder: Path) -> tuple[list[dict], torch.Tensor, dict]:
+    """(the expert ``z`` dicts in order, the router's centroids, the SVF settings of that Phase-7 run) of a
+    Phase-7 ``experts/`` folder."""
+    import yaml
+
+    from ..experts import load_expert
+
     files = sorted(folder.glob("expert_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
     router = torch.load(folder / "router.pt", weights_only=True)
-    upstream_params = yaml.safe_load((folder.parent / "params.yaml").read_text())
-    svf = ((upstream_params or {}).get("experts") or {}).get("svf") or {}
-    return dataclasses.replace(system, experts=[load_expert(f) for f in files], centroids=router["centroids"],
-                               svf_config=svf)
+    upstream_params = yaml.safe_load((folder.parent / "params.yaml").read_text()) or {}
+    return [load_expert(f) for f in files], router["centroids"], (upstream_params.get("experts") or {}).get("svf") or {}
+
+
+def experts_from_extras(extras: dict[str, torch.Tensor]) -> tuple[list[dict], torch.Tensor] | None:
+    """(the expert ``z`` dicts in order, the router's centroids) an artifact carries, None without experts."""
+    ids = sorted({int(n.split(".")[0].removeprefix("expert")) for n in extras if n.startswith("expert")})
+    if not ids:
+        return None
+    return ([{n.split(".", 1)[1]: z for n, z in extras.items() if n.startswith(f"expert{c}.")} for c in ids],
+            extras["router.centroids"])
 
 
 def calibration(model, tokenizer, params: Params, seed: int) -> dict[str, torch.Tensor]:
@@ -350,22 +364,20 @@ def input_bytes(ctx) -> dict[str, int]:
 
 
 def lineage(ctx) -> list[dict[str, Any]]:
-    """Every earlier phase's models on disk (bytes, stored values) following the upstream chain back to Phase 1."""
-    from ..results import PhaseResult
-
+    """Every earlier phase's models on disk (bytes) following the upstream chain back to Phase 1."""
     from .. import paths
+    from ..results import upstream_chain
 
-    rows, result, seen = [], ctx.upstream, set()
-    while result is not None and result.phase not in seen:
-        seen.add(result.phase)
+    results = [ctx.upstream] if ctx.upstream is not None else []
+    up = (ctx.upstream.upstream or {}).get("folder") if ctx.upstream is not None else None
+    results += [r for _, r in upstream_chain(up)] if up else []
+    rows = []
+    for result in results:
         for role, entry in result.models.items():
             path = paths.resolve(entry["path"])
             if path.exists():
                 rows.append({"phase": result.phase, "number": result.number, "role": role,
                              "bytes": folder_bytes(path) if path.is_dir() else path.stat().st_size})
-        folder = (result.upstream or {}).get("folder")
-        file = paths.resolve(folder) / "result.json" if folder else None
-        result = PhaseResult.load(file) if file is not None and file.is_file() else None
     return sorted(rows, key=lambda r: r["number"])
 
 
