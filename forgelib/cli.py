@@ -74,6 +74,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_phase(args: argparse.Namespace) -> int:
+    """One phase in this process (no notebook): what ``accelerate launch`` runs on several processes."""
+    from .distributed import is_follower, process_count
+    from .phases import PhaseError, open_phase, run_phase
+    from .session import SessionInUseError
+
+    if process_count() > 1 and not args.session:
+        print("forge: several processes (accelerate launch) need --session: each would otherwise name its own",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run_phase(open_phase(args.name, args.params, _parse_set(args.set), args.session, args.upstream))
+    except (PhaseError, SessionInUseError, ValueError, KeyError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
+    if not is_follower():
+        print(json.dumps({"session": result.session, "phase": result.phase, "status": result.status,
+                          "seconds": result.duration_s, "metrics": result.metrics}, indent=1, default=str))
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     from . import paths
     from .registry import ModelRegistry
@@ -198,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue SESSION from its first phase not completed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a parameter, e.g. --set cognate.trunk.steps=50")
+    phase = sub.add_parser("phase", help="run one phase in this process, without its notebook (under "
+                                         "`accelerate launch`: data-parallel on several processes)")
+    phase.add_argument("name", help="phase name or number, e.g. cognate or 1")
+    phase.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
+    phase.add_argument("--session", default=None, type=_session_arg, help="session id (default: a new one)")
+    phase.add_argument("--upstream", default=None, help="the upstream phase folder (default: the newest completed)")
+    phase.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter, e.g. --set cognate.trunk.steps=50")
     reg = sub.add_parser("registry", help="list the model registry")
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)
@@ -233,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command]
+    command = {"run": cmd_run, "phase": cmd_phase, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command]
     try:
         return command(args)
     except RegistryError as exc:

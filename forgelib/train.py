@@ -7,6 +7,7 @@ Accelerate (so the same code runs on a CPU, one GPU or several).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -118,22 +119,41 @@ def default_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dic
 
 
 def _accelerator(device: str, mixed_precision: str):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    # Several processes: a model may leave parts unused in a step (memory gates while memory is off, the halting
+    # head without ACT, the frozen half of a LoRA setup); data-parallel training must then be told to look for them.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[unused])
+
+
+def process_batches(batches: Iterator[dict], accelerator) -> Iterator[dict]:
+    """This process's share of the data when ``accelerate launch`` runs several: a batch source with a
+    ``shard(index, count)`` method (``LengthBucketedBatches``) draws its own fresh samples from a stream seeded per
+    process; any other iterator is dealt out in turn (process i takes batches i, i + n, ...)."""
+    count = accelerator.num_processes
+    if count == 1:
+        return batches
+    shard = getattr(batches, "shard", None)
+    if shard is not None:
+        return shard(accelerator.process_index, count)
+    return itertools.islice(batches, accelerator.process_index, None, count)
 
 
 def _step(model, optimizer, batch, loss_fn, accelerator, grad_clip, step: int) -> tuple[float, dict, float]:
     loss, extras = loss_fn(model, batch)
-    if not torch.isfinite(loss.detach()):
-        raise _issue(f"non-finite loss ({float(loss.detach())}) at step {step}; stopped before the update", step)
+    seen = loss.detach()
+    if accelerator.num_processes > 1:  # every process decides on the same (mean) loss: none stops alone and hangs
+        seen = accelerator.reduce(seen.float().clone(), "mean")
+    if not torch.isfinite(seen):
+        raise _issue(f"non-finite loss ({float(seen)}) at step {step}; stopped before the update", step)
     accelerator.backward(loss)
     grad_norm = float("nan")
     if grad_clip:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach()), extras, grad_norm
+    return float(seen), extras, grad_norm
 
 
 def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.optim.Optimizer,
@@ -144,17 +164,26 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
 
     Metrics go to ``tracker`` under ``desc/...`` with global steps ``step_offset + step``. A NaN loss or a
     diverging loss stops training with a TrainingIssueError naming the step; checkpoints already written stay.
+
+    Under ``accelerate launch`` with several processes the model is wrapped for data-parallel training (gradients
+    averaged across processes), each process trains on its own share of the data (:func:`process_batches`), the
+    logged loss is the mean over processes, ``history.tokens`` counts every process's tokens, and only the main
+    process logs, shows a bar and writes checkpoints. ``evaluate`` gets the unwrapped model.
     """
     from tqdm.auto import tqdm
 
     accelerator = _accelerator(device, config.mixed_precision)
+    own_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
+    batches = process_batches(batches, accelerator)
+    main = accelerator.is_main_process
+    tracker = tracker if main else None
     model.train()
     history = TrainHistory()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
     # leave=True: a finished bar stays as its final line (a cleared one leaves a blank gap in exported HTML)
-    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet, leave=True, mininterval=1.0)
+    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet or not main, leave=True, mininterval=1.0)
     for step in bar:
         factor = lr_factor(step, config)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -171,13 +200,15 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
             if tracker is not None:
                 tracker.log(row, step=step_offset + step)
             bar.set_postfix(loss=f"{loss:.3f}")
-        _maybe_evaluate(model, evaluate, step, config, history, tracker, desc, step_offset)
-        if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator.unwrap_model(model), optimizer, step, checkpoint_dir)
+        _maybe_evaluate(own_model, evaluate, step, config, history, tracker, desc, step_offset)
+        if main and checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(own_model, optimizer, step, checkpoint_dir)
     history.seconds = time.perf_counter() - started
+    if accelerator.num_processes > 1:
+        history.tokens = int(accelerator.reduce(torch.tensor(history.tokens, device=accelerator.device), "sum"))
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base_lr  # the optimizer is left as it was given
-    model.eval()
+    own_model.eval()
     return history
 
 

@@ -24,6 +24,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .distributed import local_index, process_count
+
 __all__ = [
     "SIZE_CATEGORIES", "size_category", "get_model_size", "model_dimensions",
     "estimate_training_memory", "available_memory_bytes", "calculate_safe_batch_size",
@@ -499,6 +501,8 @@ def resolve_device(pref: str = "auto") -> str:
     one raises ``DeviceUnavailableError``, an unknown one ``ValueError`` with the valid choices.
     """
     choice = str(pref).strip().lower()
+    if choice in ("auto", "cuda") and torch.cuda.is_available() and process_count() > 1:
+        return f"cuda:{local_index() % torch.cuda.device_count()}"  # accelerate launch: one GPU per process
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if choice == "cpu":

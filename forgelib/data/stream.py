@@ -54,7 +54,8 @@ class TaskStream:
         for name, options in self.family_options.items():
             _check_options(get_family(name), options)
         self.split = _check_split(split)
-        self.rng = random.Random(f"stream|{seed}|{split}|{sorted(mix.items())}|{self.levels}")
+        self._key = f"stream|{seed}|{split}|{sorted(mix.items())}|{self.levels}"
+        self.rng = random.Random(self._key)
         self.drawn = 0   # samples generated (all splits)
         self.served = 0  # samples in `split` handed out
 
@@ -74,6 +75,10 @@ class TaskStream:
     def take(self, n: int) -> list[Sample]:
         """The next ``n`` samples."""
         return [next(self) for _ in range(n)]
+
+    def reseed(self, tag: str) -> None:
+        """Continue from a generator seeded by the stream's arguments and ``tag`` (one process's own stream)."""
+        self.rng = random.Random(f"{self._key}|{tag}")
 
 
 @dataclasses.dataclass
@@ -106,9 +111,24 @@ class LengthBucketedBatches:
         self.tokenizer, self.stream = tokenizer, stream
         self.batch_size, self.max_len, self.bucket = batch_size, max_len, bucket
         self.with_steps, self.answer_only_loss = with_steps, answer_only_loss
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = StreamStats()
         self._queue: list[dict[str, torch.Tensor]] = []
+        self._shard = (0, 1)
+
+    def shard(self, index: int, count: int) -> "LengthBucketedBatches":
+        """Make this the stream of process ``index`` of ``count`` (data-parallel training): from here on it draws
+        fresh samples from a stream seeded by its arguments and the process, so no two processes train on the same
+        draw. Asking again for the same shard changes nothing (a source handed to several training runs)."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard index must be in [0, {count}), got {index}")
+        if (index, count) != self._shard:
+            self._shard = (index, count)
+            self.stream.reseed(f"process {index} of {count}")
+            self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            self._queue.clear()
+        return self
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

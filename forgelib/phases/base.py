@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import yaml
 
 from .. import paths
+from ..distributed import ReadOnlyRegistry, is_follower, process_index
 from ..params import RunParams, load_section, to_dict
 from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
@@ -376,11 +377,12 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         how = "not given: the newest completed run (this session's if it has one, else any session's)"
         if upstream_result is not None:  # picked, not given: say which
             print(upstream_line(spec, upstream_result) + f"; {how}")
-    if completed_result(session, spec) is not None:
+    follower = is_follower()
+    if not follower and completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
                          "it is never overwritten (start a new session)")
-    session_lock = _lock(session)
-    folder = phase_dir(session, spec)
+    session_lock = None if follower else _lock(session)
+    folder = phase_dir(session, spec) / f".rank-{process_index()}" if follower else phase_dir(session, spec)
     try:  # a failure here frees the session again
         _prepare_dir(folder)
         paths.contain_tool_caches()
@@ -389,6 +391,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
             {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
              "run": to_dict(run), spec.name: to_dict(params)}, sort_keys=False))
         registry = ModelRegistry(paths.registry_path())
+        if follower:
+            registry = ReadOnlyRegistry(registry)
     except BaseException as exc:
         if session_lock is not None:
             session_lock.release()
@@ -400,7 +404,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
     if session_lock is not None and session_lock.users == 1:  # this context alone holds the session
         registry.interrupt_stale_runs(session)
-    tracker = make_tracker(run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
+    tracker = make_tracker("none" if follower else run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
                            group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder, notebook=paths.resolve(spec.notebook))
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
@@ -462,6 +466,8 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     ctx.registry.finish_phase_run(ctx.phase_run_id, "completed", metrics=result.metrics)
     ctx.registry.update_session(ctx.session, status="running", current_phase=ctx.spec.name)
     _release(ctx)
+    if is_follower():  # a follower's scratch copy of what the main process wrote
+        shutil.rmtree(ctx.dir, ignore_errors=True)
     return result
 
 

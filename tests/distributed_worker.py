@@ -1,0 +1,42 @@
+"""Run by tests/test_distributed.py under ``accelerate launch --cpu --num_processes 2``: trains a tiny seeded Llama
+with forgelib.train.train on a fixed list of batches (dealt out to the processes in turn) and saves what each process
+ends with. Usage: distributed_worker.py OUT_DIR"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from forgelib.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+def fixed_batches(n=4, rows=4, width=8):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 40, (rows, width), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    history = train(model, iter(fixed_batches()), optimizer, TrainConfig(steps=2, log_every=1), quiet=True)
+    from accelerate import PartialState
+
+    state = PartialState()
+    torch.save(model.state_dict(), out / f"rank{state.process_index}.pt")
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(
+        {"losses": history.losses, "tokens": history.tokens, "processes": state.num_processes}))
