@@ -58,11 +58,39 @@ def test_newton_schulz_bf16_band_and_errors():
     s = torch.linalg.svdvals(out.float())
     assert s.min() > 0.6 and s.max() < 1.3
     with pytest.raises(ValueError, match="2-D"):
-        newton_schulz(torch.randn(3, 4, 5))
+        newton_schulz(torch.randn(2, 3, 4, 5))
     assert resolve_ns_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="ns_dtype"):
         resolve_ns_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 16), (2, 16, 48)])
+def test_newton_schulz_on_a_stack_equals_each_matrix_alone(shape):
+    torch.manual_seed(5)
+    stack = torch.randn(*shape) * torch.tensor([0.1, 1.0, 30.0][:shape[0]]).view(-1, 1, 1)  # own norms
+    out = newton_schulz(stack)
+    for matrix, result in zip(stack, out):
+        torch.testing.assert_close(result, newton_schulz(matrix), rtol=1e-5, atol=1e-6)
+
+
+def test_muon_group_with_same_shaped_matrices_equals_one_matrix_at_a_time():
+    """Same-shaped matrices go through Newton-Schulz as one stack; each must end where it would alone."""
+    shapes = [(32, 16), (32, 16), (16, 32), (32, 16)]
+    torch.manual_seed(6)
+    init = [torch.randn(*s) for s in shapes]
+    grad_seq = _grads(shapes, 3)
+    cfg = MuGrokfastConfig(lr=0.02, weight_decay=0.1, momentum=0.9, ns_dtype="float32", grokfast_filter="ema",
+                           grokfast_lambda=2.0)
+    together = [nn.Parameter(t.clone()) for t in init]
+    opt = MuonGrokfast([{"params": together, "use_muon": True}], cfg)
+    opt.stack_shapes = True  # the GPU's way (the default on CUDA), here on the CPU
+    _run(opt, together, grad_seq)
+    for i, start in enumerate(init):
+        alone = [nn.Parameter(start.clone())]
+        _run(MuonGrokfast([{"params": alone, "use_muon": True}], cfg), alone, [[g[i]] for g in grad_seq])
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-6)
+        assert (together[i] - start).abs().max() > 0.01
 
 
 # --- Muon against torch.optim.Muon ------------------------------------------------------------------

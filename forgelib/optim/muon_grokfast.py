@@ -112,6 +112,10 @@ class MuonGrokfast(torch.optim.Optimizer):
         self.model = model
         self.qk_monitor: QKLogitMonitor | None = None
         self.last_qk_clip: list[dict] = []
+        self.stack_shapes: bool | None = None
+        """Orthogonalize same-shaped Muon matrices as one stack: None = on CUDA only (a small model's step there
+        is bound by kernel launches; on a CPU the arithmetic is, and one matrix at a time keeps its exact
+        numbers)."""
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (dict with "params" and "use_muon"); missing settings come from ``self.config``."""
@@ -163,30 +167,57 @@ class MuonGrokfast(torch.optim.Optimizer):
 
     def _filtered_grads(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(params with a gradient, their Grokfast-filtered gradients)."""
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse or torch.is_complex(p):
-                raise RuntimeError("MuonGrokfast supports dense real gradients only")
-            params.append(p)
-            grads.append(apply_grokfast(p.grad, self.state[p], group))
-        return params, grads
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse or torch.is_complex(p) for p in params):
+            raise RuntimeError("MuonGrokfast supports dense real gradients only")
+        if params and group["grokfast_filter"] == "ema" and group["grokfast_lambda"] != 0.0:
+            return params, self._ema_filtered(params, group)
+        return params, [apply_grokfast(p.grad, self.state[p], group) for p in params]
+
+    def _ema_filtered(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """``grokfast_ema`` on every gradient of the group at once (foreach operations: a handful of launches
+        instead of three per parameter); a parameter's first gradient starts its average, as there."""
+        alpha, lamb = group["grokfast_alpha"], group["grokfast_lambda"]
+        grads = [p.grad for p in params]
+        seen = [i for i, p in enumerate(params) if "grokfast_ema" in self.state[p]]
+        for i, p in enumerate(params):
+            if "grokfast_ema" not in self.state[p]:
+                self.state[p]["grokfast_ema"] = p.grad.detach().clone(memory_format=torch.preserve_format)
+        if seen:
+            mus = [self.state[params[i]]["grokfast_ema"] for i in seen]
+            torch._foreach_mul_(mus, alpha)
+            torch._foreach_add_(mus, [grads[i] for i in seen], alpha=1.0 - alpha)
+        return list(torch._foreach_add(grads, [self.state[p]["grokfast_ema"] for p in params], alpha=lamb))
 
     def _muon_group_step(self, group: dict) -> None:
         """Muon: EMA momentum, Nesterov, Newton–Schulz, decoupled decay, shape-scaled step."""
         lr, m = group["lr"], group["momentum"]
-        for p, g in zip(*self._filtered_grads(group)):
+        params, grads = self._filtered_grads(group)
+        if not params:
+            return
+        bufs = []
+        for p, g in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(g, 1 - m)
-            update = g.lerp(buf, m) if group["nesterov"] else buf
-            ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                                  resolve_ns_dtype(group["ns_dtype"], p.device))
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(ortho, alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_lerp_(bufs, grads, 1 - m)
+        updates = torch._foreach_lerp(grads, bufs, m) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        shapes: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):  # on a GPU same-shaped matrices are orthogonalized together, in one stack
+            stack = self.stack_shapes if self.stack_shapes is not None else p.device.type == "cuda"
+            shapes.setdefault((tuple(p.shape), p.device, p.dtype) if stack else (tuple(p.shape), p.device, p.dtype, i),
+                              []).append(i)
+        for (shape, device, dtype, *_), index in shapes.items():
+            ns_dtype = resolve_ns_dtype(group["ns_dtype"], device)
+            stack = updates[index[0]] if len(index) == 1 else torch.stack([updates[i] for i in index])
+            ortho = newton_schulz(stack, group["ns_steps"], group["ns_coefficients"], group["ns_eps"], ns_dtype)
+            alpha = -lr * muon_lr_scale(shape, group["adjust_lr_fn"])
+            if len(index) == 1:
+                params[index[0]].add_(ortho, alpha=alpha)
+            else:
+                torch._foreach_add_([params[i] for i in index], list(ortho.to(dtype).unbind(0)), alpha=alpha)
 
     def _adamw_group_step(self, group: dict) -> None:
         """AdamW through PyTorch's functional implementation (bias-corrected, decoupled decay)."""

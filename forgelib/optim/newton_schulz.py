@@ -41,10 +41,12 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS,
     separately as the scalar polynomial p. The input is first divided by its Frobenius norm so that all
     singular values lie in [0, 1]. Returns a tensor of ``dtype`` with the shape of ``grad``.
     """
-    if grad.ndim != 2:
-        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(grad.shape)}")
+    if grad.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz needs a 2-D matrix (or a stack of them), got shape {tuple(grad.shape)}")
     if not 0 < steps < 100:
         raise ValueError(f"steps must be in [1, 99], got {steps}")
+    if grad.ndim == 3:
+        return _newton_schulz_stack(grad, steps, coefficients, eps, dtype)
     a, b, c = coefficients
     x = grad.to(dtype)
     tall = grad.size(0) > grad.size(1)
@@ -56,6 +58,23 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS,
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
         x = torch.addmm(x, poly, x, beta=a)  # a*X + (b*A + c*A@A) @ X
     return x.T if tall else x
+
+
+def _newton_schulz_stack(grad: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The same iteration on a stack (B, n, m) of same-shaped matrices at once, each scaled by its own norm:
+    one batched product per step instead of one per matrix (on a GPU the launches, not the arithmetic, cost)."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    tall = grad.size(1) > grad.size(2)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # (B, n, n)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x.mT if tall else x
 
 
 def muon_lr_scale(shape: torch.Size | tuple[int, ...], rule: str) -> float:
