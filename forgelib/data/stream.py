@@ -130,6 +130,39 @@ class LengthBucketedBatches:
             self._queue.clear()
         return self
 
+    def prefetched(self, workers: int, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches drawn by ``workers`` background processes (a ``torch.utils.data.DataLoader``): on a GPU the
+        CPU that draws and tokenizes fresh samples otherwise holds every step. Worker w continues this source's
+        stream reseeded for w (so the batches differ from the unprefetched ones, deterministically); they arrive
+        in turn, w = 0, 1, ... This object's ``stats`` count what arrives (``dropped_long`` stays with the
+        workers)."""
+        from torch.utils.data import DataLoader, IterableDataset
+
+        source = self
+
+        class Shards(IterableDataset):
+            def __iter__(self):
+                from torch.utils.data import get_worker_info
+
+                info = get_worker_info()
+                torch.set_num_threads(1)
+                index, count = source._shard
+                source.stream.reseed(f"process {index} of {count}|worker {info.id} of {info.num_workers}")
+                source.generator = torch.Generator().manual_seed((source.seed * 1_000_003 + index) * 997 + info.id)
+                source._queue.clear()
+                return source
+
+        loader = DataLoader(Shards(), batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4)
+
+        def counted():
+            for batch in loader:
+                self.stats.samples += len(batch["input_ids"])
+                self.stats.real_tokens += int(batch["attention_mask"].sum())
+                self.stats.computed_tokens += batch["input_ids"].numel()
+                yield batch
+
+        return counted()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
