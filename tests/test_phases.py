@@ -549,3 +549,92 @@ def test_a_step_budget_that_phase1_would_ignore_is_refused(tmp_path, monkeypatch
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
     with pytest.raises(ParameterError, match=r"train\.steps \(500\) is not used by Phase 1.*trunk\.steps"):
         open_phase("cognate", "parameters/smoke.yaml", {"cognate": {"train": {"steps": 500}}})
+
+
+def _lab_checks(session, shots, work):
+    """The pipeline notebook (resuming ``session``: nothing recomputes) and the scorecard notebook, run in
+    JupyterLab by headless Chromium; then the scorecard's generation playground is used like a person would:
+    a new question + Enter, the max-tokens slider moved with the keyboard, another model picked, Run."""
+    import secrets
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    from browser import JupyterLab, LabBrowser, copy_notebook, find_browser, wait_for
+    from forgelib.phases import PHASES
+
+    chromium, chromedriver = find_browser()
+    nbs = paths.repo_root() / "notebooks"
+    copy_notebook(nbs / "00_pipeline.ipynb", work / "lab" / "00_pipeline.ipynb", session=session, resume=True)
+    copy_notebook(nbs / "09_scorecard.ipynb", work / "lab" / "09_scorecard.ipynb", session=session)
+    env = {"FORGE_OUTPUTS": str(paths.outputs_root()), "FORGE_ROOT": str(paths.repo_root())}
+    with JupyterLab(work / "lab", work / "state", token=secrets.token_hex(16), env=env) as lab, \
+            LabBrowser(lab, shots, chromium, chromedriver, work / "chromium") as browser:
+        browser.open_notebook("00_pipeline.ipynb")
+        browser.run_all("00_pipeline.ipynb", timeout=120)
+        tables = browser.js("""return Array.from(window.jupyterapp.shell.currentWidget.node
+            .querySelectorAll('.jp-OutputArea-output table'));""")
+        summary = next((t for t in tables if all(spec.dirname in t.text for spec in PHASES)), None)
+        assert summary is not None, \
+            f"no summary table naming every phase in the pipeline notebook's outputs: {[t.text for t in tables]}"
+        assert summary.text.count("skipped") == len(PHASES), f"a phase was not kept as completed:\n{summary.text}"
+        browser.js("arguments[0].scrollIntoView({block: 'center'})", summary)
+        browser.screenshot("00_pipeline")
+        browser.save()
+        lab.shutdown_kernels()
+
+        browser.open_notebook("09_scorecard.ipynb")
+        browser.run_all("09_scorecard.ipynb", timeout=120)
+        box = wait_for(lambda: browser.js("""
+            const label = Array.from(window.jupyterapp.shell.currentWidget.node
+                .querySelectorAll('.widget-text label')).find(l => l.textContent.trim() === 'question');
+            return label ? label.closest('.widget-vbox') : null;"""), 30, "the playground (a 'question' box)")
+        browser.js("arguments[0].scrollIntoView({block: 'center'})", box)
+        answer = lambda: box.find_element(By.CSS_SELECTOR, ".widget-html-content").text.strip()  # noqa: E731
+        first = wait_for(answer, 30, "the playground's first answer")
+        browser.screenshot("09_playground_before")
+
+        # a new question, sent with Enter (the text box updates on Enter or blur)
+        question = box.find_element(By.CSS_SELECTOR, ".widget-text input")
+        question.click()
+        question.send_keys(Keys.CONTROL, "a")
+        question.send_keys("40-13=", Keys.ENTER)
+        second = wait_for(lambda: (a := answer()) != first and a, 30,
+                          f"the answer to change after a new question (it still reads {first!r})")
+
+        # the max-tokens slider, moved with the arrow keys on its handle
+        slider = box.find_element(By.XPATH, ".//div[contains(@class, 'widget-slider')]"
+                                            "[.//label[normalize-space()='max tokens']]")
+        readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout")
+        start = int(readout.text)
+        slider.find_element(By.CSS_SELECTOR, ".noUi-handle").click()
+        for _ in range(8):
+            slider.find_element(By.CSS_SELECTOR, ".noUi-handle").send_keys(Keys.ARROW_LEFT)
+        wait_for(lambda: int(readout.text) < start, 10, f"the max-tokens slider to move below {start}")
+
+        # another model of the chain (Phase 1's trunk), then Run
+        pick = Select(box.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
+        pick.select_by_index(0)
+        marker = pick.first_selected_option.text.strip()
+        box.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
+        third = wait_for(lambda: (a := answer()).startswith(marker + ":") and a != second and a, 30,
+                         f"the answer of {marker!r} after Run (it still reads {second!r})")
+        browser.screenshot("09_playground_after")
+        browser.raise_errors("09_scorecard.ipynb")
+    return first, second, third
+
+
+@pytest.mark.slow
+def test_jupyterlab_in_a_real_browser(pipeline, outputs, tmp_path):
+    """JupyterLab in headless Chromium: the pipeline notebook (resuming session "p") and the scorecard notebook
+    run every cell without an error output, and the scorecard's playground answers a new question and another
+    model. Screenshots: <outputs>/browser/."""
+    from browser import BrowserUnavailable, find_browser
+
+    try:
+        find_browser()
+    except BrowserUnavailable as exc:
+        pytest.skip(f"Chromium/chromedriver not installed: {exc}; .ci/run installs them with apt-get")
+    first, second, third = _lab_checks("p", paths.outputs_root() / "browser", tmp_path)
+    assert first != second != third
