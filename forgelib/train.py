@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -122,12 +122,32 @@ def default_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dic
 
 
 def _accelerator(device: str, mixed_precision: str):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator
 
-    # Several processes: a model may leave parts unused in a step (memory gates while memory is off, the halting
-    # head without ACT, the frozen half of a LoRA setup); data-parallel training must then be told to look for them.
-    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[unused])
+    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], accelerator) -> None:
+    """Make every process's gradients the mean over processes (one collective over a flat buffer).
+
+    Used instead of a data-parallel wrapper, whose gradient hooks only work when the loss goes through the
+    wrapper's ``forward``; the phases' losses call other methods (Quiet-STaR's ``think``, a curriculum trainee's
+    base model). A parameter without a gradient in a process counts as zero there; one without a gradient in every
+    process keeps none (the optimizer skips it, as it would in one process).
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [has])
+    flat = accelerator.reduce(flat, "sum")
+    count, offset = accelerator.num_processes, 0
+    for i, p in enumerate(params):
+        part = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        p.grad = None if flat[-len(params) + i] == 0 else (part / count).view_as(p).to(p.dtype)
 
 
 def process_batches(batches: Iterator[dict], accelerator) -> Iterator[dict]:
@@ -144,13 +164,20 @@ def process_batches(batches: Iterator[dict], accelerator) -> Iterator[dict]:
 
 
 def _step(model, optimizer, batch, loss_fn, accelerator, grad_clip, step: int) -> tuple[float, dict, float]:
-    loss, extras = loss_fn(model, batch)
+    parallel = accelerator.num_processes > 1
+    if parallel:  # the model is not wrapped (see average_gradients): mixed precision around the whole loss
+        with accelerator.autocast():
+            loss, extras = loss_fn(model, batch)
+    else:
+        loss, extras = loss_fn(model, batch)
     seen = loss.detach()
-    if accelerator.num_processes > 1:  # every process decides on the same (mean) loss: none stops alone and hangs
+    if parallel:  # every process decides on the same (mean) loss: none stops alone and hangs the others
         seen = accelerator.reduce(seen.float().clone(), "mean")
     if not torch.isfinite(seen):
         raise _issue(f"non-finite loss ({float(seen)}) at step {step}; stopped before the update", step)
     accelerator.backward(loss)
+    if parallel:
+        average_gradients(model.parameters(), accelerator)
     grad_norm = float("nan")
     if grad_clip:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
@@ -168,16 +195,21 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     Metrics go to ``tracker`` under ``desc/...`` with global steps ``step_offset + step``. A NaN loss or a
     diverging loss stops training with a TrainingIssueError naming the step; checkpoints already written stay.
 
-    Under ``accelerate launch`` with several processes the model is wrapped for data-parallel training (gradients
-    averaged across processes), each process trains on its own share of the data (:func:`process_batches`), the
-    logged loss is the mean over processes, ``history.tokens`` counts every process's tokens, and only the main
-    process logs, shows a bar and writes checkpoints. ``evaluate`` gets the unwrapped model.
+    Under ``accelerate launch`` with several processes training is data-parallel: each process trains on its own
+    share of the data (:func:`process_batches`), gradients are averaged across processes after each backward
+    (:func:`average_gradients`), so the loss hook may call any method of the model; the logged loss is the mean
+    over processes, ``history.tokens`` counts every process's tokens, and only the main process logs, shows a bar
+    and writes checkpoints.
     """
     from tqdm.auto import tqdm
 
     accelerator = _accelerator(device, config.mixed_precision)
     own_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.num_processes > 1:
+        model = model.to(accelerator.device)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     batches = process_batches(batches, accelerator)
     if config.data_workers and hasattr(batches, "prefetched"):
         batches = batches.prefetched(config.data_workers, pin_memory=accelerator.device.type == "cuda")

@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under ``accelerate launch --cpu --num_processes 2``: trains a tiny seeded Llama
 with forgelib.train.train on a fixed list of batches (dealt out to the processes in turn) and saves what each process
-ends with. Usage: distributed_worker.py OUT_DIR"""
+ends with. Usage: distributed_worker.py OUT_DIR [forward|parts] (parts: a loss hook that never calls the model's
+``forward``, as the Quiet-STaR and curriculum losses do)."""
 import json
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from forgelib.train import TrainConfig, train
+from forgelib.train import TrainConfig, default_loss, train
 
 torch.set_num_threads(1)
 
@@ -29,11 +30,24 @@ def fixed_batches(n=4, rows=4, width=8):
     return out
 
 
+def parts_loss(model, batch):
+    """Cross-entropy from the decoder and the head called one by one (no ``model.forward``)."""
+    hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state
+    logits = model.lm_head(hidden)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    return loss, {}
+
+
+LOSSES = {"forward": default_loss, "parts": parts_loss}
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    loss_fn = LOSSES[sys.argv[2] if len(sys.argv) > 2 else "forward"]
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    history = train(model, iter(fixed_batches()), optimizer, TrainConfig(steps=2, log_every=1), quiet=True)
+    history = train(model, iter(fixed_batches()), optimizer, TrainConfig(steps=2, log_every=1), loss_fn=loss_fn,
+                    quiet=True)
     from accelerate import PartialState
 
     state = PartialState()

@@ -37,15 +37,16 @@ def _launch(args: list[str], env_extra: dict | None = None, timeout: int = 240) 
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_on_the_joined_batches(tmp_path):
+@pytest.mark.parametrize("loss", ["forward", "parts"])
+def test_two_processes_train_as_one_on_the_joined_batches(tmp_path, loss):
     sys.path.insert(0, str(WORKER.parent))
     try:
-        from distributed_worker import fixed_batches, tiny_model
+        from distributed_worker import LOSSES, fixed_batches, tiny_model
     finally:
         sys.path.pop(0)
     from forgelib.train import TrainConfig, train
 
-    _launch([str(WORKER), str(tmp_path)])
+    _launch([str(WORKER), str(tmp_path), loss])
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     logs = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [log["processes"] for log in logs] == [2, 2]
@@ -56,7 +57,7 @@ def test_two_processes_train_as_one_on_the_joined_batches(tmp_path):
     joined = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in (batches[:2], batches[2:])]
     model = tiny_model()
     history = train(model, iter(joined), torch.optim.SGD(model.parameters(), lr=0.5),
-                    TrainConfig(steps=2, log_every=1), quiet=True)
+                    TrainConfig(steps=2, log_every=1), loss_fn=LOSSES[loss], quiet=True)
     reference = model.state_dict()
     changed = 0
     for name, value in ranks[0].items():
