@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
-                                resume=args.resume is not None)
+                                resume=args.resume is not None, notebooks=not args.no_notebooks)
     except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--upstream", default=None, help="the upstream phase folder (default: the newest completed)")
     phase.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. --set cognate.trunk.steps=50")
+    run.add_argument("--no-notebooks", action="store_true",
+                     help="run each phase's calls in this process instead of its notebook (a machine without "
+                          "Jupyter; no executed notebooks; the scorecard is outputs/<session>/09_scorecard/scorecard.json)")
     reg = sub.add_parser("registry", help="list the model registry")
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)

@@ -19,7 +19,7 @@ from . import paths
 from .phases import PHASES, PhaseSpec, select
 from .phases.base import (as_phase_error, completed_result, latest_completed, load_phase_params, new_session_id,
                           phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
-from .results import PhaseResult
+from .results import PhaseResult, write_json_atomic
 from .session import HELD_ENV, SessionLock, check_session_name
 
 
@@ -119,6 +119,19 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
     return output
 
 
+def _run_in_process(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None, upstream: str | None,
+                    all_specs: list[PhaseSpec]) -> None:
+    """The phase's two notebook calls (``open_phase``, ``run_phase``) in this process: a machine without Jupyter,
+    one Python start for the whole chain. The session lock is this process's (the pipeline holds it)."""
+    from .phases import open_phase, run_phase
+
+    try:
+        run_phase(open_phase(spec, params_file, overrides, session, upstream, all_specs))
+    except Exception as exc:
+        raise PipelineError(f"phase {spec.dirname} failed: {type(exc).__name__}: {exc} "
+                            f"(see {paths.relative(phase_dir(session, spec))})") from exc
+
+
 SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
 
 
@@ -143,6 +156,23 @@ def run_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
     return output
 
 
+def write_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
+    """The scorecard without its notebook (in-process runs): ``outputs/<session>/09_scorecard/scorecard.json`` with
+    one row per model and the end-to-end targets."""
+    import time
+
+    from .scorecard import scorecard, targets
+
+    out_dir = paths.outputs_root() / session / "09_scorecard"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    card = scorecard(session)
+    output = out_dir / "scorecard.json"
+    write_json_atomic(output, {"session": session, "models": card, "targets": targets(card)})
+    log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}")
+    return output
+
+
 def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: Exception) -> str:
     reason = f"{type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}"
     try:
@@ -158,7 +188,7 @@ class Pipeline:
 
     def __init__(self, params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
                  session: str | None = None, overrides: dict | None = None, specs: list[PhaseSpec] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, notebooks: bool = True):
         from .registry import ModelRegistry
 
         self.all_specs = list(specs) if specs is not None else list(PHASES)
@@ -168,11 +198,14 @@ class Pipeline:
         self.specs = select(phases, self.all_specs)
         self.session = check_session_name(session) if session else new_session_id()
         self.log = log
+        self.notebooks = notebooks
+        """False: each phase's calls run in this process (no papermill, no executed notebooks; the scorecard is a
+        JSON file)."""
         self.registry = ModelRegistry(paths.registry_path())
 
     @classmethod
     def resume(cls, session: str, specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
-               ) -> "Pipeline":
+               notebooks: bool = True) -> "Pipeline":
         """A pipeline continuing ``session`` with the parameters it was started with."""
         from .registry import ModelRegistry
 
@@ -184,7 +217,7 @@ class Pipeline:
             raise UnknownSessionError(f"unknown session {session!r}; `forge registry sessions` lists the known ones")
         config = row.get("config") or {}
         return cls(config.get("params_file", "parameters/smoke.yaml"), config.get("phases", "all"), session,
-                   config.get("overrides"), specs, log)
+                   config.get("overrides"), specs, log, notebooks)
 
     def run(self) -> list[PhaseOutcome]:
         """Run every selected phase not yet completed; stop at the first failure (PipelineError).
@@ -224,7 +257,7 @@ class Pipeline:
         self.registry.update_session(self.session, status="completed")
         self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
         if self.specs and self.specs[-1].name == SCORECARD_AFTER and paths.resolve(SCORECARD_NOTEBOOK).is_file():
-            run_scorecard(self.session, self.log)
+            (run_scorecard if self.notebooks else write_scorecard)(self.session, self.log)
         return outcomes
 
     def _open_session(self) -> None:
@@ -264,12 +297,17 @@ class Pipeline:
         moved = _set_aside(phase_dir(self.session, spec))
         if moved:
             self.log(f"[forge] {spec.dirname}: incomplete earlier attempt moved to {moved.name}")
-        self.log(f"[forge] {spec.dirname}: running {spec.notebook} (session {self.session})")
+        how = spec.notebook if self.notebooks else "in this process"
+        self.log(f"[forge] {spec.dirname}: running {how} (session {self.session})")
         started = time.perf_counter()
         upstream_arg = upstream_record(upstream)["folder"] if upstream else None
         try:
-            notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg,
-                                         self.log)
+            if self.notebooks:
+                notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg,
+                                             self.log)
+            else:
+                notebook = _run_in_process(spec, self.session, self.params_file, self.overrides, upstream_arg,
+                                           self.all_specs)
         except PipelineError:
             self.registry.update_session(self.session, status="failed", current_phase=spec.name)
             raise
@@ -313,14 +351,16 @@ def _fmt(value: Any) -> str:
 
 def run_pipeline(params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
                  session: str | None = None, overrides: dict | None = None, resume: bool = False,
-                 specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print) -> list[PhaseOutcome]:
-    """Run (or, with ``resume=True``, continue) a session's phases; returns one outcome per phase."""
+                 specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
+                 notebooks: bool = True) -> list[PhaseOutcome]:
+    """Run (or, with ``resume=True``, continue) a session's phases; returns one outcome per phase.
+    ``notebooks=False`` runs each phase's calls in this process instead of its notebook (see ``Pipeline``)."""
     if resume:
         if not session:
             raise PipelineError("resume needs the session id to continue")
-        pipe = Pipeline.resume(session, specs, log)
+        pipe = Pipeline.resume(session, specs, log, notebooks)
     else:
-        pipe = Pipeline(params_file, phases, session, overrides, specs, log)
+        pipe = Pipeline(params_file, phases, session, overrides, specs, log, notebooks)
     try:
         return pipe.run()
     finally:

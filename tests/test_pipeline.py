@@ -55,6 +55,25 @@ def test_pipeline_runs_phases_and_records_everything(outputs):
         assert reg.get_session("s1")["status"] == "completed"
 
 
+def test_pipeline_without_notebooks_runs_the_phases_in_process(outputs):
+    """notebooks=False (`forge run --no-notebooks`): the same results, registry rows and handoffs, no notebooks."""
+    outcomes = run_pipeline(PARAMS, session="s1p", specs=ALL, log=lambda m: None, notebooks=False)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    for spec in ALL:
+        folder = outputs / "s1p" / spec.dirname
+        assert not (folder / Path(spec.notebook).name).exists()
+        assert PhaseResult.load(folder).ok
+    assert PhaseResult.load(outputs / "s1p" / "02_beta").metrics["scale"] == 1.05
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert len(reg.list_models(session_id="s1p")) == 2
+        assert [h["ok"] for h in reg.list_handoffs("s1p")] == [True, True]
+        assert reg.get_session("s1p")["status"] == "completed"
+    with pytest.raises(PipelineError, match="02_beta failed: GateFailedError"):
+        run_pipeline(PARAMS, session="s2p", specs=ALL, overrides={"beta": {"fail_gate": True}}, log=lambda m: None,
+                     notebooks=False)
+    assert PhaseResult.load(outputs / "s2p" / "02_beta").status == "failed"
+
+
 @pytest.mark.slow
 def test_failed_phase_stops_pipeline_and_keeps_earlier_outputs(outputs):
     with pytest.raises(PipelineError, match="did not pass its gate"):
