@@ -47,7 +47,7 @@ run: check-session
 	@$(MAKE) --no-print-directory setup
 	@mkdir -p 'outputs/$(SESSION)' '$(CACHE)'
 	$(PY) -m forgelib.notebooks run notebooks/00_pipeline.ipynb outputs/$(SESSION)/00_pipeline.ipynb \
-		-p params_file $(PARAMS) -p session $(SESSION) --log-output
+		-r params_file $(PARAMS) -r session $(SESSION) --log-output
 	@echo "outputs: outputs/$(SESSION)"
 
 # Notebooks are committed without outputs and with the metadata JupyterLab writes (tests/test_notebooks.py checks).

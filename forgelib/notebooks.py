@@ -2,7 +2,8 @@
 
 ``python -m forgelib.notebooks strip [paths]`` (``make strip``) clears outputs and execution counts and stores
 the metadata JupyterLab writes (so a notebook does not show as modified the moment it is opened);
-``python -m forgelib.notebooks run IN OUT -p name value …`` executes a notebook with papermill (``make run``).
+``python -m forgelib.notebooks run IN OUT -p name value … -r name text …`` executes a notebook with papermill
+(``make run``; ``-p`` values read as YAML scalars like papermill's own ``-p``, ``-r`` values kept as text).
 """
 from __future__ import annotations
 
@@ -88,8 +89,20 @@ def execute(source: str | Path, output: str | Path, parameters: dict | None = No
     return Path(output)
 
 
+def parameter_value(text: str):
+    """A ``-p`` value as papermill's own command line reads it: a YAML scalar (``16`` an int, ``0.5`` a float,
+    ``true`` a bool, ``null`` None, ``[1, 3]`` a list), else the text itself. ``-r`` keeps the text as it is."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, list, dict, type(None))) else text
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``strip [paths…]`` or ``run IN OUT [-p NAME VALUE]… [--log-output]`` (values are strings)."""
+    """``strip [paths…]`` or ``run IN OUT [-p NAME VALUE]… [-r NAME TEXT]… [--log-output]``."""
     parser = argparse.ArgumentParser(prog="python -m forgelib.notebooks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_strip = sub.add_parser("strip", help="clear outputs, store JupyterLab's metadata")
@@ -97,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="execute a notebook with papermill")
     p_run.add_argument("source")
     p_run.add_argument("output")
-    p_run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p_run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="a parameter, its value read as YAML (16, 0.5, true, null, [1, 3]; anything else is text)")
+    p_run.add_argument("-r", "--parameter-raw", nargs=2, action="append", default=[], metavar=("NAME", "TEXT"),
+                       help="a parameter whose value is the text as given (a session named 2026)")
     p_run.add_argument("--log-output", action="store_true", help="relay cell outputs to the terminal")
     args = parser.parse_args(argv)
     if args.command == "strip":
@@ -108,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    execute(args.source, args.output, dict(args.parameter), log_output=args.log_output)
+    parameters = {name: parameter_value(value) for name, value in args.parameter} | dict(args.parameter_raw)
+    execute(args.source, args.output, parameters, log_output=args.log_output)
     return 0
 
 

@@ -103,3 +103,14 @@ def test_phase_modules_match_the_phase_list():
     modules = {p.stem for p in (ROOT / "forgelib" / "phases").glob("*.py")} - {"__init__", "base"}
     assert modules == {s.module.rsplit(".", 1)[1] for s in PHASES}
     assert [s.number for s in PHASES] == list(range(1, len(PHASES) + 1))
+
+
+def test_run_parameters_are_read_like_papermills():
+    """`python -m forgelib.notebooks run … -p per_level 16` gives the notebook an int (it was the text '16', which
+    the scorecard refused); -r keeps text (a session named 2026)."""
+    from forgelib.notebooks import parameter_value
+
+    assert parameter_value("16") == 16 and parameter_value("0.5") == 0.5 and parameter_value("true") is True
+    assert parameter_value("null") is None and parameter_value("[1, 3]") == [1, 3]
+    assert parameter_value("parameters/smoke.yaml") == "parameters/smoke.yaml"
+    assert parameter_value("s16-run") == "s16-run" and parameter_value("a: [") == "a: ["
