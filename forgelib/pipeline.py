@@ -101,8 +101,9 @@ def _set_aside(folder: Path) -> Path | None:
 
 
 def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides: dict | None,
-                      upstream: str | None, log: Callable[[str], None] = print) -> Path:
-    """Run the phase notebook through papermill; meanwhile one progress line at a time goes to ``log``."""
+                      upstream: str | None, log: Callable[[str], None] = print, kernel: Any = None) -> Path:
+    """Run the phase notebook through papermill (in ``kernel`` when one was started ahead); meanwhile one progress
+    line at a time goes to ``log``."""
     from .notebooks import execute
     from .progress import ProgressRelay
 
@@ -113,7 +114,7 @@ def _execute_notebook(spec: PhaseSpec, session: str, params_file: str, overrides
                   "upstream": upstream}
     try:
         with ProgressRelay(out_dir / "metrics.jsonl", spec.dirname, log):
-            execute(paths.resolve(spec.notebook), output, parameters)
+            execute(paths.resolve(spec.notebook), output, parameters, kernel=kernel)
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
         raise PipelineError(_phase_failure_message(spec, out_dir, output, exc)) from exc
     return output
@@ -135,7 +136,7 @@ def _run_in_process(spec: PhaseSpec, session: str, params_file: str, overrides: 
 SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
 
 
-def run_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
+def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any = None) -> Path:
     """The scorecard notebook for ``session`` (every phase's model on the same test questions), executed into
     ``outputs/<session>/09_scorecard/``: the pipeline's last step once Phase 8 completed."""
     import time
@@ -148,7 +149,7 @@ def run_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
     started = time.perf_counter()
     log(f"[forge] 09_scorecard: running {SCORECARD_NOTEBOOK} (session {session})")
     try:
-        execute(paths.resolve(SCORECARD_NOTEBOOK), output, {"session": session})
+        execute(paths.resolve(SCORECARD_NOTEBOOK), output, {"session": session}, kernel=kernel)
     except Exception as exc:
         raise PipelineError(f"the scorecard failed: {type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}; "
                             f"see {output}") from exc
@@ -201,6 +202,7 @@ class Pipeline:
         self.notebooks = notebooks
         """False: each phase's calls run in this process (no papermill, no executed notebooks; the scorecard is a
         JSON file)."""
+        self._warm: Any = None  # the next notebook's kernel, started as the current one begins
         self.registry = ModelRegistry(paths.registry_path())
 
     @classmethod
@@ -230,6 +232,9 @@ class Pipeline:
         try:
             return self._run_locked()
         finally:
+            if self._warm is not None:  # started for a notebook that did not come
+                self._warm.shutdown()
+                self._warm = None
             if claim is None:
                 os.environ.pop(HELD_ENV, None)
             else:
@@ -257,8 +262,25 @@ class Pipeline:
         self.registry.update_session(self.session, status="completed")
         self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
         if self.specs and self.specs[-1].name == SCORECARD_AFTER and paths.resolve(SCORECARD_NOTEBOOK).is_file():
-            (run_scorecard if self.notebooks else write_scorecard)(self.session, self.log)
+            if self.notebooks:
+                run_scorecard(self.session, self.log, kernel=self._next_kernel(ahead=False))
+            else:
+                write_scorecard(self.session, self.log)
         return outcomes
+
+    def _next_kernel(self, ahead: bool = True) -> Any:
+        """This notebook's kernel — the one started while the previous phase ran, else None (papermill starts one)
+        — and, with ``ahead``, the next notebook's, started now: its start and imports (~4 s) overlap this phase on
+        the core it leaves idle."""
+        from .notebooks import WarmKernel
+
+        current, self._warm = self._warm, None
+        if ahead:
+            try:
+                self._warm = WarmKernel()
+            except Exception:  # no kernel ahead: the next notebook starts its own, as without this
+                self._warm = None
+        return current
 
     def _open_session(self) -> None:
         config = {"params_file": self.params_file, "overrides": self.overrides,
@@ -304,7 +326,7 @@ class Pipeline:
         try:
             if self.notebooks:
                 notebook = _execute_notebook(spec, self.session, self.params_file, self.overrides, upstream_arg,
-                                             self.log)
+                                             self.log, kernel=self._next_kernel())
             else:
                 notebook = _run_in_process(spec, self.session, self.params_file, self.overrides, upstream_arg,
                                            self.all_specs)
