@@ -205,14 +205,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
 
     accelerator = _accelerator(device, config.mixed_precision)
     own_model = model
-    if accelerator.num_processes > 1:
-        model = model.to(accelerator.device)
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    batches = process_batches(batches, accelerator)
-    if config.data_workers and hasattr(batches, "prefetched"):
-        batches = batches.prefetched(config.data_workers, pin_memory=accelerator.device.type == "cuda")
+    model, optimizer, batches = _prepare(model, optimizer, batches, accelerator, config)
     main = accelerator.is_main_process
     tracker = tracker if main else None
     model.train()
@@ -247,6 +240,20 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         group["lr"] = base_lr  # the optimizer is left as it was given
     own_model.eval()
     return history
+
+
+def _prepare(model, optimizer, batches, accelerator, config: TrainConfig):
+    """The model and optimizer placed for Accelerate (several processes: no wrapper, see average_gradients), and
+    this process's batches (drawn by background workers with ``config.data_workers``)."""
+    if accelerator.num_processes > 1:
+        model = model.to(accelerator.device)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    batches = process_batches(batches, accelerator)
+    if config.data_workers and hasattr(batches, "prefetched"):
+        batches = batches.prefetched(config.data_workers, pin_memory=accelerator.device.type == "cuda")
+    return model, optimizer, batches
 
 
 def _to_device(batch: dict, device) -> dict:
