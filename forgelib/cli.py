@@ -207,29 +207,32 @@ def cmd_bench(argv: list[str]) -> int:
     return int(importlib.import_module(BENCHMARKS[name]).main(rest) or 0)
 
 
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--params, --session and --set: shared by `forge run` and `forge phase`."""
+    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
+    parser.add_argument("--session", default=None, type=_session_arg,
+                        help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set cognate.trunk.steps=50")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forge", description="Agent Forge workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
-    run.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
+    _run_arguments(run)
     run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
-    run.add_argument("--session", default=None, type=_session_arg,
-                     help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
     run.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
                      help="continue SESSION from its first phase not completed")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a parameter, e.g. --set cognate.trunk.steps=50")
     phase = sub.add_parser("phase", help="run one phase in this process, without its notebook (under "
                                          "`accelerate launch`: data-parallel on several processes)")
     phase.add_argument("name", help="phase name or number, e.g. cognate or 1")
-    phase.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
-    phase.add_argument("--session", default=None, type=_session_arg, help="session id (default: a new one)")
+    _run_arguments(phase)
     phase.add_argument("--upstream", default=None, help="the upstream phase folder (default: the newest completed)")
-    phase.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, e.g. --set cognate.trunk.steps=50")
     run.add_argument("--no-notebooks", action="store_true",
                      help="run each phase's calls in this process instead of its notebook (a machine without "
-                          "Jupyter; no executed notebooks; the scorecard is outputs/<session>/09_scorecard/scorecard.json)")
+                          "Jupyter; no executed notebooks; the scorecard goes to "
+                          "outputs/<session>/09_scorecard/scorecard.json)")
     reg = sub.add_parser("registry", help="list the model registry")
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
     reg.add_argument("--session", default=None)
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "phase": cmd_phase, "registry": cmd_registry, "clean": cmd_clean, "merge": cmd_merge}[args.command]
+    command = {"run": cmd_run, "phase": cmd_phase, "registry": cmd_registry, "clean": cmd_clean,
+               "merge": cmd_merge}[args.command]
     try:
         return command(args)
     except RegistryError as exc:

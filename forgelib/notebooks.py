@@ -109,7 +109,7 @@ class WarmKernel:
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
-        warm = "import importlib as _forge_il; [_forge_il.import_module(m) for m in %r]; del _forge_il" % (list(modules),)
+        warm = f"import importlib as _forge_il; [_forge_il.import_module(m) for m in {list(modules)!r}]; del _forge_il"
         self.km = AsyncKernelManager(kernel_name="python3")
         run_sync(self.km.start_kernel)(extra_arguments=[*QUIET_KERNEL_ARGS, f"--IPKernelApp.exec_lines={[warm]!r}"],
                                        cwd=str(cwd or paths.repo_root()))

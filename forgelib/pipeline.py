@@ -136,40 +136,33 @@ def _run_in_process(spec: PhaseSpec, session: str, params_file: str, overrides: 
 SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
 
 
-def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any = None) -> Path:
-    """The scorecard notebook for ``session`` (every phase's model on the same test questions), executed into
-    ``outputs/<session>/09_scorecard/``: the pipeline's last step once Phase 8 completed."""
+def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any = None,
+                  notebook: bool = True) -> Path:
+    """The scorecard for ``session`` (every phase's model on the same test questions) in
+    ``outputs/<session>/09_scorecard/``: the pipeline's last step once Phase 8 completed. ``notebook``: the
+    executed scorecard notebook (in ``kernel`` when one was started ahead); else (in-process runs) ``scorecard.json``
+    with one row per model and the end-to-end targets."""
     import time
-
-    from .notebooks import execute
-
-    out_dir = paths.outputs_root() / session / "09_scorecard"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output = out_dir / Path(SCORECARD_NOTEBOOK).name
-    started = time.perf_counter()
-    log(f"[forge] 09_scorecard: running {SCORECARD_NOTEBOOK} (session {session})")
-    try:
-        execute(paths.resolve(SCORECARD_NOTEBOOK), output, {"session": session}, kernel=kernel)
-    except Exception as exc:
-        raise PipelineError(f"the scorecard failed: {type(exc).__name__}: {getattr(exc, 'evalue', None) or exc}; "
-                            f"see {output}") from exc
-    log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}")
-    return output
-
-
-def write_scorecard(session: str, log: Callable[[str], None] = print) -> Path:
-    """The scorecard without its notebook (in-process runs): ``outputs/<session>/09_scorecard/scorecard.json`` with
-    one row per model and the end-to-end targets."""
-    import time
-
-    from .scorecard import scorecard, targets
 
     out_dir = paths.outputs_root() / session / "09_scorecard"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    card = scorecard(session)
-    output = out_dir / "scorecard.json"
-    write_json_atomic(output, {"session": session, "models": card, "targets": targets(card)})
+    if notebook:
+        from .notebooks import execute
+
+        output = out_dir / Path(SCORECARD_NOTEBOOK).name
+        log(f"[forge] 09_scorecard: running {SCORECARD_NOTEBOOK} (session {session})")
+        try:
+            execute(paths.resolve(SCORECARD_NOTEBOOK), output, {"session": session}, kernel=kernel)
+        except Exception as exc:
+            raise PipelineError(f"the scorecard failed: {type(exc).__name__}: "
+                                f"{getattr(exc, 'evalue', None) or exc}; see {output}") from exc
+    else:
+        from .scorecard import scorecard, targets
+
+        card = scorecard(session)
+        output = write_json_atomic(out_dir / "scorecard.json",
+                                   {"session": session, "models": card, "targets": targets(card)})
     log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}")
     return output
 
@@ -262,10 +255,7 @@ class Pipeline:
         self.registry.update_session(self.session, status="completed")
         self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
         if self.specs and self.specs[-1].name == SCORECARD_AFTER and paths.resolve(SCORECARD_NOTEBOOK).is_file():
-            if self.notebooks:
-                run_scorecard(self.session, self.log, kernel=self._next_kernel(ahead=False))
-            else:
-                write_scorecard(self.session, self.log)
+            run_scorecard(self.session, self.log, kernel=self._next_kernel(ahead=False), notebook=self.notebooks)
         return outcomes
 
     def _next_kernel(self, ahead: bool = True) -> Any:

@@ -151,7 +151,27 @@ def _quietly(fn: Callable[[], Any]) -> None:
         pass
 
 
-class JupyterLab:
+class _Started:
+    """A context manager over ``start()`` / ``stop()``: a failed start still stops what it began."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class JupyterLab(_Started):
     """``jupyter lab`` of this interpreter on 127.0.0.1 serving ``root_dir``; a context manager.
 
     ``env`` adds variables to the server's (and so the kernels') environment; Jupyter's and IPython's folders,
@@ -259,16 +279,6 @@ class JupyterLab:
         self._log.close()
         self.process = None
 
-    def __enter__(self) -> "JupyterLab":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
     # -- helpers ---------------------------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
@@ -298,7 +308,7 @@ class JupyterLab:
         return f"\n  --- jupyter lab log (last {chars} characters) ---\n{text[-chars:]}"
 
 
-class LabBrowser:
+class LabBrowser(_Started):
     """Headless Chromium (selenium) on a :class:`JupyterLab`; screenshots go to ``shots``; a context manager."""
 
     def __init__(self, lab: JupyterLab, shots: str | os.PathLike, chromium: str, chromedriver: str,
@@ -342,13 +352,6 @@ class LabBrowser:
             process = getattr(getattr(driver, "service", None), "process", None)
             if process is not None and process.poll() is None:
                 process.kill()
-
-    def __enter__(self) -> "LabBrowser":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is not None and self.driver is not None:

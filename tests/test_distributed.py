@@ -32,7 +32,8 @@ def _launch(args: list[str], env_extra: dict | None = None, timeout: int = 240) 
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=paths.repo_root())
-    assert done.returncode == 0, f"accelerate launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, \
+        f"accelerate launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
 

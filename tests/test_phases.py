@@ -557,11 +557,7 @@ def _lab_checks(session, shots, work):
     a new question + Enter, the max-tokens slider moved with the keyboard, another model picked, Run."""
     import secrets
 
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select
-
-    from browser import JupyterLab, LabBrowser, copy_notebook, find_browser, wait_for
+    from browser import JupyterLab, LabBrowser, copy_notebook, find_browser
     from forgelib.phases import PHASES
 
     chromium, chromedriver = find_browser()
@@ -586,42 +582,53 @@ def _lab_checks(session, shots, work):
 
         browser.open_notebook("09_scorecard.ipynb")
         browser.run_all("09_scorecard.ipynb", timeout=120)
-        box = wait_for(lambda: browser.js("""
-            const label = Array.from(window.jupyterapp.shell.currentWidget.node
-                .querySelectorAll('.widget-text label')).find(l => l.textContent.trim() === 'question');
-            return label ? label.closest('.widget-vbox') : null;"""), 30, "the playground (a 'question' box)")
-        browser.js("arguments[0].scrollIntoView({block: 'center'})", box)
-        answer = lambda: box.find_element(By.CSS_SELECTOR, ".widget-html-content").text.strip()  # noqa: E731
-        first = wait_for(answer, 30, "the playground's first answer")
-        browser.screenshot("09_playground_before")
+        return _use_playground(browser)
 
-        # a new question, sent with Enter (the text box updates on Enter or blur)
-        question = box.find_element(By.CSS_SELECTOR, ".widget-text input")
-        question.click()
-        question.send_keys(Keys.CONTROL, "a")
-        question.send_keys("40-13=", Keys.ENTER)
-        second = wait_for(lambda: (a := answer()) != first and a, 30,
-                          f"the answer to change after a new question (it still reads {first!r})")
 
-        # the max-tokens slider, moved with the arrow keys on its handle
-        slider = box.find_element(By.XPATH, ".//div[contains(@class, 'widget-slider')]"
-                                            "[.//label[normalize-space()='max tokens']]")
-        readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout")
-        start = int(readout.text)
-        slider.find_element(By.CSS_SELECTOR, ".noUi-handle").click()
-        for _ in range(8):
-            slider.find_element(By.CSS_SELECTOR, ".noUi-handle").send_keys(Keys.ARROW_LEFT)
-        wait_for(lambda: int(readout.text) < start, 10, f"the max-tokens slider to move below {start}")
+def _use_playground(browser):
+    """The scorecard notebook's playground, used like a person would; returns its three answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
-        # another model of the chain (Phase 1's trunk), then Run
-        pick = Select(box.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
-        pick.select_by_index(0)
-        marker = pick.first_selected_option.text.strip()
-        box.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
-        third = wait_for(lambda: (a := answer()).startswith(marker + ":") and a != second and a, 30,
-                         f"the answer of {marker!r} after Run (it still reads {second!r})")
-        browser.screenshot("09_playground_after")
-        browser.raise_errors("09_scorecard.ipynb")
+    from browser import wait_for
+
+    box = wait_for(lambda: browser.js("""
+        const label = Array.from(window.jupyterapp.shell.currentWidget.node
+            .querySelectorAll('.widget-text label')).find(l => l.textContent.trim() === 'question');
+        return label ? label.closest('.widget-vbox') : null;"""), 30, "the playground (a 'question' box)")
+    browser.js("arguments[0].scrollIntoView({block: 'center'})", box)
+    answer = lambda: box.find_element(By.CSS_SELECTOR, ".widget-html-content").text.strip()  # noqa: E731
+    first = wait_for(answer, 30, "the playground's first answer")
+    browser.screenshot("09_playground_before")
+
+    # a new question, sent with Enter (the text box updates on Enter or blur)
+    question = box.find_element(By.CSS_SELECTOR, ".widget-text input")
+    question.click()
+    question.send_keys(Keys.CONTROL, "a")
+    question.send_keys("40-13=", Keys.ENTER)
+    second = wait_for(lambda: (a := answer()) != first and a, 30,
+                      f"the answer to change after a new question (it still reads {first!r})")
+
+    # the max-tokens slider, moved with the arrow keys on its handle
+    slider = box.find_element(By.XPATH, ".//div[contains(@class, 'widget-slider')]"
+                                        "[.//label[normalize-space()='max tokens']]")
+    readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout")
+    start = int(readout.text)
+    slider.find_element(By.CSS_SELECTOR, ".noUi-handle").click()
+    for _ in range(8):
+        slider.find_element(By.CSS_SELECTOR, ".noUi-handle").send_keys(Keys.ARROW_LEFT)
+    wait_for(lambda: int(readout.text) < start, 10, f"the max-tokens slider to move below {start}")
+
+    # another model of the chain (Phase 1's trunk), then Run
+    pick = Select(box.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
+    pick.select_by_index(0)
+    marker = pick.first_selected_option.text.strip()
+    box.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
+    third = wait_for(lambda: (a := answer()).startswith(marker + ":") and a != second and a, 30,
+                     f"the answer of {marker!r} after Run (it still reads {second!r})")
+    browser.screenshot("09_playground_after")
+    browser.raise_errors("09_scorecard.ipynb")
     return first, second, third
 
 

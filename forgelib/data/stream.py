@@ -125,10 +125,14 @@ class LengthBucketedBatches:
             raise ValueError(f"shard index must be in [0, {count}), got {index}")
         if (index, count) != self._shard:
             self._shard = (index, count)
-            self.stream.reseed(f"process {index} of {count}")
-            self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            self._queue.clear()
+            self._restart(f"process {index} of {count}", self.seed * 1_000_003 + index)
         return self
+
+    def _restart(self, tag: str, generator_seed: int) -> None:
+        """Go on from a stream reseeded with ``tag`` and a fresh batch-order generator (a process's or worker's own)."""
+        self.stream.reseed(tag)
+        self.generator = torch.Generator().manual_seed(generator_seed)
+        self._queue.clear()
 
     def prefetched(self, workers: int, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The batches drawn by ``workers`` background processes (a ``torch.utils.data.DataLoader``): on a GPU the
@@ -147,9 +151,8 @@ class LengthBucketedBatches:
                 info = get_worker_info()
                 torch.set_num_threads(1)
                 index, count = source._shard
-                source.stream.reseed(f"process {index} of {count}|worker {info.id} of {info.num_workers}")
-                source.generator = torch.Generator().manual_seed((source.seed * 1_000_003 + index) * 997 + info.id)
-                source._queue.clear()
+                source._restart(f"process {index} of {count}|worker {info.id} of {info.num_workers}",
+                                (source.seed * 1_000_003 + index) * 997 + info.id)
                 return source
 
         loader = DataLoader(Shards(), batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4)

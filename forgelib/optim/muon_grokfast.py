@@ -207,9 +207,8 @@ class MuonGrokfast(torch.optim.Optimizer):
         shapes: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):  # on a GPU same-shaped matrices are orthogonalized together, in one stack
             stack = self.stack_shapes if self.stack_shapes is not None else p.device.type == "cuda"
-            shapes.setdefault((tuple(p.shape), p.device, p.dtype) if stack else (tuple(p.shape), p.device, p.dtype, i),
-                              []).append(i)
-        for (shape, device, dtype, *_), index in shapes.items():
+            shapes.setdefault((tuple(p.shape), p.device, p.dtype, None if stack else i), []).append(i)
+        for (shape, device, dtype, _), index in shapes.items():
             ns_dtype = resolve_ns_dtype(group["ns_dtype"], device)
             stack = updates[index[0]] if len(index) == 1 else torch.stack([updates[i] for i in index])
             ortho = newton_schulz(stack, group["ns_steps"], group["ns_coefficients"], group["ns_eps"], ns_dtype)

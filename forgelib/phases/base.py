@@ -404,8 +404,9 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         registry.create_session(session, {"params_file": str(params_file), "overrides": overrides or {}})
     if session_lock is not None and session_lock.users == 1:  # this context alone holds the session
         registry.interrupt_stale_runs(session)
-    tracker = make_tracker("none" if follower else run.tracking, folder, project=run.wandb_project, name=f"{session}-{spec.dirname}",
-                           group=session, config={"run": to_dict(run), spec.name: to_dict(params)},
+    tracker = make_tracker("none" if follower else run.tracking, folder, project=run.wandb_project,
+                           name=f"{session}-{spec.dirname}", group=session,
+                           config={"run": to_dict(run), spec.name: to_dict(params)},
                            wandb_mode=run.wandb_mode, wandb_dir=folder, notebook=paths.resolve(spec.notebook))
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
                          upstream=upstream_record(upstream_result) if upstream_result is not None else None)
