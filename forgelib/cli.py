@@ -22,6 +22,7 @@ BENCHMARKS = {
     "baking": "forgelib.bench.baking",
     "experts": "forgelib.bench.experts",
     "compression": "forgelib.bench.compression",
+    "chain": "forgelib.bench.chain",
 }
 
 
@@ -46,6 +47,27 @@ def _session_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _from_arg(value: str) -> str:
+    """argparse type of ``--from``: ``SESSION:PHASE``, the session a safe name, PHASE a number or a name."""
+    from .pipeline import RefusedError, parse_from
+    from .session import InvalidSessionNameError
+
+    try:
+        parse_from(value)
+    except (RefusedError, InvalidSessionNameError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+class _StoreGiven(argparse.Action):
+    """Store the value and note that it was given (``<dest>_given``): ``--params`` has a default, yet
+    ``--resume`` must tell a parameter file given from the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _at_least_zero(kind: type) -> Callable[[str], Any]:
     """argparse type: a number of ``kind`` that is >= 0 (the error names the value)."""
     def parse(value: str) -> Any:
@@ -61,12 +83,20 @@ def _at_least_zero(kind: type) -> Callable[[str], Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .phases import PhaseError
-    from .pipeline import PipelineError, run_pipeline, summary_table
+    from .pipeline import PipelineError, RefusedError, run_pipeline, summary_table
     from .session import SessionInUseError
 
+    # --resume and --from start from a session's stored parameters: --params counts only when given (not its
+    # default). A resume refuses --params/--set that change a value (exit 2, naming --from); --from applies them.
+    plain = args.resume is None and args.rerun_from is None
+    params = args.params if plain or getattr(args, "params_given", False) else None
     try:
-        outcomes = run_pipeline(args.params, args.phases, args.resume or args.session, _parse_set(args.set),
-                                resume=args.resume is not None, notebooks=not args.no_notebooks)
+        outcomes = run_pipeline(params, args.phases, args.resume or args.session, _parse_set(args.set),
+                                resume=args.resume is not None, notebooks=not args.no_notebooks,
+                                rerun_from=args.rerun_from)
+    except RefusedError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
     except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
@@ -209,7 +239,8 @@ def cmd_bench(argv: list[str]) -> int:
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     """--params, --session and --set: shared by `forge run` and `forge phase`."""
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter set (YAML)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", action=_StoreGiven,
+                        help="parameter set (YAML)")
     parser.add_argument("--session", default=None, type=_session_arg,
                         help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -222,8 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
     _run_arguments(run)
     run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
-    run.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
-                     help="continue SESSION from its first phase not completed")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
+                       help="continue SESSION from its first phase not completed, with its stored parameters "
+                            "(--params/--set that change them are refused: use --from)")
+    again.add_argument("--from", dest="rerun_from", metavar="SESSION:PHASE", default=None, type=_from_arg,
+                       help="a new session (--session, default SESSION-from<N>-<time>) running PHASE onwards "
+                            "(or --phases, beginning at PHASE) after SESSION's completed phase PHASE-1, with "
+                            "SESSION's parameters changed by --params/--set; SESSION is left as it is")
     phase = sub.add_parser("phase", help="run one phase in this process, without its notebook (under "
                                          "`accelerate launch`: data-parallel on several processes)")
     phase.add_argument("name", help="phase name or number, e.g. cognate or 1")

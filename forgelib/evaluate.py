@@ -21,7 +21,7 @@ from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompt
 
 __all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "chance_accuracy", "encode_for_eval",
            "exact_match_accuracy", "family_accuracy", "generate_answers", "kl_divergence", "mean_nll",
-           "perplexity"]
+           "perplexity", "sample_nll"]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -87,6 +87,28 @@ def mean_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     if count == 0:
         raise ValueError("no labelled tokens to score")
     return total / count
+
+
+def sample_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample],
+               batch_size: int = 64, max_len: int = 256, with_steps: bool = False) -> list[float]:
+    """Per sample, in order: the mean NLL (nats) of its completion tokens (teacher-forced), for paired
+    comparisons of two models on the same samples."""
+    encoded = encode_for_eval(tokenizer, samples, max_len, answer_only=True, with_steps=with_steps)
+    out: list[float] = []
+    device = _device(model)
+    with _evaluating(model):
+        for start in range(0, len(samples), batch_size):
+            ids = encoded["input_ids"][start:start + batch_size]
+            mask = encoded["attention_mask"][start:start + batch_size]
+            labels = encoded["labels"][start:start + batch_size]
+            width = int(mask.sum(1).max())
+            ids, mask, labels = ids[:, :width].to(device), mask[:, :width].to(device), labels[:, :width].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+            target = labels[:, 1:]  # (B, T-1)
+            nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+            counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
+            out += (nll.sum(1) / counts).tolist()
+    return out
 
 
 def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

@@ -3,24 +3,30 @@
 Each phase runs as its own notebook (the executed copy under ``outputs/<session>/<NN_phase>/`` is the
 immutable record of the run). After a phase, the handoff is validated: result.json says ok, the gate held,
 every model loads and matches its registry checksum. A failed phase stops the pipeline; earlier phases'
-outputs are never touched, and ``resume`` continues from the first phase not completed.
+outputs are never touched, and ``resume`` continues from the first phase not completed (with the session's stored
+parameters: new ones are refused, see :func:`check_resume_params`). ``rerun_from`` ("S:PHASE") starts a new session
+that runs PHASE onwards with new parameters, taking session S's completed phase before PHASE as its upstream.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import paths
-from .phases import PHASES, PhaseSpec, select
+from .params import merge_overrides, read_yaml, to_dict
+from .phases import PHASES, PhaseSpec, UnknownPhaseError, get_spec, select
 from .phases.base import (as_phase_error, completed_result, latest_completed, load_phase_params, new_session_id,
                           phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
 from .results import PhaseResult, write_json_atomic
 from .session import HELD_ENV, SessionLock, check_session_name
+
+DEFAULT_PARAMS = "parameters/smoke.yaml"
 
 
 class PipelineError(RuntimeError):
@@ -32,6 +38,11 @@ class UnknownSessionError(PipelineError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+class RefusedError(PipelineError):
+    """A request refused before anything ran or was written (``forge run`` exits with status 2): new parameters
+    for a resume, or a ``--from`` that names no usable upstream."""
 
 
 @dataclasses.dataclass
@@ -158,13 +169,32 @@ def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any 
             raise PipelineError(f"the scorecard failed: {type(exc).__name__}: "
                                 f"{getattr(exc, 'evalue', None) or exc}; see {output}") from exc
     else:
-        from .scorecard import scorecard, targets
+        from .scorecard import chain_gate, scorecard, targets
 
         card = scorecard(session)
         output = write_json_atomic(out_dir / "scorecard.json",
                                    {"session": session, "models": card, "targets": targets(card)})
-    log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}")
+        chain_gate(session)
+    check_chain(out_dir)
+    log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}; "
+        "the chain gate held")
     return output
+
+
+def check_chain(out_dir: Path) -> dict:
+    """The chain gate's verdict written by the scorecard (``chain.json``); PipelineError naming the families lost
+    and the phases that lost them when it failed, or when the scorecard wrote none."""
+    import json
+
+    from .scorecard import chain_message
+
+    path = out_dir / "chain.json"
+    if not path.is_file():
+        raise PipelineError(f"the scorecard wrote no chain gate verdict ({paths.relative(path)})")
+    verdict = json.loads(path.read_text())
+    if not verdict.get("passed"):
+        raise PipelineError(chain_message(verdict) + f" (see {paths.relative(path)})")
+    return verdict
 
 
 def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: Exception) -> str:
@@ -180,9 +210,9 @@ def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: 
 class Pipeline:
     """Runs phases of one session. Use :func:`run_pipeline` or :class:`PipelineOrchestrator`."""
 
-    def __init__(self, params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
+    def __init__(self, params_file: str | os.PathLike = DEFAULT_PARAMS, phases: str | list | None = "all",
                  session: str | None = None, overrides: dict | None = None, specs: list[PhaseSpec] | None = None,
-                 log: Callable[[str], None] = print, notebooks: bool = True):
+                 log: Callable[[str], None] = print, notebooks: bool = True, upstream_session: str | None = None):
         from .registry import ModelRegistry
 
         self.all_specs = list(specs) if specs is not None else list(PHASES)
@@ -196,23 +226,71 @@ class Pipeline:
         """False: each phase's calls run in this process (no papermill, no executed notebooks; the scorecard is a
         JSON file)."""
         self._warm: Any = None  # the next notebook's kernel, started as the current one begins
+        self.upstream_session = upstream_session
+        """``rerun_from``'s session S: the first selected phase's upstream is S's completed phase before it."""
         self.registry = ModelRegistry(paths.registry_path())
 
     @classmethod
     def resume(cls, session: str, specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
-               notebooks: bool = True) -> "Pipeline":
-        """A pipeline continuing ``session`` with the parameters it was started with."""
-        from .registry import ModelRegistry
-
+               notebooks: bool = True, params_file: str | os.PathLike | None = None,
+               overrides: dict | None = None) -> "Pipeline":
+        """A pipeline continuing ``session`` with the parameters it was started with. ``params_file`` and
+        ``overrides``, when given, must not change any value the session's phases run with (``RefusedError``
+        naming ``rerun_from`` otherwise): a resume never runs with other parameters than it started with."""
         check_session_name(session)
-        registry = ModelRegistry(paths.registry_path())
-        row = registry.get_session(session) if session_exists(registry, session) else None
-        registry.close()
-        if row is None:
+        config = _session_config(session)
+        if config is None:
             raise UnknownSessionError(f"unknown session {session!r}; `forge registry sessions` lists the known ones")
-        config = row.get("config") or {}
-        return cls(config.get("params_file", "parameters/smoke.yaml"), config.get("phases", "all"), session,
-                   config.get("overrides"), specs, log, notebooks)
+        all_specs = list(specs) if specs is not None else list(PHASES)
+        if params_file is not None or overrides:
+            check_resume_params(session, config, params_file, overrides, all_specs)
+        return cls(config.get("params_file", DEFAULT_PARAMS), config.get("phases", "all"), session,
+                   config.get("overrides"), specs, log, notebooks, upstream_session=(config.get("from") or {}).get(
+                       "session"))
+
+    @classmethod
+    def rerun_from(cls, source: str, phase: str | int, params_file: str | os.PathLike | None = None,
+                   overrides: dict | None = None, phases: str | list | None = "all", session: str | None = None,
+                   specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
+                   notebooks: bool = True) -> "Pipeline":
+        """A new session that runs ``phase`` onwards (``phases`` may limit them; it must begin at ``phase``) with
+        session ``source``'s parameters changed by ``params_file`` (replaces its parameter file) and
+        ``overrides`` (merged over its --set values), taking ``source``'s completed phase before ``phase`` as
+        the upstream. ``source`` is only read. ``session``: the new session's name (default
+        ``<source>-from<N>-<UTC time>``); an existing session is refused. Every refusal is a ``RefusedError``,
+        raised before anything is written."""
+        all_specs = list(specs) if specs is not None else list(PHASES)
+        check_session_name(source)
+        try:
+            start = get_spec(int(phase) if str(phase).isdigit() else phase, all_specs)
+        except UnknownPhaseError as exc:
+            raise RefusedError(f"--from {source}:{phase}: {exc}") from None
+        earlier = [s for s in all_specs if s.number < start.number]
+        if not earlier:
+            raise RefusedError(f"--from {source}:{phase}: {start.dirname} is the first phase, so nothing of session "
+                               f"{source} would be reused; that is a new run: forge run [--params P] [--set k=v] "
+                               "[--session NEW]")
+        config = _session_config(source)
+        if config is None and not (paths.outputs_root() / source).is_dir():
+            raise RefusedError(f"--from {source}:{phase}: unknown session {source!r}; `forge registry sessions` "
+                               "lists the known ones")
+        prev = earlier[-1]
+        if completed_result(source, prev) is None:
+            done = [s.dirname for s in all_specs if completed_result(source, s) is not None]
+            raise RefusedError(f"--from {source}:{phase}: session {source} has no completed {prev.dirname} "
+                               f"({paths.relative(phase_dir(source, prev))}) to take as the upstream of "
+                               f"{start.dirname}; its completed phases: {done or 'none'} (--from {source}:N "
+                               "needs phase N-1 completed in that session)")
+        chosen = _from_selection(source, start, phases, all_specs)
+        session = _new_session_name(source, start, session)
+        config = config or {}
+        stored_overrides = config.get("overrides") or {}
+        params_file = str(params_file) if params_file is not None else config.get("params_file", DEFAULT_PARAMS)
+        overrides = {**stored_overrides, **(overrides or {})}
+        log(f"[forge] session {session}: {', '.join(s.dirname for s in chosen)} with {params_file}"
+            + (f" + {_set_text(overrides)}" if overrides else "") + f", after {prev.dirname} of session {source}")
+        return cls(params_file, [s.name for s in chosen], session, overrides, specs, log, notebooks,
+                   upstream_session=source)
 
     def run(self) -> list[PhaseOutcome]:
         """Run every selected phase not yet completed; stop at the first failure (PipelineError).
@@ -276,6 +354,8 @@ class Pipeline:
         config = {"params_file": self.params_file, "overrides": self.overrides,
                   "phases": self.phase_selection if isinstance(self.phase_selection, (str, type(None)))
                   else list(self.phase_selection)}
+        if self.upstream_session:
+            config["from"] = {"session": self.upstream_session, "phase": self.specs[0].name if self.specs else None}
         if not session_exists(self.registry, self.session):
             self.registry.create_session(self.session, config)
         for run in self.registry.interrupt_stale_runs(self.session):  # safe: this process holds the lock
@@ -289,6 +369,17 @@ class Pipeline:
         earlier = [s for s in self.all_specs if s.number < self.specs[0].number] if self.specs else []
         if not earlier:
             return None
+        if self.upstream_session:  # rerun_from: session S's phase, and no other
+            done = completed_result(self.upstream_session, earlier[-1])
+            if done is None:
+                self.registry.update_session(self.session, status="failed", current_phase=self.specs[0].name)
+                raise PipelineError(f"session {self.session} runs {self.specs[0].dirname} after "
+                                    f"{earlier[-1].dirname} of session {self.upstream_session} (--from), which is "
+                                    "no longer completed "
+                                    f"({paths.relative(phase_dir(self.upstream_session, earlier[-1]))})")
+            self.log(upstream_line(self.specs[0], done))
+            self._check_handoff(earlier[-1], done, earlier=True)
+            return done
         done = completed_result(self.session, earlier[-1]) or latest_completed(self.all_specs, earlier[-1].number)
         if done is None:
             self.registry.update_session(self.session, status="failed", current_phase=self.specs[0].name)
@@ -361,22 +452,184 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_pipeline(params_file: str | os.PathLike = "parameters/smoke.yaml", phases: str | list | None = "all",
+def run_pipeline(params_file: str | os.PathLike | None = None, phases: str | list | None = "all",
                  session: str | None = None, overrides: dict | None = None, resume: bool = False,
                  specs: list[PhaseSpec] | None = None, log: Callable[[str], None] = print,
-                 notebooks: bool = True) -> list[PhaseOutcome]:
+                 notebooks: bool = True, rerun_from: str | None = None) -> list[PhaseOutcome]:
     """Run (or, with ``resume=True``, continue) a session's phases; returns one outcome per phase.
-    ``notebooks=False`` runs each phase's calls in this process instead of its notebook (see ``Pipeline``)."""
+    ``params_file``: default ``parameters/smoke.yaml``; with ``resume`` it and ``overrides`` may only repeat the
+    session's stored values (``RefusedError`` otherwise). ``rerun_from="S:PHASE"``: a new session (``session``, or
+    a name derived from S) running PHASE onwards with S's parameters changed by ``params_file``/``overrides``,
+    after S's completed phase PHASE-1 (see ``Pipeline.rerun_from``). ``notebooks=False`` runs each phase's calls
+    in this process instead of its notebook (see ``Pipeline``)."""
+    if resume and rerun_from:
+        raise RefusedError("resume continues a session, rerun_from starts a new one: give one of them")
     if resume:
         if not session:
             raise PipelineError("resume needs the session id to continue")
-        pipe = Pipeline.resume(session, specs, log, notebooks)
+        pipe = Pipeline.resume(session, specs, log, notebooks, params_file, overrides)
+    elif rerun_from:
+        source, phase = parse_from(rerun_from)
+        pipe = Pipeline.rerun_from(source, phase, params_file, overrides, phases, session, specs, log, notebooks)
     else:
-        pipe = Pipeline(params_file, phases, session, overrides, specs, log, notebooks)
+        pipe = Pipeline(params_file if params_file is not None else DEFAULT_PARAMS, phases, session, overrides,
+                        specs, log, notebooks)
     try:
         return pipe.run()
     finally:
         pipe.close()
+
+
+def parse_from(value: str) -> tuple[str, str | int]:
+    """``"S:PHASE"`` (``--from``) → ``(S, PHASE)``, PHASE a number or a name; ``RefusedError`` if malformed."""
+    source, colon, phase = str(value).rpartition(":")
+    if not colon or not source or not phase:
+        raise RefusedError(f"--from expects SESSION:PHASE (e.g. 20240101-120000-ab12:2 or S:evomerge), "
+                           f"got {value!r}")
+    check_session_name(source)
+    return source, int(phase) if phase.isdigit() else phase
+
+
+def _session_config(session: str) -> dict | None:
+    """The session's stored config (``params_file``, ``overrides``, ``phases``, ``from``); None if unknown."""
+    from .registry import ModelRegistry
+
+    with ModelRegistry(paths.registry_path()) as registry:
+        if not session_exists(registry, session):
+            return None
+        return registry.get_session(session).get("config") or {}
+
+
+def _from_selection(source: str, start: PhaseSpec, phases: str | list | None,
+                    all_specs: list[PhaseSpec]) -> list[PhaseSpec]:
+    """The phases a ``--from source:start`` run runs: ``start`` onwards, or ``phases`` if it begins at ``start``."""
+    if phases in (None, "all", ""):
+        return [s for s in all_specs if s.number >= start.number]
+    try:
+        chosen = select(phases, all_specs)
+    except UnknownPhaseError as exc:
+        raise RefusedError(str(exc)) from None
+    if chosen[0] is not start:
+        raise RefusedError(f"--phases {phases} with --from {source}:{start.number}: the selection must begin at "
+                           f"{start.dirname} (the phases before it are session {source}'s)")
+    return chosen
+
+
+def _new_session_name(source: str, start: PhaseSpec, session: str | None) -> str:
+    """``session`` if no session of that name exists (else ``RefusedError``), or a fresh name
+    ``<source>-from<N>-<UTC time>`` (``source`` shortened to keep within the session-name rule)."""
+    from .registry import ModelRegistry
+
+    def taken(name: str) -> bool:
+        if (paths.outputs_root() / name).exists():
+            return True
+        with ModelRegistry(paths.registry_path()) as registry:
+            return session_exists(registry, name)
+
+    if session is not None:
+        check_session_name(session)
+        if taken(session):
+            raise RefusedError(f"session {session!r} already exists; choose another --session for the new run "
+                               f"(or `forge run --resume {session}` to continue that one)")
+        return session
+    suffix = f"-from{start.number}-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = check_session_name(source[:100 - len(suffix)] + suffix)
+    while taken(name):  # another rerun of the same phase within the same second
+        suffix = f"-from{start.number}-{secrets.token_hex(2)}"
+        name = check_session_name(source[:100 - len(suffix)] + suffix)
+    return name
+
+
+_UNSET = object()
+
+
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+    """A nested mapping as ``{"a.b.c": value}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(_flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def _set_text(overrides: dict | None) -> str:
+    """Overrides as the ``--set`` arguments that give them."""
+    return " ".join(f"--set {k}={_yaml_value(v)}" for k, v in _flatten(overrides or {}).items())
+
+
+def _effective_params(params_file: str | os.PathLike, overrides: dict | None, specs: list[PhaseSpec],
+                      all_specs: list[PhaseSpec]) -> dict:
+    """``{"run.seed": 3, "beta.scale": 1.05, ...}``: every value ``specs`` run with: the ``run`` section and each
+    phase's as loaded (defaults filled), any other shared section (not a phase's) as the file and overrides give it."""
+    values: dict = {}
+    for spec in specs:
+        run, params = load_phase_params(spec, params_file, overrides, all_specs)
+        values.update(_flatten({"run": to_dict(run), spec.name: to_dict(params)}))
+    own = {s.name for s in all_specs} | {"run"}
+    tree = merge_overrides(read_yaml(paths.resolve(params_file)), overrides)
+    values.update(_flatten({k: v for k, v in tree.items() if k not in own}))
+    return values
+
+
+def check_resume_params(session: str, config: dict, params_file: str | os.PathLike | None, overrides: dict | None,
+                        all_specs: list[PhaseSpec]) -> None:
+    """Refuse (``RefusedError``) a resume given parameters that change a value of the session's stored ones (its
+    registry config: parameter file + --set values, what every phase folder's params.yaml records): the resume
+    would run with the stored ones. ``params_file`` replaces the stored file, ``overrides`` merge over the stored
+    --set values; a request that changes no value (e.g. the same file) passes."""
+    stored_file = config.get("params_file", DEFAULT_PARAMS)
+    stored_overrides = config.get("overrides") or {}
+    given_file = stored_file if params_file is None else str(params_file)
+    merged = {**stored_overrides, **(overrides or {})}
+    if paths.resolve(given_file).resolve() == paths.resolve(stored_file).resolve() and merged == stored_overrides:
+        return
+    specs = select(config.get("phases", "all"), all_specs)
+    try:
+        before = _effective_params(stored_file, stored_overrides, specs, all_specs)
+    except (ValueError, KeyError, OSError) as exc:  # ParameterError is a ValueError
+        before, changes = {}, [f"the stored parameters no longer load: {exc}"]
+    try:
+        after = _effective_params(given_file, merged, specs, all_specs)
+    except (ValueError, KeyError, OSError) as exc:
+        after, changes = {}, [f"the new parameters do not load: {exc}"]
+    if before and after:
+        changes = [f"{k}: {_yaml_value(before[k]) if k in before else '(unset)'} -> "
+                   f"{_yaml_value(after[k]) if k in after else '(unset)'}"
+                   for k in sorted(set(before) | set(after)) if before.get(k, _UNSET) != after.get(k, _UNSET)]
+    if not changes:
+        return
+    given = ([f"--params {params_file}"] if params_file is not None else []) + (
+        [_set_text(overrides)] if overrides else [])
+    stored = f"{stored_file} + " + (_set_text(stored_overrides) if stored_overrides else "no --set values")
+    shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    raise RefusedError(
+        f"--resume continues session {session} with its stored parameters ({stored}); the {' '.join(given)} given "
+        f"would be ignored ({shown}). To rerun from a phase with new parameters use: forge run --from "
+        f"{session}:PHASE [--params P] [--set k=v ...] [--session NEW] (a new session that runs PHASE onwards "
+        f"after {session}'s completed phase PHASE-1; {session} stays as it is)"
+        + _from_example(session, specs, all_specs, " ".join(given)))
+
+
+def _from_example(session: str, specs: list[PhaseSpec], all_specs: list[PhaseSpec], given: str) -> str:
+    """``; e.g. forge run --from S:N ...`` for the first phase the resume would run, when S completed the one
+    before it; a new run when S completed none."""
+    pending = [s for s in specs if completed_result(session, s) is None]
+    nxt = pending[0] if pending else None
+    earlier = [s for s in all_specs if nxt is not None and s.number < nxt.number]
+    if nxt is not None and not earlier:
+        return f" (session {session} completed no phase: for a new run, forge run {given})"
+    if nxt is not None and completed_result(session, earlier[-1]) is not None:
+        return f"; e.g. forge run --from {session}:{nxt.number} {given}"
+    return ""
 
 
 def summary_table(outcomes: Iterable[PhaseOutcome]):
@@ -389,13 +642,22 @@ def summary_table(outcomes: Iterable[PhaseOutcome]):
     rows = []
     for o in outcomes:
         row = {"phase": o.spec.dirname, "status": o.status, "gate": "", "seconds": round(o.seconds, 1),
-               "headline": ""}
+               "kept": "", "headline": ""}
         if o.result is not None:
             row["gate"] = "pass" if o.result.gate_passed else "FAIL"
             row["seconds"] = round(o.result.duration_s, 1)
+            row["kept"] = _guard_text(o.result.metrics)
             row["headline"] = headline_text(o.result.metrics, getattr(o.spec.load(), "HEADLINE", None))
         rows.append(row)
-    return pd.DataFrame(rows, columns=["phase", "status", "gate", "seconds", "headline"]).set_index("phase")
+    return pd.DataFrame(rows, columns=["phase", "status", "gate", "seconds", "kept", "headline"]).set_index("phase")
+
+
+def _guard_text(metrics: dict) -> str:
+    """The guard in a few words: the input suite pooled before→after difference and the worst family."""
+    if "guard_worst_family" not in metrics:
+        return ""
+    return (f"all {metrics['guard_pooled_diff']:+.3f}, worst {metrics['guard_worst_family']} "
+            f"{metrics['guard_worst_diff']:+.3f} (margin {metrics['guard_margin']:g})")
 
 
 class PipelineOrchestrator:

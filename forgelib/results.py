@@ -21,6 +21,8 @@ class GateCheck:
     bound: float
     op: str = ">="
     passed: bool = dataclasses.field(default=False)
+    note: str = ""
+    """Why the check failed when the numbers alone do not say it (e.g. too few questions to decide)."""
 
     def __post_init__(self) -> None:
         ops = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
@@ -56,6 +58,9 @@ class PhaseResult:
     error: str | None = None
     upstream: dict[str, str] | None = None
     """The completed phase this run took its input from: ``{"session", "phase", "folder"}`` (None: none)."""
+    suite: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """What the handed-on model knows: task family -> [lowest, highest] level (``forgelib.suite``); every later
+    phase guards it."""
 
     @property
     def gate_passed(self) -> bool:
@@ -66,7 +71,8 @@ class PhaseResult:
         return self.status == "ok"
 
     def gate_failures(self) -> list[str]:
-        return [f"{c.name} = {c.value:.4g} (needs {c.op} {c.bound:.4g})" for c in self.gate if not c.passed]
+        return [f"{c.name} = {c.value:.4g} (needs {c.op} {c.bound:.4g})" + (f": {c.note}" if c.note else "")
+                for c in self.gate if not c.passed]
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

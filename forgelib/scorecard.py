@@ -1,12 +1,22 @@
-"""The end-to-end scorecard: every phase's model of one session on the same held-out test questions.
+"""The end-to-end scorecard: every phase's model of one session on the same held-out test questions, and the chain
+gate: the final artifact against the Phase-1 trunk.
 
 Per model: stored values, bytes on disk (the model folder; Phase 7 with its experts; Phase 8 the artifact file),
 bits per stored value, perplexity of the test questions' worked solutions, greedy exact-match accuracy overall and
-per family (calculator on, no Quiet-STaR thoughts, persona prefixes removed: as Phases 5–8 measure), and
+per family (calculator on, no Quiet-STaR thoughts, persona prefixes removed: as every phase's guard asks), and
 generated tokens per second. Phase 7's model answers two-pass routed with its experts, Phase 8's artifact with
-the experts it carries (``forgelib.phases.compression.System``), every other model alone.
+the experts it carries (``forgelib.phases.compression.System``), every other model alone. The questions: every
+family the chain knew (the trunk's suite and what later phases added, each at its levels; ``forgelib.suite``),
+``per_family`` of each, the first of the guard's questions.
+
+**The chain gate** (``chain_gate``): the Phase-1 trunk and the final artifact answer the guard's questions over every
+family the trunk knew, as many as the rule needs (``forgelib.suite.guard``): each family non-inferior at the
+``guard`` section's margin, and all families pooled non-inferior at its ``chain_margin``. A failure names the phases
+whose own guards measured a loss on the failing families. Written to ``09_scorecard/chain.json``; the pipeline
+stops with an error when it fails.
 
     card = scorecard("my-session")          # a list of rows; scorecard_frame(card) for the table
+    verdict = chain_gate("my-session")      # the chain's last gate
 """
 from __future__ import annotations
 
@@ -22,13 +32,17 @@ SKIP_ROLES = {"tokenizer", "taught"}
 
 @dataclasses.dataclass
 class ScorecardParams:
-    families: list[str] = dataclasses.field(default_factory=lambda: ["arith", "multistep", "algebra", "tool"])
-    levels: tuple[int, int] = (1, 3)
-    per_level: int = 4
+    families: list[str] | None = None
+    """Families asked (None: every family of the chain's suites)."""
+    levels: tuple[int, int] | None = None
+    """Levels asked for every family (None: each family at its suite levels)."""
+    per_family: int = 48
+    """Questions per family for the table (the first of the guard's questions)."""
     max_new_tokens: int = 40
     max_len: int = 96
     answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
-    seed: int = 0
+    seed: int | None = None
+    """Run seed of the guard's questions (None: the session's own, from its phases' params.yaml)."""
 
 
 def session_models(session: str) -> list[dict[str, Any]]:
@@ -69,8 +83,8 @@ def _system(entry: dict, tokenizer, test, params: ScorecardParams):
     from .phases.experts import make_check
     from .results import upstream_chain
 
-    p = compression.Params(families=params.families, levels=params.levels, max_new_tokens=params.max_new_tokens,
-                           max_len=params.max_len, answer_prefixes=params.answer_prefixes)
+    p = compression.Params(max_new_tokens=params.max_new_tokens, max_len=params.max_len,
+                           answer_prefixes=params.answer_prefixes)
     system = compression.System(test, make_check(params.answer_prefixes), tokenizer, p)
     artifact = entry["path"] / compression.ARTIFACT
     if artifact.is_file():
@@ -115,7 +129,8 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     row = {"phase": f"{entry['number']} {entry['phase']}", "model": entry["role"], "values": values, "bytes": size,
            "bits_per_value": round(8 * size / values, 3), "ppl": scored["ppl"], "accuracy": scored["acc"],
            "experts": len(system.experts or []), "tokens_per_s": round(tokens / seconds, 1) if tokens else None}
-    for family in params.families:
+    row["n"] = len(test)
+    for family in sorted({s.family for s in test}):
         idx = [i for i, s in enumerate(test) if s.family == family]
         row[f"acc_{family}"] = round(sum(scored["correct"][i] for i in idx) / len(idx), 4) if idx else None
     return row
@@ -125,14 +140,127 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
               folder: str | Path | None = None) -> list[dict[str, Any]]:
     """Every model of ``session``'s chain (or of the chain ending at the phase ``folder``) scored on the same test
     questions."""
-    from .data.tasks import generate_levels
     from .phases.base import quiet_library_bars
+    from .suite import questions
 
     quiet_library_bars()
     params = params or ScorecardParams()
-    test = generate_levels(params.families, params.levels, params.per_level, "test", params.seed + 9000)
     entries = chain_models(folder) if folder is not None else session_models(session)
+    suite, seed = chain_suite(entries, params)
+    test = [q for f, levels in suite.items() for q in questions(f, levels, params.per_family, seed)]
     return [score_model(entry, test, params) for entry in entries]
+
+
+def _phase_folder(entry: dict) -> Path:
+    return entry["path"].parent.parent
+
+
+def chain_settings(entries: list[dict]) -> tuple[dict, dict, Any]:
+    """(the trunk's suite, the final model's suite, the guard section and run seed of the chain's last phase)."""
+    import yaml
+
+    from .phases.base import legacy_suite
+    from .results import PhaseResult
+    from .suite import GuardParams, suite_of
+
+    first, last = PhaseResult.load(_phase_folder(entries[0])), PhaseResult.load(_phase_folder(entries[-1]))
+    trunk = suite_of(first) or legacy_suite(last)
+    final = suite_of(last) or trunk
+    stored = yaml.safe_load((_phase_folder(entries[-1]) / "params.yaml").read_text()) or {}
+    guard = GuardParams(**(stored.get("guard") or {}))
+    return trunk, final, (guard, int((stored.get("run") or {}).get("seed", 0)))
+
+
+def chain_suite(entries: list[dict], params: ScorecardParams) -> tuple[dict, int]:
+    """The families and levels the scorecard asks (module docstring) and the seed of the guard's questions."""
+    from .suite import suite_union
+
+    trunk, final, (guard, seed) = chain_settings(entries)
+    suite = suite_union(trunk, final)
+    if params.families is not None:
+        suite = {f: suite.get(f, (1, 1)) for f in params.families}
+    if params.levels is not None:
+        suite = {f: tuple(params.levels) for f in suite}
+    return suite, (params.seed if params.seed is not None else seed) + guard.seed
+
+
+def chain_gate(session: str | None = None, folder: str | Path | None = None, write: bool = True) -> dict[str, Any]:
+    """The chain's last gate (module docstring): the trunk against the final model of the chain, per family over
+    the trunk's suite and pooled; ``passed``, the table, and for a failure the phases that lost each family.
+    Written to ``outputs/<session>/09_scorecard/chain.json`` when ``write`` and a session is given."""
+    from transformers import AutoTokenizer
+
+    from .phases.base import quiet_library_bars
+    from .results import write_json_atomic
+    from .stats import noninferior
+    from .suite import Asker, guard
+
+    quiet_library_bars()
+    entries = chain_models(folder) if folder is not None else session_models(session)
+    trunk_entry = next((e for e in entries if e["number"] == 1 and e["role"] == "trunk"), None)
+    if trunk_entry is None:
+        raise ValueError(f"the chain ending at {paths.relative(_phase_folder(entries[-1]))} has no Phase-1 trunk to "
+                         "hold its final model to (the chain gate needs the chain from Phase 1)")
+    final_entry = entries[-1]
+    trunk_suite, _, (params, seed) = chain_settings(entries)
+    askers = []
+    for entry in (trunk_entry, final_entry):
+        from .thoughts import load_lm
+
+        tokenizer = AutoTokenizer.from_pretrained(entry["path"])
+        system = _system(entry, tokenizer, [], ScorecardParams())
+        askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
+                            svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
+    report = guard(askers[0], askers[1], trunk_suite, params, seed)
+    flat = [(a["before"], a["after"]) for a in report.answers.values()]
+    pooled = noninferior("all", [x for b, _ in flat for x in b], [x for _, a in flat for x in a], params.chain_margin,
+                         params.confidence, params.power)
+    failing = [f for f, v in report.families.items() if not v.passed]
+    verdict = {"passed": report.passed and pooled.passed, "trunk": askers[0].label, "final": askers[1].label,
+               "margin": params.margin, "chain_margin": params.chain_margin, "pooled": pooled.as_row(),
+               "table": report.table()[:-1] + [dict(family="all (pooled)", levels="", n=pooled.n,
+                                                    before=pooled.before, after=pooled.after, diff=pooled.diff,
+                                                    lower_bound=pooled.lower, bound=-pooled.margin,
+                                                    needed=pooled.needed,
+                                                    verdict="pass" if pooled.passed else "FAIL", note=pooled.note)],
+               "lost_by": {f: phases_that_lost(entries, f) for f in (failing or
+                                                                    [f for f, v in report.families.items() if v.diff < 0])},
+               "answers": report.answers}
+    if write and session is not None:
+        write_json_atomic(paths.outputs_root() / session / "09_scorecard" / "chain.json", verdict)
+    return verdict
+
+
+def phases_that_lost(entries: list[dict], family: str) -> list[dict[str, Any]]:
+    """The phases of the chain whose guard measured a loss on ``family``: (phase, before, after, diff), worst
+    first."""
+    from .suite import read_guard
+
+    out, seen = [], set()
+    for entry in entries:
+        folder = _phase_folder(entry)
+        if folder in seen:
+            continue
+        seen.add(folder)
+        data = read_guard(folder)
+        row = ((data or {}).get("families") or {}).get(family)
+        if row and row["diff"] < 0:
+            out.append({"phase": f"{entry['number']} {entry['phase']}", "before": row["before"], "after": row["after"],
+                        "diff": row["diff"]})
+    return sorted(out, key=lambda r: r["diff"])
+
+
+def chain_message(verdict: dict) -> str:
+    """One paragraph: which families the chain lost, by how much, and in which phases."""
+    rows = [r for r in verdict["table"] if r["verdict"] != "pass"]
+    parts = []
+    for r in rows:
+        who = verdict["lost_by"].get(r["family"], [])
+        where = ", ".join(f"{w['phase']} {w['before']:.2f}→{w['after']:.2f}" for w in who) or "no single phase"
+        parts.append(f"{r['family']}: {r['before']:.3f} → {r['after']:.3f} (lower bound {r['lower_bound']:.3f}, "
+                     f"needs > {r['bound']:g}{'; ' + r['note'] if r['note'] else ''}; lost in: {where})")
+    return (f"the chain gate failed: {verdict['final']} does not answer as well as {verdict['trunk']}: "
+            + "; ".join(parts))
 
 
 def targets(card: list[dict]) -> dict[str, Any]:

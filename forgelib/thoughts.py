@@ -409,8 +409,12 @@ class QuietStarModel(nn.Module):
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
         """The base as a normal HF folder (packed with ``export_packing`` = '2bit' or 'base3' when it is a BitNet
         model, ``forgelib.quant.export_packed``; its byte accounting lands in ``export_report``), plus the mixing
-        head and thought embeddings (``quietstar.safetensors``) and the settings (``quietstar.json``) next to it."""
+        head and thought embeddings (``quietstar.safetensors``) and the settings (``quietstar.json``) next to it.
+        Int8 layers of the mixing head (``forgelib.quant.convert_to_int8``) are listed in ``quietstar.json``
+        (``int8_modules``) and, when packed, stored as int8 codes + row maxima (``pack_int8_tensors``)."""
         from safetensors.torch import save_file
+
+        from .quant import int8_modules, pack_int8_tensors
 
         path = Path(path)
         if self.export_packing is not None:  # a BitNet base: its ternary layers packed (forgelib.quant)
@@ -420,11 +424,15 @@ class QuietStarModel(nn.Module):
             self.export_report = export_packed(self.base, path, self.export_packing)
         else:
             self.base.save_pretrained(path, safe_serialization=True, **kwargs)
+        int8 = [f"mixing_head.{name}" for name in int8_modules(self.mixing_head)]
         extra = {"thought_embeddings": self.thought_embeddings.detach().contiguous()}
         extra.update({f"mixing_head.{k}": v.detach().contiguous() for k, v in self.mixing_head.state_dict().items()})
+        if self.export_packing is not None and int8:
+            extra = pack_int8_tensors(extra, int8)
         save_file(extra, str(path / EXTRA_FILE))
         (path / CONFIG_FILE).write_text(json.dumps({"config": dataclasses.asdict(self.qconfig),
-                                                     "sot_id": self.sot_id, "eot_id": self.eot_id}, indent=2))
+                                                     "sot_id": self.sot_id, "eot_id": self.eot_id,
+                                                     **({"int8_modules": int8} if int8 else {})}, indent=2))
 
 
 def is_quietstar(path: str | Path) -> bool:
@@ -454,11 +462,13 @@ def base_lm(model: nn.Module) -> nn.Module:
 def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
                    **config_overrides) -> QuietStarModel:
     """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given). A packed
-    BitNet base loads with packed inference layers, or as BitLinear layers with ``trainable=True``."""
+    BitNet base loads with packed inference layers, or as BitLinear layers with ``trainable=True``; int8 layers of
+    the mixing head come back as Int8Linear on latent weights that compute exactly the stored int8 values."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from .models.loading import load_causal_lm
+    from .quant import convert_to_int8, unpack_int8_tensors
 
     path = Path(path)
     if not is_quietstar(path):
@@ -470,7 +480,11 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = Fa
     if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
         raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
                          f"saved ones {(meta['sot_id'], meta['eot_id'])}")
-    extra = load_file(str(path / EXTRA_FILE))
+    int8 = meta.get("int8_modules", [])
+    if any(not name.startswith("mixing_head.") for name in int8):
+        raise ValueError(f"{path / CONFIG_FILE}: int8_modules {int8} must name layers of the mixing head")
+    convert_to_int8(model.mixing_head, [name.removeprefix("mixing_head.") for name in int8])
+    extra = unpack_int8_tensors(load_file(str(path / EXTRA_FILE)), where=str(path / EXTRA_FILE))
     want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
     if set(extra) != want:
         raise ValueError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found {sorted(extra)}")

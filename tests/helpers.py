@@ -50,10 +50,17 @@ def tiny_task_llama(tok):
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
 
 
+SUITE = {"arith": [1, 1], "logic": [1, 1]}
+"""The suite a hand-made upstream result hands on (``PhaseResult.suite``): what the next phase's guard asks."""
+TINY_GUARD = {"guard": {"margin": 0.5, "max_questions": 16}}
+"""Overrides that keep a phase's guard to a few questions per family (8 at first, at most 16)."""
+
+
 def quietstar_upstream(tok, folder, phase: str, number: int, session: str, ternary: bool = True,
-                       packing: str | None = None):
+                       packing: str | None = None, suite: dict | None = None):
     """A Quiet-STaR tiny Llama (ternary layers unless ``ternary=False``; packed with ``packing``) saved in ``folder``
-    and registered as ``phase``'s model: the PhaseResult a later phase takes as ``upstream``."""
+    and registered as ``phase``'s model: the PhaseResult a later phase takes as ``upstream``, with ``suite``
+    (default ``SUITE``) as what the model knows (a hand-made chain has no Phase 1 to take it from)."""
     from forgelib import paths
     from forgelib.quant import convert_to_bitnet
     from forgelib.registry import ModelRegistry
@@ -66,7 +73,7 @@ def quietstar_upstream(tok, folder, phase: str, number: int, session: str, terna
     qs.export_packing = packing
     qs.save_pretrained(folder)
     tok.save_pretrained(folder)
-    up = PhaseResult(phase, number, session, status="ok")
+    up = PhaseResult(phase, number, session, status="ok", suite={f: list(v) for f, v in (suite or SUITE).items()})
     with ModelRegistry(paths.registry_path()) as reg:
         up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
             session_id=session, phase_name=phase, model_name="model", model_path=str(folder))}

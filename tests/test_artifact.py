@@ -2,12 +2,13 @@
 model compressed in memory, and the bit accounting equals the bytes on disk."""
 import copy
 import math
+import struct
 
 import pytest
 import torch
 
-from forgelib.quant.artifact import (ArtifactError, _decode, _encode, load_compressed, load_extras, pack_bits,
-                                     save_compressed, unpack_bits)
+from forgelib.quant.artifact import (ArtifactError, load_compressed, load_extras, pack_bits, save_compressed,
+                                     unpack_bits)
 
 
 @pytest.mark.parametrize("width", [1, 3, 4, 12, 16])
@@ -37,16 +38,120 @@ def _plan(model):
     return plan
 
 
-def _compressed_in_memory(model, plan, hessians=None):
-    expected = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, tensor in expected.state_dict().items():
-            parts, meta = _encode(name, tensor, plan.get(name, {}), (hessians or {}).get(name))
-            tensor.copy_(_decode(name, parts, meta))
-    return expected
+# --- references written here, independent of the artifact's _encode / _decode -----------------------------
+
+
+def _ref_rtn(w, bits, group):
+    """Round to nearest, one group of ``group`` weights of a row at a time: scale max|g| / (2^(bits-1) - 1) stored
+    as fp16, codes rounded and clipped to [-2^(bits-1), 2^(bits-1) - 1]."""
+    qmax = 2 ** (bits - 1) - 1
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for start in range(0, w.shape[1], group):
+            g = w[r, start:start + group]
+            scale = (g.abs().max() / qmax).half().float()
+            out[r, start:start + group] = torch.round(g / scale).clamp(-qmax - 1, qmax) * scale
+    return out
+
+
+def _ref_bfp(w, mantissa_bits, block, exp_bits=4):
+    """Block floating point over the flattened weights: exponent e = ceil(log2(max|b| / qmax)) in [3 - 2^exp_bits,
+    2], mantissas round(b / 2^e) clipped."""
+    qmax = 2 ** (mantissa_bits - 1) - 1
+    flat, out = w.reshape(-1), torch.empty(w.numel())
+    for start in range(0, len(flat), block):
+        b = flat[start:start + block]
+        e = min(max(math.ceil(math.log2(float(b.abs().max()) / qmax)), 3 - 2 ** exp_bits), 2)
+        out[start:start + block] = torch.round(b / 2.0 ** e).clamp(-qmax - 1, qmax) * 2.0 ** e
+    return out.reshape(w.shape)
+
+
+def _ref_hyper(w, n, index_bits):
+    """Each group of n weights of a row, mapped to [0, 1] by the row's fp16 (min, max), replaced by the nearest of
+    the points frac(k * (sqrt 2, sqrt 3, ...)), k < 2^index_bits, found by brute force."""
+    primes = [2, 3, 5, 7][:n]
+    points = torch.tensor([[math.modf(k * math.sqrt(p))[0] for p in primes] for k in range(1 << index_bits)],
+                          dtype=torch.float64)
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        lo, hi = w[r].min().half().float(), w[r].max().half().float()
+        u = ((w[r] - lo) / (hi - lo)).reshape(-1, n).double()
+        nearest = points[((u[:, None, :] - points[None]) ** 2).sum(-1).argmin(1)]
+        out[r] = lo + nearest.reshape(-1).float() * (hi - lo)
+    return out
+
+
+def _ref_ternary_codes(w):
+    """Absmean ternary codes: round(w / mean|w|) clipped to [-1, 1]."""
+    return torch.round(w / w.abs().mean()).clamp(-1, 1)
+
+
+def _reference_tensor(name, tensor, spec, hessian=None):
+    """The tensor as its codec leaves it, computed without the artifact: hand-written above for raw16, rtn, bfp and
+    hyper; seedlm, vq and hqq from their codec modules' quantize / dequantize (tested against a textbook LFSR and
+    a brute-force fit, and against the hqq package, in test_seedlm and below); a ternary layer keeps its latent
+    weight (its BitLinear quantizes it in the forward: the codes are compared separately)."""
+    from forgelib.quant.codecs import hqq_dequantize, hqq_quantize, vq_dequantize, vq_quantize
+    from forgelib.quant.seedlm import SeedLMConfig, compress_matrix, decompress_matrix
+
+    codec, t = spec.get("codec", "raw16"), tensor.detach().float()
+    if codec == "raw16":
+        return t.half().float()
+    if codec in ("raw32", "ternary"):
+        return t.clone()
+    if codec == "rtn":
+        return _ref_rtn(t, spec["bits"], spec["group"])
+    if codec == "bfp":
+        return _ref_bfp(t, spec["mantissa_bits"], spec["block"])
+    if codec == "hyper":
+        return _ref_hyper(t, spec["n"], spec["index_bits"])
+    if codec == "seedlm":
+        config = SeedLMConfig(K=spec["K"], C=spec["C"], P=spec["P"])
+        return decompress_matrix(compress_matrix(t, config), config)
+    if codec == "vq":
+        q = vq_quantize(t, spec["v"], spec["codebook_bits"], hessian_diag=hessian, residual=spec["residual"])
+        return vq_dequantize(q)
+    assert codec == "hqq"
+    return hqq_dequantize(hqq_quantize(t, spec["bits"], spec["group"]))
+
+
+def _expected_bytes(tensor, spec):
+    """The payload bytes of one tensor under its codec, from the codec's layout."""
+    n, rows = tensor.numel(), tensor.shape[0]
+    codec = spec.get("codec", "raw16")
+    if codec == "ternary":
+        return math.ceil(n / 5) + 4  # base-3: 5 codes per byte, one fp32 scale
+    if codec == "rtn":
+        groups = rows * math.ceil(tensor.shape[1] / spec["group"])
+        return math.ceil(groups * spec["group"] * spec["bits"] / 8) + groups * 2
+    if codec == "hqq":
+        groups = n // spec["group"]
+        return math.ceil(n * spec["bits"] / 8) + groups * 2 * 2  # codes, fp16 scale and zero per group
+    if codec == "seedlm":
+        blocks = math.ceil(n / spec["C"])  # K-bit seeds, P 4-bit coefficients and a 4-bit exponent per block
+        return math.ceil(blocks * spec["K"] / 8) + math.ceil(blocks * spec["P"] * 4 / 8) + math.ceil(blocks * 4 / 8)
+    if codec == "vq":
+        vectors, book = n // spec["v"], (1 << spec["codebook_bits"]) * spec["v"] * 2
+        stages = 2 if spec.get("residual") else 1  # a residual codebook doubles books and indices
+        return rows * 2 + stages * (book + math.ceil(vectors * spec["codebook_bits"] / 8))  # fp16 row scales
+    if codec == "hyper":
+        return math.ceil(n // spec["n"] * spec["index_bits"] / 8) + rows * 2 * 2  # indices, fp16 (lo, hi) per row
+    if codec == "bfp":
+        blocks = math.ceil(n / spec["block"])
+        return math.ceil(blocks * spec["block"] * spec["mantissa_bits"] / 8) + math.ceil(blocks * 4 / 8)  # 4-bit exps
+    return 4 * n if codec == "raw32" else 2 * n
+
+
+def _file_header_bytes(path):
+    with open(path, "rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
 
 
 def test_the_artifact_gives_the_logits_of_the_model_compressed_in_memory(tiny_llama, tmp_path):
+    """Every tensor read back equals its codec's result computed without the artifact (measured: equal; the
+    uncompressed weights are 5e-3 to 3e-2 away), the logits equal the reference model's (measured 5e-8 apart; the
+    uncompressed model's are 0.14 away at a logit scale of 0.37), and the bits per weight are those of the codecs'
+    layouts plus the header (measured 3.39: 2.79 payload, 0.61 header)."""
     from forgelib.quant import convert_to_bitnet
 
     convert_to_bitnet(tiny_llama)
@@ -55,21 +160,32 @@ def test_the_artifact_gives_the_logits_of_the_model_compressed_in_memory(tiny_ll
     extras = {"expert_0.z": torch.randn(7), "router": torch.randn(2, 3)}
     report = save_compressed(tiny_llama, tmp_path / "model.forge", plan, hessians=hessians, extras=extras)
     loaded = load_compressed(tmp_path / "model.forge")
-    expected = _compressed_in_memory(tiny_llama, plan, hessians)
+    expected = copy.deepcopy(tiny_llama)
+    got = loaded.state_dict()
+    with torch.no_grad():
+        for name, tensor in expected.state_dict().items():
+            spec = plan.get(name, {})
+            reference = _reference_tensor(name, tensor, spec, hessians.get(name))
+            if spec.get("codec") == "ternary":  # the ternary layers keep exactly the codes of the original model
+                assert torch.equal(_ref_ternary_codes(got[name]), _ref_ternary_codes(reference)), name
+                assert float(got[name].abs().mean()) == pytest.approx(float(reference.abs().mean()), rel=1e-6)
+            else:
+                assert torch.allclose(got[name], reference, rtol=0, atol=1e-6), name
+            tensor.copy_(reference)
     ids = torch.randint(0, 64, (2, 9))
-    assert torch.allclose(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=1e-5)
     assert loaded.generate(ids[:1, :3], max_new_tokens=4, do_sample=False).shape == (1, 7)
-    # the ternary layers keep exactly the codes of the original model
-    from forgelib.quant.bitnet import ternary_quantize
-
-    original = dict(tiny_llama.named_parameters())
-    for name, param in loaded.named_parameters():
-        if name in plan and plan[name]["codec"] == "ternary":
-            assert torch.equal(ternary_quantize(param)[0], ternary_quantize(original[name])[0])
     back = load_extras(tmp_path / "model.forge")
     assert set(back) == set(extras)
-    assert torch.allclose(back["router"], extras["router"].half().float())
-    assert report["bits_per_weight"] < 8
+    assert torch.equal(back["router"], extras["router"].half().float())
+    # bits per weight: the codecs' payload from their layouts, plus the file's own header, over every stored value
+    payload = sum(_expected_bytes(t, plan.get(n, {})) for n, t in tiny_llama.state_dict().items())
+    payload += sum(2 * t.numel() for t in extras.values())  # extras: raw16
+    weights = sum(t.numel() for t in tiny_llama.state_dict().values()) + sum(t.numel() for t in extras.values())
+    assert report["weights"] == weights and report["payload_bytes"] == payload
+    header = _file_header_bytes(tmp_path / "model.forge")
+    assert report["bits_per_weight"] == pytest.approx(8 * (payload + header) / weights, rel=1e-12)
 
 
 def test_a_tied_head_is_stored_once_and_tied_again(tmp_path):
@@ -96,33 +212,7 @@ def test_bit_accounting_equals_the_bytes_on_disk(tiny_llama, tmp_path):
     assert report["file_bytes"] == report["header_bytes"] + report["payload_bytes"]
     per = report["per_tensor_bytes"]
     for name, tensor in tiny_llama.state_dict().items():
-        n = tensor.numel()
-        spec = plan.get(name, {"codec": "raw16"})
-        rows = tensor.shape[0]
-        if spec["codec"] == "ternary":
-            want = math.ceil(n / 5) + 4  # base-3: 5 codes per byte, one fp32 scale
-        elif spec["codec"] == "rtn":
-            groups = rows * math.ceil(tensor.shape[1] / 16)
-            want = math.ceil(groups * 16 * 4 / 8) + groups * 2
-        elif spec["codec"] == "hqq":
-            groups = n // 32
-            want = math.ceil(n * 3 / 8) + groups * 2 * 2  # codes, fp16 scale and zero per group
-        elif spec["codec"] == "seedlm":
-            blocks = math.ceil(n / 8)
-            want = math.ceil(blocks * 8 / 8) + math.ceil(blocks * 3 * 4 / 8) + math.ceil(blocks * 4 / 8)
-        elif spec["codec"] == "vq":
-            vectors = n // 4
-            want = rows * 2 + 2 * (16 * 4 * 2 + math.ceil(vectors * 4 / 8))  # row scales, two books + indices
-        elif spec["codec"] == "hyper":
-            want = math.ceil(n // 2 * 8 / 8) + rows * 2 * 2  # one 8-bit index per pair, fp16 (lo, hi) per row
-        elif spec["codec"] == "bfp":
-            blocks = math.ceil(n / 8)
-            want = math.ceil(blocks * 8 * 3 / 8) + math.ceil(blocks * 4 / 8)  # 3-bit mantissas, 4-bit exponents
-        elif spec["codec"] == "raw32":
-            want = 4 * n
-        else:
-            want = 2 * n
-        assert per[name] == want, name
+        assert per[name] == _expected_bytes(tensor, plan.get(name, {})), name
     assert report["bits_per_weight"] == pytest.approx(8 * report["file_bytes"] / report["weights"])
     assert report["header_bytes"] < 2500  # the layout is zlib-compressed: small beside the payload
 
@@ -146,6 +236,10 @@ def test_a_tampered_or_foreign_file_fails_with_a_clear_error(tiny_llama, tmp_pat
 
 
 def test_hqq_codec_matches_the_hqq_package():
+    """Our codec gives the package's dequantized weights up to the fp16 storage of scale and zero (a bound derived
+    per weight), and HQQ's optimizer earns its keep: its error is below plain asymmetric min-max rounding with the
+    same bits and groups, written here (measured 0.0272 vs 0.0301, ratio 0.90; without the optimizer, as hqq's
+    optimize=False, it is the min-max error exactly, ratio 1.00), which in turn beats symmetric RTN (0.0592)."""
     from forgelib.quant.codecs import hqq_dequantize, hqq_quantize, hqq_quantizer, rtn_dequantize, rtn_quantize
 
     Quantizer = hqq_quantizer()  # the package itself (installed beside the environment by make setup)
@@ -155,10 +249,21 @@ def test_hqq_codec_matches_the_hqq_package():
     ref_q, meta = Quantizer.quantize(w, nbits=3, group_size=32, optimize=True, axis=1, device="cpu",
                                      compute_dtype=torch.float32)
     ref = Quantizer.dequantize(ref_q, meta)
-    ours = hqq_dequantize(hqq_quantize(w, 3, 32))
-    assert torch.allclose(ours, ref, atol=0.01)  # equal up to the fp16 storage of scale and zero
-    rtn_err = ((w - rtn_dequantize(rtn_quantize(w, 3, 32))) ** 2).mean()
-    assert ((w - ours) ** 2).mean() < 1.5 * rtn_err
+    q = hqq_quantize(w, 3, 32)
+    ours = hqq_dequantize(q)
+    # (c - z) s against (c - z16) s16: at most |c - z| |s - s16| + |s| |z - z16| per weight (float error aside)
+    codes = q["codes"].reshape(-1, 32).float()
+    scale, zero = meta["scale"].reshape(-1, 1).float(), meta["zero"].reshape(-1, 1).float()
+    bound = ((codes - zero).abs() * (scale - scale.half().float()).abs()
+             + scale.abs() * (zero - zero.half().float()).abs()).reshape(w.shape)
+    assert bool(((ours - ref).abs() <= bound + 1e-5).all())  # measured: within 2e-7 of the bound, max 1.2e-3
+    mse = lambda approx: float(((w - approx) ** 2).mean())  # noqa: E731
+    groups = w.reshape(-1, 32)
+    lo, hi = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+    step = (hi - lo) / 7  # 3 bits: 8 levels from the group's min to its max
+    min_max = (torch.round((groups - lo) / step).clamp(0, 7) * step + lo).reshape(w.shape)
+    assert mse(ours) < 0.95 * mse(min_max)
+    assert mse(min_max) < 0.6 * mse(rtn_dequantize(rtn_quantize(w, 3, 32)))
 
 
 def test_block_floating_point_against_a_worked_example():

@@ -205,7 +205,10 @@ def test_bake_moves_the_student_and_never_the_teacher(tok, ternary):
         student_after = baked(input_ids=pairs.s_ids, attention_mask=pairs.s_mask).logits
     assert not torch.allclose(student_after, student_before, atol=1e-4)
     kl_after = prompt_kl(baked, pairs, after)
-    assert kl_after > 0  # teacher and student are still different computations
+    # the student moved towards the prompted teacher on these (unseen) trajectories, measured: KL 5.2e-4 -> 1.3e-4
+    # (ratio 0.24) on Llama, 6.6e-5 -> 3.2e-5 (0.49) ternary; not learning (lr 1e-9) keeps the ratio at 1.00, an
+    # adapter of the same size in a random direction raises it (1.12, 1.27)
+    assert kl_after < 0.7 * kl_before
     assert prompt_kl(baked, pairs, after, adapter=False) == pytest.approx(kl_before, rel=1e-5)
     losses = baked.baking_report["train_loss"]
     assert len(losses) == 6 and losses[0] > 0  # the first step's KL: teacher and student differ from the start
@@ -324,19 +327,42 @@ def test_scale_adapter_zero_is_the_unbaked_model_and_scaling_is_linear(tok, tern
 
 
 def test_merge_of_a_standard_lora_keeps_the_logits(tok):
+    """Merged and unmerged logits agree to float32 rounding: in float64 the merge is exact (measured 0.0 apart), in
+    float32 they differ by no more than a few times the rounding error of the unmerged forward itself, measured
+    against float64 on this machine (measured: 1.2e-5 apart, the forward's own error 1.7e-5; the random adapter
+    drives hidden states to ~500 while the logits stay below 0.5, so a bound on max|logit| alone would not hold).
+    A merge that forgot the LoRA scaling alpha / r (= 4), done by hand here, is 0.65 away; one 0.1% off, 3.5e-3."""
+    from peft.tuners.lora import LoraLayer
+
     model = tiny_llama(tok)
     ids = torch.tensor([ids_of(tok, "<|bos|>Use the calculator. 34+50=84#84")])
     with torch.no_grad():
         base = model(input_ids=ids).logits
     lora = add_lora(model, PromptBakingConfig(lora_r=4))
     randomize_lora(lora, std=0.3)
+    lora64 = copy.deepcopy(lora).double()
+    adapted = {n.removeprefix("base_model.model."): (m.get_base_layer().weight.detach().clone(),
+                                                    m.lora_A["default"].weight.detach().clone(),
+                                                    m.lora_B["default"].weight.detach().clone(), m.scaling["default"])
+               for n, m in lora.named_modules() if isinstance(m, LoraLayer)}
+    assert len(adapted) == 14 and {s for *_, s in adapted.values()} == {16.0 / 4}
     with torch.no_grad():
         unmerged = lora(input_ids=ids).logits
         merged_model = merge_baked(lora)
         merged = merged_model(input_ids=ids).logits
+        unmerged64 = lora64(input_ids=ids).logits
+        merged64 = merge_baked(lora64)(input_ids=ids).logits
+        forgot_scaling = copy.deepcopy(merged_model)
+        for name, (w, a, b, _) in adapted.items():
+            forgot_scaling.get_submodule(name).weight.copy_(w + b @ a)
+        wrong = forgot_scaling(input_ids=ids).logits
     assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter does something
     assert not any("lora_" in n for n, _ in merged_model.named_parameters())
-    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert torch.allclose(merged64, unmerged64, rtol=0, atol=1e-9)
+    tolerance = 4 * float((unmerged.double() - unmerged64).abs().max())
+    assert tolerance < 1e-3  # float32 rounding, far below what a wrong merge costs
+    assert float((merged - unmerged).abs().max()) <= tolerance
+    assert float((wrong - unmerged).abs().max()) > 100 * tolerance
 
 
 def test_ternary_lora_quantizes_the_adapted_weight_and_merges_exactly(tok):
@@ -458,3 +484,83 @@ def test_two_personas_compose_and_grade():
     assert text == "71+35=106#Result: Answer: 106"
     assert normalize(text, [PERSONA, brief]) == "71+35=106#106"
     assert correct(sample, text, [PERSONA, brief])
+
+
+# --- Phase 6 under the chain's rules: replay of the suite, per-input KL, another teacher ---------------------
+
+
+def test_teaching_replays_the_suite_plainly_at_its_levels_and_share():
+    """With ``replay`` = a suite and ``replay_share`` 0.3, about 30 % of the teaching questions (measured 0.307 of
+    3000; binomial sd 0.008) are the suite's families, drawn uniformly, at their own levels, with no prompt and
+    their normal worked solution; the rest are the prompted families, styled."""
+    suite = {"logic": (1, 1), "recall": (1, 2), "arith": (2, 2)}
+    samples = teaching_samples([TOOL, PERSONA], ["arith"], [1], 3000, random.Random(0), replay=suite,
+                               replay_share=0.3)
+    replayed = [s for s in samples if "styled" not in s.meta]
+    prompted = [s for s in samples if "styled" in s.meta]
+    assert abs(len(replayed) / 3000 - 0.3) < 0.03
+    per_family = {f: sum(s.family == f for s in replayed) / len(replayed) for f in suite}
+    assert all(abs(share - 1 / 3) < 0.05 for share in per_family.values()), per_family
+    assert {(s.family, s.level) for s in replayed} == {("logic", 1), ("recall", 1), ("recall", 2), ("arith", 2)}
+    for s in replayed:  # plain: the question alone, the worked solution without tool calls or answer prefix
+        text = completion_text(s, with_steps=True)
+        assert not s.prompt.startswith((TOOL.text, PERSONA.text)) and not uses_tool(text)
+        assert not answer_part(text).startswith("Answer:")
+    assert {(s.family, s.level) for s in prompted} == {("arith", 1)}
+    assert {tuple(s.meta["styled"]) for s in prompted} == {(), ("calculator",), ("formal",), ("calculator", "formal")}
+    # no replay: the prompted families alone (the earlier behaviour)
+    assert all("styled" in s.meta for s in teaching_samples([TOOL], ["arith"], [1], 50, random.Random(1)))
+    with pytest.raises(ValueError, match="replay_share"):
+        teaching_samples([TOOL], ["arith"], [1], 5, random.Random(0), replay=suite, replay_share=1.0)
+
+
+def test_prompt_kl_rows_are_the_per_pair_sums_of_prompt_kl(tok, taught):
+    """Per pair: the KL summed over its compared positions (pair_kl of that pair alone × its positions); their
+    total over the total positions is prompt_kl."""
+    from forgelib.baking.bake import prompt_kl_rows
+
+    model, held, teacher = taught["model"], taught["held"], taught["teacher"]
+    sums, positions = prompt_kl_rows(model, held, teacher)
+    assert len(sums) == len(positions) == len(held) == 32
+    assert positions == held.pos_mask.sum(1).tolist()
+    with torch.no_grad():
+        for i in (0, 7, 31):
+            one = held.select([i])
+            logits = model(input_ids=one.s_ids, attention_mask=one.s_mask).logits
+            logits = logits.gather(1, one.s_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            assert sums[i] == pytest.approx(float(pair_kl(logits, teacher[[i]], one.pos_mask)) * positions[i], rel=1e-4)
+    assert sum(sums) / sum(positions) == pytest.approx(prompt_kl(model, held, teacher), rel=1e-6)
+    assert sum(sums) / sum(positions) == pytest.approx(taught["kl"], rel=1e-6)
+
+
+def test_more_held_out_inputs_are_drawn_as_the_bake_drew_its_own(tok, baked_full):
+    """heldout_kl on the bake's own held-out questions and seed reproduces the bake's per-input rows: the same
+    trajectories from the teacher (adapter off; the bake sampled them with the fresh adapter, B = 0) and the same
+    KL values unbaked and baked."""
+    from forgelib.baking.bake import heldout_kl
+
+    config = PromptBakingConfig(**BAKE)
+    rows = heldout_kl(baked_full, tok, TOOL.text, HELD_OUT, config, config.seed + 1)
+    want = baked_full.baking_report["heldout"]
+    assert rows["positions"] == want["positions"]
+    assert rows["kl_unbaked"] == pytest.approx(want["kl_unbaked"], rel=1e-5)
+    assert rows["kl_baked"] == pytest.approx(want["kl_baked"], rel=1e-5)
+    assert sum(rows["kl_baked"]) < 0.2 * sum(rows["kl_unbaked"])  # the bake closed most of the gap
+
+
+def test_bake_with_another_teacher_targets_that_model(tok, taught):
+    """``teacher=``: the trajectories and target log-probs come from the teacher with the prompt (here the taught
+    model), the unbaked reference is the student without adapter (here an untaught model): kl_unbaked equals
+    KL(taught + prompt ‖ untaught) on the same sampled pairs, and the teacher's weights do not move."""
+    from forgelib.baking.bake import teacher_pairs
+
+    teacher_model = taught["model"]
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    student = tiny_llama(tok)
+    config = PromptBakingConfig(**{**BAKE, "steps": 2, "eval_every": 0})
+    baked = bake_prompt(copy.deepcopy(student), TOOL.text, tok, CALIBRATION, config, eval_data=HELD_OUT[:8],
+                        teacher=teacher_model)
+    pairs, logp = teacher_pairs(teacher_model, tok, TOOL.text, HELD_OUT[:8], 8, config, config.seed + 1)
+    assert baked.baking_report["kl_unbaked"] == pytest.approx(prompt_kl(student, pairs, logp), rel=1e-5)
+    assert baked.baking_report["kl_unbaked"] != pytest.approx(taught["kl"], rel=0.05)  # not the taught model's gap
+    assert all(torch.equal(v, before[k]) for k, v in teacher_model.state_dict().items())

@@ -98,15 +98,48 @@ def test_one_loader_for_plain_fake_quantized_and_packed_folders(tok, tmp_path):
         assert torch.equal(packed(input_ids=ids, attention_mask=mask).logits, ref)
 
 
+def _metrics(**changes):
+    metrics = {"ppl_ratio_upper_bound": 1.2, "compression_vs_fp32": 9.0, "trainable_reload_logits_max_abs_diff": 0.0,
+               "total_bytes_packed": 100, "total_bytes_fp32": 900, "packed_logits_max_abs_diff": 0.0}
+    return {**metrics, **changes}
+
+
+GATE = {"ppl_ratio_upper_bound", "compression_vs_fp32", "trainable_reload_logits_max_abs_diff",
+        "packed_over_fp32_bytes", "packed_logits_max_abs_diff"}
+
+
 def test_gate_names_each_failure():
-    metrics = {"ppl_ratio": 1.2, "acc_retention": 0.95, "total_bytes_packed": 100, "total_bytes_fp32": 400,
-               "packed_logits_max_abs_diff": 0.0}
-    checks = {c.name: c for c in gate_checks(metrics, Params(max_ppl_ratio=1.1, min_acc_retention=0.9))}
-    assert not checks["ppl_ratio"].passed and checks["acc_retention"].passed
-    assert checks["packed_over_fp32_bytes"].value == 0.25 and checks["packed_over_fp32_bytes"].passed
-    metrics.update(packed_logits_max_abs_diff=1e-3, total_bytes_packed=500)
-    checks = {c.name: c for c in gate_checks(metrics, Params())}
-    assert not checks["packed_logits_max_abs_diff"].passed and not checks["packed_over_fp32_bytes"].passed
+    checks = {c.name: c for c in gate_checks(_metrics(), Params())}
+    assert set(checks) == GATE and all(c.passed for c in checks.values())
+    assert checks["packed_over_fp32_bytes"].value == pytest.approx(100 / 900)
+    checks = {c.name: c for c in gate_checks(_metrics(), Params(max_ppl_ratio=1.1, min_compression=10.0))}
+    assert [n for n, c in checks.items() if not c.passed] == ["ppl_ratio_upper_bound", "compression_vs_fp32"]
+    assert (checks["ppl_ratio_upper_bound"].bound, checks["compression_vs_fp32"].bound) == (1.1, 10.0)
+    checks = {c.name: c for c in gate_checks(_metrics(packed_logits_max_abs_diff=1e-3, total_bytes_packed=1000,
+                                                      trainable_reload_logits_max_abs_diff=2e-6), Params())}
+    assert {n for n, c in checks.items() if not c.passed} == {"packed_logits_max_abs_diff", "packed_over_fp32_bytes",
+                                                              "trainable_reload_logits_max_abs_diff"}
+    missing = _metrics()
+    del missing["trainable_reload_logits_max_abs_diff"]  # never measured: the check fails, it is not skipped
+    assert not {c.name: c for c in gate_checks(missing, Params())}["trainable_reload_logits_max_abs_diff"].passed
+
+
+def test_ppl_ratio_bound_is_the_upper_bound_of_the_paired_nll_difference():
+    import math
+    import random
+
+    from forgelib.phases.bitnet import ppl_ratio_bound
+    from forgelib.stats import mean_bounds
+
+    gen = random.Random(0)
+    fp = [gen.uniform(0.5, 1.5) for _ in range(50)]
+    ternary = [x + 0.1 + gen.uniform(-0.2, 0.2) for x in fp]
+    table = {"fp": {"sample_nll": fp}, "ternary": {"sample_nll": ternary}}
+    upper = mean_bounds([t - f for t, f in zip(ternary, fp)], 0.95)[2]
+    assert ppl_ratio_bound(table, 0.95) == pytest.approx(math.exp(upper))
+    assert ppl_ratio_bound(table, 0.99) > ppl_ratio_bound(table, 0.95) > math.exp(0.1 - 0.05)
+    same = {"fp": {"sample_nll": fp}, "ternary": {"sample_nll": list(fp)}}
+    assert ppl_ratio_bound(same, 0.95) == 1.0  # no difference on any question: exactly 1
 
 
 def test_bad_phase4_parameters_are_named():
@@ -114,32 +147,68 @@ def test_bad_phase4_parameters_are_named():
         Params(packing="3bit")
     with pytest.raises(ValueError, match="loss"):
         Params(loss="mse")
+    for bad, match in (({"allowed_loss": 0.0}, "allowed_loss must lie in"), ({"allowed_loss": 1.0}, "allowed_loss"),
+                       ({"replay": 1.0}, "replay must lie in"), ({"min_compression": -1.0}, "min_compression")):
+        with pytest.raises(ValueError, match=match):
+            Params(**bad)
+
+
+def test_removed_retention_key_is_refused(tmp_path):
+    from forgelib.params import ParameterError, load_section
+
+    path = tmp_path / "p.yaml"
+    path.write_text("bitnet:\n  min_acc_retention: 0.5\n")
+    with pytest.raises(ParameterError, match="min_acc_retention"):
+        load_section(path, "bitnet", Params, None, {"bitnet", "run"})
 
 
 def test_bitnet_phase_on_a_llama_style_thinking_model(tok, tmp_path, monkeypatch):
+    import json
+
     from forgelib import paths
     from forgelib.phases import open_phase
     from forgelib.registry import ModelRegistry
     from forgelib.results import PhaseResult
+    from helpers import SUITE, TINY_GUARD
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
     qs = thinking(llama(tok), tok)
     folder = tmp_path / "model"
     qs.save_pretrained(folder)
     tok.save_pretrained(folder)
-    up = PhaseResult("quietstar", 3, "llama4", status="ok")
+    up = PhaseResult("quietstar", 3, "llama4", status="ok", suite=SUITE)
     with ModelRegistry(paths.registry_path()) as reg:
         up.models["model"] = {"path": str(folder), "registry_id": reg.register_model(
             session_id="llama4", phase_name="quietstar", model_name="model", model_path=str(folder))}
-    overrides = {"run": {"quiet": True, "tracking": "jsonl"},
-                 "bitnet": {"steps": 3, "test_per_family": 2, "max_ppl_ratio": 1e9, "min_acc_retention": 0.0}}
+    overrides = {"run": {"quiet": True, "tracking": "jsonl"}, **TINY_GUARD,
+                 "bitnet": {"steps": 3, "test_per_family": 2, "max_ppl_ratio": 1e9, "allowed_loss": 0.4}}
     ctx = open_phase("bitnet", "parameters/smoke.yaml", overrides, session="llama4", upstream=up)
+    assert ctx.result.suite == SUITE  # handed on unchanged
     result = ctx.spec.load().run(ctx.params, ctx)
     metrics = result.metrics
     assert metrics["packed_logits_max_abs_diff"] == 0.0
+    assert metrics["trainable_reload_logits_max_abs_diff"] <= 1e-6
     assert metrics["total_bytes_packed"] < metrics["total_bytes_fp32"]
+    assert metrics["compression_vs_fp32"] == round(metrics["total_bytes_fp32"] / metrics["total_bytes_packed"], 3)
     assert 1.6 <= metrics["bits_per_quantized_weight"] < 1.7  # base-3 codes plus one scale per matrix
     model_dir = paths.resolve(result.models["model"]["path"])
     assert metrics["total_bytes_packed"] == sum(
         (model_dir / f).stat().st_size for f in ("model.safetensors", "quietstar.safetensors"))
     assert type(load_quietstar(model_dir).base).__name__ == "LlamaForCausalLM"
+    # the gate: the phase's own checks from the metrics, then the guard at allowed_loss over the input's suite
+    gate = {c.name: c for c in result.gate}
+    assert set(gate) == GATE | {"keeps_arith", "keeps_logic"}
+    assert gate["compression_vs_fp32"].value == metrics["compression_vs_fp32"]
+    assert gate["ppl_ratio_upper_bound"].value == metrics["ppl_ratio_upper_bound"]
+    report = json.loads((ctx.dir / "report.json").read_text())
+    from forgelib.phases.bitnet import ppl_ratio_bound
+
+    assert metrics["ppl_ratio_upper_bound"] == round(ppl_ratio_bound(report["test"], 0.95), 4)
+    guard = json.loads((ctx.dir / "guard.json").read_text())
+    assert guard["margin"] == metrics["guard_margin"] == 0.4
+    assert set(guard["families"]) == {"arith", "logic"}
+    for family in ("arith", "logic"):
+        row = guard["families"][family]
+        assert gate[f"keeps_{family}"].bound == -0.4 and gate[f"keeps_{family}"].value == row["lower"]
+        assert 8 <= row["n"] <= 16 and len(guard["answers"][family]["after"]) == row["n"]  # TINY_GUARD's sizes
+    assert result.artifacts["guard"].endswith("guard.json")

@@ -57,5 +57,15 @@ def test_hyper_compression_finds_trajectory_points_and_gets_closer_with_more_bit
     w = torch.randn(8, 16)
     q = hyper_quantize(w, n=4, index_bits=12)
     back = hyper_dequantize(q)
-    assert back.shape == w.shape and float(((back - w) ** 2).mean()) < float(w.var())
+    assert back.shape == w.shape
+    # reference: 12 bits for 4 weights are 3 bits each; a uniform 8-level grid over each row's range has the mean
+    # squared error span² / (12 · 8²). The trajectory's 4096 points are not a lattice but come close: measured
+    # 0.030 against the grid's 0.022, while every row replaced by its mean gives 1.16 and random indices 2.9.
+    span = w.amax(1) - w.amin(1)
+    grid = float((span ** 2).mean()) / (12 * 8 ** 2)
+    mse = lambda approx: float(((approx - w) ** 2).mean())  # noqa: E731
+    row_mean = w.mean(1, keepdim=True).expand_as(w)
+    random_index = hyper_dequantize({**q, "index": torch.randint(0, 1 << 12, q["index"].shape,
+                                                                 generator=torch.Generator().manual_seed(0))})
+    assert mse(back) < 3 * grid and mse(row_mean) > 20 * grid and mse(random_index) > 20 * grid
     assert hyper_bits(q) == 8 * 16 // 4 * 12 + 2 * 8 * 16

@@ -8,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from forgelib.curriculum import (DreamBuffer, FrontierClient, FrontierError, QuestionPool, Solution, assess_levels,
-                                 dream, enabled, hint_cap, hint_text, parse_proposals, prompt_with_hint, solve)
+from forgelib.curriculum import (DreamBuffer, FrontierClient, FrontierError, QuestionPool, Solution, assess_by_level,
+                                 assess_levels, decide_levels, decision_questions, dream, enabled, estimate_questions,
+                                 hint_cap, hint_text, paired_answers, parse_proposals, prompt_with_hint, solve,
+                                 spread_questions)
 from forgelib.data.base import Sample
 from forgelib.data.tasks import FAMILIES, check, completion_text, format_sample, generate, split_of
 from forgelib.results import dumps_json
@@ -153,6 +155,25 @@ def test_level_done_and_advance():
     assert pool.advance() is False and pool.finished and pool.active_ids() == []
 
 
+def test_refill_tops_the_pool_up_with_new_questions_of_its_level_and_resumes(tmp_path):
+    pool = QuestionPool({"arith": 1, "algebra": 1}, level={"arith": 3, "algebra": 2}, pool_size=6, seed=2,
+                        done_threshold=1, variants_per_failure=0)
+    before = {q.sample.prompt for q in pool.questions.values()}
+    for qid in pool.active_ids()[:5]:
+        for _ in range(3):
+            pool.record(qid, True, 0)
+    assert pool.level_done() and len(pool.active_ids()) == 1
+    saved = pool.to_dict()
+    added = pool.refill()
+    assert len(added) == 5 and len(pool.active_ids()) == 6 and pool.refill() == []
+    new = [pool.questions[q] for q in added]
+    assert all(q.origin == "refill" and split_of(q.sample.prompt) == "train" for q in new)
+    assert {(q.sample.family, q.sample.level) for q in new} <= {("arith", 3), ("algebra", 2)}
+    assert not {q.sample.prompt for q in new} & before and pool.levels == {"arith": 3, "algebra": 2}
+    again = QuestionPool.from_dict(json.loads(dumps_json(saved)))
+    assert [again.questions[q].sample.prompt for q in again.refill()] == [q.sample.prompt for q in new]
+
+
 def scripted_correct(item, asked: int) -> bool:
     """A deterministic stand-in for a model: a third of the questions are failed the first two times they are
     asked unhelped; a question with a hint, and every other question, is answered correctly."""
@@ -248,6 +269,116 @@ def test_assessment_on_scripted_accuracies():
     assert three["level"] == 3 and three["status"] == "mastered"  # the top level asked for
     with pytest.raises(ValueError):
         assess_levels(accuracy_at, ["arith"], band=(0.9, 0.5))
+
+
+def test_assessment_by_level_batches_every_family_and_agrees_with_assess_levels():
+    table = {"arith": [0.99, 0.95, 0.7, 0.55, 0.3, 0.9], "logic": [0.99, 0.97, 0.9, 0.4],
+             "algebra": [0.3, 0.9], "recall": [0.95, 0.9, 0.88]}
+    calls = []
+
+    def accuracies_at(level, families):
+        calls.append((level, families))
+        return {f: table[f][level - 1] for f in families}
+
+    families = ["arith", "logic", "algebra"]
+    out = assess_by_level(accuracies_at, families, levels=range(1, 6), band=(0.5, 0.85))
+    assert out == assess_levels(lambda f, lv: table[f][lv - 1], families, range(1, 6), (0.5, 0.85))
+    # one call per level, each with the families still measured (algebra stops at 1, logic at 4, arith at 5)
+    assert calls == [(1, families), (2, ["arith", "logic"]), (3, ["arith", "logic"]), (4, ["arith", "logic"]),
+                     (5, ["arith"])]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def test_question_counts_follow_their_rules():
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf
+    # the level decision: the one-sample binomial test's number for threshold p0 = p - margin, rounded up
+    want = math.ceil(((z(0.95) * math.sqrt(0.7 * 0.3) + z(0.9) * math.sqrt(0.8 * 0.2)) / 0.1) ** 2)
+    assert decision_questions(0.1, 0.95, 0.9, 0.8) == want == 161
+    assert decision_questions(0.05, 0.95, 0.9, 0.8) > 3.5 * want       # half the margin: about 4x the questions
+    # the estimate: within +-margin with probability power (two-sided quantile), worst case p = 1/2
+    assert estimate_questions(0.1, 0.9) == math.ceil(z(0.95) ** 2 * 0.25 / 0.01) == 68
+    with pytest.raises(ValueError):
+        decision_questions(0.0, 0.95, 0.9, 0.8)
+
+
+def test_level_decision_has_its_stated_error_rates():
+    """Simulated: with the rule's number of questions a model whose true accuracy is band[1] = 0.8 advances with
+    probability >= power (0.9); one at the threshold 0.7 advances with probability <= 1 - confidence (0.05)."""
+    import random
+
+    n = decision_questions(0.1, 0.95, 0.9, 0.8)
+    rng = random.Random(0)
+
+    def advance_rate(p, trials=400):
+        advanced = 0
+        for t in range(trials):
+            questions = {"arith": [Sample(f"q{t}-{i}", "1", "arith", 2) for i in range(n)]}
+            truth = {s.prompt: rng.random() < p for s in questions["arith"]}
+            advanced += decide_levels(lambda ss: [truth[s.prompt] for s in ss], questions, 0.7, 0.95)["arith"].mastered
+        return advanced / trials
+
+    assert advance_rate(0.8) >= 0.85
+    assert advance_rate(0.7) <= 0.08
+
+
+def test_level_decision_stops_hopeless_families_early_and_batches_the_rest():
+    questions = {f: [Sample(f"{f}{i}", "1", f, lv) for i in range(40)] for f, lv in
+                 (("arith", 2), ("tool", 1), ("algebra", 3))}
+    right = {"arith": 1.0, "tool": 0.0, "algebra": 0.75}
+    calls = []
+
+    def ask(samples):
+        calls.append(sorted({s.family for s in samples}))
+        return [int(int(s.prompt[len(s.family):]) < right[s.family] * 40) for s in samples]
+
+    out = decide_levels(ask, questions, threshold=0.7, confidence=0.95)
+    assert calls == [["algebra", "arith", "tool"], ["algebra", "arith"]]  # tool: 0/10 first, upper bound < 0.7
+    assert (out["tool"].n, out["tool"].stopped_early, out["tool"].mastered) == (10, True, False)
+    assert (out["arith"].n, out["arith"].correct, out["arith"].level, out["arith"].mastered) == (40, 40, 2, True)
+    # algebra 30/40 = 0.75: above the threshold, but its lower bound is not
+    assert out["algebra"].correct == 30 and out["algebra"].lower < 0.7 and not out["algebra"].mastered
+    assert out["algebra"].upper > 0.75 > out["algebra"].lower
+
+
+def test_spread_questions_interleave_levels_and_extend_the_same_list():
+    from forgelib.data.tasks import split_of
+
+    qs = spread_questions("tool", [1, 3], 9, "test", 5)
+    assert [q.level for q in qs] == [1, 3, 1, 3, 1, 3, 1, 3, 1]
+    assert all(split_of(q.prompt) == "test" and q.family == "tool" for q in qs)
+    longer = spread_questions("tool", [3, 1], 20, "test", 5)
+    assert [q.prompt for q in longer[:8]] == [q.prompt for q in qs[:8]] and len({q.prompt for q in longer}) == 20
+    scarce = spread_questions("algebra", [3], 400, "test", 0)  # level 3 has fewer than 400 test prompts
+    assert 0 < len(scarce) < 400 and len({q.prompt for q in scarce}) == len(scarce)
+
+
+def test_paired_answers_asks_more_when_the_models_disagree_more_than_assumed():
+    from forgelib.stats import questions_needed
+
+    pool = [Sample(f"p{i}", "1", "tool", 1) for i in range(3000)]
+    asked = {"before": [], "after": []}
+
+    def model(side, right):
+        def ask(samples):
+            asked.setdefault(side, []).extend(s.prompt for s in samples)
+            return [right(int(s.prompt[1:])) for s in samples]
+        return ask
+
+    # after is right on every other question, before on none: discordance 0.5, far above the assumed 0.15
+    before, after = paired_answers(pool, model("before", lambda i: 0), model("after", lambda i: int(i % 2 == 0)),
+                                   0.1, 0.95, 0.9, 0.15)
+    first = questions_needed(0.1, 0.95, 0.9, 0.15)
+    observed = sum(after[:first]) / first  # the first round's discordance (about 0.5)
+    assert len(before) == len(after) == questions_needed(0.1, 0.95, 0.9, observed) > 3 * first
+    assert asked["before"] == asked["after"] == [s.prompt for s in pool[:len(before)]]  # a prefix, each asked once
+    assert sum(after) == (len(after) + 1) // 2 and sum(before) == 0
+    # no disagreement: the assumed number is enough; never more than the pool holds
+    same, _ = paired_answers(pool, model("x", lambda i: 1), model("y", lambda i: 1), 0.1, 0.95, 0.9, 0.15)
+    assert len(same) == first
+    few, _ = paired_answers(pool[:50], model("a", lambda i: 0), model("b", lambda i: 1), 0.1, 0.95, 0.9, 0.15)
+    assert len(few) == 50
 
 
 # ---------------------------------------------------------------------------------------------- dreaming

@@ -1,5 +1,6 @@
 """Phase 5 on tiny real models: the self-model head's loss against a hand computation, the head never handed
-on, a run interrupted after two rounds that resumes to the same state as an uninterrupted one, the gate."""
+on, a run interrupted after two rounds that resumes to the same state as an uninterrupted one, replay of the input
+suite, levels decided on held-out questions only, the suite handed on, the gate."""
 import json
 
 import pytest
@@ -49,38 +50,60 @@ def test_curriculum_loss_adds_the_weighted_self_model_term(tok):
     assert float(with_head.detach()) == pytest.approx(float(plain.detach()) + 0.5 * extras["self_model_mse"], rel=1e-5)
 
 
-def test_gate_reads_the_report():
+def test_gate_reads_the_verdicts_in_the_report():
+    from forgelib.stats import superior
+
+    taught = superior("teaches_tool", [0] * 60, [1] * 30 + [0] * 30, 0.1, 0.95, 0.9)      # +0.5 on 60 questions
+    unsure = superior("teaches_arith", [0] * 10, [1] * 3 + [0] * 7, 0.1, 0.95, 0.9)       # +0.3, but on 10
+    calculator = superior("tool_with_minus_without", [0] * 60, [1] * 30 + [0] * 30, 0.0, 0.95, 0.9)
     report = {"level_reached": {"arith": 2, "tool": 1},
-              "acc_by_level": {"before": {"arith": {1: 0.8, 2: 0.2}, "tool": {1: 0.0}},
-                               "after": {"arith": {1: 0.75, 2: 0.5}, "tool": {1: 0.6}}},
-              "correct_by_level": {"before": {"arith": {1: [1, 1, 1, 0]}}, "after": {"arith": {1: [1, 1, 0, 1]}}},
-              "tool": {"with": {"accuracy": 0.6, "tool_success_rate": 1.0}, "without": {"accuracy": 0.0}}}
-    metrics, checks = summarize(report, Params(band=(0.4, 0.9)))
+              "acc_by_level": {"before": {"arith": {"1": 0.5, "2": 0.2}, "tool": {"1": 0.0}},
+                               "after": {"arith": {"1": 0.6, "2": 0.3}, "tool": {"1": 0.5}}},
+              "levels": {"advanced_in_rounds": {"arith": [3], "tool": []}},
+              "teaching": {"tool": {"verdict": taught.as_row()}, "arith": {"verdict": unsure.as_row()}},
+              "tool": {"with": {"accuracy": 0.5, "tool_success_rate": 1.0}, "without": {"accuracy": 0.0},
+                       "verdict": calculator.as_row()}}
+    metrics, checks = summarize(report, Params())
     gate = {c.name: c for c in checks}
-    assert metrics["level_reached_arith"] == 2 and metrics["acc_reached_arith"] == 0.5
-    assert gate["acc_at_level_reached_arith"].passed and gate["acc_at_level_reached_tool"].passed
-    assert gate["acc_earlier_minus_before"].value == pytest.approx(-0.05)
-    assert gate["acc_earlier_minus_before"].passed  # within 0.05 + 1.645 paired SEs
-    assert gate["tool_acc_with_minus_without"].passed
-    report["tool"]["with"]["accuracy"] = 0.0
-    _, checks = summarize(report, Params(band=(0.4, 0.9)))
-    assert not {c.name: c for c in checks}["tool_acc_with_minus_without"].passed
+    assert set(gate) == {"teaches_tool", "teaches_arith", "tool_with_minus_without_lower_bound"}
+    assert gate["teaches_tool"].passed
+    assert (gate["teaches_tool"].value, gate["teaches_tool"].bound) == (taught.lower, 0.1)
+    assert taught.lower > 0.3  # the lower confidence bound, not the raw difference, is gated
+    assert not gate["teaches_arith"].passed and "too few questions to decide: 10 asked" in gate["teaches_arith"].note
+    assert gate["tool_with_minus_without_lower_bound"].passed and gate["tool_with_minus_without_lower_bound"].bound == 0
+    assert metrics["acc_reached_arith"] == 0.3 and metrics["acc_reached_mean"] == 0.4
+    assert (metrics["acc_earlier_mean"], metrics["acc_earlier_before"]) == (0.6, 0.5)  # arith L1, below the reached
+    assert metrics["levels_advanced"] == 1 and metrics["tool_acc_with"] == 0.5
+    assert metrics["teaches_tool_lower_bound"] == taught.lower
+    # the calculator no better than answering without it: the paired lower bound is below 0
+    same = superior("tool_with_minus_without", [1] * 30 + [0] * 30, [1] * 30 + [0] * 30, 0.0, 0.95, 0.9)
+    report["tool"]["verdict"] = same.as_row()
+    _, checks = summarize(report, Params())
+    check = {c.name: c for c in checks}["tool_with_minus_without_lower_bound"]
+    assert not check.passed and check.value == same.lower < 0
 
 
 def _upstream(tok, tmp_path):
-    """A Phase-4-like upstream: a Quiet-STaR Llama with ternary layers, packed."""
-    return quietstar_upstream(tok, tmp_path / "ternary", "bitnet", 4, "cur", packing="base3")
+    """A Phase-4-like upstream: a Quiet-STaR Llama with ternary layers, packed, that knows ``SUITE``."""
+    up = quietstar_upstream(tok, tmp_path / "ternary", "bitnet", 4, "cur", packing="base3")
+    up.suite = {f: list(v) for f, v in SUITE.items()}
+    return up
+
+
+SUITE = {"logic": (1, 1), "recall": (2, 2)}
+"""What the tiny upstream knows: families outside the curriculum's, one at a level above 1."""
 
 
 TINY = {"families": ["arith", "tool"], "max_level": 2, "assess_per_level": 2, "rounds": 3, "ask_per_family": 3,
         "pool_size": 4, "steps_per_round": 2, "fresh_per_round": 4, "batch_size": 4, "dream_per_round": 2,
-        "max_new_tokens": 12, "test_per_level": 2, "tool_test": 2, "band": [0.0, 1.0]}
+        "max_new_tokens": 12, "decide_questions": 4, "band": [0.0, 1.0]}
 
 
 def _run(session, up, extra=None):
     from forgelib.phases import open_phase
 
-    overrides = {"run": {"quiet": True, "tracking": "jsonl"}, "curriculum": {**TINY, **(extra or {})}}
+    overrides = {"run": {"quiet": True, "tracking": "jsonl"}, "curriculum": {**TINY, **(extra or {})},
+                 "guard": {"max_questions": 8}}
     ctx = open_phase("curriculum", "parameters/smoke.yaml", overrides, session=session, upstream=up)
     return ctx, ctx.spec.load().run(ctx.params, ctx)
 
@@ -104,12 +127,24 @@ def test_interrupted_run_resumes_to_the_uninterrupted_state(tok, tmp_path, monke
     monkeypatch.setattr(phase, "run_round", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run("cut", up)
-    monkeypatch.setattr(phase, "run_round", real_round)
     cut_dir = tmp_path / "out" / "cut" / "05_curriculum"
-    assert json.loads((cut_dir / "state" / "state.json").read_text())["round"] == 2
+    cut_state = json.loads((cut_dir / "state" / "state.json").read_text())
+    assert cut_state["round"] == 2
+    resumed_rounds = []
+
+    def counted(*args, **kwargs):
+        resumed_rounds.append(kwargs["last"])
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(phase, "run_round", counted)
     resumed_ctx, resumed = _run("resumed", up, {"resume_from": str(cut_dir)})
+    monkeypatch.setattr(phase, "run_round", real_round)
+    # the resumed run trained only the missing third round (a run that ignored the saved state and started over
+    # would reach the same deterministic result with three rounds)
+    assert resumed_rounds == [True]
     a = json.loads((full_ctx.dir / "report.json").read_text())
     b = json.loads((resumed_ctx.dir / "report.json").read_text())
+    assert len(a["history"]) == 3 and cut_state["history"] == a["history"][:2]
     assert a["history"] == b["history"] and a["question_pool"] == b["question_pool"]
     ma = load_quietstar(paths.resolve(full.models["model"]["path"]))
     mb = load_quietstar(paths.resolve(resumed.models["model"]["path"]))
@@ -117,7 +152,14 @@ def test_interrupted_run_resumes_to_the_uninterrupted_state(tok, tmp_path, monke
         assert torch.equal(p, q), name
     # the self-model head is not part of the handed-on model
     assert set(ma.state_dict()) == set(load_quietstar(up.models["model"]["path"], trainable=True).state_dict())
-    assert full.metrics["level_reached_arith"] in (1, 2) and "tool_acc_with" in full.metrics
+    # the same state gives the same measurements, and the metrics are the report's numbers
+    assert resumed.metrics == full.metrics
+    for family in TINY["families"]:
+        level = a["level_reached"][family]
+        assert full.metrics[f"level_reached_{family}"] == level and 1 <= level <= TINY["max_level"]
+        assert full.metrics[f"acc_reached_{family}"] == round(a["acc_by_level"]["after"][family][str(level)], 4)
+    assert full.metrics["tool_acc_with"] == round(a["tool"]["with"]["accuracy"], 4)
+    assert full.metrics["tool_acc_without"] == round(a["tool"]["without"]["accuracy"], 4)
 
 
 def test_frontier_questions_join_the_pool_only_when_configured(tok, tmp_path, monkeypatch):
@@ -169,3 +211,102 @@ def test_frontier_questions_join_the_pool_only_when_configured(tok, tmp_path, mo
     assert any(row.get("frontier", {}).get("arith", {}).get("accepted", 0) > 0 for row in report["history"])
     origins = {row["origin"] for row in report["question_pool"]["arith"]}
     assert "frontier" in origins
+
+
+def _held_out_script(phase, decided, right_family):
+    """A stand-in for the model in the level decisions: ``right_family`` answers every held-out question right, every
+    other family none; the questions asked are recorded in ``decided``."""
+    real = phase.decide_levels
+
+    def decide(ask, questions, threshold, confidence, **kwargs):
+        decided.append({f: list(qs) for f, qs in questions.items()})
+        return real(lambda samples: [int(s.family == right_family) for s in samples], questions, threshold,
+                    confidence, **kwargs)
+
+    return decide
+
+
+def test_replay_draws_the_suite_and_levels_move_on_held_out_questions_only(tok, tmp_path, monkeypatch):
+    """Every training batch holds the stated share of the input suite's families at their levels; the level
+    decisions ask fitness-split questions of each family's current level, never trained on, and move a family
+    exactly when they say so; the handed-on suite is the input's plus the curriculum's families (``tool`` new);
+    the gate is the guard over the input suite, the teaching checks and the calculator check."""
+    from forgelib.data.tasks import split_of
+    from forgelib.phases import curriculum as phase
+    from forgelib.stats import superior
+    from forgelib.suite import read_guard
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    batches, decided = [], []
+    real_batch = phase.batch_samples
+
+    def spy(*args, **kwargs):
+        batches.append(real_batch(*args, **kwargs))
+        return batches[-1]
+
+    monkeypatch.setattr(phase, "batch_samples", spy)
+    monkeypatch.setattr(phase, "decide_levels", _held_out_script(phase, decided, "arith"))
+    # band [1, 1]: every family starts at level 1 (the tiny model solves nothing); held-out 40/40 passes the
+    # threshold 1 - level_margin = 0.9 (lower bound 0.92), 0/10 stops early
+    ctx, result = _run("replay", _upstream(tok, tmp_path), {"band": [1.0, 1.0], "replay": 0.5, "decide_questions": 40})
+    report = json.loads((ctx.dir / "report.json").read_text())
+    history = report["history"]
+    # replay: 2 of each batch of 4 (share 0.5) are fresh train-split problems of the suite, at the suite's levels
+    assert len(batches) >= TINY["rounds"] * TINY["steps_per_round"]
+    for batch in batches:
+        replayed = [s for s in batch if s.family in SUITE]
+        assert len(replayed) == 2 and all(SUITE[s.family][0] <= s.level <= SUITE[s.family][1] for s in replayed)
+        assert all(split_of(s.prompt) == "train" for s in batch)
+    assert {s.family for b in batches for s in b} == {"arith", "tool", "logic", "recall"}
+    assert report["replay"] == {"share": 0.5, "per_batch": 2, "families": ["logic", "recall"]}
+    # levels: decided after every round but the last, on fitness-split questions of the current level
+    assert len(decided) == TINY["rounds"] - 1
+    assert {f: {q.level for q in qs} for f, qs in decided[0].items()} == {"arith": {1}, "tool": {1}}
+    assert {f: {q.level for q in qs} for f, qs in decided[1].items()} == {"tool": {1}}  # arith at max_level
+    held_out = {q.prompt for d in decided for qs in d.values() for q in qs}
+    assert all(split_of(p) == "fitness" for p in held_out)
+    assert not held_out & {s.prompt for b in batches for s in b}
+    assert not held_out & {row["prompt"] for rows in report["question_pool"].values() for row in rows}
+    first = history[0]["heldout"]
+    assert first["arith"]["n"] == 40 and first["arith"]["mastered"] and first["arith"]["lower"] > 0.9
+    assert first["tool"]["n"] == 10 and first["tool"]["stopped_early"] and not first["tool"]["mastered"]
+    assert history[0]["advanced"] == ["arith"] and all("advanced" not in row for row in history[1:])
+    assert [row["levels"]["arith"] for row in history] == [1, 2, 2]
+    assert report["level_reached"] == {"arith": 2, "tool": 1} and result.metrics["levels_advanced"] == 1
+    # the suite handed on: the input's, the curriculum's families at 1..reached (tool is new)
+    assert result.suite == {"arith": [1, 2], "logic": [1, 1], "recall": [2, 2], "tool": [1, 1]}
+    assert report["suite"]["taught"] == {"arith": [1, 2], "tool": [1]}
+    # the gate: the guard over the input suite, a teaching check per widened family, the calculator
+    guard = read_guard(ctx.dir)
+    assert set(guard["families"]) == set(SUITE) and guard["suite"] == {f: list(v) for f, v in SUITE.items()}
+    gate = {c.name: c for c in result.gate}
+    assert set(gate) == {"keeps_logic", "keeps_recall", "teaches_arith", "teaches_tool",
+                         "tool_with_minus_without_lower_bound"}
+    for family, levels in (("arith", [1, 2]), ("tool", [1])):
+        row = report["teaching"][family]
+        assert row["levels"] == levels and len(row["prompts"]) == len(row["before"]) == row["verdict"]["n"] <= 8
+        assert all(split_of(p) == "test" for p in row["prompts"])
+        again = superior(f"teaches_{family}", row["before"], row["after"], 0.1, 0.95, 0.9)
+        assert gate[f"teaches_{family}"].value == again.lower == row["verdict"]["lower"]
+        assert gate[f"teaches_{family}"].bound == 0.1
+    tool = report["tool"]
+    assert tool["with"]["samples"] == tool["without"]["samples"] == tool["verdict"]["n"]
+    assert gate["tool_with_minus_without_lower_bound"].value == tool["verdict"]["lower"]
+    assert tool["without"]["calls_ok"] == 0  # no calculator answers in the arm without it
+
+
+def test_right_answers_to_the_pool_never_move_a_level(tok, tmp_path, monkeypatch):
+    """The pool's questions are trained on: answering all of them right (the old rule advanced at band[1]) leaves
+    the level where it is while the held-out questions fail."""
+    from forgelib.curriculum import QuestionPool
+    from forgelib.phases import curriculum as phase
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    monkeypatch.setattr(QuestionPool, "grade", staticmethod(lambda item, output: True))
+    decided = []
+    monkeypatch.setattr(phase, "decide_levels", _held_out_script(phase, decided, None))
+    ctx, _ = _run("pool", _upstream(tok, tmp_path), {"band": [1.0, 1.0], "rounds": 2})
+    history = json.loads((ctx.dir / "report.json").read_text())["history"]
+    assert all(row["correct"] == row["asked"] and sum(row["asked"].values()) > 0 for row in history)
+    assert len(decided) == 1 and all("advanced" not in row for row in history)
+    assert [row["levels"] for row in history] == [{"arith": 1, "tool": 1}] * 2

@@ -90,15 +90,24 @@ def test_each_process_draws_its_own_batches():
         source().shard(2, 2)
 
 
+def result_mix(folder: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((folder / "params.yaml").read_text())["cognate"]["trunk"]["mix"]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_runs_a_phase_on_two_processes(tmp_path):
     """`forge phase cognate` under accelerate launch: one completed phase, written once, by the main process."""
     from forgelib.registry import ModelRegistry
     from forgelib.results import PhaseResult
 
+    # a gate that any tiny run passes (each specialist vs the trunk on the few questions a 0.5 gain needs; the
+    # trunk's families need not clear chance): this test is about the processes, not the models
     tiny = ["--set", "cognate.trunk.steps=30", "--set", "cognate.eval_per_family=4",
             "--set", "cognate.tokenizer_samples=300", "--set", "cognate.min_disagreement=0",
-            "--set", "cognate.min_accuracy_gain=-1", "--set", "run.tracking=jsonl"]
+            "--set", "cognate.min_accuracy_gain=-0.5", "--set", "cognate.expected_gain=0.5",
+            "--set", "cognate.min_above_chance=-1", "--set", "run.tracking=jsonl"]
     for stage in ("reasoning", "memory", "speed"):
         tiny += ["--set", f"cognate.{stage}.steps=6", "--set", f"cognate.{stage}.warmup_steps=2"]
     done = _launch(["-m", "forgelib.cli", "phase", "cognate", "--params", "parameters/smoke.yaml",
@@ -106,6 +115,10 @@ def test_accelerate_launch_runs_a_phase_on_two_processes(tmp_path):
     folder = tmp_path / "dp2" / "01_cognate"
     result = PhaseResult.load(folder)
     assert result.ok and set(result.models) >= {"trunk", "reasoning", "memory", "speed"}
+    assert result.suite and set(result.suite) == {f for f, w in result_mix(folder).items() if w > 0}
+    report = json.loads((folder / "report.json").read_text())
+    assert {name: v["n"] for name, v in report["specialists_vs_trunk"].items()} == {"reasoning": 4, "memory": 3,
+                                                                                   "speed": 4}
     assert json.loads(done.stdout[done.stdout.index("{"):])["status"] == "ok"  # printed once, by the main process
     assert done.stdout.count('"session"') == 1
     assert not list(folder.glob(".rank-*"))  # the follower's scratch copy is gone

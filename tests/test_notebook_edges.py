@@ -57,8 +57,10 @@ def test_params_table_has_one_row_per_dotted_key():
 
     from forgelib.phases import PHASES
 
+    from forgelib.phases.base import SHARED_SECTIONS
+
     params = load_section(paths.resolve("parameters/smoke.yaml"), "cognate", Params, None,
-                          {s.name for s in PHASES} | {"run"})
+                          {s.name for s in PHASES} | set(SHARED_SECTIONS))
     shown = params_table(params)
     table = shown.frame
     assert list(table.columns) == ["value"] and table.index.name == "parameter"
@@ -75,15 +77,22 @@ def test_pipeline_summary_is_one_row_per_phase_with_a_headline():
     r1 = PhaseResult("cognate", 1, "s", status="ok", duration_s=12.34,
                      metrics={"trunk_loss_first": 5.0, "trunk_acc_mean": 0.66, "chance_mean": 0.19,
                               "trunk_tokens_per_s": 900.0})
-    r2 = PhaseResult("evomerge", 2, "s", status="ok", metrics={"champion_method": "ties", "champion_test_acc": 0.7,
-                                                               "evaluations": 40})
+    r2 = PhaseResult("evomerge", 2, "s", status="ok", metrics={
+        "champion_method": "ties", "champion_test_acc": 0.7, "evaluations": 40, "guard_margin": 0.1,
+        "guard_questions": 360, "guard_worst_family": "logic", "guard_worst_diff": -0.0417,
+        "guard_pooled_diff": 0.0123},
+        gate=[GateCheck("keeps_logic", -0.09, -0.1, ">")])
     table = summary_table([PhaseOutcome(PHASES[0], "completed", r1, None, 20.0),
                            PhaseOutcome(PHASES[1], "completed", r2, None, 9.0)])
-    assert list(table.columns) == ["status", "gate", "seconds", "headline"]
+    assert list(table.columns) == ["status", "gate", "seconds", "kept", "headline"]
     assert list(table.index) == ["01_cognate", "02_evomerge"]
     assert table.loc["01_cognate", "headline"] == "trunk_acc_mean 0.66 · chance_mean 0.19"
     assert table.loc["02_evomerge", "headline"] == "champion_method ties · champion_test_acc 0.7"
     assert table.loc["01_cognate", "seconds"] == 12.3
+    # the guard in a few words: the pooled difference and the worst family (Phase 1 has no input to guard)
+    assert table.loc["01_cognate", "kept"] == ""
+    assert table.loc["02_evomerge", "kept"] == "all +0.012, worst logic -0.042 (margin 0.1)"
+    assert table.loc["02_evomerge", "gate"] == "pass" and table.loc["01_cognate", "gate"] == "pass"
 
 
 def test_loss_plot_has_a_y_label_and_fitness_plot_integer_generations(tmp_path):
@@ -108,12 +117,39 @@ def test_loss_plot_has_a_y_label_and_fitness_plot_integer_generations(tmp_path):
 def test_phase2_score_table_has_a_chance_row():
     from forgelib.viz.evomerge import chance_frame, score_frame
 
-    row = {"accuracy": 0.5, "answer_nll": 0.2, "score": 0.49}
-    report = {"test": {"trunk": row, "champion": row}, "settings": {},
+    # rows as Phase 2's test table writes them into the report (the guard's questions; answers left out)
+    row = {"accuracy": 0.5, "per_family": {"arith": 0.4, "logic": 0.6}, "answer_nll": 0.2, "score": 0.49}
+    report = {"test": {"trunk": row, "champion": dict(row, accuracy=0.55, score=0.54)},
+              "settings": {"trunk": {"n_cycles": 2}},
               "chance": {"per_family": {"logic": 0.6, "arith": 0.0}, "overall": 0.3}}
     frame = score_frame(report)
-    assert list(frame.index)[-1] == "chance" and frame.loc["chance", "accuracy"] == 0.3
+    assert list(frame.index) == ["trunk", "champion", "chance"] and frame.loc["chance", "accuracy"] == 0.3
+    assert frame.loc["champion", "accuracy"] == 0.55 and frame.loc["champion", "score"] == 0.54
+    assert frame.loc["trunk", "settings"] == "n_cycles=2"
     assert chance_frame(report).loc["logic", "chance"] == 0.6
+
+
+def test_guard_table_shows_each_family_and_the_pooled_suite(tmp_path, monkeypatch):
+    from forgelib.stats import noninferior
+    from forgelib.suite import GuardReport, write_guard
+    from forgelib.viz.tables import guard_table
+
+    monkeypatch.setenv("FORGE_ROOT", str(tmp_path))
+    answers = {"arith": {"before": [1] * 30, "after": [1] * 30},
+               "logic": {"before": [1] * 30, "after": [0] * 12 + [1] * 18}}
+    families = {f: noninferior(f, a["before"], a["after"], 0.1) for f, a in answers.items()}
+    pooled = noninferior("all", [1] * 60, [1] * 30 + answers["logic"]["after"], 0.1)
+    report = GuardReport(0.1, families, pooled, answers, {"arith": (1, 2), "logic": (1, 1)}, 1.0,
+                         ("phase-3 model", "packed ternary"), {f: [] for f in answers})
+    path = write_guard(report, tmp_path / "outputs" / "s" / "04_bitnet")
+    result = PhaseResult("bitnet", 4, "s", artifacts={"guard": paths.relative(path)})
+    frame = guard_table(result)
+    assert list(frame["family"]) == ["arith", "logic", "all (pooled)"]
+    assert list(frame["levels"]) == ["1-2", "1-1", ""] and list(frame["verdict"]) == ["pass", "FAIL", "FAIL"]
+    assert list(frame["n"]) == [30, 30, 60] and frame["lower_bound"][1] == families["logic"].lower
+    assert (frame["bound"] == -0.1).all() and frame["diff"][1] == -0.4
+    assert frame.attrs["note"] == "phase-3 model → packed ternary, margin 0.1: a family was lost"
+    assert list(guard_table(PhaseResult("cognate", 1, "s"))["note"]) == ["this phase ran no guard"]
 
 
 def test_chance_levels_of_phase2_test_samples():

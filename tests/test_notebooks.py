@@ -106,7 +106,7 @@ def test_phase_modules_match_the_phase_list():
 
 
 def test_run_parameters_are_read_like_papermills():
-    """`python -m forgelib.notebooks run … -p per_level 16` gives the notebook an int (it was the text '16', which
+    """`python -m forgelib.notebooks run … -p per_family 16` gives the notebook an int (it was the text '16', which
     the scorecard refused); -r keeps text (a session named 2026)."""
     from forgelib.notebooks import parameter_value
 

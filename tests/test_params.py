@@ -36,6 +36,52 @@ def test_every_parameter_file_loads_into_every_phase():
             assert isinstance(params, spec.params_cls)
 
 
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+def test_every_parameter_file_has_a_guard_whose_first_round_fits_its_cap(name):
+    """The shared ``guard`` section loads, and the questions its rule asks at the guard's margin and at each phase's
+    own stated loss (Phase 4's and Phase 8's allowed_loss) fit under max_questions: no family is capped by
+    construction, which would leave the test short of the power the section states."""
+    import yaml
+
+    from forgelib.phases.base import load_guard_params
+    from forgelib.suite import GuardParams
+
+    file = paths.repo_root() / "parameters" / f"{name}.yaml"
+    guard = load_guard_params(file, None, PHASES)
+    assert isinstance(guard, GuardParams)
+    assert guard.margin == yaml.safe_load(file.read_text())["guard"]["margin"]
+    assert guard.needed() <= guard.max_questions
+    for phase in ("bitnet", "compression"):
+        assert guard.needed(_load(phase, None, name).allowed_loss) <= guard.max_questions, phase
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("guard.marign", 0.1, r"guard: unknown key\(s\) \['marign'\]"),
+    ("guard.margin", 0.0, r"guard: margin must lie in \(0, 1\), got 0"),
+    ("guard.chain_margin", 1.5, r"guard: chain_margin must lie in \(0, 1\)"),
+    ("guard.power", 1.0, r"guard: power must lie in \[0.5, 1\)"),
+    ("guard.discordance", 0.0, r"guard: discordance must lie in \(0, 1\]"),
+    ("guard.max_questions", 0, r"guard: max_questions and batch_size must be >= 1"),
+])
+def test_bad_guard_values_name_the_key(key, value, match):
+    from forgelib.phases.base import load_guard_params
+
+    with pytest.raises(ParameterError, match=match):
+        load_guard_params(paths.repo_root() / "parameters" / "smoke.yaml", {key: value}, PHASES)
+
+
+@pytest.mark.parametrize("phase, key", [
+    ("evomerge", "gate_z"), ("evomerge", "test_per_family"), ("quietstar", "gate_z"), ("quietstar", "acc_margin"),
+    ("bitnet", "min_acc_retention"), ("experts", "gate_z"), ("experts", "min_expert_gain"),
+    ("compression", "gate_z"), ("compression", "min_acc_retention"),
+])
+def test_removed_gate_keys_are_refused_by_name(phase, key):
+    """The gates' old keys (replaced by one statistical rule: margins and the guard section) are unknown keys now:
+    an old parameter file fails on them instead of running with a setting that is ignored."""
+    with pytest.raises(ParameterError, match=rf"{phase}: unknown key\(s\) \['{key}'\]"):
+        _load(phase, {f"{phase}.{key}": 1.0})
+
+
 def test_nested_values_and_int_to_float():
     obj = build_dataclass(Outer, {"inner": {"lr": 1, "steps": 5}, "mix": {"a": 2}, "levels": [2, 4]}, "t")
     assert obj.inner.lr == 1.0 and isinstance(obj.inner.lr, float)
@@ -102,9 +148,9 @@ def test_every_parameter_set_can_stream_its_phase1_training_data(name):
         assert len(test_samples(params, 1, levels=tuple(params.headroom_levels))) == params.eval_per_family * 7
 
 
-def _load(phase: str, overrides: dict):
+def _load(phase: str, overrides: dict | None, name: str = "smoke"):
     spec = next(s for s in PHASES if s.name == phase)
-    return load_phase_params(spec, paths.repo_root() / "parameters" / "smoke.yaml", overrides, PHASES)[1]
+    return load_phase_params(spec, paths.repo_root() / "parameters" / f"{name}.yaml", overrides, PHASES)[1]
 
 
 @pytest.mark.parametrize("phase, key, value, match", [
@@ -119,11 +165,20 @@ def _load(phase: str, overrides: dict):
     ("cognate", "cognate.max_len", 0, r"cognate: max_len must be > 0"),
     ("cognate", "cognate.train.log_every", 0, r"cognate\.train: log_every must be > 0"),
     ("cognate", "cognate.train.checkpoint_every", -1, r"cognate\.train: checkpoint_every must be >= 0"),
+    ("cognate", "cognate.expected_gain", 0, r"cognate: expected_gain must be > 0"),
+    ("cognate", "cognate.min_accuracy_gain", -1, r"cognate: min_accuracy_gain must lie in \(-1, 1\), got -1"),
     ("evomerge", "evomerge.budget", 0, r"evomerge: budget must be > 0, got 0"),
     ("evomerge", "evomerge.budget", -40, r"evomerge: budget must be > 0, got -40"),
     ("evomerge", "evomerge.fitness_per_family", 0, r"evomerge: fitness_per_family must be > 0"),
     ("evomerge", "evomerge.group_size", 0, r"evomerge: group_size must be > 0"),
     ("evomerge", "evomerge.layer_path_budget", -1, r"evomerge: layer_path_budget must be >= 0"),
+    ("evomerge", "evomerge.finalists", 0, r"evomerge: finalists must be > 0"),
+    ("evomerge", "evomerge.select_per_family", 0, r"evomerge: select_per_family must be > 0"),
+    ("quietstar", "quietstar.test_per_family", 0, r"quietstar: test_per_family must be > 0"),
+    ("experts", "experts.test_per_level", 0, r"experts: test_per_level must be > 0"),
+    ("experts", "experts.unseen_per_level", 0, r"experts: unseen_per_level must be > 0"),
+    ("compression", "compression.test_per_level", 0, r"compression: test_per_level must be > 0"),
+    ("compression", "compression.sweep_questions", 0, r"compression: sweep_questions must be > 0"),
 ])
 def test_non_positive_counts_sizes_and_budgets_are_refused(phase, key, value, match):
     with pytest.raises(ParameterError, match=match):

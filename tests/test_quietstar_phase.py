@@ -1,47 +1,145 @@
 """Phase 3's gate, parameters and the benchmark's compute accounting, on hand-made numbers and tiny models."""
+import dataclasses
+import math
+import random
+
 import pytest
 import torch
 
 from forgelib.bench.quietstar import ARMS, TokenCounter, equal_compute_steps, interval, tokens_per_row
 from forgelib.params import ParameterError
-from forgelib.phases.quietstar import Params, gate_checks
+from forgelib.phases import quietstar as phase3
+from forgelib.phases.quietstar import Params, gate_checks, training_batches
+from forgelib.stats import mean_bounds, noninferior
+from forgelib.suite import GuardParams
 from forgelib.thoughts import QuietStarConfig
 
 
-def _row(acc, nll, correct):
-    return {"accuracy": acc, "answer_nll": nll, "correct": correct}
+GUARD = GuardParams()
 
 
-def _gate(thoughts, no_thoughts, base, **kw):
-    checks = gate_checks({"thoughts": thoughts, "no_thoughts": no_thoughts, "base": base}, Params(**kw))
-    return {c.name: c for c in checks}
+def _row(correct, nll):
+    """A score row as ``forgelib.phases.quietstar.score`` writes it: per question the correctness and the NLL."""
+    return {"accuracy": sum(correct) / len(correct), "answer_nll": sum(nll) / len(nll), "correct": list(correct),
+            "sample_nll": list(nll)}
 
 
-def test_gate_passes_when_thinking_helps_and_accuracy_holds():
+def _gate(thoughts, no_thoughts, base, guard=GUARD, **kw):
+    checks, verdicts = gate_checks({"thoughts": thoughts, "no_thoughts": no_thoughts, "base": base}, Params(**kw),
+                                   guard)
+    return {c.name: c for c in checks}, verdicts
+
+
+def _nll(n, centre, spread, seed=0):
+    gen = random.Random(seed)
+    return [centre + gen.uniform(-spread, spread) for _ in range(n)]
+
+
+NLL_CHECK, ACC_CHECK = "nll_thoughts_minus_no_thoughts_upper_bound", "acc_thoughts_minus_base_lower_bound"
+
+
+def test_gate_passes_when_thinking_lowers_the_nll_and_accuracy_holds():
+    correct = [1, 0, 1, 1] * 20  # 80 questions, the same answers in every row
+    off = _nll(80, 1.0, 0.3)
+    thoughts = [x - 0.1 for x in off]  # thinking lowers every question's NLL by 0.1
+    checks, verdicts = _gate(_row(correct, thoughts), _row(correct, off), _row(correct, _nll(80, 1.3, 0.3, 1)))
+    assert set(checks) == {NLL_CHECK, ACC_CHECK} and all(c.passed for c in checks.values())
+    assert checks[NLL_CHECK].value == pytest.approx(-0.1, abs=1e-6) and checks[NLL_CHECK].bound == 0.02
+    assert verdicts["nll_thoughts_minus_no_thoughts"]["mean"] == pytest.approx(-0.1)
+    # the accuracy check is forgelib.stats' paired non-inferiority at `margin`, the base model before
+    expected = noninferior("thoughts_vs_base", correct, correct, 0.10, GUARD.confidence, GUARD.power)
+    assert checks[ACC_CHECK].value == expected.lower and checks[ACC_CHECK].bound == -0.10
+    assert verdicts["accuracy"] == expected.as_row()
+
+
+@pytest.mark.parametrize("raise_by, spread, passes", [
+    (0.05, 0.01, False),   # thinking raises each question's NLL by 0.05: beyond nll_margin 0.02
+    (0.01, 0.01, True),    # by 0.01, measured tightly: within the margin
+    (-0.01, 0.5, False),   # lower on average, but too noisy to show the rise stays below the margin
+])
+def test_nll_upper_bound_fails_when_thinking_raises_the_per_question_nll(raise_by, spread, passes):
+    correct = [1, 0] * 30
+    off = _nll(60, 1.0, 0.2)
+    noise = _nll(60, 0.0, spread, seed=2)
+    thoughts = [x + raise_by + e for x, e in zip(off, noise)]
+    checks, verdicts = _gate(_row(correct, thoughts), _row(correct, off), _row(correct, off))
+    diffs = [t - o for t, o in zip(thoughts, off)]
+    mean, _, upper = mean_bounds(diffs, GUARD.confidence)
+    assert checks[NLL_CHECK].value == pytest.approx(upper, abs=1e-6)
+    assert verdicts["nll_thoughts_minus_no_thoughts"]["mean"] == pytest.approx(mean)
+    assert checks[NLL_CHECK].passed is passes
+    assert checks[ACC_CHECK].passed  # the answers did not change
+
+
+def test_accuracy_check_is_the_paired_noninferiority_at_margin():
+    base = [1] * 100
+    lost = [0] * 20 + [1] * 80  # thinking loses 20 of 100: diff -0.2, beyond the margin 0.10
+    nll = [1.0] * 100
+    checks, verdicts = _gate(_row(lost, nll), _row(lost, nll), _row(base, nll))
+    expected = noninferior("thoughts_vs_base", base, lost, 0.10, GUARD.confidence, GUARD.power)
+    assert not checks[ACC_CHECK].passed and checks[ACC_CHECK].value == expected.lower < -0.10
+    assert verdicts["accuracy"]["diff"] == -0.2
+    one = [0] + [1] * 199  # one of 200 lost: well within the margin
+    checks, _ = _gate(_row(one, [1.0] * 200), _row(one, [1.0] * 200), _row([1] * 200, [1.0] * 200))
+    assert checks[ACC_CHECK].passed
+    wider = _gate(_row(lost, nll), _row(lost, nll), _row(base, nll), margin=0.35)[0]
+    assert wider[ACC_CHECK].passed and wider[ACC_CHECK].bound == -0.35  # the margin is the parameter's
+
+
+def test_accuracy_check_on_too_few_questions_fails_and_says_how_many_it_needs():
     same = [1, 0, 1, 1]
-    checks = _gate(_row(0.75, 0.9, same), _row(0.75, 1.0, same), _row(0.75, 1.3, same))
-    assert all(c.passed for c in checks.values())
-    assert checks["nll_no_thoughts_minus_nll_thoughts"].value == pytest.approx(0.1)
+    checks, verdicts = _gate(_row(same, [1.0] * 4), _row(same, [1.1] * 4), _row(same, [1.0] * 4))
+    assert not checks[ACC_CHECK].passed  # identical answers, but 4 questions cannot show a loss below 0.10
+    assert "too few questions to decide: 4 asked" in checks[ACC_CHECK].note
+    assert verdicts["accuracy"]["needed"] > 4
 
 
-def test_gate_fails_when_thinking_raises_the_nll():
-    same = [1, 0, 1, 1]
-    checks = _gate(_row(0.75, 1.1, same), _row(0.75, 1.0, same), _row(0.75, 1.3, same))
-    assert not checks["nll_no_thoughts_minus_nll_thoughts"].passed
+def test_test_samples_are_sized_by_the_margin_under_the_guard_rule():
+    params = Params(mix={"arith": 1.0, "logic": 2.0, "algebra": 0.0}, levels=(1, 2))
+    guard = GuardParams(discordance=0.1)
+    per = math.ceil(guard.needed(0.10) / 2)  # spread over the two families with weight
+    samples = phase3.test_samples(params, 0, guard=guard)
+    assert len(samples) == 2 * per and {s.family for s in samples} == {"arith", "logic"}
+    assert sum(s.family == "arith" for s in samples) == per
+    assert len(phase3.test_samples(params, 0, margin=0.2, guard=guard)) == 2 * math.ceil(guard.needed(0.2) / 2)
+    assert len(phase3.test_samples(params, 0)) == 2 * math.ceil(GuardParams().needed(0.10) / 2)  # the default section
+    assert len(phase3.test_samples(params, 0, per_family=5)) == 10
+    assert len(phase3.test_samples(dataclasses.replace(params, test_per_family=3), 0, guard=guard)) == 6
 
 
-def test_accuracy_bound_is_one_point_plus_gate_z_paired_ses():
-    # 4 of 8 samples lost: diff -0.5, paired SE of [-1]*4 + [0]*4 = sqrt(var/n)
-    base, thoughts = [1] * 8, [0] * 4 + [1] * 4
-    diffs = [t - b for t, b in zip(thoughts, base)]
-    mean = sum(diffs) / 8
-    se = (sum((d - mean) ** 2 for d in diffs) / 7 / 8) ** 0.5
-    checks = _gate(_row(0.5, 1.0, thoughts), _row(0.5, 1.0, thoughts), _row(1.0, 1.0, base), gate_z=1.645)
-    assert checks["acc_thoughts_minus_acc_base"].bound == pytest.approx(-(0.01 + 1.645 * se), abs=1e-6)
-    assert not checks["acc_thoughts_minus_acc_base"].passed
-    strict = _gate(_row(0.99, 1.0, [1] * 99 + [0]), _row(0.99, 1.0, [1] * 99 + [0]), _row(1.0, 1.0, [1] * 100),
-                   gate_z=0.0)
-    assert strict["acc_thoughts_minus_acc_base"].passed  # exactly one point down is allowed, not more
+def test_training_batches_replay_every_family_the_input_knew():
+    from helpers import task_tokenizer
+
+    params = Params(mix={"arith": 1.0}, levels=(1, 3))
+    suite = {"arith": (1, 1), "logic": (2, 2)}
+    stream = training_batches(task_tokenizer(), params, 0, suite, replay=0.3).stream
+    weights = dict(zip(stream.families, stream.family_weights))
+    assert weights == pytest.approx({"arith": 0.7 + 0.15, "logic": 0.15})
+    samples = [next(stream) for _ in range(300)]
+    logic = [s for s in samples if s.family == "logic"]
+    assert 20 < len(logic) < 80 and {s.level for s in logic} == {2}  # the suite's family at its own level
+    assert {s.level for s in samples if s.family == "arith"} == {1, 2, 3}  # the phase's own levels, widened
+    plain = training_batches(task_tokenizer(), params, 0, suite, replay=0.0).stream
+    assert plain.families == ["arith"]
+
+
+def test_removed_gate_keys_are_refused_and_margins_checked(tmp_path):
+    from forgelib.params import load_section
+    from forgelib.phases import get_spec
+
+    spec = get_spec("quietstar")
+    for key in ("acc_margin: 0.01", "gate_z: 1.645"):
+        path = tmp_path / "p.yaml"
+        path.write_text(f"quietstar:\n  {key}\n")
+        with pytest.raises(ParameterError, match=key.split(":")[0]):
+            load_section(path, "quietstar", spec.params_cls, None, {"quietstar", "run"})
+    for bad, match in (({"margin": 0.0}, "margin must lie in"), ({"margin": 1.0}, "margin must lie in"),
+                       ({"replay": 1.0}, "replay must lie in"), ({"nll_margin": -0.1}, "nll_margin"),
+                       ({"test_per_family": 0}, "test_per_family")):
+        with pytest.raises(ValueError, match=match):
+            Params(**bad)
+    defaults = Params()
+    assert (defaults.margin, defaults.nll_margin, defaults.test_per_family) == (0.10, 0.02, None)
 
 
 def test_bad_phase3_parameters_name_the_key(tmp_path):

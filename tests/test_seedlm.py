@@ -56,13 +56,32 @@ def test_basis_values_lie_in_the_open_interval_and_differ_between_seeds():
     assert len({tuple(m.flatten().tolist()) for m in u}) == 255
 
 
-def test_a_matrix_round_trips_with_a_bounded_error():
+def test_a_matrix_round_trips_with_an_error_the_seed_search_earns():
+    """The search over all 1023 seeds must beat not searching by far. Relative squared errors, measured: the seed
+    search 0.033; every block fitted (unquantized) on seed 1, 0.541, or on a random seed, 0.53; the search left out
+    of seed_search (seed 1, 4-bit coefficients) 0.546. And no block can beat the best unquantized least-squares fit
+    over every seed, found here by brute force in float64 (0.021 in all)."""
     config = SeedLMConfig(K=10, C=8, P=4)
     torch.manual_seed(1)
     w = torch.randn(12, 10) * 0.05
     packed = compress_matrix(w, config)
     back = decompress_matrix(packed, config)
     assert back.shape == w.shape and packed["pad"] == (-120) % 8
-    rel = float(((back - w) ** 2).sum() / (w ** 2).sum())
-    assert rel < 0.5  # 4 of 8 dimensions per block fitted by the best of 1023 random bases, 4-bit coefficients
-    assert packed["seconds_per_block"] > 0
+    blocks = w.reshape(-1, 8).double()  # 120 weights: 15 blocks, no padding
+    total = float((blocks ** 2).sum())
+    rel = float(((back - w) ** 2).sum()) / total
+    # brute force: the least-squares residual of every block on every seed's basis (float64, lstsq, no pinv)
+    u = basis(torch.arange(1, 1 << config.K), config).double()  # (1023, 8, 4)
+    n, s = len(blocks), len(u)
+    fit = torch.linalg.lstsq(u[None].expand(n, -1, -1, -1), blocks[:, None, :, None].expand(-1, s, -1, -1)).solution
+    residual = ((torch.einsum("scp,nsp->nsc", u, fit[..., 0]) - blocks[:, None]) ** 2).sum(-1)  # (15, 1023)
+    best = residual.min(1).values
+    fixed_seed = float(residual[:, 0].sum()) / total  # no search: seed 1 for every block
+    random_seed = float(residual[torch.arange(n), torch.randint(s, (n,), generator=torch.Generator().manual_seed(0))]
+                        .sum()) / total
+    assert min(fixed_seed, random_seed) > 0.4  # a 4-dimensional random subspace of 8 keeps about half the energy
+    assert rel < 0.1 and rel < 0.2 * min(fixed_seed, random_seed)
+    assert bool((packed["error"].double() >= best * (1 - 1e-4)).all())  # quantized: never below the best fit
+    assert rel < 2.5 * float(best.sum()) / total  # and the 4-bit coefficients cost little beside it
+    # the error the search reports is the error of the reconstruction it hands back
+    assert float(packed["error"].sum()) == pytest.approx(float(((back - w) ** 2).sum()), rel=1e-4)

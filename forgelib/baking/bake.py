@@ -6,7 +6,8 @@
 
 Objective (Prompt Baking): minimize ``KL( P_θ(·|u, x, y<j) ‖ P_θ+LoRA(·|x, y<j) )`` over trajectories ``y``
 sampled from the prompted model. The **teacher** is the same network with the adapter *disabled* and the
-prompt prepended; the **student** has the adapter on and no prompt. The KL is over the full vocabulary at every
+prompt prepended (or another model given as ``teacher``: Phase 6 bakes every cycle from the prompt-taught
+model); the **student** has the adapter on and no prompt. The KL is over the full vocabulary at every
 position both see after the question: the positions that predict the trajectory's tokens and its end
 (``<|eos|>`` when the sample ended). Teacher log-probabilities are computed once (the teacher never changes: its
 weights are frozen and the adapter is off) and reused every step.
@@ -58,18 +59,23 @@ class PromptBakingConfig:
     """Further MuGrokfast overrides of the Phase-6 preset (QK-clip is always off: it would move the frozen
     weights the teacher shares)."""
     lora_r: int = 8
+    """LoRA rank."""
     lora_alpha: float = 16.0
+    """LoRA scaling numerator (the adapter is scaled by ``lora_alpha / lora_r``)."""
     target_modules: list[str] | None = None
     """Module name suffixes that get an adapter (None: attention and MLP projections that exist)."""
     batch_size: int = 16
+    """Trajectory pairs per step (and as many retain pairs, with ``retain_data``)."""
     trajectories: int = 128
     """Trajectories sampled from the prompted model per bake (calibration inputs are cycled)."""
     temperature: float = 1.0
     """Sampling temperature of the trajectories (0: greedy)."""
     max_new_tokens: int = 48
+    """Longest sampled trajectory in tokens."""
     max_len: int | None = None
     """Longest teacher sequence kept (None: the model's ``max_position_embeddings``)."""
     half_baking: bool = False
+    """Scale the trained adapter by ``half_baking_factor`` before merging (partial strength)."""
     half_baking_factor: float = 0.5
     """With ``half_baking``: the adapter's scaling is multiplied by this after training (partial strength)."""
     eval_every: int = 10
@@ -81,6 +87,7 @@ class PromptBakingConfig:
     """Weight of the retain term (with ``retain_data``): KL(model without adapter ‖ student) on unprompted
     trajectories of inputs the prompt should not change."""
     seed: int = 0
+    """Seed of the trajectories, the adapter's initialisation and the batch order."""
 
     def __post_init__(self):
         require_positive(self, "steps", "lr", "lora_r", "lora_alpha", "batch_size", "trajectories", "max_new_tokens")
@@ -207,10 +214,41 @@ def teacher_logprobs(model: nn.Module, pairs: PairBatch, batch_size: int = 64) -
 
 def pair_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over compared positions of KL(teacher ‖ student), full vocabulary (mask (B, J) marks real ones)."""
-    logp_s = F.log_softmax(student_logits.float(), -1)
-    per_pos = F.kl_div(logp_s, teacher_logp.to(logp_s.device), log_target=True, reduction="none").sum(-1)  # (B, J)
+    per_pos = _position_kl(student_logits, teacher_logp)
     m = mask.to(per_pos.device, per_pos.dtype)
     return (per_pos * m).sum() / m.sum().clamp(min=1)
+
+
+def _position_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) at every position (B, J), full vocabulary."""
+    logp_s = F.log_softmax(student_logits.float(), -1)
+    return F.kl_div(logp_s, teacher_logp.to(logp_s.device), log_target=True, reduction="none").sum(-1)  # (B, J)
+
+
+def pair_kl_rows(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per pair (B,): the KL(teacher ‖ student) summed over its compared positions."""
+    per_pos = _position_kl(student_logits, teacher_logp)
+    return (per_pos * mask.to(per_pos.device, per_pos.dtype)).sum(-1)
+
+
+@torch.no_grad()
+def prompt_kl_rows(model: nn.Module, pairs: PairBatch, teacher_logp: torch.Tensor, adapter: bool = True,
+                   batch_size: int = 64) -> tuple[list[float], list[int]]:
+    """Per pair: KL(prompted teacher ‖ model without the prompt) summed over its compared positions, and the number
+    of those positions (``adapter=False``: the model with its adapter disabled, i.e. the unbaked model)."""
+    import contextlib
+
+    was = model.training
+    model.eval()
+    sums: list[float] = []
+    with (contextlib.nullcontext() if adapter else adapter_off(model)):
+        for i in range(0, len(pairs), batch_size):
+            idx = list(range(i, min(i + batch_size, len(pairs))))
+            b = pairs.select(idx)
+            logits = _logits(model, b.s_ids, b.s_mask, b.s_pos)
+            sums += pair_kl_rows(logits, teacher_logp[idx][:, :logits.shape[1]], b.pos_mask).tolist()
+    model.train(was)
+    return sums, [int(c) for c in pairs.pos_mask.sum(1).tolist()]
 
 
 @torch.no_grad()
@@ -218,21 +256,8 @@ def prompt_kl(model: nn.Module, pairs: PairBatch, teacher_logp: torch.Tensor, ad
               batch_size: int = 64) -> float:
     """KL(prompted teacher ‖ model without the prompt), per compared position, over ``pairs`` (``adapter=False``:
     the model with its adapter disabled, i.e. the unbaked model)."""
-    import contextlib
-
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    with (contextlib.nullcontext() if adapter else adapter_off(model)):
-        for i in range(0, len(pairs), batch_size):
-            idx = list(range(i, min(i + batch_size, len(pairs))))
-            b = pairs.select(idx)
-            logits = _logits(model, b.s_ids, b.s_mask, b.s_pos)
-            n = float(b.pos_mask.sum())
-            total += float(pair_kl(logits, teacher_logp[idx][:, :logits.shape[1]], b.pos_mask)) * n
-            count += n
-    model.train(was)
-    return total / max(count, 1.0)
+    sums, counts = prompt_kl_rows(model, pairs, teacher_logp, adapter, batch_size)
+    return sum(sums) / max(sum(counts), 1)
 
 
 def gap_closed(kl_baked: float, kl_unbaked: float) -> float:
@@ -389,10 +414,12 @@ def teacher_pairs(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str
 def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequence[str | Sample],
                 config: PromptBakingConfig | None = None, eval_data: Sequence[str | Sample] | None = None,
                 loss: str = "kl", tracker: Any = None, desc: str = "bake",
-                retain_data: Sequence[str | Sample] | None = None) -> nn.Module:
+                retain_data: Sequence[str | Sample] | None = None, teacher: nn.Module | None = None) -> nn.Module:
     """Bake ``prompt`` into a LoRA adapter on ``model`` (see the module docstring); returns the peft model with
     the adapter on and ``.baking_report``: ``train_kl`` per step, the held-out ``curve`` (step, KL) and, with
-    ``eval_data``, ``kl_unbaked``, ``kl_baked`` and ``gap_closed`` (after half-baking when it is on).
+    ``eval_data``, ``kl_unbaked``, ``kl_baked`` and ``gap_closed`` (after half-baking when it is on), and per held-out
+    input (``heldout``) the summed KL unbaked and baked and its compared positions (``forgelib.baking.gap``: the
+    gap's confidence bound).
     ``loss='sft'`` trains the same adapter by cross-entropy on the same trajectories (the benchmark's
     alternative). A model that already carries an adapter gets it merged first (sequential baking).
 
@@ -400,7 +427,12 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
     from the model without prompt and adapter, and each step adds ``retain_weight`` × KL(that model ‖ student)
     on a batch of them: the same objective with the empty prompt, so the adapter learns "u on these inputs,
     nothing on those" (measured on the smoke chain: without it, baking the persona prompt took the unrelated
-    ``tool`` family from 0.34 to 0.00 accuracy)."""
+    ``tool`` family from 0.34 to 0.00 accuracy).
+
+    ``teacher``: another model whose prompted behaviour is the target (it samples the trajectories and gives the
+    teacher log-probabilities; default: ``model`` itself with the adapter off, the paper's setting). The unbaked
+    reference of the held-out gap stays ``model`` with the adapter off, and the retain term keeps ``model``'s own
+    unprompted behaviour."""
     from ..train import TrainConfig, train
 
     config = config or PromptBakingConfig()
@@ -409,32 +441,54 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
     started = time.perf_counter()
     model = add_lora(merge_baked(model), config)
     model.eval()
-    pairs, teacher = teacher_pairs(model, tokenizer, prompt, calibration_data, config.trajectories, config, config.seed)
+    source = model if teacher is None else teacher.eval()
+    pairs, teacher_logp = teacher_pairs(source, tokenizer, prompt, calibration_data, config.trajectories, config,
+                                        config.seed)
     retain = teacher_pairs(model, tokenizer, "", retain_data, config.trajectories, config, config.seed + 2) \
         if retain_data else None
-    held = teacher_pairs(model, tokenizer, prompt, eval_data, len(eval_data), config, config.seed + 1) \
+    held = teacher_pairs(source, tokenizer, prompt, eval_data, len(eval_data), config, config.seed + 1) \
         if eval_data else None
     report: dict[str, Any] = {"prompt": prompt, "pairs": len(pairs), "curve": []}
     if held:
-        report["kl_unbaked"] = prompt_kl(model, *held, adapter=False)
+        unbaked, positions = prompt_kl_rows(model, *held, adapter=False)
+        report["kl_unbaked"] = sum(unbaked) / max(sum(positions), 1)
         report["curve"].append({"step": 0, "kl": prompt_kl(model, *held)})
 
     optimizer = _optimizer(model, config)
     train_config = TrainConfig(steps=config.steps, log_every=max(1, config.steps // 4),
                                eval_every=config.eval_every if held else 0)
     loss_fn = kl_loss if loss == "kl" else sft_loss
-    history = train(model, _batches(pairs, teacher, config.batch_size, config.seed, retain), optimizer, train_config,
-                    loss_fn=lambda m, b: loss_fn(m, b, config.retain_weight), tracker=tracker, quiet=True, desc=desc,
-                    evaluate=(lambda m: {"heldout_kl": prompt_kl(m, *held)}) if held else None)
+    history = train(model, _batches(pairs, teacher_logp, config.batch_size, config.seed, retain), optimizer,
+                    train_config, loss_fn=lambda m, b: loss_fn(m, b, config.retain_weight), tracker=tracker,
+                    quiet=True, desc=desc, evaluate=(lambda m: {"heldout_kl": prompt_kl(m, *held)}) if held else None)
     report["curve"] += [{"step": e["step"], "kl": e["heldout_kl"]} for e in history.evals]
     report["train_loss"] = history.losses
     if config.half_baking:
         scale_adapter(model, config.half_baking_factor)
     model.eval()
     if held:
-        report["kl_baked"] = prompt_kl(model, *held)
+        baked, _ = prompt_kl_rows(model, *held)
+        report["kl_baked"] = sum(baked) / max(sum(positions), 1)
         report["gap_closed"] = gap_closed(report["kl_baked"], report["kl_unbaked"])
+        report["heldout"] = {"kl_unbaked": unbaked, "kl_baked": baked, "positions": positions}
     report["seconds"] = round(time.perf_counter() - started, 2)
     model.baking_report = report
     model.baking_heldout = held  # (pairs, teacher log-probs): re-measure after merging or scaling
     return model
+
+
+def heldout_kl(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str | Sample], config: PromptBakingConfig,
+               seed: int, teacher: nn.Module | None = None) -> dict[str, list]:
+    """More held-out inputs for a bake that is still a peft model (adapter not merged): one trajectory each from the
+    prompted teacher of the bake (``teacher``, default the model with the adapter off), and per input the summed
+    KL(prompted ‖ unbaked), KL(prompted ‖ baked) and the compared positions, as ``baking_report["heldout"]`` holds
+    them."""
+    source = model if teacher is None else teacher.eval()
+    with adapter_off(source):
+        trajectories = sample_trajectories(source, tokenizer, prompt, list(inputs), len(inputs), config.temperature,
+                                           config.max_new_tokens, seed)
+    pairs = encode_pairs(tokenizer, prompt, trajectories, context_length(model, config))
+    teacher = teacher_logprobs(source, pairs)  # adapter off
+    unbaked, positions = prompt_kl_rows(model, pairs, teacher, adapter=False)
+    baked, _ = prompt_kl_rows(model, pairs, teacher)
+    return {"kl_unbaked": unbaked, "kl_baked": baked, "positions": positions}

@@ -6,7 +6,12 @@ use 0 → 0–19 %). A prompt that changes nothing cannot be baked, so Phase 6 f
 the step instruction tuning gave the models of the Prompt Baking paper: supervised training (answer tokens) on
 a stream of fresh train-split questions where each question gets, with equal chance, no prompt (its plain
 worked solution: the unprompted behaviour is kept), one of the prompts, or all of them (both styles at once, so
-sequentially baked prompts compose). ``teach_steps: 0`` skips it (a model that already follows the prompts).
+sequentially baked prompts compose). A stated share of the questions (``replay_share``) replays every family the
+input model knew (its suite, at its levels) plainly — no prompt, the normal worked solution — so that teaching the
+prompts on a few families does not erase the others (measured on the smoke chain loose-s0, whose Phase-5 model
+had lost logic, recall and sequence: at levels 1-2 they went 0.00 / 0.15 / 0.05 → 0.49 / 0.42 / 0.30 through
+Phase 6 with the replay at 0.3; before, only ``tool`` was replayed). ``teach_steps: 0`` skips it (a model that
+already follows the prompts).
 """
 from __future__ import annotations
 
@@ -29,29 +34,37 @@ def prompt_subsets(prompts: Sequence[BakePrompt]) -> list[tuple[BakePrompt, ...]
 
 
 def teaching_samples(prompts: Sequence[BakePrompt], families: Sequence[str], levels: Sequence[int], n: int,
-                     rng: random.Random, split: str = "train", replay: Sequence[str] = ()) -> list[Sample]:
-    """``n`` fresh questions of ``families`` × ``levels``, each styled under a random prompt subset; questions of
-    the ``replay`` families (drawn as often as one prompted family) never get a prompt: their plain worked
-    solutions keep what the prompts should not touch."""
+                     rng: random.Random, split: str = "train", replay: dict[str, Sequence[int]] | None = None,
+                     replay_share: float = 0.0) -> list[Sample]:
+    """``n`` fresh questions: with chance ``replay_share`` one of the ``replay`` suite (a family drawn uniformly,
+    a level uniformly from its ``(lo, hi)``) left plain — no prompt, its normal worked solution: what the model knew
+    is trained on while the prompts are taught —, otherwise one of ``families`` × ``levels`` styled under a random
+    prompt subset (``prompt_subsets``)."""
+    if not 0 <= replay_share < 1:
+        raise ValueError(f"replay_share must lie in [0, 1), got {replay_share}")
     subsets = prompt_subsets(prompts)
-    pool = list(families) + list(replay)
+    suite = sorted((replay or {}).items())
     out = []
     for _ in range(n):
-        family = rng.choice(pool)
+        if suite and rng.random() < replay_share:
+            family, (lo, hi) = rng.choice(suite)
+            out.append(generate(family, rng.randint(int(lo), int(hi)), 1, split, rng.randrange(1 << 30))[0])
+            continue
+        family = rng.choice(list(families))
         sample = generate(family, rng.choice(list(levels)), 1, split, rng.randrange(1 << 30))[0]
-        out.append(sample if family not in families else styled(sample, rng.choice(subsets)))
+        out.append(styled(sample, rng.choice(subsets)))
     return out
 
 
 def teaching_batches(tokenizer, prompts: Sequence[BakePrompt], families: Sequence[str], levels: Sequence[int],
-                     batch_size: int, max_len: int, seed: int,
-                     replay: Sequence[str] = ()) -> Iterator[dict[str, torch.Tensor]]:
+                     batch_size: int, max_len: int, seed: int, replay: dict[str, Sequence[int]] | None = None,
+                     replay_share: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless answer-only-loss batches of ``teaching_samples`` (worked solutions; too long ones left out)."""
     rng = random.Random(seed)
     for _ in itertools.count():
-        enc = encode_samples(tokenizer, teaching_samples(prompts, families, levels, batch_size, rng, replay=replay),
-                             max_len,
-                             answer_only_loss=True, with_steps=True, drop_long=True)
+        samples = teaching_samples(prompts, families, levels, batch_size, rng, replay=replay,
+                                   replay_share=replay_share)
+        enc = encode_samples(tokenizer, samples, max_len, answer_only_loss=True, with_steps=True, drop_long=True)
         width = int(enc["attention_mask"].sum(1).max())
         yield {k: v[:, :width] for k, v in enc.items()}
 
@@ -59,16 +72,16 @@ def teaching_batches(tokenizer, prompts: Sequence[BakePrompt], families: Sequenc
 def teach_prompts(model: torch.nn.Module, tokenizer, prompts: Sequence[BakePrompt], families: Sequence[str],
                   levels: Sequence[int], steps: int, batch_size: int = 16, max_len: int = 128, seed: int = 0,
                   optimizer: dict[str, Any] | None = None, tracker: Any = None, device: str = "cpu",
-                  replay: Sequence[str] = ()):
+                  replay: dict[str, Sequence[int]] | None = None, replay_share: float = 0.0):
     """Train ``model`` (all its weights; BitLinear by straight-through) ``steps`` steps on prompted and
-    unprompted questions of ``families`` and unprompted ones of the ``replay`` families (module docstring).
-    Returns the TrainHistory."""
+    unprompted questions of ``families`` and, a share ``replay_share`` of them, plain questions of the ``replay``
+    suite ``{family: (lo, hi)}`` (module docstring). Returns the TrainHistory."""
     from ..optim import create_optimizer_from_phase
     from ..quant.bitnet import BitLinear
     from ..train import TrainConfig, train
 
     ternary = any(isinstance(m, BitLinear) for m in model.modules())
     opt = create_optimizer_from_phase(model, phase_num=6, **{"lr": 1e-3, "ste_mode": ternary, **(optimizer or {})})
-    batches = teaching_batches(tokenizer, prompts, families, levels, batch_size, max_len, seed, replay)
+    batches = teaching_batches(tokenizer, prompts, families, levels, batch_size, max_len, seed, replay, replay_share)
     return train(model, batches, opt, TrainConfig(steps=steps, log_every=max(1, steps // 4)), tracker=tracker,
                  device=device, desc="teach", quiet=True)

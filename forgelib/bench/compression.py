@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import phase_folder, phase_params
     from ..phases import PHASES, get_spec
-    from ..phases.base import load_phase_params
+    from ..phases.base import load_guard_params, load_phase_params
     from ..phases.compression import load_system
     from ..results import PhaseResult
     from ..thoughts import load_lm
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     spec = get_spec("compression")
     run_seed = load_phase_params(spec, args.params, None, PHASES)[0].seed
-    ctx = _Ctx(result7, run_seed + 1000 * spec.number)  # Phase 8's seed: its test questions and calibration
+    ctx = _Ctx(result7, run_seed + 1000 * spec.number,  # Phase 8's seed: its test questions and calibration
+               load_guard_params(args.params, None, PHASES))  # the guard section sizes the test questions
     if "phase7" in args.parts:
         report["phase7"] = {"what": "Phase-7 system: ternary packed, each method on embeddings + matrices",
                             **sweep(load_lm(model_folder), load_system(ctx, tokenizer, params), ["embeddings", "matrices"],
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclasses.dataclass
 class _Ctx:
-    """What ``load_system`` reads from a phase context: the upstream result (for its experts) and the seed."""
+    """What ``load_system`` reads from a phase context: the upstream result (for its experts), the seed and the
+    ``guard`` section."""
 
     upstream: object
     seed: int
+    guard_params: object = None

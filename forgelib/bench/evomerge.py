@@ -40,6 +40,8 @@ from ..phases.evomerge import Params, make_scorer, ranks_at_least, runtime_setti
 from ..results import dumps_json
 
 DEFAULT_WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
+TEST_PER_FAMILY = 24
+"""Test-split questions per family of the benchmark's test scorer (Phase 2 itself now tests on the guard's)."""
 
 
 def _phase1(folder: str | None, seed: int = 0) -> Path:
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             phase1_runs.append(str(phase1))
             models, base, tokenizer = _load(phase1, params)
             fitness = make_scorer(params, tokenizer, "fitness", params.fitness_per_family, seed=0)
-            test = make_scorer(params, tokenizer, "test", params.test_per_family, seed=1)
+            test = make_scorer(params, tokenizer, "test", TEST_PER_FAMILY, seed=1)
             setup = (models, base, fitness, test)
         per_seed.append(run_seed(*setup, params, args.budget, s, args.weight_grid))
     varies = ("each seed reruns Phase 1 (smoke set, run seed = seed) and the search; the fitness and test "

@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; valid: {list(CONTENDERS)}")
     from ..phases import PHASES
+    from ..phases.base import SHARED_SECTIONS
 
     overrides = {"cognate": {"eval_per_family": args.eval_per_family}} if args.eval_per_family else None
     params = load_section(paths.resolve(args.params), "cognate", phase1.Params, overrides,
-                          [spec.name for spec in PHASES] + ["run"])
+                          [spec.name for spec in PHASES] + list(SHARED_SECTIONS))
     tokenizer = phase1.build_tokenizer(params, 0, None)
     samples = phase1.test_samples(params, 7)
     runs = [learning_curve(name, params, tokenizer, samples, seed, args.seconds, args.points)

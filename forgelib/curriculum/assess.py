@@ -20,6 +20,9 @@ before the model falls out of the band. Its ``status`` says why:
 Accuracies are taken as measured (no smoothing); a family that dips below ``lo`` at one level and would recover
 above it is treated as stopped at the dip, which is the safe reading of a noisy measurement. Measure on the
 fitness split (``generate(..., split="fitness")``) so that the test split stays unseen.
+
+``assess_by_level`` applies the same rule but measures level by level, every family still being measured at once
+(one batched call per level: a model answers many questions together far faster than one family at a time).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Callable, Iterable
 
 from forgelib.data.base import check_level
 
-__all__ = ["assess_levels"]
+__all__ = ["assess_by_level", "assess_levels"]
 
 
 def _check_band(band: tuple[float, float]) -> tuple[float, float]:
@@ -71,3 +74,26 @@ def assess_levels(accuracy_at: Callable[[str, int], float], families: Iterable[s
     if not ordered:
         raise ValueError("levels must name at least one level")
     return {family: assess_family(accuracy_at, family, ordered, lo, hi) for family in families}
+
+
+def assess_by_level(accuracies_at: Callable[[int, list[str]], dict[str, float]], families: Iterable[str],
+                    levels: Iterable[int] = range(1, 11),
+                    band: tuple[float, float] = (0.5, 0.85)) -> dict[str, dict]:
+    """``assess_levels`` measured level by level: ``accuracies_at(level, families)`` returns the accuracy of each
+    family named (those not yet stopped) at ``level``, called for levels in increasing order. The result is the
+    one ``assess_levels`` gives for the same accuracies."""
+    lo, _ = _check_band(band)
+    ordered = sorted({check_level(level) for level in levels})
+    if not ordered:
+        raise ValueError("levels must name at least one level")
+    families = list(families)
+    table: dict[tuple[str, int], float] = {}
+    going = list(families)
+    for level in ordered:
+        if not going:
+            break
+        got = accuracies_at(level, list(going))
+        for family in going:
+            table[family, level] = float(got[family])
+        going = [f for f in going if table[f, level] >= lo]
+    return assess_levels(lambda f, lv: table[f, lv], families, ordered, band)

@@ -39,9 +39,10 @@ others remain). Pending questions come first in the batch. Fewer active question
 
 **Level done.** ``level_done()`` is true once at most ``done_threshold`` questions are active (default
 ``pool_size // 10``); a step budget per level is the caller's rule (``level_answers`` counts answers at this
-level). ``advance()`` archives the level (summary and questions with their histories, for a browser widget) and
-moves every family one level up with a fresh pool; a family already at the top level (10) leaves the mix, and
-when none is left ``finished`` becomes true.
+level). ``refill()`` tops the active questions up to ``pool_size`` with fresh ones of the same levels (for a
+caller that leaves a level on another rule, e.g. held-out questions). ``advance()`` archives the level (summary
+and questions with their histories, for a browser widget) and moves every family one level up with a fresh pool;
+a family already at the top level (10) leaves the mix, and when none is left ``finished`` becomes true.
 
 **Resuming.** Every random choice (pool draws, variant seeds, batches) comes from ``self.rng``, which is part of
 the state; ``to_dict``/``from_dict`` and ``save``/``load`` (atomic JSON) restore questions, streaks, hints,
@@ -103,7 +104,7 @@ class Question:
 
     `streak`: consecutive correct answers without a hint; `hints`: steps shown next time it is asked;
     `needs_retry`: its last answer was wrong; `history`: one dict per answer
-    (`step`, `correct`, `hints`, `output`); `origin`: 'generator', 'variant' or the source given to
+    (`step`, `correct`, `hints`, `output`); `origin`: 'generator', 'variant', 'refill' or the source given to
     `add_questions` (e.g. 'frontier').
     """
 
@@ -380,6 +381,24 @@ class QuestionPool:
     def level_done(self) -> bool:
         """Whether at most `done_threshold` questions are still active."""
         return len(self.active_ids()) <= self.done_threshold
+
+    def refill(self) -> list[int]:
+        """Add fresh generated questions of the current levels (origin 'refill', prompts not yet used at this level)
+        until ``pool_size`` are active again: a caller that leaves a level on another rule (e.g. held-out
+        questions) keeps practising a level whose pool retired first. Returns the new question ids."""
+        if self.finished:
+            return []
+        names = list(self.levels)
+        missing = self.pool_size - len(self.active_ids())
+        if missing <= 0:
+            return []
+        added = []
+        for name, count in zip(names, _largest_remainder(missing, [self.mix[name] for name in names])):
+            for _ in range(count):
+                sample = self._fresh_sample(name, self.levels[name])
+                if sample is not None:
+                    added.append(self._add(sample, None, "refill").qid)
+        return added
 
     def advance(self) -> bool:
         """Archive this level and move every family one level up with a fresh pool. Families already at the top

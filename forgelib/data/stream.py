@@ -38,9 +38,12 @@ class TaskStream:
 
     def __init__(self, mix: dict[str, float], levels: int | tuple[int, int] | Iterable[int],
                  split: str = "train", seed: int = 0, level_weights: dict[int, float] | None = None,
-                 family_options: dict[str, dict[str, Any]] | None = None):
+                 family_options: dict[str, dict[str, Any]] | None = None,
+                 family_levels: dict[str, Any] | None = None):
         _check_mix(mix)
         self.levels = _levels(levels)
+        # a family's own levels (e.g. replay of what a model knew at the levels it learnt), drawn uniformly
+        self.family_levels = {name: _levels(lv) for name, lv in (family_levels or {}).items()}
         level_weights = dict(level_weights or {})
         stray = sorted(set(level_weights) - set(self.levels))
         if stray:
@@ -54,7 +57,8 @@ class TaskStream:
         for name, options in self.family_options.items():
             _check_options(get_family(name), options)
         self.split = _check_split(split)
-        self._key = f"stream|{seed}|{split}|{sorted(mix.items())}|{self.levels}"
+        self._key = f"stream|{seed}|{split}|{sorted(mix.items())}|{self.levels}" + (
+            f"|{sorted(self.family_levels.items())}" if self.family_levels else "")
         self.rng = random.Random(self._key)
         self.drawn = 0   # samples generated (all splits)
         self.served = 0  # samples in `split` handed out
@@ -65,7 +69,8 @@ class TaskStream:
     def __next__(self) -> Sample:
         while True:
             name = self.rng.choices(self.families, self.family_weights)[0]
-            level = self.rng.choices(self.levels, self.level_weights)[0]
+            own = self.family_levels.get(name)
+            level = self.rng.choice(own) if own else self.rng.choices(self.levels, self.level_weights)[0]
             sample = get_family(name).draw(self.rng, level, **self.family_options.get(name, {}))
             self.drawn += 1
             if split_of(sample.prompt) == self.split:

@@ -56,12 +56,13 @@ def _check_options(family: TaskFamily, options: dict[str, Any]) -> None:
                               f"valid options: {sorted(family.options) or 'none'}")
 
 
-def generate(family: str, level: int, n: int, split: str = "train", seed: int = 0,
+def generate(family: str, level: int, n: int, split: str = "train", seed: int = 0, allow_fewer: bool = False,
              **options: Any) -> list[Sample]:
-    """`n` distinct samples of `family` at `level` whose prompts fall in `split`; deterministic in all args.
+    """`n` distinct samples of `family` at `level` whose prompts fall in `split`; deterministic in all args (the
+    first k of n are the k asked alone: a larger `n` extends the same list).
 
-    Keeps drawing until it has `n`; raises TaskSpaceExhaustedError when the family's space at this level
-    runs dry (no new prompt in many draws), naming how many it found.
+    Keeps drawing until it has `n`; when the family's space at this level runs dry (no new prompt in many draws)
+    it raises TaskSpaceExhaustedError naming how many it found, or with `allow_fewer` returns those.
     """
     fam, level, split = get_family(family), check_level(level), _check_split(split)
     _check_options(fam, options)
@@ -78,6 +79,8 @@ def generate(family: str, level: int, n: int, split: str = "train", seed: int = 
         if sample.prompt in seen:
             stale += 1
             if stale > _PATIENCE:
+                if allow_fewer:
+                    return out
                 raise TaskSpaceExhaustedError(
                     f"family {family!r} level {level} gave only {len(out)} distinct {split!r} prompts of the "
                     f"{n} asked ({len(seen)} distinct prompts over all splits); ask for fewer or a higher level")

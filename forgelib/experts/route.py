@@ -2,7 +2,8 @@
 
 Pass 1 (``route``): the question's feature (``discover.question_features``: the base model's own mean hidden
 state) goes to the nearest cluster centroid — the clustering that proposed the experts routes to them. Pass 2:
-the chosen expert's ``z`` is loaded and the model answers (greedy, calculator on).
+the chosen expert's ``z`` is loaded and the model answers (greedy, calculator on). Centroids beyond the experts
+(``base centroids``: the families of the model's suite that no expert trained for) route to the base model.
 
 ``RoutingSettings``: ``strength`` scales the chosen ``z``; ``gate`` is a confidence gate — when the two nearest
 centroids are closer in distance than ``gate`` (an ambiguous question), the mean of their two experts is used.
@@ -40,7 +41,8 @@ def assignments(features: torch.Tensor, centroids: torch.Tensor, settings: Routi
 def answer_groups(svf, tokenizer, prompts: Sequence[str], groups: Sequence[tuple[int, ...]],
                   experts: Sequence[dict], strength: float = 1.0, max_new_tokens: int = 40) -> list[str]:
     """Greedy answers (calculator on), each prompt with the mean of its group's experts times ``strength``
-    (an empty group: the base model)."""
+    (an empty group: the base model). A centroid index ``>= len(experts)`` is one of the router's base centroids
+    (questions of the families no expert trained for): it stands for the base, ``z = 0``, in the mean."""
     from ..tools import generate_with_tools
     from .svf import mix
 
@@ -49,8 +51,9 @@ def answer_groups(svf, tokenizer, prompts: Sequence[str], groups: Sequence[tuple
     try:
         for group in sorted(set(groups)):
             idx = [i for i, g in enumerate(groups) if g == group]
-            if group:
-                svf.load_z(mix([experts[k] for k in group], [strength / len(group)] * len(group)))
+            members = [k for k in group if k < len(experts)]
+            if members:
+                svf.load_z(mix([experts[k] for k in members], [strength / len(group)] * len(members)))
             else:
                 svf.reset()
             traces = generate_with_tools(svf, tokenizer, [prompts[i] for i in idx], max_new_tokens, batch_size=64)

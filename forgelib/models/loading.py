@@ -36,7 +36,8 @@ def load_causal_lm(path, trainable: bool = False, **kwargs) -> PreTrainedModel:
 
     BitNet models (a ``bitnet`` entry in config.json, ``forgelib.quant``) come back as they were saved: a packed
     folder through ``load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on),
-    a fake-quantized one with its Linear layers converted back to BitLinear."""
+    a fake-quantized one with its Linear layers converted back to BitLinear (and its embeddings to int8 ones when
+    the config's ``bitnet`` entry says ``embedding_bits: 8``)."""
     config = read_model_config(path)
     found = config.get("model_type")
     if found is None:
@@ -54,7 +55,9 @@ def load_causal_lm(path, trainable: bool = False, **kwargs) -> PreTrainedModel:
     if isinstance(bitnet, dict):
         from ..quant import convert_to_bitnet
 
-        convert_to_bitnet(model, include=bitnet.get("include"), quantize_activations=bitnet.get("activation_bits") is not None)
+        convert_to_bitnet(model, include=bitnet.get("include"),
+                          quantize_activations=bitnet.get("activation_bits") is not None,
+                          embedding_bits=bitnet.get("embedding_bits"))
     return model
 
 

@@ -112,6 +112,8 @@ class PhaseContext:
     session_lock: SessionLock | None = None
     upstream_how: str = "given"
     """How the upstream was chosen: 'given' (``upstream=``) or the newest completed run (not given)."""
+    guard_params: Any = None
+    """The ``guard`` section (``forgelib.suite.GuardParams``): how the phase checks it kept what its input knew."""
 
     @property
     def seed(self) -> int:
@@ -170,6 +172,39 @@ class PhaseContext:
         self.result.models[role] = {"path": paths.relative(path), "registry_id": model_id}
         return path
 
+    @property
+    def input_suite(self) -> dict:
+        """What the upstream model knows (``forgelib.suite``): its result's suite, or for a result written before
+        suites were recorded, the Phase-1 trunk's mix and levels of its chain."""
+        from ..suite import suite_of
+
+        if self.upstream is None:
+            return {}
+        return suite_of(self.upstream) or legacy_suite(self.upstream)
+
+    def guard(self, before, after, suite: dict | None = None, margin: float | None = None):
+        """Ask ``before`` and ``after`` (``forgelib.suite.Asker``) the guard's questions over ``suite`` (default:
+        the input's), write guard.json, add one gate check per family and the headline numbers; the report.
+
+        ``margin`` overrides the ``guard`` section's (a phase that trades accuracy for size states its own)."""
+        from ..suite import GuardParams, guard, summary_line, write_guard
+
+        params = self.guard_params or GuardParams()
+        suite = self.input_suite if suite is None else suite
+        if not suite:
+            raise UpstreamError(f"phase {self.spec.name}: the upstream names no suite of task families to guard "
+                                "(and its chain has no Phase 1 to take it from)")
+        report = guard(before, after, suite, params, self.run.seed, margin)
+        self.result.artifacts["guard"] = paths.relative(write_guard(report, self.dir))
+        self.result.gate.extend(report.checks())
+        worst = min(report.families.items(), key=lambda kv: kv[1].lower)
+        self.result.metrics.update({"guard_margin": report.margin, "guard_questions": sum(
+            v.n for v in report.families.values()), "guard_worst_family": worst[0],
+            "guard_worst_diff": worst[1].diff, "guard_pooled_diff": report.pooled.diff})
+        if not self.quiet:
+            print(summary_line(report), flush=True)
+        return report
+
     def load_upstream_lm(self, role: str | None = None, trainable: bool = False):
         """(the upstream model ``role`` loaded with ``forgelib.thoughts.load_lm``, its tokenizer), after the
         checksum check of ``upstream_model_path``."""
@@ -188,6 +223,21 @@ class PhaseContext:
         if self.upstream is None:
             raise UpstreamError(f"phase {self.spec.name!r} needs an upstream model; pass `upstream=`")
         return upstream_model_path(self.upstream, role, self.registry)
+
+
+def legacy_suite(upstream: PhaseResult) -> dict:
+    """The suite of a chain recorded before phases handed on suites: the Phase-1 trunk's mix at its levels (read
+    from that phase's params.yaml), or {} when the chain has no Phase 1."""
+    from ..results import upstream_chain
+    from ..suite import make_suite
+
+    folder = paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}"
+    for phase_folder, result in upstream_chain(folder):
+        if result.number == 1 and (phase_folder / "params.yaml").is_file():
+            cognate = (yaml.safe_load((phase_folder / "params.yaml").read_text()) or {}).get("cognate") or {}
+            mix = (cognate.get("trunk") or {}).get("mix") or {}
+            return make_suite([f for f, w in mix.items() if w > 0], cognate.get("levels") or (1, 2))
+    return {}
 
 
 def upstream_model_path(upstream: PhaseResult, role: str | None, registry: Any) -> Path:
@@ -291,10 +341,22 @@ def upstream_line(spec: PhaseSpec, upstream: PhaseResult) -> str:
 def load_phase_params(spec: PhaseSpec, params_file: str | os.PathLike, overrides: dict | None,
                       all_specs: Iterable[PhaseSpec]) -> tuple[RunParams, Any]:
     """Load the ``run`` section and the phase's section strictly (typos in any section name fail)."""
-    sections = {s.name for s in all_specs} | {spec.name, "run"}
+    sections = {s.name for s in all_specs} | {spec.name, *SHARED_SECTIONS}
     path = paths.resolve(params_file)
     run = load_section(path, "run", RunParams, overrides, sections)
     return run, load_section(path, spec.name, spec.params_cls, overrides, sections)
+
+
+SHARED_SECTIONS = ("run", "guard")
+"""Sections every phase reads besides its own."""
+
+
+def load_guard_params(params_file: str | os.PathLike, overrides: dict | None, all_specs: Iterable[PhaseSpec]):
+    """The ``guard`` section (``forgelib.suite.GuardParams``), strictly."""
+    from ..suite import GuardParams
+
+    sections = {s.name for s in all_specs} | set(SHARED_SECTIONS)
+    return load_section(paths.resolve(params_file), "guard", GuardParams, overrides, sections)
 
 
 def session_exists(registry: Any, session: str) -> bool:
@@ -371,6 +433,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
+    guard_params = load_guard_params(params_file, overrides, all_specs)
     upstream_result, how = load_upstream(upstream), "given"
     if upstream_result is None and spec.number > 1:
         upstream_result = latest_completed(all_specs, spec.number - 1, session)
@@ -389,7 +452,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         device = _setup_runtime(run)
         (folder / "params.yaml").write_text(yaml.safe_dump(
             {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
-             "run": to_dict(run), spec.name: to_dict(params)}, sort_keys=False))
+             "run": to_dict(run), "guard": to_dict(guard_params), spec.name: to_dict(params)}, sort_keys=False))
         registry = ModelRegistry(paths.registry_path())
         if follower:
             registry = ReadOnlyRegistry(registry)
@@ -410,10 +473,12 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
                            wandb_mode=run.wandb_mode, wandb_dir=folder, notebook=paths.resolve(spec.notebook))
     result = PhaseResult(phase=spec.name, number=spec.number, session=session, started_at=now_iso(),
                          upstream=upstream_record(upstream_result) if upstream_result is not None else None)
-    return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
-                        params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
-                        tracker=tracker, result=result, device=device, session_lock=session_lock,
-                        upstream_how=how)
+    ctx = PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
+                       params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
+                       tracker=tracker, result=result, device=device, session_lock=session_lock,
+                       upstream_how=how, guard_params=guard_params)
+    result.suite = {f: list(v) for f, v in ctx.input_suite.items()}  # a phase that teaches more widens it
+    return ctx
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:

@@ -26,13 +26,15 @@ import torch
 from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import FAMILIES, build_mix, format_sample
 from ..data.tokenizer import train_tokenizer
-from ..evaluate import (accuracy_by_family, argmax_disagreement, chance_accuracy, encode_for_eval, mean_nll)
+from ..evaluate import (accuracy_by_family, answer_correctness, argmax_disagreement, chance_accuracy, encode_for_eval,
+                        mean_nll)
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
 from ..optim.config import MuGrokfastConfig, OptimConfigError
 from ..optim.presets import preset_config
 from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
+from ..stats import questions_needed
 from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
 
@@ -167,8 +169,14 @@ class Params:
     min_disagreement: float = 0.02
     """Gate: smallest allowed pairwise argmax disagreement between specialists on the test split."""
     min_accuracy_gain: float = 0.0
-    """Gate: each specialist's exact-match accuracy on its own families must exceed the trunk's by more than
-    this (on an exact tie at this bound, a lower answer NLL passes)."""
+    """Gate: each specialist beats the trunk on its own families: the one-sided lower confidence bound of the paired
+    accuracy difference (specialist − trunk, ``forgelib.stats``) must exceed this."""
+    expected_gain: float = 0.05
+    """Sizes that comparison: as many own-family test questions as detecting this gain needs at the ``guard``
+    section's confidence with power 0.9 (``forgelib.stats.questions_needed``)."""
+    min_above_chance: float = 0.1
+    """Gate: on every family of its mix, the trunk's accuracy (one-sided lower confidence bound) exceeds the family's
+    chance level (the best constant answer) by more than this: the trunk learnt each family."""
     init_from: Optional[str] = None
     """Start the trunk from this checkpoint (``checkpoints/<stage>/checkpoint-N`` of an earlier run) or Cognate
     model folder instead of from scratch; it must have the configured shapes (a clear error otherwise)."""
@@ -179,7 +187,9 @@ class Params:
 
     def __post_init__(self):
         require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
-                         "eval_per_family")
+                         "eval_per_family", "expected_gain")
+        if not -1 < self.min_accuracy_gain < 1:  # checked here, not after every model has trained
+            raise ValueError(f"min_accuracy_gain must lie in (-1, 1), got {self.min_accuracy_gain}")
         self.optimizer = check_fields(MuGrokfastConfig, self.optimizer, "optimizer")
         try:
             preset_config(1, **self.optimizer)
@@ -335,6 +345,23 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[
     return report
 
 
+def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, guard) -> dict[str, Any]:
+    """Per specialist: the trunk and the specialist on the same own-family test questions (as many as
+    ``expected_gain`` needs), the superiority verdict (``forgelib.stats.superior``)."""
+    from ..stats import superior
+
+    out = {}
+    for name in ROLES:
+        fams = params.specialists[name].families or list(params.specialists[name].mix)
+        n = questions_needed(params.expected_gain, guard.confidence, 0.9, guard.discordance)
+        samples = build_mix({f: 1.0 for f in fams}, params.levels, math.ceil(n / len(fams)) * len(fams), "test",
+                            seed + 101)
+        trunk = answer_correctness(models["trunk"], tokenizer, samples, batch_size=128, with_steps=params.with_steps)
+        own = answer_correctness(models[name], tokenizer, samples, batch_size=128, with_steps=params.with_steps)
+        out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence, 0.9).as_row()
+    return out
+
+
 def own_family_score(report: dict, name: str, families: list[str], key: str) -> float:
     values = [report["models"][name][key][f] for f in families]
     return sum(values) / len(values)
@@ -352,15 +379,21 @@ def specialist_gain(report: dict, name: str, families: list[str]) -> dict[str, f
     return {"accuracy_gain": acc, "nll_gain": nll, "gate_value": acc + TIE_BREAK * math.tanh(nll)}
 
 
-def gate_checks(report: dict, params: Params, trunk_history) -> list[GateCheck]:
+def gate_checks(report: dict, params: Params, guard) -> list[GateCheck]:
     """The phase gate (see the module docstring)."""
+    from ..stats import proportion_bounds
+
     checks = []
-    for name in ROLES:
-        fams = params.specialists[name].families or list(params.specialists[name].mix)
-        gain = specialist_gain(report, name, fams)["gate_value"]
-        checks.append(GateCheck(f"{name}_accuracy_gain_over_trunk", gain, params.min_accuracy_gain, ">"))
+    for name, v in report["specialists_vs_trunk"].items():
+        checks.append(GateCheck(f"{name}_minus_trunk_own_families_lower_bound", v["lower"], params.min_accuracy_gain,
+                                ">", note=v["note"]))
+    n = report["n_test"] // max(1, len(report["models"]["trunk"]["accuracy"]))
+    for family, acc in report["models"]["trunk"]["accuracy"].items():
+        if family in params.trunk.mix and params.trunk.mix[family] > 0:
+            lower = proportion_bounds(round(acc * n), n, guard.confidence)[0]
+            checks.append(GateCheck(f"trunk_{family}_lower_bound_minus_chance",
+                                    round(lower - report["chance"].get(family, 0.0), 4), params.min_above_chance, ">"))
     checks.append(GateCheck("min_disagreement", min(report["disagreement"].values()), params.min_disagreement, ">="))
-    checks.append(GateCheck("trunk_loss_drop", trunk_history.first_loss - trunk_history.last_loss, 0.0, ">"))
     return checks
 
 
@@ -407,11 +440,14 @@ def run(params: Params, ctx) -> PhaseResult:
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
     report["specialist_gain"] = {name: specialist_gain(report, name, params.specialists[name].families
                                                        or list(params.specialists[name].mix)) for name in ROLES}
+    guard = ctx.guard_params
+    report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard)
     ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})
+    ctx.result.suite = {f: list(params.levels) for f, w in sorted(params.trunk.mix.items()) if w > 0}
     ctx.result.metrics.update(headline(report, params, histories))
-    ctx.result.gate.extend(gate_checks(report, params, histories["trunk"]))
+    ctx.result.gate.extend(gate_checks(report, params, guard))
     return ctx.result
 
 

@@ -9,8 +9,9 @@ back from that file, so the bits are the file's and the scores are the loaded mo
    solutions per family and level (the Hessian diagonal ``vq`` weights its k-means with).
 2. **Stages** (``stages``, in order): each assigns codecs to tensor groups or name patterns
    (``forgelib.quant.compress``) on top of the plan kept so far, writes the artifact, loads it and measures it on
-   the test split. A stage whose accuracy falls below ``min_acc_retention`` × the input's (less ``gate_z`` paired
-   SEs) or whose perplexity rises above ``max_ppl_ratio`` × the input's is **rolled back**: the next stage starts
+   the test split. A stage whose accuracy is not shown non-inferior to the input's at ``allowed_loss`` (the paired
+   rule of ``forgelib.stats`` on as many questions as that margin needs) or whose perplexity rises above
+   ``max_ppl_ratio`` × the input's is **rolled back**: the next stage starts
    from the previous kept plan. The last kept stage's file is the phase's model (``models/model/model.forge``).
 3. **Sweep** (``sweep``): methods and baselines (RTN, HQQ, block floating point, SeedLM, VQ, hyper-compression),
    each alone on ``sweep_targets`` over the first stage's plan, measured the same way: the bits-vs-perplexity
@@ -21,8 +22,10 @@ removed): exact-match accuracy of the two-pass routed system when the upstream h
 router centroids ride in the artifact as extras), else of the model alone; perplexity of the test questions'
 worked solutions (completion tokens, teacher-forced). Chance: 0 for the numeric families.
 
-**Gate**: the final artifact's accuracy ≥ ``min_acc_retention`` × the input's − ``gate_z`` paired SEs, perplexity
-≤ ``max_ppl_ratio`` × the input's, and (when set) bits per weight ≤ ``max_bits_per_weight``.
+**Gate**: the final artifact's accuracy non-inferior to the input's at ``allowed_loss`` (the loss the phase states it
+may trade for size), perplexity ≤ ``max_ppl_ratio`` × the input's, (when set) bits per weight ≤
+``max_bits_per_weight``, and the guard at ``allowed_loss``: the artifact, read back from disk with the experts it
+carries, keeps every family of the input's suite (``forgelib.suite``).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from ..thoughts import base_lm
 HEADLINE = ("bits_per_weight", "artifact_bytes", "acc_input", "acc_final", "acc_retention", "ppl_retention",
             "stages_kept", "stages_rolled_back")
 ARTIFACT = "model.forge"
-STAGE_KEYS = {"name", "assign", "min_acc_retention", "max_ppl_ratio"}
+STAGE_KEYS = {"name", "assign", "allowed_loss", "max_ppl_ratio"}
 
 
 def _default_stages() -> list[dict]:
@@ -70,7 +73,11 @@ class Params:
     source: str = "model"
     families: list[str] = dataclasses.field(default_factory=lambda: ["arith", "multistep", "algebra", "tool"])
     levels: tuple[int, int] = (1, 3)
-    test_per_level: int = 8
+    test_per_level: int | None = None
+    """Test questions per family and level for the stages' gates; None: as many as ``allowed_loss`` needs at the
+    ``guard`` section's confidence, power and assumed discordance (``forgelib.stats.questions_needed``)."""
+    sweep_questions: int = 96
+    """The first this many of the test questions measure each point of the sweep (a chart, not a gate)."""
     answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
     max_new_tokens: int = 40
     max_len: int = 96
@@ -81,17 +88,24 @@ class Params:
     sweep: list[dict] = dataclasses.field(default_factory=_default_sweep)
     """Methods for the chart: ``{name, spec}``, each applied alone to ``sweep_targets`` over the first stage."""
     sweep_targets: list[str] = dataclasses.field(default_factory=lambda: ["embeddings", "matrices"])
-    min_acc_retention: float = 0.9
+    allowed_loss: float = 0.10
+    """The accuracy (absolute) the phase may trade for size, stated: a stage is kept, and the final artifact passes,
+    when its accuracy is non-inferior to the input's at this margin (paired, ``forgelib.stats``), on the test
+    questions of ``families`` and, for the final artifact, family by family over the input's whole suite (the guard
+    at this margin). A stage may state its own ``allowed_loss``."""
     max_ppl_ratio: float = 1.25
+    """Perplexity of the test questions' worked solutions at most this × the input's (a secondary check)."""
     max_bits_per_weight: float | None = None
-    gate_z: float = 1.645
+    """Gate: the artifact's bits per stored value at most this (None: not checked)."""
 
     def __post_init__(self):
         from ..quant.artifact import check_spec
         from ..quant.compress import GROUPS
 
-        require_positive(self, "test_per_level", "max_new_tokens", "max_len", "min_acc_retention", "max_ppl_ratio")
-        require_non_negative(self, "calibration_per_level", "gate_z")
+        require_positive(self, "test_per_level", "max_new_tokens", "max_len", "max_ppl_ratio", "sweep_questions")
+        require_non_negative(self, "calibration_per_level")
+        if not 0 < self.allowed_loss < 1:
+            raise ValueError(f"allowed_loss must lie in (0, 1), got {self.allowed_loss}")
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
@@ -180,12 +194,25 @@ class System:
                 "seconds": round(time.perf_counter() - started, 2), "texts": texts}
 
 
+def test_per_level(params: Params, guard) -> int:
+    """Questions per family and level: ``test_per_level``, or as many as ``allowed_loss`` needs (module docstring)."""
+    import math
+
+    from ..suite import GuardParams
+
+    if params.test_per_level is not None:
+        return params.test_per_level
+    cells = len(params.families) * (params.levels[1] - params.levels[0] + 1)
+    return math.ceil((guard or GuardParams()).needed(params.allowed_loss) / cells)
+
+
 def load_system(ctx, tokenizer, params: Params) -> System:
     """The test questions, the grader and, when the upstream has them and ``use_experts``, its experts."""
     from .. import paths
     from .experts import make_check
 
-    test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    test = generate_levels(params.families, params.levels, test_per_level(params, ctx.guard_params), "test",
+                           ctx.seed + 1)
     system = System(test, make_check(params.answer_prefixes), tokenizer, params)
     folder = (ctx.upstream.artifacts or {}).get("experts") if ctx.upstream is not None else None
     if not params.use_experts or folder is None:
@@ -261,13 +288,13 @@ def bytes_per_group(report: dict, groups: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def stage_gate(row: dict, reference: dict, min_acc_retention: float, max_ppl_ratio: float,
-               gate_z: float) -> list[GateCheck]:
-    """Accuracy ≥ retention × the reference's − gate_z paired SEs; perplexity ≤ max_ppl_ratio × the reference's."""
-    from .evomerge import paired_se
+def stage_gate(row: dict, reference: dict, allowed_loss: float, max_ppl_ratio: float, guard) -> list[GateCheck]:
+    """Accuracy non-inferior to the reference's at ``allowed_loss`` (paired, ``forgelib.stats``); perplexity at most
+    ``max_ppl_ratio`` × the reference's."""
+    from ..stats import noninferior
 
-    se = paired_se({"correct": row["correct"]}, {"correct": reference["correct"]})
-    return [GateCheck("acc", row["acc"], round(min_acc_retention * reference["acc"] - gate_z * se, 4), ">="),
+    v = noninferior("acc", reference["correct"], row["correct"], allowed_loss, guard.confidence, guard.power)
+    return [GateCheck("acc_minus_input_lower_bound", v.lower, -allowed_loss, ">", note=v.note),
             GateCheck("ppl_ratio", round(row["ppl"] / reference["ppl"], 4), max_ppl_ratio, "<=")]
 
 
@@ -281,6 +308,7 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.manual_seed(ctx.seed)
     model, tokenizer = ctx.load_upstream_lm(params.source)
     system = load_system(ctx, tokenizer, params)
+    guard = ctx.guard_params
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     reference = system.measure(model)
@@ -296,8 +324,8 @@ def run(params: Params, ctx) -> PhaseResult:
         plan = plan_from(groups, stage["assign"], kept_plan)
         path = ctx.path("stages", f"{i + 1}_{stage['name']}.forge")
         row = compress_and_measure(model, system, plan, path, hessians, groups)
-        checks = stage_gate(row, reference, stage.get("min_acc_retention", params.min_acc_retention),
-                            stage.get("max_ppl_ratio", params.max_ppl_ratio), params.gate_z)
+        checks = stage_gate(row, reference, stage.get("allowed_loss", params.allowed_loss),
+                            stage.get("max_ppl_ratio", params.max_ppl_ratio), guard)
         row.update(name=stage["name"], assign=stage["assign"], gate=[dataclasses.asdict(c) for c in checks],
                    kept=all(c.passed for c in checks), path=str(path.relative_to(ctx.dir)))
         stages.append(row)
@@ -311,10 +339,11 @@ def run(params: Params, ctx) -> PhaseResult:
                           "assign": {}, "gate": [], "kept": True, "path": str(kept_path.relative_to(ctx.dir))})
     t0 = time.perf_counter()
     first = plan_from(groups, params.stages[0]["assign"])
-    sweep = []
+    sweep, charted = [], dataclasses.replace(system, test=system.test[:params.sweep_questions])
     for point in params.sweep:
         plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
-        row = compress_and_measure(model, system, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians, groups)
+        row = compress_and_measure(model, charted, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians,
+                                   groups)
         sweep.append({**row, "name": point["name"], "spec": point["spec"]})
     shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
     timing["sweep_s"] = round(time.perf_counter() - t0, 2)
@@ -324,11 +353,27 @@ def run(params: Params, ctx) -> PhaseResult:
               "experts": len(system.experts or []), "n_test": len(system.test),
               "families": [s.family for s in system.test], "levels": [s.level for s in system.test]}
     ctx.write_report(report)
-    save_final(ctx, kept_path, tokenizer)
-    metrics, checks = summarize(report, final, params)
+    folder = save_final(ctx, kept_path, tokenizer)
+    metrics, checks = summarize(report, final, params, guard)
     ctx.result.metrics.update(metrics)
     ctx.result.gate.extend(checks)
+    guard_final(ctx, model, tokenizer, system, folder, params)
     return ctx.result
+
+
+def guard_final(ctx, model, tokenizer, system: System, folder: Path, params: Params) -> None:
+    """The guard at ``allowed_loss``: the Phase-7 system against the artifact read back from disk (with the experts
+    it carries), family by family over the input's whole suite."""
+    from ..quant.artifact import load_compressed, load_extras
+    from ..suite import Asker
+
+    def asker(lm, sys_, label):
+        return Asker(lm, tokenizer, experts=sys_.experts, centroids=sys_.centroids, svf_config=sys_.svf_config,
+                     prefixes=params.answer_prefixes, label=label)
+
+    stored = system.from_extras(load_extras(folder / ARTIFACT))
+    ctx.guard(asker(model, system, "phase-7 system"), asker(load_compressed(folder / ARTIFACT), stored, "artifact"),
+              margin=params.allowed_loss)
 
 
 def save_final(ctx, artifact: Path, tokenizer) -> Path:
@@ -381,7 +426,7 @@ def lineage(ctx) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["number"])
 
 
-def summarize(report: dict, final: dict, params: Params) -> tuple[dict[str, Any], list[GateCheck]]:
+def summarize(report: dict, final: dict, params: Params, guard) -> tuple[dict[str, Any], list[GateCheck]]:
     ref = report["reference"]
     stages = report["stages"]
     specialists = sum(r["bytes"] for r in report["lineage"]
@@ -397,7 +442,7 @@ def summarize(report: dict, final: dict, params: Params) -> tuple[dict[str, Any]
         metrics["specialists_bytes"] = specialists
         metrics["compression_vs_specialists"] = round(specialists / final["file_bytes"], 2)
     checks = [GateCheck(f"final_{c.name}", c.value, c.bound, c.op)
-              for c in stage_gate(final, ref, params.min_acc_retention, params.max_ppl_ratio, params.gate_z)]
+              for c in stage_gate(final, ref, params.allowed_loss, params.max_ppl_ratio, guard)]
     if params.max_bits_per_weight is not None:
         checks.append(GateCheck("bits_per_weight", final["bits_per_weight"], params.max_bits_per_weight, "<="))
     return metrics, checks

@@ -21,8 +21,13 @@ prefix removed): per question the base (``z = 0``), every expert, the routed ans
 questions = those routed to it) base vs its expert; ``acc_oracle`` = a question counts when any expert answers
 it; ``routing_acc`` = among the questions some expert answers, the share routed to an expert that does.
 
-**Gate**: each expert's accuracy on its cluster's test questions − the base's ≥ ``min_expert_gain`` − ``gate_z``
-paired SEs; routed accuracy ≥ base − ``gate_z`` paired SEs; ``routing_acc`` ≥ ``min_routing_acc``.
+**Router**: the discovered centroids route to the experts; the families of the input suite that no expert trains on
+get base centroids (``base_per_family``), which route their questions to the base model unchanged.
+
+**Gate** (``forgelib.stats``'s paired rule): on the test questions routed to it, each expert is non-inferior to the
+base at ``margin``; the routing accuracy's lower confidence bound clears ``min_routing_acc``; the guard: the routed
+system (experts and router) keeps every family of the input suite (``forgelib.suite``), which replaces the old
+"routed accuracy not below the base" check over the experts' families only.
 """
 from __future__ import annotations
 
@@ -53,7 +58,11 @@ class Params:
     """``SVFConfig`` fields (target_modules, rescale)."""
     train: dict[str, Any] = dataclasses.field(default_factory=lambda: {"steps": 15})
     """``ExpertTrainConfig`` fields (method, steps, batch_size, lr, kl_weight, temperature, max_new_tokens)."""
-    test_per_level: int = 8
+    test_per_level: int | None = None
+    """Test questions per family and level; None: enough for each expert's check, i.e. 1.5 × k × the number
+    ``margin`` needs under the ``guard`` rule, spread over the families and levels (k: the experts discovered)."""
+    unseen_per_level: int = 8
+    """Test questions per level of the unseen family (the mixture's report; not gated)."""
     answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
     """Answer styles removed before the task checker (the persona Phase 6 baked)."""
     unseen_family: str | None = "modular"
@@ -63,16 +72,26 @@ class Params:
     """Routing settings evaluated per trade-off weight (0: no search)."""
     search_per_family: int = 4
     max_new_tokens: int = 40
-    min_expert_gain: float = 0.0
+    margin: float = 0.10
+    """Gate: on the test questions routed to it, each expert's accuracy may trail the base's by at most this (paired
+    non-inferiority, ``forgelib.stats``); the gain is reported whatever its sign."""
     min_routing_acc: float = 0.5
-    gate_z: float = 1.645
+    """Gate: the one-sided lower confidence bound of the routing accuracy (among the test questions some expert
+    answers, the share routed to one that does) must clear this."""
+    base_per_family: int = 32
+    """Train questions per family of the input suite that no expert trains on (e.g. logic, recall): their mean
+    hidden state becomes a base centroid of the router, which sends such questions to the base model (z = 0)
+    unchanged instead of to the nearest expert."""
 
     def __post_init__(self):
         from ..experts.svf import SVFConfig
         from ..experts.train import ExpertTrainConfig
 
-        require_positive(self, "discover_per_family", "test_per_level", "few_shot", "max_new_tokens")
-        require_non_negative(self, "search_budget", "gate_z")
+        require_positive(self, "discover_per_family", "test_per_level", "unseen_per_level", "few_shot",
+                         "max_new_tokens")
+        require_non_negative(self, "search_budget", "base_per_family")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must lie in (0, 1), got {self.margin}")
         unknown = [f for f in [*self.families, *([self.unseen_family] if self.unseen_family else [])]
                    if f not in FAMILIES]
         if unknown:
@@ -113,6 +132,35 @@ def discover(model, tokenizer, params: Params, seed: int) -> tuple[list, torch.T
     return pool, feats, choose_k(feats, range(params.k_range[0], params.k_range[1] + 1), seed=seed)
 
 
+def test_per_level(params: Params, k: int, guard) -> int:
+    """``test_per_level``, or enough for each of ``k`` experts' own check (see the field)."""
+    import math
+
+    if params.test_per_level is not None:
+        return params.test_per_level
+    cells = len(params.families) * (params.levels[1] - params.levels[0] + 1)
+    return math.ceil(1.5 * k * guard.needed(params.margin) / cells)
+
+
+def base_centroids(svf, tokenizer, suite: dict, params: Params, seed: int) -> tuple[list[str], torch.Tensor | None]:
+    """(the suite's families no expert trains on, their base centroids (F, D)): per family the mean hidden state of
+    ``base_per_family`` train questions at its suite levels (the router sends their questions to the base)."""
+    from ..experts.discover import question_features
+    from ..experts.train import base_weights
+
+    others = [f for f in suite if f not in params.families]
+    if not others or not params.base_per_family:
+        return [], None
+    rows = []
+    with base_weights(svf):
+        for f in others:
+            lo, hi = suite[f]
+            per = max(1, params.base_per_family // (hi - lo + 1))
+            pool = generate_levels([f], (lo, hi), per, "train", seed + 11)
+            rows.append(question_features(svf, tokenizer, [s.prompt for s in pool]).mean(0))
+    return others, torch.stack(rows)
+
+
 def train_experts(svf, tokenizer, clusters: list[list], grader, params: Params, seed: int, folder=None):
     """One ``z`` per cluster (each from ``z = 0``), saved under ``folder`` when given; (experts, histories)."""
     from ..experts import save_expert
@@ -148,16 +196,19 @@ def run(params: Params, ctx) -> PhaseResult:
     clusters = [[s for s, lab in zip(pool, labels) if lab == c] for c in range(k)]
     experts, histories = train_experts(svf, tokenizer, clusters, grader, params, ctx.seed, ctx.dir / "experts")
     timing["train_s"] = round(time.perf_counter() - t0, 2)
+    others, extra = base_centroids(svf, tokenizer, ctx.input_suite, params, ctx.seed)
+    router = centroids if extra is None else torch.cat([centroids, extra.to(centroids.dtype)])
     t0 = time.perf_counter()
-    test = generate_levels(params.families, params.levels, params.test_per_level, "test", ctx.seed + 1)
+    test = generate_levels(params.families, params.levels, test_per_level(params, k, ctx.guard_params), "test",
+                           ctx.seed + 1)
     with base_weights(svf):
-        test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), centroids).tolist()
+        test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), router).tolist()
     table = {"base": correctness(svf, tokenizer, test, None, grader, params)}
     for c, z in enumerate(experts):
         table[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params)
-    table["routed"] = [table[f"expert_{r}"][i] for i, r in enumerate(test_route)]
+    table["routed"] = [table[f"expert_{r}"][i] if r < k else table["base"][i] for i, r in enumerate(test_route)]
     timing["test_s"] = round(time.perf_counter() - t0, 2)
-    report = {"k": k, "levels": list(params.levels), "families": params.families,
+    report = {"k": k, "levels": list(params.levels), "families": params.families, "base_families": others,
               "silhouettes": found["silhouettes"], "discovery": cluster_table(pool, labels, k),
               "features_2d": projection(feats, labels, pool), "histories": histories,
               "test": {"families": [s.family for s in test], "levels": [s.level for s in test], "route": test_route,
@@ -173,17 +224,21 @@ def run(params: Params, ctx) -> PhaseResult:
     timing["search_s"] = round(time.perf_counter() - t0, 2)
     report["timing"] = timing
     ctx.write_report(report)
-    torch.save({"centroids": centroids, "k": k}, ctx.path("experts", "router.pt"))
+    torch.save({"centroids": router, "k": k, "base_families": others}, ctx.path("experts", "router.pt"))
     from ..experts import remove_svf
 
     remove_svf(svf)  # the parametrizations come off in place: the wrapper holds the Phase-6 model again
     ctx.save_model("model", wrapper, tokenizer, metadata={"experts": {"k": k, "folder": "experts/"}})
-    metrics, checks = summarize(report, params)
+    metrics, checks = summarize(report, params, ctx.guard_params)
     ctx.result.metrics.update(metrics)
     ctx.result.gate.extend(checks)
     from .. import paths
+    from ..suite import Asker
 
     ctx.result.artifacts["experts"] = paths.relative(ctx.dir / "experts")
+    ctx.guard(Asker(wrapper, tokenizer, prefixes=params.answer_prefixes, label="phase-6 model"),
+              Asker(wrapper, tokenizer, experts=experts, centroids=router, svf_config=params.svf,
+                    prefixes=params.answer_prefixes, label="routed experts"))
     return ctx.result
 
 
@@ -217,7 +272,7 @@ def unseen_mixture(svf, tokenizer, experts, grader, params: Params, seed: int) -
     from ..experts import cem_search, mix
 
     shots = generate(params.unseen_family, params.levels[0], params.few_shot, "fitness", seed + 7)
-    test = generate_levels([params.unseen_family], params.levels, params.test_per_level, "test", seed + 8)
+    test = generate_levels([params.unseen_family], params.levels, params.unseen_per_level, "test", seed + 8)
     score = lambda a: sum(correctness(svf, tokenizer, shots, mix(experts, a), grader, params)) / len(shots)  # noqa: E731
     alphas, few_shot_acc, history = cem_search(score, len(experts), seed=seed, **params.cem)
     rows = {"base": correctness(svf, tokenizer, test, None, grader, params),
@@ -237,8 +292,9 @@ def routing_search(svf, tokenizer, centroids, experts, grader, params: Params, s
                            budget=params.search_budget, seed=seed)
 
 
-def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCheck]]:
-    from .evomerge import paired_se
+def summarize(report: dict, params: Params, guard) -> tuple[dict[str, Any], list[GateCheck]]:
+    """Headline metrics and the phase's own checks (see the module docstring); the guard adds its own."""
+    from ..stats import noninferior, proportion_bounds
 
     t = report["test"]
     table, route_ = t["correct"], t["route"]
@@ -246,7 +302,8 @@ def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCh
     rate = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     oracle = [int(any(table[f"expert_{c}"][i] for c in range(k))) for i in range(n)]
     solvable = [i for i in range(n) if oracle[i]]
-    routing_acc = rate([table["routed"][i] for i in solvable])
+    routed_right = [table["routed"][i] for i in solvable]
+    routing_acc = rate(routed_right)
     metrics = {"n_experts": k, "expert_params": report["expert_params"], "acc_base": round(rate(table["base"]), 4),
                "acc_routed": round(rate(table["routed"]), 4), "acc_oracle": round(rate(oracle), 4),
                "routing_acc": round(routing_acc, 4)}
@@ -259,14 +316,12 @@ def summarize(report: dict, params: Params) -> tuple[dict[str, Any], list[GateCh
         base_c = [table["base"][i] for i in idx]
         exp_c = [table[f"expert_{c}"][i] for i in idx]
         metrics[f"acc_cluster{c}_base"], metrics[f"acc_cluster{c}_expert"] = round(rate(base_c), 4), round(rate(exp_c), 4)
-        se = paired_se({"correct": exp_c}, {"correct": base_c})
-        checks.append(GateCheck(f"expert{c}_minus_base", round(rate(exp_c) - rate(base_c), 4),
-                                round(params.min_expert_gain - params.gate_z * se, 4), ">="))
+        v = noninferior(f"expert{c}", base_c, exp_c, params.margin, guard.confidence, guard.power)
+        checks.append(GateCheck(f"expert{c}_minus_base_lower_bound", v.lower, -params.margin, ">", note=v.note))
     metrics["unused_experts"] = len(unused)
-    se = paired_se({"correct": table["routed"]}, {"correct": table["base"]})
-    checks.append(GateCheck("routed_minus_base", round(rate(table["routed"]) - rate(table["base"]), 4),
-                            round(-params.gate_z * se, 4), ">="))
-    checks.append(GateCheck("routing_acc", round(routing_acc, 4), params.min_routing_acc, ">="))
+    lower = proportion_bounds(sum(routed_right), len(routed_right), guard.confidence)[0] if routed_right else 0.0
+    metrics["routing_acc_lower_bound"] = round(lower, 4)
+    checks.append(GateCheck("routing_acc_lower_bound", round(lower, 4), params.min_routing_acc, ">="))
     if "unseen" in report:
         metrics["unseen_acc_base"] = round(report["unseen"]["test"]["base"], 4)
         metrics["unseen_acc_mixture"] = round(report["unseen"]["test"]["mixture"], 4)

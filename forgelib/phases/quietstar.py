@@ -15,12 +15,13 @@ worked solution's answer and the answer-token NLL, for the Phase-2 model (``*_ba
 with thoughts (``*_thoughts``) and without them (``*_no_thoughts``: the same trained weights, thoughts off) and
 the pause model (``*_pause``). Chance is the best constant answer per family.
 
-**Gate** (test split): (1) thinking does not hurt: the answer NLL with thoughts ≤ the same weights' NLL with
-thoughts off (+ ``nll_margin``); (2) accuracy with thoughts ≥ the Phase-2 model's − ``acc_margin`` (1 point)
-− ``gate_z`` paired standard errors of the difference. Why the SE term: on ~150 test samples one sample is
-0.7 points, so a strict −1 point rule fails on noise (measured at smoke: −1.04 points, one sample of 96, with
-the NLL 0.6 nats better); ``gate_z: 0`` restores the strict rule. The NLL against the Phase-2 model and the
-gain over the pause baseline are reported whatever their sign (``gain_over_pause_acc`` with its paired SE,
+**Gate** (test split, ``forgelib.stats``'s paired rule): (1) thinking does not hurt: the per-question answer
+NLL with thoughts minus the same weights' NLL with thoughts off has a one-sided upper confidence bound ≤
+``nll_margin``; (2) accuracy with thoughts is non-inferior to the Phase-2 model's at ``margin`` (lower confidence
+bound of the paired difference > −margin), on as many questions as the margin needs; (3) the guard: the trained
+weights, asked as later phases ask them (thoughts off, calculator on), keep every family the Phase-2 model knew
+(``forgelib.suite``; training replays them: ``replay``). The NLL against the Phase-2 model and the gain over the
+pause baseline are reported whatever their sign (``gain_over_pause_acc`` with its lower bound,
 ``gain_over_pause_nll``).
 The handed-on model (role ``model``) is the base weights as a normal HF folder plus ``quietstar.safetensors``
 (mixing head, thought embeddings) and ``quietstar.json`` next to them (``forgelib.thoughts.load_quietstar``).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -36,13 +38,13 @@ import torch
 
 from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import FAMILIES, build_mix
-from ..evaluate import answer_correctness, chance_accuracy, family_accuracy, mean_nll
+from ..evaluate import answer_correctness, chance_accuracy, family_accuracy, mean_nll, sample_nll
 from ..optim import ReferenceKL, preset_config
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
-from .evomerge import paired_se
+from ..stats import compare, lower_bound, mean_bounds, noninferior
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
 
@@ -84,24 +86,32 @@ class Params:
     """Training-loop settings (its ``steps`` is replaced by ``steps``)."""
     pause_arm: bool = True
     """Also train the pause-token ablation (same steps and data) and report ``*_pause``."""
-    test_per_family: int = 48
-    """Test-split samples per family."""
+    test_per_family: int | None = None
+    """Test-split samples per family of the thinking check; None: as many as ``margin`` needs at the ``guard``
+    section's confidence, power and assumed discordance (``forgelib.stats.questions_needed``), spread over the
+    families."""
+    replay: float = 0.3
+    """Share of training samples drawn from every family the input model knew, at its levels (``forgelib.suite``):
+    without it the other families drift while the thought machinery trains on three."""
     curve_every: int = 50
     """Measure the answer NLL with and without thoughts on ``curve_samples`` every N steps (0: at the end only)."""
     curve_samples: int = 24
     heatmap_samples: int = 4
     """Test samples whose per-token mixing weights the report keeps (the notebook's heatmap)."""
-    acc_margin: float = 0.01
-    """Gate: accuracy with thoughts may trail the Phase-2 model's by at most this much."""
-    nll_margin: float = 0.0
-    """Gate: answer NLL with thoughts may exceed the same model's with thoughts off by at most this much."""
-    gate_z: float = 1.645
-    """Gate: accuracy may further trail the Phase-2 model's by ``gate_z`` paired standard errors (0 = strict)."""
+    margin: float = 0.10
+    """Gate: accuracy with thoughts may trail the Phase-2 model's by at most this (paired non-inferiority,
+    ``forgelib.stats``, on the test questions of ``mix``)."""
+    nll_margin: float = 0.02
+    """Gate: the answer NLL with thoughts may exceed the same weights' NLL with thoughts off by at most this
+    (nats per answer token; the one-sided confidence bound of the paired per-question difference)."""
 
     def __post_init__(self):
         require_positive(self, "max_len", "batch_size", "bucket", "steps", "test_per_family", "curve_samples")
-        require_non_negative(self, "warmup_steps", "curve_every", "heatmap_samples", "acc_margin", "nll_margin",
-                             "gate_z")
+        require_non_negative(self, "warmup_steps", "curve_every", "heatmap_samples", "nll_margin")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must lie in (0, 1), got {self.margin}")
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"replay must lie in [0, 1), got {self.replay}")
         unknown = sorted(set(self.mix) - set(FAMILIES))
         if unknown:
             raise ValueError(f"mix: unknown families {unknown}; valid: {sorted(FAMILIES)}")
@@ -112,25 +122,42 @@ class Params:
 # --- data and scoring ---------------------------------------------------------------------------------
 
 
-def training_batches(tokenizer, params: Params, seed: int) -> LengthBucketedBatches:
-    stream = TaskStream(params.mix, params.levels, "train", seed)
+def training_batches(tokenizer, params: Params, seed: int, suite: dict | None = None,
+                     replay: float = 0.0) -> LengthBucketedBatches:
+    """Endless batches of ``mix`` at ``levels``, with ``replay`` of every family of ``suite`` at its levels."""
+    from ..suite import replay_mix
+
+    mix, family_levels = replay_mix(params.mix, params.levels, suite, replay) if suite and replay else \
+        (params.mix, None)
+    stream = TaskStream(mix, params.levels, "train", seed, family_levels=family_levels)
     return LengthBucketedBatches(tokenizer, stream, params.batch_size, params.max_len, with_steps=params.with_steps,
                                  answer_only_loss=True, bucket=params.bucket, seed=seed)
 
 
-def test_samples(params: Params, seed: int, per_family: int | None = None) -> list:
+def test_samples(params: Params, seed: int, per_family: int | None = None, margin: float | None = None,
+                 guard=None) -> list:
+    """Test-split samples of the families of ``mix``: ``per_family`` (or ``params.test_per_family``) each, or as
+    many as ``margin`` needs under the ``guard`` section's rule (``GuardParams.needed``), spread over them."""
+    from ..suite import GuardParams
+
     families = sorted(f for f, w in params.mix.items() if w > 0)
-    n = (per_family or params.test_per_family) * len(families)
-    return build_mix({f: 1.0 for f in families}, params.levels, n, "test", seed)
+    per = per_family or params.test_per_family
+    if per is None:
+        per = math.ceil((guard or GuardParams()).needed(margin or params.margin) / len(families))
+    return build_mix({f: 1.0 for f in families}, params.levels, per * len(families), "test", seed)
 
 
 def score(model, tokenizer, samples, params: Params) -> dict[str, Any]:
-    """Accuracy (greedy worked solution, answer checked), per family, and the answer-token NLL."""
+    """Accuracy (greedy worked solution, answer checked), per family, the answer-token NLL, and per sample the
+    correctness and the mean answer NLL (for paired comparisons)."""
     correct = answer_correctness(model, tokenizer, samples, batch_size=64, with_steps=params.with_steps)
+    per_sample = sample_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len,
+                            with_steps=params.with_steps)
     nll = mean_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len, answer_only=True,
                    with_steps=params.with_steps)
     return {"accuracy": sum(correct) / len(correct), "answer_nll": nll,
-            "per_family": family_accuracy(samples, correct), "correct": [int(c) for c in correct]}
+            "per_family": family_accuracy(samples, correct), "correct": [int(c) for c in correct],
+            "sample_nll": per_sample}
 
 
 def load_source(params: Params, ctx) -> tuple[Any, Any]:
@@ -153,7 +180,7 @@ def load_source(params: Params, ctx) -> tuple[Any, Any]:
 
 def train_arm(base, tokenizer, params: Params, config: QuietStarConfig, *, seed: int, name: str,
               tracker=None, device: str = "cpu", quiet: bool = True, curve=None,
-              on_model=None) -> tuple[QuietStarModel, Any]:
+              on_model=None, suite: dict | None = None) -> tuple[QuietStarModel, Any]:
     """Wrap a copy of ``base`` with ``config`` and train it ``params.steps`` steps (KL to ``base``);
     ``on_model(model)`` is called before training (the benchmark counts forward tokens there)."""
     torch.manual_seed(seed)
@@ -167,7 +194,7 @@ def train_arm(base, tokenizer, params: Params, config: QuietStarConfig, *, seed:
     optimizer = quietstar_optimizer(model, **overrides)
     train_config = dataclasses.replace(params.train, steps=params.steps, warmup_steps=params.warmup_steps,
                                        eval_every=params.curve_every)
-    batches = training_batches(tokenizer, params, seed)
+    batches = training_batches(tokenizer, params, seed, suite, params.replay)
     history = train(model, batches, optimizer, train_config, loss_fn=lambda m, b: quietstar_loss(m, b, kl=kl),
                     tracker=tracker, evaluate=curve, device=device, desc=name, quiet=quiet)
     return model.eval(), history
@@ -215,15 +242,18 @@ def chance_levels(params: Params, samples, seed: int) -> dict[str, Any]:
     return {"per_family": per_family, "overall": sum(per_family[s.family] for s in samples) / len(samples)}
 
 
-def gate_checks(table: dict[str, dict], params: Params) -> list[GateCheck]:
-    """Thinking does not raise the answer NLL of the trained weights; accuracy with thoughts is not measurably
-    below the Phase-2 model's (see the module docstring)."""
+def gate_checks(table: dict[str, dict], params: Params, guard) -> tuple[list[GateCheck], dict]:
+    """Thinking does not raise the answer NLL of the trained weights (paired per-question difference, upper
+    confidence bound ≤ ``nll_margin``); accuracy with thoughts is non-inferior to the Phase-2 model's at ``margin``
+    (``forgelib.stats``). (checks, the verdicts for the report)"""
     thoughts, off, base = table["thoughts"], table["no_thoughts"], table["base"]
-    bound = -(params.acc_margin + params.gate_z * paired_se(thoughts, base))
-    return [GateCheck("nll_no_thoughts_minus_nll_thoughts", off["answer_nll"] - thoughts["answer_nll"],
-                      -params.nll_margin, ">="),
-            GateCheck("acc_thoughts_minus_acc_base", round(thoughts["accuracy"] - base["accuracy"], 9),
-                      round(bound, 9), ">=")]  # rounded: 0.99 - 1.0 is -0.01000000000000001 in floats
+    diffs = [a - b for a, b in zip(thoughts["sample_nll"], off["sample_nll"])]  # > 0: thinking hurt
+    mean, _, upper = mean_bounds(diffs, guard.confidence)
+    acc = noninferior("thoughts_vs_base", base["correct"], thoughts["correct"], params.margin, guard.confidence,
+                      guard.power)
+    checks = [GateCheck("nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin, "<="),
+              GateCheck("acc_thoughts_minus_base_lower_bound", acc.lower, -params.margin, ">", note=acc.note)]
+    return checks, {"nll_thoughts_minus_no_thoughts": {"mean": mean, "upper_bound": upper}, "accuracy": acc.as_row()}
 
 
 def run(params: Params, ctx) -> PhaseResult:
@@ -231,7 +261,7 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.manual_seed(ctx.seed)
     base, tokenizer = load_source(params, ctx)
     untrained = QuietStarModel(base, tokenizer, params.thoughts).eval()  # fails early on memory / missing tokens
-    test = test_samples(params, ctx.seed + 1)
+    test = test_samples(params, ctx.seed + 1, guard=ctx.guard_params)
     curve_set = test_samples(params, ctx.seed + 2, per_family=max(1, params.curve_samples // len(params.mix)))
     curve = nll_curve(tokenizer, curve_set, params)
     table, histories, timing = {"base": score(base, tokenizer, test, params)}, {}, {}
@@ -242,7 +272,8 @@ def run(params: Params, ctx) -> PhaseResult:
     for name, config in arms.items():
         started = time.perf_counter()
         models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
-                                          tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve)
+                                          tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve,
+                                          suite=ctx.input_suite)
         timing[f"train_{name}_s"] = round(time.perf_counter() - started, 2)
         histories[name] = {"rows": history.rows, "evals": [start, *history.evals], "seconds": history.seconds}
         started = time.perf_counter()
@@ -257,10 +288,14 @@ def run(params: Params, ctx) -> PhaseResult:
               "n_test": len(test), "families": sorted(params.mix), "levels": list(params.levels), "thoughts": dataclasses.asdict(params.thoughts),
               "runtime": {k: getattr(base.config, k) for k in ("n_cycles", "n_latent", "use_memory")
                           if hasattr(base.config, k)}}
+    checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params)
     ctx.write_report(report)
     ctx.save_model("model", model, tokenizer, metadata={"quietstar": dataclasses.asdict(params.thoughts)})
     _summarize(ctx, table, chance)
-    ctx.result.gate.extend(gate_checks(table, params))
+    ctx.result.gate.extend(checks)
+    from ..suite import Asker
+
+    ctx.guard(Asker(base, tokenizer, label="phase-2 model"), Asker(model, tokenizer, label="phase-3 model"))
     return ctx.result
 
 
@@ -270,8 +305,8 @@ def _summarize(ctx, table: dict, chance: dict) -> None:
         metrics[f"acc_{label}"] = round(row["accuracy"], 4)
         metrics[f"nll_{label}"] = round(row["answer_nll"], 4)
     if "pause" in table:
-        metrics["gain_over_pause_acc"] = round(table["thoughts"]["accuracy"] - table["pause"]["accuracy"], 4)
-        metrics["gain_over_pause_acc_se"] = round(paired_se(table["thoughts"], table["pause"]), 4)
+        c = compare(table["pause"]["correct"], table["thoughts"]["correct"])
+        metrics["gain_over_pause_acc"] = round(c.diff, 4)
+        metrics["gain_over_pause_acc_lower_bound"] = round(lower_bound(c, 0.95), 4)
         metrics["gain_over_pause_nll"] = round(table["pause"]["answer_nll"] - table["thoughts"]["answer_nll"], 4)
-    metrics["acc_thoughts_minus_base_se"] = round(paired_se(table["thoughts"], table["base"]), 4)
     metrics["chance_test_acc"] = round(chance["overall"], 4)

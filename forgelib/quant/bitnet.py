@@ -2,7 +2,9 @@
 
 Weights (absmean, per tensor): ``scale = max(mean(|W|), 1e-5)``, ``codes = clip(round(W / scale), -1, 1)``
 in {-1, 0, 1} and ``W_q = codes * scale``. Every weight costs log2(3) = 1.58 bits of information; the matmul
-needs no multiplications by weights, only additions, subtractions and one scale per tensor.
+needs no multiplications by weights, only additions, subtractions and one scale per tensor. The mean is summed in
+float64 and rounded to float32 once (``ternary_quantize``): that makes it reproducible exactly from a packed
+file (``forgelib.quant.export.latent_from_ternary``), which a float32 sum is not.
 
 Activations (absmax, per token): ``s_x = 127 / max(max_j |x_j|, 1e-5)`` over the last dimension,
 ``x_q = clip(round(x * s_x), -128, 127) / s_x`` (the clip never bites at -128: |x * s_x| <= 127).
@@ -15,11 +17,15 @@ textbook ``w + (q - w).detach()``: both have gradient 1 w.r.t. w, but the textbo
 ``w + (q - w)``, which floating point rounds away from q by an ulp now and then, while ``w - w.detach()`` is an
 exact 0; so the fake-quantized forward equals the packed inference forward bit for bit.
 
-Only the attention and MLP projections are converted (``convert_to_bitnet``); embeddings, ``lm_head``, norms, the
-ACT halting head and the Titans memory keep their precision, as in the BitNet b1.58 papers (the projections hold
-nearly all the parameters; the small rest is precision-sensitive). ``BitLinear`` subclasses ``nn.Linear`` so that
-peft LoRA (which dispatches on isinstance nn.Linear) attaches to it. ``PackedBitLinear`` is the inference layer:
-it keeps only the packed codes (``forgelib.quant.packing``) and the scale, and unpacks one matrix per call.
+Only the attention and MLP projections are made ternary (``convert_to_bitnet``); norms, the ACT halting head and the
+Titans memory keep their precision, as in the BitNet b1.58 papers (the projections hold most parameters; the small
+rest is precision-sensitive). The embedding matrix and the LM head stay full precision unless
+``convert_to_bitnet(embedding_bits=8)`` makes them ``Int8Embedding`` / ``Int8Linear``: per-row absmax int8 weights
+(``int8_quantize``), fake-quantized in every forward with the same straight-through estimator, so the model
+trains, is scored and is packed (int8 codes + one float32 absmax per row) with the very same values.
+``BitLinear`` subclasses ``nn.Linear`` so that peft LoRA (which dispatches on isinstance nn.Linear) attaches to it.
+``PackedBitLinear`` is the inference layer: it keeps only the packed codes (``forgelib.quant.packing``) and the
+scale, and unpacks one matrix per call.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ from .packing import check_packing, pack_ternary, packed_shape, unpack_ternary
 DEFAULT_BITNET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ACTIVATION_BITS = 8
+EMBEDDING_BITS = (8,)
+"""The ``embedding_bits`` ``convert_to_bitnet`` offers (besides None: full precision)."""
+INT8_MAX = 127
 EPS = 1e-5
 
 
@@ -40,10 +49,15 @@ def ternary_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, t
     """Absmean ternary quantization of a whole tensor (no gradient).
 
     Returns ``(codes, scale)``: int8 codes in {-1, 0, 1} of w's shape and the float32 0-d scale
-    ``max(mean(|w|), eps)``, with ``w ~ codes * scale``. Computed in float32 whatever w's dtype."""
+    ``max(mean(|w|), eps)``, with ``w ~ codes * scale``. Computed in float32 whatever w's dtype, except the mean:
+    the sum of |w| is taken in float64 and divided by numel there, then rounded to float32 once. Why: a float32
+    sum depends on the summation order and rounds at every step, so no latent weight rebuilt from (codes, scale)
+    could be guaranteed to give back exactly ``scale``; in float64 the sum of the rebuilt latent (all entries
+    +-m but one, ``latent_from_ternary``) is exact in any order, and so is the scale (Phase 5's reload)."""
     with torch.no_grad():
         w32 = w.detach().float()
-        scale = w32.abs().mean().clamp(min=eps)  # ()
+        mean = (w32.abs().double().sum() / w32.numel()).float()  # () exact sum of a rebuilt latent, see above
+        scale = mean.clamp(min=eps)  # ()
         codes = (w32 / scale).round().clamp(-1, 1).to(torch.int8)
     return codes, scale
 
@@ -51,6 +65,26 @@ def ternary_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, t
 def ternary_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``codes * scale`` (exact in float32), cast to ``dtype``: the weight both BitLinear paths multiply by."""
     return (codes.float() * scale.float()).to(dtype)
+
+
+def int8_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 quantization over the last dimension (no gradient): embeddings and LM heads.
+
+    Returns ``(codes, absmax)``: int8 codes in [-127, 127] of w's shape and the float32 row maxima (...,)
+    ``max(max_j |w_j|, eps)``, with ``w ~ codes * (absmax / 127)`` (``int8_dequantize``). The file stores the
+    absmax, not the step absmax / 127: a rebuilt latent whose largest entries are exactly +-absmax (and
+    codes * step elsewhere) gives back the same absmax, step and codes (``latent_from_int8``), whereas a stored
+    step would have to be recovered from 127 * step, which float32 rounds."""
+    with torch.no_grad():
+        w32 = w.detach().float()
+        absmax = w32.abs().amax(dim=-1).clamp(min=eps)  # (...,)
+        codes = (w32 / (absmax / INT8_MAX).unsqueeze(-1)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, absmax
+
+
+def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * (absmax / 127)`` per row in float32, cast to ``dtype``: the matrix an Int8 layer computes with."""
+    return (codes.float() * (absmax.float() / INT8_MAX).unsqueeze(-1)).to(dtype)
 
 
 def activation_quantize(x: torch.Tensor, bits: int = ACTIVATION_BITS,
@@ -183,17 +217,79 @@ class PackedBitLinear(nn.Module):
                 f"bias={self.bias is not None}, quantize_activations={self.quantize_activations}")
 
 
+def _int8_forward_weight(weight: torch.Tensor) -> torch.Tensor:
+    codes, absmax = int8_quantize(weight)
+    return _straight_through(int8_dequantize(codes, absmax, weight.dtype), weight)
+
+
+class Int8Embedding(nn.Embedding):
+    """An Embedding that trains a latent full-precision ``weight`` and looks rows up in its per-row int8
+    quantization (``int8_quantize``, straight-through gradient). Same Parameter and state_dict as nn.Embedding."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        """An Int8Embedding holding the very same weight Parameter (no copy)."""
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.max_norm,
+                    embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse, device="meta")
+        layer.weight = embedding.weight  # the same Parameter object: a tied LM head stays tied
+        return layer.train(embedding.training)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """codes * absmax / 127 in the weight's dtype (no gradient)."""
+        codes, absmax = int8_quantize(self.weight)
+        return int8_dequantize(codes, absmax, self.weight.dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input, _int8_forward_weight(self.weight), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+class Int8Linear(nn.Linear):
+    """A Linear (an LM head) computing with the per-row int8 quantization of its latent ``weight`` (one absmax per
+    output row, as for the embedding it may be tied to); activations stay as they are."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """An Int8Linear holding the very same weight (and bias) Parameters as ``linear`` (no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer.train(linear.training)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """codes * absmax / 127 in the weight's dtype (no gradient)."""
+        codes, absmax = int8_quantize(self.weight)
+        return int8_dequantize(codes, absmax, self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _int8_forward_weight(self.weight), self.bias)
+
+
 def _matches(name: str, suffixes) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
 
 
-def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool = True) -> nn.Module:
+_FROM_CONFIG = "config"
+
+
+def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool = True,
+                      embedding_bits: int | None | str = _FROM_CONFIG) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name ends with one of ``include`` (default
     ``DEFAULT_BITNET_SUFFIXES``, matched at a '.' boundary) by a ``BitLinear`` holding the same Parameters.
 
-    Everything else (embeddings, lm_head, norms, the halting head, the memory's Linears) is left untouched. Records
-    ``model.config.bitnet`` (included suffixes, activation bits, packing "none") so a saved config says so. Layers
-    that already are BitLinear are kept; ValueError if nothing matches. Returns the model."""
+    ``embedding_bits=8`` also makes the input embedding an ``Int8Embedding`` and the output embedding (LM head) an
+    ``Int8Linear``, on the same Parameters (tied ones stay tied); None keeps them full precision; the default takes
+    the setting the model's ``config.bitnet`` already records (a model rebuilt from a saved BitNet config), else
+    None. Everything else (norms, the halting head, the memory's Linears) is left untouched. Records
+    ``model.config.bitnet`` (included suffixes, activation bits, embedding bits, packing "none") so a saved config
+    says so. Layers that already are BitLinear / Int8 are kept; ValueError if nothing matches. Returns the model."""
+    config = getattr(model, "config", None)
+    if embedding_bits == _FROM_CONFIG:
+        recorded = getattr(config, "bitnet", None) if config is not None else None
+        embedding_bits = recorded.get("embedding_bits") if isinstance(recorded, dict) else None
+    if embedding_bits is not None and embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"convert_to_bitnet: embedding_bits must be None or one of {EMBEDDING_BITS}, "
+                         f"got {embedding_bits!r}")
     suffixes = tuple(DEFAULT_BITNET_SUFFIXES if include is None else include)
     targets = [name for name, module in model.named_modules()
                if _matches(name, suffixes) and isinstance(module, nn.Linear)]
@@ -203,11 +299,47 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
         module = model.get_submodule(name)
         if not isinstance(module, BitLinear):
             model.set_submodule(name, BitLinear.from_linear(module, quantize_activations))
-    config = getattr(model, "config", None)
+    if embedding_bits is not None:
+        _convert_embeddings(model)
     if config is not None:
         config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
-                         "activation_bits": ACTIVATION_BITS if quantize_activations else None, "packing": "none"}
+                         "activation_bits": ACTIVATION_BITS if quantize_activations else None,
+                         "embedding_bits": embedding_bits, "packing": "none"}
     return model
+
+
+def _convert_embeddings(model: nn.Module) -> None:
+    """The input embedding to Int8Embedding and the output embedding to Int8Linear (same Parameters)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding, head = get_in() if get_in else None, get_out() if get_out else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"convert_to_bitnet(embedding_bits=8): {type(model).__name__} has no nn.Embedding input "
+                         "embedding")
+    if head is not None and not isinstance(head, nn.Linear):
+        if head.weight is embedding.weight:
+            raise ValueError("convert_to_bitnet(embedding_bits=8): the output embedding tied to the input one is "
+                             f"a {type(head).__name__}, not an nn.Linear")
+        head = None
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    if not isinstance(embedding, Int8Embedding):
+        model.set_submodule(names[id(embedding)], Int8Embedding.from_embedding(embedding))
+    if head is not None and not isinstance(head, Int8Linear):
+        model.set_submodule(names[id(head)], Int8Linear.from_linear(head))
+
+
+def convert_to_int8(module: nn.Module, names=None) -> nn.Module:
+    """Replace, in place, the ``nn.Linear`` submodules ``names`` of ``module`` (default: every nn.Linear in it) by
+    ``Int8Linear`` layers holding the same Parameters (per-row int8 weights, straight-through): e.g. a Quiet-STaR
+    mixing head, outside the base model ``convert_to_bitnet`` converts. Returns the module."""
+    targets = names if names is not None else [name for name, sub in module.named_modules()
+                                               if type(sub) is nn.Linear]
+    for name in targets:
+        sub = module.get_submodule(name)
+        if not isinstance(sub, nn.Linear):
+            raise ValueError(f"convert_to_int8: {name!r} is a {type(sub).__name__}, not an nn.Linear")
+        if not isinstance(sub, Int8Linear):
+            module.set_submodule(name, Int8Linear.from_linear(sub))
+    return module
 
 
 def bitlinear_modules(model: nn.Module) -> dict[str, BitLinear]:
@@ -220,6 +352,13 @@ def packed_bitlinear_modules(model: nn.Module) -> dict[str, PackedBitLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, PackedBitLinear)}
 
 
-__all__ = ["DEFAULT_BITNET_SUFFIXES", "ACTIVATION_BITS", "ternary_quantize", "ternary_dequantize",
-           "activation_quantize", "fake_quantize_activations", "BitLinear", "PackedBitLinear", "convert_to_bitnet",
-           "bitlinear_modules", "packed_bitlinear_modules"]
+def int8_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Int8Embedding / Int8Linear of the model by its module name (a tied pair: both names)."""
+    return {name: module for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, (Int8Embedding, Int8Linear))}
+
+
+__all__ = ["DEFAULT_BITNET_SUFFIXES", "ACTIVATION_BITS", "EMBEDDING_BITS", "ternary_quantize", "ternary_dequantize",
+           "int8_quantize", "int8_dequantize", "activation_quantize", "fake_quantize_activations", "BitLinear",
+           "PackedBitLinear", "Int8Embedding", "Int8Linear", "convert_to_bitnet", "convert_to_int8",
+           "bitlinear_modules", "packed_bitlinear_modules", "int8_modules"]

@@ -2,22 +2,32 @@
 (``PackedBitLinear``) or, with ``trainable=True``, as BitLinear modules to train on.
 
 Folder layout: ``config.json`` (the model's config; its ``bitnet`` entry names the converted suffixes, the
-activation bits and the ``packing``), ``model.safetensors`` and, when a tokenizer is passed, its files. The
-safetensors file holds every tensor of ``model.state_dict()`` as is, except that each BitLinear ``<name>.weight``
-is replaced by ``<name>.weight_packed`` (uint8, ``forgelib.quant.packing``) and ``<name>.weight_scale`` (float32
-0-d, mean|W|), which are exactly the buffer names of ``PackedBitLinear``. The metadata entry ``bitnet`` (JSON)
-records the packing, each packed weight's [out, in] shape and the aliases: a tensor reachable under two names
-(tied ``lm_head.weight`` = ``model.embed_tokens.weight``) is written once under its first name and re-tied on load.
+activation bits, the embedding bits and the ``packing``), ``model.safetensors`` and, when a tokenizer is passed,
+its files. The safetensors file holds every tensor of ``model.state_dict()`` as is, except:
 
-Export keeps only the ternary codes and one scale per matrix: the latent full-precision weights of a trained
-BitLinear are lost, so ``load_packed(trainable=True)`` resumes from the dequantized weights (rescaled per matrix,
-see ``latent_from_ternary``): the same forward, but a fresh latent state, so weights near a rounding boundary no
-longer remember which side they were approaching.
+* each BitLinear ``<name>.weight`` is replaced by ``<name>.weight_packed`` (uint8, ``forgelib.quant.packing``) and
+  ``<name>.weight_scale`` (float32 0-d, mean|W|), which are exactly the buffer names of ``PackedBitLinear``;
+* each Int8Embedding / Int8Linear ``<name>.weight`` (``convert_to_bitnet(embedding_bits=8)``) by
+  ``<name>.weight_int8`` (int8 codes) and ``<name>.weight_absmax`` (float32, one per row);
+* modules the saved config never runs are left out (``unused_modules``: a Cognate model's Titans memory when
+  ``use_memory`` is off); the saved config says they are not built (``memory_modules: false``), so the loaded model
+  has no such parameters at all and its output cannot differ (switching the memory on raises a clear error).
+
+The metadata entry ``bitnet`` (JSON) records the packing, each packed weight's [out, in] shape, the int8 weights'
+shapes, the modules left out and the aliases: a tensor reachable under two names (tied ``lm_head.weight`` =
+``model.embed_tokens.weight``) is written once under its first name and re-tied on load.
+
+Export keeps only the codes and the scales: the latent full-precision weights of a trained model are lost, so
+``load_packed(trainable=True)`` resumes from latent weights rebuilt from them (``latent_from_ternary``,
+``latent_from_int8``) whose own quantization gives back exactly the stored codes and scales: the reloaded
+trainable model computes exactly the packed model's logits, but from a fresh latent state (weights near a
+rounding boundary no longer remember which side they were approaching).
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -27,7 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .bitnet import PackedBitLinear, bitlinear_modules, convert_to_bitnet, ternary_quantize
+from .bitnet import (INT8_MAX, PackedBitLinear, bitlinear_modules, convert_to_bitnet, int8_dequantize, int8_modules,
+                     int8_quantize, ternary_quantize)
 from .packing import check_packing, pack_ternary, packed_shape, unpack_ternary
 
 WEIGHTS_NAME = "model.safetensors"
@@ -60,14 +71,36 @@ def header_bytes(path) -> int:
         return 8 + struct.unpack("<Q", handle.read(8))[0]
 
 
+def unused_modules(model: nn.Module) -> list[str]:
+    """Names of the modules the model's config never runs, which ``export_packed`` leaves out: a Cognate model's
+    Titans memory (``memory_modules`` built, ``use_memory`` off). Nothing else (the ACT halting head is kept: with
+    ``use_act`` it runs in every forward, even at one cycle, and its logits enter the training loss)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "cognate" or not getattr(config, "memory_modules", False) \
+            or getattr(config, "use_memory", False):
+        return []
+    from ..models.memory import CognateMemory
+
+    return [name for name, module in model.named_modules() if isinstance(module, CognateMemory)]
+
+
+def _saved_config(model: nn.Module, settings: dict, packing: str, dropped: list[str]):
+    config = copy.deepcopy(model.config)
+    config.bitnet = {**settings, "packing": packing}
+    if dropped:  # the only modules unused_modules drops: Cognate's memory
+        config.memory_modules = False
+    return config
+
+
 @torch.no_grad()
 def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None) -> dict:
     """Write ``model`` (converted with ``convert_to_bitnet``) as a packed folder (layout in the module docstring).
 
-    Returns the byte accounting: ``packed_bytes`` (ternary codes), ``scale_bytes``, ``other_bytes`` (every other
-    tensor), ``tensor_bytes`` (their sum), ``header_bytes``, ``file_bytes`` (model.safetensors on disk, equal to
-    tensor_bytes + header_bytes), ``ternary_weights``, ``bits_per_ternary_weight`` (codes only) and
-    ``bits_per_ternary_weight_with_scales``."""
+    Returns the byte accounting: ``packed_bytes`` (ternary codes), ``scale_bytes``, ``int8_bytes`` (int8 codes),
+    ``int8_scale_bytes`` (their row maxima), ``other_bytes`` (every other tensor), ``tensor_bytes`` (their sum),
+    ``header_bytes``, ``file_bytes`` (model.safetensors on disk, equal to tensor_bytes + header_bytes),
+    ``ternary_weights``, ``int8_weights``, ``dropped_weights`` (values of the modules left out),
+    ``dropped_modules``, ``bits_per_ternary_weight`` (codes only) and ``bits_per_ternary_weight_with_scales``."""
     check_packing(packing)
     layers = bitlinear_modules(model)
     if not layers:
@@ -80,10 +113,21 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
     tangled = sorted(n for pair in aliases.items() if set(pair) & packed_names for n in pair)
     if tangled:
         raise ValueError(f"export_packed: BitLinear weights shared with other tensors cannot be packed: {tangled}")
-    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()
-               if key not in aliases and key not in packed_names}
+    int8_names = {f"{name}.weight" for name in int8_modules(model)}
+    tangled = sorted(n for pair in aliases.items() if len(set(pair) & int8_names) == 1 for n in pair)
+    if tangled:
+        raise ValueError(f"export_packed: int8 weights shared with full-precision modules: {tangled}")
+    int8_layers = {name.removesuffix(".weight"): name for name in sorted(int8_names) if name not in aliases}
+    dropped = unused_modules(model)
+    state = model.state_dict()
+    is_dropped = lambda key: any(key.startswith(prefix + ".") for prefix in dropped)  # noqa: E731
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()
+               if key not in aliases and key not in packed_names and key not in int8_names and not is_dropped(key)}
     accounting = dict(packing=packing, other_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-                      packed_bytes=0, scale_bytes=0, ternary_weights=0)
+                      packed_bytes=0, scale_bytes=0, int8_bytes=0, int8_scale_bytes=0, ternary_weights=0,
+                      int8_weights=0, dropped_weights=sum(v.numel() for k, v in state.items()
+                                                          if is_dropped(k) and k not in aliases),
+                      dropped_modules=list(dropped))
     shapes = {}
     for name, layer in layers.items():
         codes, scale = ternary_quantize(layer.weight)
@@ -94,16 +138,21 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
         accounting["packed_bytes"] += packed.numel()
         accounting["scale_bytes"] += 4
         accounting["ternary_weights"] += codes.numel()
+    int8_shapes = {name: list(state[key].shape) for name, key in int8_layers.items()}
+    tensors.update(pack_int8_tensors({key: state[key] for key in int8_layers.values()}, int8_layers))
+    for name in int8_layers:
+        accounting["int8_bytes"] += tensors[name + INT8_SUFFIX].numel()
+        accounting["int8_scale_bytes"] += 4 * tensors[name + ABSMAX_SUFFIX].numel()
+        accounting["int8_weights"] += tensors[name + INT8_SUFFIX].numel()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"packing": packing, "shapes": shapes, "aliases": aliases}
+    record = {"packing": packing, "shapes": shapes, "aliases": aliases, "int8": int8_shapes, "dropped": dropped}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", METADATA_KEY: json.dumps(record)})
-    config = copy.deepcopy(model.config)
-    config.bitnet = {**settings, "packing": packing}
-    config.save_pretrained(folder)
+    _saved_config(model, settings, packing, dropped).save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    accounting["tensor_bytes"] = accounting["packed_bytes"] + accounting["scale_bytes"] + accounting["other_bytes"]
+    accounting["tensor_bytes"] = sum(accounting[k] for k in ("packed_bytes", "scale_bytes", "int8_bytes",
+                                                             "int8_scale_bytes", "other_bytes"))
     accounting["header_bytes"] = header_bytes(folder / WEIGHTS_NAME)
     accounting["file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
     n = accounting["ternary_weights"]
@@ -157,29 +206,102 @@ def _checked_codes(tensors: dict, name: str, shape: tuple, packing: str) -> tupl
 
 
 def latent_from_ternary(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A latent weight whose absmean quantization gives back ``codes`` and (up to rounding in dtype) ``scale``.
+    """A latent weight whose absmean quantization (``ternary_quantize``) gives back exactly ``codes`` and ``scale``.
 
     Not codes * scale itself: the mean |.| of that tensor is scale * (nonzero fraction), so re-quantizing it
-    would shrink the scale (same codes, a different forward). The nonzero entries are instead set to
-    +-scale * numel / nonzeros, whose mean |.| is the scale and whose ratio to it (>= 1) rounds and clips back to
-    +-1. All-zero codes give zeros (scale eps, the same zero output)."""
+    would shrink the scale (same codes, a different forward). The k nonzero entries are instead +-m with
+    m = scale * numel / k (>= scale, so each rounds and clips back to +-1), except one, which takes the remainder
+    ``scale * numel - (k - 1) * m``. Why the remainder: the float64 sum ``ternary_quantize`` takes is then exact
+    in any summation order (every partial sum is j * m or j * m + remainder, at most 24 + log2(k) bits), and it
+    misses scale * numel only by the float32 rounding of the remainder, 1/k of an ulp of the scale, so the mean
+    rounds back to exactly ``scale`` (a single m for all entries missed it by up to an ulp: measured up to 1.3e-3
+    on logits of a trained model, through the 8-bit activation rounding). The result is checked, and the
+    remainder nudged by an ulp while it is not exact (the tiny-k corner). All-zero codes give zeros (scale eps,
+    the same zero output). Exact in float32; another ``dtype`` rounds the latent again."""
     nonzero = int(torch.count_nonzero(codes))
     if nonzero == 0:
         return torch.zeros(codes.shape, dtype=dtype)
-    magnitude = scale.double() * (codes.numel() / nonzero)
-    return (codes.double() * magnitude).to(dtype)
+    scale32 = scale.detach().float().reshape(())
+    target = scale32.double() * codes.numel()  # exact: 24-bit scale times numel < 2**29
+    m = (target / nonzero).float()
+    latent = codes.float() * m  # (out, in): entries 0, +-m
+    flat = latent.view(-1)
+    first = int(torch.nonzero(codes.reshape(-1))[0])
+    sign = float(codes.reshape(-1)[first])
+    rest = (target - (nonzero - 1) * m.double()).float()  # the remainder, float32
+    candidates, up, down = [rest], rest, rest
+    for _ in range(4):  # the tiny-k corner: the neighbours of the remainder, nearest first
+        up, down = torch.nextafter(up, torch.tensor(math.inf)), torch.nextafter(down, torch.tensor(-math.inf))
+        candidates += [up, down]
+    for value in candidates:
+        flat[first] = sign * value
+        got_codes, got_scale = ternary_quantize(latent)
+        if got_scale == scale32 and torch.equal(got_codes, codes.to(torch.int8)):
+            break
+    else:
+        flat[first] = sign * rest
+    return latent.to(dtype)
+
+
+def latent_from_int8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A latent weight whose per-row int8 quantization (``int8_quantize``) gives back exactly ``codes`` and
+    ``absmax``: ``codes * absmax / 127`` (the values the int8 layer computes with), with the entries whose code is
+    +-127 set to +-absmax itself, so that the row maximum, hence the step absmax / 127, is the stored one bit for
+    bit (``127 * step`` would round). Exact in float32; another ``dtype`` rounds the latent again."""
+    latent = int8_dequantize(codes, absmax, torch.float32)  # (rows, cols)
+    full = codes.abs() == INT8_MAX
+    latent = torch.where(full, codes.sign().float() * absmax.float().unsqueeze(-1), latent)
+    return latent.to(dtype)
+
+
+INT8_SUFFIX, ABSMAX_SUFFIX = ".weight_int8", ".weight_absmax"
+
+
+def pack_int8_tensors(tensors: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """``tensors`` with each ``<name>.weight`` of ``names`` (module names) replaced by ``<name>.weight_int8`` and
+    ``<name>.weight_absmax`` (``int8_quantize``); the other entries unchanged."""
+    out = dict(tensors)
+    for name in names:
+        codes, absmax = int8_quantize(out.pop(f"{name}.weight"))
+        out[name + INT8_SUFFIX], out[name + ABSMAX_SUFFIX] = codes.cpu().contiguous(), absmax.cpu().contiguous()
+    return out
+
+
+def unpack_int8_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                        where: str = "") -> dict[str, torch.Tensor]:
+    """The inverse of ``pack_int8_tensors``: every ``<name>.weight_int8`` / ``.weight_absmax`` pair becomes the latent
+    ``<name>.weight`` of ``latent_from_int8`` (checked: int8 codes in [-127, 127], one float32 absmax per row;
+    PackedModelError naming ``where`` otherwise); the other entries unchanged."""
+    out = {key: value for key, value in tensors.items() if not key.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))}
+    names = {key[:-len(suffix)] for key in tensors for suffix in (INT8_SUFFIX, ABSMAX_SUFFIX) if key.endswith(suffix)}
+    for name in sorted(names):
+        codes, absmax = tensors.get(name + INT8_SUFFIX), tensors.get(name + ABSMAX_SUFFIX)
+        if codes is None or absmax is None:
+            raise PackedModelError(f"{where}: int8 weight of {name!r} is missing ({name}{INT8_SUFFIX} / "
+                                   f"{ABSMAX_SUFFIX})")
+        if codes.dtype != torch.int8 or codes.dim() < 1 or bool((codes == -INT8_MAX - 1).any()):
+            raise PackedModelError(f"{where}: tensor {name}{INT8_SUFFIX} must hold int8 codes in [-127, 127], got "
+                                   f"{codes.dtype} {list(codes.shape)}")
+        if absmax.dtype != torch.float32 or tuple(absmax.shape) != tuple(codes.shape[:-1]) \
+                or not bool((absmax > 0).all()):
+            raise PackedModelError(f"{where}: tensor {name}{ABSMAX_SUFFIX} must be float32 {list(codes.shape[:-1])} "
+                                   f"and positive, got {absmax.dtype} {list(absmax.shape)}")
+        out[f"{name}.weight"] = latent_from_int8(codes, absmax, dtype)
+    return out
 
 
 def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = False) -> nn.Module:
     """Load an ``export_packed`` folder as its model class (via AutoConfig / AutoModelForCausalLM.from_config).
 
     Default: every converted layer is a ``PackedBitLinear`` (packed codes + scale only), the logits equal those
-    of the exported BitLinear model. ``trainable=True``: BitLinear layers whose latent weights are the dequantized
-    ternary weights, rescaled by ``latent_from_ternary`` so that their own quantization gives back the exported
-    codes and scale (the forward equals the packed one up to a rounding of each scale); the latent precision lost
-    at export is not recoverable. Other floating tensors are cast to
-    ``dtype``; scales stay float32. The model is built with its parameters on the meta device, so no full-
-    precision copy of the packed matrices is ever made. Returns the model in eval mode."""
+    of the exported BitLinear model. ``trainable=True``: BitLinear layers whose latent weights are rebuilt by
+    ``latent_from_ternary`` so that their own quantization gives back exactly the exported codes and scale (in
+    float32 the logits equal the packed model's bit for bit); the latent precision lost at export is not
+    recoverable. Int8 embeddings / LM heads come back (both modes) as Int8Embedding / Int8Linear on the latent of
+    ``latent_from_int8``, which computes with exactly the stored int8 values. Modules left out at export are not
+    built (the saved config says so). Other floating tensors are cast to ``dtype``; scales stay float32. The
+    model is built with its parameters on the meta device, so no full-precision copy of the packed matrices is
+    ever made. Returns the model in eval mode."""
     import forgelib.models  # noqa: F401  (registers Cognate with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -200,13 +322,28 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     convert_to_bitnet(model, include=settings["include"],
-                      quantize_activations=settings["activation_bits"] is not None)
+                      quantize_activations=settings["activation_bits"] is not None,
+                      embedding_bits=settings.get("embedding_bits"))
     layers = bitlinear_modules(model)
     if set(layers) != set(record["shapes"]):
         raise PackedModelError(f"{str(folder)!r}: packed layers {sorted(record['shapes'])} do not match the "
                                f"model's converted layers {sorted(layers)}")
+    int8_layers = {name for name in int8_modules(model) if f"{name}.weight" not in record["aliases"]}
+    if int8_layers != set(record.get("int8", {})):
+        raise PackedModelError(f"{str(folder)!r}: int8 weights {sorted(record.get('int8', {}))} do not match the "
+                               f"model's int8 layers {sorted(int8_layers)} (config embedding_bits "
+                               f"{settings.get('embedding_bits')!r})")
     state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()
-             if not key.endswith((".weight_packed", ".weight_scale"))}
+             if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, ABSMAX_SUFFIX))}
+    int8_state = unpack_int8_tensors({k: v for k, v in tensors.items() if k.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))},
+                                     dtype, where=str(folder / WEIGHTS_NAME))
+    for key, latent in int8_state.items():
+        name = key.removesuffix(".weight")
+        expected = tuple(model.get_submodule(name).weight.shape)
+        if tuple(latent.shape) != expected:
+            raise PackedModelError(f"layer {name!r}: int8 weight shape {list(latent.shape)}, model expects "
+                                   f"{list(expected)}")
+    state.update(int8_state)
     for name, layer in layers.items():
         shape = tuple(record["shapes"][name])
         if shape != tuple(layer.weight.shape):
@@ -238,4 +375,5 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
     return model.eval()
 
 
-__all__ = ["PackedModelError", "export_packed", "load_packed", "latent_from_ternary", "header_bytes", "WEIGHTS_NAME"]
+__all__ = ["PackedModelError", "export_packed", "load_packed", "latent_from_ternary", "latent_from_int8",
+           "pack_int8_tensors", "unpack_int8_tensors", "unused_modules", "header_bytes", "WEIGHTS_NAME"]

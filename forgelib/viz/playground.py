@@ -35,7 +35,8 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
                  think: bool = False) -> dict[str, Any]:
     """One model's answer with its trace: ``text``, ``calls`` (tool calls), ``act`` (token, cycles), ``thoughts``
     (token, thought, weight) when ``think`` on a Quiet-STaR model, ``expert`` (pass 1's choice) where the model
-    has experts. ``entry``: a row of ``forgelib.scorecard.chain_models``."""
+    has experts (None when pass 1 chose one of the router's base centroids: the base model answers). ``entry``: a row
+    of ``forgelib.scorecard.chain_models``."""
     from transformers import AutoTokenizer
 
     from ..scorecard import ScorecardParams, _system
@@ -56,8 +57,10 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
 
         svf = apply_svf(lm, SVFConfig(**system.svf_config))
         with base_weights(svf):
-            out["expert"] = int(route(question_features(svf, tokenizer, [question]), system.centroids)[0])
-        svf.load_z(system.experts[out["expert"]])
+            chosen = int(route(question_features(svf, tokenizer, [question]), system.centroids)[0])
+        if chosen < len(system.experts):  # else a base centroid (a family no expert trained for): the base answers
+            out["expert"] = chosen
+            svf.load_z(system.experts[chosen])
     try:
         if think and isinstance(model, QuietStarModel):
             trace = generate_with_thoughts(model, tokenizer, question, max_new_tokens)

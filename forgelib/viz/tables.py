@@ -94,3 +94,21 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def guard_table(result: Any):
+    """The phase's guard (``forgelib.suite``) as a table: per family of the input's suite the questions asked, the
+    accuracy before (the input model) and after (the phase's model), the difference, its lower confidence bound
+    against the bound −margin, the questions the margin needed, and the verdict; the pooled suite last."""
+    import pandas as pd
+
+    from ..suite import read_guard
+
+    path = (getattr(result, "artifacts", None) or {}).get("guard")
+    data = read_guard(paths.resolve(path).parent) if path else None
+    if not data:
+        return pd.DataFrame([{"note": "this phase ran no guard"}])
+    frame = pd.DataFrame(data["table"])
+    frame.attrs["note"] = (f"{data['labels'][0]} → {data['labels'][1]}, margin {data['margin']:g}: "
+                           + ("every family kept" if data["passed"] else "a family was lost"))
+    return frame

@@ -1,0 +1,125 @@
+"""The guard (forgelib.suite): what a model knows, how it is asked, and the per-family verdicts on real tiny models."""
+import math
+import zlib
+
+import pytest
+import torch
+
+from forgelib.data.stream import TaskStream
+from forgelib.data.tasks import check, generate
+from forgelib.stats import questions_needed
+from forgelib.suite import Asker, GuardParams, guard, questions, replay_mix, suite_of, suite_union
+from helpers import task_tokenizer, tiny_task_llama
+
+
+class Oracle:
+    """An 'asker' that answers from a fixed rule: right on every question of ``families`` it knows, wrong
+    elsewhere, and wrong on a ``forget`` share of one family (a measurable, controlled loss)."""
+
+    def __init__(self, families, forget=None, share=0.0):
+        self.families, self.forget, self.share, self.label = set(families), forget, share, "oracle"
+
+    def correct(self, samples):
+        out = []
+        for i, s in enumerate(samples):
+            ok = s.family in self.families
+            if s.family == self.forget and (zlib.crc32(s.prompt.encode()) % 1000) / 1000 < self.share:
+                ok = False
+            out.append(int(ok))
+        return out
+
+
+def test_questions_are_a_stable_prefix_spread_over_levels():
+    few, many = questions("arith", (1, 3), 30, 7), questions("arith", (1, 3), 90, 7)
+    assert [q.prompt for q in many[:30]] == [q.prompt for q in few]
+    assert {q.level for q in few} == {1, 2, 3} and sum(q.level == 2 for q in few) == 10
+    assert all(q.family == "arith" for q in many)
+    tiny = questions("algebra", (1, 1), 5000, 7)  # the test split of level 1 runs out: all of it, no error
+    assert 100 < len(tiny) < 5000 and len({q.prompt for q in tiny}) == len(tiny)
+
+
+def test_guard_passes_a_model_that_kept_everything_with_the_questions_the_margin_needs():
+    params = GuardParams(margin=0.1, discordance=0.1, power=0.99)
+    suite = {"arith": (1, 2), "logic": (1, 2)}
+    report = guard(Oracle(["arith", "logic"]), Oracle(["arith", "logic"]), suite, params, seed=0)
+    assert report.passed
+    for v in report.families.values():
+        assert v.n == questions_needed(0.1, 0.95, 0.99, 0.1) and v.diff == 0 and v.lower > -0.1
+    assert [c.name for c in report.checks()] == ["keeps_arith", "keeps_logic"]
+
+
+def test_guard_fails_the_family_that_was_lost_and_asks_more_when_answers_change():
+    params = GuardParams(margin=0.1, discordance=0.02, power=0.99)
+    suite = {"arith": (1, 2), "logic": (1, 2)}
+    report = guard(Oracle(["arith", "logic"]), Oracle(["arith", "logic"], forget="logic", share=0.3), suite,
+                   params, seed=0)
+    logic, arith = report.families["logic"], report.families["arith"]
+    assert not logic.passed and arith.passed and not report.passed
+    first = questions_needed(0.1, 0.95, 0.99, 0.02)
+    # nothing changed in arith: at most one more small round (one disagreement is assumed, never zero)
+    assert first <= arith.n <= questions_needed(0.1, 0.95, 0.99, 1 / first)
+    assert logic.n > 3 * arith.n  # ~30 % of logic's answers changed: the observed discordance asked for more
+    assert logic.diff == pytest.approx(-logic.discordance) and -0.4 < logic.diff < -0.2
+    assert report.lost() == {"logic": logic.diff}
+
+
+def test_a_family_with_too_few_questions_says_how_many_it_needed():
+    params = GuardParams(margin=0.10, discordance=0.3, power=0.99, max_questions=40)
+    report = guard(Oracle(["arith"]), Oracle(["arith"], forget="arith", share=0.04), {"arith": (1, 2)}, params, 0)
+    v = report.families["arith"]
+    assert v.n == 40 and not v.passed and -0.10 < v.diff < 0
+    assert f"{v.needed} needed" in v.note and v.needed > 40
+    clear = guard(Oracle(["arith"]), Oracle(["arith"], forget="arith", share=0.5), {"arith": (1, 2)}, params, 0)
+    assert not clear.passed and clear.families["arith"].note == ""  # lost beyond the margin: no count would help
+
+
+def test_asker_answers_with_the_calculator_and_strips_the_answer_style():
+    """A real tiny model: the Asker's correctness equals the task checker applied to its own answers after the
+    'Answer:' prefix is removed."""
+    tok = task_tokenizer()
+    model = tiny_task_llama(tok)
+    samples = generate("arith", 1, 6, "test", 0)
+    asker = Asker(model, tok, max_new_tokens=6)
+    texts = asker.answers(samples)
+    assert asker.correct(samples) == [int(check(s, t)) for s, t in zip(samples, texts)]
+    # an answer written in the baked persona's style is graded on its number
+    s = samples[0]
+    styled = Asker(model, tok)
+    assert check(s, "#" + s.answer) and not check(s, "#Answer: " + s.answer)
+    from forgelib.baking.library import strip_answer_prefixes
+    assert check(s, strip_answer_prefixes("#Answer: " + s.answer, styled.prefixes))
+
+
+def test_replay_mix_keeps_every_family_of_the_suite_at_its_levels():
+    suite = {"logic": (1, 2), "recall": (1, 2), "arith": (1, 2)}
+    mix, family_levels = replay_mix({"arith": 1, "algebra": 1}, (1, 3), suite, 0.3)
+    assert sum(mix.values()) == pytest.approx(1.0)
+    assert mix["logic"] == pytest.approx(0.1) and mix["algebra"] == pytest.approx(0.35)
+    assert mix["arith"] == pytest.approx(0.35 + 0.1)
+    assert family_levels == {"arith": (1, 3), "algebra": (1, 3), "logic": (1, 2), "recall": (1, 2)}
+    stream = TaskStream(mix, (1, 3), "train", 0, family_levels=family_levels)
+    drawn = stream.take(2000)
+    share = {f: sum(s.family == f for s in drawn) / len(drawn) for f in mix}
+    assert all(abs(share[f] - mix[f]) < 0.04 for f in mix)
+    assert max(s.level for s in drawn if s.family == "logic") == 2
+    assert max(s.level for s in drawn if s.family == "algebra") == 3
+
+
+def test_suite_of_a_result_is_checked_and_unions_widen_levels():
+    from types import SimpleNamespace
+
+    ok = SimpleNamespace(phase="x", suite={"arith": [1, 2], "tool": [1, 3]})
+    assert suite_of(ok) == {"arith": (1, 2), "tool": (1, 3)}
+    with pytest.raises(ValueError, match="not a known family"):
+        suite_of(SimpleNamespace(phase="x", suite={"poetry": [1, 2]}))
+    with pytest.raises(ValueError, match="1 <= lo <= hi <= 10"):
+        suite_of(SimpleNamespace(phase="x", suite={"arith": [3, 2]}))
+    assert suite_union({"arith": (1, 2)}, {"arith": (1, 3), "tool": (1, 1)}) == {"arith": (1, 3), "tool": (1, 1)}
+
+
+def test_guard_params_refuse_nonsense():
+    for bad in ({"margin": 0}, {"margin": 1.5}, {"power": 1.0}, {"confidence": 0.2}, {"discordance": 0},
+                {"chain_margin": 0}):
+        with pytest.raises(ValueError):
+            GuardParams(**bad)
+    assert GuardParams().needed() == math.ceil((1.6449 + 3.0902) ** 2 * 0.08 / 0.01 - 1e-3)
