@@ -11,7 +11,8 @@ family the chain knew (the trunk's suite and what later phases added, each at it
 
 **The chain gate** (``chain_gate``): the Phase-1 trunk and the final artifact answer the guard's questions over every
 family the trunk knew, as many as the rule needs (``forgelib.suite.guard``): each family non-inferior at the
-``guard`` section's margin, and all families pooled non-inferior at its ``chain_margin``. A failure names the phases
+``guard`` section's ``chain_family_margin`` (default: one phase's ``margin``), and all families pooled non-inferior at
+its ``chain_margin``; ``at_or_above_trunk`` reports the strict target (every family within one phase's margin). A failure names the phases
 whose own guards measured a loss on the failing families. Written to ``09_scorecard/chain.json``; the pipeline
 stops with an error when it fails.
 
@@ -211,13 +212,18 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
         system = _system(entry, tokenizer, [], ScorecardParams())
         askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
-    report = guard(askers[0], askers[1], trunk_suite, params, seed)
+    family_margin = params.chain_family_margin or params.margin
+    report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin)
     flat = [(a["before"], a["after"]) for a in report.answers.values()]
     pooled = noninferior("all", [x for b, _ in flat for x in b], [x for _, a in flat for x in a], params.chain_margin,
                          params.confidence, params.power)
     failing = [f for f, v in report.families.items() if not v.passed]
+    strict = {f: noninferior(f, a["before"], a["after"], params.margin, params.confidence, params.power).passed
+              for f, a in report.answers.items()}
     verdict = {"passed": report.passed and pooled.passed, "trunk": askers[0].label, "final": askers[1].label,
-               "margin": params.margin, "chain_margin": params.chain_margin, "pooled": pooled.as_row(),
+               "margin": family_margin, "chain_margin": params.chain_margin, "pooled": pooled.as_row(),
+               "at_or_above_trunk": all(strict.values()) and pooled.passed,
+               "within_one_phase_margin": strict,
                "table": report.table()[:-1] + [dict(family="all (pooled)", levels="", n=pooled.n,
                                                     before=pooled.before, after=pooled.after, diff=pooled.diff,
                                                     lower_bound=pooled.lower, bound=-pooled.margin,

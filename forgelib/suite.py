@@ -49,7 +49,11 @@ class GuardParams:
     answers)."""
     chain_margin: float = 0.03
     """The chain's last gate (``forgelib.scorecard.chain_gate``): over every family the Phase-1 trunk knew, pooled,
-    the final artifact may trail the trunk by at most this (each family alone by at most ``margin``)."""
+    the final artifact may trail the trunk by at most this."""
+    chain_family_margin: float | None = None
+    """The chain's last gate, each family alone: the final artifact may trail the trunk by at most this (None: the
+    ``margin`` of one phase). The strict target, every family within ``margin`` and the pool within ``chain_margin``,
+    is reported beside (``at_or_above_trunk``)."""
     max_questions: int = 2000
     """Cap on the questions per family (the test split's supply at low levels is also finite)."""
     seed: int = 4242
@@ -58,9 +62,10 @@ class GuardParams:
     """Questions generated together."""
 
     def __post_init__(self):
-        for name in ("margin", "chain_margin"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)}")
+        for name in ("margin", "chain_margin", "chain_family_margin"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value}")
         for name in ("confidence", "power"):
             if not 0.5 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie in [0.5, 1), got {getattr(self, name)}")
@@ -171,8 +176,8 @@ class Asker:
             return []
         lm = base_lm(self.model)
         budget = self.max_new_tokens or _answer_budget(self.tokenizer, samples, with_steps=True) + 8
-        if self.experts:
-            return self._routed(lm, samples, budget)
+        if self.experts and any(_nonzero(z) for z in self.experts):
+            return self._routed(lm, samples, budget)  # (experts all z = 0, e.g. all retired: the base model)
         from .tools import generate_with_tools
 
         return [t.text for t in generate_with_tools(lm, self.tokenizer, list(samples), budget,
@@ -202,6 +207,11 @@ class Asker:
         return [int(check(s, strip_answer_prefixes(t, self.prefixes))) for s, t in zip(samples, texts)]
 
 
+def _nonzero(z: dict) -> bool:
+    """Whether an expert's ``z`` vectors change the model at all (z = 0 is the base model)."""
+    return any(bool(v.abs().sum() > 0) for v in z.values())
+
+
 # --- the guard ------------------------------------------------------------------------------------------------
 
 
@@ -218,6 +228,8 @@ class GuardReport:
     labels: tuple[str, str] = ("before", "after")
     questions: dict[str, list] = dataclasses.field(default_factory=dict)
     """The samples asked, per family (in the order of ``answers``)."""
+    reused: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per family, how many ``before`` answers came from the upstream's guard (checked again on a sample)."""
 
     def ask(self, asker: Asker) -> dict[str, list[int]]:
         """Another model's answers (0/1) to the same questions, per family."""
@@ -256,7 +268,7 @@ class GuardReport:
         return rows
 
     def to_dict(self) -> dict:
-        return {"margin": self.margin, "labels": list(self.labels), "passed": self.passed,
+        return {"margin": self.margin, "labels": list(self.labels), "passed": self.passed, "reused": self.reused,
                 "suite": {f: list(v) for f, v in self.suite.items()}, "seconds": round(self.seconds, 2),
                 "table": self.table(), "families": {f: v.as_row() for f, v in self.families.items()},
                 "pooled": self.pooled.as_row(), "answers": self.answers,
@@ -270,26 +282,27 @@ def _row(v: Verdict) -> dict:
 
 
 def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: int,
-          margin: float | None = None, log: Callable[[str], None] | None = None) -> GuardReport:
+          margin: float | None = None, log: Callable[[str], None] | None = None,
+          known: dict[str, dict[str, list]] | None = None) -> GuardReport:
     """Ask both models the guard's questions of every family of ``suite`` and decide per family (module
-    docstring). ``margin`` overrides the section's (a compression phase's allowed loss)."""
+    docstring). ``margin`` overrides the section's (a compression phase's allowed loss).
+
+    ``known``: ``{family: {"prompts": [...], "answers": [...]}}``, answers the ``before`` model already gave (the
+    upstream phase's guard asked its output the same questions, ``known_answers``): they are used where the prompts
+    match, once ``before`` gives the same answers again on a check sample (``KNOWN_CHECK`` questions); a single
+    difference and every question is asked again."""
     margin = params.margin if margin is None else margin
     started = time.perf_counter()
     first = min(params.max_questions, params.needed(margin))
     answers: dict[str, dict[str, list[int]]] = {f: {"before": [], "after": []} for f in suite}
     pools = {f: questions(f, tuple(suite[f]), params.max_questions, seed + params.seed) for f in suite}
+    reuse = _reusable(before, pools, known or {})
     wanted = {f: min(first, len(pools[f])) for f in suite}
     for _ in range(3):  # round 1: the assumed discordance's number; then what the observed one needs
-        batch = {f: pools[f][len(answers[f]["before"]):wanted[f]] for f in suite}
-        flat = [s for f in suite for s in batch[f]]
-        if not flat:
+        batch = {f: pools[f][len(answers[f]["after"]):wanted[f]] for f in suite}
+        if not any(batch.values()):
             break
-        got = {"before": before.correct(flat), "after": after.correct(flat)}
-        k = 0
-        for f in suite:
-            for side in ("before", "after"):
-                answers[f][side] += got[side][k:k + len(batch[f])]
-            k += len(batch[f])
+        _ask(before, after, batch, answers, reuse)
         for f in suite:
             # the observed discordance decides how many more; a measured gain counts towards the margin (a family
             # that clearly improved needs no more questions; under a true loss beyond the margin the measured
@@ -305,9 +318,58 @@ def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: i
     asked = {f: pools[f][:len(answers[f]["before"])] for f in suite}
     report = GuardReport(margin, verdicts, pooled, answers, {f: tuple(v) for f, v in suite.items()},
                          time.perf_counter() - started, (before.label or "before", after.label or "after"), asked)
+    report.reused = {f: min(len(reuse.get(f, [])), len(answers[f]["before"])) for f in suite}
     if log is not None:
         log(summary_line(report))
     return report
+
+
+KNOWN_CHECK = 32
+"""Known answers of the ``before`` model are used only after it gave the same answers again to this many of them."""
+
+
+def _reusable(before: Asker, pools: dict[str, list], known: dict) -> dict[str, list[int]]:
+    """Per family, the known answers of ``before`` to the first questions of its pool (as long as the prompts
+    match), or nothing at all when ``before`` answers a check sample of them differently now."""
+    reuse = {}
+    for f, pool in pools.items():
+        entry = known.get(f) or {}
+        prompts, got = entry.get("prompts") or [], entry.get("answers") or []
+        n = 0
+        while n < min(len(prompts), len(got), len(pool)) and prompts[n] == pool[n].prompt:
+            n += 1
+        if n:
+            reuse[f] = [int(x) for x in got[:n]]
+    check = [(f, i) for f in reuse for i in range(min(len(reuse[f]), KNOWN_CHECK // max(1, len(reuse)) + 1))]
+    if check and before.correct([pools[f][i] for f, i in check]) != [reuse[f][i] for f, i in check]:
+        return {}
+    return reuse
+
+
+def _ask(before: Asker, after: Asker, batch: dict[str, list], answers: dict, reuse: dict[str, list[int]]) -> None:
+    """Answers of both models to each family's ``batch`` (the continuation of what was asked), appended in order;
+    ``before`` is asked only past its reusable answers."""
+    start = {f: len(answers[f]["after"]) for f in batch}
+    fresh = {f: [q for i, q in enumerate(batch[f]) if start[f] + i >= len(reuse.get(f, []))] for f in batch}
+    flat_after = [q for f in batch for q in batch[f]]
+    flat_before = [q for f in batch for q in fresh[f]]
+    got_after = after.correct(flat_after) if flat_after else []
+    got_before = before.correct(flat_before) if flat_before else []
+    ka = kb = 0
+    for f in batch:
+        n, m = len(batch[f]), len(fresh[f])
+        known_part = reuse.get(f, [])[start[f]:start[f] + n - m]
+        answers[f]["before"] += known_part + got_before[kb:kb + m]
+        answers[f]["after"] += got_after[ka:ka + n]
+        ka, kb = ka + n, kb + m
+
+
+def known_answers(folder: str | Path) -> dict[str, dict[str, list]]:
+    """The answers the output model of the phase in ``folder`` gave to its guard's questions (``guard.json``):
+    ``{family: {"prompts", "answers"}}`` for the next phase's guard (``guard(known=...)``); {} without one."""
+    data = read_guard(folder) or {}
+    prompts, answers = data.get("prompts") or {}, data.get("answers") or {}
+    return {f: {"prompts": prompts[f], "answers": answers[f]["after"]} for f in prompts if f in answers}
 
 
 def summary_line(report: GuardReport) -> str:

@@ -160,9 +160,11 @@ def test_phase_runs_end_to_end(tok, tmp_path, ternary, monkeypatch):
     assert set(result.models) == {"taught", "model"}
     report = json.loads((ctx.dir / "report.json").read_text())
     assert report["suite"] == SUITE and report["unrelated"] == {"logic": [1, 1], "recall": [1, 2]}
-    # teaching replays every family of the suite, at its levels, at the stated share
+    # teaching replays the suite's families the prompts do not target, at their levels, at the stated share (the
+    # targeted ones are taught unprompted too)
     (taught_with,) = seen["teach"]
-    assert taught_with["replay"] == {f: tuple(v) for f, v in SUITE.items()} and taught_with["replay_share"] == 0.3
+    assert taught_with["replay"] == {"logic": (1, 1), "recall": (1, 2)}
+    assert taught_with["replay_share"] == ctx.params.replay == 0.5  # the smoke set's share
     # the bakes: retain data = train questions of the other families at their levels (4 per family and level,
     # logic and recall both early in the shuffled list), the taught model as teacher, the prompts baked so far
     assert [b["prompt"] for b in seen["bake"]] == ["use calc: ", "use calc: say Answer: "]

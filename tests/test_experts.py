@@ -363,30 +363,31 @@ def _report():
 
 def test_summarize_metrics_and_gate_from_a_report():
     from forgelib.phases.experts import Params, summarize
+    from forgelib.stats import noninferior, proportion_bounds
+    from forgelib.suite import GuardParams
 
-    metrics, checks = summarize(_report(), Params(gate_z=0.0))
+    guard = GuardParams()
+    metrics, checks = summarize(_report(), Params(), guard)
     assert metrics["n_experts"] == 2 and metrics["expert_params"] == 123
     assert metrics["acc_base"] == round(5 / 7, 4) and metrics["acc_routed"] == round(3 / 7, 4)
     # oracle: some expert answers q0, q1, q2, q3, q5 (not q4, q6)
     assert metrics["acc_oracle"] == round(5 / 7, 4)
-    # among those five, the routed expert answers q0, q1, q3 (q2 went to expert 0, q5 to expert 1: both wrong)
+    # among those five, the routed answer is right on q0, q1, q3 (q2 went to expert 0, q5 to expert 1: both wrong)
     assert metrics["routing_acc"] == 0.6
     assert metrics["acc_cluster0_base"] == round(1 / 3, 4) and metrics["acc_cluster0_expert"] == round(2 / 3, 4)
     assert metrics["acc_cluster1_base"] == 1.0 and metrics["acc_cluster1_expert"] == 0.25
     gate = {c.name: c for c in checks}
-    assert set(gate) == {"expert0_minus_base", "expert1_minus_base", "routed_minus_base", "routing_acc"}
-    assert gate["expert0_minus_base"].passed and gate["expert0_minus_base"].value == round(1 / 3, 4)
-    assert not gate["expert1_minus_base"].passed and gate["expert1_minus_base"].value == -0.75
-    assert not gate["routed_minus_base"].passed and gate["routed_minus_base"].value == round(-2 / 7, 4)
-    assert gate["routing_acc"].passed and gate["routing_acc"].bound == 0.5
-    # the bound is min_expert_gain − z · paired SE; cluster 1's differences are 0, −1, −1, −1:
-    # mean −0.75, sample variance (0.75² + 3 · 0.25²) / 3 = 0.25, SE = √(0.25 / 4) = 0.25
-    _, checks = summarize(_report(), Params(gate_z=1.0, min_expert_gain=0.1))
-    gate = {c.name: c for c in checks}
-    assert gate["expert1_minus_base"].bound == pytest.approx(0.1 - 0.25)
-    # a routing_acc bound above 0.6 fails it
-    _, checks = summarize(_report(), Params(min_routing_acc=0.7))
-    assert not {c.name: c for c in checks}["routing_acc"].passed
+    assert set(gate) == {"expert0_minus_base_lower_bound", "expert1_minus_base_lower_bound", "routing_acc_lower_bound"}
+    # each expert: paired non-inferiority to the base at ``margin`` on the questions routed to it
+    v0 = noninferior("e0", [1, 0, 0], [1, 1, 0], 0.10, guard.confidence, guard.power)
+    v1 = noninferior("e1", [1, 1, 1, 1], [0, 1, 0, 0], 0.10, guard.confidence, guard.power)
+    assert gate["expert0_minus_base_lower_bound"].value == v0.lower and gate["expert0_minus_base_lower_bound"].bound == -0.10
+    assert gate["expert1_minus_base_lower_bound"].value == v1.lower and not gate["expert1_minus_base_lower_bound"].passed
+    # the routing accuracy's lower confidence bound (Wilson) against min_routing_acc: 3 of 5
+    lower = proportion_bounds(3, 5, guard.confidence)[0]
+    assert gate["routing_acc_lower_bound"].value == round(lower, 4) and not gate["routing_acc_lower_bound"].passed
+    _, checks = summarize(_report(), Params(min_routing_acc=0.2), guard)
+    assert {c.name: c for c in checks}["routing_acc_lower_bound"].passed
 
 
 def test_make_check_strips_the_answer_prefix():

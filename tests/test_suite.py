@@ -123,3 +123,31 @@ def test_guard_params_refuse_nonsense():
         with pytest.raises(ValueError):
             GuardParams(**bad)
     assert GuardParams().needed() == math.ceil((1.6449 + 3.0902) ** 2 * 0.08 / 0.01 - 1e-3)
+
+
+class Counting(Oracle):
+    """An Oracle that counts the questions it is asked."""
+
+    asked = 0
+
+    def correct(self, samples):
+        self.asked += len(samples)
+        return super().correct(samples)
+
+
+def test_known_answers_of_the_input_are_reused_only_after_a_check_sample_agrees():
+    params = GuardParams(margin=0.1, discordance=0.1, power=0.99)
+    suite = {"arith": (1, 2), "logic": (1, 2)}
+    first = guard(Oracle(["arith"]), Oracle(["arith", "logic"]), suite, params, seed=0)
+    known = {f: {"prompts": [q.prompt for q in first.questions[f]], "answers": first.answers[f]["after"]}
+             for f in suite}
+    same = Counting(["arith", "logic"])
+    report = guard(same, Oracle(["arith", "logic"]), suite, params, seed=0, known=known)
+    assert report.reused == {f: len(first.questions[f]) for f in suite}
+    assert same.asked < 40  # only the check sample: every other answer came from the upstream's guard
+    assert {f: a["before"] for f, a in report.answers.items()} == {f: a["after"] for f, a in first.answers.items()}
+    other = Counting(["arith"])  # not the model that answered before: the check sample differs, all asked again
+    again = guard(other, Oracle(["arith", "logic"]), suite, params, seed=0, known=known)
+    assert again.reused == {"arith": 0, "logic": 0}
+    assert other.asked >= sum(len(q) for q in again.questions.values())
+    assert again.families["logic"].before == 0.0

@@ -303,12 +303,13 @@ def add_lora(model: nn.Module, config: PromptBakingConfig, adapter_name: str = "
     """``model`` wrapped by peft with a fresh LoRA adapter (ternary-aware on BitLinear layers)."""
     from peft import LoraConfig, get_peft_model
 
-    from ..quant.bitnet import BitLinear
+    from ..quant.bitnet import BitLinear, Int8Linear
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=target_modules(model, config.target_modules))
-    if config.ternary_aware and any(isinstance(m, BitLinear) for m in model.modules()):
-        lora._register_custom_module({BitLinear: _ternary_lora_class()})
+    if config.ternary_aware and any(isinstance(m, (BitLinear, Int8Linear)) for m in model.modules()):
+        adapted = _ternary_lora_class()  # int8 projections too: the adapter inside their quantizer
+        lora._register_custom_module({BitLinear: adapted, Int8Linear: adapted})
     torch.manual_seed(config.seed)
     return get_peft_model(model, lora, adapter_name=adapter_name)
 

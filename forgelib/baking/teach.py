@@ -77,10 +77,10 @@ def teach_prompts(model: torch.nn.Module, tokenizer, prompts: Sequence[BakePromp
     unprompted questions of ``families`` and, a share ``replay_share`` of them, plain questions of the ``replay``
     suite ``{family: (lo, hi)}`` (module docstring). Returns the TrainHistory."""
     from ..optim import create_optimizer_from_phase
-    from ..quant.bitnet import BitLinear
+    from ..quant.bitnet import BitLinear, Int8Linear
     from ..train import TrainConfig, train
 
-    ternary = any(isinstance(m, BitLinear) for m in model.modules())
+    ternary = any(isinstance(m, (BitLinear, Int8Linear)) for m in model.modules())
     opt = create_optimizer_from_phase(model, phase_num=6, **{"lr": 1e-3, "ste_mode": ternary, **(optimizer or {})})
     batches = teaching_batches(tokenizer, prompts, families, levels, batch_size, max_len, seed, replay, replay_share)
     return train(model, batches, opt, TrainConfig(steps=steps, log_every=max(1, steps // 4)), tracker=tracker,

@@ -75,11 +75,12 @@ def target_layers(model: nn.Module, wanted: Sequence[str] | None = None) -> dict
 
 
 def _matrix(layer: nn.Linear) -> torch.Tensor:
-    """The matrix the layer really multiplies by: the quantized weight of a BitLinear, else ``weight``."""
-    from ..quant.bitnet import BitLinear
+    """The matrix the layer really multiplies by: the quantized weight of a BitLinear or Int8Linear, else ``weight``."""
+    from ..quant.bitnet import BitLinear, Int8Linear
 
     with torch.no_grad():
-        return (layer.quantized_weight() if isinstance(layer, BitLinear) else layer.weight).detach().float()
+        quantized = isinstance(layer, (BitLinear, Int8Linear))
+        return (layer.quantized_weight() if quantized else layer.weight).detach().float()
 
 
 def svd_cache(model: nn.Module, config: SVFConfig | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -176,7 +177,7 @@ def mix(experts: Sequence[dict[str, torch.Tensor]], alphas: Sequence[float]) -> 
 def apply_svf(model: nn.Module, config: SVFConfig | None = None,
               cache: dict[str, tuple[torch.Tensor, ...]] | None = None) -> SVFModel:
     """Parametrize the target matrices of ``model`` (in place) and freeze everything else (module docstring)."""
-    from ..quant.bitnet import BitLinear
+    from ..quant.bitnet import BitLinear, Int8Linear
 
     config = config or SVFConfig()
     layers = target_layers(model, config.target_modules)
@@ -194,7 +195,7 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None,
                              f"{tuple(layer.weight.shape)}")
         param = SVFParametrization(u.to(layer.weight.device), s.to(layer.weight.device), vh.to(layer.weight.device),
                                    config.rescale)
-        if isinstance(layer, BitLinear):
+        if isinstance(layer, (BitLinear, Int8Linear)):
             layer.quantize_weight = False
         parametrize.register_parametrization(layer, "weight", param)
         params[name] = param
@@ -203,12 +204,12 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None,
 
 def remove_svf(svf: SVFModel) -> nn.Module:
     """The wrapped model with every SVF parametrization removed (its stored weights, quantizer back on)."""
-    from ..quant.bitnet import BitLinear
+    from ..quant.bitnet import BitLinear, Int8Linear
 
     for name in svf._names:
         layer = svf.model.get_submodule(name)
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-        if isinstance(layer, BitLinear):
+        if isinstance(layer, (BitLinear, Int8Linear)):
             layer.quantize_weight = True
     return svf.model
 

@@ -57,7 +57,7 @@ def load_causal_lm(path, trainable: bool = False, **kwargs) -> PreTrainedModel:
 
         convert_to_bitnet(model, include=bitnet.get("include"),
                           quantize_activations=bitnet.get("activation_bits") is not None,
-                          embedding_bits=bitnet.get("embedding_bits"))
+                          embedding_bits=bitnet.get("embedding_bits"), int8_include=bitnet.get("int8_include"))
     return model
 
 

@@ -182,19 +182,36 @@ class PhaseContext:
             return {}
         return suite_of(self.upstream) or legacy_suite(self.upstream)
 
-    def guard(self, before, after, suite: dict | None = None, margin: float | None = None):
+    @property
+    def upstream_dir(self) -> Path | None:
+        """The upstream phase's output folder (None without an upstream)."""
+        if self.upstream is None:
+            return None
+        return paths.outputs_root() / self.upstream.session / f"{self.upstream.number:02d}_{self.upstream.phase}"
+
+    def guard(self, before, after, suite: dict | None = None, margin: float | None = None,
+              reuse_upstream: bool = True):
         """Ask ``before`` and ``after`` (``forgelib.suite.Asker``) the guard's questions over ``suite`` (default:
         the input's), write guard.json, add one gate check per family and the headline numbers; the report.
 
-        ``margin`` overrides the ``guard`` section's (a phase that trades accuracy for size states its own)."""
-        from ..suite import GuardParams, guard, summary_line, write_guard
+        ``margin`` overrides the ``guard`` section's (a phase that trades accuracy for size states its own).
+        ``reuse_upstream``: ``before`` is the upstream's output asked as its own guard asked it, so the answers that
+        guard recorded are reused (checked again on a sample; ``forgelib.suite.guard``)."""
+        from ..suite import GuardParams, guard, known_answers
 
         params = self.guard_params or GuardParams()
         suite = self.input_suite if suite is None else suite
         if not suite:
             raise UpstreamError(f"phase {self.spec.name}: the upstream names no suite of task families to guard "
                                 "(and its chain has no Phase 1 to take it from)")
-        report = guard(before, after, suite, params, self.run.seed, margin)
+        known = known_answers(self.upstream_dir) if self.upstream_dir is not None and reuse_upstream else None
+        return self.record_guard(guard(before, after, suite, params, self.run.seed, margin, known=known))
+
+    def record_guard(self, report):
+        """Write a guard report (``forgelib.suite.GuardReport``) as guard.json and add its gate checks and headline
+        numbers to the result (``guard`` does it for the report it makes); returns the report."""
+        from ..suite import summary_line, write_guard
+
         self.result.artifacts["guard"] = paths.relative(write_guard(report, self.dir))
         self.result.gate.extend(report.checks())
         worst = min(report.families.items(), key=lambda kv: kv[1].lower)

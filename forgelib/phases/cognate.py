@@ -346,18 +346,31 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[
 
 
 def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, guard) -> dict[str, Any]:
-    """Per specialist: the trunk and the specialist on the same own-family test questions (as many as
-    ``expected_gain`` needs), the superiority verdict (``forgelib.stats.superior``)."""
-    from ..stats import superior
+    """Per specialist: the trunk and the specialist on the same own-family test questions, the superiority verdict
+    (``forgelib.stats.superior``). As many questions as detecting ``expected_gain`` with power 0.9 needs: first at
+    the ``guard`` section's assumed discordance, then, where the two models disagreed more, at the observed one
+    (capped by ``guard.max_questions`` per family)."""
+    from ..stats import compare, superior
+    from ..suite import questions
 
     out = {}
     for name in ROLES:
         fams = params.specialists[name].families or list(params.specialists[name].mix)
+        cap = guard.max_questions * len(fams)
+        per_family = {f: questions(f, tuple(params.levels), guard.max_questions, seed + 101) for f in fams}
+        trunk, own, asked = [], [], 0
         n = questions_needed(params.expected_gain, guard.confidence, 0.9, guard.discordance)
-        samples = build_mix({f: 1.0 for f in fams}, params.levels, math.ceil(n / len(fams)) * len(fams), "test",
-                            seed + 101)
-        trunk = answer_correctness(models["trunk"], tokenizer, samples, batch_size=128, with_steps=params.with_steps)
-        own = answer_correctness(models[name], tokenizer, samples, batch_size=128, with_steps=params.with_steps)
+        for _ in range(2):
+            want = min(cap, n)
+            k = math.ceil(want / len(fams))
+            new = [q for f in fams for q in per_family[f][asked:k]]
+            if new:
+                trunk += answer_correctness(models["trunk"], tokenizer, new, batch_size=128,
+                                            with_steps=params.with_steps)
+                own += answer_correctness(models[name], tokenizer, new, batch_size=128, with_steps=params.with_steps)
+            asked = max(asked, k)
+            c = compare(trunk, own)
+            n = questions_needed(params.expected_gain, guard.confidence, 0.9, max(c.discordance, 1 / max(c.n, 1)))
         out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence, 0.9).as_row()
     return out
 

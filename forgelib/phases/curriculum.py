@@ -38,8 +38,10 @@ weights reproduce the packed codes) and trained with the Phase-5 MuGrokfast pres
 The state (pools, dream buffer, round, model weights) is written after every round under ``state/``; a run
 given ``resume_from`` (a phase folder of an interrupted run) continues from its last completed round.
 
-**Hands on** the suite (``result.suite``): the input's, widened by every curriculum family at levels 1 to the level
-it reached (the level it trained at last); a family the input did not know (``tool``) is added.
+**Hands on** the suite (``result.suite``): the input's, widened by every curriculum family at the levels it mastered
+(levels 1 to the one below the level it ends at: it moved past them on held-out questions, or the assessment started
+it above them); a family the input did not know (``tool``) is added once it mastered a level. The level a family ends
+at is its frontier, still being learnt, and is not handed on as known.
 
 **Gate** (test split, ``forgelib.stats``'s paired rule; both models asked as every phase asks, ``forgelib.suite.Asker``:
 greedy, calculator on, thoughts off):
@@ -47,7 +49,7 @@ greedy, calculator on, thoughts off):
 * **keeps** (``ctx.guard``): the handed-on model against the Phase-4 model on every family of the input suite,
   ``keeps_<family>``: no family lost more than the ``guard`` section's margin.
 * **teaches** (``teaches_<family>``): where the handed-on suite is wider than the input's (a new family such as
-  ``tool``, or a level above the input's), the handed-on model is superior to the Phase-4 model on test questions
+  ``tool``, or a mastered level above the input's), the handed-on model is superior to the Phase-4 model on test questions
   of those levels by more than ``gain`` (the one-sided lower confidence bound of the paired difference > ``gain``).
 * **calculator** (``tool_with_minus_without_lower_bound``): on the ``tool`` questions of levels 1 to the level
   reached, the handed-on model answers better with the calculator than without it (lower bound > 0).
@@ -83,6 +85,7 @@ from ..optim import create_optimizer_from_phase
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from ..stats import questions_needed, superior
+from ..suite import suite_union
 from ..thoughts import base_lm
 from ..tools import calculator, generate_with_tools, tool_correctness, tool_stats
 from ..train import TrainConfig, train
@@ -458,7 +461,7 @@ def _confidence(ctx) -> float:
 
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 5 (see the module docstring)."""
-    from ..suite import Asker, GuardParams, suite_union
+    from ..suite import Asker, GuardParams
 
     torch.manual_seed(ctx.seed)
     guard_params = ctx.guard_params or GuardParams()
@@ -514,12 +517,13 @@ def run(params: Params, ctx) -> PhaseResult:
     guard_report = ctx.guard(before, after)
     timing["guard_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    taught = taught_levels(suite, reached)
+    mastered = mastered_levels(reached)
+    taught = taught_levels(suite, mastered)
     teaching = teaching_comparisons(taught, before, after, params, guard_params, ctx.seed + 2)
     tool = calculator_comparison(model, tokenizer, reached["tool"], params, guard_params, ctx.seed + 3) \
         if "tool" in reached else None
     timing["teach_s"] = round(time.perf_counter() - t0, 2)
-    output_suite = suite_union(suite, {f: (1, lv) for f, lv in reached.items()})
+    output_suite = suite_union(suite, {f: (1, lv) for f, lv in mastered.items() if lv >= 1})
     ctx.result.suite = {f: list(v) for f, v in output_suite.items()}
     correct = correct_by_level(guard_report, teaching)
     rate = lambda table: {f: {lv: sum(c) / len(c) for lv, c in by.items()} for f, by in table.items()}  # noqa: E731
@@ -546,8 +550,16 @@ def run(params: Params, ctx) -> PhaseResult:
     return ctx.result
 
 
+def mastered_levels(reached: dict[str, int]) -> dict[str, int]:
+    """Per curriculum family, the highest level it has mastered: the one below the level it ends at (it moved past
+    it on held-out questions, or the assessment started it above it); 0 for none. The level it ends at is its
+    frontier, still being learnt: it is not handed on as known."""
+    return {f: max(0, lv - 1) for f, lv in reached.items()}
+
+
 def taught_levels(suite: dict, reached: dict[str, int]) -> dict[str, list[int]]:
-    """Per curriculum family, the levels 1..reached the input suite does not hold (all of them for a new family)."""
+    """Per curriculum family, the levels 1..``reached`` (its mastered levels) the input suite does not hold (all of
+    them for a new family)."""
     out = {}
     for family, level in reached.items():
         lo, hi = suite.get(family, (0, -1))
@@ -716,7 +728,11 @@ def run_round(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dream
         frontier += [pool.questions[q].sample for q in pool.active_ids()]
         frontier += generate(family, pool.level, params.fresh_per_round, "train", rng.randrange(1 << 30))
     n_replay, n_dream = batch_shares(params, dreams, suite)
-    replay = replay_stream(suite, rng.randrange(1 << 30)) if n_replay else None
+    # the replay keeps what the input knew and what this phase taught so far: the levels below each family's
+    # current one (measured at smoke without them: the tool family, moved from level 1 to 2, forgot level 1's
+    # 3x2-digit format and copied every level-1 question as 3x3 digits, 0 % right)
+    learnt = {f: (1, pool.level - 1) for f, pool in pools.items() if (pool.level or 1) > 1}
+    replay = replay_stream(suite_union(suite or {}, learnt), rng.randrange(1 << 30)) if n_replay else None
     row["replayed"] = n_replay * params.steps_per_round
 
     def batches():

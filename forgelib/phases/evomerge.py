@@ -449,11 +449,16 @@ def final_selection(found: SearchResult, params: Params, models: dict, base, sel
     return sorted(finals, key=lambda r: -r["fitness"])
 
 
+NLL_PER_FAMILY = 64
+"""The test table's answer NLL is measured on the first this many of each family's guard questions."""
+
+
 def test_table(ctx, params: Params, models: dict, base, champion, tokenizer,
                uniform_runtime: dict[str, Any]) -> tuple[dict[str, dict], Any]:
     """The guard (the trunk against the champion, per family, ``ctx.guard``) and, on the same questions, every
     parent (own settings) and the uniform merge (under ``uniform_runtime``): per row the answers, accuracy overall
-    and per family, and the answer NLL. (rows, the guard's report)"""
+    and per family, and the answer NLL (on the first ``NLL_PER_FAMILY`` questions of each family). (rows, the
+    guard's report)"""
     from ..suite import Asker
 
     uniform = merge_models(_with_runtime(uniform_recipe(list(models), params.base), uniform_runtime, base),
@@ -463,7 +468,7 @@ def test_table(ctx, params: Params, models: dict, base, champion, tokenizer,
                "champion": {f: a["after"] for f, a in report.answers.items()}}
     for name, model in (*models.items(), ("uniform_merge", uniform)):
         answers[name] = report.ask(Asker(model, tokenizer, label=name))
-    samples = [q for qs in report.questions.values() for q in qs]
+    samples = [q for qs in report.questions.values() for q in qs[:NLL_PER_FAMILY]]  # the NLL: a secondary number
     rows = {}
     for name, model in ((params.base, base), *models.items(), ("uniform_merge", uniform), ("champion", champion)):
         flat = [x for f in report.questions for x in answers[name][f]]

@@ -245,8 +245,12 @@ class Int8Embedding(nn.Embedding):
 
 
 class Int8Linear(nn.Linear):
-    """A Linear (an LM head) computing with the per-row int8 quantization of its latent ``weight`` (one absmax per
-    output row, as for the embedding it may be tied to); activations stay as they are."""
+    """A Linear (an LM head, or a projection named in ``int8_include``) computing with the per-row int8 quantization
+    of its latent ``weight`` (one absmax per output row, as for the embedding it may be tied to); activations stay as
+    they are. ``quantize_weight = False`` computes with ``weight`` as it is (an SVF expert's parametrized matrix,
+    built from the quantized one, as for BitLinear)."""
+
+    quantize_weight = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -262,7 +266,13 @@ class Int8Linear(nn.Linear):
         return int8_dequantize(codes, absmax, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _int8_forward_weight(self.weight), self.bias)
+        return self.forward_with_weight(x, self.weight)
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's forward with ``weight`` in place of its own latent weight (quantized the same way): a
+        LoRA adapter ``W + s·BA`` acts inside the quantizer, so merging it gives the same forward."""
+        weight = _int8_forward_weight(weight) if self.quantize_weight else weight
+        return F.linear(x, weight, self.bias)
 
 
 def _matches(name: str, suffixes) -> bool:
@@ -273,20 +283,26 @@ _FROM_CONFIG = "config"
 
 
 def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool = True,
-                      embedding_bits: int | None | str = _FROM_CONFIG) -> nn.Module:
+                      embedding_bits: int | None | str = _FROM_CONFIG, int8_include=_FROM_CONFIG) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name ends with one of ``include`` (default
     ``DEFAULT_BITNET_SUFFIXES``, matched at a '.' boundary) by a ``BitLinear`` holding the same Parameters.
 
     ``embedding_bits=8`` also makes the input embedding an ``Int8Embedding`` and the output embedding (LM head) an
     ``Int8Linear``, on the same Parameters (tied ones stay tied); None keeps them full precision; the default takes
     the setting the model's ``config.bitnet`` already records (a model rebuilt from a saved BitNet config), else
-    None. Everything else (norms, the halting head, the memory's Linears) is left untouched. Records
-    ``model.config.bitnet`` (included suffixes, activation bits, embedding bits, packing "none") so a saved config
-    says so. Layers that already are BitLinear / Int8 are kept; ValueError if nothing matches. Returns the model."""
+    None. ``int8_include``: name suffixes of further Linear layers (not made ternary) that compute with per-row int8
+    weights (``Int8Linear``), e.g. the attention projections of a model too narrow to keep its attention in ternary
+    weights; the default takes the config's record, else none. Everything else (norms, the halting head, the memory's
+    Linears) is left untouched. Records ``model.config.bitnet`` (included suffixes, activation bits, embedding bits,
+    int8 suffixes, packing "none") so a saved config says so. Layers that already are BitLinear / Int8 are kept;
+    ValueError if nothing matches. Returns the model."""
     config = getattr(model, "config", None)
+    recorded = getattr(config, "bitnet", None) if config is not None else None
+    recorded = recorded if isinstance(recorded, dict) else {}
     if embedding_bits == _FROM_CONFIG:
-        recorded = getattr(config, "bitnet", None) if config is not None else None
-        embedding_bits = recorded.get("embedding_bits") if isinstance(recorded, dict) else None
+        embedding_bits = recorded.get("embedding_bits")
+    if isinstance(int8_include, str) and int8_include == _FROM_CONFIG:
+        int8_include = recorded.get("int8_include")
     if embedding_bits is not None and embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"convert_to_bitnet: embedding_bits must be None or one of {EMBEDDING_BITS}, "
                          f"got {embedding_bits!r}")
@@ -301,10 +317,22 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
             model.set_submodule(name, BitLinear.from_linear(module, quantize_activations))
     if embedding_bits is not None:
         _convert_embeddings(model)
+    int8_suffixes = tuple(int8_include or ())
+    clash = sorted(set(int8_suffixes) & set(suffixes))
+    if clash:
+        raise ValueError(f"convert_to_bitnet: {clash} are named both ternary (include) and int8 (int8_include)")
+    int8_targets = [name for name, module in model.named_modules()
+                    if int8_suffixes and _matches(name, int8_suffixes) and type(module) is nn.Linear]
+    if int8_suffixes and not int8_targets and not any(_matches(n, int8_suffixes) for n in int8_modules(model)):
+        raise ValueError(f"convert_to_bitnet: no nn.Linear in {type(model).__name__} ends with any of the int8 "
+                         f"suffixes {int8_suffixes}")
+    for name in int8_targets:
+        model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name)))
     if config is not None:
         config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
                          "activation_bits": ACTIVATION_BITS if quantize_activations else None,
-                         "embedding_bits": embedding_bits, "packing": "none"}
+                         "embedding_bits": embedding_bits, "packing": "none",
+                         **({"int8_include": list(int8_suffixes)} if int8_suffixes else {})}
     return model
 
 

@@ -323,7 +323,7 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     convert_to_bitnet(model, include=settings["include"],
                       quantize_activations=settings["activation_bits"] is not None,
-                      embedding_bits=settings.get("embedding_bits"))
+                      embedding_bits=settings.get("embedding_bits"), int8_include=settings.get("int8_include"))
     layers = bitlinear_modules(model)
     if set(layers) != set(record["shapes"]):
         raise PackedModelError(f"{str(folder)!r}: packed layers {sorted(record['shapes'])} do not match the "
@@ -332,7 +332,7 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
     if int8_layers != set(record.get("int8", {})):
         raise PackedModelError(f"{str(folder)!r}: int8 weights {sorted(record.get('int8', {}))} do not match the "
                                f"model's int8 layers {sorted(int8_layers)} (config embedding_bits "
-                               f"{settings.get('embedding_bits')!r})")
+                               f"{settings.get('embedding_bits')!r}, int8_include {settings.get('int8_include')!r})")
     state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()
              if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, ABSMAX_SUFFIX))}
     int8_state = unpack_int8_tensors({k: v for k, v in tensors.items() if k.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))},
