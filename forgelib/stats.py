@@ -17,9 +17,12 @@ the exact McNemar test (binomial on the discordant pairs), a paired bootstrap an
 **Questions needed** (``questions_needed``): with no true change, ``diff`` is about normal with variance ψ/n, ψ the
 discordance (the share of questions on which the two models disagree). The test passes with probability ``power``
 when ``δ·sqrt(n/ψ) ≥ z_conf + z_power``, i.e. ``n ≥ (z_conf + z_power)² ψ / δ²`` (Connor 1987, for paired
-proportions). ψ is not known before the models are asked: ``sized_comparison`` asks the number an assumed ψ needs,
-then, if the observed ψ needs more, asks more (an internal pilot: only the nuisance ψ is re-estimated, never the
-difference). A comparison that cannot reach the number (the questions of a family and level run out, or the cap
+proportions). ψ is not known before the models are asked: the guard (``forgelib.suite.guard``) asks the number an assumed ψ
+needs, then, if the observed ψ needs more, asks more (an internal pilot). One departure from re-estimating the
+nuisance ψ alone: a measured gain counts towards the margin when sizing the next round (a family that clearly
+improved needs no more questions); the stopping point then depends on the measured difference, which can raise
+the pass rate a little for a true loss near the margin (a measured gain is rare under a true loss beyond it). A
+comparison that cannot reach the number (the questions of a family and level run out, or the cap
 ``max_questions``) says so, and names the number it needed.
 
 Why this power by default (0.999 per check): a chain has about eight families × eight phases of checks, so a

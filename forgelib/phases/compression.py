@@ -462,8 +462,10 @@ def summarize(report: dict, final: dict, params: Params, guard) -> tuple[dict[st
     if specialists:
         metrics["specialists_bytes"] = specialists
         metrics["compression_vs_specialists"] = round(specialists / final["file_bytes"], 2)
+    stage = next((s for s in params.stages if s["name"] == final.get("name")), {})
     checks = [GateCheck(f"final_{c.name}", c.value, c.bound, c.op)
-              for c in stage_gate(final, ref, params.allowed_loss, params.max_ppl_ratio, guard)]
+              for c in stage_gate(final, ref, stage.get("allowed_loss", params.allowed_loss),
+                                  stage.get("max_ppl_ratio", params.max_ppl_ratio), guard)]
     if params.max_bits_per_weight is not None:
         checks.append(GateCheck("bits_per_weight", final["bits_per_weight"], params.max_bits_per_weight, "<="))
     return metrics, checks

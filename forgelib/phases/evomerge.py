@@ -535,6 +535,9 @@ def run(params: Params, ctx) -> PhaseResult:
     _summarize(ctx, table, params, found, recipe)
     checks, verdicts = contender_checks(guard_report, table, list(params.sources), params, ctx.guard_params)
     ctx.result.gate.extend(checks)
+    report["contenders"] = verdicts  # the champion against the best parent and the uniform merge (verdict rows)
+    report["test_answers"] = {name: row["answers"] for name, row in table.items()}
+    ctx.write_report(report)
     ctx.result.metrics.update({f"champion_minus_{k}_acc_lower_bound": v["lower"] for k, v in verdicts.items()})
     ctx.result.metrics["chance_test_acc"] = round(report["chance"]["overall"], 4)
     return ctx.result

@@ -291,7 +291,7 @@ def run(params: Params, ctx) -> PhaseResult:
     checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params)
     ctx.write_report(report)
     ctx.save_model("model", model, tokenizer, metadata={"quietstar": dataclasses.asdict(params.thoughts)})
-    _summarize(ctx, table, chance)
+    _summarize(ctx, table, chance, ctx.guard_params.confidence)
     ctx.result.gate.extend(checks)
     from ..suite import Asker
 
@@ -299,7 +299,7 @@ def run(params: Params, ctx) -> PhaseResult:
     return ctx.result
 
 
-def _summarize(ctx, table: dict, chance: dict) -> None:
+def _summarize(ctx, table: dict, chance: dict, confidence: float = 0.95) -> None:
     metrics = ctx.result.metrics
     for label, row in table.items():
         metrics[f"acc_{label}"] = round(row["accuracy"], 4)
@@ -307,6 +307,6 @@ def _summarize(ctx, table: dict, chance: dict) -> None:
     if "pause" in table:
         c = compare(table["pause"]["correct"], table["thoughts"]["correct"])
         metrics["gain_over_pause_acc"] = round(c.diff, 4)
-        metrics["gain_over_pause_acc_lower_bound"] = round(lower_bound(c, 0.95), 4)
+        metrics["gain_over_pause_acc_lower_bound"] = round(lower_bound(c, confidence), 4)
         metrics["gain_over_pause_nll"] = round(table["pause"]["answer_nll"] - table["thoughts"]["answer_nll"], 4)
     metrics["chance_test_acc"] = round(chance["overall"], 4)

@@ -38,14 +38,16 @@ def plot_rounds(report: dict) -> "plt.Figure":
 
 
 def level_frame(report: dict):
-    """Per family: start level (assessment), level reached, and test accuracy per level before and after."""
+    """Per family: start level (assessment), level reached, and test accuracy per level before and after (the levels
+    the guard or the teaching checks asked; a family whose levels none of them asked, e.g. ``tool`` before it
+    mastered a level, shows its levels only)."""
     import pandas as pd
 
     rows = {}
     before, after = report["acc_by_level"]["before"], report["acc_by_level"]["after"]
     for family, reached in report["level_reached"].items():
         row = {"start level": report["start_levels"][family], "level reached": reached}
-        for level in sorted(after[family], key=int):
+        for level in sorted(after.get(family, {}), key=int):
             row[f"L{level} before"] = round(before[family][level], 3)
             row[f"L{level} after"] = round(after[family][level], 3)
         rows[family] = row
