@@ -193,7 +193,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
 
     from .phases.base import quiet_library_bars
     from .results import write_json_atomic
-    from .stats import noninferior
+    from .stats import noninferior, noninferior_over
     from .suite import Asker, guard
 
     quiet_library_bars()
@@ -214,9 +214,8 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin
     report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin)
-    flat = [(a["before"], a["after"]) for a in report.answers.values()]
-    pooled = noninferior("all", [x for b, _ in flat for x in b], [x for _, a in flat for x in a], params.chain_margin,
-                         params.confidence, params.power)
+    pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in report.answers.items()},
+                              params.chain_margin, params.confidence, params.power)
     failing = [f for f, v in report.families.items() if not v.passed]
     strict = {f: noninferior(f, a["before"], a["after"], params.margin, params.confidence, params.power).passed
               for f, a in report.answers.items()}
@@ -224,7 +223,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                "margin": family_margin, "chain_margin": params.chain_margin, "pooled": pooled.as_row(),
                "at_or_above_trunk": all(strict.values()) and pooled.passed,
                "within_one_phase_margin": strict,
-               "table": report.table()[:-1] + [dict(family="all (pooled)", levels="", n=pooled.n,
+               "table": report.table()[:-1] + [dict(family="all (family mean)", levels="", n=pooled.n,
                                                     before=pooled.before, after=pooled.after, diff=pooled.diff,
                                                     lower_bound=pooled.lower, bound=-pooled.margin,
                                                     needed=pooled.needed,

@@ -18,10 +18,11 @@ the exact McNemar test (binomial on the discordant pairs), a paired bootstrap an
 discordance (the share of questions on which the two models disagree). The test passes with probability ``power``
 when ``δ·sqrt(n/ψ) ≥ z_conf + z_power``, i.e. ``n ≥ (z_conf + z_power)² ψ / δ²`` (Connor 1987, for paired
 proportions). ψ is not known before the models are asked: the guard (``forgelib.suite.guard``) asks the number an assumed ψ
-needs, then, if the observed ψ needs more, asks more (an internal pilot). One departure from re-estimating the
-nuisance ψ alone: a measured gain counts towards the margin when sizing the next round (a family that clearly
-improved needs no more questions); the stopping point then depends on the measured difference, which can raise
-the pass rate a little for a true loss near the margin (a measured gain is rare under a true loss beyond it). A
+needs, then, if the observed ψ and difference need more, asks more (an internal pilot): the next round is sized for
+the power at the measured difference, ``(z_conf + z_power)² ψ / (δ + diff)²`` (``forgelib.suite.needed_at``; the
+distance floored at δ/3), so a family that clearly improved needs no more questions and one that lost part of the
+margin is asked until its verdict is clear of one run's noise. The stopping point depends on the measured
+difference, which moves the pass rate a little for a true difference near the margin. A
 comparison that cannot reach the number (the questions of a family and level run out, or the cap
 ``max_questions``) says so, and names the number it needed.
 
@@ -213,6 +214,41 @@ def noninferior(name: str, before: Sequence, after: Sequence, margin: float, con
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     return _verdict(name, "noninferior", compare(before, after), margin, confidence, power, available)
+
+
+def noninferior_over(name: str, strata: dict[str, tuple[Sequence, Sequence]], margin: float,
+                     confidence: float = 0.95, power: float = 0.999) -> Verdict:
+    """Non-inferiority of the suite's mean: ``strata`` maps each family to its (before, after) answers; the
+    difference is the unweighted mean of the families' differences, so a family asked more questions (the guard
+    asks more where a family lost part of its margin) does not weigh more. Per family the Agresti–Min adjusted
+    difference and variance; mean difference ``Σ d_f / F``, variance ``Σ var_f / F²``; the lower bound
+    ``mean − z · se`` (a stratified Wald bound; tested against a stratified paired bootstrap). ``before``/``after``
+    are the families' mean accuracies; ``discordance`` their mean ψ; ``needed`` the total that equal shares per
+    family need at it (``questions_needed`` at the mean ψ)."""
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    tables = {f: compare(b, a) for f, (b, a) in strata.items()}
+    tables = {f: c for f, c in tables.items() if c.n}
+    if not tables:
+        return Verdict(name, "noninferior", margin, confidence, power, 0, float("nan"), float("nan"),
+                       float("nan"), -1.0, float("nan"), 0, False, "no questions")
+    k = len(tables)
+    adjusted = [_adjusted(c) for c in tables.values()]
+    mean_adj = sum(d for d, _ in adjusted) / k
+    se = math.sqrt(sum(e ** 2 for _, e in adjusted)) / k
+    lower = max(-1.0, min(1.0, mean_adj - z_value(confidence) * se))
+    n = sum(c.n for c in tables.values())
+    before = sum(c.before for c in tables.values()) / k
+    after = sum(c.after for c in tables.values()) / k
+    psi = sum(max(c.discordance, 1.0 / c.n) for c in tables.values()) / k
+    needed = questions_needed(margin, confidence, power, psi) if margin > 0 else n
+    passed = lower > -margin
+    note = ""
+    if not passed and n < needed and after - before > -margin:
+        note = (f"too few questions to decide: {n} asked, {needed} needed for margin {margin:g} at confidence "
+                f"{confidence:g} and power {power:g} (mean discordance {psi:.3f})")
+    return Verdict(name, "noninferior", margin, confidence, power, n, round(before, 4), round(after, 4),
+                   round(after - before, 4), round(lower, 4), round(psi, 4), needed, passed, note)
 
 
 def superior(name: str, before: Sequence, after: Sequence, gain: float = 0.0, confidence: float = 0.95,

@@ -13,8 +13,11 @@ base LM answers, as Phases 5–8 and the scorecard ask), and, for a model with P
 input ("before") and the output ("after"); per family the paired non-inferiority rule of ``forgelib.stats`` at the
 margin (``GuardParams.margin``; a compression phase states its own, larger, allowed loss), with as many questions
 as the margin needs at the stated confidence and power: first the number the assumed discordance needs, then more
-where the observed discordance needs more (``max_questions`` caps it; a family whose questions run out says so).
-The pooled suite is reported beside the families. Result: ``guard.json`` in the phase folder (the table and every
+where the observed discordance and difference need more (``needed_at``: a family that lost part of the margin is
+asked until its verdict has the power at the measured difference; ``max_questions`` caps it; a family whose questions
+run out says so).
+The suite's mean (each family weighing the same, ``forgelib.stats.noninferior_over``) is reported beside the
+families. Result: ``guard.json`` in the phase folder (the table and every
 question's answers), one gate check per family (``keeps_<family>``: the lower bound of after − before > −margin).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .stats import Verdict, compare, noninferior, questions_needed
+from .stats import Verdict, compare, noninferior, noninferior_over, questions_needed
 
 GUARD_FILE = "guard.json"
 ANSWER_PREFIXES = ("Answer:",)
@@ -242,10 +245,10 @@ class GuardReport:
 
     def compare_pooled(self, name: str, reference: dict[str, list[int]], candidate: dict[str, list[int]],
                        margin: float, confidence: float, power: float) -> Verdict:
-        """Non-inferiority of ``candidate`` against ``reference`` over every question of the report (pooled)."""
-        ref = [x for f in self.questions for x in reference[f]]
-        cand = [x for f in self.questions for x in candidate[f]]
-        return noninferior(name, ref, cand, margin, confidence, power)
+        """Non-inferiority of ``candidate`` against ``reference`` over the report's families, each family weighing
+        the same (``forgelib.stats.noninferior_over``)."""
+        return noninferior_over(name, {f: (reference[f], candidate[f]) for f in self.questions}, margin, confidence,
+                                power)
 
     @property
     def passed(self) -> bool:
@@ -264,7 +267,7 @@ class GuardReport:
     def table(self) -> list[dict]:
         rows = [dict(family=f, levels=f"{self.suite[f][0]}-{self.suite[f][1]}", **_row(v))
                 for f, v in self.families.items()]
-        rows.append(dict(family="all (pooled)", levels="", **_row(self.pooled)))
+        rows.append(dict(family="all (family mean)", levels="", **_row(self.pooled)))
         return rows
 
     def to_dict(self) -> dict:
@@ -304,17 +307,16 @@ def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: i
             break
         _ask(before, after, batch, answers, reuse)
         for f in suite:
-            # the observed discordance decides how many more; a measured gain counts towards the margin (a family
-            # that clearly improved needs no more questions; under a true loss beyond the margin the measured
-            # difference is rarely positive, so this hardly ever cuts a count that a real loss needed)
+            # the observed discordance and difference decide how many more: the questions that give the verdict
+            # its power when the true difference is the measured one (``needed_at``): a family that clearly
+            # improved needs no more, one that lost part of the margin needs more, so that a verdict never sits
+            # within one run's noise of its bound
             c = compare(answers[f]["before"], answers[f]["after"])
-            psi = max(c.discordance, 1.0 / max(c.n, 1))
-            wanted[f] = min(len(pools[f]), max(wanted[f], params.needed(margin + max(c.diff, 0.0), psi)))
+            wanted[f] = min(len(pools[f]), max(wanted[f], needed_at(margin, c, params)))
     verdicts = {f: noninferior(f, a["before"], a["after"], margin, params.confidence, params.power,
                                available=len(pools[f])) for f, a in answers.items()}
-    all_before = [x for a in answers.values() for x in a["before"]]
-    all_after = [x for a in answers.values() for x in a["after"]]
-    pooled = noninferior("all", all_before, all_after, margin, params.confidence, params.power)
+    pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in answers.items()}, margin,
+                              params.confidence, params.power)
     asked = {f: pools[f][:len(answers[f]["before"])] for f in suite}
     report = GuardReport(margin, verdicts, pooled, answers, {f: tuple(v) for f, v in suite.items()},
                          time.perf_counter() - started, (before.label or "before", after.label or "after"), asked)
@@ -322,6 +324,15 @@ def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: i
     if log is not None:
         log(summary_line(report))
     return report
+
+
+def needed_at(margin: float, c, params: GuardParams) -> int:
+    """Questions a non-inferiority verdict at ``margin`` needs for the guard's power when the true difference is the
+    measured ``c.diff`` and the discordance the observed one: ``(z_conf + z_power)² · ψ / (margin + diff)²``. The
+    distance ``margin + diff`` is floored at a third of the margin: a family measured within a third of the margin of
+    its bound gets the count of that distance (capped by ``max_questions``) and its verdict says if it is short."""
+    psi = max(c.discordance, 1.0 / max(c.n, 1))
+    return params.needed(max(margin + c.diff, margin / 3), psi)
 
 
 KNOWN_CHECK = 32

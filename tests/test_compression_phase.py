@@ -108,7 +108,7 @@ def test_a_stage_that_breaks_the_model_is_rolled_back(phase8):
     for stage in report["stages"]:
         assert [g["name"] for g in stage["gate"]] == ["ppl_ratio", *(f"keeps_{f}" for f in SUITE)]
         assert stage["kept"] is all(g["passed"] for g in stage["gate"])
-        assert {r["family"] for r in stage["guard"]["table"]} == {*SUITE, "all (pooled)"}
+        assert {r["family"] for r in stage["guard"]["table"]} == {*SUITE, "all (family mean)"}
         assert stage["guard"]["questions"] == sum(r["n"] for r in stage["guard"]["table"][:-1])
         for g in stage["gate"][1:]:
             row = next(r for r in stage["guard"]["table"] if f"keeps_{r['family']}" == g["name"])
@@ -420,7 +420,7 @@ def test_chain_gate_passes_when_the_final_model_keeps_what_the_trunk_knew(chain)
     answers.update(trunk=lambda s: 1, champion=lambda s: 1)
     verdict = chain_gate("ch")
     assert verdict["passed"] and verdict["trunk"] == "1 cognate trunk" and verdict["final"] == "2 evomerge champion"
-    assert [r["family"] for r in verdict["table"]] == ["arith", "logic", "all (pooled)"]
+    assert [r["family"] for r in verdict["table"]] == ["arith", "logic", "all (family mean)"]
     assert all(r["n"] == 40 for r in verdict["table"][:2]) and verdict["table"][2]["n"] == 80  # max_questions
     assert verdict["pooled"]["margin"] == 0.03 and verdict["table"][0]["bound"] == -0.2
     assert check_chain(folders[1].parent / "09_scorecard") == json.loads(
@@ -453,7 +453,7 @@ def test_chain_gate_fails_on_a_lost_family_and_names_the_phase_that_lost_it(chai
 
 def test_chain_gate_holds_all_families_pooled_to_the_tighter_chain_margin(chain):
     from forgelib.scorecard import chain_gate, chain_message
-    from forgelib.stats import noninferior
+    from forgelib.stats import noninferior_over
 
     _, answers = chain
     lost = {}
@@ -466,11 +466,12 @@ def test_chain_gate_holds_all_families_pooled_to_the_tighter_chain_margin(chain)
     verdict = chain_gate("ch")
     rows = {r["family"]: r for r in verdict["table"]}
     assert rows["arith"]["verdict"] == rows["logic"]["verdict"] == "pass"
-    pooled = noninferior("all", [1] * 80, [0, 0] + [1] * 38 + [0, 0] + [1] * 38, 0.03)
+    lost_two = ([1] * 40, [0, 0] + [1] * 38)
+    pooled = noninferior_over("all", {"arith": lost_two, "logic": lost_two}, 0.03)
     assert verdict["pooled"]["lower"] == pooled.lower < -0.03 and not verdict["passed"]
-    assert rows["all (pooled)"]["verdict"] == "FAIL" and rows["all (pooled)"]["bound"] == -0.03
+    assert rows["all (family mean)"]["verdict"] == "FAIL" and rows["all (family mean)"]["bound"] == -0.03
     assert set(verdict["lost_by"]) == {"arith", "logic"}  # no family failed: those that fell at all
-    assert "all (pooled): 1.000 → 0.950" in chain_message(verdict)
+    assert "all (family mean): 1.000 → 0.950" in chain_message(verdict)
 
 
 def test_chain_gate_without_a_phase1_trunk_says_so(chain):

@@ -18,7 +18,7 @@ from forgelib.phases import GateFailedError, open_phase, run_phase
 from forgelib.phases import evomerge as evo
 from forgelib.registry import ModelRegistry
 from forgelib.results import PhaseResult
-from forgelib.stats import noninferior
+from forgelib.stats import noninferior, noninferior_over
 from forgelib.suite import GuardParams, GuardReport
 
 QUIET = {"run": {"quiet": True, "tracking": "none"}}
@@ -55,8 +55,7 @@ def _report(rows, margin=0.1):
     questions = {f: [f"{f}-{i}" for i in range(60)] for f in ("arith", "logic")}
     answers = {f: {"before": rows["trunk"]["answers"][f], "after": rows["champion"]["answers"][f]} for f in questions}
     families = {f: noninferior(f, a["before"], a["after"], margin) for f, a in answers.items()}
-    pooled = noninferior("all", [x for a in answers.values() for x in a["before"]],
-                         [x for a in answers.values() for x in a["after"]], margin)
+    pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in answers.items()}, margin)
     return GuardReport(margin, families, pooled, answers, {f: (1, 1) for f in questions}, 0.0, questions=questions)
 
 
@@ -66,8 +65,9 @@ def _checks(rows, **params):
     return {c.name: c for c in checks}, verdicts
 
 
-def _pooled(rows, name):
-    return [x for f in ("arith", "logic") for x in rows[name]["answers"][f]]
+def _strata(rows, reference, candidate):
+    """The per-family (before, after) answers the suite-mean verdict (forgelib.stats.noninferior_over) reads."""
+    return {f: (rows[reference]["answers"][f], rows[candidate]["answers"][f]) for f in ("arith", "logic")}
 
 
 def test_champion_is_held_to_the_best_parent_and_the_uniform_merge_pooled():
@@ -76,9 +76,9 @@ def test_champion_is_held_to_the_best_parent_and_the_uniform_merge_pooled():
     assert set(checks) == {"champion_minus_best_parent_acc_lower_bound", "champion_minus_uniform_acc_lower_bound"}
     guard = GuardParams()
     for label, name in (("best_parent", "memory"), ("uniform", "uniform_merge")):
-        # the pooled verdict over all the guard's questions is forgelib.stats' paired rule at `margin`
-        want = noninferior(f"champion_vs_{label}", _pooled(rows, name), _pooled(rows, "champion"), 0.05,
-                           guard.confidence, guard.power)
+        # the verdict over the guard's families (each weighing the same) is forgelib.stats' paired rule at `margin`
+        want = noninferior_over(f"champion_vs_{label}", _strata(rows, name, "champion"), 0.05, guard.confidence,
+                                guard.power)
         assert verdicts[label] == want.as_row()
         assert checks[f"champion_minus_{label}_acc_lower_bound"].value == want.lower
         assert checks[f"champion_minus_{label}_acc_lower_bound"].bound == -0.05
@@ -92,7 +92,7 @@ def test_best_parent_is_chosen_by_accuracy_then_nll():
     rows["memory"]["answers"] = {"arith": _answers(40, first=20), "logic": _answers(40, first=30)}  # other questions
     _, verdicts = _checks(rows)
     assert verdicts["best_parent"]["name"] == "champion_vs_best_parent"
-    want = noninferior("x", _pooled(rows, "memory"), _pooled(rows, "champion"), 0.05, 0.95, 0.999)
+    want = noninferior_over("x", _strata(rows, "memory", "champion"), 0.05, 0.95, 0.999)
     assert verdicts["best_parent"]["lower"] == want.lower and verdicts["best_parent"]["discordance"] > 0
 
 

@@ -144,7 +144,7 @@ def test_guard_table_shows_each_family_and_the_pooled_suite(tmp_path, monkeypatc
     path = write_guard(report, tmp_path / "outputs" / "s" / "04_bitnet")
     result = PhaseResult("bitnet", 4, "s", artifacts={"guard": paths.relative(path)})
     frame = guard_table(result)
-    assert list(frame["family"]) == ["arith", "logic", "all (pooled)"]
+    assert list(frame["family"]) == ["arith", "logic", "all (family mean)"]
     assert list(frame["levels"]) == ["1-2", "1-1", ""] and list(frame["verdict"]) == ["pass", "FAIL", "FAIL"]
     assert list(frame["n"]) == [30, 30, 60] and frame["lower_bound"][1] == families["logic"].lower
     assert (frame["bound"] == -0.1).all() and frame["diff"][1] == -0.4

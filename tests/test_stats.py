@@ -112,3 +112,36 @@ def test_superiority_needs_a_gain_beyond_noise():
     assert superior("gain", before, after).passed
     before, after = _pairs(200, 30, 36, 134)  # +0.015: not shown
     assert not superior("tie", before, after).passed
+
+
+def test_suite_mean_verdict_weighs_families_equally_and_matches_a_stratified_bootstrap():
+    """noninferior_over: the mean of the families' differences, not the pooled questions (a family asked 10x the
+    questions weighs the same); its bound against a stratified paired bootstrap (each family resampled within
+    itself) and simulated coverage."""
+    from forgelib.stats import noninferior_over
+
+    strata = {"a": _pairs(300, 60, 10, 30), "b": _pairs(30, 1, 2, 7), "c": _pairs(50, 4, 4, 22)}
+    v = noninferior_over("all", strata, 0.1)
+    diffs = {f: compare(*p).diff for f, p in strata.items()}
+    assert v.diff == pytest.approx(sum(diffs.values()) / 3, abs=1e-4)  # -0.05 / 3 ... not the pooled -0.089
+    pooled = noninferior("all", [x for b, _ in strata.values() for x in b], [x for _, a in strata.values() for x in a],
+                         0.1)
+    assert pooled.diff < v.diff - 0.05  # pooling lets the big family decide
+    assert v.n == 400 + 40 + 80 and v.before == pytest.approx(sum(compare(*p).before for p in strata.values()) / 3,
+                                                             abs=1e-4)
+    rng = random.Random(3)
+    pairs = {f: list(zip(*p)) for f, p in strata.items()}
+    boot = sorted(sum(sum(a - b for b, a in (rng.choice(ps) for _ in ps)) / len(ps) for ps in pairs.values()) / 3
+                  for _ in range(3000))
+    assert v.lower == pytest.approx(boot[int(0.05 * len(boot))], abs=0.01)
+    # coverage: three families of unequal sizes and true differences; the bound lies below the truth ~95 % of the time
+    rng = random.Random(4)
+    truth = ((0.02 - 0.10) + (0.05 - 0.05) + (0.10 - 0.04)) / 3
+    covered = 0
+    for _ in range(1000):
+        tables = {f: _simulate(n, pl, pg, rng) for f, (n, pl, pg) in
+                  {"a": (400, 0.10, 0.02), "b": (60, 0.05, 0.05), "c": (120, 0.04, 0.10)}.items()}
+        s = {f: _pairs(c.both, c.lost, c.gained, c.neither) for f, c in tables.items()}
+        covered += noninferior_over("all", s, 0.1).lower < truth
+    assert 0.92 <= covered / 1000 <= 0.98
+    assert noninferior_over("none", {}, 0.1).note == "no questions"

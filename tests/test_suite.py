@@ -63,6 +63,32 @@ def test_guard_fails_the_family_that_was_lost_and_asks_more_when_answers_change(
     assert report.lost() == {"logic": logic.diff}
 
 
+def test_a_family_that_lost_part_of_the_margin_is_asked_until_its_verdict_is_clear_of_noise():
+    """A true loss of ~0.05 against a margin of 0.10: the zero-difference count (~70 questions here) would leave the
+    lower bound near -0.10; sized at the measured difference (``needed_at``) the guard asks several times as many
+    and the bound lands well above -0.10, the true loss (0.05) inside its interval."""
+    from forgelib.stats import compare
+
+    from forgelib.suite import needed_at
+
+    params = GuardParams(margin=0.10, discordance=0.08, power=0.99)
+    report = guard(Oracle(["arith"]), Oracle(["arith"], forget="arith", share=0.05), {"arith": (1, 3)}, params, 0)
+    v = report.families["arith"]
+    zero_diff = questions_needed(0.10, 0.95, 0.99, v.discordance)
+    assert v.passed and -0.07 < v.diff < -0.03
+    assert v.n >= needed_at(0.10, compare(report.answers["arith"]["before"], report.answers["arith"]["after"]),
+                            params)  # the last round's own rule is met by the count asked
+    assert v.n > 3 * zero_diff
+    assert v.lower > -0.10 + 0.02
+    # the rule itself: (z_conf + z_power)^2 psi / (margin + diff)^2, the distance floored at margin / 3
+    c = compare([1] * 90 + [0] * 10, [1] * 85 + [0] * 15)  # diff -0.05, discordance 0.05
+    assert needed_at(0.10, c, params) == questions_needed(0.05, 0.95, 0.99, 0.05)
+    lost = compare([1] * 100, [1] * 80 + [0] * 20)  # diff -0.20: beyond the margin, floored distance
+    assert needed_at(0.10, lost, params) == questions_needed(0.10 / 3, 0.95, 0.99, 0.20)
+    gained = compare([0] * 20 + [1] * 80, [1] * 100)  # a gain counts towards the margin
+    assert needed_at(0.10, gained, params) == questions_needed(0.30, 0.95, 0.99, 0.20)
+
+
 def test_a_family_with_too_few_questions_says_how_many_it_needed():
     params = GuardParams(margin=0.10, discordance=0.3, power=0.99, max_questions=40)
     report = guard(Oracle(["arith"]), Oracle(["arith"], forget="arith", share=0.04), {"arith": (1, 2)}, params, 0)

@@ -471,9 +471,9 @@ def test_table(ctx, params: Params, models: dict, base, champion, tokenizer,
     samples = [q for qs in report.questions.values() for q in qs[:NLL_PER_FAMILY]]  # the NLL: a secondary number
     rows = {}
     for name, model in ((params.base, base), *models.items(), ("uniform_merge", uniform), ("champion", champion)):
-        flat = [x for f in report.questions for x in answers[name][f]]
-        rows[name] = {"accuracy": sum(flat) / len(flat), "answers": answers[name],
-                      "per_family": {f: sum(a) / len(a) for f, a in answers[name].items() if a},
+        per_family = {f: sum(a) / len(a) for f, a in answers[name].items() if a}
+        rows[name] = {"accuracy": sum(per_family.values()) / len(per_family), "answers": answers[name],
+                      "per_family": per_family,  # accuracy: the suite's mean, each family weighing the same
                       "answer_nll": mean_nll(model, tokenizer, samples, batch_size=128, max_len=params.max_len,
                                              answer_only=True, with_steps=params.with_steps)}
         rows[name]["score"] = rows[name]["accuracy"] - params.loss_weight * rows[name]["answer_nll"]
