@@ -32,12 +32,15 @@ from ..curriculum import DreamBuffer, QuestionPool, assess_levels
 from ..data.tasks import generate
 from ..data.tokenizer import encode_samples
 from ..optim import create_optimizer_from_phase
-from ..phases.curriculum import (Params, SelfModelHead, Trainee, accuracy_at, curriculum_loss, run_round,
-                                 tool_comparison)
+from ..phases.curriculum import (Params, SelfModelHead, Trainee, accuracy_at, assess_questions, curriculum_loss,
+                                 run_round, tool_comparison)
 from ..results import dumps_json
 from . import phase_folder, phase_params
 from ..train import TrainConfig, train
 from .quietstar import interval
+
+TEST_PER_LEVEL = 32
+"""Test questions per family and level of each arm's final scores (the phase's own test counts follow its gate)."""
 
 ARMS = ("curriculum", "uniform", "easy_to_hard")
 
@@ -78,7 +81,8 @@ def _train_on(trainee, optimizer, tokenizer, samples, params: Params, rng: rando
     trainee.model.eval()
 
 
-def run_arm(arm: str, folder: Path, params: Params, seed: int, probe_level: int, probe: int) -> dict:
+def run_arm(arm: str, folder: Path, params: Params, seed: int, probe_level: int, probe: int,
+            test_per_level: int = TEST_PER_LEVEL) -> dict:
     """Train one arm from the Phase-4 model with training seed ``seed``; probes per round and final scores."""
     torch.manual_seed(seed)
     model, tokenizer = _load(folder, params)
@@ -88,7 +92,7 @@ def run_arm(arm: str, folder: Path, params: Params, seed: int, probe_level: int,
     pools = dreams = None
     if arm == "curriculum":
         start = {f: a["level"] for f, a in assess_levels(
-            lambda f, lv: accuracy_at(model, tokenizer, f, lv, params.assess_per_level, "fitness", seed, params),
+            lambda f, lv: accuracy_at(model, tokenizer, f, lv, assess_questions(params), "fitness", seed, params),
             params.families, levels, params.band).items()}
         pools = {f: QuestionPool({f: 1.0}, level=start[f], pool_size=params.pool_size, seed=seed + i,
                                  retire_after=params.retire_after, max_hints=params.max_hints,
@@ -113,7 +117,7 @@ def run_arm(arm: str, folder: Path, params: Params, seed: int, probe_level: int,
         step += params.steps_per_round
         acc = {f: accuracy_at(model, tokenizer, f, probe_level, probe, "test", 7, params) for f in params.families}
         probes.append({"step": step, "mean": sum(acc.values()) / len(acc), **acc})
-    final = {f: {lv: accuracy_at(model, tokenizer, f, lv, params.test_per_level, "test", 8, params) for lv in levels}
+    final = {f: {lv: accuracy_at(model, tokenizer, f, lv, test_per_level, "test", 8, params) for lv in levels}
              for f in params.families}
     tool = tool_comparison(model, tokenizer, 1, params, 9) if "tool" in params.families else None
     return {"probes": probes, "final": final, "final_mean": sum(a for by in final.values() for a in by.values())
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps-per-round", type=int, default=None)
-    parser.add_argument("--test-per-level", type=int, default=None)
+    parser.add_argument("--test-per-level", type=int, default=TEST_PER_LEVEL,
+                        help="test questions per family and level of each arm's final scores")
     parser.add_argument("--probe-level", type=int, default=2)
     parser.add_argument("--probe", type=int, default=16, help="test questions per family for each probe")
     parser.add_argument("--target", type=float, default=0.5, help="mean probe accuracy that counts as reached")
@@ -143,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = phase_params("curriculum", args.params)
-    changes = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps_per_round),
-                                 ("test_per_level", args.test_per_level)) if v is not None}
+    changes = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps_per_round)) if v is not None}
     params = dataclasses.replace(params, **changes)
     folder = phase_folder("bitnet", args.phase4)
     started = time.perf_counter()
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {}
         for arm in args.arms:
             t0 = time.perf_counter()
-            row[arm] = {**run_arm(arm, folder, params, seed, args.probe_level, args.probe),
+            row[arm] = {**run_arm(arm, folder, params, seed, args.probe_level, args.probe, args.test_per_level),
                         "seconds": round(time.perf_counter() - t0, 1)}
             row[arm]["steps_to_target"] = steps_to(row[arm]["probes"], args.target)
         per_seed.append(row)
