@@ -512,6 +512,21 @@ def test_bench_bitnet_runs_every_arm(quietstar, tmp_path):
     assert set(report["sizes"]) == {"fp32", "fp16", "2bit", "base3"}
 
 
+def test_bench_curriculum_runs_every_arm_from_the_phase4_model(bitnet, tmp_path):
+    from forgelib.bench import curriculum as bench
+
+    out = tmp_path / "cur.json"
+    assert bench.main(["--phase4", str(bitnet[0].dir), "--seeds", "1", "--rounds", "1", "--steps-per-round", "2",
+                       "--test-per-level", "2", "--probe", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    row = report["per_seed"][0]
+    assert set(row) == {"curriculum", "uniform", "easy_to_hard"}
+    for arm in row.values():  # final scores: every family and level on 2 test questions each
+        assert all(0 <= a <= 1 for by in arm["final"].values() for a in by.values())
+        assert arm["final_mean"] == pytest.approx(
+            sum(a for by in arm["final"].values() for a in by.values()) / sum(len(by) for by in arm["final"].values()))
+
+
 @pytest.mark.slow
 def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculum, bitnet):
     """Phase 5 on the smoke set: the gate's numbers are the report's (the teaching verdicts recomputed from their
