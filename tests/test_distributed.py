@@ -4,6 +4,7 @@ The reference: with gradients averaged over processes that each hold a batch of 
 step equals the step of one process on the two batches joined (the mean of the two means is the mean over all).
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from forgelib import paths
 
@@ -117,13 +119,18 @@ def test_accelerate_launch_runs_a_phase_on_two_processes(tmp_path):
     assert result.ok and set(result.models) >= {"trunk", "reasoning", "memory", "speed"}
     assert result.suite and set(result.suite) == {f for f, w in result_mix(folder).items() if w > 0}
     report = json.loads((folder / "report.json").read_text())
-    # the sizing rule (forgelib.phases.cognate.specialist_comparisons): 3 questions for a 0.5 gain at the assumed
-    # discordance, then at least 1/n discordance once observed: 9 (2 families: 5 each) and 12 (1 family), at most
-    # the cap; more where the models disagreed more
+    # the sizing rule (forgelib.phases.cognate.specialist_comparisons): the questions a 0.5 gain needs at the
+    # assumed discordance, spread over the specialist's families, then at least 1/n discordance once observed; more
+    # where the models disagreed more, at most the cap
+    from forgelib.stats import questions_needed
+
     sized = {name: v["n"] for name, v in report["specialists_vs_trunk"].items()}
     assert set(sized) == {"reasoning", "memory", "speed"}
-    assert all(low <= sized[name] <= 2000 * fams for name, low, fams in
-               (("reasoning", 10, 2), ("memory", 12, 1), ("speed", 10, 2))), sized
+    power = yaml.safe_load((folder / "params.yaml").read_text())["cognate"]["power"]
+    for name, fams in (("reasoning", 2), ("memory", 1), ("speed", 2)):
+        first = math.ceil(questions_needed(0.5, 0.95, power, 0.08) / fams) * fams
+        low = math.ceil(questions_needed(0.5, 0.95, power, 1 / first) / fams) * fams
+        assert low <= sized[name] <= 2000 * fams, (name, sized)
     assert json.loads(done.stdout[done.stdout.index("{"):])["status"] == "ok"  # printed once, by the main process
     assert done.stdout.count('"session"') == 1
     assert not list(folder.glob(".rank-*"))  # the follower's scratch copy is gone

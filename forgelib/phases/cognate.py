@@ -173,7 +173,10 @@ class Params:
     accuracy difference (specialist − trunk, ``forgelib.stats``) must exceed this."""
     expected_gain: float = 0.05
     """Sizes that comparison: as many own-family test questions as detecting this gain needs at the ``guard``
-    section's confidence with power 0.9 (``forgelib.stats.questions_needed``)."""
+    section's confidence with power ``power`` (``forgelib.stats.questions_needed``)."""
+    power: float = 0.99
+    """Power of each specialist's comparison at ``expected_gain`` (three of them per chain: at 0.9 a chain whose
+    specialists truly gain ``expected_gain`` would fail one in four times)."""
     min_above_chance: float = 0.1
     """Gate: on every family of its mix, the trunk's accuracy (one-sided lower confidence bound) exceeds the family's
     chance level (the best constant answer) by more than this: the trunk learnt each family."""
@@ -188,6 +191,8 @@ class Params:
     def __post_init__(self):
         require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
                          "eval_per_family", "expected_gain")
+        if not 0.5 <= self.power < 1:
+            raise ValueError(f"power must lie in [0.5, 1), got {self.power}")
         if not -1 < self.min_accuracy_gain < 1:  # checked here, not after every model has trained
             raise ValueError(f"min_accuracy_gain must lie in (-1, 1), got {self.min_accuracy_gain}")
         self.optimizer = check_fields(MuGrokfastConfig, self.optimizer, "optimizer")
@@ -347,7 +352,7 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[
 
 def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, guard) -> dict[str, Any]:
     """Per specialist: the trunk and the specialist on the same own-family test questions, the superiority verdict
-    (``forgelib.stats.superior``). As many questions as detecting ``expected_gain`` with power 0.9 needs: first at
+    (``forgelib.stats.superior``). As many questions as detecting ``expected_gain`` with ``power`` needs: first at
     the ``guard`` section's assumed discordance, then, where the two models disagreed more, at the observed one
     (capped by ``guard.max_questions`` per family)."""
     from ..stats import compare, superior
@@ -359,7 +364,7 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
         cap = guard.max_questions * len(fams)
         per_family = {f: questions(f, tuple(params.levels), guard.max_questions, seed + 101) for f in fams}
         trunk, own, asked = [], [], 0
-        n = questions_needed(params.expected_gain, guard.confidence, 0.9, guard.discordance)
+        n = questions_needed(params.expected_gain, guard.confidence, params.power, guard.discordance)
         for _ in range(2):
             want = min(cap, n)
             k = math.ceil(want / len(fams))
@@ -370,8 +375,10 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
                 own += answer_correctness(models[name], tokenizer, new, batch_size=128, with_steps=params.with_steps)
             asked = max(asked, k)
             c = compare(trunk, own)
-            n = questions_needed(params.expected_gain, guard.confidence, 0.9, max(c.discordance, 1 / max(c.n, 1)))
-        out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence, 0.9).as_row()
+            n = questions_needed(params.expected_gain, guard.confidence, params.power,
+                                 max(c.discordance, 1 / max(c.n, 1)))
+        out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence,
+                             params.power).as_row()
     return out
 
 
