@@ -13,6 +13,13 @@ from forgelib.baking.gap import gap_bound, ratio_gap
 from forgelib.phases.baking import Params, summarize
 
 
+def _smoke(section):
+    """A section of parameters/smoke.yaml as written."""
+    import yaml
+
+    return yaml.safe_load((paths.repo_root() / "parameters" / "smoke.yaml").read_text())[section]
+
+
 @pytest.fixture(scope="module")
 def tok():
     return task_tokenizer(["use calc: say Answer: "] * 20)
@@ -164,7 +171,7 @@ def test_phase_runs_end_to_end(tok, tmp_path, ternary, monkeypatch):
     # targeted ones are taught unprompted too)
     (taught_with,) = seen["teach"]
     assert taught_with["replay"] == {"logic": (1, 1), "recall": (1, 2)}
-    assert taught_with["replay_share"] == ctx.params.replay == 0.5  # the smoke set's share
+    assert taught_with["replay_share"] == ctx.params.replay == _smoke("baking")["replay"]  # the smoke set's share
     # the bakes: retain data = train questions of the other families at their levels (4 per family and level,
     # logic and recall both early in the shuffled list), the taught model as teacher, the prompts baked so far
     assert [b["prompt"] for b in seen["bake"]] == ["use calc: ", "use calc: say Answer: "]

@@ -177,3 +177,42 @@ def test_known_answers_of_the_input_are_reused_only_after_a_check_sample_agrees(
     assert again.reused == {"arith": 0, "logic": 0}
     assert other.asked >= sum(len(q) for q in again.questions.values())
     assert again.families["logic"].before == 0.0
+
+
+def test_phase1_specialist_comparisons_stop_at_the_pilot_for_a_clear_gain_and_ask_more_for_a_small_one(monkeypatch):
+    """forgelib.phases.cognate.specialist_comparisons' sizing with rule-based answers (each 'model' is right on a
+    fixed share of the questions, by a hash of the prompt): a specialist +0.20 over the trunk is decided on the pilot
+    (a quarter of what expected_gain needs); one +0.04 over it is asked the count its measured gain and discordance
+    need at the stated power, several times the pilot, and its bound is above 0."""
+    import math
+
+    from forgelib.phases import PHASES, cognate
+    from forgelib.phases.base import load_phase_params
+    from forgelib.stats import questions_needed
+
+    share = {"trunk": 0.6, "reasoning": 0.8, "speed": 0.8}
+
+    def right(model, prompt):
+        h = (zlib.crc32(prompt.encode()) % 1000) / 1000
+        if model != "memory":
+            return int(h < share[model])
+        flip = (zlib.crc32((prompt + "m").encode()) % 1000) / 1000  # loses ~0.03, gains ~0.07 of the trunk's
+        return int(flip >= 0.05) if h < 0.6 else int(flip < 0.175)
+
+    def answers(model, tokenizer, samples, **kwargs):
+        return [right(model, s.prompt) for s in samples]
+
+    monkeypatch.setattr(cognate, "answer_correctness", answers)
+    spec = next(p for p in PHASES if p.name == "cognate")
+    _, params = load_phase_params(spec, "parameters/smoke.yaml", {"cognate": {"expected_gain": 0.03}}, PHASES)
+    guard = GuardParams()
+    out = cognate.specialist_comparisons({k: k for k in (*share, "memory")}, None, params, 0, guard)
+    pilot = math.ceil(questions_needed(0.03, guard.confidence, params.power, guard.discordance) / 4)
+    fams = {name: params.specialists[name].families or list(params.specialists[name].mix)
+            for name in ("reasoning", "memory", "speed")}
+    assert out["reasoning"]["n"] == math.ceil(pilot / len(fams["reasoning"])) * len(fams["reasoning"])
+    assert out["reasoning"]["passed"] and out["reasoning"]["diff"] > 0.15
+    small = out["memory"]
+    assert small["n"] > 3 * pilot and small["passed"] and 0.02 < small["diff"] < 0.06
+    assert small["n"] >= questions_needed(max(0.03, small["diff"]) + 0.01, guard.confidence, params.power,
+                                          small["discordance"])  # near the count its own numbers need
