@@ -286,21 +286,24 @@ def _row(v: Verdict) -> dict:
 
 def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: int,
           margin: float | None = None, log: Callable[[str], None] | None = None,
-          known: dict[str, dict[str, list]] | None = None) -> GuardReport:
+          known: dict[str, dict[str, list]] | None = None, min_per_family: int = 0) -> GuardReport:
     """Ask both models the guard's questions of every family of ``suite`` and decide per family (module
     docstring). ``margin`` overrides the section's (a compression phase's allowed loss).
 
     ``known``: ``{family: {"prompts": [...], "answers": [...]}}``, answers the ``before`` model already gave (the
     upstream phase's guard asked its output the same questions, ``known_answers``): they are used where the prompts
     match, once ``before`` gives the same answers again on a check sample (``KNOWN_CHECK`` questions); a single
-    difference and every question is asked again."""
+    difference and every question is asked again.
+
+    ``min_per_family``: ask at least this many questions of each family (capped by what exists), for a phase that
+    compares more models on the same questions at a tighter margin than the guard's (Phase 2's contenders)."""
     margin = params.margin if margin is None else margin
     started = time.perf_counter()
     first = min(params.max_questions, params.needed(margin))
     answers: dict[str, dict[str, list[int]]] = {f: {"before": [], "after": []} for f in suite}
     pools = {f: questions(f, tuple(suite[f]), params.max_questions, seed + params.seed) for f in suite}
     reuse = _reusable(before, pools, known or {})
-    wanted = {f: min(first, len(pools[f])) for f in suite}
+    wanted = {f: min(max(first, min_per_family), len(pools[f])) for f in suite}
     for _ in range(3):  # round 1: the assumed discordance's number; then what the observed one needs
         batch = {f: pools[f][len(answers[f]["after"]):wanted[f]] for f in suite}
         if not any(batch.values()):

@@ -127,11 +127,17 @@ class Params:
     """Gate: the champion's accuracy over all the guard's questions may trail the best parent's and the uniform
     merge's by at most this (paired non-inferiority, ``forgelib.stats``; the trunk is guarded per family by the
     ``guard`` section)."""
+    contender_discordance: float = 0.15
+    """Sizes that comparison: the guard asks every family at least its share of the questions a suite-mean verdict
+    at ``margin`` needs when the champion and a contender disagree on this share of them (measured at smoke:
+    0.10-0.14; the guard's own count, sized at its wider margin, left seed 3 with 811 of the 1,233 needed)."""
 
     def __post_init__(self):
         require_positive(self, "budget", "group_size", "sigma0", "fitness_per_family", "select_per_family",
                          "finalists", "max_len")
         require_non_negative(self, "layer_path_budget", "loss_weight")
+        if not 0 < self.contender_discordance <= 1:
+            raise ValueError(f"contender_discordance must lie in (0, 1], got {self.contender_discordance}")
         unknown = sorted(set(self.families) - set(FAMILIES))
         if unknown:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
@@ -459,11 +465,17 @@ def test_table(ctx, params: Params, models: dict, base, champion, tokenizer,
     parent (own settings) and the uniform merge (under ``uniform_runtime``): per row the answers, accuracy overall
     and per family, and the answer NLL (on the first ``NLL_PER_FAMILY`` questions of each family). (rows, the
     guard's report)"""
-    from ..suite import Asker
+    from ..stats import questions_needed
+    from ..suite import Asker, GuardParams
 
     uniform = merge_models(_with_runtime(uniform_recipe(list(models), params.base), uniform_runtime, base),
                            models, base)
-    report = ctx.guard(Asker(base, tokenizer, label=params.base), Asker(champion, tokenizer, label="champion"))
+    suite = ctx.input_suite
+    g = ctx.guard_params or GuardParams()
+    least = math.ceil(questions_needed(params.margin, g.confidence, g.power, params.contender_discordance)
+                      / max(1, len(suite)))
+    report = ctx.guard(Asker(base, tokenizer, label=params.base), Asker(champion, tokenizer, label="champion"),
+                       min_per_family=least)
     answers = {params.base: {f: a["before"] for f, a in report.answers.items()},
                "champion": {f: a["after"] for f, a in report.answers.items()}}
     for name, model in (*models.items(), ("uniform_merge", uniform)):
