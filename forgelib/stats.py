@@ -77,6 +77,11 @@ class Comparison:
         """Share of questions the two models answer differently (ψ)."""
         return (self.gained + self.lost) / self.n if self.n else float("nan")
 
+    @property
+    def sizing_discordance(self) -> float:
+        """ψ for sizing the next round: at least one disagreement is assumed (never 0); 1 with no questions."""
+        return max(self.discordance, 1.0 / self.n) if self.n else 1.0
+
     def __add__(self, other: "Comparison") -> "Comparison":
         return Comparison(self.n + other.n, self.both + other.both, self.lost + other.lost,
                           self.gained + other.gained, self.neither + other.neither)
@@ -192,18 +197,23 @@ class Verdict:
         return dataclasses.asdict(self)
 
 
+def _short(n: int, needed: int, margin: float, confidence: float, power: float, psi: str) -> str:
+    """The note of a comparison short of questions: how many it asked and how many its margin needs."""
+    return (f"too few questions to decide: {n} asked, {needed} needed for margin {margin:g} at confidence "
+            f"{confidence:g} and power {power:g} ({psi})")
+
+
 def _verdict(name: str, kind: str, c: Comparison, margin: float, confidence: float, power: float,
              available: int | None) -> Verdict:
     lower = lower_bound(c, confidence)
     bound = -margin if kind == "noninferior" else margin
-    psi = max(c.discordance, 1.0 / max(c.n, 1)) if c.n else 1.0
+    psi = c.sizing_discordance
     needed = questions_needed(margin, confidence, power, psi) if margin > 0 else c.n
     passed = lower > bound
     note = ""
     if not passed and c.n < needed and c.diff > bound:  # more questions could still show it: say how many
         limit = f"; only {available} exist" if available is not None and available < needed else ""
-        note = (f"too few questions to decide: {c.n} asked, {needed} needed for margin {margin:g} at confidence "
-                f"{confidence:g} and power {power:g} (observed discordance {c.discordance:.3f}){limit}")
+        note = _short(c.n, needed, margin, confidence, power, f"observed discordance {c.discordance:.3f}") + limit
     return Verdict(name, kind, margin, confidence, power, c.n, round(c.before, 4), round(c.after, 4),
                    round(c.diff, 4), round(lower, 4), round(c.discordance, 4), needed, passed, note)
 
@@ -240,13 +250,12 @@ def noninferior_over(name: str, strata: dict[str, tuple[Sequence, Sequence]], ma
     n = sum(c.n for c in tables.values())
     before = sum(c.before for c in tables.values()) / k
     after = sum(c.after for c in tables.values()) / k
-    psi = sum(max(c.discordance, 1.0 / c.n) for c in tables.values()) / k
+    psi = sum(c.sizing_discordance for c in tables.values()) / k
     needed = questions_needed(margin, confidence, power, psi) if margin > 0 else n
     passed = lower > -margin
     note = ""
     if not passed and n < needed and after - before > -margin:
-        note = (f"too few questions to decide: {n} asked, {needed} needed for margin {margin:g} at confidence "
-                f"{confidence:g} and power {power:g} (mean discordance {psi:.3f})")
+        note = _short(n, needed, margin, confidence, power, f"mean discordance {psi:.3f}")
     return Verdict(name, "noninferior", margin, confidence, power, n, round(before, 4), round(after, 4),
                    round(after - before, 4), round(lower, 4), round(psi, 4), needed, passed, note)
 

@@ -334,8 +334,7 @@ def needed_at(margin: float, c, params: GuardParams) -> int:
     measured ``c.diff`` and the discordance the observed one: ``(z_conf + z_power)² · ψ / (margin + diff)²``. The
     distance ``margin + diff`` is floored at a third of the margin: a family measured within a third of the margin of
     its bound gets the count of that distance (capped by ``max_questions``) and its verdict says if it is short."""
-    psi = max(c.discordance, 1.0 / max(c.n, 1))
-    return params.needed(max(margin + c.diff, margin / 3), psi)
+    return params.needed(max(margin + c.diff, margin / 3), c.sizing_discordance)
 
 
 KNOWN_CHECK = 32

@@ -147,7 +147,7 @@ def paired_answers(questions: Sequence[Sample], ask_before: Ask, ask_after: Ask,
     after = [int(x) for x in ask_after(list(questions[:n]))]
     if n:
         c = compare(before, after)
-        more = min(len(questions), questions_needed(margin, confidence, power, max(c.discordance, 1.0 / n)))
+        more = min(len(questions), questions_needed(margin, confidence, power, c.sizing_discordance))
         if more > n:
             before += [int(x) for x in ask_before(list(questions[n:more]))]
             after += [int(x) for x in ask_after(list(questions[n:more]))]

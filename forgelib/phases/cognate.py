@@ -379,7 +379,7 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
             asked = max(asked, k)
             c = compare(trunk, own)
             n = questions_needed(max(params.expected_gain, c.diff - params.min_accuracy_gain), guard.confidence,
-                                 params.power, max(c.discordance, 1 / max(c.n, 1)))
+                                 params.power, c.sizing_discordance)
         out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence,
                              params.power).as_row()
     return out

@@ -124,7 +124,7 @@ class Params:
     unmerged_candidates: bool = True
     """Score the trunk and each parent (own settings) as candidates too; the best of all is the champion."""
     margin: float = 0.05
-    """Gate: the champion's accuracy over all the guard's questions may trail the best parent's and the uniform
+    """Gate: the champion's accuracy over the guard's families (their mean, each weighing the same) may trail the best parent's and the uniform
     merge's by at most this (paired non-inferiority, ``forgelib.stats``; the trunk is guarded per family by the
     ``guard`` section)."""
     contender_discordance: float = 0.15
@@ -193,7 +193,7 @@ def best_row(table: dict[str, dict], names: list[str]) -> str:
 
 
 def contender_checks(report, rows: dict[str, dict], parents: list[str], params: Params, guard) -> tuple[list, dict]:
-    """The champion against the best parent and the uniform merge over all the guard's questions (pooled paired
+    """The champion against the best parent and the uniform merge over the guard's families (suite-mean paired
     non-inferiority at ``margin``); the trunk is guarded per family by the guard itself. (checks, verdict rows)"""
     best = best_row(rows, parents)
     verdicts = {label: report.compare_pooled(f"champion_vs_{label}", rows[name]["answers"],
