@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -139,18 +140,21 @@ def replay_mix(own: dict[str, float], levels: tuple[int, int], suite: dict, repl
     return mix, family_levels
 
 
-def questions(family: str, levels: tuple[int, int], n: int, seed: int) -> list:
-    """The first ``n`` guard questions of ``family`` (test split), spread evenly over ``levels``; a larger ``n``
-    extends the same list. Fewer when the test split of a level runs out."""
+def questions(family: str, levels: tuple[int, int], n: int, seed: int, pool: int | None = None) -> list:
+    """``n`` guard questions of ``family`` (test split) over ``levels``: the first ``n`` of a pool of ``pool``
+    distinct questions (default ``n``), spread evenly over the levels, in a seeded random order. Every prefix of the
+    pool is a simple random sample of it, so a verdict asked on 80 questions and one extended to 2,000 measure the
+    same population (drawn in order, a family whose kinds differ in size — sequence's `count` has the most prompts —
+    shifts its mix as the small kinds run out: 25% `count` in the first 100 questions, 54% past the 1,000th). Calls
+    with the same ``pool`` and ``seed`` give prefixes of the same list. Fewer when the test split of a level runs
+    out."""
     from .data.tasks import generate
 
     lo, hi = levels
-    per = [n // (hi - lo + 1) + (1 if i < n % (hi - lo + 1) else 0) for i in range(hi - lo + 1)]
-    pools = [generate(family, lo + i, k, "test", seed, allow_fewer=True) for i, k in enumerate(per)]
-    # interleaved by level, so that the first m of a longer list hold every level in proportion
-    out = []
-    for j in range(max(per, default=0)):
-        out += [pool[j] for pool in pools if j < len(pool)]
+    size = max(n, pool or 0)
+    per = [size // (hi - lo + 1) + (1 if i < size % (hi - lo + 1) else 0) for i in range(hi - lo + 1)]
+    out = [q for i, k in enumerate(per) for q in generate(family, lo + i, k, "test", seed, allow_fewer=True)]
+    random.Random(f"guard-order|{family}|{lo}-{hi}|{seed}|{size}").shuffle(out)
     return out[:n]
 
 

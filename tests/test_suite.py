@@ -29,13 +29,27 @@ class Oracle:
         return out
 
 
-def test_questions_are_a_stable_prefix_spread_over_levels():
-    few, many = questions("arith", (1, 3), 30, 7), questions("arith", (1, 3), 90, 7)
+def test_questions_are_a_stable_prefix_of_one_pool_over_its_levels():
+    few, many = questions("arith", (1, 3), 30, 7, pool=90), questions("arith", (1, 3), 90, 7)
     assert [q.prompt for q in many[:30]] == [q.prompt for q in few]
-    assert {q.level for q in few} == {1, 2, 3} and sum(q.level == 2 for q in few) == 10
+    assert {q.level for q in many} == {1, 2, 3} and sum(q.level == 2 for q in many) == 30
     assert all(q.family == "arith" for q in many)
     tiny = questions("algebra", (1, 1), 5000, 7)  # the test split of level 1 runs out: all of it, no error
     assert 100 < len(tiny) < 5000 and len({q.prompt for q in tiny}) == len(tiny)
+
+
+def test_a_short_prefix_measures_the_same_population_as_the_whole_pool():
+    """sequence's kinds differ in size (`count` has the most prompts): drawn in order, the first questions held
+    ~25% `count` and the last ones ~54%, so a verdict on 80 questions and one on 2,000 measured different mixes.
+    Shuffled, each prefix is a simple random sample of the pool: its `count` share is the pool's within sampling
+    noise (3 standard errors)."""
+    pool = questions("sequence", (1, 2), 2000, 4246)
+    share = sum(q.prompt.startswith("count") for q in pool) / len(pool)
+    assert share > 0.35  # the pool itself is count-heavy (the reason the order mattered)
+    for n in (100, 400):
+        head = sum(q.prompt.startswith("count") for q in pool[:n]) / n
+        assert abs(head - share) < 3 * math.sqrt(share * (1 - share) / n), (n, head, share)
+    assert {q.level for q in pool[:50]} == {1, 2}
 
 
 def test_guard_passes_a_model_that_kept_everything_with_the_questions_the_margin_needs():
