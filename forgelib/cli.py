@@ -170,7 +170,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import MergeError
     from .merge.mergekit_yaml import count_layers, merge_from_mergekit, read_mergekit_file, save_mergekit
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
-    from .models.loading import load_causal_lm
+    from .modelio import load_causal_lm
 
     recipe = paths.resolve(args.recipe)
     mergekit = read_mergekit_file(recipe)
@@ -215,7 +215,7 @@ def _load_source(name: str):
     """Load a recipe's source model folder; an unreadable folder or a broken config.json is a ValueError
     naming the folder."""
     from . import paths
-    from .models.loading import load_causal_lm
+    from .modelio import load_causal_lm
 
     folder = paths.resolve(name)
     try:

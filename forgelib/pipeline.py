@@ -84,14 +84,14 @@ def _check_model(result: PhaseResult, role: str, registry: Any, load_models: boo
         path = verified_model_path(result, role, registry)
         out["checksum"] = "match"
         if load_models and Path(path).is_dir() and (Path(path) / "config.json").is_file():
-            from .models.loading import load_causal_lm
+            from .modelio import load_causal_lm
             from .phases.base import quiet_library_bars
 
             quiet_library_bars()
             load_causal_lm(path)
             out["loads"] = True
         elif load_models and Path(path).is_dir() and (Path(path) / "model.forge").is_file():
-            from .quant.artifact import load_compressed
+            from .modelio import load_compressed
 
             load_compressed(Path(path) / "model.forge")
             out["loads"] = True

@@ -81,7 +81,7 @@ def _system(entry: dict, tokenizer, test, params: ScorecardParams):
     """The measuring System of ``forgelib.phases.compression`` for this model (experts where it has them: Phase 7's
     folder, or those a Phase-8 artifact carries, with the SVF settings of the Phase-7 run it came from)."""
     from .phases import compression
-    from .phases.experts import make_check
+    from .baking.library import make_check
     from .results import upstream_chain
 
     p = compression.Params(max_new_tokens=params.max_new_tokens, max_len=params.max_len,
@@ -108,7 +108,7 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     """One scorecard row (module docstring)."""
     from transformers import AutoTokenizer
 
-    from .thoughts import load_lm
+    from .modelio import load_lm
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])
@@ -206,7 +206,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
     trunk_suite, _, (params, seed) = chain_settings(entries)
     askers = []
     for entry in (trunk_entry, final_entry):
-        from .thoughts import load_lm
+        from .modelio import load_lm
 
         tokenizer = AutoTokenizer.from_pretrained(entry["path"])
         system = _system(entry, tokenizer, [], ScorecardParams())

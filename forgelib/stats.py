@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Sequence
 
 __all__ = ["Comparison", "Verdict", "compare", "lower_bound", "upper_bound", "questions_needed", "noninferior",
            "superior", "mcnemar_exact_p", "mean_bounds", "proportion_bounds", "z_value"]

@@ -406,6 +406,11 @@ class QuietStarModel(nn.Module):
 
     # --- save / load ---------------------------------------------------------------------------------
 
+    def wrapper_settings(self) -> dict:
+        """What a reader needs to rebuild this wrapper around its base (``forgelib.quant.artifact`` stores it;
+        ``forgelib.modelio`` reads it back): the Quiet-STaR settings and the thought token ids."""
+        return {"config": dataclasses.asdict(self.qconfig), "sot_id": self.sot_id, "eot_id": self.eot_id}
+
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
         """The base as a normal HF folder (packed with ``export_packing`` = '2bit' or 'base3' when it is a BitNet
         model, ``forgelib.quant.export_packed``; its byte accounting lands in ``export_report``), plus the mixing
@@ -440,58 +445,9 @@ def is_quietstar(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / EXTRA_FILE).is_file()
 
 
-def load_lm(path: str | Path, trainable: bool = False) -> nn.Module:
-    """Any model folder a phase hands on: a Quiet-STaR folder as ``QuietStarModel``, a Phase-8 artifact folder
-    (``model.forge``) through ``forgelib.quant.artifact.load_compressed``, any other through
-    ``forgelib.models.loading.load_causal_lm`` (``trainable``: BitLinear layers on latent weights); eval mode."""
-    from .models.loading import load_causal_lm
-
-    if (Path(path) / "model.forge").is_file():
-        from .quant.artifact import load_compressed
-
-        return load_compressed(Path(path) / "model.forge")
-    loader = load_quietstar if is_quietstar(path) else load_causal_lm
-    return loader(path, trainable=trainable).eval()
-
-
 def base_lm(model: nn.Module) -> nn.Module:
     """The causal LM itself: a QuietStarModel's ``base``, any other model unchanged."""
     return model.base if isinstance(model, QuietStarModel) else model
-
-
-def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
-                   **config_overrides) -> QuietStarModel:
-    """Rebuild a QuietStarModel saved by ``save_pretrained`` (the tokenizer from the folder unless given). A packed
-    BitNet base loads with packed inference layers, or as BitLinear layers with ``trainable=True``; int8 layers of
-    the mixing head come back as Int8Linear on latent weights that compute exactly the stored int8 values."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from .models.loading import load_causal_lm
-    from .quant import convert_to_int8, unpack_int8_tensors
-
-    path = Path(path)
-    if not is_quietstar(path):
-        raise FileNotFoundError(f"{path} is not a Quiet-STaR model folder (needs {CONFIG_FILE} and {EXTRA_FILE})")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    config = QuietStarConfig(**{**meta["config"], **config_overrides})
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    model = QuietStarModel(load_causal_lm(path, trainable=trainable), tokenizer, config)
-    if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
-        raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
-                         f"saved ones {(meta['sot_id'], meta['eot_id'])}")
-    int8 = meta.get("int8_modules", [])
-    if any(not name.startswith("mixing_head.") for name in int8):
-        raise ValueError(f"{path / CONFIG_FILE}: int8_modules {int8} must name layers of the mixing head")
-    convert_to_int8(model.mixing_head, [name.removeprefix("mixing_head.") for name in int8])
-    extra = unpack_int8_tensors(load_file(str(path / EXTRA_FILE)), where=str(path / EXTRA_FILE))
-    want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
-    if set(extra) != want:
-        raise ValueError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found {sorted(extra)}")
-    with torch.no_grad():
-        model.thought_embeddings.copy_(extra.pop("thought_embeddings"))
-    model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extra.items()})
-    return model.eval()
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
-from forgelib.quant.artifact import (ArtifactError, load_compressed, load_extras, pack_bits, save_compressed,
-                                     unpack_bits)
+from forgelib.modelio import load_compressed
+from forgelib.quant.artifact import ArtifactError, load_extras, pack_bits, save_compressed, unpack_bits
 
 
 @pytest.mark.parametrize("width", [1, 3, 4, 12, 16])

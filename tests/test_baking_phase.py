@@ -144,7 +144,7 @@ def test_phase_runs_end_to_end(tok, tmp_path, ternary, monkeypatch):
     of the Phase-5 model and the handed-on one, and the handed-on model is merged (ternary stays ternary)."""
     from forgelib.phases import baking as phase
     from forgelib.quant.bitnet import BitLinear
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     seen = {"teach": [], "bake": []}
     real_teach, real_bake = phase.teach_prompts, phase.bake_prompt

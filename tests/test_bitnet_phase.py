@@ -5,7 +5,8 @@ import torch
 
 from forgelib.phases.bitnet import Params, gate_checks
 from forgelib.quant import BitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
-from forgelib.thoughts import QuietStarConfig, QuietStarModel, load_quietstar
+from forgelib.thoughts import QuietStarConfig, QuietStarModel
+from forgelib.modelio import load_quietstar
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_packed_thinking_model_reloads_with_equal_logits(tok, tmp_path, make, pa
 
 
 def test_one_loader_for_plain_fake_quantized_and_packed_folders(tok, tmp_path):
-    from forgelib.models.loading import load_causal_lm
+    from forgelib.modelio import load_causal_lm
     from forgelib.quant import export_packed
 
     model = convert_to_bitnet(cognate(tok))

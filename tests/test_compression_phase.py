@@ -59,7 +59,8 @@ def phase8(phase7):
 def test_the_artifact_is_the_phase_model_and_its_bits_are_its_bytes(phase7, phase8):
     from forgelib.experts import load_expert
     from forgelib.quant.artifact import artifact_report, load_extras
-    from forgelib.thoughts import QuietStarModel, load_lm
+    from forgelib.thoughts import QuietStarModel
+    from forgelib.modelio import load_lm
 
     ctx, result = phase8
     folder = paths.resolve(result.models["model"]["path"])
@@ -141,7 +142,8 @@ def test_a_stage_that_breaks_the_model_is_rolled_back(phase8):
 
 def test_measuring_the_loaded_artifact_again_gives_the_reported_numbers(phase8):
     from forgelib.phases.compression import load_system
-    from forgelib.quant.artifact import load_compressed, load_extras
+    from forgelib.quant.artifact import load_extras
+    from forgelib.modelio import load_compressed
     from transformers import AutoTokenizer
 
     ctx, result = phase8
@@ -327,7 +329,8 @@ def test_playground_traces_the_expert_the_tool_calls_and_the_thoughts(phase7, ph
     from forgelib.experts.discover import question_features, route
     from forgelib.experts.train import base_weights
     from forgelib.scorecard import ScorecardParams, _system
-    from forgelib.thoughts import base_lm, load_lm
+    from forgelib.thoughts import base_lm
+    from forgelib.modelio import load_lm
 
     tok = AutoTokenizer.from_pretrained(entries[-1]["path"])
     system = _system(entries[-1], tok, [], ScorecardParams())

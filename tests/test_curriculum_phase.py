@@ -110,7 +110,7 @@ def _run(session, up, extra=None):
 
 def test_interrupted_run_resumes_to_the_uninterrupted_state(tok, tmp_path, monkeypatch):
     from forgelib.phases import curriculum as phase
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
     up = _upstream(tok, tmp_path)

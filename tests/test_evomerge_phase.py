@@ -375,7 +375,7 @@ def test_real_run_fails_its_gate_when_the_trunk_beats_the_merges(upstream):
     assert recipe.config in report["runtime"]["choices"]
     from forgelib.merge import rebuild_from_recipe
     from forgelib.merge.models import verify_sources
-    from forgelib.models.loading import load_causal_lm
+    from forgelib.modelio import load_causal_lm
 
     assert verify_sources(recipe, paths.resolve) == [], "the recipe carries the registered checksum of every source"
 
@@ -419,7 +419,7 @@ def test_real_run_hands_on_the_trunk_when_no_merge_beats_it(upstream):
     assert gate["champion_minus_best_parent_acc_lower_bound"].bound == -0.3
     assert result.metrics["champion_minus_best_parent_acc_lower_bound"] == \
         gate["champion_minus_best_parent_acc_lower_bound"].value
-    from forgelib.models.loading import load_causal_lm
+    from forgelib.modelio import load_causal_lm
 
     saved = load_causal_lm(paths.resolve(result.models["champion"]["path"]))
     trunk_state = load_causal_lm(paths.resolve(upstream.models["trunk"]["path"])).state_dict()

@@ -392,7 +392,7 @@ def test_summarize_metrics_and_gate_from_a_report():
 
 def test_make_check_strips_the_answer_prefix():
     from forgelib.data.base import Sample
-    from forgelib.phases.experts import make_check
+    from forgelib.baking.library import make_check
 
     sample = Sample(prompt="3*4=", answer="12", family="arith", level=1)
     grader = make_check(["Answer:"])

@@ -44,7 +44,7 @@ def test_phase_runs_end_to_end_and_saves_experts(tok, tmp_path, monkeypatch, ter
     from forgelib.experts import apply_svf, load_expert
     from forgelib.experts.discover import question_features
     from forgelib.phases import open_phase
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     up, folder = _upstream(tok, tmp_path, ternary)
     ctx = open_phase("experts", "parameters/smoke.yaml", {"run": {"quiet": True, "tracking": "jsonl"}, **TINY_GUARD,

@@ -12,7 +12,7 @@ from forgelib.merge import (MergeError, MergeRecipe, from_mergekit, is_mergekit_
                             save_mergekit, save_recipe, to_mergekit)
 from forgelib.merge.mergekit_yaml import evaluate_setting, layer_positions, merge_from_mergekit
 from forgelib.merge.methods import slerp_pair
-from forgelib.models.loading import load_causal_lm
+from forgelib.modelio import load_causal_lm
 from helpers import perturbed_copy
 
 # mergekit's README TIES example as merge cards publish it (the base listed without parameters), names replaced

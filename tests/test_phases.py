@@ -362,10 +362,11 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     from transformers import AutoTokenizer
 
     from forgelib.evaluate import mean_nll
-    from forgelib.models.loading import load_causal_lm
+    from forgelib.modelio import load_causal_lm
     from forgelib.phases.quietstar import test_samples
     from forgelib.stats import mean_bounds, noninferior
-    from forgelib.thoughts import QuietStarModel, load_quietstar
+    from forgelib.thoughts import QuietStarModel
+    from forgelib.modelio import load_quietstar
 
     ctx, result = quietstar
     assert result.ok and result.gate_passed
@@ -454,7 +455,7 @@ def test_bitnet_hands_on_a_packed_ternary_thinking_model(bitnet, quietstar):
     from forgelib.quant import bitlinear_modules, packed_bitlinear_modules
     from forgelib.quant.bitnet import int8_modules
     from forgelib.stats import mean_bounds
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     ctx, result = bitnet
     assert result.ok and result.gate_passed
@@ -546,7 +547,7 @@ def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculu
     from forgelib.quant import bitlinear_modules
     from forgelib.stats import superior
     from forgelib.suite import suite_union
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     ctx, result = curriculum
     assert result.ok and result.gate_passed
@@ -614,7 +615,7 @@ def test_baking_hands_on_a_ternary_model_that_uses_the_calculator_unprompted(bak
     from forgelib.data.tasks import generate
     from forgelib.quant.bitnet import BitLinear
     from forgelib.stats import noninferior
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
     from forgelib.tools import generate_with_tools
 
     ctx, result = baking
@@ -675,7 +676,7 @@ def test_experts_hand_on_the_model_and_expert_files_that_reproduce_the_routed_an
     from forgelib.experts import apply_svf, load_expert
     from forgelib.phases.experts import correctness, make_check, test_per_level
     from forgelib.stats import noninferior, proportion_bounds
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
 
     ctx, result = experts
     assert result.ok and result.gate_passed
@@ -744,13 +745,13 @@ def test_compression_hands_on_one_artifact_whose_bits_are_its_bytes(compression,
     bits per weight are its bytes; each stage was gated by its own guard and perplexity ratio; the input measured
     by Phase 8 is the model Phase 7 handed on, routed with its experts; the artifact answers."""
     from forgelib.quant.artifact import artifact_report
-    from forgelib.thoughts import load_lm
+    from forgelib.modelio import load_lm
     from forgelib.tools import generate_with_tools
     from transformers import AutoTokenizer
 
     ctx, result = compression
     assert result.ok and result.gate_passed
-    params, g = ctx.params, ctx.guard
+    params = ctx.params
     m = result.metrics
     folder = paths.resolve(result.models["model"]["path"])
     on_disk = artifact_report(folder / "model.forge")
@@ -842,7 +843,7 @@ def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
     from forgelib.data.tasks import FAMILIES, build_mix, format_sample
     from forgelib.data.tokenizer import train_tokenizer
     from forgelib.results import PhaseResult
-    from forgelib.thoughts import load_quietstar
+    from forgelib.modelio import load_quietstar
     from transformers import LlamaConfig, LlamaForCausalLM
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))

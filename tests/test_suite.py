@@ -3,7 +3,6 @@ import math
 import zlib
 
 import pytest
-import torch
 
 from forgelib.data.stream import TaskStream
 from forgelib.data.tasks import check, generate

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from forgelib.data.tokenizer import END_THOUGHT, START_THOUGHT
-from forgelib.thoughts import (QuietStarConfig, QuietStarModel, future_targets, load_quietstar, quietstar_loss,
-                               reinforce_term, thought_mask)
+from forgelib.modelio import load_quietstar
+from forgelib.thoughts import (QuietStarConfig, QuietStarModel, future_targets, quietstar_loss, reinforce_term,
+                               thought_mask)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +272,7 @@ def test_save_and_load_round_trip(tok, tmp_path):
     with torch.no_grad():
         assert torch.equal(qs(ids, mask).logits, again(ids, mask).logits)
     assert dataclasses.asdict(again.qconfig) == dataclasses.asdict(qs.qconfig)
-    from forgelib.models.loading import load_causal_lm
+    from forgelib.modelio import load_causal_lm
 
     plain = load_causal_lm(tmp_path / "m")  # the base folder is a normal HF model
     with torch.no_grad():

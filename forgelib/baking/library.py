@@ -97,6 +97,12 @@ def adheres(text: str, prompt: BakePrompt) -> bool:
     return ANSWER_MARK in text and answer_part(text).startswith(prompt.answer_prefix.strip())
 
 
+def make_check(prefixes: Sequence[str]):
+    """The task checker applied after ``prefixes`` (answer styles) are removed from the answer: a baked persona's
+    "Answer: 15" is graded as 15."""
+    return lambda sample, text: check(sample, strip_answer_prefixes(text, prefixes))
+
+
 def strip_answer_prefixes(text: str, prefixes: Sequence[str]) -> str:
     """The completion with ``prefixes`` removed, in order, from the start of its answer (the text after the last
     answer mark) — what the task checker should grade."""

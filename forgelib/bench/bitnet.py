@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from ..results import PhaseResult
-    from ..thoughts import load_quietstar
+    from ..modelio import load_quietstar
 
     params = phase_params("bitnet", args.params)
     if args.steps is not None:

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..phases.base import load_guard_params, load_phase_params
     from ..phases.compression import load_system
     from ..results import PhaseResult
-    from ..thoughts import load_lm
+    from ..modelio import load_lm
 
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -53,7 +53,7 @@ def _load(folder: Path, params: Params):
     from transformers import AutoTokenizer
 
     from ..results import PhaseResult
-    from ..thoughts import load_quietstar
+    from ..modelio import load_quietstar
 
     model_dir = paths.resolve(PhaseResult.load(folder).models[params.source]["path"])
     return load_quietstar(model_dir, trainable=True).eval(), AutoTokenizer.from_pretrained(model_dir)

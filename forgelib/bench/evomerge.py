@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -60,7 +59,7 @@ def _phase1(folder: str | None, seed: int = 0) -> Path:
 def _load(phase1: Path, params: Params):
     from transformers import AutoTokenizer
 
-    from ..models.loading import load_causal_lm
+    from ..modelio import load_causal_lm
     from ..results import PhaseResult
 
     result = PhaseResult.load(phase1)

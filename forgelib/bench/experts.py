@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from ..data.tasks import generate_levels
     from ..experts.discover import question_features, route
-    from ..phases.experts import discover, make_check
+    from ..baking.library import make_check
+    from ..phases.experts import discover
 
     params = phase_params("experts", args.params)
     if args.steps:

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from ..models.loading import load_causal_lm
+    from ..modelio import load_causal_lm
     from ..results import PhaseResult
 
     params = phase_params("quietstar", args.params)

@@ -14,8 +14,8 @@ AutoConfig.register(CognateConfig.model_type, CognateConfig, exist_ok=True)
 AutoModel.register(CognateConfig, CognateModel, exist_ok=True)
 AutoModelForCausalLM.register(CognateConfig, CognateForCausalLM, exist_ok=True)
 
-from .loading import ModelLoadError, cognate_from_llama, load_causal_lm, load_cognate  # noqa: E402
+from .loading import ModelLoadError, cognate_from_llama, load_cognate, load_hf_causal_lm  # noqa: E402
 
 __all__ = ["CognateConfig", "CognateConfigError", "CognateForCausalLM", "CognateModel", "CognateAttention",
            "CognateCausalLMOutput", "CognateCache", "CognateCacheError", "CYCLE_LOSS_WEIGHTINGS",
-           "cycle_loss_weights", "load_causal_lm", "load_cognate", "cognate_from_llama", "ModelLoadError"]
+           "cycle_loss_weights", "load_hf_causal_lm", "load_cognate", "cognate_from_llama", "ModelLoadError"]

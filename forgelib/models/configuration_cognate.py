@@ -153,7 +153,7 @@ class CognateConfig(PreTrainedConfig):
         if found not in (None, cls.model_type):
             raise CognateConfigError(
                 f"model_type is {found!r} ({config_dict.get('architectures')}), not 'cognate'; load it with "
-                "forgelib.models.loading.load_causal_lm, or convert Llama weights with cognate_from_llama")
+                "forgelib.modelio.load_model, or convert Llama weights with cognate_from_llama")
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod

@@ -1,6 +1,7 @@
 """Loading of causal LMs from local folders: Cognate, or any Hugging Face Llama/Qwen2/GPT-2 style model.
 
-Every phase takes any causal LM that forgelib can load; these helpers are the one way in.
+The architecture floor of the one way in (``forgelib.modelio.load_model``), which adds BitNet, Quiet-STaR and
+artifact folders on top.
 """
 from __future__ import annotations
 
@@ -30,35 +31,20 @@ def read_model_config(path) -> dict:
         return json.load(handle)
 
 
-def load_causal_lm(path, trainable: bool = False, **kwargs) -> PreTrainedModel:
-    """Load any local Hugging Face causal-LM folder (Cognate or a Llama/Qwen2/GPT-2 style model) with
-    ``AutoModelForCausalLM``; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``).
-
-    BitNet models (a ``bitnet`` entry in config.json, ``forgelib.quant``) come back as they were saved: a packed
-    folder through ``load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on),
-    a fake-quantized one with its Linear layers converted back to BitLinear (and its embeddings to int8 ones when
-    the config's ``bitnet`` entry says ``embedding_bits: 8``)."""
+def load_hf_causal_lm(path, **kwargs) -> PreTrainedModel:
+    """A local Hugging Face causal-LM folder (Cognate or a Llama/Qwen2/GPT-2 style model) with
+    ``AutoModelForCausalLM`` as its config describes it; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``).
+    A BitNet folder's ternary/int8 layers are not rebuilt here: ``forgelib.modelio.load_model`` (the one way in) does
+    that."""
     config = read_model_config(path)
     found = config.get("model_type")
     if found is None:
         raise ModelLoadError(f"{str(path)!r}: config.json has no model_type, so no architecture can be chosen")
-    bitnet = config.get("bitnet")
-    if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none":
-        from ..quant import load_packed
-
-        return load_packed(path, trainable=trainable, **({"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (KeyError, ValueError) as err:
         raise ModelLoadError(
             f"{str(path)!r} holds model_type {found!r}, which cannot be loaded as a causal LM here: {err}") from err
-    if isinstance(bitnet, dict):
-        from ..quant import convert_to_bitnet
-
-        convert_to_bitnet(model, include=bitnet.get("include"),
-                          quantize_activations=bitnet.get("activation_bits") is not None,
-                          embedding_bits=bitnet.get("embedding_bits"), int8_include=bitnet.get("int8_include"))
-    return model
 
 
 def load_cognate(path, **kwargs) -> CognateForCausalLM:
@@ -69,7 +55,7 @@ def load_cognate(path, **kwargs) -> CognateForCausalLM:
     if found != CognateConfig.model_type:
         raise ModelLoadError(
             f"{str(path)!r} holds a {found!r} model (architectures {config.get('architectures')}), not a Cognate "
-            "model; use load_causal_lm(path) for other architectures, or cognate_from_llama for Llama weights")
+            "model; use forgelib.modelio.load_model(path) for other architectures, or cognate_from_llama for Llama weights")
     model, info = CognateForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:
@@ -83,7 +69,7 @@ def cognate_from_llama(llama, **overrides) -> CognateForCausalLM:
     With no overrides (recursion, ACT and memory off) its logits equal the Llama model's. Overrides (e.g.
     ``n_cycles=2, use_act=True``) add Cognate features; their extra parameters start freshly initialised."""
     if not isinstance(llama, PreTrainedModel):
-        llama = load_causal_lm(llama)
+        llama = load_hf_causal_lm(llama)
     if llama.config.model_type != "llama":
         raise ModelLoadError(f"cognate_from_llama needs a llama model, got model_type {llama.config.model_type!r}")
     model = CognateForCausalLM(CognateConfig.from_llama(llama.config, **overrides))
@@ -96,4 +82,4 @@ def cognate_from_llama(llama, **overrides) -> CognateForCausalLM:
     return model.train(llama.training)
 
 
-__all__ = ["ModelLoadError", "load_causal_lm", "load_cognate", "cognate_from_llama", "read_model_config"]
+__all__ = ["ModelLoadError", "load_hf_causal_lm", "load_cognate", "cognate_from_llama", "read_model_config"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib
 import os
 import secrets
 import shutil
@@ -29,6 +28,7 @@ from ..distributed import ReadOnlyRegistry, is_follower, process_index
 from ..params import RunParams, load_section, to_dict
 from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
+from .specs import PHASES, PhaseSpec, get_spec
 
 
 class PhaseError(RuntimeError):
@@ -45,29 +45,6 @@ class UpstreamError(PhaseError):
 
 class OutputNotWritableError(PhaseError):
     """The output folder cannot be created or written."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseSpec:
-    """A phase: its number, name (= YAML section), implementing module and notebook."""
-
-    number: int
-    name: str
-    module: str
-    notebook: str
-    title: str = ""
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.number:02d}_{self.name}"
-
-    def load(self):
-        """The phase module (imported on demand: phases pull in heavy libraries)."""
-        return importlib.import_module(self.module)
-
-    @property
-    def params_cls(self) -> type:
-        return self.load().Params
 
 
 def new_session_id() -> str:
@@ -225,11 +202,11 @@ class PhaseContext:
         return report
 
     def load_upstream_lm(self, role: str | None = None, trainable: bool = False):
-        """(the upstream model ``role`` loaded with ``forgelib.thoughts.load_lm``, its tokenizer), after the
+        """(the upstream model ``role`` loaded with ``forgelib.modelio.load_model``, its tokenizer), after the
         checksum check of ``upstream_model_path``."""
         from transformers import AutoTokenizer
 
-        from ..thoughts import load_lm
+        from ..modelio import load_lm
 
         folder = self.upstream_model_path(role)
         return load_lm(folder, trainable=trainable), AutoTokenizer.from_pretrained(folder)
@@ -446,7 +423,6 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     """
     from ..registry import ModelRegistry
     from ..tracking import make_tracker
-    from . import PHASES, get_spec
 
     spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
     session = check_session_name(session) if session else new_session_id()
@@ -572,7 +548,6 @@ class PhaseController:
     def __init__(self, spec: PhaseSpec | str | int, params_file: str = "parameters/smoke.yaml",
                  overrides: dict | None = None, session: str | None = None, upstream: Any = None,
                  all_specs: Iterable[PhaseSpec] | None = None):
-        from . import PHASES, get_spec
 
         self.all_specs = list(all_specs) if all_specs is not None else list(PHASES)
         self.spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec, self.all_specs)

@@ -28,7 +28,7 @@ non-inferiority per family, ``forgelib.stats``); the perplexity ratio's upper co
 answer NLL) ≤ ``max_ppl_ratio``; fp32 bytes / packed bytes ≥ ``min_compression``; the reloaded packed model's logits
 equal the fake-quantized model's, and the trainable reload Phase 5 trains equals the packed model (max |Δ| ≤ 1e-6).
 ``acc_retention`` on the phase's own families is reported beside.
-The handed-on model (role ``model``) is the packed folder; ``forgelib.thoughts.load_quietstar(path)`` loads it
+The handed-on model (role ``model``) is the packed folder; ``forgelib.modelio.load_model(path)`` loads it
 for inference and ``load_quietstar(path, trainable=True)`` as BitLinear layers for Phase 5.
 """
 from __future__ import annotations
@@ -49,10 +49,10 @@ from ..params import require_non_negative, require_positive
 from ..quant import bitlinear_modules, convert_to_bitnet, convert_to_int8, ternary_quantize
 from ..quant.packing import PACKINGS
 from ..results import GateCheck, PhaseResult
-from ..thoughts import QuietStarModel, load_quietstar, quietstar_loss
+from ..thoughts import QuietStarModel, quietstar_loss
+from ..modelio import load_quietstar
 from ..train import TrainConfig, train
-from .quietstar import Params as QuietStarParams
-from .quietstar import chance_levels, score, test_samples, training_batches
+from .common import TaskData, chance_levels, score, test_samples, training_batches
 
 HEADLINE = ("acc_fp", "acc_ternary", "acc_ptq", "acc_retention", "ppl_ratio", "bits_per_quantized_weight",
             "total_bytes_packed", "total_bytes_fp32")
@@ -134,11 +134,11 @@ class Params:
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
 
-    def data(self) -> QuietStarParams:
-        """The data settings in Phase 3's form (its batches, test set and scorer are reused)."""
-        return QuietStarParams(mix=dict(self.mix), levels=self.levels, with_steps=self.with_steps,
-                               max_len=self.max_len, batch_size=self.batch_size, bucket=self.bucket,
-                               test_per_family=self.test_per_family)
+    def data(self) -> TaskData:
+        """The data settings in the shared form (``forgelib.phases.common``: the batches, test set and scorer Phase 3
+        uses too)."""
+        return TaskData(mix=dict(self.mix), levels=self.levels, with_steps=self.with_steps, max_len=self.max_len,
+                        batch_size=self.batch_size, bucket=self.bucket, test_per_family=self.test_per_family)
 
 
 # --- conversion, training, sizes ----------------------------------------------------------------------

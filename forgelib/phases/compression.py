@@ -211,7 +211,7 @@ def test_per_level(params: Params, guard) -> int:
 def load_system(ctx, tokenizer, params: Params) -> System:
     """The test questions, the grader and, when the upstream has them and ``use_experts``, its experts."""
     from .. import paths
-    from .experts import make_check
+    from ..baking.library import make_check
 
     test = generate_levels(params.families, params.levels, test_per_level(params, ctx.guard_params), "test",
                            ctx.seed + 1)
@@ -264,7 +264,8 @@ def compress_and_measure(model, system: System, plan: dict, path: Path, hessians
                          groups: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the artifact of ``plan``, load it back, measure it; the row for tables and charts (with the bytes
     per tensor group when ``groups`` is given; the header under ``header``)."""
-    from ..quant.artifact import load_compressed, load_extras, save_compressed
+    from ..modelio import load_compressed
+    from ..quant.artifact import load_extras, save_compressed
     from ..quant.compress import PeakMemory
 
     started = time.perf_counter()
@@ -384,7 +385,8 @@ class StageGuard:
                      svf_config=system.svf_config, prefixes=self.params.answer_prefixes, label=label)
 
     def __call__(self, path: Path, allowed_loss: float, name: str):
-        from ..quant.artifact import load_compressed, load_extras
+        from ..modelio import load_compressed
+        from ..quant.artifact import load_extras
         from ..suite import guard
 
         stored = self.system.from_extras(load_extras(path))
@@ -401,7 +403,7 @@ def save_final(ctx, artifact: Path, tokenizer) -> Path:
     """The kept artifact (and the tokenizer beside it) as ``models/model``, registered."""
     import tempfile
 
-    from ..quant.artifact import load_compressed
+    from ..modelio import load_compressed
 
     final = ctx.dir / "models" / "model"
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,7 @@ def load_upstream_models(params: Params, ctx) -> tuple[dict, Any, Any, dict[str,
     """The source models, the base and the tokenizer from the upstream phase (checksums verified)."""
     from transformers import AutoTokenizer
 
-    from ..models.loading import load_causal_lm
+    from ..modelio import load_causal_lm
 
     roles = [params.base, *params.sources]
     missing = [r for r in roles if r not in ctx.upstream.models] if ctx.upstream else roles

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from ..data.tasks import FAMILIES, check, generate, generate_levels
+from ..baking.library import make_check
+from ..data.tasks import FAMILIES, generate, generate_levels
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import base_lm
@@ -105,13 +106,6 @@ class Params:
             raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {self.k_range}")
         SVFConfig(**self.svf)
         ExpertTrainConfig(**self.train)
-
-
-def make_check(prefixes):
-    """The task checker applied after ``prefixes`` (answer styles) are removed from the answer."""
-    from ..baking.library import strip_answer_prefixes
-
-    return lambda sample, text: check(sample, strip_answer_prefixes(text, prefixes))
 
 
 def correctness(svf, tokenizer, samples, z: dict | None, grader, params: Params) -> list[int]:

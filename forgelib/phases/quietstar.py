@@ -24,26 +24,25 @@ weights, asked as later phases ask them (thoughts off, calculator on), keep ever
 pause baseline are reported whatever their sign (``gain_over_pause_acc`` with its lower bound,
 ``gain_over_pause_nll``).
 The handed-on model (role ``model``) is the base weights as a normal HF folder plus ``quietstar.safetensors``
-(mixing head, thought embeddings) and ``quietstar.json`` next to them (``forgelib.thoughts.load_quietstar``).
+(mixing head, thought embeddings) and ``quietstar.json`` next to them (``forgelib.modelio.load_model``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from typing import Any
 
 import torch
 
-from ..data.stream import LengthBucketedBatches, TaskStream
-from ..data.tasks import FAMILIES, build_mix
-from ..evaluate import answer_correctness, chance_accuracy, family_accuracy, mean_nll, sample_nll
+from ..data.tasks import FAMILIES
+from ..evaluate import mean_nll
 from ..optim import ReferenceKL, preset_config
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
+from .common import chance_levels, score, test_samples, training_batches
 from ..stats import compare, lower_bound, mean_bounds, noninferior
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
@@ -122,49 +121,11 @@ class Params:
 # --- data and scoring ---------------------------------------------------------------------------------
 
 
-def training_batches(tokenizer, params: Params, seed: int, suite: dict | None = None,
-                     replay: float = 0.0) -> LengthBucketedBatches:
-    """Endless batches of ``mix`` at ``levels``, with ``replay`` of every family of ``suite`` at its levels."""
-    from ..suite import replay_mix
-
-    mix, family_levels = replay_mix(params.mix, params.levels, suite, replay) if suite and replay else \
-        (params.mix, None)
-    stream = TaskStream(mix, params.levels, "train", seed, family_levels=family_levels)
-    return LengthBucketedBatches(tokenizer, stream, params.batch_size, params.max_len, with_steps=params.with_steps,
-                                 answer_only_loss=True, bucket=params.bucket, seed=seed)
-
-
-def test_samples(params: Params, seed: int, per_family: int | None = None, margin: float | None = None,
-                 guard=None) -> list:
-    """Test-split samples of the families of ``mix``: ``per_family`` (or ``params.test_per_family``) each, or as
-    many as ``margin`` needs under the ``guard`` section's rule (``GuardParams.needed``), spread over them."""
-    from ..suite import GuardParams
-
-    families = sorted(f for f, w in params.mix.items() if w > 0)
-    per = per_family or params.test_per_family
-    if per is None:
-        per = math.ceil((guard or GuardParams()).needed(margin or params.margin) / len(families))
-    return build_mix({f: 1.0 for f in families}, params.levels, per * len(families), "test", seed)
-
-
-def score(model, tokenizer, samples, params: Params) -> dict[str, Any]:
-    """Accuracy (greedy worked solution, answer checked), per family, the answer-token NLL, and per sample the
-    correctness and the mean answer NLL (for paired comparisons)."""
-    correct = answer_correctness(model, tokenizer, samples, batch_size=64, with_steps=params.with_steps)
-    per_sample = sample_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len,
-                            with_steps=params.with_steps)
-    nll = mean_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len, answer_only=True,
-                   with_steps=params.with_steps)
-    return {"accuracy": sum(correct) / len(correct), "answer_nll": nll,
-            "per_family": family_accuracy(samples, correct), "correct": [int(c) for c in correct],
-            "sample_nll": per_sample}
-
-
 def load_source(params: Params, ctx) -> tuple[Any, Any]:
     """The upstream model (checksum verified) with ``runtime`` applied, and its tokenizer."""
     from transformers import AutoTokenizer
 
-    from ..models.loading import load_causal_lm
+    from ..modelio import load_causal_lm
 
     folder = ctx.upstream_model_path(params.source)  # UpstreamError naming the roles it has when missing
     model = load_causal_lm(folder).eval()
@@ -233,13 +194,6 @@ def mixing_heatmap(model: QuietStarModel, tokenizer, samples, params: Params) ->
 
 
 # --- run ----------------------------------------------------------------------------------------------
-
-
-def chance_levels(params: Params, samples, seed: int) -> dict[str, Any]:
-    families = sorted(f for f, w in params.mix.items() if w > 0)
-    reference = build_mix({f: 1.0 for f in families}, params.levels, 300 * len(families), "train", seed)
-    per_family = chance_accuracy(samples, reference)
-    return {"per_family": per_family, "overall": sum(per_family[s.family] for s in samples) / len(samples)}
 
 
 def gate_checks(table: dict[str, dict], params: Params, guard) -> tuple[list[GateCheck], dict]:

@@ -33,7 +33,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -217,14 +217,10 @@ def _unpack_meta(text: str) -> dict:
 
 
 def _model_parts(model: nn.Module) -> tuple[nn.Module, dict]:
-    """(the causal LM, the Quiet-STaR settings or {}) of a model or a QuietStarModel."""
-    import dataclasses
-
-    from ..thoughts import QuietStarModel
-
-    if isinstance(model, QuietStarModel):
-        return model.base, {"config": dataclasses.asdict(model.qconfig), "sot_id": model.sot_id, "eot_id": model.eot_id}
-    return model, {}
+    """(the causal LM, the wrapper's settings or {}) of a model or of a wrapper around one (a Quiet-STaR model: it
+    has ``base`` and ``wrapper_settings()``, ``forgelib.thoughts``)."""
+    settings = getattr(model, "wrapper_settings", None)
+    return (model.base, settings()) if callable(settings) else (model, {})
 
 
 def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | None = None, tokenizer=None,
@@ -319,9 +315,10 @@ def load_extras(path: str | Path) -> dict[str, torch.Tensor]:
     return {n.removeprefix(EXTRA): _decode(n, parts[n], e) for n, e in header["entries"].items() if n.startswith(EXTRA)}
 
 
-def load_compressed(path: str | Path, tokenizer=None) -> nn.Module:
-    """The model the artifact holds, eval mode: decoded tensors, BitLinear layers again where the config says so, a
-    QuietStarModel when it was one (its tokenizer: ``tokenizer`` or the one beside the file)."""
+def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict], nn.Module] | None = None) -> nn.Module:
+    """The model the artifact holds, eval mode: decoded tensors, BitLinear layers again where the config says so.
+    An artifact of a wrapped model (a Quiet-STaR model) needs ``wrap(causal_lm, settings)``, which builds the wrapper
+    the stored state belongs to (``forgelib.modelio.load_compressed`` passes it); without it ArtifactError says so."""
     import forgelib.models  # noqa: F401  (registers Cognate)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -335,19 +332,14 @@ def load_compressed(path: str | Path, tokenizer=None) -> nn.Module:
         from .bitnet import convert_to_bitnet
 
         convert_to_bitnet(model, include=bitnet.get("include"), quantize_activations=bitnet.get("activation_bits") is not None)
+    base = model
     if header.get("quietstar"):
-        from transformers import AutoTokenizer
-
-        from ..thoughts import QuietStarConfig, QuietStarModel
-
-        qs = header["quietstar"]
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(Path(path).parent)
-        model = QuietStarModel(model, tokenizer, QuietStarConfig(**qs["config"]))
-        if (model.sot_id, model.eot_id) != (qs["sot_id"], qs["eot_id"]):
-            raise ArtifactError(f"{path}: the tokenizer's thought token ids differ from the artifact's")
+        if wrap is None:
+            raise ArtifactError(f"{path}: the artifact holds a Quiet-STaR model; load it with "
+                                "forgelib.modelio.load_model (or load_compressed)")
+        model = wrap(base, header["quietstar"])
     state = {n: _decode(n, parts[n], e) for n, e in header["entries"].items() if not n.startswith(EXTRA)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    base = model.base if header.get("quietstar") else model
     tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(base.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise ArtifactError(f"{path}: the artifact does not fit its config: missing {sorted(set(missing) - tied)[:3]}, "

@@ -92,7 +92,7 @@ def layer_weight_widget(result):
     import ipywidgets as w
 
     from ..quant import packed_bitlinear_modules
-    from ..thoughts import load_quietstar
+    from ..modelio import load_quietstar
 
     report = load_report(result)
     packed = load_quietstar(paths.resolve(result.models["model"]["path"]))

@@ -138,7 +138,7 @@ def specialist_playground(result, roles=("trunk", "reasoning", "memory", "speed"
     import torch
 
     from ..data.tokenizer import encode_prompts
-    from ..models.loading import load_causal_lm
+    from ..modelio import load_causal_lm
     from transformers import AutoTokenizer
 
     models = {r: load_causal_lm(paths.resolve(result.models[r]["path"])).eval() for r in roles}

@@ -127,7 +127,8 @@ def artifact_playground(result, ctx):
     from transformers import AutoTokenizer
 
     from ..phases.compression import ARTIFACT, load_system
-    from ..quant.artifact import load_compressed, load_extras
+    from ..quant.artifact import load_extras
+    from ..modelio import load_compressed
     from .cognate import playground_widget, prompt_examples, suite_answers
 
     folder = paths.resolve(result.models["model"]["path"])

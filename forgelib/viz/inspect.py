@@ -172,7 +172,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     """Parameter counts per module kind, per-matrix statistics (ternary share of BitLinear layers), the artifact's
     bits (a Phase-8 folder) and the experts beside the model (a Phase-7 folder)."""
     from ..quant.bitnet import BitLinear, ternary_quantize
-    from ..thoughts import load_lm
+    from ..modelio import load_lm
 
     folder = paths.resolve(path)
     model = load_lm(folder)

@@ -40,7 +40,8 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
     from transformers import AutoTokenizer
 
     from ..scorecard import ScorecardParams, _system
-    from ..thoughts import QuietStarModel, base_lm, generate_with_thoughts, load_lm
+    from ..thoughts import QuietStarModel, base_lm, generate_with_thoughts
+    from ..modelio import load_lm
     from ..tools import generate_with_tools
 
     model = load_lm(entry["path"])

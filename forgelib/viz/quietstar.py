@@ -102,7 +102,7 @@ def thought_lines(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> li
 def thought_playground(result, max_new_tokens: int = 48):
     """Type a prompt and press Enter (or Run): the Quiet-STaR model's answer, the thought sampled before each
     answer token with its mixing weight, and the answer with thoughts off; example prompts per family below."""
-    from ..thoughts import load_quietstar
+    from ..modelio import load_quietstar
     from .cognate import playground_widget, prompt_examples, suite_answers
 
     model = load_quietstar(paths.resolve(result.models["model"]["path"]))

@@ -1,0 +1,165 @@
+"""The one way in and out for model folders: ``load_model(path)`` / ``save_model(model, path)``.
+
+Every model a phase hands on is one of four kinds (``model_kind``), and this module is the only place that tells
+them apart:
+
+* ``"hf"``: a plain Hugging Face causal-LM folder (Cognate, Llama, Qwen2, GPT-2 style; ``forgelib.models``),
+  a fake-quantized BitNet model among them (a ``bitnet`` entry in config.json: its Linear layers come back as
+  BitLinear, its embeddings as int8 ones when the entry says so; ``forgelib.quant``);
+* ``"packed"``: a packed ternary folder written by ``forgelib.quant.export_packed`` (``bitnet.packing`` other than
+  ``none``): packed inference layers, or BitLinear layers on exact latent weights with ``trainable=True``;
+* ``"quietstar"``: a causal LM of one of the kinds above plus ``quietstar.json`` / ``quietstar.safetensors``
+  (``forgelib.thoughts.QuietStarModel``);
+* ``"artifact"``: a Phase-8 compressed artifact (``model.forge``, ``forgelib.quant.artifact``), holding a causal LM
+  or a Quiet-STaR model.
+
+Layering: ``models`` (architectures), ``quant`` (ternary/int8 layers, packing, codecs, the artifact container) and
+``thoughts`` (the Quiet-STaR wrapper) never import this module or each other upward; this module sits above the
+three and joins them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .models.loading import ModelLoadError, load_hf_causal_lm, read_model_config
+from .thoughts import CONFIG_FILE, EXTRA_FILE, QuietStarConfig, QuietStarModel, base_lm, is_quietstar
+
+ARTIFACT_FILE = "model.forge"
+KINDS = ("hf", "packed", "quietstar", "artifact")
+
+__all__ = ["ARTIFACT_FILE", "KINDS", "ModelLoadError", "base_lm", "is_quietstar", "load_causal_lm",
+           "load_compressed", "load_lm", "load_model", "load_quietstar", "model_kind", "save_model"]
+
+
+def model_kind(path: str | Path) -> str:
+    """Which of ``KINDS`` the folder (or ``.forge`` file) at ``path`` holds (ModelLoadError naming what was found
+    when it is none of them)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".forge" or (path / ARTIFACT_FILE).is_file():
+        return "artifact"
+    if is_quietstar(path):
+        return "quietstar"
+    bitnet = read_model_config(path).get("bitnet")
+    return "packed" if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none" else "hf"
+
+
+def load_model(path: str | Path, trainable: bool = False, tokenizer: Any = None, **kwargs) -> nn.Module:
+    """Any model folder a phase hands on (``model_kind``), in eval mode: an artifact through ``load_compressed``, a
+    Quiet-STaR folder as ``QuietStarModel`` (``load_quietstar``), any other causal LM through ``load_causal_lm``
+    (``trainable``: BitLinear layers on latent weights for a packed one). ``tokenizer``: the Quiet-STaR wrapper's
+    (default: the folder's); ``kwargs`` go to ``from_pretrained`` of a plain folder (e.g. ``dtype``)."""
+    kind = model_kind(path)
+    if kind == "artifact":
+        file = Path(path) if Path(path).is_file() else Path(path) / ARTIFACT_FILE
+        return load_compressed(file, tokenizer=tokenizer)
+    if kind == "quietstar":
+        return load_quietstar(path, tokenizer=tokenizer, trainable=trainable)
+    return load_causal_lm(path, trainable=trainable, **kwargs).eval()
+
+
+load_lm = load_model
+"""The name the phases, notebooks and benchmarks have used for ``load_model``."""
+
+
+def load_causal_lm(path: str | Path, trainable: bool = False, **kwargs) -> nn.Module:
+    """A local causal-LM folder (kind ``hf`` or ``packed``) as it was saved: a packed folder through
+    ``forgelib.quant.load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on), a
+    fake-quantized one with its Linear layers converted back to BitLinear (and its embeddings to int8 ones when the
+    config's ``bitnet`` entry says ``embedding_bits: 8``), any other with ``AutoModelForCausalLM``. ``kwargs`` go to
+    ``from_pretrained`` (a packed folder takes ``dtype`` only)."""
+    from .quant import convert_to_bitnet, load_packed
+
+    bitnet = read_model_config(path).get("bitnet")
+    if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none":
+        return load_packed(path, trainable=trainable, **({"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}))
+    model = load_hf_causal_lm(path, **kwargs)
+    if isinstance(bitnet, dict):
+        convert_to_bitnet(model, include=bitnet.get("include"),
+                          quantize_activations=bitnet.get("activation_bits") is not None,
+                          embedding_bits=bitnet.get("embedding_bits"), int8_include=bitnet.get("int8_include"))
+    return model
+
+
+def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
+                   **config_overrides) -> QuietStarModel:
+    """Rebuild a QuietStarModel saved by its ``save_pretrained`` (the tokenizer from the folder unless given). A
+    packed BitNet base loads with packed inference layers, or as BitLinear layers with ``trainable=True``; int8 layers
+    of the mixing head come back as Int8Linear on latent weights that compute exactly the stored int8 values."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from .quant import convert_to_int8, unpack_int8_tensors
+
+    path = Path(path)
+    if not is_quietstar(path):
+        raise FileNotFoundError(f"{path} is not a Quiet-STaR model folder (needs {CONFIG_FILE} and {EXTRA_FILE})")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    config = QuietStarConfig(**{**meta["config"], **config_overrides})
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    model = QuietStarModel(load_causal_lm(path, trainable=trainable), tokenizer, config)
+    if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
+        raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
+                         f"saved ones {(meta['sot_id'], meta['eot_id'])}")
+    int8 = meta.get("int8_modules", [])
+    if any(not name.startswith("mixing_head.") for name in int8):
+        raise ValueError(f"{path / CONFIG_FILE}: int8_modules {int8} must name layers of the mixing head")
+    convert_to_int8(model.mixing_head, [name.removeprefix("mixing_head.") for name in int8])
+    extra = unpack_int8_tensors(load_file(str(path / EXTRA_FILE)), where=str(path / EXTRA_FILE))
+    want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
+    if set(extra) != want:
+        raise ValueError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found {sorted(extra)}")
+    with torch.no_grad():
+        model.thought_embeddings.copy_(extra.pop("thought_embeddings"))
+    model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extra.items()})
+    return model.eval()
+
+
+def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
+    """The model a Phase-8 artifact file holds (``forgelib.quant.artifact.read_artifact``), eval mode: a
+    QuietStarModel when it was one (its tokenizer: ``tokenizer`` or the one beside the file)."""
+    from .quant.artifact import ArtifactError, read_artifact
+
+    def wrap(base: nn.Module, settings: dict) -> QuietStarModel:
+        from transformers import AutoTokenizer
+
+        model = QuietStarModel(base, tokenizer or AutoTokenizer.from_pretrained(Path(path).parent),
+                               QuietStarConfig(**settings["config"]))
+        if (model.sot_id, model.eot_id) != (settings["sot_id"], settings["eot_id"]):
+            raise ArtifactError(f"{path}: the tokenizer's thought token ids differ from the artifact's")
+        return model
+
+    return read_artifact(path, wrap=wrap).eval()
+
+
+def save_model(model: nn.Module, path: str | Path, tokenizer: Any = None, packing: str | None = None,
+               plan: dict | None = None, **kwargs) -> dict:
+    """Write ``model`` to the folder ``path`` in the kind it will be read back as by ``load_model``: with ``plan`` a
+    Phase-8 artifact (``forgelib.quant.artifact.save_compressed``, ``kwargs`` its hessians/extras); with ``packing``
+    ('2bit' / 'base3') a BitNet model's packed folder (``forgelib.quant.export_packed``; a QuietStarModel packs its
+    base); else the model's own ``save_pretrained`` (a Quiet-STaR folder for a QuietStarModel). The tokenizer, when
+    given, is saved beside it. Returns the byte report of a packed folder or an artifact, else {}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    if plan is not None:
+        from .quant.artifact import save_compressed
+
+        report = save_compressed(model, path / ARTIFACT_FILE, plan, tokenizer=tokenizer, **kwargs)
+        return report
+    if packing is not None and not isinstance(model, QuietStarModel):
+        from .quant import export_packed
+
+        report = export_packed(model, path, packing)
+    else:
+        if packing is not None:
+            model.export_packing = packing
+        model.save_pretrained(path, **kwargs)
+        report = getattr(model, "export_report", None) or {}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return report

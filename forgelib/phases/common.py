@@ -1,0 +1,76 @@
+"""What several phases share: the data and scoring settings of a phase that trains and scores a model on task
+families (``TaskData``; Phases 3 and 4), with its batches, test set, scorer and chance levels. Phase modules
+import from here, never from each other."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..data.stream import LengthBucketedBatches, TaskStream
+from ..data.tasks import build_mix
+from ..evaluate import answer_correctness, chance_accuracy, family_accuracy, mean_nll, sample_nll
+
+
+@dataclasses.dataclass
+class TaskData:
+    """The data and scoring settings the functions below read (a phase's ``Params`` has the same fields and may be
+    passed as it is; ``Params.data()`` gives this form)."""
+
+    mix: dict[str, float]
+    levels: tuple[int, int]
+    with_steps: bool = True
+    max_len: int = 96
+    batch_size: int = 16
+    bucket: int = 16
+    test_per_family: int | None = None
+    margin: float = 0.10
+    """The margin a test set sized by the rule is sized for (``test_samples``)."""
+
+
+def training_batches(tokenizer, params: TaskData, seed: int, suite: dict | None = None,
+                     replay: float = 0.0) -> LengthBucketedBatches:
+    """Endless batches of ``mix`` at ``levels``, with ``replay`` of every family of ``suite`` at its levels."""
+    from ..suite import replay_mix
+
+    mix, family_levels = replay_mix(params.mix, params.levels, suite, replay) if suite and replay else \
+        (params.mix, None)
+    stream = TaskStream(mix, params.levels, "train", seed, family_levels=family_levels)
+    return LengthBucketedBatches(tokenizer, stream, params.batch_size, params.max_len, with_steps=params.with_steps,
+                                 answer_only_loss=True, bucket=params.bucket, seed=seed)
+
+
+def test_samples(params: TaskData, seed: int, per_family: int | None = None, margin: float | None = None,
+                 guard=None) -> list:
+    """Test-split samples of the families of ``mix``: ``per_family`` (or ``params.test_per_family``) each, or as
+    many as ``margin`` needs under the ``guard`` section's rule (``GuardParams.needed``), spread over them."""
+    from ..suite import GuardParams
+
+    families = sorted(f for f, w in params.mix.items() if w > 0)
+    per = per_family or params.test_per_family
+    if per is None:
+        per = math.ceil((guard or GuardParams()).needed(margin or params.margin) / len(families))
+    return build_mix({f: 1.0 for f in families}, params.levels, per * len(families), "test", seed)
+
+
+def score(model, tokenizer, samples, params: TaskData) -> dict[str, Any]:
+    """Accuracy (greedy worked solution, answer checked), per family, the answer-token NLL, and per sample the
+    correctness and the mean answer NLL (for paired comparisons)."""
+    correct = answer_correctness(model, tokenizer, samples, batch_size=64, with_steps=params.with_steps)
+    per_sample = sample_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len,
+                            with_steps=params.with_steps)
+    nll = mean_nll(model, tokenizer, samples, batch_size=64, max_len=params.max_len, answer_only=True,
+                   with_steps=params.with_steps)
+    return {"accuracy": sum(correct) / len(correct), "answer_nll": nll,
+            "per_family": family_accuracy(samples, correct), "correct": [int(c) for c in correct],
+            "sample_nll": per_sample}
+
+
+def chance_levels(params: TaskData, samples, seed: int) -> dict[str, Any]:
+    families = sorted(f for f, w in params.mix.items() if w > 0)
+    reference = build_mix({f: 1.0 for f in families}, params.levels, 300 * len(families), "train", seed)
+    per_family = chance_accuracy(samples, reference)
+    return {"per_family": per_family, "overall": sum(per_family[s.family] for s in samples) / len(samples)}
+
+
+__all__ = ["TaskData", "chance_levels", "score", "test_samples", "training_batches"]
