@@ -22,7 +22,7 @@ export JUPYTER_RUNTIME_DIR ?= $(CACHE)/jupyter-runtime
 export HF_HOME ?= $(CACHE)/huggingface
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test strip clean-outputs check-session
+.PHONY: setup run test strip clean-outputs check-session coverage
 
 # SESSION names a folder under outputs/: the same rule as forgelib.session.check_session_name. Checked before
 # anything is created (the value is single-quoted for the shell, its own quotes escaped).
@@ -53,6 +53,11 @@ run: check-session
 # Notebooks are committed without outputs and with the metadata JupyterLab writes (tests/test_notebooks.py checks).
 strip:
 	$(PY) -m forgelib.notebooks strip notebooks tests/notebooks
+
+# forgelib's line coverage from the pytest suite (nbval's notebooks not counted); the report lands in the terminal.
+coverage: setup
+	@mkdir -p $(CACHE)
+	COVERAGE_FILE=$(CACHE)/coverage $(PY) -m pytest tests -q --cov=forgelib --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # pytest (unit, phase, pipeline tests) plus nbval on every notebook.
 test: setup

@@ -19,6 +19,7 @@ three and joins them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,23 @@ ARTIFACT_FILE = "model.forge"
 KINDS = ("hf", "packed", "quietstar", "artifact")
 
 __all__ = ["ARTIFACT_FILE", "KINDS", "ModelLoadError", "base_lm", "is_quietstar", "load_causal_lm",
-           "load_compressed", "load_lm", "load_model", "load_quietstar", "model_kind", "save_model"]
+           "load_compressed", "load_lm", "load_model", "load_quietstar", "model_kind", "quiet_loading", "save_model"]
+
+
+@contextlib.contextmanager
+def quiet_loading(progress: bool = False):
+    """transformers' "Loading weights" bar off while a model loads (one line per tiny checkpoint is noise in
+    notebooks and logs; ``progress=True`` keeps it); the bar's previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def model_kind(path: str | Path) -> str:
@@ -65,18 +82,19 @@ load_lm = load_model
 """The name the phases, notebooks and benchmarks have used for ``load_model``."""
 
 
-def load_causal_lm(path: str | Path, trainable: bool = False, **kwargs) -> nn.Module:
+def load_causal_lm(path: str | Path, trainable: bool = False, progress: bool = False, **kwargs) -> nn.Module:
     """A local causal-LM folder (kind ``hf`` or ``packed``) as it was saved: a packed folder through
     ``forgelib.quant.load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on), a
     fake-quantized one with its Linear layers converted back to BitLinear (and its embeddings to int8 ones when the
     config's ``bitnet`` entry says ``embedding_bits: 8``), any other with ``AutoModelForCausalLM``. ``kwargs`` go to
-    ``from_pretrained`` (a packed folder takes ``dtype`` only)."""
+    ``from_pretrained`` (a packed folder takes ``dtype`` only); ``progress``: show transformers' loading bar."""
     from .quant import convert_to_bitnet, load_packed
 
     bitnet = read_model_config(path).get("bitnet")
     if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none":
         return load_packed(path, trainable=trainable, **({"dtype": kwargs["dtype"]} if "dtype" in kwargs else {}))
-    model = load_hf_causal_lm(path, **kwargs)
+    with quiet_loading(progress):
+        model = load_hf_causal_lm(path, **kwargs)
     if isinstance(bitnet, dict):
         convert_to_bitnet(model, include=bitnet.get("include"),
                           quantize_activations=bitnet.get("activation_bits") is not None,

@@ -113,6 +113,13 @@ class PhaseResult:
         return pd.DataFrame(rows)
 
 
+def load_report(result: PhaseResult) -> dict:
+    """The phase's ``report.json`` (the artifact ``report`` of its result): what its notebook tables and plots."""
+    from . import paths
+
+    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+
+
 def upstream_chain(folder: str | Path):
     """``(phase folder, PhaseResult)`` from ``folder`` back along each result's ``upstream`` folder (one session or
     a chain across sessions), newest first; stops where a folder has no result.json or the chain repeats."""

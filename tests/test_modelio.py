@@ -84,3 +84,13 @@ def test_a_folder_that_is_no_model_is_named(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(ModelLoadError, match="does not exist"):
         model_kind(tmp_path / "missing")
+
+
+def test_loading_is_quiet_unless_asked(tok, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    save_model(cognate(tok), tmp_path / "m")
+    hf_logging.enable_progress_bar()
+    load_model(tmp_path / "m")
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the setting it found is back

@@ -3,16 +3,11 @@ every bake (the half-baking curve), the cycles, drift on unrelated questions, an
 prompted, unprompted and baked answers side by side."""
 from __future__ import annotations
 
-import json
 
 import matplotlib.pyplot as plt
 
 from .. import paths
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (library, measurements, cycles, drift, timing)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def effect_frame(report: dict):

@@ -2,19 +2,14 @@
 the share of -1/0/+1 per layer, and a widget showing one layer's weights before and after quantization."""
 from __future__ import annotations
 
-import json
 
 import matplotlib.pyplot as plt
 
 from .. import paths
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 QUALITY_LABELS = {"fp": "Phase-3 model (full precision)", "ptq": "ternary without training (PTQ)",
                   "ternary": "ternary after QAT (handed on)"}
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (test table, sizes, ternary shares, training rows)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
 
 
 def size_frame(report: dict):

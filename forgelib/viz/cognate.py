@@ -1,17 +1,12 @@
 """Phase 1 views: per-family accuracy table, ACT cycle histogram, and a prompt playground widget."""
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Iterable
 
 import matplotlib.pyplot as plt
 
 from .. import paths
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (per-model accuracy, answer loss, ACT cycles, disagreement)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def accuracy_frame(report: dict, key: str = "accuracy"):

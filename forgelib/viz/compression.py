@@ -8,10 +8,7 @@ import json
 import matplotlib.pyplot as plt
 
 from .. import paths
-
-
-def load_report(result) -> dict:
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def stage_frame(report: dict):

@@ -6,12 +6,7 @@ import json
 
 import matplotlib.pyplot as plt
 
-from .. import paths
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (assessment, rounds, accuracy per level, tool comparison, question pools)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def plot_rounds(report: dict) -> "plt.Figure":

@@ -2,17 +2,12 @@
 widget."""
 from __future__ import annotations
 
-import json
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from .. import paths
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (evolution record, test-split scores, champion recipe)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def plot_fitness(report: dict) -> "plt.Figure":

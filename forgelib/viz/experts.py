@@ -3,15 +3,11 @@ own clusters split the families (and the 2-D picture); each expert's singular-va
 family's mixture; the routing search; and a playground showing which expert a typed question goes to."""
 from __future__ import annotations
 
-import json
 
 import matplotlib.pyplot as plt
 
 from .. import paths
-
-
-def load_report(result) -> dict:
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 
 def accuracy_frame(report: dict):

@@ -2,18 +2,13 @@
 and without thoughts over training, a heatmap of mixing weights per token, and a thinking playground."""
 from __future__ import annotations
 
-import json
 import matplotlib.pyplot as plt
 
 from .. import paths
+from ..results import load_report  # noqa: F401  (the notebooks import it from here)
 
 ROW_LABELS = {"base": "Phase-2 model (start)", "thoughts": "Quiet-STaR, thinking", "no_thoughts":
               "Quiet-STaR weights, thoughts off", "pause": "pause tokens (ablation)"}
-
-
-def load_report(result) -> dict:
-    """The phase's report.json (test table, training curves, heatmap rows, chance)."""
-    return json.loads(paths.resolve(result.artifacts["report"]).read_text())
 
 
 def score_frame(report: dict):
