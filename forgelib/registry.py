@@ -16,12 +16,11 @@ handoffs    id, session_id, source_phase, source_model_id, target_phase, ok, val
 
 JSON columns hold dicts; timestamps are ISO-8601 strings in UTC. Model checksums are SHA-256 over the
 file, or for a folder over every file in sorted relative-path order, names included (see
-:func:`compute_checksum`). A session named by ``register_model``/``start_phase_run``/``record_handoff``
+:func:`forgelib.checksums.compute_checksum`). A session named by ``register_model``/``start_phase_run``/``record_handoff``
 that does not exist yet is created on the fly with an empty config and status ``'created'``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from .checksums import compute_checksum, path_size_mb
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
@@ -70,7 +71,6 @@ CREATE INDEX IF NOT EXISTS handoffs_session ON handoffs(session_id);
 """
 
 _JSON_COLUMNS = ("config", "metrics", "metadata", "validation")
-_CHUNK = 1 << 20  # read files in 1 MiB chunks so hashing a multi-GB model stays flat in memory
 
 
 class RegistryError(Exception):
@@ -118,50 +118,6 @@ def _iso(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError(f"timestamps must be timezone-aware, got naive datetime {moment!r}")
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _model_files(folder: Path) -> list[tuple[str, Path]]:
-    """Every regular file under ``folder`` as (relative posix path, path), sorted by relative path."""
-    files = [(p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file()]
-    return sorted(files, key=lambda item: item[0])
-
-
-def _feed_file(digest: "hashlib._Hash", path: Path) -> None:
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-
-
-def compute_checksum(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a model file or folder.
-
-    A file hashes to the plain SHA-256 of its bytes (the same as ``sha256sum``). A folder hashes, for
-    every file in sorted relative-path order: the relative posix path as UTF-8, a NUL byte, the file
-    size as 8 big-endian bytes, then the file's bytes. Names are included so that a renamed file
-    changes the checksum; the size prefix keeps the framing unambiguous.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ModelNotFoundError(f"model path does not exist: {path}")
-    digest = hashlib.sha256()
-    if path.is_file():
-        _feed_file(digest, path)
-        return digest.hexdigest()
-    for rel, file in _model_files(path):
-        digest.update(rel.encode("utf-8") + b"\0")
-        digest.update(file.stat().st_size.to_bytes(8, "big"))
-        _feed_file(digest, file)
-    return digest.hexdigest()
-
-
-def path_size_mb(path: str | os.PathLike) -> float:
-    """Total size of a file or of all files in a folder, in MiB (2**20 bytes)."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelNotFoundError(f"model path does not exist: {path}")
-    if path.is_file():
-        return path.stat().st_size / 2**20
-    return sum(file.stat().st_size for _, file in _model_files(path)) / 2**20
 
 
 def _migrate(conn: sqlite3.Connection, statements: list[str]) -> None:
@@ -490,6 +446,8 @@ class ModelRegistry:
         if parameter_count is not None and int(parameter_count) < 0:
             raise ValueError(f"parameter_count must be >= 0, got {parameter_count!r}")
         # hash before taking the write lock: reading a large model must not block other writers
+        if not path.exists():
+            raise ModelNotFoundError(f"model path does not exist: {path}")
         sha256, size_mb = compute_checksum(path), path_size_mb(path)
 
         def work(conn: sqlite3.Connection) -> int:

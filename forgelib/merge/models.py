@@ -61,7 +61,7 @@ class MergeRecipe:
     """Model-config settings applied to the merged model (e.g. Cognate's runtime ``n_cycles``/``use_memory``);
     they change no parameter shape."""
     checksums: dict[str, str] = dataclasses.field(default_factory=dict)
-    """SHA-256 (``forgelib.registry.compute_checksum``) of the base and each source by name, written by the
+    """SHA-256 (``forgelib.checksums.compute_checksum``) of the base and each source by name, written by the
     phase that saved the recipe; a rebuild verifies them before loading (see :func:`verify_sources`)."""
 
     def __post_init__(self) -> None:
@@ -133,7 +133,7 @@ def verify_sources(recipe: MergeRecipe, resolve: Callable[[str], Path]) -> list[
     """Check the base and every source against the recipe's ``checksums`` (``resolve(name)`` gives the folder).
     Raises MergeError naming the first folder whose contents changed; returns the names that had no checksum
     to check (an older recipe or a hand-written one)."""
-    from ..registry import compute_checksum
+    from ..checksums import compute_checksum
 
     names = ([recipe.base] if recipe.base else []) + list(recipe.models)
     unchecked = []
