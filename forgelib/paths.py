@@ -37,6 +37,17 @@ def relative(path: str | os.PathLike) -> str:
         return str(p)
 
 
+def bench_output(stem: str, out: str | os.PathLike | None = None, stamp: bool = True) -> Path:
+    """Where a benchmark writes its JSON: ``out`` (relative to the repository root) when given, else
+    ``<outputs root>/bench/<stem>-<unix time>.json`` (``stamp=False``: ``<stem>.json``), under ``$FORGE_OUTPUTS`` when
+    it is set."""
+    import time
+
+    if out:
+        return resolve(out)
+    return outputs_root() / "bench" / (f"{stem}-{int(time.time())}.json" if stamp else f"{stem}.json")
+
+
 def registry_path() -> Path:
     """The registry database shared by all sessions."""
     return outputs_root() / "registry.db"

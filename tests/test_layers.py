@@ -166,3 +166,17 @@ def test_ruff_finds_nothing():
     done = subprocess.run([ruff, "check", "--no-cache", "forgelib", "tests"], cwd=ROOT.parent, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_outputs_are_reached_only_through_paths(monkeypatch, tmp_path):
+    """Benchmarks and phases write under ``paths.outputs_root()`` (``$FORGE_OUTPUTS`` when set), never under a
+    hard-coded ``<repo>/outputs``."""
+    from forgelib import paths
+
+    spelled = sorted(m for m, p in MODULES.items() if m != "forgelib.paths"
+                     and 'repo_root() / "outputs"' in p.read_text(encoding="utf-8"))
+    assert spelled == []
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    assert paths.bench_output("x").parent == tmp_path / "bench"
+    assert paths.bench_output("chain-smoke", stamp=False) == tmp_path / "bench" / "chain-smoke.json"
+    assert paths.bench_output("x", "outputs/b.json") == paths.repo_root() / "outputs" / "b.json"

@@ -22,7 +22,6 @@ import argparse
 import copy
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               "baking": dataclasses.asdict(params)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"baking-{int(time.time())}.json"
+    out = paths.bench_output("baking", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

@@ -24,7 +24,6 @@ import math
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - started, 1), "bitnet": dataclasses.asdict(params)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"bitnet-{int(time.time())}.json"
+    out = paths.bench_output("bitnet", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

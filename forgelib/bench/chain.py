@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON output (default outputs/bench/chain-<params>.json)")
     args = parser.parse_args(argv)
     name = Path(args.params).stem
-    out = paths.resolve(args.out or f"outputs/bench/chain-{name}.json")
+    out = paths.bench_output(f"chain-{name}", args.out, stamp=False)
     if args.report:
         data = json.loads(paths.resolve(args.report).read_text())
     else:

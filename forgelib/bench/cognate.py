@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         report[part]["seconds"] = round(time.perf_counter() - started, 1)
     text = dumps_json(report)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"cognate-{int(time.time())}.json"
+    out = paths.bench_output("cognate", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     params = phase_params("compression", args.params)
     folder7 = phase_folder("experts", args.phase7)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"compression-{int(time.time())}.json"
+    out = paths.bench_output("compression", args.out)
     scratch = out.with_suffix("")  # the artifacts of the sweep (removed at the end)
     started = time.perf_counter()
     report = {"benchmark": "compression", "phase7_folder": paths.relative(folder7), "params_file": args.params,

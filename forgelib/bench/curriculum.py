@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               "curriculum": dataclasses.asdict(params)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"curriculum-{int(time.time())}.json"
+    out = paths.bench_output("curriculum", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    out = paths.bench_output("evomerge", args.out)  # before a fresh Phase 1 points FORGE_OUTPUTS at a temporary folder
     if args.rerun_phase1 and args.phase1:
         parser.error("--rerun-phase1 runs Phase 1 itself; leave out --phase1")
     torch.set_num_threads(args.threads)
@@ -205,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
               "n_test": len(setup[3].samples), "per_seed": per_seed, **summarize(per_seed)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"evomerge-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

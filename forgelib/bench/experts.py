@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import itertools
 import time
-from pathlib import Path
 
 import torch
 
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               "per_seed": per_seed, "experts": dataclasses.asdict(params)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"experts-{int(time.time())}.json"
+    out = paths.bench_output("experts", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

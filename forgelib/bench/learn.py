@@ -22,7 +22,6 @@ import dataclasses
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               "summary": summary, "runs": runs}
     text = dumps_json(report)
     print(json.dumps({"summary": summary}, indent=2))
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"learn-{int(time.time())}.json"
+    out = paths.bench_output("learn", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0

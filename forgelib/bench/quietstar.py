@@ -31,7 +31,6 @@ import dataclasses
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               "quietstar": dataclasses.asdict(params), "per_seed": per_seed, **summarize(per_seed)}
     text = dumps_json(report, default=str)
     print(text)
-    out = Path(args.out) if args.out else paths.repo_root() / "outputs" / "bench" / f"quietstar-{int(time.time())}.json"
+    out = paths.bench_output("quietstar", args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0
