@@ -16,7 +16,8 @@ handoffs    id, session_id, source_phase, source_model_id, target_phase, ok, val
 
 JSON columns hold dicts; timestamps are ISO-8601 strings in UTC. Model checksums are SHA-256 over the
 file, or for a folder over every file in sorted relative-path order, names included (see
-:func:`forgelib.checksums.compute_checksum`). A session named by ``register_model``/``start_phase_run``/``record_handoff``
+:func:`forgelib.checksums.compute_checksum`). A session named by
+``register_model``/``start_phase_run``/``record_handoff``
 that does not exist yet is created on the fly with an empty config and status ``'created'``.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from .checksums import compute_checksum, path_size_mb
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
-    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "compute_checksum", "path_size_mb",
+    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "compute_checksum",
+    "path_size_mb",
     "SESSION_STATUSES", "PHASE_RUN_STATUSES",
 ]
 

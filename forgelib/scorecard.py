@@ -12,7 +12,8 @@ family the chain knew (the trunk's suite and what later phases added, each at it
 **The chain gate** (``chain_gate``): the Phase-1 trunk and the final artifact answer the guard's questions over every
 family the trunk knew, as many as the rule needs (``forgelib.suite.guard``): each family non-inferior at the
 ``guard`` section's ``chain_family_margin`` (default: one phase's ``margin``), and all families pooled non-inferior at
-its ``chain_margin``; ``at_or_above_trunk`` reports the strict target (every family within one phase's margin). A failure names the phases
+its ``chain_margin``; ``at_or_above_trunk`` reports the strict target (every family within one phase's margin). A
+failure names the phases
 whose own guards measured a loss on the failing families. Written to ``09_scorecard/chain.json``; the pipeline
 stops with an error when it fails.
 
@@ -229,7 +230,8 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                                                     needed=pooled.needed,
                                                     verdict="pass" if pooled.passed else "FAIL", note=pooled.note)],
                "lost_by": {f: phases_that_lost(entries, f) for f in (failing or
-                                                                    [f for f, v in report.families.items() if v.diff < 0])},
+                                                                    [f for f,
+                                                                     v in report.families.items() if v.diff < 0])},
                "answers": report.answers}
     if write and session is not None:
         write_json_atomic(paths.outputs_root() / session / "09_scorecard" / "chain.json", verdict)

@@ -17,7 +17,8 @@ the exact McNemar test (binomial on the discordant pairs), a paired bootstrap an
 **Questions needed** (``questions_needed``): with no true change, ``diff`` is about normal with variance ψ/n, ψ the
 discordance (the share of questions on which the two models disagree). The test passes with probability ``power``
 when ``δ·sqrt(n/ψ) ≥ z_conf + z_power``, i.e. ``n ≥ (z_conf + z_power)² ψ / δ²`` (Connor 1987, for paired
-proportions). ψ is not known before the models are asked: the guard (``forgelib.suite.guard``) asks the number an assumed ψ
+proportions). ψ is not known before the models are asked: the guard (``forgelib.suite.guard``) asks the number an
+assumed ψ
 needs, then, if the observed ψ and difference need more, asks more (an internal pilot): the next round is sized for
 the power at the measured difference, ``(z_conf + z_power)² ψ / (δ + diff)²`` (``forgelib.suite.needed_at``; the
 distance floored at δ/3), so a family that clearly improved needs no more questions and one that lost part of the

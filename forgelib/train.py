@@ -221,7 +221,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         batch = _to_device(next(batches), accelerator.device)
         loss, extras, grad_norm = _step(model, optimizer, batch, loss_fn, accelerator, config.grad_clip, step)
         history.losses.append(loss)
-        history.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        history.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         _check_health(history.losses, step, config)
         if step % config.log_every == 0 or step == config.steps:
             row = {f"{desc}/loss": loss, f"{desc}/grad_norm": grad_norm, f"{desc}/lr_factor": factor,

@@ -213,7 +213,8 @@ def test_phase_runs_end_to_end(tok, tmp_path, ternary, monkeypatch):
     assert bool(layers) == ternary  # a ternary model stays ternary, a plain one plain
     assert not any("lora" in n for n, _ in handed.base.named_modules())  # the adapters merged
     taught = load_quietstar(paths.resolve(result.models["taught"]["path"]))
-    moved = any(not torch.equal(a, b) for a, b in zip(handed.base.state_dict().values(), taught.base.state_dict().values()))
+    moved = any(not torch.equal(a, b) for a, b in zip(handed.base.state_dict().values(),
+                                                      taught.base.state_dict().values()))
     assert moved  # the bakes changed the weights the taught model had
 
 

@@ -5,7 +5,8 @@ from forgelib.bench import learn
 
 
 def test_mean_at_is_the_last_evaluation_reached():
-    curve = [{"train_seconds": 1.0, "mean": 0.1}, {"train_seconds": 2.0, "mean": 0.4}, {"train_seconds": 3.0, "mean": 0.5}]
+    curve = [{"train_seconds": 1.0, "mean": 0.1}, {"train_seconds": 2.0, "mean": 0.4}, {"train_seconds": 3.0,
+                                                                                        "mean": 0.5}]
     assert learn.mean_at(curve, 0.5) == 0.0
     assert learn.mean_at(curve, 2.5) == 0.4
     assert learn.mean_at(curve, 3.0) == 0.5

@@ -292,7 +292,8 @@ def test_load_packed_trainable_resumes_quantization_aware_training(tmp_path):
         codes, scale = ternary_quantize(layer.weight)
         original_codes, original_scale = ternary_quantize(bitlinear_modules(model)[name].weight)
         assert torch.equal(codes, original_codes) and layer.weight.requires_grad
-        torch.testing.assert_close(scale, original_scale, rtol=0, atol=0)  # exact: the float64 mean of the rebuilt latent
+        # exact: the float64 mean of the rebuilt latent
+        torch.testing.assert_close(scale, original_scale, rtol=0, atol=0)
     loaded.train()
     ids = token_ids()
     loaded(input_ids=ids, labels=ids).loss.backward()

@@ -90,7 +90,8 @@ def test_one_loader_for_plain_fake_quantized_and_packed_folders(tok, tmp_path):
     model.save_pretrained(tmp_path / "fake")  # packing 'none': plain Linear weights on disk
     export_packed(model, tmp_path / "packed", "base3")
     fake, packed = load_causal_lm(tmp_path / "fake"), load_causal_lm(tmp_path / "packed")
-    assert all(isinstance(m, BitLinear) for m in bitlinear_modules(fake).values()) and len(bitlinear_modules(fake)) == 14
+    assert all(isinstance(m,
+                          BitLinear) for m in bitlinear_modules(fake).values()) and len(bitlinear_modules(fake)) == 14
     assert len(packed_bitlinear_modules(packed)) == 14
     ids, mask = batch(tok)
     with torch.no_grad():

@@ -277,7 +277,8 @@ def test_bench_compression_runs_both_parts_and_marks_the_front(phase7, tmp_path)
         assert any(r["pareto"] for r in rows.values())
         assert all(r["peak_mb"] >= 0 and r["compress_s"] >= 0 for r in rows.values())
     matched = report["fp"]["matched_bits"][0]
-    assert matched["seedlm"] == "seedlm3.5" and abs(matched["bits_per_weight_seedlm3.5"] - matched["bits_per_weight_bfp3.5"]) < 0.05
+    assert matched["seedlm"] == "seedlm3.5"
+    assert abs(matched["bits_per_weight_seedlm3.5"] - matched["bits_per_weight_bfp3.5"]) < 0.05
     assert out.with_suffix(".png").is_file() and not out.with_suffix("").exists()
 
 

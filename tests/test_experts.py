@@ -381,8 +381,9 @@ def test_summarize_metrics_and_gate_from_a_report():
     # each expert: paired non-inferiority to the base at ``margin`` on the questions routed to it
     v0 = noninferior("e0", [1, 0, 0], [1, 1, 0], 0.10, guard.confidence, guard.power)
     v1 = noninferior("e1", [1, 1, 1, 1], [0, 1, 0, 0], 0.10, guard.confidence, guard.power)
-    assert gate["expert0_minus_base_lower_bound"].value == v0.lower and gate["expert0_minus_base_lower_bound"].bound == -0.10
-    assert gate["expert1_minus_base_lower_bound"].value == v1.lower and not gate["expert1_minus_base_lower_bound"].passed
+    first, second = gate["expert0_minus_base_lower_bound"], gate["expert1_minus_base_lower_bound"]
+    assert first.value == v0.lower and first.bound == -0.10
+    assert second.value == v1.lower and not second.passed
     # the routing accuracy's lower confidence bound (Wilson) against min_routing_acc: 3 of 5
     lower = proportion_bounds(3, 5, guard.confidence)[0]
     assert gate["routing_acc_lower_bound"].value == round(lower, 4) and not gate["routing_acc_lower_bound"].passed

@@ -199,7 +199,8 @@ def test_playground_runs_on_submit_only_and_lists_examples():
     assert all(f"<code>{html.escape(p)}</code>" in shown and f"<code>{html.escape(a)}</code>" in shown
                for _, p, a in examples)
     sample = next(iter(answers))
-    assert playground_lines(sample, lambda p: [], answers)[0] == f"expected answer: {answers[sample]!r} (a suite sample)"
+    assert playground_lines(sample, lambda p: [],
+                            answers)[0] == f"expected answer: {answers[sample]!r} (a suite sample)"
     assert "unknown" in playground_lines("not a suite prompt", lambda p: [], answers)[0]
 
 

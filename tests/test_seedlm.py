@@ -8,7 +8,8 @@ from forgelib.quant.seedlm import (TAPS, SeedLMConfig, basis, bits_per_weight, c
 
 
 def reference_lfsr(seed: int, K: int, n: int) -> list[int]:
-    """The textbook Fibonacci LFSR, one bit at a time: b_new = XOR of the tapped bits; state = (state >> 1) | b_new << (K-1)."""
+    """The textbook Fibonacci LFSR, one bit at a time: b_new = XOR of the tapped bits;
+    state = (state >> 1) | b_new << (K-1)."""
     state, out = seed, []
     for _ in range(n):
         bit = 0

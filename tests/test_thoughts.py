@@ -120,7 +120,8 @@ def brute_force(qs, ids, mask, noise, n_true):
                     seq.append(embed(ids[b, min(t + 1 + i, ids.shape[1] - 1)][None]))
             out_tokens[b, t] = toks
             out_thought[b, t] = preds
-            out_base[b, t] = [(full.logits[0, min(t + i, length - 1)], full.hidden_states[-1][0, min(t + i, length - 1)])
+            out_base[b, t] = [(full.logits[0, min(t + i, length - 1)], full.hidden_states[-1][0, min(t + i,
+                                                                                                     length - 1)])
                               for i in range(n_true)]
     return out_tokens, out_thought, out_base
 

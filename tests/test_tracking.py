@@ -36,7 +36,8 @@ def test_wandb_offline_run_is_written_inside_phase_folder(tmp_path, monkeypatch)
 
 
 def test_phase_result_round_trip_and_gate(tmp_path):
-    r = PhaseResult("p", 1, "s", metrics={"acc": 0.5}, gate=[GateCheck("acc", 0.5, 0.4), GateCheck("nan", float("nan"), 0)])
+    r = PhaseResult("p", 1, "s", metrics={"acc": 0.5}, gate=[GateCheck("acc", 0.5, 0.4), GateCheck("nan",
+                                                                                                   float("nan"), 0)])
     assert not r.gate_passed and r.gate_failures() == ["nan = nan (needs >= 0)"]
     r.save(tmp_path)
     back = PhaseResult.load(tmp_path)

@@ -23,7 +23,8 @@ n = 200-800).
 **Inputs needed** (``inputs_needed``): ``spread`` is the standard deviation of one input's linearised gap
 ``−d_i / ā``, so (to first order) a bake whose true gap closed is ``target + margin`` passes with probability
 ``power`` when ``margin ≥ (z_conf + z_power) · spread / sqrt(n)``, i.e. ``n ≥ ((z_conf + z_power) · spread /
-margin)²`` — the same sizing as ``forgelib.stats.questions_needed``, with the spread in place of the discordance. The spread is
+margin)²`` — the same sizing as ``forgelib.stats.questions_needed``, with the spread in place of the discordance. The
+spread is
 not known before the bake: the phase asks the number an assumed spread needs, then, if the observed spread needs
 more, draws more held-out inputs (only the nuisance spread is re-estimated, never the gap).
 """

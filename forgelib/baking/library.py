@@ -47,7 +47,8 @@ class BakePrompt:
         unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
         missing = sorted({"name", "kind", "text"} - set(spec))
         if missing:
-            raise ValueError(f"prompt {spec.get('name')!r}: missing keys {missing} (each prompt needs name, kind, text)")
+            raise ValueError(f"prompt {spec.get('name')!r}: missing keys {missing} "
+                             "(each prompt needs name, kind, text)")
         if unknown:
             raise ValueError(f"prompt {spec.get('name')!r}: unknown keys {unknown}; valid: name, kind, text, "
                              "answer_prefix")
@@ -118,7 +119,8 @@ def strip_answer_prefixes(text: str, prefixes: Sequence[str]) -> str:
 
 def normalize(text: str, prompts: Sequence[BakePrompt]) -> str:
     """The completion with the personas' answer prefixes removed from its answer (for the task checker)."""
-    personas = [p.answer_prefix.strip() for p in reversed(prompts) if p.kind == "persona"]  # styled() put the last first
+    # styled() put the last persona first
+    personas = [p.answer_prefix.strip() for p in reversed(prompts) if p.kind == "persona"]
     return strip_answer_prefixes(text, personas)
 
 

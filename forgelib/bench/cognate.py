@@ -142,7 +142,8 @@ def _cycles_run(args, tokenizer, use_act: bool) -> dict:
                         "mean_cycles_written_tokens": round(float(used[completion].float().mean()), 3)}
     model.config.n_cycles = args.cycles_train
     return {"trained_cycles": args.cycles_train, "layers": 1, "levels": list(levels), "train_steps": args.cycles_steps,
-            "n_test": len(test), "final_train_loss": round(history.last_loss, 4), "train_seconds": round(history.seconds, 1),
+            "n_test": len(test), "final_train_loss": round(history.last_loss, 4),
+            "train_seconds": round(history.seconds, 1),
             "by_test_time_cycles": rows}
 
 

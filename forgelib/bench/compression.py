@@ -70,7 +70,8 @@ def sweep(model, system, targets: list[str], base_assign: dict, methods: list[st
         spec = {"codec": "raw16"} if name == "raw16" else METHODS[name]
         plan = plan_from(groups, {t: spec for t in targets if t in groups.values()}, base)
         row = compress_and_measure(model, system, plan, folder / f"{name}.forge", hessians, groups)
-        row.update(name=name, spec=spec, acc_retention=round(row["acc"] / reference["acc"], 4) if reference["acc"] else None,
+        row.update(name=name, spec=spec, acc_retention=round(row["acc"] / reference["acc"],
+                                                             4) if reference["acc"] else None,
                    ppl_retention=round(reference["ppl"] / row["ppl"], 4))
         del row["correct"]
         rows.append(row)
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                load_guard_params(args.params, None, PHASES))  # the guard section sizes the test questions
     if "phase7" in args.parts:
         report["phase7"] = {"what": "Phase-7 system: ternary packed, each method on embeddings + matrices",
-                            **sweep(load_lm(model_folder), load_system(ctx, tokenizer, params), ["embeddings", "matrices"],
+                            **sweep(load_lm(model_folder), load_system(ctx, tokenizer, params), ["embeddings",
+                                                                                                 "matrices"],
                                     {"ternary": {"codec": "ternary"}}, args.methods, scratch / "p7", ctx.seed)}
     if "fp" in args.parts:
         folder3 = _phase3_folder(args.phase3, folder7)
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             params, use_experts=False, families=[f for f in params.families if f != "tool"]))
         report["fp"] = {"what": "Phase-3 full-precision model: each method on every matrix",
                         "phase3": paths.relative(folder3),
-                        **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp", ctx.seed)}
+                        **sweep(fp_model, plain, ["embeddings", "matrices"], {}, args.methods, scratch / "fp",
+                                ctx.seed)}
     _place_phase8(report, args.phase8)
     shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -91,7 +91,8 @@ def run_seed(base, tokenizer, clusters, test, route, grader, params, arms, seed)
         experts, _ = train_experts(svf, tokenizer, clusters, grader, params, seed)
         per = [correctness(svf, tokenizer, test, z, grader, params) for z in experts]
         row = {"routed": [per[r][i] for i, r in enumerate(route)],
-               "oracle": [int(any(p[i] for p in per)) for i in range(len(test))], "params_per_expert": svf.expert_params}
+               "oracle": [int(any(p[i] for p in per)) for i in range(len(test))],
+               "params_per_expert": svf.expert_params}
         solvable = [i for i in range(len(test)) if row["oracle"][i]]
         row["routing_acc"] = sum(row["routed"][i] for i in solvable) / len(solvable) if solvable else float("nan")
         if params.unseen_family:
@@ -129,10 +130,12 @@ def summarize(test, base_correct, per_seed, arms, params) -> dict:
         rows = [r[arm] for r in per_seed]
         summary[arm] = {"accuracy": interval([sum(r["routed"]) / len(test) for r in rows]),
                         "per_family": {f: interval([by_family(r["routed"])[f] for r in rows]) for f in families},
-                        "params_per_expert": rows[0]["params_per_expert"], "seconds": interval([r["seconds"] for r in rows])}
+                        "params_per_expert": rows[0]["params_per_expert"],
+                        "seconds": interval([r["seconds"] for r in rows])}
         if arm == "svf":
             summary[arm]["oracle"] = interval([sum(r["oracle"]) / len(test) for r in rows])
-            finite = [r["routing_acc"] for r in rows if r["routing_acc"] == r["routing_acc"]]  # nan: no solvable question
+            # nan: no solvable question
+            finite = [r["routing_acc"] for r in rows if r["routing_acc"] == r["routing_acc"]]
             summary[arm]["routing_acc"] = interval(finite) if finite else None
             if params.unseen_family:
                 summary[arm]["unseen"] = {"family": params.unseen_family,

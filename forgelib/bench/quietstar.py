@@ -120,7 +120,8 @@ def train_thinking(base, tokenizer, params: Params, arm: str, steps: int, seed: 
     config = dataclasses.replace(params.thoughts, thought_mode=mode, n_passes=passes)
     counters = []
     model, history = train_arm(base, tokenizer, dataclasses.replace(params, steps=steps, curve_every=0), config,
-                               seed=seed, name=arm, quiet=True, on_model=lambda m: counters.append(TokenCounter(m.base)))
+                               seed=seed, name=arm, quiet=True,
+                               on_model=lambda m: counters.append(TokenCounter(m.base)))
     counters[0].close()
     return model, history, counters[0].tokens
 

@@ -145,12 +145,14 @@ class SVFModel(nn.Module):
     def load_z(self, values: dict[str, torch.Tensor]) -> "SVFModel":
         """Set every ``z`` (a missing or extra name, or a wrong length, is an error naming it)."""
         if set(values) != set(self._names):
-            raise ValueError(f"expert vectors do not fit this model: missing {sorted(set(self._names) - set(values))[:3]}, "
-                             f"unexpected {sorted(set(values) - set(self._names))[:3]}")
+            missing, unexpected = sorted(set(self._names) - set(values)), sorted(set(values) - set(self._names))
+            raise ValueError(f"expert vectors do not fit this model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
         for name, value in values.items():
             z = self._param(name).z
             if tuple(value.shape) != tuple(z.shape):
-                raise ValueError(f"expert vector {name!r}: shape {tuple(value.shape)}, the model needs {tuple(z.shape)}")
+                raise ValueError(f"expert vector {name!r}: shape {tuple(value.shape)}, "
+                                 f"the model needs {tuple(z.shape)}")
             z.copy_(value.to(z))
         return self
 

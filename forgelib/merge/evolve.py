@@ -14,7 +14,8 @@ real logit per (depth, source) pair; a candidate's path takes the argmax source 
 
 Every candidate is built in memory (``merge_models``), scored by the caller's ``fitness_fn(model) -> float``
 (higher is better; the phase uses measured loss/accuracy on its fitness split), logged, and counted against
-the budget (an upper bound: a CMA-ES run that has converged stops early). All candidates share the recipe seed, so randomised methods (DARE, DELLA) see the same masks
+the budget (an upper bound: a CMA-ES run that has converged stops early). All candidates share the recipe seed, so
+randomised methods (DARE, DELLA) see the same masks
 throughout and the champion rebuilds bit-exactly from its saved recipe. The optional ``test_fn`` scores the
 champion once at the end (the test split). Note that ``cma`` reseeds numpy's global RNG from its seed.
 """

@@ -55,7 +55,8 @@ def load_cognate(path, **kwargs) -> CognateForCausalLM:
     if found != CognateConfig.model_type:
         raise ModelLoadError(
             f"{str(path)!r} holds a {found!r} model (architectures {config.get('architectures')}), not a Cognate "
-            "model; use forgelib.modelio.load_model(path) for other architectures, or cognate_from_llama for Llama weights")
+            "model; use forgelib.modelio.load_model(path) for other architectures, or cognate_from_llama for Llama "
+            "weights")
     model, info = CognateForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:

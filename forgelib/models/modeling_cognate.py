@@ -531,7 +531,8 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         labels: (B, T) token ids (-100 = ignored), shifted inside as in transformers. With labels, the loss is
         the deep-supervision weighted sum of every cycle's cross-entropy plus ``act_loss_weight`` times the
         halting BCE. ``n_cycles``, ``n_latent``, ``use_memory`` override the config for this call (the benchmark
-        measures test-time cycles this way); ``act_freeze=False`` turns per-token freezing off (default: on, in training as in inference).
+        measures test-time cycles this way); ``act_freeze=False`` turns per-token freezing off (default: on, in training
+        as in inference).
         ``past_key_values`` is accepted as the older name of ``cache``."""
         unknown = sorted(set(kwargs) - set(IGNORED_FORWARD_KWARGS))
         if unknown:

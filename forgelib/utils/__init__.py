@@ -13,7 +13,8 @@ Everything here works on any ``torch.nn.Module`` (a ``transformers`` causal LM i
 """
 from __future__ import annotations
 
-from .diversity import DiversityError, argmax_disagreement, compute_diversity, parameter_cosine_distance, validate_diversity
+from .diversity import (DiversityError, argmax_disagreement, compute_diversity, parameter_cosine_distance,
+                        validate_diversity)
 from .runtime import DeviceUnavailableError, resolve_device, set_seed
 from .sizing import (ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN, ADAMW_EXTRA_COPIES, LOGIT_FP32_COPIES, SIZE_CATEGORIES,
                      available_memory_bytes, calculate_safe_batch_size, estimate_training_memory, get_model_size,

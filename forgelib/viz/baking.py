@@ -77,7 +77,8 @@ def side_by_side_lines(models: dict, tokenizer, prompt_text: str, question: str,
     """The answers the playground prints: the taught model with the prompts, without them, the baked model."""
     from ..tools import generate_with_tools
 
-    runs = [("prompted (taught model)", models["taught"], prompt_text), ("unprompted (taught model)", models["taught"], ""),
+    runs = [("prompted (taught model)", models["taught"], prompt_text), ("unprompted (taught model)",
+                                                                         models["taught"], ""),
             ("baked, no prompt", models["baked"], "")]
     lines = [f"prompt text: {prompt_text!r}"]
     for label, model, pre in runs:
@@ -106,4 +107,5 @@ def baking_playground(result, max_new_tokens: int = 48):
     text = prefix([BakePrompt(**p) for p in report["library"] if p["name"] in baked])
     lo, hi = report.get("levels", [1, 2])
     return playground_widget(lambda q: side_by_side_lines(models, tokenizer, text, q, max_new_tokens),
-                             prompt_examples(report["families"], lo), suite_answers(report["families"], range(lo, hi + 1)))
+                             prompt_examples(report["families"], lo), suite_answers(report["families"], range(lo,
+                                                                                                              hi + 1)))

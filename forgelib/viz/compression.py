@@ -59,7 +59,8 @@ def plot_bits_vs_ppl(report: dict) -> "plt.Figure":
         ax.scatter([s["bits_per_weight"] for s in dropped], [s[key] for s in dropped], marker="x", color="C3", s=60,
                    label="rolled back", zorder=3)
         for s in report["stages"]:
-            ax.annotate(s["name"], (s["bits_per_weight"], s[key]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            ax.annotate(s["name"], (s["bits_per_weight"], s[key]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
         ax.axhline(ref[key], color="grey", ls="--", lw=1, label="Phase-7 model")
         ax.set_xlabel("bits per weight (whole file)")
         ax.set_ylabel(label)
@@ -75,7 +76,8 @@ def size_frame(report: dict, result):
     """Bytes on disk from Phase 1's specialists through every phase's model to the final artifact."""
     import pandas as pd
 
-    rows = [{"phase": f"{r['number']} {r['phase']}", "model": r["role"], "bytes": r["bytes"]} for r in report["lineage"]]
+    rows = [{"phase": f"{r['number']} {r['phase']}", "model": r["role"],
+             "bytes": r["bytes"]} for r in report["lineage"]]
     rows.append({"phase": "8 compression", "model": "artifact", "bytes": result.metrics["artifact_bytes"]})
     frame = pd.DataFrame(rows)
     frame["vs artifact"] = (frame["bytes"] / result.metrics["artifact_bytes"]).round(1)

@@ -96,7 +96,8 @@ def plot_search(report: dict) -> "plt.Figure":
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.scatter([p["seconds"] * 1000 for p in s["points"]], [p["accuracy"] for p in s["points"]], s=16, alpha=0.6)
     front = s["pareto"]
-    ax.plot([p["seconds"] * 1000 for p in front], [p["accuracy"] for p in front], "o-", color="C3", label="Pareto front")
+    ax.plot([p["seconds"] * 1000 for p in front], [p["accuracy"] for p in front], "o-", color="C3",
+            label="Pareto front")
     ax.set_xlabel("ms per question (both passes)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Routing search: strength and confidence gate (CMA-ES)")

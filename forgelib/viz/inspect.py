@@ -63,12 +63,14 @@ def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
     reg = _registry(registry)
 
     def row(m: dict) -> dict:
-        return {"id": m["id"], "phase": m["phase_name"], "role": m["model_name"], "path": paths.relative(m["model_path"])}
+        return {"id": m["id"], "phase": m["phase_name"], "role": m["model_name"],
+                "path": paths.relative(m["model_path"])}
 
     model = reg.get_model(model_id)
     chain, seen = [row(model)], {model["id"]}
     while True:
-        into = [h for h in reg.list_handoffs(model["session_id"]) if h["target_phase"] == model["phase_name"] and h["ok"]]
+        into = [h for h in reg.list_handoffs(model["session_id"])
+                if h["target_phase"] == model["phase_name"] and h["ok"]]
         if not into:
             return chain
         models = [m for m in reg.list_models(model["session_id"], into[-1]["source_phase"])
@@ -241,7 +243,8 @@ def model_inspector(path: str | Path):
     lines = [f"{info['folder']}: {info['parameters']:,} parameters"]
     if "artifact" in info:
         lines.append(f"artifact: {info['artifact']['bits_per_weight']} bits per weight, "
-                     f"{info['artifact']['file_bytes']:,} bytes; values per codec {info['artifact']['weights_per_codec']}")
+                     f"{info['artifact']['file_bytes']:,} bytes; "
+                     f"values per codec {info['artifact']['weights_per_codec']}")
     head, row, figure = w.HTML(_pre("\n".join(lines + [kinds.to_string()]))), w.HTML(), w.Output()
 
     def show(change=None):

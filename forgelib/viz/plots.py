@@ -27,7 +27,8 @@ def plot_metric_rows(rows: Sequence[dict], keys: Sequence[str], title: str = "",
     """Line plot of ``keys`` against ``step`` from tracker rows (metrics.jsonl); missing keys are skipped."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for key in keys:
-        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r.get("step") is not None]
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int,
+                                                                               float)) and r.get("step") is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=key)
@@ -42,7 +43,8 @@ def plot_metric_rows(rows: Sequence[dict], keys: Sequence[str], title: str = "",
     return fig
 
 
-def plot_history(metrics_path: str | Path, prefix_keys: dict[str, str] | None = None, title: str = "loss") -> "plt.Figure":
+def plot_history(metrics_path: str | Path, prefix_keys: dict[str, str] | None = None,
+                 title: str = "loss") -> "plt.Figure":
     """Loss curves of every training run logged in a phase's metrics.jsonl (keys ending in '/loss')."""
     from ..tracking import read_jsonl
 

@@ -28,7 +28,8 @@ def plot_scorecard(card: list[dict]) -> "plt.Figure":
     width = 0.8 / max(1, len(card))
     for i, r in enumerate(card):
         a_vals = [r.get(f"acc_{f}") or 0 for f in families]
-        b.bar([j + i * width for j in range(len(families))], a_vals, width, label=f"{r['phase'].split()[0]}:{r['model']}",
+        b.bar([j + i * width for j in range(len(families))], a_vals, width,
+              label=f"{r['phase'].split()[0]}:{r['model']}",
               color=f"C{i % 10}")
     b.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families)
     b.set_ylabel("accuracy")
