@@ -304,37 +304,38 @@ class QuietStarModel(nn.Module):
         key_visible = (torch.arange(T, device=device)[None, None, :] <= positions[:, :, None]) \
             & mask2.bool()[:, None, :]  # (B', Q, T)
         start_pos = position_ids.gather(1, positions) + 1  # (B', Q)
-        emb = self.thought_embeddings  # (3, D): start, end, pause
-        embed = self.base.get_input_embeddings()
         true_next = ids.gather(1, (positions[..., None] + torch.arange(1, n_true, device=device)).clamp(max=T - 1)
                                .flatten(1)).view(Bp, Q, n_true - 1)  # x_{t+1} .. x_{t+n_true-1}
-        n = cfg.n_thought
-        forced = tokens
+        tokens, logprob, after = self._thought_steps(cache, key_visible, start_pos, true_next, base_hidden.dtype,
+                                                     mode=mode, n_true=n_true, temperature=temperature, noise=noise,
+                                                     forced=tokens)
+        thought_logits, b_logits, weights, mixed = self._mix(base_logits, base_hidden, positions, after, n_true, T)
+        return Thoughts(base_logits, base_hidden, positions, tokens, logprob, thought_logits, b_logits, weights, mixed)
+
+    def _thought_steps(self, cache, key_visible: torch.Tensor, start_pos: torch.Tensor, true_next: torch.Tensor,
+                       dtype, *, mode: str, n_true: int, temperature: float, noise: torch.Tensor | None,
+                       forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The thought after the base pass in ``cache``: n_thought content steps, the end, then the true tokens;
+        (content tokens (B', Q, n_thought), their log-probability (B', Q), [(logits, hidden) after eot and each
+        true token])."""
+        Bp, Q = start_pos.shape
+        device = start_pos.device
+        emb = self.thought_embeddings  # (3, D): start, end, pause
+        embed = self.base.get_input_embeddings()
+        n = self.qconfig.n_thought
         tokens = torch.full((Bp, Q, n), self.sot_id, dtype=torch.long, device=device)  # pause: shown as start
         logprob = torch.zeros(Bp, Q, device=device)
         after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, hidden) after eot and each true token
         step_input = emb[0].expand(Bp, Q, -1)
         for step in range(n + 1 + n_true):
-            mask4 = self._additive(thought_mask(key_visible, step), base_hidden.dtype)
+            mask4 = self._additive(thought_mask(key_visible, step), dtype)
             logits, hidden, cache = self._lm(inputs_embeds=step_input, attention_mask=mask4,
                                              position_ids=start_pos + step, cache=cache)
             if step < n:  # choose content token `step`
                 if mode == "pause":
                     step_input = emb[2].expand(Bp, Q, -1)
                     continue
-                step_noise = None if noise is None else noise[:, :, step]
-                if forced is not None:
-                    token = forced[:, :, step]
-                    if temperature > 0:
-                        scaled = logits.float().masked_fill(~self.thought_vocab, float("-inf")) / temperature
-                        logprob = logprob + F.log_softmax(scaled, -1).gather(-1, token[..., None]).squeeze(-1)
-                elif mode == "random":
-                    if step_noise is None:
-                        step_noise = torch.rand(Bp, Q, logits.shape[-1], device=device)
-                    token, _ = sample_tokens(torch.zeros_like(logits), self.thought_vocab, 1.0, step_noise)
-                else:
-                    token, logp = sample_tokens(logits, self.thought_vocab, temperature, step_noise)
-                    logprob = logprob + logp
+                token, logprob = self._content_token(logits, step, mode, temperature, noise, forced, logprob)
                 tokens[:, :, step] = token
                 step_input = embed(token)
             elif step == n:
@@ -344,6 +345,34 @@ class QuietStarModel(nn.Module):
                 i = step - n - 1  # this output predicts x_{t+1+i}
                 if i < n_true - 1:
                     step_input = embed(true_next[:, :, i])
+        return tokens, logprob, after
+
+    def _content_token(self, logits: torch.Tensor, step: int, mode: str, temperature: float,
+                       noise: torch.Tensor | None, forced: torch.Tensor | None,
+                       logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Content token ``step`` (B', Q): the ``forced`` one, else sampled (``mode``); and ``logprob`` plus its
+        log-probability (unchanged for random tokens and forced ones at temperature 0)."""
+        step_noise = None if noise is None else noise[:, :, step]
+        if forced is not None:
+            token = forced[:, :, step]
+            if temperature > 0:
+                scaled = logits.float().masked_fill(~self.thought_vocab, float("-inf")) / temperature
+                logprob = logprob + F.log_softmax(scaled, -1).gather(-1, token[..., None]).squeeze(-1)
+        elif mode == "random":
+            if step_noise is None:
+                step_noise = torch.rand(*logprob.shape, logits.shape[-1], device=logprob.device)
+            token, _ = sample_tokens(torch.zeros_like(logits), self.thought_vocab, 1.0, step_noise)
+        else:
+            token, logp = sample_tokens(logits, self.thought_vocab, temperature, step_noise)
+            logprob = logprob + logp
+        return token, logprob
+
+    def _mix(self, base_logits: torch.Tensor, base_hidden: torch.Tensor, positions: torch.Tensor,
+             after: list[tuple[torch.Tensor, torch.Tensor]], n_true: int, T: int) -> tuple[torch.Tensor, ...]:
+        """The thought's predictions mixed with the base model's of the same tokens: (thought logits, base logits,
+        mixing weights, mixed logits), each (B', Q, n_true, ...)."""
+        Bp, Q = positions.shape
+        device = positions.device
         thought_logits = torch.stack([lg for lg, _ in after], 2)  # (B', Q, n_true, V)
         thought_hidden = torch.stack([h for _, h in after], 2)  # (B', Q, n_true, D)
         base_idx = (positions[..., None] + torch.arange(n_true, device=device)).clamp(max=T - 1)  # (B', Q, n_true)
@@ -355,7 +384,7 @@ class QuietStarModel(nn.Module):
         a = self.mixing_head(torch.cat([b_hidden, thought_hidden.to(b_hidden.dtype)], -1)).squeeze(-1)
         weights = _straight_through_clamp(a.float())  # (B', Q, n_true)
         mixed = b_logits.float() + weights[..., None] * (thought_logits.float() - b_logits.float())
-        return Thoughts(base_logits, base_hidden, positions, tokens, logprob, thought_logits, b_logits, weights, mixed)
+        return thought_logits, b_logits, weights, mixed
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **unused) -> QuietStarOutput:

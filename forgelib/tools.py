@@ -357,6 +357,79 @@ def _check_args(max_new_tokens: int, max_calls: int, batch_size: int) -> None:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+@dataclass
+class _Taker:
+    """How ``generate_with_tools`` takes a row's freshly generated tokens: its stop tokens, budgets and tool."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tool: Callable[[str], str] | None
+    stops: list[int]
+    eos_id: int | None
+    hidden: set[int]  # token ids left out of the completion's text (eos, pad, bos)
+    max_new_tokens: int
+    max_calls: int
+
+    def completion(self, row: _Row) -> str:
+        """The row's completion as text (special tokens kept as markup, the ``hidden`` ones left out)."""
+        return self.tokenizer.decode([t for t in row.ids[row.n_prompt:] if t not in self.hidden],
+                                     skip_special_tokens=False)
+
+    def advance(self, row: _Row, new: list[int]) -> None:
+        """Take a row's freshly generated tokens: cut at its budget and first stop token, then run its call."""
+        new = new[:self.max_new_tokens - row.generated]
+        cut = next((k for k, t in enumerate(new) if t in self.stops), None)
+        new = new if cut is None else new[:cut + 1]
+        row.ids += new
+        row.own += [1] * len(new)
+        row.generated += len(new)
+        if cut is None:
+            row.stop = "length"
+        elif new[-1] == self.eos_id:
+            row.stop = "eos"
+        elif len(row.calls) >= self.max_calls:
+            row.stop = "max_calls"
+        elif row.generated >= self.max_new_tokens:
+            row.stop = "length"
+        else:
+            expr = extract_tool_call(self.completion(row))
+            result = self.tool(expr) if expr is not None else f"{ERROR_PREFIX}no {TOOL_OPEN} opens this {TOOL_CLOSE}"
+            result = str(result)
+            row.calls.append({"expr": expr, "result": result, "ok": not result.startswith(ERROR_PREFIX)})
+            appended = self.tokenizer(TOOL_RESULT + result, add_special_tokens=False)["input_ids"]
+            row.ids += appended
+            row.own += [0] * len(appended)
+            row.result_tokens += len(appended)
+
+
+def _generate_rounds(model: torch.nn.Module, rows: list[_Row], taker: _Taker, batch_size: int, sampling: dict,
+                     pad: int, device: torch.device) -> None:
+    """Generate every unfinished row, round after round (batches of ``batch_size``, left-padded, one ``generate``
+    call each with the batch's largest remaining budget), until every row has stopped."""
+    with _evaluating(model):
+        while active := [row for row in rows if row.stop is None]:
+            for start in range(0, len(active), batch_size):
+                chunk = active[start:start + batch_size]
+                budget = max(taker.max_new_tokens - row.generated for row in chunk)
+                ids, mask = _left_pad([row.ids for row in chunk], pad)  # (B, T) each
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=budget, num_beams=1, **sampling,
+                                     eos_token_id=taker.stops, pad_token_id=pad)  # (B, T + new)
+                for row, new in zip(chunk, out[:, ids.shape[1]:].tolist()):
+                    taker.advance(row, new)
+
+
+def _traces(rows: list[_Row], taker: _Taker) -> list[ToolTrace]:
+    """The finished rows as traces (without a tool: the calls the text writes, each with ``result=None``)."""
+    traces = []
+    for row in rows:
+        text = taker.completion(row)
+        calls = row.calls if taker.tool is not None else [{"expr": e, "result": None, "ok": False}
+                                                          for e in find_tool_calls(text)]
+        traces.append(ToolTrace(row.prompt, text, calls, row.generated, row.result_tokens, row.stop,
+                                row.ids[row.n_prompt:], list(row.own)))
+    return traces
+
+
 def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                         prompts: Sequence[str] | Sequence[Sample], max_new_tokens: int = 64,
                         tool: Callable[[str], str] | None = calculator, max_calls: int = 4,
@@ -388,58 +461,12 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     hidden = {i for i in (eos_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
     pad, device = pad_id(tokenizer), _device(model)
     rows = [_Row(text, ids, len(ids)) for text, ids in zip(texts, encode_prompts(tokenizer, texts))]
-
-    def completion(row: _Row) -> str:
-        return tokenizer.decode([t for t in row.ids[row.n_prompt:] if t not in hidden], skip_special_tokens=False)
-
-    def advance(row: _Row, new: list[int]) -> None:
-        """Take a row's freshly generated tokens: cut at its budget and first stop token, then run its call."""
-        new = new[:max_new_tokens - row.generated]
-        cut = next((k for k, t in enumerate(new) if t in stops), None)
-        new = new if cut is None else new[:cut + 1]
-        row.ids += new
-        row.own += [1] * len(new)
-        row.generated += len(new)
-        if cut is None:
-            row.stop = "length"
-        elif new[-1] == eos_id:
-            row.stop = "eos"
-        elif len(row.calls) >= max_calls:
-            row.stop = "max_calls"
-        elif row.generated >= max_new_tokens:
-            row.stop = "length"
-        else:
-            expr = extract_tool_call(completion(row))
-            result = tool(expr) if expr is not None else f"{ERROR_PREFIX}no {TOOL_OPEN} opens this {TOOL_CLOSE}"
-            result = str(result)
-            row.calls.append({"expr": expr, "result": result, "ok": not result.startswith(ERROR_PREFIX)})
-            appended = tokenizer(TOOL_RESULT + result, add_special_tokens=False)["input_ids"]
-            row.ids += appended
-            row.own += [0] * len(appended)
-            row.result_tokens += len(appended)
-
+    taker = _Taker(tokenizer, tool, stops, eos_id, hidden, max_new_tokens, max_calls)
     for row in rows:
         if max_new_tokens == 0:
             row.stop = "length"
-    with _evaluating(model):
-        while active := [row for row in rows if row.stop is None]:
-            for start in range(0, len(active), batch_size):
-                chunk = active[start:start + batch_size]
-                budget = max(max_new_tokens - row.generated for row in chunk)
-                ids, mask = _left_pad([row.ids for row in chunk], pad)  # (B, T) each
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=budget, num_beams=1, **sampling,
-                                     eos_token_id=stops, pad_token_id=pad)  # (B, T + new)
-                for row, new in zip(chunk, out[:, ids.shape[1]:].tolist()):
-                    advance(row, new)
-    traces = []
-    for row in rows:
-        text = completion(row)
-        calls = row.calls if tool is not None else [{"expr": e, "result": None, "ok": False}
-                                                    for e in find_tool_calls(text)]
-        traces.append(ToolTrace(row.prompt, text, calls, row.generated, row.result_tokens, row.stop,
-                                row.ids[row.n_prompt:], list(row.own)))
-    return traces
+    _generate_rounds(model, rows, taker, batch_size, sampling, pad, device)
+    return _traces(rows, taker)
 
 
 def tool_stats(traces: Sequence[ToolTrace]) -> dict[str, float | int]:

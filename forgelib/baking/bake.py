@@ -412,6 +412,31 @@ def teacher_pairs(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str
     return pairs, teacher_logprobs(model, pairs)
 
 
+def _train_adapter(model: nn.Module, pairs: PairBatch, teacher_logp: torch.Tensor,
+                   retain: tuple[PairBatch, torch.Tensor] | None, held: tuple[PairBatch, torch.Tensor] | None,
+                   config: PromptBakingConfig, loss: str, tracker: Any, desc: str):
+    """Train the adapter ``config.steps`` steps on ``pairs`` (and the ``retain`` pairs), by ``loss`` ('kl' or 'sft'),
+    evaluating the KL on the ``held`` pairs when there are any; returns the training history."""
+    from ..train import TrainConfig, train
+
+    optimizer = _optimizer(model, config)
+    train_config = TrainConfig(steps=config.steps, log_every=max(1, config.steps // 4),
+                               eval_every=config.eval_every if held else 0)
+    loss_fn = kl_loss if loss == "kl" else sft_loss
+    return train(model, _batches(pairs, teacher_logp, config.batch_size, config.seed, retain), optimizer,
+                 train_config, loss_fn=lambda m, b: loss_fn(m, b, config.retain_weight), tracker=tracker,
+                 quiet=True, desc=desc, evaluate=(lambda m: {"heldout_kl": prompt_kl(m, *held)}) if held else None)
+
+
+def _measure_baked(model: nn.Module, held: tuple[PairBatch, torch.Tensor], unbaked: list[float], positions: list[int],
+                   report: dict) -> None:
+    """The baked model's held-out KL into ``report``: ``kl_baked``, ``gap_closed`` and per input ``heldout``."""
+    baked, _ = prompt_kl_rows(model, *held)
+    report["kl_baked"] = sum(baked) / max(sum(positions), 1)
+    report["gap_closed"] = gap_closed(report["kl_baked"], report["kl_unbaked"])
+    report["heldout"] = {"kl_unbaked": unbaked, "kl_baked": baked, "positions": positions}
+
+
 def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequence[str | Sample],
                 config: PromptBakingConfig | None = None, eval_data: Sequence[str | Sample] | None = None,
                 loss: str = "kl", tracker: Any = None, desc: str = "bake",
@@ -434,8 +459,6 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
     teacher log-probabilities; default: ``model`` itself with the adapter off, the paper's setting). The unbaked
     reference of the held-out gap stays ``model`` with the adapter off, and the retain term keeps ``model``'s own
     unprompted behaviour."""
-    from ..train import TrainConfig, train
-
     config = config or PromptBakingConfig()
     if loss not in ("kl", "sft"):
         raise ValueError(f"loss must be 'kl' or 'sft', got {loss!r}")
@@ -455,23 +478,14 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
         report["kl_unbaked"] = sum(unbaked) / max(sum(positions), 1)
         report["curve"].append({"step": 0, "kl": prompt_kl(model, *held)})
 
-    optimizer = _optimizer(model, config)
-    train_config = TrainConfig(steps=config.steps, log_every=max(1, config.steps // 4),
-                               eval_every=config.eval_every if held else 0)
-    loss_fn = kl_loss if loss == "kl" else sft_loss
-    history = train(model, _batches(pairs, teacher_logp, config.batch_size, config.seed, retain), optimizer,
-                    train_config, loss_fn=lambda m, b: loss_fn(m, b, config.retain_weight), tracker=tracker,
-                    quiet=True, desc=desc, evaluate=(lambda m: {"heldout_kl": prompt_kl(m, *held)}) if held else None)
+    history = _train_adapter(model, pairs, teacher_logp, retain, held, config, loss, tracker, desc)
     report["curve"] += [{"step": e["step"], "kl": e["heldout_kl"]} for e in history.evals]
     report["train_loss"] = history.losses
     if config.half_baking:
         scale_adapter(model, config.half_baking_factor)
     model.eval()
     if held:
-        baked, _ = prompt_kl_rows(model, *held)
-        report["kl_baked"] = sum(baked) / max(sum(positions), 1)
-        report["gap_closed"] = gap_closed(report["kl_baked"], report["kl_unbaked"])
-        report["heldout"] = {"kl_unbaked": unbaked, "kl_baked": baked, "positions": positions}
+        _measure_baked(model, held, unbaked, positions, report)
     report["seconds"] = round(time.perf_counter() - started, 2)
     model.baking_report = report
     model.baking_heldout = held  # (pairs, teacher log-probs): re-measure after merging or scaling

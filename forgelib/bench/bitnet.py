@@ -24,6 +24,7 @@ import math
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -33,10 +34,6 @@ from ..phases.quietstar import score, test_samples
 from ..results import dumps_json
 from . import phase_folder, phase_params
 from .quietstar import interval
-
-
-
-
 
 
 @torch.no_grad()
@@ -51,7 +48,8 @@ def tokens_per_second(models: dict, batch: torch.Tensor, repeats: int) -> dict[s
     return {name: round(batch.numel() / statistics.median(t), 1) for name, t in times.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of ``forge bench bitnet``."""
     parser = argparse.ArgumentParser(prog="forge bench bitnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase3", default=None, help="a Phase 3 output folder (default: the newest completed)")
@@ -62,7 +60,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _qat_arms(fp_model, tokenizer, test: list, data, fp_row: dict, params, seeds: int) -> tuple[list[dict], Any]:
+    """Both QAT arms (with and without distillation) at training seeds 0 .. ``seeds`` - 1; (a row per seed, the
+    first seed's distilled model)."""
+    per_seed, trained = [], None
+    for seed in range(seeds):
+        row = {}
+        for arm, weight in (("qat_distill", params.distill_weight), ("qat_no_distill", 0.0)):
+            arm_params = dataclasses.replace(params, distill_weight=weight)
+            t0 = time.perf_counter()
+            model, _ = train_qat(ternary_copy(fp_model, arm_params), copy.deepcopy(fp_model.base), tokenizer,
+                                 arm_params, seed=seed)
+            seconds = time.perf_counter() - t0
+            row[arm] = {**_quality(score(model, tokenizer, test, data), fp_row), "train_seconds": round(seconds, 2)}
+            if arm == "qat_distill" and trained is None:
+                trained = model
+        per_seed.append(row)
+    return per_seed, trained
+
+
+def _packed_speed(fp_model, trained, tokenizer, test: list, params, repeats: int) -> dict[str, float]:
+    """Forward tokens/s of the full-precision model, ``trained`` saved packed and read back, and ``trained`` as
+    trained (fake quantization), on the first 32 test questions."""
+    from ..data.tokenizer import encode_samples
+    from ..modelio import load_quietstar
+
+    with tempfile.TemporaryDirectory(prefix="forge-bench-bitnet-") as tmp:
+        trained.export_packing = params.packing
+        trained.save_pretrained(tmp)
+        packed = load_quietstar(tmp, tokenizer).eval()
+        enc = encode_samples(tokenizer, test[:32], params.max_len, with_steps=params.with_steps)
+        batch = enc["input_ids"][:, :int(enc["attention_mask"].sum(1).max())]
+        return tokens_per_second({"fp32": fp_model.base, "packed": packed.base, "fake_quant": trained.base},
+                                 batch, repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
@@ -84,30 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     fp_row = score(fp_model, tokenizer, test, data)
     ptq = ternary_copy(fp_model, params).eval()
     ptq_row = score(ptq, tokenizer, test, data)
-    per_seed, trained = [], None
-    for seed in range(args.seeds):
-        row = {}
-        for arm, weight in (("qat_distill", params.distill_weight), ("qat_no_distill", 0.0)):
-            arm_params = dataclasses.replace(params, distill_weight=weight)
-            t0 = time.perf_counter()
-            model, _ = train_qat(ternary_copy(fp_model, arm_params), copy.deepcopy(fp_model.base), tokenizer,
-                                 arm_params, seed=seed)
-            seconds = time.perf_counter() - t0
-            row[arm] = {**_quality(score(model, tokenizer, test, data), fp_row), "train_seconds": round(seconds, 2)}
-            if arm == "qat_distill" and trained is None:
-                trained = model
-        per_seed.append(row)
+    per_seed, trained = _qat_arms(fp_model, tokenizer, test, data, fp_row, params, args.seeds)
     sizes = size_table(fp_model, trained)
-    with tempfile.TemporaryDirectory(prefix="forge-bench-bitnet-") as tmp:
-        trained.export_packing = params.packing
-        trained.save_pretrained(tmp)
-        packed = load_quietstar(tmp, tokenizer).eval()
-        from ..data.tokenizer import encode_samples
-
-        enc = encode_samples(tokenizer, test[:32], params.max_len, with_steps=params.with_steps)
-        batch = enc["input_ids"][:, :int(enc["attention_mask"].sum(1).max())]
-        speed = tokens_per_second({"fp32": fp_model.base, "packed": packed.base, "fake_quant": trained.base},
-                                  batch, args.speed_repeats)
+    speed = _packed_speed(fp_model, trained, tokenizer, test, params, args.speed_repeats)
     arms = ("qat_distill", "qat_no_distill")
     report = {"benchmark": "bitnet", "phase3": paths.relative(folder), "params_file": args.params,
               "what_the_seeds_vary": "the QAT training seed only (data order); one start model and one test set; "

@@ -344,6 +344,57 @@ def _lap(timing: dict, name: str, t0: float, c0: float) -> None:
     timing[f"{name}_cpu_s"] = round(time.process_time() - c0, 2)
 
 
+def _teach(model, tokenizer, library: list[BakePrompt], params: Params, ctx, others: dict, suite: dict,
+           report: dict, timing: dict) -> None:
+    """Teach the model the library's prompts for ``teach_steps`` steps (none at 0; ``report["teach_loss"]``),
+    replaying ``others`` (else the suite); its seconds go to ``timing``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    if params.teach_steps:
+        history = teach_prompts(model, tokenizer, library, params.families,
+                                range(params.levels[0], params.levels[1] + 1), params.teach_steps,
+                                params.teach_batch_size, seed=ctx.seed, optimizer=params.teach_optimizer,
+                                tracker=ctx.tracker, device=ctx.device, replay=others or suite,
+                                replay_share=params.replay)
+        report["teach_loss"] = {"first": history.first_loss, "last": history.last_loss}
+    model.eval()
+    _lap(timing, "teach", t0, c0)
+
+
+def _measure_taught(model, tokenizer, library: list[BakePrompt], test: list, params: Params, report: dict,
+                    timing: dict) -> tuple[dict[str, dict], list[BakePrompt]]:
+    """Measure the taught model without a prompt, with each and with all (``report["taught"]``, ``"effect"``,
+    ``"not_baked"``); returns (those measurements, the prompts whose effect reaches ``min_effect``: to bake)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    taught = {"none": measure(model, tokenizer, [], test, params),
+              **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
+    if len(library) > 1:
+        taught["all"] = measure(model, tokenizer, library, test, params)
+    report["taught"] = taught
+    effect = {p.name: taught[p.name]["adherence"][p.name] - taught["none"]["adherence"][p.name] for p in library}
+    report["effect"] = effect
+    baked_prompts = [p for p in library if effect[p.name] >= params.min_effect]
+    report["not_baked"] = {p.name: f"effect {effect[p.name]:.3f} < min_effect {params.min_effect}"
+                           for p in library if p not in baked_prompts}
+    _lap(timing, "measure_taught", t0, c0)
+    return taught, baked_prompts
+
+
+def _drift(reference, model, tokenizer, params: Params, ctx, others: dict, guard, report: dict,
+           timing: dict) -> None:
+    """``report["drift"]``: the drift on the unrelated families, with their accuracy before and after from the
+    guard's answers (NaN where it asked none)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    report["drift"] = drift(reference, model, tokenizer, params, ctx.seed + 4, others, accuracy=False)
+    _lap(timing, "drift", t0, c0)
+    report["drift"].update(acc_before=float("nan"), acc_after=float("nan"))
+    asked = [f for f in others if f in guard.answers]
+    if asked:
+        for side, key in (("before", "acc_before"), ("after", "acc_after")):
+            got = [x for f in asked for x in guard.answers[f][side]]
+            report["drift"][key] = sum(got) / len(got) if got else float("nan")
+        report["drift"]["accuracy_from"] = "guard questions of " + ", ".join(asked)
+
+
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 6 (see the module docstring)."""
     from ..suite import Asker, GuardParams
@@ -372,28 +423,8 @@ def run(params: Params, ctx) -> PhaseResult:
     report["input"] = {"none": measure(model, tokenizer, [], test, params),
                        **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
     _lap(timing, "measure_input", t0, c0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    if params.teach_steps:
-        history = teach_prompts(model, tokenizer, library, params.families,
-                                range(params.levels[0], params.levels[1] + 1), params.teach_steps,
-                                params.teach_batch_size, seed=ctx.seed, optimizer=params.teach_optimizer,
-                                tracker=ctx.tracker, device=ctx.device, replay=others or suite,
-                                replay_share=params.replay)
-        report["teach_loss"] = {"first": history.first_loss, "last": history.last_loss}
-    model.eval()
-    _lap(timing, "teach", t0, c0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    taught = {"none": measure(model, tokenizer, [], test, params),
-              **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
-    if len(library) > 1:
-        taught["all"] = measure(model, tokenizer, library, test, params)
-    report["taught"] = taught
-    effect = {p.name: taught[p.name]["adherence"][p.name] - taught["none"]["adherence"][p.name] for p in library}
-    report["effect"] = effect
-    baked_prompts = [p for p in library if effect[p.name] >= params.min_effect]
-    report["not_baked"] = {p.name: f"effect {effect[p.name]:.3f} < min_effect {params.min_effect}"
-                           for p in library if p not in baked_prompts}
-    _lap(timing, "measure_taught", t0, c0)
+    _teach(model, tokenizer, library, params, ctx, others, suite, report, timing)
+    taught, baked_prompts = _measure_taught(model, tokenizer, library, test, params, report, timing)
     ctx.save_model("taught", wrapper, tokenizer, metadata={"baking": "prompt-taught model (before baking)"})
     taught_model = copy.deepcopy(model).eval()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -407,16 +438,7 @@ def run(params: Params, ctx) -> PhaseResult:
     guard = ctx.guard(Asker(reference, tokenizer, label="phase-5 model"),
                       Asker(model, tokenizer, label="phase-6 model"))
     _lap(timing, "guard", t0, c0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    report["drift"] = drift(reference, model, tokenizer, params, ctx.seed + 4, others, accuracy=False)
-    _lap(timing, "drift", t0, c0)
-    report["drift"].update(acc_before=float("nan"), acc_after=float("nan"))
-    asked = [f for f in others if f in guard.answers]
-    if asked:
-        for side, key in (("before", "acc_before"), ("after", "acc_after")):
-            got = [x for f in asked for x in guard.answers[f][side]]
-            report["drift"][key] = sum(got) / len(got) if got else float("nan")
-        report["drift"]["accuracy_from"] = "guard questions of " + ", ".join(asked)
+    _drift(reference, model, tokenizer, params, ctx, others, guard, report, timing)
     report["timing"] = timing
     ctx.write_report(report)
     metrics, checks = summarize(report, params, guard_params.confidence, guard_params.power)

@@ -413,6 +413,27 @@ def _setup_runtime(run: RunParams) -> str:
     return resolve_device(run.device)
 
 
+def _find_upstream(spec: PhaseSpec, upstream: str | os.PathLike | PhaseResult | None, all_specs: list[PhaseSpec],
+                   session: str) -> tuple[PhaseResult | None, str]:
+    """(the upstream result, how it was found): the given one, else (phase 2 on) the newest completed run of the
+    phase before, which is printed."""
+    upstream_result, how = load_upstream(upstream), "given"
+    if upstream_result is None and spec.number > 1:
+        upstream_result = latest_completed(all_specs, spec.number - 1, session)
+        how = "not given: the newest completed run (this session's if it has one, else any session's)"
+        if upstream_result is not None:  # picked, not given: say which
+            print(upstream_line(spec, upstream_result) + f"; {how}")
+    return upstream_result, how
+
+
+def _write_params(folder: Path, spec: PhaseSpec, params_file: str | os.PathLike, overrides: dict | None,
+                  run: RunParams, guard_params: Any, params: Any) -> None:
+    """The run's parameters as ``params.yaml`` in ``folder`` (file, overrides, run, guard and the phase's section)."""
+    (folder / "params.yaml").write_text(yaml.safe_dump(
+        {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
+         "run": to_dict(run), "guard": to_dict(guard_params), spec.name: to_dict(params)}, sort_keys=False))
+
+
 def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "parameters/smoke.yaml",
                overrides: dict | None = None, session: str | None = None,
                upstream: str | os.PathLike | PhaseResult | None = None,
@@ -429,12 +450,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
     guard_params = load_guard_params(params_file, overrides, all_specs)
-    upstream_result, how = load_upstream(upstream), "given"
-    if upstream_result is None and spec.number > 1:
-        upstream_result = latest_completed(all_specs, spec.number - 1, session)
-        how = "not given: the newest completed run (this session's if it has one, else any session's)"
-        if upstream_result is not None:  # picked, not given: say which
-            print(upstream_line(spec, upstream_result) + f"; {how}")
+    upstream_result, how = _find_upstream(spec, upstream, all_specs, session)
     follower = is_follower()
     if not follower and completed_result(session, spec) is not None:
         raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
@@ -445,9 +461,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
         _prepare_dir(folder)
         paths.contain_tool_caches()
         device = _setup_runtime(run)
-        (folder / "params.yaml").write_text(yaml.safe_dump(
-            {"params_file": paths.relative(paths.resolve(params_file)), "overrides": overrides or {},
-             "run": to_dict(run), "guard": to_dict(guard_params), spec.name: to_dict(params)}, sort_keys=False))
+        _write_params(folder, spec, params_file, overrides, run, guard_params, params)
         registry = ModelRegistry(paths.registry_path())
         if follower:
             registry = ReadOnlyRegistry(registry)

@@ -300,6 +300,25 @@ def stage_gate(row: dict, reference: dict, allowed_loss: float, max_ppl_ratio: f
 # --- the phase ----------------------------------------------------------------------------------------
 
 
+def _sweep(model, system: System, groups: dict[str, str], hessians: dict, params: Params, ctx,
+           timing: dict) -> list[dict]:
+    """The chart: each ``sweep`` point's spec on the ``sweep_targets`` over the first stage's plan, measured on the
+    first ``sweep_questions`` test questions (its files deleted after); a row per point, its seconds to ``timing``."""
+    from ..quant.compress import plan_from
+
+    t0 = time.perf_counter()
+    first = plan_from(groups, params.stages[0]["assign"])
+    sweep, charted = [], dataclasses.replace(system, test=system.test[:params.sweep_questions])
+    for point in params.sweep:
+        plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
+        row = compress_and_measure(model, charted, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians,
+                                   groups)
+        sweep.append({**row, "name": point["name"], "spec": point["spec"]})
+    shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
+    timing["sweep_s"] = round(time.perf_counter() - t0, 2)
+    return sweep
+
+
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 8 (see the module docstring)."""
     from ..quant.compress import plan_from, tensor_groups
@@ -342,16 +361,7 @@ def run(params: Params, ctx) -> PhaseResult:
         stages.insert(0, {**compress_and_measure(model, system, {}, kept_path, hessians, groups), "name": "input",
                           "assign": {}, "gate": [], "kept": True, "path": str(kept_path.relative_to(ctx.dir))})
         kept_guard = guard_of(kept_path, params.allowed_loss, "input")
-    t0 = time.perf_counter()
-    first = plan_from(groups, params.stages[0]["assign"])
-    sweep, charted = [], dataclasses.replace(system, test=system.test[:params.sweep_questions])
-    for point in params.sweep:
-        plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
-        row = compress_and_measure(model, charted, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians,
-                                   groups)
-        sweep.append({**row, "name": point["name"], "spec": point["spec"]})
-    shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
-    timing["sweep_s"] = round(time.perf_counter() - t0, 2)
+    sweep = _sweep(model, system, groups, hessians, params, ctx, timing)
     final = next(s for s in reversed(stages) if s["kept"])
     report = {"reference": reference, "stages": stages, "sweep": sweep, "groups": groups, "plan": kept_plan,
               "input_bytes": input_bytes(ctx), "lineage": lineage(ctx), "timing": timing,

@@ -459,47 +459,44 @@ def _confidence(ctx) -> float:
     return (getattr(ctx, "guard_params", None) or GuardParams()).confidence
 
 
-def run(params: Params, ctx) -> PhaseResult:
-    """Phase 5 (see the module docstring)."""
-    from ..suite import Asker, GuardParams
-
-    torch.manual_seed(ctx.seed)
-    guard_params = ctx.guard_params or GuardParams()
+def _input_suite(ctx) -> dict:
+    """The upstream's suite of task families (a copy); UpstreamError when it names none."""
     suite = dict(ctx.input_suite)
     if not suite:
         raise UpstreamError("curriculum: the upstream names no suite of task families (result.json `suite`, or a "
                             "Phase 1 in its chain): nothing to replay and nothing for the guard to keep")
-    model, tokenizer = load_source(params, ctx)
-    input_model = copy.deepcopy(model).eval()  # the Phase-4 model as loaded, for the gate
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model.eval()
-    assessment = assess(model, tokenizer, params, ctx.seed)
-    start = {f: a["level"] for f, a in assessment.items()}
-    timing["assess_s"] = round(time.perf_counter() - t0, 2)
+    return suite
+
+
+def _trainee(model: nn.Module, params: Params) -> tuple[Trainee, Any]:
+    """The model with its self-model head (none at ``self_model_weight`` 0) and the Phase-5 optimizer over both."""
     hidden = model.get_input_embeddings().weight.shape[1]
     head = SelfModelHead(hidden, params.self_model_layer) if params.self_model_weight > 0 else None
     trainee = Trainee(model, head)
     overrides = {**params.optimizer, **({"lr": params.lr} if params.lr is not None else {})}
-    optimizer = create_optimizer_from_phase(trainee, phase_num=5, **overrides)
-    pools = {f: QuestionPool({f: 1.0}, level=start[f], pool_size=params.pool_size, seed=ctx.seed + i,
-                             retire_after=params.retire_after, max_hints=params.max_hints,
-                             done_threshold=params.done_threshold)
-             for i, f in enumerate(params.families)}
-    dreams, history, first, rng = DreamBuffer(capacity=512, seed=ctx.seed), [], 0, random.Random(ctx.seed)
-    frontier = frontier_client(params)
-    if params.resume_from:
-        from .. import paths
+    return trainee, create_optimizer_from_phase(trainee, phase_num=5, **overrides)
 
-        pools, dreams, first, history, rng = load_state(paths.resolve(params.resume_from) / "state", params.families,
-                                                        trainee, optimizer)
+
+def _question_pools(params: Params, start: dict[str, int], seed: int) -> dict[str, QuestionPool]:
+    """One question pool per curriculum family, at its assessed start level (seeded ``seed`` + its index)."""
+    return {f: QuestionPool({f: 1.0}, level=start[f], pool_size=params.pool_size, seed=seed + i,
+                            retire_after=params.retire_after, max_hints=params.max_hints,
+                            done_threshold=params.done_threshold)
+            for i, f in enumerate(params.families)}
+
+
+def _run_rounds(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dreams: DreamBuffer, params: Params,
+                optimizer, rng: random.Random, first: int, history: list[dict], frontier, ctx, suite: dict,
+                confidence: float, timing: dict) -> None:
+    """Rounds ``first`` .. ``rounds - 1`` (each after asking ``frontier`` for new questions when there is one): each
+    record appended to ``history`` and the state saved after it; their seconds go to ``timing["rounds_s"]``."""
     t0 = time.perf_counter()
     step = first * params.steps_per_round
     for round_index in range(first, params.rounds):
         if frontier is not None:
             history_extra = ask_frontier(frontier, pools, params)
         row = run_round(trainee, tokenizer, pools, dreams, params, optimizer, rng, step, ctx,
-                        last=round_index == params.rounds - 1, suite=suite, confidence=guard_params.confidence,
+                        last=round_index == params.rounds - 1, suite=suite, confidence=confidence,
                         timing=timing)
         if frontier is not None:
             row["frontier"] = history_extra
@@ -507,9 +504,14 @@ def run(params: Params, ctx) -> PhaseResult:
         history.append({"round": round_index, **row})
         save_state(ctx.dir / "state", pools, dreams, round_index + 1, history, trainee, rng, optimizer)
     timing["rounds_s"] = round(time.perf_counter() - t0, 2)
-    model.eval()
-    reached = {f: min(p.level or params.max_level, params.max_level) for f, p in pools.items()}
-    ctx.save_model("model", model, tokenizer, metadata={"curriculum": {"level_reached": reached}})
+
+
+def _evaluate(model, input_model, tokenizer, reached: dict[str, int], suite: dict, params: Params, guard_params,
+              ctx, timing: dict) -> tuple[Any, dict[str, int], dict[str, list[int]], dict[str, dict], dict | None]:
+    """The guard of the trained model against the input one, then the taught levels' comparisons and the
+    calculator's; (guard report, mastered levels, taught levels, teaching comparisons, tool comparison or None)."""
+    from ..suite import Asker
+
     # both as loaded for training (latent BitLinear weights): ~15 % faster than the packed models; measured at smoke,
     # 1 answer of 9,922 differed from the packed models' (a floating-point tie)
     before, after = Asker(input_model, tokenizer, label="phase-4 model"), Asker(model, tokenizer, label="phase-5 model")
@@ -523,24 +525,67 @@ def run(params: Params, ctx) -> PhaseResult:
     tool = calculator_comparison(model, tokenizer, reached["tool"], params, guard_params, ctx.seed + 3) \
         if "tool" in reached else None
     timing["teach_s"] = round(time.perf_counter() - t0, 2)
-    output_suite = suite_union(suite, {f: (1, lv) for f, lv in mastered.items() if lv >= 1})
-    ctx.result.suite = {f: list(v) for f, v in output_suite.items()}
+    return guard_report, mastered, taught, teaching, tool
+
+
+def _report(params: Params, ctx, suite: dict, assessment: dict, start: dict[str, int], reached: dict[str, int],
+            history: list[dict], guard_report, taught: dict[str, list[int]], teaching: dict[str, dict],
+            tool: dict[str, Any] | None, timing: dict, pools: dict[str, QuestionPool], dreams: DreamBuffer,
+            confidence: float) -> dict[str, Any]:
+    """The phase's report (``ctx.result.suite`` already set to the output suite)."""
     correct = correct_by_level(guard_report, teaching)
     rate = lambda table: {f: {lv: sum(c) / len(c) for lv, c in by.items()} for f, by in table.items()}  # noqa: E731
-    report = {"assessment": assessment, "start_levels": start, "level_reached": reached, "history": history,
-              "acc_by_level": {side: rate(t) for side, t in correct.items()}, "correct_by_level": correct,
-              "tool": tool, "timing": timing, "band": list(params.band),
-              "suite": {"input": {f: list(v) for f, v in suite.items()}, "output": ctx.result.suite,
-                        "taught": {f: list(lv) for f, lv in taught.items()}},
-              "replay": {"share": params.replay, "per_batch": batch_shares(params, DreamBuffer(), suite)[0],
-                         "families": sorted(suite)},
-              "levels": level_summary(history, start, reached, params, guard_params.confidence),
-              "teaching": {f: {"levels": row["levels"], "verdict": row["verdict"], "before": row["before"],
-                               "after": row["after"], "prompts": [q.prompt for q in row["questions"]]}
-                           for f, row in teaching.items()},
-              "pools": {f: p.summary() for f, p in pools.items()}, "dreams": dreams.counts(),
-              "question_pool": {f: [dict(row, history=p.questions[row["qid"]].history) for row in p.table()]
-                                for f, p in pools.items()}}
+    return {"assessment": assessment, "start_levels": start, "level_reached": reached, "history": history,
+            "acc_by_level": {side: rate(t) for side, t in correct.items()}, "correct_by_level": correct,
+            "tool": tool, "timing": timing, "band": list(params.band),
+            "suite": {"input": {f: list(v) for f, v in suite.items()}, "output": ctx.result.suite,
+                      "taught": {f: list(lv) for f, lv in taught.items()}},
+            "replay": {"share": params.replay, "per_batch": batch_shares(params, DreamBuffer(), suite)[0],
+                       "families": sorted(suite)},
+            "levels": level_summary(history, start, reached, params, confidence),
+            "teaching": {f: {"levels": row["levels"], "verdict": row["verdict"], "before": row["before"],
+                             "after": row["after"], "prompts": [q.prompt for q in row["questions"]]}
+                         for f, row in teaching.items()},
+            "pools": {f: p.summary() for f, p in pools.items()}, "dreams": dreams.counts(),
+            "question_pool": {f: [dict(row, history=p.questions[row["qid"]].history) for row in p.table()]
+                              for f, p in pools.items()}}
+
+
+def run(params: Params, ctx) -> PhaseResult:
+    """Phase 5 (see the module docstring)."""
+    from ..suite import GuardParams
+
+    torch.manual_seed(ctx.seed)
+    guard_params = ctx.guard_params or GuardParams()
+    suite = _input_suite(ctx)
+    model, tokenizer = load_source(params, ctx)
+    input_model = copy.deepcopy(model).eval()  # the Phase-4 model as loaded, for the gate
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model.eval()
+    assessment = assess(model, tokenizer, params, ctx.seed)
+    start = {f: a["level"] for f, a in assessment.items()}
+    timing["assess_s"] = round(time.perf_counter() - t0, 2)
+    trainee, optimizer = _trainee(model, params)
+    pools = _question_pools(params, start, ctx.seed)
+    dreams, history, first, rng = DreamBuffer(capacity=512, seed=ctx.seed), [], 0, random.Random(ctx.seed)
+    frontier = frontier_client(params)
+    if params.resume_from:
+        from .. import paths
+
+        pools, dreams, first, history, rng = load_state(paths.resolve(params.resume_from) / "state", params.families,
+                                                        trainee, optimizer)
+    _run_rounds(trainee, tokenizer, pools, dreams, params, optimizer, rng, first, history, frontier, ctx, suite,
+                guard_params.confidence, timing)
+    model.eval()
+    reached = {f: min(p.level or params.max_level, params.max_level) for f, p in pools.items()}
+    ctx.save_model("model", model, tokenizer, metadata={"curriculum": {"level_reached": reached}})
+    guard_report, mastered, taught, teaching, tool = _evaluate(model, input_model, tokenizer, reached, suite, params,
+                                                               guard_params, ctx, timing)
+    output_suite = suite_union(suite, {f: (1, lv) for f, lv in mastered.items() if lv >= 1})
+    ctx.result.suite = {f: list(v) for f, v in output_suite.items()}
+    report = _report(params, ctx, suite, assessment, start, reached, history, guard_report, taught, teaching, tool,
+                     timing, pools, dreams, guard_params.confidence)
     ctx.write_report(report)
     metrics, checks = summarize(report, params)
     ctx.result.metrics.update(metrics)
@@ -687,6 +732,82 @@ def ask_frontier(client, pools: dict[str, QuestionPool], params: Params) -> dict
     return out
 
 
+def _ask_and_grade(model, tokenizer, pools: dict[str, QuestionPool], params: Params, step: int, row: dict) -> None:
+    """Ask every unfinished family's next questions (one batch for all families) and grade the answers into the
+    pools; each family's level, questions asked and right answers go to ``row``."""
+    asked = {family: pool.next_batch(params.ask_per_family) for family, pool in pools.items() if not pool.finished}
+    items = [item for family_items in asked.values() for item in family_items]  # one batch for all families
+    outputs = answer(model, tokenizer, [item.prompt for item in items], params,
+                     answer_budget(tokenizer, [item.sample for item in items]) if items else None)
+    k = 0
+    for family, family_items in asked.items():
+        pool = pools[family]
+        right = [pool.answer(item, out, step=step) for item, out in zip(family_items, outputs[k:k + len(family_items)])]
+        k += len(family_items)
+        row["levels"][family], row["asked"][family], row["correct"][family] = pool.level, len(family_items), sum(right)
+
+
+def _dream(model, tokenizer, pools: dict[str, QuestionPool], dreams: DreamBuffer, params: Params,
+           rng: random.Random, row: dict) -> None:
+    """Dreams: fresh problems below each family's current level, answered by sampling, verified by the checker;
+    the verified ones join ``dreams`` (``row["dreams_added"]``)."""
+    dream_samples = []
+    for family, pool in pools.items():
+        below = [lv for lv in range(1, (pool.level or 1))]
+        if below:
+            dream_samples += generate(family, rng.choice(below), max(1, params.dream_per_round // len(pools)),
+                                      "train", rng.randrange(1 << 30))
+    if dream_samples and params.dream_per_round:
+        outputs = dream_completions(model, tokenizer, [s.prompt for s in dream_samples], params,
+                                    answer_budget(tokenizer, dream_samples))
+        row["dreams_added"] = dreams.add(list(zip(dream_samples, outputs)), check)
+
+
+def _frontier_samples(pools: dict[str, QuestionPool], params: Params, rng: random.Random) -> list[Sample]:
+    """The curriculum's own training problems: each unfinished family's active pool questions (failed ones stay
+    until retired) and fresh problems at its current level (the frontier), with their worked solutions."""
+    frontier = []
+    for family, pool in pools.items():
+        if pool.finished:
+            continue
+        frontier += [pool.questions[q].sample for q in pool.active_ids()]
+        frontier += generate(family, pool.level, params.fresh_per_round, "train", rng.randrange(1 << 30))
+    return frontier
+
+
+def _train_round(trainee: Trainee, tokenizer, frontier: list[Sample], replay: TaskStream | None, dreams: DreamBuffer,
+                 n_replay: int, n_dream: int, params: Params, optimizer, rng: random.Random, step: int, ctx):
+    """Train ``steps_per_round`` steps on batches of ``frontier`` problems, replayed suite problems and replayed
+    dreams (``batch_samples``); returns the training history."""
+
+    def batches():
+        while True:
+            picks = batch_samples(frontier, replay, dreams, n_replay, n_dream, params, rng)
+            enc = encode_samples(tokenizer, picks, params.max_len, answer_only_loss=True, with_steps=True,
+                                 drop_long=True)
+            length = int(enc["attention_mask"].sum(1).max())
+            yield {k: v[:, :length] for k, v in enc.items()}
+
+    config = TrainConfig(steps=params.steps_per_round, log_every=max(1, params.steps_per_round // 2))
+    return train(trainee, batches(), optimizer, config, loss_fn=lambda m, b: curriculum_loss(m, b,
+                 params.self_model_weight), tracker=ctx.tracker, device=ctx.device, desc="curriculum",
+                 quiet=True, step_offset=step)
+
+
+def _decide(model, tokenizer, pools: dict[str, QuestionPool], params: Params, rng: random.Random, confidence: float,
+            timing: dict | None, row: dict) -> None:
+    """Decide the levels on held-out questions and advance the mastered families (``row["heldout"]`` and
+    ``row["advanced"]``); the seconds are added to ``timing["decisions_s"]``."""
+    started = time.perf_counter()
+    decisions = level_decisions(model, tokenizer, pools, params, rng.randrange(1 << 30), confidence)
+    if timing is not None:
+        timing["decisions_s"] = round(timing.get("decisions_s", 0.0) + time.perf_counter() - started, 2)
+    row["heldout"] = {f: d.as_row() for f, d in decisions.items()}
+    for family, decision in decisions.items():
+        if decision.mastered and pools[family].advance():
+            row.setdefault("advanced", []).append(family)
+
+
 def run_round(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dreams: DreamBuffer, params: Params,
               optimizer, rng: random.Random, step: int, ctx, last: bool = False, suite: dict | None = None,
               confidence: float | None = None, timing: dict | None = None) -> dict[str, Any]:
@@ -698,35 +819,11 @@ def run_round(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dream
     model = trainee.model
     model.eval()
     row = {"levels": {}, "correct": {}, "asked": {}}
-    asked = {family: pool.next_batch(params.ask_per_family) for family, pool in pools.items() if not pool.finished}
-    items = [item for family_items in asked.values() for item in family_items]  # one batch for all families
-    outputs = answer(model, tokenizer, [item.prompt for item in items], params,
-                     answer_budget(tokenizer, [item.sample for item in items]) if items else None)
-    k = 0
-    for family, family_items in asked.items():
-        pool = pools[family]
-        right = [pool.answer(item, out, step=step) for item, out in zip(family_items, outputs[k:k + len(family_items)])]
-        k += len(family_items)
-        row["levels"][family], row["asked"][family], row["correct"][family] = pool.level, len(family_items), sum(right)
-    # dreams: fresh problems below each family's current level, answered by sampling, verified by the checker
-    dream_samples = []
-    for family, pool in pools.items():
-        below = [lv for lv in range(1, (pool.level or 1))]
-        if below:
-            dream_samples += generate(family, rng.choice(below), max(1, params.dream_per_round // len(pools)),
-                                      "train", rng.randrange(1 << 30))
-    if dream_samples and params.dream_per_round:
-        outputs = dream_completions(model, tokenizer, [s.prompt for s in dream_samples], params,
-                                    answer_budget(tokenizer, dream_samples))
-        row["dreams_added"] = dreams.add(list(zip(dream_samples, outputs)), check)
+    _ask_and_grade(model, tokenizer, pools, params, step, row)
+    _dream(model, tokenizer, pools, dreams, params, rng, row)
     # training batches: the pools' active questions (failed ones stay until retired) and fresh problems at each
     # family's current level (the frontier), with their worked solutions, plus replayed dreams and the input suite
-    frontier = []
-    for family, pool in pools.items():
-        if pool.finished:
-            continue
-        frontier += [pool.questions[q].sample for q in pool.active_ids()]
-        frontier += generate(family, pool.level, params.fresh_per_round, "train", rng.randrange(1 << 30))
+    frontier = _frontier_samples(pools, params, rng)
     n_replay, n_dream = batch_shares(params, dreams, suite)
     # the replay keeps what the input knew and what this phase taught so far: the levels below each family's
     # current one (measured at smoke without them: the tool family, moved from level 1 to 2, forgot level 1's
@@ -734,31 +831,13 @@ def run_round(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dream
     learnt = {f: (1, pool.level - 1) for f, pool in pools.items() if (pool.level or 1) > 1}
     replay = replay_stream(suite_union(suite or {}, learnt), rng.randrange(1 << 30)) if n_replay else None
     row["replayed"] = n_replay * params.steps_per_round
-
-    def batches():
-        while True:
-            picks = batch_samples(frontier, replay, dreams, n_replay, n_dream, params, rng)
-            enc = encode_samples(tokenizer, picks, params.max_len, answer_only_loss=True, with_steps=True,
-                                 drop_long=True)
-            length = int(enc["attention_mask"].sum(1).max())
-            yield {k: v[:, :length] for k, v in enc.items()}
-
-    config = TrainConfig(steps=params.steps_per_round, log_every=max(1, params.steps_per_round // 2))
-    history = train(trainee, batches(), optimizer, config, loss_fn=lambda m, b: curriculum_loss(m, b,
-                    params.self_model_weight), tracker=ctx.tracker, device=ctx.device, desc="curriculum",
-                    quiet=True, step_offset=step)
+    history = _train_round(trainee, tokenizer, frontier, replay, dreams, n_replay, n_dream, params, optimizer, rng,
+                           step, ctx)
     row["loss"] = history.last_loss
     row["self_model_mse"] = history.rows[-1].get("curriculum/self_model_mse") if history.rows else None
     model.eval()
     if not last:
-        started = time.perf_counter()
-        decisions = level_decisions(model, tokenizer, pools, params, rng.randrange(1 << 30), confidence)
-        if timing is not None:
-            timing["decisions_s"] = round(timing.get("decisions_s", 0.0) + time.perf_counter() - started, 2)
-        row["heldout"] = {f: d.as_row() for f, d in decisions.items()}
-        for family, decision in decisions.items():
-            if decision.mastered and pools[family].advance():
-                row.setdefault("advanced", []).append(family)
+        _decide(model, tokenizer, pools, params, rng, confidence, timing, row)
     for family, pool in pools.items():
         if not pool.finished and pool.level_done():
             row.setdefault("refilled", {})[family] = len(pool.refill())

@@ -211,11 +211,42 @@ def train_experts(svf, tokenizer, clusters: list[list], grader, params: Params, 
     return experts, histories
 
 
+def _test_table(svf, tokenizer, experts: list[dict], router: torch.Tensor, validation: dict, grader, params: Params,
+                k: int, ctx) -> tuple[list, list[int], dict[str, list[int]]]:
+    """The test questions, where the router sends each, and per answerer (``base``, each ``expert_<c>``, ``routed``)
+    which it answers right; (test questions, routes, that table)."""
+    from ..experts.discover import question_features, route
+    from ..experts.train import base_weights
+
+    test = generate_levels(params.families, params.levels, test_per_level(params, k, ctx.guard_params), "test",
+                           ctx.seed + 1)
+    with base_weights(svf):
+        test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), router).tolist()
+    table = {"base": correctness(svf, tokenizer, test, None, grader, params)}
+    for c, z in enumerate(experts):  # a retired expert (z = 0) is the base model: its answers are the base's
+        kept = validation.get(f"expert_{c}", {}).get("kept", True)
+        table[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params) if kept else list(table["base"])
+    table["routed"] = [table[f"expert_{r}"][i] if r < k else table["base"][i] for i, r in enumerate(test_route)]
+    return test, test_route, table
+
+
+def _unseen_and_search(svf, tokenizer, experts: list[dict], router: torch.Tensor, grader, params: Params, ctx,
+                       report: dict, timing: dict) -> None:
+    """The unseen family's expert mixture and the routing search, each when asked for (``report["unseen"]``,
+    ``report["search"]``); their seconds go to ``timing``."""
+    t0 = time.perf_counter()
+    if params.unseen_family:
+        report["unseen"] = unseen_mixture(svf, tokenizer, experts, grader, params, ctx.seed)
+    timing["unseen_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    if params.search_budget:
+        report["search"] = routing_search(svf, tokenizer, router, experts, grader, params, ctx.seed)
+    timing["search_s"] = round(time.perf_counter() - t0, 2)
+
+
 def run(params: Params, ctx) -> PhaseResult:
     """Phase 7 (see the module docstring)."""
     from ..experts import SVFConfig, apply_svf
-    from ..experts.discover import question_features, route
-    from ..experts.train import base_weights
 
     torch.manual_seed(ctx.seed)
     wrapper, tokenizer = ctx.load_upstream_lm(params.source)
@@ -236,15 +267,7 @@ def run(params: Params, ctx) -> PhaseResult:
                                   ctx.guard_params.confidence)
     timing["validate_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    test = generate_levels(params.families, params.levels, test_per_level(params, k, ctx.guard_params), "test",
-                           ctx.seed + 1)
-    with base_weights(svf):
-        test_route = route(question_features(svf, tokenizer, [s.prompt for s in test]), router).tolist()
-    table = {"base": correctness(svf, tokenizer, test, None, grader, params)}
-    for c, z in enumerate(experts):  # a retired expert (z = 0) is the base model: its answers are the base's
-        kept = validation.get(f"expert_{c}", {}).get("kept", True)
-        table[f"expert_{c}"] = correctness(svf, tokenizer, test, z, grader, params) if kept else list(table["base"])
-    table["routed"] = [table[f"expert_{r}"][i] if r < k else table["base"][i] for i, r in enumerate(test_route)]
+    test, test_route, table = _test_table(svf, tokenizer, experts, router, validation, grader, params, k, ctx)
     timing["test_s"] = round(time.perf_counter() - t0, 2)
     report = {"k": k, "levels": list(params.levels), "families": params.families, "base_families": others,
               "validation": validation,
@@ -253,14 +276,7 @@ def run(params: Params, ctx) -> PhaseResult:
               "test": {"families": [s.family for s in test], "levels": [s.level for s in test], "route": test_route,
                        "correct": table}, "expert_params": svf.expert_params,
               "scalings": {f"expert_{c}": layer_scalings(svf, z) for c, z in enumerate(experts)}}
-    t0 = time.perf_counter()
-    if params.unseen_family:
-        report["unseen"] = unseen_mixture(svf, tokenizer, experts, grader, params, ctx.seed)
-    timing["unseen_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    if params.search_budget:
-        report["search"] = routing_search(svf, tokenizer, router, experts, grader, params, ctx.seed)
-    timing["search_s"] = round(time.perf_counter() - t0, 2)
+    _unseen_and_search(svf, tokenizer, experts, router, grader, params, ctx, report, timing)
     report["timing"] = timing
     ctx.write_report(report)
     torch.save({"centroids": router, "k": k, "base_families": others}, ctx.path("experts", "router.pt"))
