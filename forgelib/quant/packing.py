@@ -20,6 +20,10 @@ ceil(numel / 5); padding digits are 0. It is compact storage, not a layout any k
 integer division by 3, so it is decoded back to codes before the matmul like "2bit".
 
 Both formats round-trip exactly; the shape is not derivable from the packed tensor and is passed back in.
+
+``pack_bits`` / ``unpack_bits``: non-negative integers of any width as a little-endian bit stream, the integer
+fields of the compressed-artifact codecs (``forgelib.quant.codecs``), so that the bytes on disk are the bits a codec
+claims.
 """
 from __future__ import annotations
 
@@ -104,4 +108,22 @@ def unpack_ternary(packed: torch.Tensor, shape, packing: str, check: bool = True
     return digits.to(torch.int8) - 1
 
 
-__all__ = ["PACKINGS", "CODES_PER_BYTE", "check_packing", "packed_shape", "pack_ternary", "unpack_ternary"]
+def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Non-negative integers (< 2^width) as a little-endian bit stream in uint8 (ceil(n · width / 8) bytes)."""
+    v = values.reshape(-1).to(torch.int64)
+    if len(v) and (int(v.min()) < 0 or int(v.max()) >= 1 << width):
+        raise ValueError(f"values must lie in [0, 2^{width}), got [{int(v.min())}, {int(v.max())}]")
+    bits = ((v[:, None] >> torch.arange(width)) & 1).reshape(-1)  # value-major, least significant bit first
+    pad = (-len(bits)) % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).reshape(-1, 8)
+    return (bits << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """The first ``n`` integers of width ``width`` of a ``pack_bits`` stream (int64)."""
+    bits = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[:n * width].reshape(n, width)
+    return (bits << torch.arange(width)).sum(1)
+
+
+__all__ = ["PACKINGS", "CODES_PER_BYTE", "check_packing", "packed_shape", "pack_ternary", "unpack_ternary",
+           "pack_bits", "unpack_bits"]

@@ -1,0 +1,27 @@
+"""``ternary``: a BitLinear weight as its absmean ternary codes packed base-3 (5 per byte) and one fp32 scale
+(``forgelib.quant.bitnet.ternary_quantize``, ``forgelib.quant.packing``). Decoded as a latent weight whose ternary
+quantization gives back exactly those codes and that scale (``forgelib.quant.export.latent_from_ternary``)."""
+from __future__ import annotations
+
+import torch
+
+from .registry import Parts, register_codec
+
+
+@register_codec("ternary", {})
+class _Ternary:
+    @staticmethod
+    def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
+        from ..bitnet import ternary_quantize
+        from ..packing import pack_ternary
+
+        codes, scale = ternary_quantize(tensor)
+        return {"packed": pack_ternary(codes, "base3"), "scale": scale.reshape(1)}, {}
+
+    @staticmethod
+    def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:
+        from ..export import latent_from_ternary
+        from ..packing import unpack_ternary
+
+        codes = unpack_ternary(parts["packed"], shape, "base3")
+        return latent_from_ternary(codes, parts["scale"][0], torch.float32)
