@@ -216,7 +216,8 @@ class QuietStarModel(nn.Module):
         ids = {}
         for token in (START_THOUGHT, END_THOUGHT):
             found = tokenizer.convert_tokens_to_ids(token)
-            if found is None or found == tokenizer.unk_token_id or found >= base_model.get_input_embeddings().num_embeddings:
+            vocab = base_model.get_input_embeddings().num_embeddings
+            if found is None or found == tokenizer.unk_token_id or found >= vocab:
                 raise ValueError(f"the tokenizer has no {token} token inside the model's vocabulary; add it with "
                                  f"forgelib.data.tokenizer.ensure_special_tokens and resize the embeddings")
             ids[token] = int(found)
@@ -490,7 +491,8 @@ class ThoughtTrace:
     steps: list[dict]  # per answer token: token, token_id, thought, thought_ids, weight
 
 
-def generate_with_thoughts(model: QuietStarModel, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> ThoughtTrace:
+def generate_with_thoughts(model: QuietStarModel, tokenizer: Any, prompt: str,
+                           max_new_tokens: int = 32) -> ThoughtTrace:
     """Greedy answer to ``prompt``, thinking before each answer token (see ``QuietStarModel.generate``)."""
     from .data.tokenizer import encode_prompts
 
@@ -551,7 +553,8 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
 
     batch: input_ids, attention_mask, labels (answer-only labels mark the answer positions). ``kl(logits,
     input_ids, attention_mask)`` (a ``ReferenceKL``) regularizes the base logits toward the start model.
-    Returns (loss, extras: base_nll, mixed_nll, thought_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl, kl).
+    Returns (loss, extras: base_nll, mixed_nll, thought_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl,
+    kl).
     """
     cfg = model.qconfig
     ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]

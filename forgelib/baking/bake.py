@@ -105,7 +105,8 @@ def _prompt_text(x: str | Sample) -> str:
 
 @torch.no_grad()
 def sample_trajectories(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str | Sample], n: int,
-                        temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0) -> list[tuple[str, str, bool]]:
+                        temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0) -> list[tuple[str, str,
+                                                                                                         bool]]:
     """``n`` trajectories of the model prompted with ``prompt`` (``inputs`` cycled): ``(x, y, ended)`` with ``y``
     the completion (tool markup and results kept) and ``ended`` whether it stopped at eos."""
     from ..tools import generate_with_tools
@@ -390,7 +391,8 @@ def sft_loss(model: nn.Module, batch: dict, retain_weight: float = 1.0) -> tuple
     when present, by the same cross-entropy on the unprompted model's samples)."""
     def ce(b):
         logits = _student_logits(model, b)
-        return F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].to(logits.device).flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].to(logits.device).flatten(),
+                               ignore_index=-100)
 
     loss = ce(batch)
     if "retain" in batch:

@@ -7,4 +7,5 @@ from .base import (GateFailedError, OutputNotWritableError, PhaseContext, PhaseC
 from .specs import PHASES, SELECTION_FORMS, PhaseSpec, UnknownPhaseError, get_spec, select  # noqa: F401
 
 __all__ = ["PHASES", "PhaseSpec", "PhaseContext", "PhaseController", "PhaseError", "GateFailedError",
-           "UpstreamError", "OutputNotWritableError", "UnknownPhaseError", "get_spec", "select", "open_phase", "run_phase"]
+           "UpstreamError", "OutputNotWritableError", "UnknownPhaseError", "get_spec", "select", "open_phase",
+           "run_phase"]

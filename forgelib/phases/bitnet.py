@@ -10,7 +10,8 @@ packed folder.
 
 **Quantization-aware training** (``steps``): answer NLL + ``distill_weight`` × KL(full-precision model ‖ ternary
 model) on the base logits (``ReferenceKL``) over the phase's families and, at share ``replay``, every family the
-Phase-3 model knew (``forgelib.suite``: a ternary model trained on three families lost the others), or with ``loss: quietstar`` the whole Phase-3 loss (mixed NLL after
+Phase-3 model knew (``forgelib.suite``: a ternary model trained on three families lost the others), or with ``loss:
+quietstar`` the whole Phase-3 loss (mixed NLL after
 thoughts, post-thought NLL, REINFORCE) plus that distillation; the Phase-4 MuGrokfast preset (STE mode: the Muon
 group updates the latent full-precision weights). The thought machinery stays in full precision and is
 measured on the ternary model (every test score thinks).

@@ -398,7 +398,8 @@ def specialist_gain(report: dict, name: str, families: list[str]) -> dict[str, f
     """Accuracy gain of a specialist over the trunk on ``families``, its NLL gain, and the gate's value:
     accuracy gain + TIE_BREAK · tanh(NLL gain), so accuracy decides and the NLL only breaks an exact tie."""
     acc = own_family_score(report, name, families, "accuracy") - own_family_score(report, "trunk", families, "accuracy")
-    nll = own_family_score(report, "trunk", families, "answer_nll") - own_family_score(report, name, families, "answer_nll")
+    nll = own_family_score(report, "trunk", families, "answer_nll") - own_family_score(report, name, families,
+                                                                                       "answer_nll")
     return {"accuracy_gain": acc, "nll_gain": nll, "gate_value": acc + TIE_BREAK * math.tanh(nll)}
 
 

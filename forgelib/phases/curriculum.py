@@ -49,7 +49,8 @@ greedy, calculator on, thoughts off):
 * **keeps** (``ctx.guard``): the handed-on model against the Phase-4 model on every family of the input suite,
   ``keeps_<family>``: no family lost more than the ``guard`` section's margin.
 * **teaches** (``teaches_<family>``): where the handed-on suite is wider than the input's (a new family such as
-  ``tool``, or a mastered level above the input's), the handed-on model is superior to the Phase-4 model on test questions
+  ``tool``, or a mastered level above the input's), the handed-on model is superior to the Phase-4 model on test
+  questions
   of those levels by more than ``gain`` (the one-sided lower confidence bound of the paired difference > ``gain``).
 * **calculator** (``tool_with_minus_without_lower_bound``): on the ``tool`` questions of levels 1 to the level
   reached, the handed-on model answers better with the calculator than without it (lower bound > 0).

@@ -16,7 +16,8 @@ choices that then coincide count once). The search alternates over the two, one 
    choice. The champion is the best candidate over all evaluations, the unmerged ones included: when no
    merge beats the trunk or a parent on the fitness split, that model is handed on (its recipe is task
    arithmetic with weights 0 for the trunk, ``linear`` over the one parent otherwise; both rebuild it
-   bit-identically) and the metric ``champion_source`` says so — Phase 2 never hands on a merge that measured worse than a model
+   bit-identically) and the metric ``champion_source`` says so — Phase 2 never hands on a merge that measured worse than
+   a model
    it could have kept.
 
 Why this way: the runtime switches are a handful of discrete settings that change no weight, so a
@@ -124,7 +125,8 @@ class Params:
     unmerged_candidates: bool = True
     """Score the trunk and each parent (own settings) as candidates too; the best of all is the champion."""
     margin: float = 0.05
-    """Gate: the champion's accuracy over the guard's families (their mean, each weighing the same) may trail the best parent's and the uniform
+    """Gate: the champion's accuracy over the guard's families (their mean, each weighing the same) may trail the best
+    parent's and the uniform
     merge's by at most this (paired non-inferiority, ``forgelib.stats``; the trunk is guarded per family by the
     ``guard`` section)."""
     contender_discordance: float = 0.15

@@ -370,7 +370,8 @@ def summarize(report: dict, params: Params, guard) -> tuple[dict[str, Any], list
             continue
         base_c = [table["base"][i] for i in idx]
         exp_c = [table[f"expert_{c}"][i] for i in idx]
-        metrics[f"acc_cluster{c}_base"], metrics[f"acc_cluster{c}_expert"] = round(rate(base_c), 4), round(rate(exp_c), 4)
+        metrics[f"acc_cluster{c}_base"], metrics[f"acc_cluster{c}_expert"] = round(rate(base_c),
+                                                                                   4), round(rate(exp_c), 4)
         v = noninferior(f"expert{c}", base_c, exp_c, params.margin, guard.confidence, guard.power)
         checks.append(GateCheck(f"expert{c}_minus_base_lower_bound", v.lower, -params.margin, ">", note=v.note))
     metrics["unused_experts"] = len(unused)

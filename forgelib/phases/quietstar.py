@@ -239,7 +239,8 @@ def run(params: Params, ctx) -> PhaseResult:
     heatmap = mixing_heatmap(model, tokenizer, test[:params.heatmap_samples], params)
     chance = chance_levels(params, test, ctx.seed + 3)
     report = {"test": table, "training": histories, "timing": timing, "heatmap": heatmap, "chance": chance,
-              "n_test": len(test), "families": sorted(params.mix), "levels": list(params.levels), "thoughts": dataclasses.asdict(params.thoughts),
+              "n_test": len(test), "families": sorted(params.mix), "levels": list(params.levels),
+              "thoughts": dataclasses.asdict(params.thoughts),
               "runtime": {k: getattr(base.config, k) for k in ("n_cycles", "n_latent", "use_memory")
                           if hasattr(base.config, k)}}
     checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params)

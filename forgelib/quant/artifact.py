@@ -155,7 +155,8 @@ def _read(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         parts = {}
         for key, dtype, shape, nbytes in entry["parts"]:
             raw = payload[offset:offset + nbytes].clone()
-            if raw.numel() != nbytes or math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size() != nbytes:
+            itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            if raw.numel() != nbytes or math.prod(shape) * itemsize != nbytes:
                 raise ArtifactError(f"{path}: the payload does not fit the layout of {name!r} (truncated or tampered)")
             parts[key] = raw.view(getattr(torch, dtype)).reshape(shape)
             offset += nbytes
@@ -205,7 +206,8 @@ def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict], nn.Module]
     if isinstance(bitnet, dict):
         from .bitnet import convert_to_bitnet
 
-        convert_to_bitnet(model, include=bitnet.get("include"), quantize_activations=bitnet.get("activation_bits") is not None)
+        convert_to_bitnet(model, include=bitnet.get("include"),
+                          quantize_activations=bitnet.get("activation_bits") is not None)
     base = model
     if header.get("quietstar"):
         if wrap is None:

@@ -16,7 +16,8 @@ may name only those settings; the standalone ``*_quantize`` functions take the s
 fails with the valid names. A new codec: a module here with a class decorated by ``register_codec(name, defaults)``,
 imported below.
 """
-from .registry import CODECS, Codec, as_matrix, codec_defaults, get_codec, register_codec  # first: the families register into it
+# first: the families register into it
+from .registry import CODECS, Codec, as_matrix, codec_defaults, get_codec, register_codec
 from . import raw, ternary  # noqa: F401  (registration order: the order CODECS lists them in)
 from .scalar import hqq_dequantize, hqq_quantize, hqq_quantizer, rtn_bits, rtn_dequantize, rtn_quantize
 from .bfp import bfp_dequantize, bfp_quantize
