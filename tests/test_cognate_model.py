@@ -12,6 +12,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaC
                           MistralConfig, MistralForCausalLM)
 
 import forgelib.models as fm
+from forgelib.modelio import load_causal_lm
 from forgelib.models import modeling_cognate
 from forgelib.models.memory import CognateMemory, memory_scan
 
@@ -495,7 +496,7 @@ def test_save_and_load_roundtrip(tmp_path, mode, tied):
     ids = token_ids()
     with torch.no_grad():
         expected = model(ids).logits
-        for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path), fm.load_causal_lm(tmp_path),
+        for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path), load_causal_lm(tmp_path),
                        fm.load_cognate(tmp_path)):
             assert type(loaded) is fm.CognateForCausalLM
             assert torch.equal(loaded(ids).logits, expected)
@@ -503,13 +504,13 @@ def test_save_and_load_roundtrip(tmp_path, mode, tied):
 
 def test_loading_other_architectures(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(tmp_path)
-    assert type(fm.load_causal_lm(tmp_path)) is LlamaForCausalLM
+    assert type(load_causal_lm(tmp_path)) is LlamaForCausalLM
     with pytest.raises(fm.ModelLoadError, match="llama"):
         fm.load_cognate(tmp_path)
     with pytest.raises(ValueError, match="llama"):
         fm.CognateForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(fm.ModelLoadError, match="does not exist"):
-        fm.load_causal_lm(tmp_path / "missing")
+        load_causal_lm(tmp_path / "missing")
     converted = fm.cognate_from_llama(tmp_path)
     with torch.no_grad():
         assert (converted(token_ids()).logits - tiny_llama(token_ids()).logits).abs().max() <= 1e-5

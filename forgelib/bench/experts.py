@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from ..data.tasks import generate_levels
     from ..experts.discover import question_features, route
-    from ..baking.library import make_check
-    from ..phases.experts import discover
+    from ..phases.experts import discover, make_check  # the phase's grader (what it graded with)
 
     params = phase_params("experts", args.params)
     if args.steps:
