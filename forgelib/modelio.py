@@ -163,12 +163,10 @@ def save_model(model: nn.Module, path: str | Path, tokenizer: Any = None, packin
     given, is saved beside it. Returns the byte report of a packed folder or an artifact, else {}."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    report: dict = {}
     if plan is not None:
         from .quant.artifact import save_compressed
 
-        report = save_compressed(model, path / ARTIFACT_FILE, plan, tokenizer=tokenizer, **kwargs)
-        return report
+        return save_compressed(model, path / ARTIFACT_FILE, plan, tokenizer=tokenizer, **kwargs)
     if packing is not None and not isinstance(model, QuietStarModel):
         from .quant import export_packed
 

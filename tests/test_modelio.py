@@ -6,15 +6,12 @@ import torch
 from forgelib.modelio import ModelLoadError, load_model, model_kind, save_model
 from forgelib.quant import BitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
 from forgelib.thoughts import QuietStarConfig, QuietStarModel
+from helpers import task_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
-    from forgelib.data.tokenizer import train_tokenizer
-
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 2), 200, "train", 0)]
-    return train_tokenizer(texts, vocab_size=300)
+    return task_tokenizer()
 
 
 def cognate(tok):
