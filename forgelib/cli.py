@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any, Callable
 
-import yaml
+
+from .params import YamlError, load_yaml
 
 BENCHMARKS = {
     "grokking": "forgelib.bench.grokking",
@@ -33,7 +34,10 @@ def _parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise SystemExit(f"forge: --set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value, f"--set {key.strip()[:80]}")
+        except YamlError as exc:
+            raise SystemExit(f"forge: {exc}") from None
     return out
 
 

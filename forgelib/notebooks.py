@@ -127,11 +127,11 @@ class WarmKernel:
 def parameter_value(text: str):
     """A ``-p`` value as papermill's own command line reads it: a YAML scalar (``16`` an int, ``0.5`` a float,
     ``true`` a bool, ``null`` None, ``[1, 3]`` a list), else the text itself. ``-r`` keeps the text as it is."""
-    import yaml
+    from .params import YamlError, load_yaml
 
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = load_yaml(text, "a notebook parameter")
+    except YamlError:
         return text
     return value if isinstance(value, (int, float, bool, list, dict, type(None))) else text
 

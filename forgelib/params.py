@@ -185,15 +185,121 @@ def merge_overrides(tree: dict, overrides: dict | None) -> dict:
     return out
 
 
+# --- bounded YAML ----------------------------------------------------------------------------------------------
+# Every YAML the workbench reads (parameter files, --set values, merge recipes, stored params.yaml) goes through
+# load_yaml: a size cap on the text, and a cap on the document as it would be once aliases are expanded (a
+# 400-byte file of nested aliases expands to gigabytes), checked on the parsed node graph before anything is built.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000
+YAML_MAX_DEPTH = 64
+
+
+class YamlError(ParameterError):
+    """A YAML text is too large, too deep, expands too far, or is not valid (safe) YAML."""
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (messages never carry a huge value)."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _expanded_size(node: yaml.Node, what: str, max_nodes: int, max_depth: int) -> None:
+    """Refuse a node graph whose alias-expanded tree exceeds ``max_nodes`` nodes or ``max_depth`` levels.
+
+    Sizes are memoised per node, so the check is linear in the graph even when the tree is exponential."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        current, done = stack.pop()
+        key = id(current)
+        if key in size:
+            continue
+        children = _children(current)
+        if done:
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            open_nodes.discard(key)
+            if size[key] > max_nodes or depth[key] > max_depth:
+                raise YamlError(f"{what}: the YAML document expands to more than {max_nodes} values or "
+                                f"{max_depth} levels (aliases included); refused")
+            continue
+        if key in open_nodes:
+            raise YamlError(f"{what}: the YAML document refers to itself (a recursive alias); refused")
+        open_nodes.add(key)
+        stack.append((current, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def load_yaml(text: str | bytes, what: str, max_bytes: int = YAML_MAX_BYTES, max_nodes: int = YAML_MAX_NODES,
+              max_depth: int = YAML_MAX_DEPTH) -> Any:
+    """Parse one safe-YAML document with bounds (``what`` names it in every message: a file, ``--set k``).
+
+    Refused with a YamlError: a text over ``max_bytes``; a document whose alias-expanded tree has more than
+    ``max_nodes`` values or ``max_depth`` levels; a recursive alias; a tag outside safe YAML (``!!python/...``);
+    any syntax error. An empty document is None."""
+    if len(text) > max_bytes:
+        raise YamlError(f"{what}: {len(text)} bytes of YAML, more than the {max_bytes} allowed")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, what, max_nodes, max_depth)
+        return loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        tag = getattr(exc, "problem", "") or "an unsupported value"
+        raise YamlError(f"{what}: refused: {tag} (only plain YAML values are allowed){_where(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise YamlError(f"{what}: not valid YAML: {cut(str(exc))}") from None
+    except RecursionError:
+        raise YamlError(f"{what}: the YAML document nests too deeply; refused") from None
+    finally:
+        loader.dispose()
+
+
+def _where(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def load_yaml_file(path: str | Path, what: str | None = None, max_bytes: int = YAML_MAX_BYTES) -> Any:
+    """``load_yaml`` of a file, its size checked before it is read (a missing file is a YamlError)."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise YamlError(f"{what}: cannot read: {exc.strerror or exc}") from None
+    if size > max_bytes:
+        raise YamlError(f"{what}: {size} bytes of YAML, more than the {max_bytes} allowed")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise YamlError(f"{what}: cannot read as text: {exc}") from None
+    return load_yaml(text, what, max_bytes)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a parameter file; a missing file or a file that is not a YAML mapping is a ParameterError."""
     path = Path(path)
     if not path.is_file():
         raise ParameterError(f"parameter file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParameterError(f"{path}: not valid YAML: {exc}") from exc
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ParameterError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .params import load_yaml_file
 
 SKIP_ROLES = {"tokenizer", "taught"}
 
@@ -159,7 +160,6 @@ def _phase_folder(entry: dict) -> Path:
 
 def chain_settings(entries: list[dict]) -> tuple[dict, dict, Any]:
     """(the trunk's suite, the final model's suite, the guard section and run seed of the chain's last phase)."""
-    import yaml
 
     from .phases.base import legacy_suite
     from .results import PhaseResult
@@ -168,7 +168,7 @@ def chain_settings(entries: list[dict]) -> tuple[dict, dict, Any]:
     first, last = PhaseResult.load(_phase_folder(entries[0])), PhaseResult.load(_phase_folder(entries[-1]))
     trunk = suite_of(first) or legacy_suite(last)
     final = suite_of(last) or trunk
-    stored = yaml.safe_load((_phase_folder(entries[-1]) / "params.yaml").read_text()) or {}
+    stored = load_yaml_file(_phase_folder(entries[-1]) / "params.yaml") or {}
     guard = GuardParams(**(stored.get("guard") or {}))
     return trunk, final, (guard, int((stored.get("run") or {}).get("seed", 0)))
 

@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
+from ..params import YamlError, load_yaml, load_yaml_file
+
 from .methods import MERGE_METHODS, MergeError, get_method
 from .models import MergeRecipe, merge_models
 
@@ -85,8 +87,8 @@ def read_mergekit_file(path: str | Path) -> dict | None:
     """The mapping in ``path`` when it is a mergekit configuration, else None (also for an unreadable or invalid
     file: the caller's own recipe loader then reports what is wrong with it)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = load_yaml_file(path)
+    except YamlError:
         return None
     return dict(data) if is_mergekit_config(data) else None
 
@@ -158,9 +160,9 @@ def _read_config(config: Mapping | str | Path) -> dict:
         return dict(config)
     try:
         is_file = isinstance(config, Path) or _names_a_file(config)
-        data = yaml.safe_load(Path(config).read_text() if is_file else config)
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeError(f"cannot read mergekit configuration {str(config)[:80]!r}: {exc}") from exc
+        data = load_yaml_file(config) if is_file else load_yaml(config, "mergekit configuration")
+    except (OSError, YamlError) as exc:
+        raise MergeError(f"cannot read mergekit configuration {str(config)[:80]!r}: {exc}") from None
     if not is_mergekit_config(data):
         raise MergeError(f"{str(config)[:80]!r} is not a mergekit configuration (a mapping with 'merge_method')")
     return data

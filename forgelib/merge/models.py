@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
+from ..params import YamlError, load_yaml_file
+
 from .methods import MergeError, get_method, merge_tensors
 
 RESERVED_SOURCES = ("base", "merged")
@@ -118,9 +120,9 @@ def load_recipe(path: str | Path) -> MergeRecipe:
     """Read a recipe written by :func:`save_recipe`; a file that is not a valid recipe is a MergeError
     naming it."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise MergeError(f"recipe file {path} is not valid YAML: {exc}") from exc
+        data = load_yaml_file(path, f"recipe file {path}")
+    except YamlError as exc:
+        raise MergeError(str(exc)) from None
     if not isinstance(data, dict):
         raise MergeError(f"recipe file {path} does not hold a mapping")
     try:

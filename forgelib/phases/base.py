@@ -25,7 +25,7 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import RunParams, load_section, to_dict
+from ..params import RunParams, load_section, load_yaml_file, to_dict
 from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 from .specs import PHASES, PhaseSpec, get_spec
@@ -230,7 +230,7 @@ def legacy_suite(upstream: PhaseResult) -> dict:
     folder = paths.outputs_root() / upstream.session / f"{upstream.number:02d}_{upstream.phase}"
     for phase_folder, result in upstream_chain(folder):
         if result.number == 1 and (phase_folder / "params.yaml").is_file():
-            cognate = (yaml.safe_load((phase_folder / "params.yaml").read_text()) or {}).get("cognate") or {}
+            cognate = (load_yaml_file(phase_folder / "params.yaml") or {}).get("cognate") or {}
             mix = (cognate.get("trunk") or {}).get("mix") or {}
             return make_suite([f for f, w in mix.items() if w > 0], cognate.get("levels") or (1, 2))
     return {}

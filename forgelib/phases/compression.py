@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..data.tasks import FAMILIES, generate_levels
-from ..params import require_non_negative, require_positive
+from ..params import load_yaml_file, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import base_lm
 
@@ -226,13 +226,12 @@ def load_system(ctx, tokenizer, params: Params) -> System:
 def phase7_experts(folder: Path) -> tuple[list[dict], torch.Tensor, dict]:
     """(the expert ``z`` dicts in order, the router's centroids, the SVF settings of that Phase-7 run) of a
     Phase-7 ``experts/`` folder."""
-    import yaml
 
     from ..experts import load_expert
 
     files = sorted(folder.glob("expert_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
     router = torch.load(folder / "router.pt", weights_only=True)
-    upstream_params = yaml.safe_load((folder.parent / "params.yaml").read_text()) or {}
+    upstream_params = load_yaml_file(folder.parent / "params.yaml") or {}
     return [load_expert(f) for f in files], router["centroids"], (upstream_params.get("experts") or {}).get("svf") or {}
 
 

@@ -134,7 +134,7 @@ class _UpstreamOnly:
 
 
 def _params_section(result) -> dict:
-    import yaml
+    from ..params import load_yaml_file
 
-    data = yaml.safe_load((paths.resolve(result.artifacts["report"]).parent / "params.yaml").read_text())
+    data = load_yaml_file(paths.resolve(result.artifacts["report"]).parent / "params.yaml")
     return data["evomerge"]
