@@ -5,30 +5,34 @@ artifact folders on top.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..params import short
 from .configuration_cognate import CognateConfig
 from .modeling_cognate import CognateForCausalLM
+from .weights import ModelLoadError, check_folder_weights, read_json_file
 
 
-class ModelLoadError(ValueError):
-    """A model folder cannot be loaded as asked (the message says what was found)."""
-
-
-def read_model_config(path) -> dict:
-    """The ``config.json`` of a local model folder as a dict (clear errors for a missing folder or file)."""
+def read_model_config(path, error: type[ValueError] = ModelLoadError) -> dict:
+    """The ``config.json`` of a local model folder as a dict (clear errors for a missing folder or file, a file too
+    large or not a JSON object; the folder's contents are never listed: it may be any folder of the machine)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder")
+        raise error(f"model folder {str(folder)!r} does not exist or is not a folder")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{str(folder)!r} has no config.json: not a Hugging Face model folder "
-                             f"(found: {sorted(p.name for p in folder.iterdir())})")
-    with open(config_file, encoding="utf-8") as handle:
-        return json.load(handle)
+        raise error(f"{str(folder)!r} has no config.json: not a Hugging Face model folder")
+    return read_json_file(config_file, error)
+
+
+def _model_type(path, config: dict) -> str:
+    found = config.get("model_type")
+    if not isinstance(found, str):
+        raise ModelLoadError(f"{str(path)!r}: config.json has no model_type (a name), so no architecture can be "
+                             f"chosen (found {short(found)})")
+    return found
 
 
 def load_hf_causal_lm(path, **kwargs) -> PreTrainedModel:
@@ -36,12 +40,10 @@ def load_hf_causal_lm(path, **kwargs) -> PreTrainedModel:
     ``AutoModelForCausalLM`` as its config describes it; keyword arguments go to ``from_pretrained`` (e.g. ``dtype``).
     A BitNet folder's ternary/int8 layers are not rebuilt here: ``forgelib.modelio.load_model`` (the one way in) does
     that."""
-    config = read_model_config(path)
-    found = config.get("model_type")
-    if found is None:
-        raise ModelLoadError(f"{str(path)!r}: config.json has no model_type, so no architecture can be chosen")
+    found = _model_type(path, read_model_config(path))
+    check_folder_weights(path)  # before anything is allocated: the config against the safetensors headers
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), **{**kwargs, "use_safetensors": True})
     except (KeyError, ValueError) as err:
         raise ModelLoadError(
             f"{str(path)!r} holds model_type {found!r}, which cannot be loaded as a causal LM here: {err}") from err
@@ -54,9 +56,10 @@ def load_cognate(path, **kwargs) -> CognateForCausalLM:
     found = config.get("model_type")
     if found != CognateConfig.model_type:
         raise ModelLoadError(
-            f"{str(path)!r} holds a {found!r} model (architectures {config.get('architectures')}), not a Cognate "
-            "model; use forgelib.modelio.load_model(path) for other architectures, or cognate_from_llama for Llama "
-            "weights")
+            f"{str(path)!r} holds a {short(found)} model (architectures {short(config.get('architectures'))}), not a "
+            "Cognate model; use forgelib.modelio.load_model(path) for other architectures, or cognate_from_llama for "
+            "Llama weights")
+    check_folder_weights(path)
     model, info = CognateForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:
