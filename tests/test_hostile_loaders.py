@@ -74,6 +74,37 @@ def set_header_length(file, length: int) -> None:
     file.write_bytes(bytes(data))
 
 
+# --- packed folders ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed(tmp_path):
+    from forgelib.quant import convert_to_bitnet, export_packed
+
+    export_packed(convert_to_bitnet(tiny_llama()), tmp_path / "packed", "2bit")
+    return tmp_path / "packed"
+
+
+@pytest.mark.parametrize("length", [10 ** 15, 2 ** 64 - 1])
+def test_a_packed_header_length_beyond_the_file_is_refused(packed, length, guarded):
+    """The probe: load_packed with a header length of 10**15 or 2**64-1 raised MemoryError / OverflowError."""
+    from forgelib.quant import PackedModelError, header_bytes
+
+    set_header_length(packed / "model.safetensors", length)
+    message = refused(PackedModelError, f"header length field says {length} bytes, but the file has only", load_model,
+                      packed)
+    assert str(packed / "model.safetensors") in message
+    refused(PackedModelError, "does not fit the file's", header_bytes, packed / "model.safetensors")
+
+
+def test_a_packed_config_claiming_huge_dimensions_is_refused_before_the_model_is_built(packed, guarded):
+    from forgelib.quant import PackedModelError
+
+    edit_json(packed / "config.json", hidden_size=2 ** 16, intermediate_size=2 ** 17, vocab_size=2 ** 17)
+    message = refused(PackedModelError, "the config does not match model.safetensors", load_model, packed)
+    assert "model.embed_tokens.weight is [131072, 65536] by the config but [64, 32]" in message
+
+
 # --- plain folders ----------------------------------------------------------------------------------------------
 
 

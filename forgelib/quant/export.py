@@ -37,15 +37,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..models.weights import (ModelLoadError, check_weights_fit, is_shape, meta_model, read_json_file,
+                              safetensors_header)
+from ..params import cut, short
 from .bitnet import (INT8_MAX, PackedBitLinear, bitlinear_modules, convert_to_bitnet, int8_dequantize, int8_modules,
                      int8_quantize, ternary_quantize)
-from .packing import check_packing, pack_ternary, packed_shape, unpack_ternary
+from .packing import PACKINGS, check_packing, pack_ternary, packed_shape, unpack_ternary
 
 WEIGHTS_NAME = "model.safetensors"
 METADATA_KEY = "bitnet"
 
 
-class PackedModelError(ValueError):
+class PackedModelError(ModelLoadError):
     """A packed BitNet folder cannot be loaded (the message names the file or tensor and what is wrong)."""
 
 
@@ -66,9 +69,15 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 def header_bytes(path) -> int:
-    """Bytes before a safetensors file's tensor data: the 8-byte little-endian header length plus the header."""
+    """Bytes before a safetensors file's tensor data: the 8-byte little-endian header length plus the header
+    (PackedModelError when the length field claims more than the file holds)."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as handle:
-        return 8 + struct.unpack("<Q", handle.read(8))[0]
+        head = handle.read(8)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if length is None or length > size - 8:
+        raise PackedModelError(f"{path}: its header length field ({length}) does not fit the file's {size} bytes")
+    return 8 + length
 
 
 def unused_modules(model: nn.Module) -> list[str]:
@@ -161,28 +170,68 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
     return accounting
 
 
-def _read_checked(file: Path) -> tuple[dict, dict]:
-    """(tensors, bitnet record) of a packed model.safetensors, after checking that no tensor lies past the end of
-    the file (a truncated file gets an error naming the tensors it lost, not safetensors' generic one)."""
-    if not file.is_file():
-        raise PackedModelError(f"{str(file)!r} does not exist: not a packed BitNet folder")
-    size = file.stat().st_size
+def _record(file: Path, text: str | None) -> dict:
+    """The ``bitnet`` metadata record of a packed file, its layout checked (PackedModelError naming the file)."""
     try:
-        with open(file, "rb") as handle:
-            start = 8 + struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(start - 8))
-        cut = sorted(name for name, info in header.items()
-                     if name != "__metadata__" and start + info["data_offsets"][1] > size)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise PackedModelError(f"{str(file)!r}: unreadable safetensors header ({err!r})") from err
-    if cut:
-        raise PackedModelError(f"{str(file)!r} is truncated ({size} bytes): tensors {cut} lie past its end")
-    record = json.loads((header.get("__metadata__") or {}).get(METADATA_KEY, "null") or "null")
+        record = json.loads(text or "null")
+    except (ValueError, RecursionError):
+        record = None
     if not isinstance(record, dict) or "shapes" not in record:
         raise PackedModelError(f"{str(file)!r} has no '{METADATA_KEY}' metadata: not written by export_packed")
-    with safe_open(str(file), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    record = {"aliases": {}, "int8": {}, "dropped": [], **record}
+    tables = (record["shapes"], record["int8"])
+    if not isinstance(record.get("packing"), str) \
+            or not all(isinstance(t, dict) and all(is_shape(v) and v for v in t.values()) for t in tables) \
+            or not isinstance(record["aliases"], dict) \
+            or not all(isinstance(v, str) for v in record["aliases"].values()):
+        raise PackedModelError(f"{file}: the '{METADATA_KEY}' metadata is malformed (packing: a name; shapes and "
+                               "int8: layer -> shape; aliases: tensor -> tensor)")
+    return record
+
+
+def _read_checked(file: Path) -> tuple[dict, dict]:
+    """(tensors, bitnet record) of a packed model.safetensors, after checking its header against the file
+    (``forgelib.models.weights.safetensors_header``: a header length beyond the file is refused before anything is
+    read, a truncated file gets an error naming the tensors it lost) and the record's layout."""
+    if not file.is_file():
+        raise PackedModelError(f"{str(file)!r} does not exist: not a packed BitNet folder")
+    _, metadata = safetensors_header(file, PackedModelError)
+    record = _record(file, metadata.get(METADATA_KEY))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # safetensors' own checks (overlapping offsets, ...): the file is named
+        raise PackedModelError(f"{file}: unreadable safetensors file ({cut(str(err), 200)})") from None
     return tensors, record
+
+
+def _packed_shape_problem(packed: torch.Tensor, name: str, shape: tuple, packing: str) -> str | None:
+    expected = packed_shape(shape, packing)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+        return (f"tensor {name}.weight_packed is {packed.dtype} {list(packed.shape)}, but a {list(shape)} weight "
+                f"packed as {packing!r} is uint8 {list(expected)} (truncated or tampered)")
+    return None
+
+
+def _logical_shapes(tensors: dict, record: dict, packing: str) -> dict[str, tuple[int, ...]]:
+    """{state name: shape} the stored tensors stand for: a packed layer's weight has its recorded shape (checked
+    against the packed tensor), an int8 weight its codes' shape; scales stand for nothing of the plain model."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".weight_packed"):
+            name = key.removesuffix(".weight_packed")
+            if name not in record["shapes"]:
+                raise PackedModelError(f"tensor {short(key)} has no shape in the '{METADATA_KEY}' metadata")
+            shape = tuple(record["shapes"][name])
+            problem = _packed_shape_problem(tensor, name, shape, packing)
+            if problem:
+                raise PackedModelError(problem)
+            out[f"{name}.weight"] = shape
+        elif key.endswith(INT8_SUFFIX):
+            out[key.removesuffix(INT8_SUFFIX) + ".weight"] = tuple(tensor.shape)
+        elif not key.endswith((".weight_scale", ABSMAX_SUFFIX)):
+            out[key] = tuple(tensor.shape)
+    return out
 
 
 def _checked_codes(tensors: dict, name: str, shape: tuple, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,11 +239,9 @@ def _checked_codes(tensors: dict, name: str, shape: tuple, packing: str) -> tupl
     packed, scale = tensors.get(f"{name}.weight_packed"), tensors.get(f"{name}.weight_scale")
     if packed is None or scale is None:
         raise PackedModelError(f"packed weight of {name!r} is missing ({name}.weight_packed / .weight_scale)")
-    expected = packed_shape(shape, packing)
-    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
-        raise PackedModelError(
-            f"tensor {name}.weight_packed is {packed.dtype} {list(packed.shape)}, but a {list(shape)} weight "
-            f"packed as {packing!r} is uint8 {list(expected)} (truncated or tampered)")
+    problem = _packed_shape_problem(packed, name, shape, packing)
+    if problem:
+        raise PackedModelError(problem)
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise PackedModelError(f"tensor {name}.weight_scale must be one float32, got {scale.dtype} "
                                f"{list(scale.shape)}")
@@ -290,61 +337,86 @@ def unpack_int8_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = t
     return out
 
 
-def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = False) -> nn.Module:
-    """Load an ``export_packed`` folder as its model class (via AutoConfig / AutoModelForCausalLM.from_config).
+def _packed_config(folder: Path):
+    """(config, its ``bitnet`` settings) of a packed folder, config.json read within bounds."""
+    from transformers import AutoConfig
 
-    Default: every converted layer is a ``PackedBitLinear`` (packed codes + scale only), the logits equal those
-    of the exported BitLinear model. ``trainable=True``: BitLinear layers whose latent weights are rebuilt by
-    ``latent_from_ternary`` so that their own quantization gives back exactly the exported codes and scale (in
-    float32 the logits equal the packed model's bit for bit); the latent precision lost at export is not
-    recoverable. Int8 embeddings / LM heads come back (both modes) as Int8Embedding / Int8Linear on the latent of
-    ``latent_from_int8``, which computes with exactly the stored int8 values. Modules left out at export are not
-    built (the saved config says so). Other floating tensors are cast to ``dtype``; scales stay float32. The
-    model is built with its parameters on the meta device, so no full-precision copy of the packed matrices is
-    ever made. Returns the model in eval mode."""
-    import forgelib.models  # noqa: F401  (registers Cognate with the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(path)
     if not (folder / "config.json").is_file():
         raise PackedModelError(f"{str(folder)!r} has no config.json: not a packed BitNet folder")
-    config = AutoConfig.from_pretrained(str(folder))
+    read_json_file(folder / "config.json", PackedModelError)  # its size and form, before transformers reads it
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # transformers' own checks of a hostile config: ValueError, KeyError, TypeError...
+        raise PackedModelError(f"{folder / 'config.json'} cannot be read as a model configuration "
+                               f"({type(err).__name__}: {cut(str(err), 200)})") from None
     settings = getattr(config, "bitnet", None)
     if not isinstance(settings, dict) or not {"include", "activation_bits", "packing"} <= set(settings):
         raise PackedModelError(f"{str(folder)!r}: config.json has no complete 'bitnet' entry (include, "
                                "activation_bits, packing): not written by export_packed")
+    return config, settings
+
+
+def _packed_record(folder: Path, config, settings: dict) -> tuple[dict, dict]:
+    """(tensors, bitnet record) of a packed folder, checked against its config before any model is built: the
+    packing of both, and the model the config describes (built on the meta device) against the stored shapes."""
     tensors, record = _read_checked(folder / WEIGHTS_NAME)
     packing = record["packing"]
     if packing != settings.get("packing"):
-        raise PackedModelError(f"{str(folder)!r}: config.json says packing {settings.get('packing')!r}, "
-                               f"model.safetensors {packing!r}")
-    check_packing(packing)
+        raise PackedModelError(f"{str(folder)!r}: config.json says packing {short(settings.get('packing'))}, "
+                               f"model.safetensors {short(packing)}")
+    if packing not in PACKINGS:
+        raise PackedModelError(f"{str(folder)!r}: packing {short(packing)} is none of {', '.join(PACKINGS)}")
+    stored = _logical_shapes(tensors, record, packing)
+    plain = meta_model(config, stored, str(folder), PackedModelError)
+    check_weights_fit(plain, stored, str(folder), PackedModelError, covered=set(record["aliases"]),
+                      weights=WEIGHTS_NAME)
+    return tensors, record
+
+
+def _converted_model(folder: Path, config, settings: dict, record: dict, dtype: torch.dtype) -> nn.Module:
+    """The config's model on the meta device (buffers real), converted as the ``bitnet`` entry says; its converted
+    and int8 layers checked against the record."""
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    convert_to_bitnet(model, include=settings["include"],
-                      quantize_activations=settings["activation_bits"] is not None,
-                      embedding_bits=settings.get("embedding_bits"), int8_include=settings.get("int8_include"))
+    try:
+        convert_to_bitnet(model, include=settings["include"],
+                          quantize_activations=settings["activation_bits"] is not None,
+                          embedding_bits=settings.get("embedding_bits"), int8_include=settings.get("int8_include"))
+    except (ValueError, TypeError) as err:
+        raise PackedModelError(f"{folder / 'config.json'}: its 'bitnet' entry cannot convert the model "
+                               f"({cut(str(err), 200)})") from None
     layers = bitlinear_modules(model)
     if set(layers) != set(record["shapes"]):
         raise PackedModelError(f"{str(folder)!r}: packed layers {sorted(record['shapes'])} do not match the "
                                f"model's converted layers {sorted(layers)}")
     int8_layers = {name for name in int8_modules(model) if f"{name}.weight" not in record["aliases"]}
-    if int8_layers != set(record.get("int8", {})):
-        raise PackedModelError(f"{str(folder)!r}: int8 weights {sorted(record.get('int8', {}))} do not match the "
+    if int8_layers != set(record["int8"]):
+        raise PackedModelError(f"{str(folder)!r}: int8 weights {sorted(record['int8'])} do not match the "
                                f"model's int8 layers {sorted(int8_layers)} (config embedding_bits "
                                f"{settings.get('embedding_bits')!r}, int8_include {settings.get('int8_include')!r})")
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()
-             if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, ABSMAX_SUFFIX))}
+    return model
+
+
+def _int8_state(model: nn.Module, tensors: dict, dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
+    """The latent weights of the int8 layers (``unpack_int8_tensors``), their shapes checked against the model."""
     int8_state = unpack_int8_tensors({k: v for k, v in tensors.items() if k.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))},
-                                     dtype, where=str(folder / WEIGHTS_NAME))
+                                     dtype, where=where)
     for key, latent in int8_state.items():
         name = key.removesuffix(".weight")
         expected = tuple(model.get_submodule(name).weight.shape)
         if tuple(latent.shape) != expected:
             raise PackedModelError(f"layer {name!r}: int8 weight shape {list(latent.shape)}, model expects "
                                    f"{list(expected)}")
-    state.update(int8_state)
-    for name, layer in layers.items():
+    return int8_state
+
+
+def _packed_layers(model: nn.Module, tensors: dict, record: dict, dtype: torch.dtype, trainable: bool) -> dict:
+    """The state of the converted layers: latent BitLinear weights (``trainable``), or packed codes and scales with
+    each layer replaced by a ``PackedBitLinear`` on the meta device."""
+    packing, state = record["packing"], {}
+    for name, layer in bitlinear_modules(model).items():
         shape = tuple(record["shapes"][name])
         if shape != tuple(layer.weight.shape):
             raise PackedModelError(f"layer {name!r}: packed weight shape {list(shape)}, model expects "
@@ -358,6 +430,11 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
                                                       quantize_activations=layer.quantize_activations,
                                                       device="meta", dtype=dtype))
             state[f"{name}.weight_packed"], state[f"{name}.weight_scale"] = packed, scale
+    return state
+
+
+def _assign(model: nn.Module, state: dict, record: dict, folder: Path) -> None:
+    """Load ``state`` into the meta model (assigned, no copy), re-tie the aliases, and refuse any value left out."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = sorted(set(missing) - set(record["aliases"]))
     if missing or unexpected:
@@ -371,7 +448,33 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
     left = sorted(name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if left:
         raise PackedModelError(f"{str(folder)!r}: no values for {left}")
-    model.config.bitnet = {**settings, "packing": "none" if trainable else packing}
+
+
+def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = False) -> nn.Module:
+    """Load an ``export_packed`` folder as its model class (via AutoConfig / AutoModelForCausalLM.from_config).
+
+    Default: every converted layer is a ``PackedBitLinear`` (packed codes + scale only), the logits equal those
+    of the exported BitLinear model. ``trainable=True``: BitLinear layers whose latent weights are rebuilt by
+    ``latent_from_ternary`` so that their own quantization gives back exactly the exported codes and scale (in
+    float32 the logits equal the packed model's bit for bit); the latent precision lost at export is not
+    recoverable. Int8 embeddings / LM heads come back (both modes) as Int8Embedding / Int8Linear on the latent of
+    ``latent_from_int8``, which computes with exactly the stored int8 values. Modules left out at export are not
+    built (the saved config says so). Other floating tensors are cast to ``dtype``; scales stay float32. The
+    model is built with its parameters on the meta device, so no full-precision copy of the packed matrices is
+    ever made; before it is built, the config is checked against the file's header (a config claiming other or
+    larger dimensions than the stored tensors is refused without allocating). Returns the model in eval mode."""
+    import forgelib.models  # noqa: F401  (registers Cognate with the Auto classes)
+
+    folder = Path(path)
+    config, settings = _packed_config(folder)
+    tensors, record = _packed_record(folder, config, settings)
+    model = _converted_model(folder, config, settings, record, dtype)
+    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()
+             if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, ABSMAX_SUFFIX))}
+    state.update(_int8_state(model, tensors, dtype, str(folder / WEIGHTS_NAME)))
+    state.update(_packed_layers(model, tensors, record, dtype, trainable))
+    _assign(model, state, record, folder)
+    model.config.bitnet = {**settings, "packing": "none" if trainable else record["packing"]}
     return model.eval()
 
 
