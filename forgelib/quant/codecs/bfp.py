@@ -9,9 +9,10 @@ import math
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, register_codec
+from .registry import Parts, meta_int, need_part, packed_size, register_codec
 
 BFP = {"mantissa_bits": 3, "block": 8, "exp_bits": 4}
+BFP_LIMITS = {"mantissa_bits": range(2, 17), "block": range(1, 4097), "exp_bits": range(1, 9)}
 
 
 def bfp_quantize(w: torch.Tensor, mantissa_bits: int = BFP["mantissa_bits"], block: int = BFP["block"],
@@ -37,7 +38,7 @@ def bfp_dequantize(q: dict) -> torch.Tensor:
     return blocks.reshape(-1)[:math.prod(q["shape"])].reshape(q["shape"])
 
 
-@register_codec("bfp", BFP)
+@register_codec("bfp", BFP, BFP_LIMITS)
 class _BFP:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
@@ -45,6 +46,18 @@ class _BFP:
         meta = {**{k: q[k] for k in ("mantissa_bits", "block", "exp_bits", "exp_lo", "pad")}, "n": len(q["exp"])}
         return {"mant": pack_bits(q["mant"] + (1 << (q["mantissa_bits"] - 1)), q["mantissa_bits"]),
                 "exp": pack_bits(q["exp"] - q["exp_lo"], q["exp_bits"])}, meta
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        m, block, e = meta["mantissa_bits"], meta["block"], meta["exp_bits"]
+        n, pad = meta_int(meta, "n"), meta_int(meta, "pad", below=block)
+        if n * block - pad != math.prod(shape):
+            raise ValueError(f"{n} blocks of {block} less {pad} padding are not the {math.prod(shape)} values of "
+                             f"shape {list(shape)}")
+        if meta.get("exp_lo") != 3 - 2 ** e:
+            raise ValueError(f"metadata exp_lo must be {3 - 2 ** e} with exp_bits {e}")
+        need_part(parts, "mant", torch.uint8, packed_size(n * block, m))
+        need_part(parts, "exp", torch.uint8, packed_size(n, e))
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:

@@ -11,9 +11,10 @@ import math
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, as_matrix, register_codec
+from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
 
 HYPER = {"n": 4, "index_bits": 12}
+HYPER_LIMITS = {"n": range(1, 17), "index_bits": range(1, 17)}  # one prime per coordinate; 2^16 points searched
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)
 
 
@@ -54,7 +55,7 @@ def hyper_bits(q: dict) -> int:
     return q["index"].numel() * q["index_bits"] + (q["lo"].numel() + q["hi"].numel()) * 16
 
 
-@register_codec("hyper", HYPER)
+@register_codec("hyper", HYPER, HYPER_LIMITS)
 class _Hyper:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
@@ -62,6 +63,17 @@ class _Hyper:
         q = hyper_quantize(as_matrix(tensor), n, bits)
         meta = dict(n=n, index_bits=bits, matrix=list(q["shape"]), count=q["index"].numel())
         return {"index": pack_bits(q["index"], bits), "lo": q["lo"], "hi": q["hi"]}, meta
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        n, bits = meta["n"], meta["index_bits"]
+        rows, cols = meta_shape(meta, "matrix", shape)
+        if cols % n or meta_int(meta, "count") != rows * cols // n:
+            raise ValueError(f"metadata count {meta.get('count')} must be the {rows * cols / n:g} groups of {n} of a "
+                             f"{rows} x {cols} matrix")
+        need_part(parts, "index", torch.uint8, packed_size(meta["count"], bits))
+        need_part(parts, "lo", torch.float16, shape=(rows, 1))
+        need_part(parts, "hi", torch.float16, shape=(rows, 1))
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Parts, register_codec
+import math
+
+from .registry import Parts, need_part, register_codec
 
 
 @register_codec("raw16", {})
@@ -12,6 +14,10 @@ class _Raw16:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
         return {"": tensor.half()}, {}
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        need_part(parts, "", torch.float16, math.prod(shape))
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:
@@ -23,5 +29,9 @@ class _Raw32:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
         return {"": tensor}, {}
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        need_part(parts, "", torch.float32, math.prod(shape))
 
     decode = _Raw16.decode

@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, as_matrix, register_codec
+import math
+
+from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
 
 RTN = {"bits": 4, "group": 32}
 HQQ = {"bits": 4, "group": 32}
+RTN_LIMITS = {"bits": range(2, 9), "group": range(1, 4097)}  # signed int8 codes with at least one level each side
+HQQ_LIMITS = {"bits": (1, 2, 3, 4, 8), "group": range(1, 4097)}  # the widths the hqq package quantizes to
 
 
 def _grouped(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
@@ -100,16 +104,33 @@ def _encode_grouped(quantize, offset_codes: bool, tensor: torch.Tensor, settings
     return parts, meta
 
 
+def _check_grouped(parts: Parts, meta: dict, shape: tuple[int, ...], groups: list[int]) -> None:
+    """The metadata's counts and the parts' sizes of an ``rtn`` / ``hqq`` entry with these ``groups``."""
+    if meta.get("groups") != groups:
+        raise ValueError(f"metadata groups {meta.get('groups')} must be {groups} for matrix {meta['matrix']} in groups "
+                         f"of {meta['group']}")
+    n = meta_int(meta, "n")
+    if n != math.prod(groups) * meta["group"]:
+        raise ValueError(f"metadata n {n} must be {math.prod(groups) * meta['group']} codes")
+    need_part(parts, "codes", torch.uint8, packed_size(n, meta["bits"]))
+    need_part(parts, "scale", torch.float16, shape=groups)
+
+
 def _codes(parts: Parts, meta: dict) -> torch.Tensor:
     groups = meta["groups"]
     return unpack_bits(parts["codes"], meta["bits"], meta["n"]).reshape(groups[0], groups[1], -1)
 
 
-@register_codec("rtn", RTN)
+@register_codec("rtn", RTN, RTN_LIMITS)
 class _RTN:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
         return _encode_grouped(rtn_quantize, True, tensor, settings)
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        rows, cols = meta_shape(meta, "matrix", shape)
+        _check_grouped(parts, meta, shape, [rows, math.ceil(cols / meta["group"]), 1])  # rows padded to whole groups
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:
@@ -117,11 +138,20 @@ class _RTN:
         return rtn_dequantize({"codes": codes, "scale": parts["scale"], "shape": tuple(meta["matrix"])}).reshape(shape)
 
 
-@register_codec("hqq", HQQ)
+@register_codec("hqq", HQQ, HQQ_LIMITS)
 class _HQQ:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
         return _encode_grouped(hqq_quantize, False, tensor, settings)
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        rows, cols = meta_shape(meta, "matrix", shape)
+        if rows * cols % meta["group"]:
+            raise ValueError(f"{rows * cols} values are not whole groups of {meta['group']}")
+        groups = [rows * cols // meta["group"], 1]
+        _check_grouped(parts, meta, shape, groups)
+        need_part(parts, "zero", torch.float16, shape=groups)
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:

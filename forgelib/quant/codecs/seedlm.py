@@ -6,13 +6,16 @@ from __future__ import annotations
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from ..seedlm import SeedLMConfig, compress_matrix, decompress_matrix
-from .registry import Parts, as_matrix, register_codec
+import math
+
+from ..seedlm import TAPS, SeedLMConfig, compress_matrix, decompress_matrix
+from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
 
 SEEDLM = {"K": 12, "C": 8, "P": 3}
+SEEDLM_LIMITS = {"K": tuple(sorted(TAPS)), "C": range(1, 65), "P": range(1, 17)}  # a tabulated LFSR; P <= C
 
 
-@register_codec("seedlm", SEEDLM)
+@register_codec("seedlm", SEEDLM, SEEDLM_LIMITS)
 class _SeedLM:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
@@ -22,6 +25,20 @@ class _SeedLM:
                     seconds_per_block=q["seconds_per_block"])
         return {"seeds": pack_bits(q["seed"], config.K), "coefs": pack_bits(q["coef"].to(torch.int64) + 8, 4),
                 "exps": pack_bits(q["exp"].to(torch.int64) + 15, 4)}, meta
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        K, C, P = meta["K"], meta["C"], meta["P"]
+        if P > C:
+            raise ValueError(f"P {P} must not exceed C {C}")
+        meta_shape(meta, "matrix", shape)
+        n, pad = meta_int(meta, "n"), meta_int(meta, "pad", below=C)
+        if n * C - pad != math.prod(shape):
+            raise ValueError(f"{n} blocks of {C} less {pad} padding are not the {math.prod(shape)} values of shape "
+                             f"{list(shape)}")
+        need_part(parts, "seeds", torch.uint8, packed_size(n, K))
+        need_part(parts, "coefs", torch.uint8, packed_size(n * P, 4))
+        need_part(parts, "exps", torch.uint8, packed_size(n, 4))
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:

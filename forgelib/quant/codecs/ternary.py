@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Parts, register_codec
+import math
+
+from .registry import Parts, need_part, register_codec
 
 
 @register_codec("ternary", {})
@@ -17,6 +19,13 @@ class _Ternary:
 
         codes, scale = ternary_quantize(tensor)
         return {"packed": pack_ternary(codes, "base3"), "scale": scale.reshape(1)}, {}
+
+    @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        if not shape:
+            raise ValueError("a ternary tensor has at least one dimension")
+        need_part(parts, "packed", torch.uint8, math.ceil(math.prod(shape) / 5))  # base-3: 5 codes a byte
+        need_part(parts, "scale", torch.float32, 1)
 
     @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, as_matrix, register_codec
+from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
 
 VQ = {"v": 4, "codebook_bits": 8, "residual": False}
+VQ_LIMITS = {"v": range(1, 17), "codebook_bits": range(1, 17)}
 
 
 def weighted_kmeans(x: torch.Tensor, weights: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple:
@@ -74,7 +75,17 @@ def vq_bits(q: dict) -> int:
     return bits
 
 
-@register_codec("vq", VQ)
+def _check_stage(parts: Parts, suffix: str, n: int, v: int, cb: int) -> int:
+    """The codebook of one stage (``book`` / ``book2``: 1 to 2^cb fp16 vectors of ``v``) and its packed indices;
+    returns the codebook's size."""
+    book = need_part(parts, "book" + suffix, torch.float16)
+    if book.dim() != 2 or book.shape[1] != v or not 1 <= book.shape[0] <= 2 ** cb:
+        raise ValueError(f"part 'book{suffix}' has shape {list(book.shape)}, not 1 to {2 ** cb} vectors of {v}")
+    need_part(parts, "labels" + suffix, torch.uint8, packed_size(n, cb))
+    return book.shape[0]
+
+
+@register_codec("vq", VQ, VQ_LIMITS)
 class _VQ:
     @staticmethod
     def encode(tensor: torch.Tensor, settings: dict, hessian: torch.Tensor | None = None) -> tuple[Parts, dict]:
@@ -88,10 +99,25 @@ class _VQ:
         return parts, meta
 
     @staticmethod
+    def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
+        v, cb = meta["v"], meta["codebook_bits"]
+        rows, cols = meta_shape(meta, "matrix", shape)
+        if cols % v or meta_int(meta, "n") != rows * cols // v:
+            raise ValueError(f"metadata n {meta.get('n')} must be the {rows * cols / v:g} vectors of {v} of a "
+                             f"{rows} x {cols} matrix")
+        need_part(parts, "scale", torch.float16, shape=(rows, 1))
+        for suffix in ("", "2") if meta.get("residual") else ("",):
+            _check_stage(parts, suffix, meta["n"], v, cb)
+
+    @staticmethod
     def decode(parts: Parts, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:
         cb, n = meta["codebook_bits"], meta["n"]
         q = {"scale": parts["scale"], "book": parts["book"], "labels": unpack_bits(parts["labels"], cb, n),
              "shape": tuple(meta["matrix"])}
         if meta["residual"]:
             q.update(book2=parts["book2"], labels2=unpack_bits(parts["labels2"], cb, n))
+        for suffix in ("", "2") if meta["residual"] else ("",):
+            if n and int(q["labels" + suffix].max()) >= len(q["book" + suffix]):
+                raise ValueError(f"an index of labels{suffix} lies past the {len(q['book' + suffix])} codebook "
+                                 "vectors")
         return vq_dequantize(q).reshape(shape)
