@@ -20,13 +20,14 @@ three and joins them.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .models.loading import ModelLoadError, load_hf_causal_lm, read_model_config
+from .models.weights import read_json_file, safetensors_header
+from .params import cut, short
 from .thoughts import CONFIG_FILE, EXTRA_FILE, QuietStarConfig, QuietStarModel, base_lm, is_quietstar
 
 ARTIFACT_FILE = "model.forge"
@@ -116,11 +117,13 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = Fa
     path = Path(path)
     if not is_quietstar(path):
         raise FileNotFoundError(f"{path} is not a Quiet-STaR model folder (needs {CONFIG_FILE} and {EXTRA_FILE})")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    config = QuietStarConfig(**{**meta["config"], **config_overrides})
+    meta = read_json_file(path / CONFIG_FILE)
+    header, _ = safetensors_header(path / EXTRA_FILE)  # checked against the file before anything is read
+    stored = {name.removesuffix("_int8"): tuple(info["shape"]) for name, info in header.items()}
+    config = quietstar_config({**(meta.get("config") or {}), **config_overrides}, stored, str(path / CONFIG_FILE))
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     model = QuietStarModel(load_causal_lm(path, trainable=trainable), tokenizer, config)
-    if (model.sot_id, model.eot_id) != (meta["sot_id"], meta["eot_id"]):
+    if (model.sot_id, model.eot_id) != (meta.get("sot_id"), meta.get("eot_id")):
         raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
                          f"saved ones {(meta['sot_id'], meta['eot_id'])}")
     int8 = meta.get("int8_modules", [])
@@ -137,17 +140,38 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = Fa
     return model.eval()
 
 
+def quietstar_config(settings: Any, stored: dict, where: str,
+                     error: type[ValueError] = ModelLoadError) -> QuietStarConfig:
+    """The QuietStarConfig of stored ``settings``, checked before the wrapper is built: known keys and valid values
+    (QuietStarConfig's own checks), and ``mixing_hidden`` equal to the stored mixing head's width (``stored``:
+    {tensor: shape} of the wrapper's own tensors), so a hostile width allocates nothing."""
+    if not isinstance(settings, dict):
+        raise error(f"{where}: the Quiet-STaR settings are not a table (got {short(settings)})")
+    try:
+        config = QuietStarConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{where}: invalid Quiet-STaR settings ({cut(str(exc), 200)})") from None
+    head = stored.get("mixing_head.0.weight")
+    if head is None or tuple(head)[:1] != (config.mixing_hidden,):
+        raise error(f"{where}: mixing_hidden {short(config.mixing_hidden)} does not match the stored mixing head "
+                    f"(mixing_head.0.weight {list(head) if head is not None else 'missing'})")
+    return config
+
+
 def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
     """The model a Phase-8 artifact file holds (``forgelib.quant.artifact.read_artifact``), eval mode: a
     QuietStarModel when it was one (its tokenizer: ``tokenizer`` or the one beside the file)."""
     from .quant.artifact import ArtifactError, read_artifact
 
-    def wrap(base: nn.Module, settings: dict) -> QuietStarModel:
+    def wrap(base: nn.Module, settings: dict, stored: dict) -> QuietStarModel:
         from transformers import AutoTokenizer
 
-        model = QuietStarModel(base, tokenizer or AutoTokenizer.from_pretrained(Path(path).parent),
-                               QuietStarConfig(**settings["config"]))
-        if (model.sot_id, model.eot_id) != (settings["sot_id"], settings["eot_id"]):
+        config = quietstar_config(settings.get("config"), stored, str(path), ArtifactError)
+        try:
+            model = QuietStarModel(base, tokenizer or AutoTokenizer.from_pretrained(Path(path).parent), config)
+        except (ValueError, OSError) as exc:  # no thought tokens in the tokenizer, no tokenizer beside the file
+            raise ArtifactError(f"{path}: the Quiet-STaR model cannot be rebuilt ({cut(str(exc), 200)})") from None
+        if (model.sot_id, model.eot_id) != (settings.get("sot_id"), settings.get("eot_id")):
             raise ArtifactError(f"{path}: the tokenizer's thought token ids differ from the artifact's")
         return model
 

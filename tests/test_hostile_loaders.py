@@ -5,14 +5,20 @@ wrong (``ModelLoadError``; ``ArtifactError`` / ``PackedModelError`` are kinds of
 Each hostile file is a small valid one (an artifact, a packed folder, a plain folder of a 1-layer Llama) with its
 header edited. ``guarded`` makes reaching the dangerous step itself a failure: building a model anywhere but on
 the meta device, ``from_pretrained``, or ``torch.load``; and every refusal is timed (well under a second)."""
+import base64
 import json
+import shutil
 import struct
 import time
+import tracemalloc
+import zlib
 
 import pytest
 import torch
 
 from forgelib.modelio import ModelLoadError, load_model
+from forgelib.quant.artifact import ArtifactError, _pack_meta, _unpack_meta, load_extras, save_compressed
+from forgelib.quant.codecs import CODECS
 
 FAST = 1.0  # seconds: every refusal here takes a few milliseconds (measured 1-30 ms)
 
@@ -72,6 +78,130 @@ def set_header_length(file, length: int) -> None:
     data = bytearray(file.read_bytes())
     data[:8] = struct.pack("<Q", length)
     file.write_bytes(bytes(data))
+
+
+# --- artifacts --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A valid artifact of a 1-layer Llama with one extra per codec (an 8 x 16 matrix each)."""
+    folder = tmp_path_factory.mktemp("artifact")
+    extras = {name: torch.randn(8, 16, generator=torch.Generator().manual_seed(1)) for name in CODECS}
+    save_compressed(tiny_llama(), folder / "m.forge", {f"extra::{n}": {"codec": n} for n in CODECS}, extras=extras)
+    return folder / "m.forge"
+
+
+def rewrite(artifact, target, edit=None, metadata: str | None = None):
+    """A copy of ``artifact`` at ``target`` with its header edited by ``edit(header)`` (or its metadata string
+    replaced by ``metadata``), the payload unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(artifact), "pt") as handle:
+        header, payload = _unpack_meta(handle.metadata()["forge_artifact"]), handle.get_tensor("payload")
+    if edit is not None:
+        edit(header)
+    save_file({"payload": payload}, str(target), metadata={"forge_artifact": metadata or _pack_meta(header)})
+    return target
+
+
+def test_an_artifact_config_claiming_huge_dimensions_is_refused_before_any_allocation(artifact, tmp_path, guarded):
+    """The probe: a 304-byte artifact whose config claims huge dimensions made from_config ask for 65 GB. Now the
+    config is built on the meta device and compared with the stored shapes first."""
+    def huge(header):
+        header["config"].update(hidden_size=2 ** 17, intermediate_size=2 ** 18, vocab_size=2 ** 17)
+
+    message = refused(ArtifactError, "does not match the artifact's entries", load_model,
+                      rewrite(artifact, tmp_path / "huge.forge", huge))
+    assert "huge.forge" in message and "model.embed_tokens.weight is [131072, 131072] by the config" in message
+
+    def layers(header):
+        header["config"]["num_hidden_layers"] = 10 ** 6  # built even on the meta device, this takes minutes
+    refused(ArtifactError, "num_hidden_layers=1000000, but the weights hold only", load_model,
+            rewrite(artifact, tmp_path / "layers.forge", layers))
+
+
+def test_a_zlib_bomb_header_is_inflated_only_up_to_the_cap(artifact, tmp_path):
+    """The probe: a 2.7 MB header inflated to 4.5 GB, then KeyError 'entries'. Here 20 MiB of blanks
+    compressed to ~20 KB: inflating stops at 16 MiB (+1 byte); the peak of Python allocations stays near that.
+    (Measured by hand: the probe's 1 GiB bomb, compressed to 1 MB, is refused in 0.2 s.)"""
+    packer = zlib.compressobj(9)
+    chunk = b" " * (1 << 20)
+    bomb = b"".join(packer.compress(chunk) for _ in range(20)) + packer.flush()
+    target = rewrite(artifact, tmp_path / "bomb.forge", metadata=base64.b64encode(bomb).decode())
+    tracemalloc.start()
+    try:
+        message = refused(ArtifactError, "inflates past 16777216 bytes", load_extras, target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "bomb.forge" in message and peak < 40 << 20
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.pop("entries"), "has no 'entries' and 'config' tables"),
+    (lambda h: h["config"].pop("model_type"), "config has no model_type"),
+    (lambda h: h["entries"]["model.norm.weight"]["parts"][0].__setitem__(1, "nn"), "not \\[name, dtype, shape"),
+    (lambda h: h["entries"]["model.norm.weight"]["parts"][0].__setitem__(2, [10 ** 12]), "in 64 bytes"),
+    (lambda h: h["entries"]["model.norm.weight"].__setitem__("shape", [-1]), "needs a codec name and a shape"),
+    (lambda h: h["entries"]["model.norm.weight"].__setitem__("codec", "zip"), "unknown codec 'zip'"),
+], ids=["no-entries", "no-model-type", "bad-dtype", "part-shape", "negative-shape", "unknown-codec"])
+def test_a_malformed_artifact_header_is_named_not_a_traceback(artifact, tmp_path, edit, match, guarded):
+    message = refused(ArtifactError, match, load_model, rewrite(artifact, tmp_path / "bad.forge", edit))
+    assert "bad.forge" in message
+
+
+def test_an_artifact_header_length_beyond_the_file_is_refused(artifact, tmp_path):
+    for length in (10 ** 15, 2 ** 64 - 1):
+        target = tmp_path / "long.forge"
+        shutil.copy(artifact, target)
+        set_header_length(target, length)
+        assert "long.forge" in refused(ArtifactError, f"header length field says {length} bytes", load_extras, target)
+
+
+def _limit_cases():
+    """Every integer setting of every codec (bools are settings too, but carry no size)."""
+    return [pytest.param(name, key, id=f"{name}-{key}") for name, codec in CODECS.items()
+            for key, value in codec.defaults.items() if isinstance(value, int) and not isinstance(value, bool)]
+
+
+@pytest.mark.parametrize("codec, key", _limit_cases())
+def test_codec_settings_out_of_range_are_refused_when_written_and_when_read(artifact, tmp_path, codec, key):
+    """The probe: bfp with mantissa_bits = 2**31 asked for 16 GB. Every integer setting of every codec has a range,
+    checked on the spec written and on the metadata read."""
+    from forgelib.quant.artifact import check_spec
+
+    with pytest.raises(ValueError, match=f"tensor 'w': codec '{codec}': {key} must be"):
+        check_spec("w", {"codec": codec, key: 2 ** 31})
+    target = rewrite(artifact, tmp_path / "range.forge",
+                     lambda h: h["entries"][f"extra::{codec}"].update({key: 2 ** 31}))
+    message = refused(ArtifactError, f"{key} must be .*, got 2147483648", load_extras, target)
+    assert message.startswith(str(target)) and f"'extra::{codec}'" in message
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_an_entry_claiming_more_values_than_its_parts_hold_is_refused(artifact, tmp_path, codec):
+    """An entry's shape a thousand times larger than what its parts encode: each codec's check sees it by
+    arithmetic on the metadata and the parts' sizes, before decoding."""
+    def grow(header):
+        entry = header["entries"][f"extra::{codec}"]
+        entry["shape"] = [entry["shape"][0] * 1000, *entry["shape"][1:]]
+
+    message = refused(ArtifactError, f"tensor 'extra::{codec}' \\({codec}\\)", load_extras,
+                      rewrite(artifact, tmp_path / "grown.forge", grow))
+    assert "grown.forge" in message
+
+
+def test_count_fields_of_the_metadata_must_fit_the_parts(artifact, tmp_path):
+    """A block count inflated with the shape to match: the parts' byte counts no longer fit."""
+    def grow(header):
+        entry = header["entries"]["extra::bfp"]
+        entry["n"] *= 1000
+        entry["shape"] = [entry["shape"][0] * 1000, entry["shape"][1]]
+
+    refused(ArtifactError, "part 'mant' holds 48 values where the metadata implies 48000", load_extras,
+            rewrite(artifact, tmp_path / "count.forge", grow))
 
 
 # --- packed folders ---------------------------------------------------------------------------------------------
@@ -164,3 +294,44 @@ def test_a_folder_that_is_no_model_is_named_without_listing_it(tmp_path):
     (tmp_path / "private-notes.txt").write_text("not for the error message")
     message = refused(ModelLoadError, "has no config.json: not a Hugging Face model folder", load_model, tmp_path)
     assert "private-notes" not in message and str(tmp_path) in message
+
+
+# --- Quiet-STaR ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quietstar(tmp_path):
+    """A Quiet-STaR tiny Llama saved as a folder and as an artifact (a 4 ms tokenizer with the thought tokens)."""
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.modelio import save_model
+    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+    from helpers import tiny_task_llama
+
+    tok = train_tokenizer(["12+7=19", "sort 3,1,2"], vocab_size=300)
+    model = QuietStarModel(tiny_task_llama(tok), tok, QuietStarConfig(n_thought=2))
+    save_model(model, tmp_path / "folder", tokenizer=tok)
+    save_model(model, tmp_path / "artifact", tokenizer=tok, plan={})
+    return tmp_path
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"mixing_hidden": 2 ** 40}, "mixing_hidden 1099511627776 does not match the stored mixing head "
+                                 "\\(mixing_head.0.weight \\[64, 64\\]\\)"),
+    ({"bogus": 1}, "invalid Quiet-STaR settings \\(.*'bogus'"),
+], ids=["huge-mixing-head", "unknown-setting"])
+def test_quietstar_settings_are_checked_against_the_stored_head_before_the_wrapper_is_built(
+        quietstar, monkeypatch, changes, match):
+    """A Quiet-STaR mixing head is as wide as its settings say: a hostile width is refused before the wrapper (and
+    its Linear layers) is built, in a folder (quietstar.json) and in an artifact (its 'quietstar' table)."""
+    import forgelib.modelio as modelio
+
+    def built(*args, **kwargs):
+        raise Reached("the Quiet-STaR wrapper was built")
+
+    monkeypatch.setattr(modelio, "QuietStarModel", built)
+    meta = json.loads((quietstar / "folder" / "quietstar.json").read_text())
+    edit_json(quietstar / "folder" / "quietstar.json", config={**meta["config"], **changes})
+    assert "quietstar.json" in refused(ModelLoadError, match, load_model, quietstar / "folder")
+    artifact = rewrite(quietstar / "artifact" / "model.forge", quietstar / "artifact" / "hostile.forge",
+                       lambda h: h["quietstar"]["config"].update(changes))
+    assert "hostile.forge" in refused(ArtifactError, match, load_model, artifact)

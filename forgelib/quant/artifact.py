@@ -13,6 +13,13 @@ parts (name, dtype, shape, in payload order), a Quiet-STaR model's settings, and
 the model's, e.g. Phase-7 expert vectors). The tokenizer is written beside the file (``tokenizer.json``): it is not
 counted as weights; ``artifact_report`` reads the bytes back and counts the header (metadata) as overhead, so
 ``bits_per_weight = 8 × file bytes / stored values`` counts everything in the file.
+
+Reading trusts nothing the file says: the safetensors header length is checked against the file
+(``forgelib.models.weights.safetensors_header``), the metadata is inflated to at most ``META_MAX_BYTES`` (a zlib
+bomb stops there), every entry's layout is checked against the payload, every codec's settings against their ranges
+and its parts' sizes against its metadata (``Codec.check``), and the config against the stored shapes on a model
+built on the meta device, all before ``from_config`` allocates; every refusal is an ``ArtifactError`` naming the
+file.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models.weights import ModelLoadError, check_weights_fit, is_shape, meta_model, safetensors_header
+from ..params import cut, short
 from .codecs import CODECS as _REGISTRY
 from .codecs import get_codec
 from .packing import pack_bits, unpack_bits  # noqa: F401  (part of this module's interface)
@@ -35,9 +44,18 @@ CODECS = tuple(_REGISTRY)
 """The registered codecs' names (``forgelib.quant.codecs.CODECS``), in registration order."""
 EXTRA = "extra::"
 """Prefix of the entries that are not the model's (``extras``)."""
+WRAPPED = "base."
+"""Prefix of the causal LM's entries in an artifact of a wrapped model (a Quiet-STaR model's ``base``)."""
+META_MAX_BYTES = 16 << 20
+"""The inflated metadata (JSON) of an artifact may hold at most 16 MiB (a tiny model's is ~20 KB, a 7B model's about
+100 KB); inflating stops there, so a zlib bomb costs 16 MiB and a few milliseconds."""
+DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+          "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+          "bool": torch.bool}
+"""The dtypes a stored part may have."""
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ModelLoadError):
     """A file that is not a readable Agent Forge artifact, or one that does not fit its own layout."""
 
 
@@ -53,6 +71,10 @@ def check_spec(name: str, spec: dict) -> dict:
     if extra:
         raise ValueError(f"tensor {name!r}: codec {codec_name!r} has no setting {extra}; "
                          f"valid: {sorted(codec.defaults) or 'none'}")
+    try:
+        codec.check_settings(codec.settings(spec))
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r}: {exc}") from None
     return spec
 
 
@@ -65,10 +87,27 @@ def _encode(name: str, tensor: torch.Tensor, spec: dict, hessian: torch.Tensor |
     return parts, {"codec": codec.name, "shape": list(tensor.shape), **meta}
 
 
-def _decode(name: str, parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+def _check_entry(name: str, parts: dict[str, torch.Tensor], meta: dict, where: str = "the artifact") -> None:
+    """An entry's codec settings within their ranges and its parts' sizes fitting its metadata and shape, by
+    arithmetic alone (``Codec.check_settings``, ``Codec.check``): ArtifactError naming ``where`` and the tensor."""
     if meta["codec"] not in _REGISTRY:
-        raise ArtifactError(f"tensor {name!r}: unknown codec {meta['codec']!r} in the artifact")
-    return _REGISTRY[meta["codec"]].decode(parts, meta, tuple(meta["shape"]))
+        raise ArtifactError(f"tensor {name!r}: unknown codec {short(meta['codec'])} in the artifact")
+    codec = _REGISTRY[meta["codec"]]
+    try:
+        codec.check_settings(meta)
+        codec.check(parts, meta, tuple(meta["shape"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ArtifactError(f"{where}: tensor {short(name)} ({codec.name}): {cut(str(exc), 200)}") from None
+
+
+def _decode(name: str, parts: dict[str, torch.Tensor], meta: dict, where: str = "the artifact") -> torch.Tensor:
+    """One entry's tensor, checked first (``_check_entry``); a codec's own error is an ArtifactError too."""
+    _check_entry(name, parts, meta, where)
+    try:
+        return _REGISTRY[meta["codec"]].decode(parts, meta, tuple(meta["shape"]))
+    except (ValueError, RuntimeError, IndexError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{where}: tensor {short(name)} ({meta['codec']}) cannot be decoded: "
+                            f"{cut(str(exc), 200)}") from None
 
 
 def _owned(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,8 +125,59 @@ def _pack_meta(obj: dict) -> str:
     return base64.b64encode(zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 9)).decode()
 
 
-def _unpack_meta(text: str) -> dict:
-    return json.loads(zlib.decompress(base64.b64decode(text)))
+def _unpack_meta(text: str, where: str = "the artifact") -> dict:
+    """The header of an artifact from its metadata string: base64, then zlib inflated to at most
+    ``META_MAX_BYTES``, then JSON, its form checked (``_check_header``); ArtifactError naming ``where`` otherwise."""
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(text, validate=True), META_MAX_BYTES + 1)
+    except (ValueError, zlib.error) as exc:  # binascii.Error is a ValueError
+        raise ArtifactError(f"{where}: the artifact metadata is not base64 zlib data ({cut(str(exc), 100)})") from None
+    if len(raw) > META_MAX_BYTES:
+        raise ArtifactError(f"{where}: the artifact metadata inflates past {META_MAX_BYTES} bytes (a zlib bomb, or "
+                            "not an artifact); refused")
+    if not inflater.eof:
+        raise ArtifactError(f"{where}: the artifact metadata's zlib stream is cut short")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{where}: the artifact metadata is not JSON ({cut(str(exc), 100)})") from None
+    _check_header(header, where)
+    return header
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with the form of one entry of an artifact header, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("codec"), str) or not is_shape(entry.get("shape")):
+        return "needs a codec name and a shape (a list of integers >= 0)"
+    if entry["codec"] not in _REGISTRY:
+        return f"has unknown codec {short(entry['codec'])} in the artifact; known: {', '.join(_REGISTRY)}"
+    if not isinstance(entry.get("parts"), list):
+        return "has no list of parts"
+    for part in entry["parts"]:
+        if not (isinstance(part, list) and len(part) == 4 and isinstance(part[0], str) and part[1] in DTYPES
+                and is_shape(part[2]) and is_shape(part[3:])):
+            return f"has a part {short(part)}, not [name, dtype, shape, bytes] with a dtype of {', '.join(DTYPES)}"
+        if math.prod(part[2]) * DTYPES[part[1]].itemsize != part[3]:
+            return f"has part {short(part[0])} of {part[1]} {part[2]} in {part[3]} bytes"
+    return None
+
+
+def _check_header(header, where: str) -> None:
+    """The form of an artifact header: ``entries`` (each ``_entry_problem``-free), ``config`` with a
+    ``model_type``, ``quietstar`` a table (empty for a plain causal LM)."""
+    if not isinstance(header, dict) or not isinstance(header.get("entries"), dict) \
+            or not isinstance(header.get("config"), dict):
+        raise ArtifactError(f"{where}: the artifact metadata has no 'entries' and 'config' tables: not an Agent "
+                            "Forge artifact")
+    if not isinstance(header["config"].get("model_type"), str):
+        raise ArtifactError(f"{where}: the artifact's config has no model_type (a name)")
+    if not isinstance(header.setdefault("quietstar", {}), dict):
+        raise ArtifactError(f"{where}: the artifact's 'quietstar' settings are not a table")
+    for name, entry in header["entries"].items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise ArtifactError(f"{where}: tensor {short(name)} {problem}")
 
 
 def _model_parts(model: nn.Module) -> tuple[nn.Module, dict]:
@@ -138,31 +228,37 @@ def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | 
 
 
 def _read(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(header, {entry: {part: tensor}}) of an artifact, its layout checked against the payload."""
+    """(header, {entry: {part: tensor}}) of an artifact, its header and layout checked against the file before the
+    payload is read (module docstring)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no artifact at {path}")
+    tensors, metadata = safetensors_header(path, ArtifactError)
+    payload = tensors.get("payload")
+    if "forge_artifact" not in metadata or set(tensors) != {"payload"} or payload["dtype"] != "U8" \
+            or len(payload["shape"]) != 1:
+        raise ArtifactError(f"{path} is not an Agent Forge artifact (no forge_artifact metadata beside one uint8 "
+                            "payload)")
+    header = _unpack_meta(metadata["forge_artifact"], str(path))
+    layout = sum(part[3] for entry in header["entries"].values() for part in entry["parts"])
+    if layout != payload["shape"][0]:
+        raise ArtifactError(f"{path}: the layout needs {layout} payload bytes but the payload holds "
+                            f"{payload['shape'][0]} (truncated or tampered)")
     try:
         with safe_open(str(path), "pt") as handle:
-            header = _unpack_meta((handle.metadata() or {})["forge_artifact"])
-            payload = handle.get_tensor("payload")
-    except Exception as exc:  # safetensors' own errors, a missing key, a bad header: all name the file
-        raise ArtifactError(f"{path} is not an Agent Forge artifact ({type(exc).__name__}: {exc})") from exc
+            data = handle.get_tensor("payload")
+    except Exception as exc:  # safetensors' own checks: the file is named
+        raise ArtifactError(f"{path} is not an Agent Forge artifact ({type(exc).__name__}: {cut(str(exc), 200)})"
+                            ) from None
     out, offset = {}, 0
     for name, entry in header["entries"].items():
         parts = {}
         for key, dtype, shape, nbytes in entry["parts"]:
-            raw = payload[offset:offset + nbytes].clone()
-            itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            if raw.numel() != nbytes or math.prod(shape) * itemsize != nbytes:
-                raise ArtifactError(f"{path}: the payload does not fit the layout of {name!r} (truncated or tampered)")
-            parts[key] = raw.view(getattr(torch, dtype)).reshape(shape)
+            parts[key] = data[offset:offset + nbytes].clone().view(DTYPES[dtype]).reshape(shape)
             offset += nbytes
         out[name] = parts
-    if offset != payload.numel():
-        raise ArtifactError(f"{path}: {payload.numel() - offset} payload bytes beyond the layout (tampered)")
     return header, out
 
 
@@ -170,9 +266,9 @@ def artifact_report(path: str | Path) -> dict:
     """Bytes on disk, header bytes, payload bytes per tensor, stored values (``weights``, extras included), and
     ``bits_per_weight`` = 8 × file bytes / weights: everything in the file counted."""
     path = Path(path)
+    header, _ = _read(path)  # checks the header length against the file first
     with open(path, "rb") as handle:
         header_bytes = 8 + struct.unpack("<Q", handle.read(8))[0]
-    header, _ = _read(path)
     per = {name: sum(p[3] for p in e["parts"]) for name, e in header["entries"].items()}
     weights = sum(math.prod(e["shape"]) for e in header["entries"].values())
     codecs: dict[str, int] = {}
@@ -187,35 +283,68 @@ def artifact_report(path: str | Path) -> dict:
 def load_extras(path: str | Path) -> dict[str, torch.Tensor]:
     """The extra tensors of an artifact (decoded), by the names ``save_compressed`` was given."""
     header, parts = _read(path)
-    return {n.removeprefix(EXTRA): _decode(n, parts[n], e) for n, e in header["entries"].items() if n.startswith(EXTRA)}
+    return {n.removeprefix(EXTRA): _decode(n, parts[n], e, str(path)) for n, e in header["entries"].items()
+            if n.startswith(EXTRA)}
 
 
-def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict], nn.Module] | None = None) -> nn.Module:
-    """The model the artifact holds, eval mode: decoded tensors, BitLinear layers again where the config says so.
-    An artifact of a wrapped model (a Quiet-STaR model) needs ``wrap(causal_lm, settings)``, which builds the wrapper
-    the stored state belongs to (``forgelib.modelio.load_compressed`` passes it); without it ArtifactError says so."""
-    import forgelib.models  # noqa: F401  (registers Cognate)
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config(header: dict, path: Path):
+    """The transformers config of an artifact's ``config`` table (ArtifactError naming the file otherwise)."""
+    from transformers import AutoConfig
 
-    header, parts = _read(path)
     config_dict = dict(header["config"])
     model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    model = AutoModelForCausalLM.from_config(config)
-    bitnet = getattr(config, "bitnet", None)
+    try:
+        return AutoConfig.for_model(model_type, **config_dict)
+    except Exception as exc:  # transformers' own checks of a hostile config: ValueError, KeyError, TypeError...
+        raise ArtifactError(f"{path}: the artifact's config (model_type {short(model_type)}) is no model "
+                            f"configuration ({type(exc).__name__}: {cut(str(exc), 200)})") from None
+
+
+def _checked_model(header: dict, parts: dict, path: Path) -> nn.Module:
+    """The causal LM the artifact's config describes, allocated only once every entry (codec settings, parts'
+    sizes) and the config (a model built on the meta device against the stored shapes) have been checked."""
+    from transformers import AutoModelForCausalLM
+
+    for name, entry in header["entries"].items():
+        _check_entry(name, parts[name], entry, str(path))
+    config = _config(header, path)
+    wrapped = bool(header["quietstar"])
+    stored = {name.removeprefix(WRAPPED): tuple(entry["shape"]) for name, entry in header["entries"].items()
+              if not name.startswith(EXTRA) and (name.startswith(WRAPPED) or not wrapped)}
+    plain = meta_model(config, stored, str(path), ArtifactError)
+    check_weights_fit(plain, stored, str(path), ArtifactError, weights="the artifact's entries")
+    return AutoModelForCausalLM.from_config(config)
+
+
+def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict, dict], nn.Module] | None = None) -> nn.Module:
+    """The model the artifact holds, eval mode: decoded tensors, BitLinear layers again where the config says so.
+    An artifact of a wrapped model (a Quiet-STaR model) needs ``wrap(causal_lm, settings, stored)``, which builds
+    the wrapper the stored state belongs to (``stored``: {name: shape} of the wrapper's own entries, to check the
+    settings against before anything is allocated; ``forgelib.modelio.load_compressed`` passes it); without it
+    ArtifactError says so. Every check of the file comes before any allocation (module docstring)."""
+    import forgelib.models  # noqa: F401  (registers Cognate)
+
+    path = Path(path)
+    header, parts = _read(path)
+    if header["quietstar"] and wrap is None:
+        raise ArtifactError(f"{path}: the artifact holds a Quiet-STaR model; load it with "
+                            "forgelib.modelio.load_model (or load_compressed)")
+    model = _checked_model(header, parts, path)
+    bitnet = getattr(model.config, "bitnet", None)
     if isinstance(bitnet, dict):
         from .bitnet import convert_to_bitnet
 
         convert_to_bitnet(model, include=bitnet.get("include"),
                           quantize_activations=bitnet.get("activation_bits") is not None)
     base = model
-    if header.get("quietstar"):
-        if wrap is None:
-            raise ArtifactError(f"{path}: the artifact holds a Quiet-STaR model; load it with "
-                                "forgelib.modelio.load_model (or load_compressed)")
-        model = wrap(base, header["quietstar"])
-    state = {n: _decode(n, parts[n], e) for n, e in header["entries"].items() if not n.startswith(EXTRA)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if header["quietstar"]:
+        own = {n: tuple(e["shape"]) for n, e in header["entries"].items() if not n.startswith((EXTRA, WRAPPED))}
+        model = wrap(base, header["quietstar"], own)
+    state = {n: _decode(n, parts[n], e, str(path)) for n, e in header["entries"].items() if not n.startswith(EXTRA)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a size mismatch of the wrapper's own tensors
+        raise ArtifactError(f"{path}: the artifact does not fit its model ({cut(str(exc), 200)})") from None
     tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(base.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise ArtifactError(f"{path}: the artifact does not fit its config: missing {sorted(set(missing) - tied)[:3]}, "
