@@ -120,23 +120,29 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = Fa
     meta = read_json_file(path / CONFIG_FILE)
     header, _ = safetensors_header(path / EXTRA_FILE)  # checked against the file before anything is read
     stored = {name.removesuffix("_int8"): tuple(info["shape"]) for name, info in header.items()}
-    config = quietstar_config({**(meta.get("config") or {}), **config_overrides}, stored, str(path / CONFIG_FILE))
+    settings = meta.get("config")
+    settings = {**settings, **config_overrides} if isinstance(settings, dict) else settings
+    config = quietstar_config(settings, stored, str(path / CONFIG_FILE))
+    int8 = meta.get("int8_modules", [])
+    if not isinstance(int8, list) or not all(isinstance(n, str) and n.startswith("mixing_head.") for n in int8):
+        raise ModelLoadError(f"{path / CONFIG_FILE}: int8_modules {short(int8)} must name layers of the mixing head")
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     model = QuietStarModel(load_causal_lm(path, trainable=trainable), tokenizer, config)
     if (model.sot_id, model.eot_id) != (meta.get("sot_id"), meta.get("eot_id")):
-        raise ValueError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from the "
-                         f"saved ones {(meta['sot_id'], meta['eot_id'])}")
-    int8 = meta.get("int8_modules", [])
-    if any(not name.startswith("mixing_head.") for name in int8):
-        raise ValueError(f"{path / CONFIG_FILE}: int8_modules {int8} must name layers of the mixing head")
+        raise ModelLoadError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from "
+                             f"the saved ones {(short(meta.get('sot_id')), short(meta.get('eot_id')))}")
     convert_to_int8(model.mixing_head, [name.removeprefix("mixing_head.") for name in int8])
     extra = unpack_int8_tensors(load_file(str(path / EXTRA_FILE)), where=str(path / EXTRA_FILE))
     want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
     if set(extra) != want:
-        raise ValueError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found {sorted(extra)}")
-    with torch.no_grad():
-        model.thought_embeddings.copy_(extra.pop("thought_embeddings"))
-    model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extra.items()})
+        raise ModelLoadError(f"{path / EXTRA_FILE}: expected tensors {sorted(want)}, found "
+                             f"{[short(n) for n in sorted(extra)[:10]]}")
+    try:
+        with torch.no_grad():
+            model.thought_embeddings.copy_(extra.pop("thought_embeddings"))
+        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extra.items()})
+    except RuntimeError as exc:  # a shape that differs from the model's
+        raise ModelLoadError(f"{path / EXTRA_FILE}: the tensors do not fit the model ({cut(str(exc), 200)})") from None
     return model.eval()
 
 

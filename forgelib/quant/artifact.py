@@ -334,8 +334,12 @@ def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict, dict], nn.M
     if isinstance(bitnet, dict):
         from .bitnet import convert_to_bitnet
 
-        convert_to_bitnet(model, include=bitnet.get("include"),
-                          quantize_activations=bitnet.get("activation_bits") is not None)
+        try:
+            convert_to_bitnet(model, include=bitnet.get("include"),
+                              quantize_activations=bitnet.get("activation_bits") is not None)
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"{path}: the config's 'bitnet' entry cannot convert the model "
+                                f"({cut(str(exc), 200)})") from None
     base = model
     if header["quietstar"]:
         own = {n: tuple(e["shape"]) for n, e in header["entries"].items() if not n.startswith((EXTRA, WRAPPED))}
