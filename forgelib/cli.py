@@ -169,42 +169,47 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe) or merge
     what a mergekit configuration (a YAML with ``merge_method``) describes; ``--to-mergekit`` writes the recipe
-    as a mergekit configuration instead."""
+    as a mergekit configuration instead. A refused input or output is ``forge: ...`` and exit status 2, checked
+    before any source is hashed or loaded."""
     from . import paths
     from .merge import MergeError
-    from .merge.mergekit_yaml import count_layers, merge_from_mergekit, read_mergekit_file, save_mergekit
+    from .merge.mergekit_yaml import merge_from_mergekit, read_mergekit_file, source_names
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
+    from .merge.targets import MergeSaveError, check_out_folder, check_weights_written
     from .modelio import load_causal_lm
 
     recipe = paths.resolve(args.recipe)
     mergekit = read_mergekit_file(recipe)
     try:
         if args.to_mergekit:
-            if mergekit:
-                raise MergeError(f"{recipe} is already a mergekit configuration")
-            ours = load_recipe(recipe)
-            layers = count_layers(paths.resolve(ours.base)) if ours.base else None
-            notes = save_mergekit(ours, paths.resolve(args.to_mergekit), num_layers=layers)
-            for note in notes:
-                print(f"forge merge: not expressible in mergekit: {note}", file=sys.stderr)
-            print(f"mergekit configuration written to {paths.resolve(args.to_mergekit)}")
-            return 0
+            return _merge_to_mergekit(args, recipe, mergekit)
+        ours = None if mergekit else load_recipe(recipe)
+        names = source_names(mergekit) if mergekit else [n for n in [ours.base, *ours.models] if n]
+        out = check_out_folder(paths.resolve(args.out) if args.out else recipe.parent / "rebuilt", args.force,
+                               [paths.resolve(n) for n in names], "--out" if args.out else "the default output "
+                               "folder (rebuilt/ next to the recipe)")
         if mergekit:
             model, _ = merge_from_mergekit(mergekit, _load_source)
             if mergekit.get("tokenizer_source"):
                 print(f"forge merge: note: no tokenizer is written; take it from {mergekit['tokenizer_source']!r}",
                       file=sys.stderr)
         else:
-            unchecked = verify_sources(load_recipe(recipe), paths.resolve)
+            unchecked = verify_sources(ours, paths.resolve)
             if unchecked:
                 print(f"forge merge: warning: the recipe holds no checksum for {unchecked}; they are not verified",
                       file=sys.stderr)
             model = rebuild_from_recipe(recipe, _load_source)
-    except (MergeError, OSError, ValueError) as exc:
-        print(f"forge merge: {exc}", file=sys.stderr)
+        model.save_pretrained(out, safe_serialization=True)
+        check_weights_written(out)
+    except MergeSaveError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
         return 1
-    out = paths.resolve(args.out) if args.out else recipe.parent / "rebuilt"
-    model.save_pretrained(out, safe_serialization=True)
+    except MergeError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
     print(f"{'merged' if mergekit else 'rebuilt'} model written to {out}")
     if args.compare:
         reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
@@ -215,17 +220,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_source(name: str):
-    """Load a recipe's source model folder; an unreadable folder or a broken config.json is a ValueError
-    naming the folder."""
+def _merge_to_mergekit(args: argparse.Namespace, recipe, mergekit: dict | None) -> int:
+    """``forge merge RECIPE --to-mergekit OUT.yaml``: the recipe written as a mergekit configuration (an existing
+    file only with --force; never the recipe itself, never under the outputs root)."""
     from . import paths
+    from .merge import MergeError
+    from .merge.mergekit_yaml import count_layers, save_mergekit
+    from .merge.models import load_recipe
+    from .merge.targets import check_new_file
+
+    if mergekit:
+        raise MergeError(f"{recipe} is already a mergekit configuration")
+    ours = load_recipe(recipe)
+    target = check_new_file(paths.resolve(args.to_mergekit), args.force, keep=[recipe])
+    layers = count_layers(paths.resolve(ours.base)) if ours.base else None
+    notes = save_mergekit(ours, target, num_layers=layers)
+    for note in notes:
+        print(f"forge merge: not expressible in mergekit: {note}", file=sys.stderr)
+    print(f"mergekit configuration written to {target}")
+    return 0
+
+
+def _load_source(name: str):
+    """Load a merge source model folder; whatever a bad folder raises (a missing or broken config.json, truncated
+    safetensors, a pickle the safe loader refuses) is a MergeError ``cannot load merge source PATH: ...``."""
+    from . import paths
+    from .merge import MergeError
     from .modelio import load_causal_lm
+    from .params import cut
 
     folder = paths.resolve(name)
     try:
         return load_causal_lm(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # json errors are ValueErrors
-        raise ValueError(f"cannot load source model {folder}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # any loader failure means this source cannot be merged
+        reason = cut(" ".join(str(exc).split()), 200)
+        raise MergeError(f"cannot load merge source {cut(str(folder), 200)}: {type(exc).__name__}: {reason}") \
+            from exc
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -286,11 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--dry-run", action="store_true")
     merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML or a mergekit configuration")
     merge.add_argument("recipe", help="our recipe YAML, or a mergekit YAML (one with 'merge_method')")
-    merge.add_argument("--out", default=None, help="output folder (default: rebuilt/ next to the recipe)")
+    merge.add_argument("--out", default=None,
+                       help="output folder, new or empty, outside the outputs root (default: rebuilt/ next to the "
+                            "recipe)")
     merge.add_argument("--to-mergekit", default=None, metavar="OUT.yaml",
                        help="write the recipe as a mergekit configuration (notes list what it cannot express) "
                             "instead of merging")
     merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
+    merge.add_argument("--force", action="store_true",
+                       help="write into a non-empty --out folder or over an existing --to-mergekit file (never "
+                            "under the outputs root, never into a source)")
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))} "
                                          "(`forge bench NAME --help` for a benchmark's options)")
     bench.add_argument("name")

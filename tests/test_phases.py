@@ -306,7 +306,7 @@ def test_registry_holds_phase_rows(cognate):
 
 
 @pytest.mark.slow
-def test_evomerge_champion_beats_parents_and_rebuilds_bit_exactly(evomerge, cognate):
+def test_evomerge_champion_beats_parents_and_rebuilds_bit_exactly(evomerge, cognate, tmp_path):
     """Phase 2 on the smoke set: the guard holds the champion to the trunk family by family; on the same
     questions the champion is non-inferior to the best parent and the uniform merge; the recipe rebuilds it."""
     from forgelib.phases.evomerge import best_row
@@ -348,7 +348,7 @@ def test_evomerge_champion_beats_parents_and_rebuilds_bit_exactly(evomerge, cogn
         test["champion"]["accuracy"] > test[n_]["accuracy"] for n_ in ("trunk", "reasoning", "memory", "speed"))
     assert len(report["evolution"]["evaluations"]) == params.budget == result.metrics["evaluations"]
     recipe = paths.resolve(result.artifacts["recipe"])
-    out = ctx.dir / "rebuilt"
+    out = tmp_path / "rebuilt"  # forge merge writes nowhere under the outputs root
     proc = subprocess.run([sys.executable, "-m", "forgelib.cli", "merge", str(recipe), "--out", str(out),
                            "--compare", str(paths.resolve(result.models["champion"]["path"]))],
                           capture_output=True, text=True, cwd=paths.repo_root())

@@ -26,7 +26,7 @@ of choices. Screening at the starting point and re-picking for the best recipes 
 evaluations and still finds a runtime that suits the recipes the search ends on, not only the average.
 Optionally a data-flow search (``layer_path_budget``) then evolves which source's block runs at each depth,
 under the champion's runtime. The champion's recipe ``config`` holds its runtime, so ``forge merge
-recipe.yaml`` rebuilds it bit-identically.
+recipe.yaml --out DIR`` rebuilds it bit-identically.
 
 **Score** (fitness and test alike): ``accuracy − loss_weight × answer NLL``. Accuracy is exact match of the
 greedy completion over the union of the families; with ``with_steps`` the models write worked solutions
