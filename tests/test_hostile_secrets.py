@@ -1,0 +1,179 @@
+"""Hostile inputs around secrets and code injection: the frontier client's API key (redirects, plain HTTP, proxies,
+keys in parameters), notebook parameters papermill writes into a notebook as code, and `forge merge --compare`
+checked before anything is written. Real local HTTP servers; no kernel is ever started."""
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from forgelib.curriculum import FrontierClient, FrontierError
+
+KEY = "sk-hostile-test-4242"
+
+# ---------------------------------------------------------------------------------------------- frontier client
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Records every request (method, path, Authorization); answers as the server's ``mode`` says: a redirect
+    to ``server.location`` with status ``mode``, or a chat-completions reply."""
+
+    def log_message(self, *args):
+        pass
+
+    def _handle(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.server.seen.append({"method": self.command, "path": self.path,
+                                 "auth": self.headers.get("Authorization")})
+        if isinstance(self.server.mode, int):
+            self.send_response(self.server.mode)
+            self.send_header("Location", self.server.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = _handle
+
+
+def _serve(host: str):
+    httpd = ThreadingHTTPServer((host, 0), _Recorder)
+    httpd.daemon_threads = True
+    httpd.seen, httpd.mode, httpd.location = [], "ok", ""
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    httpd.base = f"http://{host}:{httpd.server_address[1]}"
+    return httpd
+
+
+def _other_loopback() -> str:
+    """127.0.0.2 when it can be bound (Linux routes all of 127/8 to lo), else 127.0.0.1 (another port: still
+    another origin)."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+        return "127.0.0.2"
+    except OSError:
+        return "127.0.0.1"
+
+
+@pytest.fixture
+def servers(monkeypatch):
+    monkeypatch.setenv("FRONTIER_HOSTILE_KEY", KEY)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    first, second = _serve("127.0.0.1"), _serve(_other_loopback())
+    yield first, second
+    for httpd in (first, second):
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_host_is_refused_and_never_receives_the_key(servers, code):
+    first, second = servers
+    first.mode, first.location = code, f"{second.base}/steal/chat/completions"
+    client = FrontierClient(f"{first.base}/v1", "m", api_key_env="FRONTIER_HOSTILE_KEY", timeout=5)
+    with pytest.raises(FrontierError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert f"{first.base}/v1/chat/completions" in message and first.location in message
+    assert f"HTTP {code}" in message and "redirect" in message and KEY not in message
+    assert second.seen == [], "the other host received a request (and with it the key)"
+    assert [r["auth"] for r in first.seen] == [f"Bearer {KEY}"]
+
+
+def test_a_redirect_on_the_same_server_is_refused_too(servers):
+    first, _ = servers
+    first.mode, first.location = 302, "/elsewhere/chat/completions"
+    client = FrontierClient(f"{first.base}/v1", "m", api_key_env="FRONTIER_HOSTILE_KEY", timeout=5)
+    with pytest.raises(FrontierError, match="redirects to .*/elsewhere/chat/completions"):
+        client.chat([])
+    assert [r["path"] for r in first.seen] == ["/v1/chat/completions"]
+
+
+def test_a_loopback_endpoint_is_reached_without_the_environments_proxy(servers, monkeypatch):
+    import urllib.request
+
+    first, proxy = servers
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's cached opener read the proxies of its time
+    monkeypatch.setenv("http_proxy", proxy.base)
+    monkeypatch.setenv("HTTP_PROXY", proxy.base)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    client = FrontierClient(f"{first.base}/v1", "m", api_key_env="FRONTIER_HOSTILE_KEY", timeout=5)
+    assert client.chat([]) == "ok"
+    assert proxy.seen == [] and [r["auth"] for r in first.seen] == [f"Bearer {KEY}"]
+
+
+@pytest.mark.parametrize("endpoint", ["http://example.com/v1", "http://10.1.2.3:8000/v1", "HTTP://api.openai.com/v1",
+                                      "http://127.0.0.1.example.com/v1", "http://localhost.example.com/v1",
+                                      "http://[fe80::1]/v1"])
+def test_plain_http_to_a_remote_host_is_refused(endpoint):
+    with pytest.raises(ValueError, match="would send the API key unencrypted: use https://") as info:
+        FrontierClient(endpoint, "m")
+    assert "127.0.0.0/8, ::1, localhost" in str(info.value)
+
+
+@pytest.mark.parametrize("endpoint", ["https://api.openai.com/v1", "http://127.0.0.1:8000/v1", "http://127.9.8.7/v1",
+                                      "http://localhost:11434/v1", "http://[::1]:8080/v1", "https://example.com/v1/"])
+def test_https_and_loopback_http_are_accepted(endpoint):
+    assert FrontierClient(endpoint, "m").url == endpoint.rstrip("/") + "/chat/completions"
+
+
+@pytest.mark.parametrize("endpoint, pattern", [
+    ("ftp://example.com/v1", "must be an https:// URL with a host"),
+    ("file:///etc/passwd", "must be an https:// URL with a host"),
+    ("https:///v1", "must be an https:// URL with a host"),
+    ("https://user:sk-in-url-123@example.com/v1", "must not carry credentials"),
+    ("https://example.com/v1?api_key=sk-in-url-123", "without query or fragment"),
+    ("https://example.com:port/v1#sk-in-url-123", "not a valid URL"),
+])
+def test_malformed_endpoints_are_named_without_any_secret_in_them(endpoint, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        FrontierClient(endpoint, "m")
+    assert "sk-in-url-123" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_the_key_is_never_taken_from_the_parameters_nor_stored(servers):
+    first, _ = servers
+    config = {"endpoint": f"{first.base}/v1", "model": "m", "api_key_env": "FRONTIER_HOSTILE_KEY"}
+    for name in ("api_key", "API_KEY", "key", "token", "bearer_token", "password"):
+        with pytest.raises(ValueError, match=f"frontier parameter '{name}' looks like a secret") as info:
+            FrontierClient.from_config({**config, name: "sk-from-params-999"})
+        assert "sk-from-params-999" not in str(info.value) and "environment variable" in str(info.value)
+    # the key itself written where its variable's name belongs: refused, and not echoed
+    with pytest.raises(ValueError, match="api_key_env must be the name of an environment variable") as info:
+        FrontierClient.from_config({**config, "api_key_env": "sk-live-abc-123"})
+    assert "sk-live-abc-123" not in str(info.value)
+    client = FrontierClient.from_config({**config, "per_round": 2, "max_tokens": 64, "timeout": 5})
+    assert client.chat([]) == "ok" and first.seen[-1]["auth"] == f"Bearer {KEY}"
+    assert KEY not in repr(vars(client)) and KEY not in repr(client)
+
+
+def test_the_curriculum_phase_refuses_a_plain_http_endpoint_before_loading_a_model(monkeypatch):
+    from forgelib.phases import curriculum
+
+    monkeypatch.setenv("FRONTIER_HOSTILE_KEY", KEY)
+    params = curriculum.Params(frontier={"endpoint": "http://example.com/v1", "model": "m",
+                                         "api_key_env": "FRONTIER_HOSTILE_KEY"})
+    with pytest.raises(ValueError, match="unencrypted"):
+        curriculum.frontier_client(params)
+
+    class Stop(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Stop("a model was loaded before the frontier endpoint was checked")
+
+    monkeypatch.setattr(curriculum, "load_source", no_model)
+    monkeypatch.setattr(curriculum, "_input_suite", lambda ctx: {})
+    ctx = type("Ctx", (), {"seed": 0, "guard_params": None})()
+    with pytest.raises(ValueError, match="unencrypted"):
+        curriculum.run(params, ctx)
