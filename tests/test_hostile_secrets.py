@@ -1,6 +1,7 @@
 """Hostile inputs around secrets and code injection: the frontier client's API key (redirects, plain HTTP, proxies,
 keys in parameters), notebook parameters papermill writes into a notebook as code, and `forge merge --compare`
 checked before anything is written. Real local HTTP servers; no kernel is ever started."""
+import datetime
 import json
 import socket
 import threading
@@ -177,3 +178,128 @@ def test_the_curriculum_phase_refuses_a_plain_http_endpoint_before_loading_a_mod
     ctx = type("Ctx", (), {"seed": 0, "guard_params": None})()
     with pytest.raises(ValueError, match="unencrypted"):
         curriculum.run(params, ctx)
+
+
+# ---------------------------------------------------------------------------------------------- notebook parameters
+
+
+def _write_notebook(path, *cells):
+    """A notebook file (nbformat 4 JSON) of code cells: each a source text, or (source, tags)."""
+    cells = [(c, []) if isinstance(c, str) else c for c in cells]
+    path.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": f"c{i}", "metadata": {"tags": tags}, "execution_count": None, "outputs": [],
+         "source": source.splitlines(keepends=True)} for i, (source, tags) in enumerate(cells)]}))
+    return path
+
+
+@pytest.fixture
+def papermill_calls(monkeypatch):
+    """papermill replaced by a recorder of the parameters it was given: no kernel can start."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("papermill")
+    fake.execute_notebook = lambda *args, **kwargs: calls.append(kwargs["parameters"])
+    monkeypatch.setitem(sys.modules, "papermill", fake)
+    return calls
+
+
+@pytest.fixture
+def notebook(tmp_path, papermill_calls):
+    """A notebook whose parameters cell declares session, per_family, a, b, c and d."""
+    params = "%matplotlib inline\nsession = None\nper_family: int = 48\na, b = 1, 2\nc = d = 0\nprint('no')"
+    path = _write_notebook(tmp_path / "nb.ipynb", "import os", (params, ["parameters"]), "x = 1")
+    return path, papermill_calls
+
+
+def _run(notebook_path, *args):
+    from forgelib import notebooks
+
+    return notebooks.main(["run", str(notebook_path), str(notebook_path.with_name("out.ipynb")), *args])
+
+
+def test_declared_parameters_come_from_the_parameters_cell(notebook):
+    from forgelib.notebooks import declared_parameters
+
+    assert declared_parameters(notebook[0]) == ["session", "per_family", "a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("flag, name, expected", [
+    ("-p", "session=__import__('os').system('touch pwned');x", "is not a Python identifier"),
+    ("-r", "session=__import__('os').system('touch pwned');x", "is not a Python identifier"),
+    ("-p", "sesion", "has no parameter 'sesion'"),
+    ("-r", "os", "has no parameter 'os'"),
+    ("-p", "print", "has no parameter 'print'"),
+])
+def test_a_parameter_name_the_notebook_does_not_declare_is_refused_before_any_kernel(notebook, capsys, flag, name,
+                                                                                     expected):
+    path, calls = notebook
+    assert _run(path, flag, name, "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("forge: ") and expected in err and str(path) in err
+    assert err.endswith("declares: session, per_family, a, b, c, d") and len(err) < 400
+    assert calls == [], "papermill was called"
+    assert not path.with_name("out.ipynb").exists()
+
+
+def test_a_long_hostile_name_is_cut_in_the_message(notebook, capsys):
+    path, calls = notebook
+    assert _run(path, "-p", "x" * 5000 + "=1;import os", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err) < 500 and "characters)" in err and calls == []
+
+
+def test_declared_names_and_plain_values_reach_papermill(notebook):
+    path, calls = notebook
+    assert _run(path, "-p", "per_family", "16", "-r", "session", "2026", "-p", "a", "{k: [1, .nan]}") == 0
+    (given,) = calls
+    assert given["per_family"] == 16 and given["session"] == "2026" and given["a"]["k"][0] == 1
+
+
+def test_a_value_papermill_would_write_as_code_is_text_or_refused(notebook, tmp_path):
+    """papermill writes a set, bytes or tuple as its repr inside double quotes: a quote in it broke out (seen:
+    `-p session "[!!set {'\\"+str(1/0)+\\"'}]"` ran 1/0). Such a -p value is now the text; execute refuses it."""
+    from forgelib.notebooks import NotebookParameterError, execute, parameter_value
+
+    path, calls = notebook
+    hostile = "[!!set {'\"+str(1/0)+\"'}]"
+    assert parameter_value(hostile) == hostile
+    assert parameter_value("{a: !!binary IiskMSsi}") == "{a: !!binary IiskMSsi}"
+    assert parameter_value("[1, {k: 2024-01-01}]") == [1, {"k": datetime.date(2024, 1, 1)}]
+    for value in ([{'"+str(1/0)+"'}], {"k": b'"+1+"'}, {b'"': 1}, ("a", '"')):
+        with pytest.raises(NotebookParameterError, match="parameter session of notebook .* a value of type"):
+            execute(path, tmp_path / "out.ipynb", {"session": value})
+    assert calls == []
+
+
+def test_a_notebook_without_parameters_cell_or_missing_is_named(tmp_path, capsys, papermill_calls):
+    bare = _write_notebook(tmp_path / "bare.ipynb", "x = 1")
+    assert _run(bare, "-p", "x", "2") == 2
+    assert "has no cell tagged 'parameters', so it takes no parameters (given: 'x')" in capsys.readouterr().err
+    assert _run(tmp_path / "missing.ipynb", "-p", "x", "2") == 2
+    assert f"notebook {tmp_path / 'missing.ipynb'} does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.ipynb"
+    for text, expected in [("{not json", "cannot be read: JSONDecodeError"), ("[1, 2]", "is not a notebook"),
+                           ('{"cells": [1]}', "is not a notebook")]:
+        broken.write_text(text)
+        assert _run(broken, "-p", "x", "2") == 2
+        assert f"notebook {broken} {expected}" in capsys.readouterr().err
+    _write_notebook(broken, ("x = (\n", ["parameters"]))
+    assert _run(broken, "-p", "x", "2") == 2
+    assert "its parameters cell is not valid Python (line 1)" in capsys.readouterr().err
+    assert papermill_calls == []
+
+
+def test_the_committed_notebooks_declare_what_the_pipeline_passes():
+    from forgelib import paths
+    from forgelib.notebooks import declared_parameters
+    from forgelib.phases import PHASES
+    from forgelib.pipeline import SCORECARD_NOTEBOOK
+
+    for spec in PHASES:
+        assert {"params_file", "overrides", "session", "upstream"} <= set(declared_parameters(paths.resolve(
+            spec.notebook)))
+    assert "session" in declared_parameters(paths.resolve(SCORECARD_NOTEBOOK))
+    assert {"params_file", "session", "overrides"} <= set(declared_parameters(paths.resolve(
+        "notebooks/00_pipeline.ipynb")))
