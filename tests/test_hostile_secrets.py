@@ -303,3 +303,46 @@ def test_the_committed_notebooks_declare_what_the_pipeline_passes():
     assert "session" in declared_parameters(paths.resolve(SCORECARD_NOTEBOOK))
     assert {"params_file", "session", "overrides"} <= set(declared_parameters(paths.resolve(
         "notebooks/00_pipeline.ipynb")))
+
+
+# ---------------------------------------------------------------------------------------------- forge merge --compare
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: None, "no such folder; give a saved model folder (config.json and its weights)"),
+    (lambda p: p.write_text("x"), "not a folder"),
+    (lambda p: p.mkdir(), "has no config.json"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{")), "config.json is not valid JSON (line 1)"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_bytes(b"\xff{}")), "config.json cannot be read"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("[]")), "its config.json names no model_type"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"model_type": "llama"}')), "no weights file"),
+])
+def test_merge_compare_is_checked_before_anything_is_merged_or_written(tmp_path, capsys, monkeypatch, make,
+                                                                       expected):
+    """(That a good --compare folder still compares: tests/test_integrity.py.)"""
+    from forgelib import cli
+
+    monkeypatch.setattr(cli, "cmd_merge", lambda args: pytest.fail("merge started before --compare was checked"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: linear\nmodels: [a, b]\n")
+    target = tmp_path / "reference"
+    make(target)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["merge", str(recipe), "--out", str(tmp_path / "out"), "--compare", str(target)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"forge merge: error: argument --compare: {target}: ") and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_compare_refuses_a_huge_config_without_reading_it(tmp_path, capsys, monkeypatch):
+    from forgelib import cli
+
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    with open(folder / "config.json", "wb") as handle:  # sparse: 17 MiB claimed, nothing allocated
+        handle.truncate(cli.CONFIG_MAX_BYTES + (1 << 20))
+    monkeypatch.setattr(cli, "cmd_merge", lambda args: pytest.fail("merge started before --compare was checked"))
+    with pytest.raises(SystemExit):
+        cli.main(["merge", str(tmp_path / "recipe.yaml"), "--compare", str(folder)])
+    assert f"config.json is {cli.CONFIG_MAX_BYTES + (1 << 20)} bytes" in capsys.readouterr().err
