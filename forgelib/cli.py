@@ -63,6 +63,47 @@ def _from_arg(value: str) -> str:
     return value
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+CONFIG_MAX_BYTES = 16 << 20  # a model's config.json is kilobytes
+
+
+def _model_folder_problem(folder) -> str | None:
+    """Why ``folder`` is not a saved model folder (config.json naming a model_type, and a weights file), or None.
+    Reads only config.json (at most CONFIG_MAX_BYTES), so a refusal costs no model library import."""
+    if not folder.is_dir():
+        return f"{'not a folder' if folder.exists() else 'no such folder'}; give a saved model folder (config.json " \
+               "and its weights)"
+    config = folder / "config.json"
+    if not config.is_file():
+        return "has no config.json: not a saved model folder"
+    if config.stat().st_size > CONFIG_MAX_BYTES:
+        return f"config.json is {config.stat().st_size} bytes, more than a model configuration's {CONFIG_MAX_BYTES}"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"config.json cannot be read: {type(exc).__name__}"
+    except json.JSONDecodeError as exc:
+        return f"config.json is not valid JSON (line {exc.lineno})"
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        return "not a saved model folder: its config.json names no model_type"
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return f"not a saved model folder: no weights file ({', '.join(WEIGHT_FILES)})"
+    return None
+
+
+def _model_folder_arg(value: str) -> str:
+    """argparse type of ``forge merge --compare``: a saved model folder, checked before anything is merged or
+    written (:func:`_model_folder_problem`)."""
+    from .params import cut
+    from .paths import resolve
+
+    problem = _model_folder_problem(resolve(value))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{cut(value, 200)}: {problem}")
+    return value
+
+
 class _StoreGiven(argparse.Action):
     """Store the value and note that it was given (``<dest>_given``): ``--params`` has a default, yet
     ``--resume`` must tell a parameter file given from the default."""
@@ -177,6 +218,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
     from .merge.targets import MergeSaveError, check_out_folder, check_weights_written
     from .modelio import load_causal_lm
+    from .params import cut
 
     recipe = paths.resolve(args.recipe)
     mergekit = read_mergekit_file(recipe)
@@ -212,7 +254,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 1
     print(f"{'merged' if mergekit else 'rebuilt'} model written to {out}")
     if args.compare:
-        reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
+        try:
+            reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
+        except (OSError, ValueError, KeyError) as exc:  # checked as a folder up front; its weights may still be bad
+            print(f"forge merge: --compare {args.compare}: cannot load: {type(exc).__name__}: {cut(str(exc))}",
+                  file=sys.stderr)
+            return 1
         state = model.state_dict()
         same = state.keys() == reference.keys() and all(state[k].equal(reference[k]) for k in state)
         print(f"bit-identical to {args.compare}: {same}")
@@ -322,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--to-mergekit", default=None, metavar="OUT.yaml",
                        help="write the recipe as a mergekit configuration (notes list what it cannot express) "
                             "instead of merging")
-    merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
+    merge.add_argument("--compare", default=None, type=_model_folder_arg,
+                       help="a saved model folder to compare with, tensor by tensor")
     merge.add_argument("--force", action="store_true",
                        help="write into a non-empty --out folder or over an existing --to-mergekit file (never "
                             "under the outputs root, never into a source)")

@@ -559,6 +559,7 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.manual_seed(ctx.seed)
     guard_params = ctx.guard_params or GuardParams()
     suite = _input_suite(ctx)
+    frontier = frontier_client(params)  # a refused endpoint stops the phase before any model is loaded
     model, tokenizer = load_source(params, ctx)
     input_model = copy.deepcopy(model).eval()  # the Phase-4 model as loaded, for the gate
     timing: dict[str, float] = {}
@@ -570,7 +571,6 @@ def run(params: Params, ctx) -> PhaseResult:
     trainee, optimizer = _trainee(model, params)
     pools = _question_pools(params, start, ctx.seed)
     dreams, history, first, rng = DreamBuffer(capacity=512, seed=ctx.seed), [], 0, random.Random(ctx.seed)
-    frontier = frontier_client(params)
     if params.resume_from:
         from .. import paths
 
