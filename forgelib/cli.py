@@ -9,7 +9,7 @@ import sys
 from typing import Any, Callable
 
 
-from .params import YamlError, load_yaml
+from .params import ParameterError, cut, load_yaml
 
 BENCHMARKS = {
     "grokking": "forgelib.bench.grokking",
@@ -28,16 +28,14 @@ BENCHMARKS = {
 
 
 def _parse_set(items: list[str]) -> dict:
-    """``--set cognate.trunk.steps=20`` → ``{"cognate.trunk.steps": 20}`` (values parsed as YAML)."""
+    """``--set cognate.trunk.steps=20`` → ``{"cognate.trunk.steps": 20}`` (values parsed as YAML, bounded); a
+    malformed item or value is a ParameterError (``forge: ...``, exit status 2)."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"forge: --set expects KEY=VALUE, got {item!r}")
+            raise ParameterError(f"--set expects KEY=VALUE, got {cut(repr(item), 80)}")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = load_yaml(value, f"--set {key.strip()[:80]}")
-        except YamlError as exc:
-            raise SystemExit(f"forge: {exc}") from None
+        out[key.strip()] = load_yaml(value, f"--set {key.strip()[:80]}")  # YamlError is a ParameterError
     return out
 
 
@@ -139,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcomes = run_pipeline(params, args.phases, args.resume or args.session, _parse_set(args.set),
                                 resume=args.resume is not None, notebooks=not args.no_notebooks,
                                 rerun_from=args.rerun_from)
-    except RefusedError as exc:
+    except (RefusedError, ParameterError) as exc:  # refused before anything was created
         print(f"forge: {exc}", file=sys.stderr)
         return 2
     except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
@@ -160,7 +158,12 @@ def cmd_phase(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        result = run_phase(open_phase(args.name, args.params, _parse_set(args.set), args.session, args.upstream))
+        try:
+            ctx = open_phase(args.name, args.params, _parse_set(args.set), args.session, args.upstream)
+        except ParameterError as exc:  # open_phase checks every parameter before it creates anything
+            print(f"forge: {exc}", file=sys.stderr)
+            return 2
+        result = run_phase(ctx)
     except (PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
