@@ -233,6 +233,9 @@ YAML_MAX_NODES = 100_000
 YAML_MAX_DEPTH = 64
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed (about 10x faster)
+
+
 class YamlError(ParameterError):
     """A YAML text is too large, too deep, expands too far, or is not valid (safe) YAML."""
 
@@ -293,7 +296,7 @@ def load_yaml(text: str | bytes, what: str, max_bytes: int = YAML_MAX_BYTES, max
     any syntax error. An empty document is None."""
     if len(text) > max_bytes:
         raise YamlError(f"{what}: {len(text)} bytes of YAML, more than the {max_bytes} allowed")
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
