@@ -9,7 +9,7 @@ import sys
 from typing import Any, Callable
 
 
-from .params import YamlError, load_yaml
+from .params import ParameterError, cut, load_yaml
 
 BENCHMARKS = {
     "grokking": "forgelib.bench.grokking",
@@ -28,16 +28,14 @@ BENCHMARKS = {
 
 
 def _parse_set(items: list[str]) -> dict:
-    """``--set cognate.trunk.steps=20`` → ``{"cognate.trunk.steps": 20}`` (values parsed as YAML)."""
+    """``--set cognate.trunk.steps=20`` → ``{"cognate.trunk.steps": 20}`` (values parsed as YAML, bounded); a
+    malformed item or value is a ParameterError (``forge: ...``, exit status 2)."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"forge: --set expects KEY=VALUE, got {item!r}")
+            raise ParameterError(f"--set expects KEY=VALUE, got {cut(repr(item), 80)}")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = load_yaml(value, f"--set {key.strip()[:80]}")
-        except YamlError as exc:
-            raise SystemExit(f"forge: {exc}") from None
+        out[key.strip()] = load_yaml(value, f"--set {key.strip()[:80]}")  # YamlError is a ParameterError
     return out
 
 
@@ -60,6 +58,47 @@ def _from_arg(value: str) -> str:
         parse_from(value)
     except (RefusedError, InvalidSessionNameError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+CONFIG_MAX_BYTES = 16 << 20  # a model's config.json is kilobytes
+
+
+def _model_folder_problem(folder) -> str | None:
+    """Why ``folder`` is not a saved model folder (config.json naming a model_type, and a weights file), or None.
+    Reads only config.json (at most CONFIG_MAX_BYTES), so a refusal costs no model library import."""
+    if not folder.is_dir():
+        return f"{'not a folder' if folder.exists() else 'no such folder'}; give a saved model folder (config.json " \
+               "and its weights)"
+    config = folder / "config.json"
+    if not config.is_file():
+        return "has no config.json: not a saved model folder"
+    if config.stat().st_size > CONFIG_MAX_BYTES:
+        return f"config.json is {config.stat().st_size} bytes, more than a model configuration's {CONFIG_MAX_BYTES}"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"config.json cannot be read: {type(exc).__name__}"
+    except json.JSONDecodeError as exc:
+        return f"config.json is not valid JSON (line {exc.lineno})"
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        return "not a saved model folder: its config.json names no model_type"
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return f"not a saved model folder: no weights file ({', '.join(WEIGHT_FILES)})"
+    return None
+
+
+def _model_folder_arg(value: str) -> str:
+    """argparse type of ``forge merge --compare``: a saved model folder, checked before anything is merged or
+    written (:func:`_model_folder_problem`)."""
+    from .params import cut
+    from .paths import resolve
+
+    problem = _model_folder_problem(resolve(value))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{cut(value, 200)}: {problem}")
     return value
 
 
@@ -98,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcomes = run_pipeline(params, args.phases, args.resume or args.session, _parse_set(args.set),
                                 resume=args.resume is not None, notebooks=not args.no_notebooks,
                                 rerun_from=args.rerun_from)
-    except RefusedError as exc:
+    except (RefusedError, ParameterError) as exc:  # refused before anything was created
         print(f"forge: {exc}", file=sys.stderr)
         return 2
     except (PipelineError, PhaseError, SessionInUseError, ValueError, KeyError) as exc:
@@ -119,7 +158,12 @@ def cmd_phase(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        result = run_phase(open_phase(args.name, args.params, _parse_set(args.set), args.session, args.upstream))
+        try:
+            ctx = open_phase(args.name, args.params, _parse_set(args.set), args.session, args.upstream)
+        except ParameterError as exc:  # open_phase checks every parameter before it creates anything
+            print(f"forge: {exc}", file=sys.stderr)
+            return 2
+        result = run_phase(ctx)
     except (PhaseError, SessionInUseError, ValueError, KeyError) as exc:
         print(f"forge: {exc}", file=sys.stderr)
         return 1
@@ -169,45 +213,56 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Rebuild a merged model from a recipe YAML (bit-exact: randomised methods are seeded by the recipe) or merge
     what a mergekit configuration (a YAML with ``merge_method``) describes; ``--to-mergekit`` writes the recipe
-    as a mergekit configuration instead."""
+    as a mergekit configuration instead. A refused input or output is ``forge: ...`` and exit status 2, checked
+    before any source is hashed or loaded."""
     from . import paths
     from .merge import MergeError
-    from .merge.mergekit_yaml import count_layers, merge_from_mergekit, read_mergekit_file, save_mergekit
+    from .merge.mergekit_yaml import merge_from_mergekit, read_mergekit_file, source_names
     from .merge.models import load_recipe, rebuild_from_recipe, verify_sources
+    from .merge.targets import MergeSaveError, check_out_folder, check_weights_written
     from .modelio import load_causal_lm
+    from .params import cut
 
     recipe = paths.resolve(args.recipe)
     mergekit = read_mergekit_file(recipe)
     try:
         if args.to_mergekit:
-            if mergekit:
-                raise MergeError(f"{recipe} is already a mergekit configuration")
-            ours = load_recipe(recipe)
-            layers = count_layers(paths.resolve(ours.base)) if ours.base else None
-            notes = save_mergekit(ours, paths.resolve(args.to_mergekit), num_layers=layers)
-            for note in notes:
-                print(f"forge merge: not expressible in mergekit: {note}", file=sys.stderr)
-            print(f"mergekit configuration written to {paths.resolve(args.to_mergekit)}")
-            return 0
+            return _merge_to_mergekit(args, recipe, mergekit)
+        ours = None if mergekit else load_recipe(recipe)
+        names = source_names(mergekit) if mergekit else [n for n in [ours.base, *ours.models] if n]
+        out = check_out_folder(paths.resolve(args.out) if args.out else recipe.parent / "rebuilt", args.force,
+                               [paths.resolve(n) for n in names], "--out" if args.out else "the default output "
+                               "folder (rebuilt/ next to the recipe)")
         if mergekit:
             model, _ = merge_from_mergekit(mergekit, _load_source)
             if mergekit.get("tokenizer_source"):
                 print(f"forge merge: note: no tokenizer is written; take it from {mergekit['tokenizer_source']!r}",
                       file=sys.stderr)
         else:
-            unchecked = verify_sources(load_recipe(recipe), paths.resolve)
+            unchecked = verify_sources(ours, paths.resolve)
             if unchecked:
                 print(f"forge merge: warning: the recipe holds no checksum for {unchecked}; they are not verified",
                       file=sys.stderr)
             model = rebuild_from_recipe(recipe, _load_source)
-    except (MergeError, OSError, ValueError) as exc:
-        print(f"forge merge: {exc}", file=sys.stderr)
+        model.save_pretrained(out, safe_serialization=True)
+        check_weights_written(out)
+    except MergeSaveError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
         return 1
-    out = paths.resolve(args.out) if args.out else recipe.parent / "rebuilt"
-    model.save_pretrained(out, safe_serialization=True)
+    except MergeError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
     print(f"{'merged' if mergekit else 'rebuilt'} model written to {out}")
     if args.compare:
-        reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
+        try:
+            reference = load_causal_lm(paths.resolve(args.compare)).state_dict()
+        except (OSError, ValueError, KeyError) as exc:  # checked as a folder up front; its weights may still be bad
+            print(f"forge merge: --compare {args.compare}: cannot load: {type(exc).__name__}: {cut(str(exc))}",
+                  file=sys.stderr)
+            return 1
         state = model.state_dict()
         same = state.keys() == reference.keys() and all(state[k].equal(reference[k]) for k in state)
         print(f"bit-identical to {args.compare}: {same}")
@@ -215,17 +270,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_source(name: str):
-    """Load a recipe's source model folder; an unreadable folder or a broken config.json is a ValueError
-    naming the folder."""
+def _merge_to_mergekit(args: argparse.Namespace, recipe, mergekit: dict | None) -> int:
+    """``forge merge RECIPE --to-mergekit OUT.yaml``: the recipe written as a mergekit configuration (an existing
+    file only with --force; never the recipe itself, never under the outputs root)."""
     from . import paths
+    from .merge import MergeError
+    from .merge.mergekit_yaml import count_layers, save_mergekit
+    from .merge.models import load_recipe
+    from .merge.targets import check_new_file
+
+    if mergekit:
+        raise MergeError(f"{recipe} is already a mergekit configuration")
+    ours = load_recipe(recipe)
+    target = check_new_file(paths.resolve(args.to_mergekit), args.force, keep=[recipe])
+    layers = count_layers(paths.resolve(ours.base)) if ours.base else None
+    notes = save_mergekit(ours, target, num_layers=layers)
+    for note in notes:
+        print(f"forge merge: not expressible in mergekit: {note}", file=sys.stderr)
+    print(f"mergekit configuration written to {target}")
+    return 0
+
+
+def _load_source(name: str):
+    """Load a merge source model folder; whatever a bad folder raises (a missing or broken config.json, truncated
+    safetensors, a pickle the safe loader refuses) is a MergeError ``cannot load merge source PATH: ...``."""
+    from . import paths
+    from .merge import MergeError
     from .modelio import load_causal_lm
+    from .params import cut
 
     folder = paths.resolve(name)
     try:
         return load_causal_lm(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # json errors are ValueErrors
-        raise ValueError(f"cannot load source model {folder}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # any loader failure means this source cannot be merged
+        reason = cut(" ".join(str(exc).split()), 200)
+        raise MergeError(f"cannot load merge source {cut(str(folder), 200)}: {type(exc).__name__}: {reason}") \
+            from exc
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -286,11 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--dry-run", action="store_true")
     merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML or a mergekit configuration")
     merge.add_argument("recipe", help="our recipe YAML, or a mergekit YAML (one with 'merge_method')")
-    merge.add_argument("--out", default=None, help="output folder (default: rebuilt/ next to the recipe)")
+    merge.add_argument("--out", default=None,
+                       help="output folder, new or empty, outside the outputs root (default: rebuilt/ next to the "
+                            "recipe)")
     merge.add_argument("--to-mergekit", default=None, metavar="OUT.yaml",
                        help="write the recipe as a mergekit configuration (notes list what it cannot express) "
                             "instead of merging")
-    merge.add_argument("--compare", default=None, help="a saved model folder to compare with, tensor by tensor")
+    merge.add_argument("--compare", default=None, type=_model_folder_arg,
+                       help="a saved model folder to compare with, tensor by tensor")
+    merge.add_argument("--force", action="store_true",
+                       help="write into a non-empty --out folder or over an existing --to-mergekit file (never "
+                            "under the outputs root, never into a source)")
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))} "
                                          "(`forge bench NAME --help` for a benchmark's options)")
     bench.add_argument("name")

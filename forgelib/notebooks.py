@@ -4,16 +4,23 @@
 the metadata JupyterLab writes (so a notebook does not show as modified the moment it is opened);
 ``python -m forgelib.notebooks run IN OUT -p name value … -r name text …`` executes a notebook with papermill
 (``make run``; ``-p`` values read as YAML scalars like papermill's own ``-p``, ``-r`` values kept as text).
+
+Papermill writes each parameter into the notebook as code (``name = value``): a parameter's name must be one the
+notebook's cell tagged ``parameters`` assigns, and its value plain data (text, numbers, booleans, None, lists and
+mappings of them); anything else is refused (``NotebookParameterError``) before any kernel starts.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import datetime as dt
 import platform
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 from . import paths
+from .params import short
 
 # What JupyterLab (ipykernel's kernel_info) writes into a notebook's metadata; only the version varies.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -76,15 +83,112 @@ def strip(files: Iterable[str | Path]) -> list[Path]:
     return changed
 
 
+class NotebookParameterError(ValueError):
+    """A notebook parameter papermill must not inject: an unknown name, or a value that is not plain data."""
+
+
+_SCALARS = (str, int, float, bool, type(None), dt.date)  # papermill writes each of these as a literal
+
+
+def _plain(value: Any) -> bool:
+    """Whether papermill's Python translator writes ``value`` as a literal: scalars, lists, and mappings with
+    scalar keys, of them (a set, bytes or a tuple is written as its repr inside quotes, which a quote breaks out of)."""
+    if isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, _SCALARS) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _assigned_names(code: str) -> list[str]:
+    """The names a cell's top-level statements assign (``a = 1``, ``a: int = 1``, ``a, b = 1, 2``), in order; IPython
+    magics and shell lines (``%…``, ``!…``) are skipped."""
+    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in code.splitlines()]
+    tree = ast.parse("\n".join(lines))
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        for target in targets:
+            elements = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+            names += [t.id for t in elements if isinstance(t, ast.Name) and t.id not in names]
+    return names
+
+
+def _parameters_cell(source: str | Path) -> dict | None:
+    """The first cell tagged ``parameters`` (the one papermill injects after) of the notebook file ``source``, read
+    as plain JSON (no nbformat import: a refusal is quick), or None."""
+    import json
+
+    try:
+        with open(source, encoding="utf-8") as handle:
+            nb = json.load(handle)
+    except FileNotFoundError:
+        raise NotebookParameterError(f"notebook {source} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # json errors are ValueErrors
+        raise NotebookParameterError(f"notebook {source} cannot be read: {type(exc).__name__}") from None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        raise NotebookParameterError(f"notebook {source} is not a notebook: it has no list of cells")
+    tagged = [c for c in cells if "parameters" in ((c.get("metadata") or {}).get("tags") or [])]
+    return tagged[0] if tagged else None
+
+
+def declared_parameters(source: str | Path) -> list[str] | None:
+    """The names the notebook's cell tagged ``parameters`` assigns, or None when it has no such cell
+    (NotebookParameterError: the notebook is missing, unreadable, or its parameters cell is not Python)."""
+    cell = _parameters_cell(source)
+    if cell is None:
+        return None
+    code = cell.get("source", "")
+    if isinstance(code, list) and all(isinstance(line, str) for line in code):
+        code = "".join(code)
+    if cell.get("cell_type") != "code" or not isinstance(code, str):
+        return []
+    try:
+        return _assigned_names(code)
+    except (SyntaxError, ValueError, RecursionError) as exc:  # ValueError: a null byte
+        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise NotebookParameterError(f"notebook {source}: its parameters cell is not valid Python{where}, so no "
+                                     "parameter can be checked") from None
+
+
+def check_parameters(source: str | Path, parameters: dict | None) -> None:
+    """Refuse (NotebookParameterError) a parameter whose name the notebook's parameters cell does not assign or
+    whose value is not plain data (:func:`_plain`): papermill writes ``name = value`` into the notebook as code."""
+    if not parameters:
+        return
+    declared = declared_parameters(source)
+    allowed = ", ".join(declared) if declared else "none"
+    for name, value in parameters.items():
+        if declared is None:
+            raise NotebookParameterError(f"notebook {source} has no cell tagged 'parameters', so it takes no "
+                                         f"parameters (given: {short(name)})")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise NotebookParameterError(f"parameter name {short(name)} is not a Python identifier; the parameters "
+                                         f"cell of notebook {source} declares: {allowed}")
+        if name not in declared:
+            raise NotebookParameterError(f"notebook {source} has no parameter {short(name)}; its parameters cell "
+                                         f"declares: {allowed}")
+        if not _plain(value):
+            raise NotebookParameterError(f"parameter {name} of notebook {source}: a value of type "
+                                         f"{type(value).__name__} cannot be passed; give text, a number, true/false, "
+                                         "null, or a list or mapping of these")
+
+
 def execute(source: str | Path, output: str | Path, parameters: dict | None = None, *, log_output: bool = False,
             cwd: str | Path | None = None, kernel: "WarmKernel | None" = None) -> Path:
     """Execute ``source`` into ``output`` with papermill (kernel ``python3``, quiet kernel logs, cells saved as
     they finish, ``cell_timeout`` per cell); raises papermill's error with the failing cell's traceback.
+    The parameters are checked first (:func:`check_parameters`: names the notebook declares, plain values).
     ``kernel``: a kernel started ahead (:class:`WarmKernel`) to run it in; it is shut down afterwards."""
-    import papermill as pm
-
     extra = {"km": kernel.km} if kernel is not None else {}
     try:
+        check_parameters(source, parameters)
+        import papermill as pm
+
         pm.execute_notebook(str(source), str(output), parameters=parameters or {}, kernel_name="python3",
                             cwd=str(cwd or paths.repo_root()), progress_bar=False, log_output=log_output,
                             request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS),
@@ -133,7 +237,8 @@ def parameter_value(text: str):
         value = load_yaml(text, "a notebook parameter")
     except YamlError:
         return text
-    return value if isinstance(value, (int, float, bool, list, dict, type(None))) else text
+    plain = isinstance(value, (int, float, bool, list, dict, type(None))) and _plain(value)
+    return value if plain else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     parameters = {name: parameter_value(value) for name, value in args.parameter} | dict(args.parameter_raw)
+    try:
+        check_parameters(args.source, parameters)
+    except NotebookParameterError as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
     execute(args.source, args.output, parameters, log_output=args.log_output)
     return 0
 

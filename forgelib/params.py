@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
 import re
 import types
 import typing
@@ -40,8 +42,25 @@ class RunParams:
     quiet: bool = False
     """Hide progress bars (batch runs)."""
 
+    def __post_init__(self):
+        # The device's form is checked here; whether this machine has it, before a run creates anything
+        # (``forgelib.pipeline``: a parameter file may name a device of another machine).
+        if not _DEVICE_RE.fullmatch(self.device.strip().lower()):
+            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {short(self.device)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_args(tp):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -51,7 +70,7 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def _check_scalar(value: Any, tp: type, where: str) -> Any:
     if tp is Any:
-        return value
+        return _check_finite(value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
@@ -59,8 +78,23 @@ def _check_scalar(value: Any, tp: type, where: str) -> Any:
     if tp in (int, float) and isinstance(value, bool):
         raise ParameterError(f"{where}: expected {tp.__name__}, got a boolean ({value!r})")
     if isinstance(value, tp):
-        return value
-    raise ParameterError(f"{where}: expected {tp.__name__}, got {type(value).__name__} ({value!r})")
+        return _check_finite(value, where) if tp is float else value
+    raise ParameterError(f"{where}: expected {tp.__name__}, got {type(value).__name__} ({short(value)})")
+
+
+def _check_finite(value: Any, where: str) -> Any:
+    """``value`` unchanged; ParameterError naming ``where`` if it is, or (a list or mapping) holds, an infinite or
+    NaN number: no parameter means anything at ``.inf`` or ``.nan``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ParameterError(f"{where}: {item!r} is not a finite number; give a finite value")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return value
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
@@ -69,24 +103,27 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ParameterError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ParameterError(f"{where}: expected a mapping of {tp.__name__} fields, got {short(value)}")
         return build_dataclass(tp, value, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return coerce(value, arg, where)
-            except ParameterError:
-                continue
-        raise ParameterError(f"{where}: {value!r} fits none of {_type_name(tp)}")
+            except ParameterError as exc:
+                error = exc
+        if len(options) == 1:  # Optional[X]: X's own message says what is wrong
+            raise error
+        raise ParameterError(f"{where}: {short(value)} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
-            raise ParameterError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ParameterError(f"{where}: {short(value)} is not one of {list(args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ParameterError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+            raise ParameterError(f"{where}: expected a list, got {type(value).__name__} ({short(value)})")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ParameterError(f"{where}: expected {len(args)} items, got {len(value)}")
@@ -96,9 +133,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ParameterError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
+            raise ParameterError(f"{where}: expected a mapping, got {type(value).__name__} ({short(value)})")
         key_t, val_t = args if args else (Any, Any)
-        return {coerce(k, key_t, f"{where} key"): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
+        return {coerce(k, key_t, f"{where} key"): coerce(v, val_t, f"{where}.{cut(str(k), 80)}")
+                for k, v in value.items()}
     return _check_scalar(value, tp, where)
 
 
@@ -108,7 +146,7 @@ def build_dataclass(cls: type, data: dict, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ParameterError(
-            f"{where}: unknown key(s) {unknown}; allowed keys of {cls.__name__}: {sorted(fields)}")
+            f"{where}: unknown key(s) {cut(str(unknown), 200)}; allowed keys of {cls.__name__}: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -119,8 +157,8 @@ def build_dataclass(cls: type, data: dict, where: str) -> Any:
         kwargs[name] = coerce(value, hints[name], f"{where}.{name}")
     try:
         obj = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # __post_init__'s checks: the message cut, in case it quotes a value
+        raise ParameterError(f"{where}: {cut(str(exc), 1000)}") from exc
     return obj
 
 
@@ -130,7 +168,8 @@ def check_fields(cls: type, data: dict, where: str) -> dict:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ParameterError(f"{where}: unknown key(s) {unknown}; allowed keys of {cls.__name__}: {sorted(fields)}")
+        raise ParameterError(f"{where}: unknown key(s) {cut(str(unknown), 200)}; allowed keys of {cls.__name__}: "
+                             f"{sorted(fields)}")
     hints = typing.get_type_hints(cls)
     return {name: coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
 
@@ -140,7 +179,7 @@ def require_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
+            raise ValueError(f"{name} must be > 0, got {short(value)}")
 
 
 def require_non_negative(obj: Any, *names: str) -> None:
@@ -148,7 +187,7 @@ def require_non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
+            raise ValueError(f"{name} must be >= 0, got {short(value)}")
 
 
 def _default_of(field: dataclasses.Field) -> Any:
@@ -167,7 +206,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ParameterError(f"override {dotted!r}: {part!r} is not a section")
+            raise ParameterError(f"override {cut(dotted, 80)!r}: {cut(part, 80)!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -192,6 +231,9 @@ def merge_overrides(tree: dict, overrides: dict | None) -> dict:
 YAML_MAX_BYTES = 1 << 20
 YAML_MAX_NODES = 100_000
 YAML_MAX_DEPTH = 64
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed (about 10x faster)
 
 
 class YamlError(ParameterError):
@@ -254,7 +296,7 @@ def load_yaml(text: str | bytes, what: str, max_bytes: int = YAML_MAX_BYTES, max
     any syntax error. An empty document is None."""
     if len(text) > max_bytes:
         raise YamlError(f"{what}: {len(text)} bytes of YAML, more than the {max_bytes} allowed")
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -279,8 +321,12 @@ def _where(exc: yaml.MarkedYAMLError) -> str:
 
 def load_yaml_file(path: str | Path, what: str | None = None, max_bytes: int = YAML_MAX_BYTES) -> Any:
     """``load_yaml`` of a file, its size checked before it is read (a missing file is a YamlError)."""
-    path = Path(path)
     what = what or str(path)
+    return load_yaml(_read_text(Path(path), what, max_bytes), what, max_bytes)
+
+
+def _read_text(path: Path, what: str, max_bytes: int = YAML_MAX_BYTES) -> str:
+    """The file's text, its size checked before it is read (YamlError naming ``what``)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -288,18 +334,29 @@ def load_yaml_file(path: str | Path, what: str | None = None, max_bytes: int = Y
     if size > max_bytes:
         raise YamlError(f"{what}: {size} bytes of YAML, more than the {max_bytes} allowed")
     try:
-        text = path.read_text()
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise YamlError(f"{what}: cannot read as text: {exc}") from None
-    return load_yaml(text, what, max_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str, what: str) -> Any:
+    """``load_yaml(text, what)``, remembered: a run reads its parameter file once per section (~80 ms a parse of
+    smoke.yaml on a busy machine); keyed by the text itself, so an edited file is parsed again."""
+    return load_yaml(text, what)
 
 
 def read_yaml(path: str | Path) -> dict:
     """Read a parameter file; a missing file or a file that is not a YAML mapping is a ParameterError."""
+    return copy.deepcopy(_sections(path))
+
+
+def _sections(path: str | Path) -> dict:
+    """``read_yaml``'s mapping, shared with later reads of the same text: never to be changed in place."""
     path = Path(path)
     if not path.is_file():
         raise ParameterError(f"parameter file not found: {path}")
-    data = load_yaml_file(path) or {}
+    data = _parsed(_read_text(path, str(path)), str(path)) or {}
     if not isinstance(data, dict):
         raise ParameterError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -312,15 +369,67 @@ def load_section(path: str | Path, section: str, cls: type, overrides: dict | No
     ``known_sections`` lists every section the file may hold; any other top-level key is an error, so a typo
     in a section name cannot silently fall back to defaults.
     """
-    tree = merge_overrides(read_yaml(path), overrides)
+    tree, overrides = _sections(path), overrides or {}
     allowed = set(known_sections) | {section}
-    unknown = sorted(set(tree) - allowed)
+    unknown = sorted((set(tree) | {str(k).split(".")[0] for k in overrides}) - allowed)
     if unknown:
-        raise ParameterError(f"{path}: unknown section(s) {unknown}; allowed sections: {sorted(allowed)}")
-    data = tree.get(section) or {}
+        raise ParameterError(f"{path}: unknown section(s) {cut(str(unknown), 200)}; allowed sections: "
+                             f"{sorted(allowed)}")
+    # Only this section is copied and merged (a run loads each section of its file: copying the whole file each
+    # time costs seconds when a file holds a long list).
+    own = {k: v for k, v in overrides.items() if str(k).split(".")[0] == section}
+    data = merge_overrides({section: tree[section]} if section in tree else {}, own).get(section) or {}
     if not isinstance(data, dict):
-        raise ParameterError(f"{path}: section {section!r} must be a mapping, got {data!r}")
-    return build_dataclass(cls, data, f"{path}: {section}")
+        raise ParameterError(f"{path}: section {section!r} must be a mapping, got {short(data)}")
+    obj = build_dataclass(cls, data, f"{path}: {section}")
+    check_stored_size(to_dict(obj), f"{path}: {section}")
+    return obj
+
+
+# --- what is stored ---------------------------------------------------------------------------------------------
+# A session's parameters are stored: the registry's session config (the parameter file's name, the --set values),
+# each phase folder's params.yaml and the tracker's config. A few hundred bytes of YAML aliases can stand for
+# gigabytes once written out (351 MB in registry.db from one --set), so what is stored is measured first, without
+# writing it out, and refused over MAX_STORED_BYTES.
+MAX_STORED_BYTES = 256 * 1024
+"""The most a parameter section, or a session's config, may take as JSON (the real ones take a few KB)."""
+
+
+def stored_size(value: Any, limit: int | None = None) -> int:
+    """About how many bytes ``value`` (plain data and dataclasses) takes as JSON, counted without writing it out
+    (a string by its length, shared objects once per use); the count stops as soon as it passes ``limit``."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            item = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, dict):
+            total += 2 + 4 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += 2 + 2 * len(item)
+            stack.extend(item)
+        else:
+            total += len(repr(item))
+        if limit is not None and total > limit:
+            break
+    return total
+
+
+def check_stored_size(value: Any, what: str, limit: int = MAX_STORED_BYTES) -> None:
+    """ParameterError naming ``what`` when ``value`` would take more than ``limit`` bytes as JSON (and, for a
+    mapping, the key that takes the most)."""
+    if stored_size(value, limit) <= limit:
+        return
+    biggest = ""
+    if isinstance(value, dict) and value:
+        key = max(value, key=lambda k: stored_size(value[k], limit))
+        biggest = f" (most of it in {cut(str(key), 80)!r})"
+    raise ParameterError(f"{what}: more than {limit // 1024} KB once stored{biggest}; refused before anything is "
+                         "written: parameters are settings, keep their lists and strings short")
 
 
 def to_dict(obj: Any) -> Any:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import paths
-from .params import merge_overrides, read_yaml, to_dict
+from .params import check_stored_size, cut, merge_overrides, read_yaml, stored_size, to_dict
 from .phases import PHASES, PhaseSpec, UnknownPhaseError, get_spec, select
-from .phases.base import (as_phase_error, completed_result, latest_completed, load_phase_params, new_session_id,
-                          phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
+from .phases.base import (as_phase_error, check_device, completed_result, latest_completed, load_guard_params,
+                          load_phase_params, new_session_id, phase_dir, session_exists, upstream_line,
+                          upstream_record, verified_model_path)
 from .results import PhaseResult, write_json_atomic
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -58,9 +59,16 @@ class PhaseOutcome:
 
 def validate_params_file(params_file: str | os.PathLike, specs: list[PhaseSpec], overrides: dict | None,
                          all_specs: list[PhaseSpec]) -> None:
-    """Load every section the run needs before anything runs, so a typo fails first and costs nothing."""
-    for spec in specs:
-        load_phase_params(spec, params_file, overrides, all_specs)
+    """Load every section of the parameter file with the overrides (``run``, ``guard`` and every phase's, the
+    phases the run does not select too: a stored session config holds them all) and check that this machine has
+    the device, before anything runs or is written: a typo or an impossible value fails first (a ParameterError
+    naming the file and the key) and costs nothing."""
+    run = None
+    for spec in [*all_specs, *(s for s in specs if s not in all_specs)]:
+        run, _ = load_phase_params(spec, params_file, overrides, all_specs)
+    load_guard_params(params_file, overrides, all_specs)
+    if run is not None:
+        check_device(run, params_file)
 
 
 def validate_handoff(result: PhaseResult, registry: Any, load_models: bool = True) -> dict:
@@ -228,6 +236,12 @@ class Pipeline:
         self._warm: Any = None  # the next notebook's kernel, started as the current one begins
         self.upstream_session = upstream_session
         """``rerun_from``'s session S: the first selected phase's upstream is S's completed phase before it."""
+        # Every parameter and what the session's registry row will hold, checked before anything is created (no
+        # session folder, lock, registry file or row): a ParameterError naming the file and the key.
+        validate_params_file(self.params_file, self.specs, self.overrides, self.all_specs)
+        self.config = self._session_config()
+        check_stored_size(self.config, f"session {self.session}'s configuration (parameter file, --set values, "
+                                       "phases)")
         self.registry = ModelRegistry(paths.registry_path())
 
     @classmethod
@@ -287,10 +301,11 @@ class Pipeline:
         stored_overrides = config.get("overrides") or {}
         params_file = str(params_file) if params_file is not None else config.get("params_file", DEFAULT_PARAMS)
         overrides = {**stored_overrides, **(overrides or {})}
+        pipe = cls(params_file, [s.name for s in chosen], session, overrides, specs, log, notebooks,
+                   upstream_session=source)  # validates every parameter first
         log(f"[forge] session {session}: {', '.join(s.dirname for s in chosen)} with {params_file}"
             + (f" + {_set_text(overrides)}" if overrides else "") + f", after {prev.dirname} of session {source}")
-        return cls(params_file, [s.name for s in chosen], session, overrides, specs, log, notebooks,
-                   upstream_session=source)
+        return pipe
 
     def run(self) -> list[PhaseOutcome]:
         """Run every selected phase not yet completed; stop at the first failure (PipelineError).
@@ -314,7 +329,6 @@ class Pipeline:
 
     def _run_locked(self) -> list[PhaseOutcome]:
         paths.contain_tool_caches()
-        validate_params_file(self.params_file, self.specs, self.overrides, self.all_specs)
         self._open_session()
         outcomes: list[PhaseOutcome] = []
         upstream = self._initial_upstream()
@@ -350,14 +364,18 @@ class Pipeline:
                 self._warm = None
         return current
 
-    def _open_session(self) -> None:
+    def _session_config(self) -> dict:
+        """What the session's registry row records: parameter file, --set values, phases, ``from``."""
         config = {"params_file": self.params_file, "overrides": self.overrides,
                   "phases": self.phase_selection if isinstance(self.phase_selection, (str, type(None)))
                   else list(self.phase_selection)}
         if self.upstream_session:
             config["from"] = {"session": self.upstream_session, "phase": self.specs[0].name if self.specs else None}
+        return config
+
+    def _open_session(self) -> None:
         if not session_exists(self.registry, self.session):
-            self.registry.create_session(self.session, config)
+            self.registry.create_session(self.session, self.config)
         for run in self.registry.interrupt_stale_runs(self.session):  # safe: this process holds the lock
             self.log(f"[forge] phase run {run['id']} ({run['phase_name']}) of session {self.session} was left "
                      "'running' by a process that ended: marked interrupted, its models retired")
@@ -561,9 +579,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict:
     return out
 
 
-def _set_text(overrides: dict | None) -> str:
-    """Overrides as the ``--set`` arguments that give them."""
-    return " ".join(f"--set {k}={_yaml_value(v)}" for k, v in _flatten(overrides or {}).items())
+def _set_text(overrides: dict | None, limit: int = 2000) -> str:
+    """Overrides as the ``--set`` arguments that give them (cut to about ``limit`` characters; overrides that
+    would take more as text are not written out at all: YAML aliases can make a short --set a huge value)."""
+    if stored_size(overrides or {}, limit) > limit:
+        return f"--set values too long to show (over {limit} characters)"
+    return cut(" ".join(f"--set {k}={_yaml_value(v)}" for k, v in _flatten(overrides or {}).items()), limit)
 
 
 def _effective_params(params_file: str | os.PathLike, overrides: dict | None, specs: list[PhaseSpec],
@@ -610,7 +631,7 @@ def check_resume_params(session: str, config: dict, params_file: str | os.PathLi
     given = ([f"--params {params_file}"] if params_file is not None else []) + (
         [_set_text(overrides)] if overrides else [])
     stored = f"{stored_file} + " + (_set_text(stored_overrides) if stored_overrides else "no --set values")
-    shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    shown = cut("; ".join(changes[:5]), 1000) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
     raise RefusedError(
         f"--resume continues session {session} with its stored parameters ({stored}); the {' '.join(given)} given "
         f"would be ignored ({shown}). To rerun from a phase with new parameters use: forge run --from "

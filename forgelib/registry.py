@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .checksums import compute_checksum, path_size_mb
+from .params import MAX_STORED_BYTES, stored_size
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
-    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "compute_checksum",
+    "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "ConfigTooLargeError",
+    "compute_checksum",
     "path_size_mb",
     "SESSION_STATUSES", "PHASE_RUN_STATUSES",
 ]
@@ -105,6 +107,10 @@ class RetiredModelError(RegistryError, ValueError):
 
 class SessionExistsError(RegistryError, ValueError):
     """``create_session`` was asked for an id that already exists (pass ``exist_ok=True``)."""
+
+
+class ConfigTooLargeError(RegistryError, ValueError):
+    """A session config larger than ``forgelib.params.MAX_STORED_BYTES`` as JSON (refused before it is written)."""
 
 
 class CorruptRegistryError(RegistryError):
@@ -305,7 +311,12 @@ class ModelRegistry:
     def create_session(self, session_id: str, config: dict | None = None, *,
                        exist_ok: bool = False) -> dict:
         """Create a session with its config (a dict). An existing id raises ``SessionExistsError``
-        unless ``exist_ok``, in which case its config is replaced (e.g. when a session resumes)."""
+        unless ``exist_ok``, in which case its config is replaced (e.g. when a session resumes). A config over
+        ``MAX_STORED_BYTES`` as JSON raises ``ConfigTooLargeError`` before anything is written (it is read back by
+        every listing of the sessions)."""
+        if stored_size(config or {}, MAX_STORED_BYTES) > MAX_STORED_BYTES:
+            raise ConfigTooLargeError(f"session {session_id!r}: its config would take more than "
+                                      f"{MAX_STORED_BYTES // 1024} KB in the registry; refused, nothing was written")
         encoded = _encode(config, "config")
 
         def work(conn: sqlite3.Connection) -> None:

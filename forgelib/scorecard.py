@@ -22,6 +22,7 @@ stops with an error when it fails.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ class ScorecardParams:
     answer_prefixes: list[str] = dataclasses.field(default_factory=lambda: ["Answer:"])
     seed: int | None = None
     """Run seed of the guard's questions (None: the session's own, from its phases' params.yaml)."""
+    threads: int | None = None
+    """torch CPU threads while scoring (None: the session's ``run.threads``; on a loaded 2-core machine two
+    threads spin against each other: measured 399 s against 14 s for the same scorecard)."""
 
 
 def session_models(session: str) -> list[dict[str, Any]]:
@@ -151,7 +155,27 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     entries = chain_models(folder) if folder is not None else session_models(session)
     suite, seed = chain_suite(entries, params)
     test = [q for f, levels in suite.items() for q in questions(f, levels, params.per_family, seed)]
-    return [score_model(entry, test, params) for entry in entries]
+    with _threads(params.threads or _stored_run(entries).get("threads") or 1):
+        return [score_model(entry, test, params) for entry in entries]
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's CPU thread count set to ``n`` for the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stored_run(entries: list[dict]) -> dict:
+    """The ``run`` section the chain's last phase ran with (its params.yaml), or {}."""
+    stored = load_yaml_file(_phase_folder(entries[-1]) / "params.yaml") or {}
+    return stored.get("run") or {}
 
 
 def _phase_folder(entry: dict) -> Path:
@@ -214,7 +238,8 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
         askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin
-    report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin)
+    with _threads(_stored_run(entries).get("threads") or 1):
+        report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin)
     pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in report.answers.items()},
                               params.chain_margin, params.confidence, params.power)
     failing = [f for f, v in report.families.items() if not v.passed]

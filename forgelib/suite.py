@@ -23,6 +23,7 @@ question's answers), one gate check per family (``keeps_<family>``: the lower bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -148,14 +149,20 @@ def questions(family: str, levels: tuple[int, int], n: int, seed: int, pool: int
     shifts its mix as the small kinds run out: 25% `count` in the first 100 questions, 54% past the 1,000th). Calls
     with the same ``pool`` and ``seed`` give prefixes of the same list. Fewer when the test split of a level runs
     out."""
+    return list(_pool(family, tuple(levels), max(n, pool or 0), seed)[:n])
+
+
+@functools.lru_cache(maxsize=64)
+def _pool(family: str, levels: tuple[int, int], size: int, seed: int) -> tuple:
+    """The shuffled pool behind ``questions`` (kept per process: a phase's guards and the compression phase's
+    stage guards ask the same pools; 2,000 test questions of one family take 0.4-1.5 s to generate)."""
     from .data.tasks import generate
 
     lo, hi = levels
-    size = max(n, pool or 0)
     per = [size // (hi - lo + 1) + (1 if i < size % (hi - lo + 1) else 0) for i in range(hi - lo + 1)]
     out = [q for i, k in enumerate(per) for q in generate(family, lo + i, k, "test", seed, allow_fewer=True)]
     random.Random(f"guard-order|{family}|{lo}-{hi}|{seed}|{size}").shuffle(out)
-    return out[:n]
+    return tuple(out)
 
 
 # --- asking -----------------------------------------------------------------------------------------------------

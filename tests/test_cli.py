@@ -59,7 +59,7 @@ def test_resume_of_unknown_session_exits_with_message(outputs):
 
 def test_typo_in_override_is_reported(outputs):
     proc = forge("run", "--set", "cognate.trunk.stpes=3")
-    assert proc.returncode == 1 and "stpes" in proc.stderr and "allowed keys" in proc.stderr
+    assert proc.returncode == 2 and "stpes" in proc.stderr and "allowed keys" in proc.stderr
 
 
 def _one_line_error(proc) -> str:

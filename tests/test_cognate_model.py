@@ -429,6 +429,7 @@ def test_qk_max_logits_equal_brute_force(padded, monkeypatch):
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :3] = 0  # left padding: padded keys and padded queries are not looked at
+    model.train()  # tracked in training forwards (eval under no_grad skips it)
     with torch.no_grad():
         model(ids, attention_mask=mask)
     for hook in hooks:
@@ -448,7 +449,7 @@ def test_qk_max_logits_equal_brute_force(padded, monkeypatch):
 
 
 def test_qk_max_logits_reset_each_forward_and_switchable():
-    model = make_model("plain")
+    model = make_model("plain").train()
     with torch.no_grad():
         model(token_ids(length=12) * 0 + 5)
         first = model.attention_modules()[0].qk_max_logits.clone()
@@ -457,6 +458,10 @@ def test_qk_max_logits_reset_each_forward_and_switchable():
     off = make_model("plain", track_qk_logits=False)
     off(token_ids())
     assert all(attn.qk_max_logits is None for attn in off.attention_modules())
+    model.eval()
+    with torch.no_grad():  # inference (generation, scoring) skips the tracking
+        model(token_ids())
+    assert all(attn.qk_max_logits is None for attn in model.attention_modules())
 
 
 # ------------------------------------------------------------------------------------------------ peft and saving

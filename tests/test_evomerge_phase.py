@@ -222,8 +222,8 @@ def test_runtime_settings_dedupe_for_other_architectures_and_refuse_typos_for_co
     params = _small_params(runtime={"n_latent": 0})
     assert evo.runtime_settings(params, trunk)[0] == {"n_latent": 0, "n_cycles": 1, "use_memory": False}
     assert evo.runtime_settings(params, tiny_llama) == [{}], "Llama has none of the switches: one setting"
-    with pytest.raises(ValueError, match=r"\['n_cycle'\] are not fields of the Cognate config"):
-        evo.runtime_settings(_small_params(runtime_choices=[{"n_cycle": 1}]), trunk)
+    with pytest.raises(ValueError, match=r"runtime_choices\[0\]: unknown key\(s\) \['n_cycle'\]; allowed keys"):
+        _small_params(runtime_choices=[{"n_cycle": 1}])  # refused when the parameters load, before any run
 
 
 def test_budget_too_small_for_screen_and_repick_is_a_clear_error():

@@ -317,19 +317,19 @@ def test_forge_merge_refuses_a_tampered_source(merge_sources, tmp_path, capsys):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte in a tensor
     weights.write_bytes(bytes(data))
-    assert _forge_merge(recipe, "--out", tmp_path / "out") == 1
+    assert _forge_merge(recipe, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert f"source model '{folders['b']}' at {folders['b']} was changed since the recipe was saved" in err
+    assert f"forge: source model '{folders['b']}' at {folders['b']} was changed since the recipe was saved" in err
     assert not (tmp_path / "out").exists(), "nothing rebuilt from a tampered source"
 
 
 def test_forge_merge_names_an_invalid_recipe_file(tmp_path, capsys):
     bad = tmp_path / "recipe.yaml"
     bad.write_text("method: [unclosed\n")
-    assert _forge_merge(bad) == 1
-    assert f"recipe file {bad} is not valid YAML" in capsys.readouterr().err
+    assert _forge_merge(bad) == 2
+    assert f"forge: recipe file {bad}: not valid YAML" in capsys.readouterr().err
     bad.write_text("method: linear\nmodels: [x]\nweights: 1\n")
-    assert _forge_merge(bad) == 1
+    assert _forge_merge(bad) == 2
     assert f"recipe file {bad}: unknown recipe field(s) ['weights']" in capsys.readouterr().err
 
 
@@ -341,9 +341,9 @@ def test_forge_merge_names_a_garbage_config(merge_sources, tmp_path, capsys):
     recipe.checksums = {}  # a hand-written recipe: nothing to verify, so the load itself must fail clearly
     save_recipe(recipe, recipe_path)
     (folders["a"] / "config.json").write_text("{not json")
-    assert _forge_merge(recipe_path, "--out", tmp_path / "out") == 1
+    assert _forge_merge(recipe_path, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "holds no checksum" in err and f"cannot load source model {folders['a']}" in err
+    assert "holds no checksum" in err and f"forge: cannot load merge source {folders['a']}: " in err
 
 
 def test_forge_merge_compare_reports_bit_identity(merge_sources, tmp_path, capsys):

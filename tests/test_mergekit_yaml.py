@@ -359,8 +359,8 @@ def test_merge_from_mergekit_counts_layers_from_the_base():
 def test_forge_merge_reports_a_refused_config(tmp_path, capsys):
     config = tmp_path / "mk.yaml"
     config.write_text("merge_method: sce\nbase_model: x\nmodels: [{model: a}, {model: b}]\n")
-    assert _forge(config, "--out", tmp_path / "out") == 1
-    assert "forge merge: mergekit merge method 'sce' is not supported" in capsys.readouterr().err
+    assert _forge(config, "--out", tmp_path / "out") == 2
+    assert "forge: mergekit merge method 'sce' is not supported" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

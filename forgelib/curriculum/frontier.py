@@ -22,24 +22,38 @@ The rejected items and their reasons are kept in ``last_rejected`` (for logs). T
 question counts at the level it was asked for. Errors (no key, timeout, connection failure, HTTP 4xx/5xx, a
 response that is not the protocol's JSON) raise ``FrontierError`` naming the URL and the status; the key is read
 from the environment at each call, never stored on the client and never put in a message.
+
+The key is guarded: the endpoint must be ``https://`` (plain ``http://`` only for a loopback host: 127.0.0.0/8,
+``::1``, ``localhost``, reached without any proxy), without credentials, query or fragment in the URL; no redirect is
+followed (the key would go with it to wherever the server points: a redirect is a ``FrontierError`` naming both
+URLs); ``api_key_env`` must be a variable *name*, and a parameter that looks like a secret (``api_key``, ``token``,
+...) is refused by ``from_config``: the key comes only from the environment.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Mapping, Sequence
 
 from forgelib.data.base import ANSWER_MARK, FAMILIES, Sample
 from forgelib.data.tasks import check, split_of
+from forgelib.params import cut, short
 
 from .verify import SOLVERS, solve
 
-__all__ = ["FrontierClient", "FrontierError", "enabled", "build_messages", "parse_proposals"]
+__all__ = ["FrontierClient", "FrontierError", "enabled", "build_messages", "parse_proposals", "check_endpoint",
+           "check_key_env"]
 
 _EXCERPT = 300  # characters of an error body quoted in a FrontierError
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "bearer", "credential")
+_SETTINGS = ("endpoint", "model", "api_key_env", "timeout", "temperature", "max_tokens", "per_round")
 
 
 class FrontierError(RuntimeError):
@@ -62,6 +76,66 @@ def enabled(config: Any, environ: Mapping[str, str] | None = None) -> bool:
     endpoint = _get(config, "endpoint")
     key_env = _get(config, "api_key_env") or "OPENAI_API_KEY"
     return isinstance(endpoint, str) and bool(endpoint.strip()) and bool(environ.get(key_env))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a URL's host name) is this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(endpoint: Any) -> str:
+    """``endpoint`` without trailing slashes, or a ValueError saying why the API key may not be sent there:
+    ``https://`` only (``http://`` for a loopback host), no ``user:password@``, query or fragment."""
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        raise ValueError("endpoint must name the API base URL, e.g. https://api.openai.com/v1")
+    endpoint = endpoint.strip().rstrip("/")
+    # what a message may show: no user:password@, query or fragment (they may hold a secret)
+    shown = short(re.sub(r"//[^/]*@", "//", re.split(r"[?#]", endpoint, maxsplit=1)[0]))
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise ValueError(f"frontier endpoint {shown} is not a valid URL") from None
+    if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"frontier endpoint {shown} must be an https:// URL with a host, e.g. "
+                         "https://api.openai.com/v1")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("frontier endpoint must not carry credentials (user:password@host): the API key is read "
+                         "only from the environment variable named by api_key_env")
+    if parts.query or parts.fragment or "?" in endpoint or "#" in endpoint:
+        raise ValueError(f"frontier endpoint {shown} must be a base URL without query or fragment "
+                         "(/chat/completions is appended to it)")
+    if parts.scheme.lower() == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"frontier endpoint {shown} would send the API key unencrypted: use https:// (plain "
+                         "http:// is allowed only for a loopback host: 127.0.0.0/8, ::1, localhost)")
+    return endpoint
+
+
+def check_key_env(name: Any) -> str:
+    """``name`` when it is an environment variable's name, else a ValueError that does not echo it (it may be
+    the key itself, written where its variable's name belongs)."""
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise ValueError("api_key_env must be the name of an environment variable (letters, digits and _, not "
+                         "starting with a digit), e.g. OPENAI_API_KEY; the value given is not shown in case it is "
+                         "the key itself")
+    return name
+
+
+def _refuse_secrets(config: Any) -> None:
+    """A ValueError when the frontier parameters hold a setting that looks like a secret (``api_key``, ``token``,
+    ...): the key is read only from the environment. The value is never shown."""
+    names = config.keys() if isinstance(config, Mapping) else getattr(config, "__dict__", {}).keys()
+    for name in names:
+        lowered = str(name).lower()
+        if name not in _SETTINGS and any(word in lowered for word in _SECRET_WORDS):
+            raise ValueError(f"frontier parameter {short(str(name))} looks like a secret and is refused: the API key "
+                             "is read only from the environment variable named by api_key_env (default "
+                             "OPENAI_API_KEY); remove it from the parameters")
 
 
 def build_messages(family: str, level: int, examples: Sequence[Sample], n: int) -> list[dict[str, str]]:
@@ -157,12 +231,10 @@ class FrontierClient:
 
     def __init__(self, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 30,
                  temperature: float = 0.7, max_tokens: int = 2048):
-        if not isinstance(endpoint, str) or not endpoint.strip():
-            raise ValueError("endpoint must name the API base URL, e.g. https://api.openai.com/v1")
+        self.endpoint = check_endpoint(endpoint)
         if not isinstance(model, str) or not model.strip():
             raise ValueError("model must name the frontier model, e.g. gpt-4o-mini")
-        self.endpoint = endpoint.strip().rstrip("/")
-        self.model, self.api_key_env, self.timeout = model, api_key_env, float(timeout)
+        self.model, self.api_key_env, self.timeout = model, check_key_env(api_key_env), float(timeout)
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.last_rejected: list[dict[str, str]] = []
         self.requests = 0
@@ -170,7 +242,8 @@ class FrontierClient:
     @classmethod
     def from_config(cls, config: Any) -> "FrontierClient":
         """A client from a parameter mapping/object with `endpoint`, `model` and optional `api_key_env`,
-        `timeout`, `temperature`, `max_tokens`."""
+        `timeout`, `temperature`, `max_tokens` (a setting that looks like a secret, e.g. `api_key`, is refused)."""
+        _refuse_secrets(config)
         kwargs = {name: _get(config, name) for name in ("api_key_env", "timeout", "temperature", "max_tokens")}
         return cls(_get(config, "endpoint"), _get(config, "model"),
                    **{name: value for name, value in kwargs.items() if value is not None})
@@ -198,7 +271,7 @@ class FrontierClient:
             "Content-Type": "application/json", "Accept": "application/json", "Authorization": f"Bearer {key}"})
         self.requests += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener().open(request, timeout=self.timeout) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
             excerpt = _scrub(exc.read(_EXCERPT * 4).decode("utf-8", "replace"), key)[:_EXCERPT]
@@ -213,6 +286,13 @@ class FrontierClient:
             raise FrontierError(f"{self.url}: connection failed: {_scrub(str(exc), key)}") from None
         return _content(self.url, status, raw, key)
 
+    def _opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener that follows no redirect (the key would go along) and, for a loopback endpoint, uses no
+        proxy (an ``http_proxy`` would see the key in clear text)."""
+        host = urllib.parse.urlsplit(self.endpoint).hostname or ""
+        proxies = urllib.request.ProxyHandler({} if is_loopback(host) else None)
+        return urllib.request.build_opener(proxies, _NoRedirect())
+
     def propose_questions(self, family: str, level: int, examples: list[Sample], n: int) -> list[Sample]:
         """Up to `n` new, checked questions of `family` at `level` written after `examples` (module docstring:
         the acceptance rules); the rejected items are in `last_rejected`."""
@@ -224,6 +304,16 @@ class FrontierClient:
             reply, family, level, exclude=[s.prompt for s in examples], limit=n,
             meta={"source": "frontier", "model": self.model})
         return accepted
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect (301, 302, 303, 307, 308): the request carries the API key."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise FrontierError(f"{req.full_url}: HTTP {code}: the server redirects to {cut(newurl, 200)}; a redirect is "
+                            "not followed while the API key is attached (nothing was sent there): set the frontier "
+                            "endpoint to the URL that answers")
 
 
 def _scrub(text: str, key: str) -> str:

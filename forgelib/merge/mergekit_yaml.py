@@ -371,6 +371,12 @@ def merge_from_mergekit(config: Mapping | str | Path,
     return merge_models(recipe, {n: loaded[n] for n in sources}, loaded[base]), recipe
 
 
+def source_names(config: Mapping | str | Path) -> list[str]:
+    """The models a configuration loads, its base first (the configuration checked as for merging)."""
+    _, sources, base, _, _ = _parse(_read_config(config))
+    return [name for name in dict.fromkeys([base, *sources]) if name]
+
+
 def count_layers(folder: str | Path) -> int | None:
     """``num_hidden_layers`` from a model folder's config.json, or None when it cannot be read."""
     from ..models.loading import read_model_config

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import zlib
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
-from ..params import YamlError, load_yaml_file
+from ..params import YamlError, cut, load_yaml_file, short
 
 from .methods import MergeError, get_method, merge_tensors
 
@@ -138,20 +139,60 @@ def verify_sources(recipe: MergeRecipe, resolve: Callable[[str], Path]) -> list[
     from ..checksums import compute_checksum
 
     names = ([recipe.base] if recipe.base else []) + list(recipe.models)
-    unchecked = []
-    for name in names:
-        expected = recipe.checksums.get(name)
-        if expected is None:
-            unchecked.append(name)
-            continue
-        folder = resolve(name)
-        if not Path(folder).exists():
-            raise MergeError(f"source model {name!r} of the recipe is missing: {folder}")
+    folders = check_checksum_entries(recipe, resolve)
+    unchecked = [name for name in names if name not in folders]
+    for name, folder in folders.items():  # in the recipe's order: base, then models
+        expected = recipe.checksums[name].lower()
         actual = compute_checksum(folder)
         if actual != expected:
-            raise MergeError(f"source model {name!r} at {folder} was changed since the recipe was saved: "
-                             f"sha256 {actual}, the recipe holds {expected}; refusing to rebuild from it")
+            raise MergeError(f"source model {short(name, 200)} at {cut(str(folder), 200)} was changed since the "
+                             f"recipe was saved: sha256 {actual}, the recipe holds {expected}; refusing to rebuild "
+                             "from it")
     return unchecked
+
+
+MAX_SOURCE_ENTRIES = 10_000
+"""The most files and folders a checksummed source folder may hold (a model folder holds a few dozen; hashing a
+system folder named as a source would read it all)."""
+
+
+def check_checksum_entries(recipe: MergeRecipe, resolve: Callable[[str], Path]) -> dict[str, Path]:
+    """The folder of every source the recipe holds a checksum for, by name, each checked before anything is hashed:
+    a checksum entry names the base or a model of the recipe and holds a SHA-256 hex digest, and its folder is a
+    model folder (a folder with a config.json, at most ``MAX_SOURCE_ENTRIES`` entries). MergeError otherwise."""
+    names = ([recipe.base] if recipe.base else []) + list(recipe.models)
+    if not isinstance(recipe.checksums, Mapping):
+        raise MergeError(f"recipe field 'checksums' must map source names to SHA-256 digests, got "
+                         f"{short(recipe.checksums)}")
+    for name, digest in recipe.checksums.items():
+        if name not in names:
+            raise MergeError(f"recipe checksum entry {short(name, 200)} names no source of the recipe; entries may "
+                             f"name only its base and models: {short(names, 300)}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise MergeError(f"recipe checksum of {short(name, 200)} must be a SHA-256 hex digest (64 characters "
+                             f"0-9a-f), got {short(digest)}")
+    return {name: _model_folder(name, Path(resolve(name))) for name in names if name in recipe.checksums}
+
+
+def _model_folder(name: str, folder: Path) -> Path:
+    """``folder`` when it is a model folder to hash (see :func:`check_checksum_entries`), else MergeError."""
+    where = f"source model {short(name, 200)} of the recipe"
+    if not folder.exists():
+        raise MergeError(f"{where} is missing: {cut(str(folder), 200)}")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise MergeError(f"{where} at {cut(str(folder), 200)} is not a model folder (a folder holding "
+                         "config.json); refusing to hash it")
+    count, stack = 0, [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                count += 1
+                if count > MAX_SOURCE_ENTRIES:
+                    raise MergeError(f"{where} at {cut(str(folder), 200)} holds more than {MAX_SOURCE_ENTRIES} "
+                                     "files and folders, too many for a model folder; refusing to hash it")
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return folder
 
 
 def uniform_recipe(names: Sequence[str], base: str | None = None) -> MergeRecipe:

@@ -423,7 +423,8 @@ class CognateModel(CognatePreTrainedModel):
         cos, sin = self.rotary_emb(x, position_ids)  # (B|1, T, d) each
         return _ForwardContext(cos=cos, sin=sin, cache=cache, past=past, q_len=T, real=real,
                                sliding_window=self.config.sliding_window, num_layers=len(self.layers),
-                               use_memory=rec.use_memory, track_qk=self.config.track_qk_logits, custom=custom)
+                               use_memory=rec.use_memory, custom=custom,
+                               track_qk=self.config.track_qk_logits and (self.training or torch.is_grad_enabled()))
 
     def _custom_mask(self, mask: torch.Tensor, batch: int, kv_len: int, q_len: int, rec: _Recursion) -> torch.Tensor:
         """A caller's 4-D mask (B|1, 1, T, past + T): bool (True = visible) or additive float (0 = visible), used as

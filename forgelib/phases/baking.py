@@ -71,10 +71,11 @@ from ..baking.bake import heldout_kl, prompt_kl_rows, teacher_pairs
 from ..baking.gap import gap_bound, inputs_needed
 from ..baking.library import adheres, correct, prefix
 from ..data.tasks import FAMILIES, generate, generate_levels
-from ..params import require_non_negative, require_positive
+from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..stats import compare, lower_bound, noninferior
 from ..thoughts import base_lm
+from .common import check_levels, check_optimizer
 
 HEADLINE = ("acc_before", "acc_after", "acc_retention", "tool_use_rate_before", "tool_use_rate_after",
             "persona_adherence_before", "persona_adherence_after", "gap_closed_library")
@@ -160,12 +161,15 @@ class Params:
         unknown = [f for f in sorted(set(self.families)) if f not in FAMILIES]
         if unknown:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
-        if not 1 <= self.levels[0] <= self.levels[1]:
-            raise ValueError(f"levels must be (lowest, highest) with 1 <= lowest <= highest, got {self.levels}")
+        check_levels(self, "levels")
         names = [BakePrompt.from_dict(p).name for p in self.prompts]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"prompts: need at least one prompt and distinct names, got {names}")
-        PromptBakingConfig(**self.bake)  # unknown keys and bad values fail here, naming the field
+        self.teach_optimizer = check_optimizer(self.teach_optimizer, 6, "teach_optimizer")
+        self.bake = check_fields(PromptBakingConfig, self.bake, "bake")  # unknown keys and types, naming the key
+        if "optimizer" in self.bake:
+            self.bake["optimizer"] = check_optimizer(self.bake["optimizer"], 6, "bake.optimizer")
+        PromptBakingConfig(**self.bake)  # bad values fail here, naming the field
 
     @property
     def library(self) -> list[BakePrompt]:

@@ -25,7 +25,7 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import RunParams, load_section, load_yaml_file, to_dict
+from ..params import ParameterError, RunParams, load_section, load_yaml_file, to_dict
 from ..results import PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 from .specs import PHASES, PhaseSpec, get_spec
@@ -402,6 +402,18 @@ def quiet_library_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def check_device(run: RunParams, params_file: str | os.PathLike) -> str:
+    """The device ``run.device`` resolves to on this machine; ParameterError naming ``run.device`` and what to give
+    instead when this machine has no such device (checked before a run creates anything)."""
+    from ..utils import resolve_device
+
+    try:
+        return resolve_device(run.device)
+    except ValueError as exc:  # DeviceUnavailableError too
+        raise ParameterError(f"{paths.relative(paths.resolve(params_file))}: run.device: {exc}; give one this "
+                             "machine has, e.g. --set run.device=auto (cuda when there is one, else cpu)") from None
+
+
 def _setup_runtime(run: RunParams) -> str:
     import torch
 
@@ -450,6 +462,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
     guard_params = load_guard_params(params_file, overrides, all_specs)
+    check_device(run, params_file)
     upstream_result, how = _find_upstream(spec, upstream, all_specs, session)
     follower = is_follower()
     if not follower and completed_result(session, spec) is not None:

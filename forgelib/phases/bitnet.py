@@ -53,7 +53,7 @@ from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarModel, quietstar_loss
 from ..modelio import load_quietstar
 from ..train import TrainConfig, train
-from .common import TaskData, chance_levels, score, test_samples, training_batches
+from .common import TaskData, chance_levels, check_levels, check_optimizer, score, test_samples, training_batches
 
 HEADLINE = ("acc_fp", "acc_ternary", "acc_ptq", "acc_retention", "ppl_ratio", "bits_per_quantized_weight",
             "total_bytes_packed", "total_bytes_fp32")
@@ -134,6 +134,9 @@ class Params:
             raise ValueError(f"loss must be 'distill' or 'quietstar', got {self.loss!r}")
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        require_positive(self, "lr")
+        check_levels(self, "levels")
+        self.optimizer = check_optimizer(self.optimizer, 4)
 
     def data(self) -> TaskData:
         """The data settings in the shared form (``forgelib.phases.common``: the batches, test set and scorer Phase 3

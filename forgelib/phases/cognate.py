@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.base import LEVELS
 from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import FAMILIES, build_mix, format_sample
 from ..data.tokenizer import train_tokenizer
@@ -30,13 +31,12 @@ from ..evaluate import (accuracy_by_family, answer_correctness, argmax_disagreem
                         mean_nll)
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
-from ..optim.config import MuGrokfastConfig, OptimConfigError
-from ..optim.presets import preset_config
-from ..params import check_fields, require_non_negative, require_positive
+from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..stats import questions_needed
 from .. import paths
 from ..train import TrainConfig, load_checkpoint, train
+from .common import check_levels, check_optimizer
 
 ROLES = ("reasoning", "memory", "speed")
 # The metrics the pipeline summary shows for this phase (its "headline" column).
@@ -75,6 +75,16 @@ class ModelShape:
     def __post_init__(self):
         require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                          "num_key_value_heads", "max_position_embeddings", "sliding_window", "memory_chunk_size")
+        # What CognateConfig would refuse only once the phase builds its model (after the session was created).
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                             f"({self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"hidden_size / num_attention_heads ({self.hidden_size // self.num_attention_heads}) "
+                             "must be even (RoPE rotates pairs)")
 
 
 @dataclasses.dataclass
@@ -195,11 +205,11 @@ class Params:
             raise ValueError(f"power must lie in [0.5, 1), got {self.power}")
         if not -1 < self.min_accuracy_gain < 1:  # checked here, not after every model has trained
             raise ValueError(f"min_accuracy_gain must lie in (-1, 1), got {self.min_accuracy_gain}")
-        self.optimizer = check_fields(MuGrokfastConfig, self.optimizer, "optimizer")
-        try:
-            preset_config(1, **self.optimizer)
-        except OptimConfigError as exc:
-            raise ValueError(f"optimizer: {exc}") from None
+        check_levels(self, "levels", "headroom_levels")
+        wrong = sorted(k for k, w in self.level_weights.items() if k not in LEVELS or w < 0)
+        if wrong:
+            raise ValueError(f"level_weights: levels {wrong} are not levels 1..10 or weigh less than 0")
+        self.optimizer = check_optimizer(self.optimizer, 1)
         if self.train.steps != TrainConfig().steps:
             raise ValueError(f"train.steps ({self.train.steps}) is not used by Phase 1; set the steps of each "
                              f"stage instead: trunk.steps, {'.steps, '.join(ROLES)}.steps")

@@ -1,15 +1,19 @@
 """What several phases share: the data and scoring settings of a phase that trains and scores a model on task
-families (``TaskData``; Phases 3 and 4), with its batches, test set, scorer and chance levels. Phase modules
+families (``TaskData``; Phases 3 and 4), with its batches, test set, scorer and chance levels; and the checks of
+settings several phases' parameters hold (level ranges, optimizer overrides, runtime switches). Phase modules
 import from here, never from each other."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, Optional
 
+from ..data.base import LEVELS
 from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import build_mix
 from ..evaluate import answer_correctness, chance_accuracy, family_accuracy, mean_nll, sample_nll
+from ..optim import MuGrokfastConfig, OptimConfigError, preset_config
+from ..params import check_fields
 
 
 @dataclasses.dataclass
@@ -73,4 +77,60 @@ def chance_levels(params: TaskData, samples, seed: int) -> dict[str, Any]:
     return {"per_family": per_family, "overall": sum(per_family[s.family] for s in samples) / len(samples)}
 
 
-__all__ = ["TaskData", "chance_levels", "score", "test_samples", "training_batches"]
+# --- checks of shared settings (called from the phases' ``Params.__post_init__``) --------------------------------
+
+
+def check_levels(obj: Any, *names: str) -> None:
+    """ValueError naming the first of ``obj``'s level ranges ``names`` (``(lowest, highest)``, None = unset) that
+    the task families do not have (``forgelib.data.base.LEVELS``, 1..10) or that runs backwards."""
+    lo_limit, hi_limit = LEVELS[0], LEVELS[-1]
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not lo_limit <= value[0] <= value[1] <= hi_limit:
+            raise ValueError(f"{name} must be (lowest, highest) with {lo_limit} <= lowest <= highest <= {hi_limit} "
+                             f"(the levels the task families have), got {tuple(value)}")
+
+
+def check_optimizer(overrides: dict, phase_num: int, name: str = "optimizer") -> dict:
+    """The MuGrokfast overrides ``overrides`` of phase ``phase_num``'s preset, keys and types checked
+    (``forgelib.optim.MuGrokfastConfig``) and the resulting settings' ranges; ValueError naming ``name``."""
+    checked = check_fields(MuGrokfastConfig, overrides, name)
+    try:
+        preset_config(phase_num, **checked)
+    except OptimConfigError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return checked
+
+
+@dataclasses.dataclass
+class RuntimeSettings:
+    """The Cognate config switches a phase may lay over a model without touching a weight (``runtime`` of Phases 2
+    and 3): the allowed keys of those mappings and their types."""
+
+    n_latent: int = 0
+    n_cycles: int = 1
+    use_memory: bool = False
+    use_act: bool = True
+    halt_threshold: float = 0.5
+    memory_chunk_size: int = 16
+    sliding_window: Optional[int] = None
+    cycle_loss_weighting: Literal["linear", "uniform", "last"] = "linear"
+    use_cache: bool = True
+    track_qk_logits: bool = True
+
+
+def check_runtime(settings: dict, name: str = "runtime") -> dict:
+    """``settings`` (a ``runtime`` mapping) with its keys and types checked against :class:`RuntimeSettings` and
+    their ranges; ValueError naming ``name`` and the key."""
+    checked = check_fields(RuntimeSettings, settings, name)
+    bounds = {"n_cycles": 1, "n_latent": 0, "memory_chunk_size": 1, "sliding_window": 1}
+    for key, low in bounds.items():
+        if checked.get(key) is not None and checked[key] < low:
+            raise ValueError(f"{name}.{key} must be >= {low}, got {checked[key]}")
+    if "halt_threshold" in checked and not 0 < checked["halt_threshold"] <= 1:
+        raise ValueError(f"{name}.halt_threshold must lie in (0, 1], got {checked['halt_threshold']}")
+    return checked
+
+
+__all__ = ["RuntimeSettings", "TaskData", "chance_levels", "check_levels", "check_optimizer", "check_runtime",
+           "score", "test_samples", "training_batches"]

@@ -42,6 +42,7 @@ from ..data.tasks import FAMILIES, generate_levels
 from ..params import load_yaml_file, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import base_lm
+from .common import check_levels
 
 HEADLINE = ("bits_per_weight", "artifact_bytes", "acc_input", "acc_final", "acc_retention", "ppl_retention",
             "stages_kept", "stages_rolled_back")
@@ -106,6 +107,7 @@ class Params:
 
         require_positive(self, "test_per_level", "max_new_tokens", "max_len", "max_ppl_ratio", "sweep_questions")
         require_non_negative(self, "calibration_per_level")
+        check_levels(self, "levels")
         if not 0 < self.allowed_loss < 1:
             raise ValueError(f"allowed_loss must lie in (0, 1), got {self.allowed_loss}")
         unknown = [f for f in self.families if f not in FAMILIES]

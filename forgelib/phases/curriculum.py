@@ -68,9 +68,11 @@ import copy
 import dataclasses
 import json
 import random
+import re
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,7 @@ from ..data.stream import TaskStream
 from ..data.tasks import FAMILIES, check, generate
 from ..data.tokenizer import encode_samples
 from ..optim import create_optimizer_from_phase
-from ..params import require_non_negative, require_positive
+from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from ..stats import questions_needed, superior
 from ..suite import suite_union
@@ -91,9 +93,64 @@ from ..thoughts import base_lm
 from ..tools import calculator, generate_with_tools, tool_correctness, tool_stats
 from ..train import TrainConfig, train
 from .base import UpstreamError
+from .common import check_optimizer
 
 HEADLINE = ("tool_acc_with", "tool_acc_without", "tool_success_rate", "acc_reached_mean", "acc_earlier_mean",
             "acc_earlier_before")
+
+
+@dataclasses.dataclass
+class FrontierSettings:
+    """The keys of ``frontier``: ``forgelib.curriculum.frontier.FrontierClient.from_config``'s settings and
+    ``per_round``. There is no key for the API key: the client reads it only from the environment variable named
+    by ``api_key_env``, so it is never stored (registry, params.yaml, tracker)."""
+
+    endpoint: Optional[str] = None
+    """The API's base URL (http:// or https://); unset: frontier questions are off."""
+    model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 30.0
+    temperature: float = 0.7
+    max_tokens: int = 2048
+    per_round: int = 4
+
+
+_SECRET_WORDS = ("key", "token", "secret", "password", "auth", "bearer")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def check_frontier(settings: dict) -> dict:
+    """``frontier`` with its keys, types and ranges checked; ValueError naming the key (a value is never echoed:
+    it may be a secret)."""
+    allowed = [f.name for f in dataclasses.fields(FrontierSettings)]
+    unknown = sorted(str(k)[:80] for k in settings if k not in allowed)
+    if unknown:
+        secret = any(word in name.lower() for name in unknown for word in _SECRET_WORDS)
+        env = settings.get("api_key_env") if isinstance(settings.get("api_key_env"), str) else "OPENAI_API_KEY"
+        raise ValueError(
+            f"frontier: unknown key(s) {unknown}; allowed keys: {allowed}" + (
+                f"; the API key is never a parameter: the frontier client reads it only from the environment "
+                f"variable {env if _ENV_NAME.fullmatch(env) else 'OPENAI_API_KEY'} (the one api_key_env names)"
+                if secret else ""))
+    checked, hints = {}, typing.get_type_hints(FrontierSettings)
+    for key, value in settings.items():
+        try:
+            checked.update(check_fields(FrontierSettings, {key: value}, "frontier"))
+        except ValueError:
+            kind = str(hints[key]).replace("typing.", "") if typing.get_args(hints[key]) else hints[key].__name__
+            raise ValueError(f"frontier.{key}: expected {kind} (the value is not shown: it may be a secret)") from None
+    full = dataclasses.replace(FrontierSettings(), **checked)
+    if not _ENV_NAME.fullmatch(full.api_key_env):
+        raise ValueError("frontier.api_key_env must be the name of an environment variable (letters, digits and _, "
+                         "e.g. OPENAI_API_KEY), never the key itself")
+    if full.endpoint is not None and not re.match(r"https?://\S+$", full.endpoint.strip()):
+        raise ValueError("frontier.endpoint must be an http:// or https:// URL (e.g. https://api.openai.com/v1)")
+    if full.endpoint is not None and not (full.model or "").strip():
+        raise ValueError("frontier.model must name the frontier model when frontier.endpoint is set")
+    if not full.timeout > 0 or full.max_tokens < 1 or full.per_round < 1 or full.temperature < 0:
+        raise ValueError(f"frontier: timeout must be > 0, max_tokens and per_round >= 1, temperature >= 0; got "
+                         f"{full.timeout}, {full.max_tokens}, {full.per_round}, {full.temperature}")
+    return checked
 
 
 @dataclasses.dataclass
@@ -196,6 +253,9 @@ class Params:
                 raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)}")
         if self.max_level > 10:
             raise ValueError(f"max_level must be at most 10, got {self.max_level}")
+        require_positive(self, "lr")
+        self.optimizer = check_optimizer(self.optimizer, 5)
+        self.frontier = check_frontier(self.frontier)
 
 
 # --- the self-model head ------------------------------------------------------------------------------
@@ -559,6 +619,7 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.manual_seed(ctx.seed)
     guard_params = ctx.guard_params or GuardParams()
     suite = _input_suite(ctx)
+    frontier = frontier_client(params)  # a refused endpoint stops the phase before any model is loaded
     model, tokenizer = load_source(params, ctx)
     input_model = copy.deepcopy(model).eval()  # the Phase-4 model as loaded, for the gate
     timing: dict[str, float] = {}
@@ -570,7 +631,6 @@ def run(params: Params, ctx) -> PhaseResult:
     trainee, optimizer = _trainee(model, params)
     pools = _question_pools(params, start, ctx.seed)
     dreams, history, first, rng = DreamBuffer(capacity=512, seed=ctx.seed), [], 0, random.Random(ctx.seed)
-    frontier = frontier_client(params)
     if params.resume_from:
         from .. import paths
 

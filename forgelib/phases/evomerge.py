@@ -26,7 +26,7 @@ of choices. Screening at the starting point and re-picking for the best recipes 
 evaluations and still finds a runtime that suits the recipes the search ends on, not only the average.
 Optionally a data-flow search (``layer_path_budget``) then evolves which source's block runs at each depth,
 under the champion's runtime. The champion's recipe ``config`` holds its runtime, so ``forge merge
-recipe.yaml`` rebuilds it bit-identically.
+recipe.yaml --out DIR`` rebuilds it bit-identically.
 
 **Score** (fitness and test alike): ``accuracy − loss_weight × answer NLL``. Accuracy is exact match of the
 greedy completion over the union of the families; with ``with_steps`` the models write worked solutions
@@ -64,6 +64,7 @@ from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from .base import UpstreamError
+from .common import check_levels, check_runtime
 
 # The metrics the pipeline summary shows for this phase (its "headline" column).
 HEADLINE = ("champion_method", "champion_test_acc", "trunk_test_acc", "best_parent_test_acc", "uniform_test_acc",
@@ -147,6 +148,9 @@ class Params:
             raise ValueError(f"sources: merging needs at least two models, got {self.sources}")
         if not self.runtime_choices:
             raise ValueError("runtime_choices: give at least one setting ([{}] keeps the trunk's config)")
+        check_levels(self, "levels")
+        self.runtime = check_runtime(self.runtime)
+        self.runtime_choices = [check_runtime(c, f"runtime_choices[{i}]") for i, c in enumerate(self.runtime_choices)]
         if self.runtime_top_k < 1:
             raise ValueError(f"runtime_top_k must be >= 1, got {self.runtime_top_k}")
         if not 0 < self.margin < 1:

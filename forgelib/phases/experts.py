@@ -39,11 +39,40 @@ import torch
 
 from ..baking.library import make_check
 from ..data.tasks import FAMILIES, generate, generate_levels
-from ..params import require_non_negative, require_positive
+from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import base_lm
+from .common import check_levels, check_optimizer
 
 HEADLINE = ("n_experts", "expert_params", "acc_base", "acc_routed", "acc_oracle", "routing_acc")
+
+
+@dataclasses.dataclass
+class CemSettings:
+    """The keys of ``cem`` (``forgelib.experts.svf.cem_search``'s settings) and their types."""
+
+    iterations: int = 10
+    population: int = 16
+    elite: int = 4
+    init_std: float = 1.0
+    bounds: tuple[float, float] = (-1.0, 2.0)
+    noise_decay: float = 0.8
+
+
+def check_cem(settings: dict) -> dict:
+    """``cem`` with its keys, types and ranges checked (ValueError naming the key)."""
+    checked = check_fields(CemSettings, settings, "cem")
+    full = dataclasses.replace(CemSettings(), **checked)
+    try:
+        require_positive(full, "iterations", "population", "elite", "init_std")
+    except ValueError as exc:
+        raise ValueError(f"cem.{exc}") from None
+    if full.elite > full.population:
+        raise ValueError(f"cem: elite ({full.elite}) must not exceed population ({full.population})")
+    if not 0 <= full.noise_decay <= 1 or not full.bounds[0] < full.bounds[1]:
+        raise ValueError(f"cem: noise_decay must lie in [0, 1] and bounds be (low, high) with low < high, got "
+                         f"{full.noise_decay} and {full.bounds}")
+    return checked
 
 
 @dataclasses.dataclass
@@ -104,8 +133,14 @@ class Params:
             raise ValueError(f"unseen_family {self.unseen_family!r} is one of the experts' families")
         if not 2 <= self.k_range[0] <= self.k_range[1]:
             raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {self.k_range}")
+        check_levels(self, "levels")
+        self.svf = check_fields(SVFConfig, self.svf, "svf")
         SVFConfig(**self.svf)
+        self.train = check_fields(ExpertTrainConfig, self.train, "train")
+        if "optimizer" in self.train:
+            self.train["optimizer"] = check_optimizer(self.train["optimizer"], 7, "train.optimizer")
         ExpertTrainConfig(**self.train)
+        self.cem = check_cem(self.cem)
 
 
 def correctness(svf, tokenizer, samples, z: dict | None, grader, params: Params) -> list[int]:

@@ -42,7 +42,7 @@ from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
-from .common import chance_levels, score, test_samples, training_batches
+from .common import chance_levels, check_levels, check_optimizer, check_runtime, score, test_samples, training_batches
 from ..stats import compare, lower_bound, mean_bounds, noninferior
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
@@ -116,6 +116,10 @@ class Params:
             raise ValueError(f"mix: unknown families {unknown}; valid: {sorted(FAMILIES)}")
         if self.kl_weight is not None and not self.kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0 or null, got {self.kl_weight}")
+        require_positive(self, "lr")
+        check_levels(self, "levels")
+        self.runtime = check_runtime(self.runtime)
+        self.optimizer = check_optimizer(self.optimizer, 3)
 
 
 # --- data and scoring ---------------------------------------------------------------------------------
