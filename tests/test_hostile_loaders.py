@@ -262,8 +262,7 @@ def test_a_config_that_does_not_match_the_weights_is_refused_before_loading(plai
 
 def test_a_pickle_checkpoint_is_never_unpickled(plain, guarded):
     (plain / "model.safetensors").rename(plain / "pytorch_model.bin")  # torch.load would be the first to run
-    message = refused(ModelLoadError, "pytorch_model.bin is a pickle checkpoint, which is never loaded here",
-                      load_model, plain)
+    message = refused(ModelLoadError, "pytorch_model.bin is a pickle checkpoint, never loaded here", load_model, plain)
     assert "safe_serialization=True" in message
 
 

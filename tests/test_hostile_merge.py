@@ -3,6 +3,7 @@ a session's folder or a source is refused before anything loads), checks that th
 overwrites a mergekit file unasked, hashes only the recipe's own model folders, and names a source it cannot load
 or a recipe it refuses in one `forge: ...` line with exit status 2."""
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def _pickle(folder: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(folder.parent / "pwned")}))
 
 
-@pytest.mark.parametrize("damage,kind", [(_truncate, "SafetensorError"), (_pickle, "UnpicklingError")])
+@pytest.mark.parametrize("damage,kind", [(_truncate, "ModelLoadError: .*truncated"),
+                                         (_pickle, "ModelLoadError: .*is a pickle checkpoint, never loaded")])
 @pytest.mark.parametrize("checked", [True, False])
 def test_a_source_that_cannot_load_is_named(sources, tmp_path, capsys, damage, kind, checked):
     folders, _ = sources
@@ -282,7 +284,7 @@ def test_a_source_that_cannot_load_is_named(sources, tmp_path, capsys, damage, k
     recipe = _recipe_with(tmp_path, str(folders["trunk"]), names, sums)
     assert _forge(recipe, "--out", tmp_path / "out") == 2
     err = _err(capsys).splitlines()[-1]  # the lines above: the unchecked-sources warning, torch's pickle warning
-    assert err.startswith(f"forge: cannot load merge source {folders['b']}: {kind}: "), err
+    assert re.match(f"forge: cannot load merge source {re.escape(str(folders['b']))}: {kind}", err), err
     assert len(err) < 400 and not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
 
 
@@ -293,7 +295,7 @@ def test_a_mergekit_source_that_cannot_load_is_named(sources, tmp_path, capsys):
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {folders['trunk']}\n    parameters: {{weight: 1}}\n"
                       f"  - model: {folders['a']}\n    parameters: {{weight: 1}}\n")
     assert _forge(config, "--out", tmp_path / "out") == 2
-    assert _err(capsys).startswith(f"forge: cannot load merge source {folders['a']}: SafetensorError: ")
+    assert _err(capsys).startswith(f"forge: cannot load merge source {folders['a']}: ModelLoadError: ")
 
 
 # ---------------------------------------------------------------- the recipe itself

@@ -138,9 +138,8 @@ def _no_weights(folder: Path, error: type[ValueError]) -> ValueError:
     """The error for a folder without safetensors weights: a pickle checkpoint is named and refused."""
     pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickled:
-        return error(f"{folder / pickled[0]} is a pickle checkpoint, which is never loaded here (unpickling can run "
-                     f"code): save the model with save_pretrained(..., safe_serialization=True) where you trust it, "
-                     f"so that the folder holds {WEIGHTS_FILE}")
+        return error(f"{folder / pickled[0]} is a pickle checkpoint, never loaded here (unpickling can run code): "
+                     f"convert it to {WEIGHTS_FILE} with save_pretrained(safe_serialization=True) where you trust it")
     return error(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE}): no weights to load")
 
 
