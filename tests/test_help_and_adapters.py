@@ -1,8 +1,11 @@
-"""Help a new user can read.
+"""Help a new user can read, and the source design's public names.
 
 - every ``forge`` subcommand's and every ``forge bench NAME``'s parser: each option described, no Markdown in any
   description or help; ``forge bench --help`` says what each benchmark measures, ``forge bench NAME --help`` is
-  plain text and answered without importing the benchmark; ``forge registry list`` rounds sizes.
+  plain text and answered without importing the benchmark; ``forge registry list`` rounds sizes;
+- ``WandBIntegration`` (the design's W&B entry point) over ``forgelib.tracking``: a disabled run writes the logged
+  metrics to metrics.jsonl, an offline one a real W&B run;
+- ``PromptManager.get_phase3_prompts()``: the prompts the baking phase bakes, read as the phase reads them.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import forgelib
 from forgelib import cli
 from forgelib.bench import options
 from forgelib.helptext import has_markdown, plain_text
@@ -166,3 +170,111 @@ def test_size_cells_never_carry_long_decimals():
                          (1.23456789, "1.23"), (12.3456789, "12.3"), (123.456, "123"), (45678.9, "45679")]:
         assert cli._cell("size_mb", value) == shown
     assert cli._cell("model_name", 0.12345678901234567) == "0.12345678901234566"  # only sizes are rounded
+
+
+# --- WandBIntegration -----------------------------------------------------------------------------------------
+
+
+SEED_METRICS = dict(model_id=1, loss=2.5, perplexity=12.3, act_steps=8.2, gate_entropy=0.73, muon_lr=1e-3,
+                    grokfast_mu_norm=0.15, step=1000)
+
+
+def test_wandb_integration_disabled_writes_the_logged_metrics(tmp_path, monkeypatch):
+    """The design README's example, W&B disabled (as in every test): the JSONL tracker file holds the metrics."""
+    from forgelib.tracking import WandBIntegration, read_jsonl
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert forgelib.WandBIntegration is WandBIntegration
+    integration = WandBIntegration(project_name="agent-forge-v2", mode="offline")
+    run = integration.init_phase_run("phase1", config={"num_models": 3}, session_id="session_20251016_140000")
+    integration.log_phase1_metrics(**SEED_METRICS)
+    integration.log_phase1_metrics(step=1001, loss=2.4)
+    run_dir = integration.run_dir
+    integration.finish()
+    assert run_dir == tmp_path / "outputs" / "tracking" / "session_20251016_140000" / "01_cognate"
+    assert run is not None and not list(run_dir.rglob("offline-run-*"))
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1000, 1001]
+    assert {k: v for k, v in rows[0].items() if k.startswith("phase1/")} == {
+        f"phase1/model1/{k}": v for k, v in SEED_METRICS.items() if k not in ("model_id", "step")}
+    assert rows[1]["phase1/loss"] == 2.4
+    integration.init_phase_run(6, directory=tmp_path / "baking-run")  # a folder of one's own, a phase by number
+    integration.log_phase6_metrics(step=3, gap_closed=0.9)
+    integration.finish()
+    assert read_jsonl(tmp_path / "baking-run" / "metrics.jsonl")[0]["phase6/gap_closed"] == 0.9
+
+
+def test_wandb_integration_offline_writes_a_real_wandb_run(tmp_path, monkeypatch):
+    from forgelib.tracking import WandBIntegration
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    integration = WandBIntegration(project_name="agent-forge-v2", mode="offline", directory=tmp_path / "runs")
+    integration.init_phase_run("phase3", config={"steps": 10}, session_id="s1")
+    integration.log_phase3_metrics(step=1, reward=0.5, thought_length=4)
+    integration.finish()
+    runs = list((tmp_path / "runs" / "s1" / "03_quietstar").rglob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb")), "a W&B offline run with its data file"
+    row = json.loads((tmp_path / "runs" / "s1" / "03_quietstar" / "metrics.jsonl").read_text())
+    assert row["phase3/reward"] == 0.5 and row["step"] == 1
+
+
+def test_wandb_integration_refusals_name_the_problem(tmp_path, monkeypatch):
+    from forgelib.tracking import WandBIntegration
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "outputs"))
+    with pytest.raises(ValueError, match=r"mode must be one of \['offline', 'online', 'disabled'\], got 'offlin'"):
+        WandBIntegration(mode="offlin")
+    integration = WandBIntegration(mode="disabled")
+    with pytest.raises(RuntimeError, match=r"call init_phase_run\('phase1', config\) before log_phase1_metrics"):
+        integration.log_phase1_metrics(loss=1.0)
+    with pytest.raises(ValueError, match="unknown phase 'phase9'; give phase1 to phase8") as bad:
+        integration.init_phase_run("phase9")
+    assert "cognate" in str(bad.value)
+    with pytest.raises(ValueError) as huge:
+        integration.init_phase_run("x" * 100_000)
+    assert len(str(huge.value)) < 300
+    with pytest.raises(ValueError, match="session_id '../x' is not a safe folder name"):
+        integration.init_phase_run("phase1", session_id="../x")
+    assert not (tmp_path / "x").exists()
+    integration.init_phase_run("phase2")
+    with pytest.raises(ValueError, match=r"the open run is Phase 2 \(evomerge\); log_phase1_metrics needs"):
+        integration.log_phase1_metrics(loss=1.0)
+    with pytest.raises(ValueError, match="log_phase2_metrics: best_fitness must be a number") as text:
+        integration.log_phase2_metrics(best_fitness="y" * 100_000)
+    assert len(str(text.value)) < 300
+    integration.finish()
+
+
+# --- PromptManager ----------------------------------------------------------------------------------------------
+
+
+def test_get_phase3_prompts_are_the_prompts_the_baking_phase_bakes(tmp_path):
+    from forgelib.baking import BakePrompt
+    from forgelib.baking.prompts import PromptManager
+    from forgelib.params import load_yaml_file
+    from forgelib.phases import PHASES, get_spec
+    from forgelib.phases.base import load_phase_params
+
+    assert forgelib.PromptManager is PromptManager
+    smoke = load_yaml_file(Path(cli.__file__).parents[1] / "parameters" / "smoke.yaml")
+    assert PromptManager.get_phase3_prompts() == [p["text"] for p in smoke["baking"]["prompts"]]
+    crafted = tmp_path / "p.yaml"
+    crafted.write_text("baking:\n  prompts:\n"
+                       "    - {name: calc, kind: tool, text: 'compute with the tool: '}\n"
+                       "    - {name: terse, kind: persona, text: 'be terse: ', answer_prefix: 'A: '}\n")
+    phase_library = load_phase_params(get_spec("baking"), crafted, None, PHASES)[1].library  # what run_cycles bakes
+    assert PromptManager.get_phase3_prompts(crafted) == [p.text for p in phase_library] \
+        == ["compute with the tool: ", "be terse: "]
+    assert PromptManager.get_phase6_prompts(crafted) == PromptManager.get_phase3_prompts(crafted)
+    assert PromptManager.library(crafted) == phase_library
+    assert all(isinstance(p, BakePrompt) for p in phase_library)
+    overridden = [{"name": "only", "kind": "tool", "text": "tool please: "}]
+    assert PromptManager.get_phase3_prompts(crafted, {"baking.prompts": overridden}) == ["tool please: "]
+
+
+def test_forgelib_top_level_names():
+    assert {"WandBIntegration", "PromptManager"} <= set(dir(forgelib))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        forgelib.Nope  # noqa: B018
