@@ -189,8 +189,17 @@ def cmd_registry(args: argparse.Namespace) -> int:
         return 0
     print("\t".join(keys))
     for row in rows:
-        print("\t".join(str(row.get(k, "")) for k in keys))
+        print("\t".join(_cell(k, row.get(k, "")) for k in keys))
     return 0
+
+
+def _cell(key: str, value: Any) -> str:
+    """A registry table cell: sizes in MB to three significant digits (whole MB from 100 on), the rest as stored."""
+    if key == "size_mb" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value >= 100:
+            return f"{value:.0f}"
+        return f"{value:.3g}" if value >= 0.001 or value == 0 else f"{value:.6f}".rstrip("0")  # no 1e-05
+    return str(value)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -309,34 +318,49 @@ def _load_source(name: str):
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """``forge bench NAME ARGS...``: every argument after NAME (``--help`` included) goes to NAME's own parser."""
+    """``forge bench NAME ARGS...``: every argument after NAME (``--help`` included) goes to NAME's own parser.
+    ``forge bench --help`` lists the benchmarks with what each measures; ``forge bench NAME --help`` is answered
+    from ``forgelib.bench.options`` without importing the benchmark (torch and the phases take seconds)."""
+    from .bench import options
+
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: forge bench NAME [ARGS...]\n\nbenchmarks: {', '.join(sorted(BENCHMARKS))}\n"
-              "`forge bench NAME --help` shows a benchmark's own options")
+        print(options.overview())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
         print(f"forge bench: unknown benchmark {name!r}; valid: {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
+    if "-h" in rest or "--help" in rest:
+        options.build_parser(name).parse_args(rest)  # prints the help and exits 0 (or names a bad option, exit 2)
     return int(importlib.import_module(BENCHMARKS[name]).main(rest) or 0)
 
 
-def _run_arguments(parser: argparse.ArgumentParser) -> None:
+def _run_arguments(parser: argparse.ArgumentParser, params_note: str = "parameters/smoke.yaml") -> None:
     """--params, --session and --set: shared by `forge run` and `forge phase`."""
-    parser.add_argument("--params", default="parameters/smoke.yaml", action=_StoreGiven,
-                        help="parameter set (YAML)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", action=_StoreGiven, metavar="FILE",
+                        help=f"parameter file (YAML) (default: {params_note})")
     parser.add_argument("--session", default=None, type=_session_arg,
                         help="session id: A-Z a-z 0-9 . _ - (default: a new one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. --set cognate.trunk.steps=50")
+                        help="override a parameter, e.g. --set cognate.trunk.steps=50 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forge", description="Agent Forge workbench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline (phase notebooks via papermill)")
-    _run_arguments(run)
-    run.add_argument("--phases", default="all", help="'all', '1-3', '2', '1,3'")
+def _command(sub, name: str, summary: str, description: str = "", epilog: str | None = None):
+    """A ``forge`` subcommand: ``summary`` in ``forge --help``, the plain-text description in its own ``--help``."""
+    from .helptext import HelpFormatter, plain_text
+
+    description = description or f"{summary[0].upper()}{summary[1:]}."
+    return sub.add_parser(name, help=summary, description=plain_text(description), epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+def _add_run(sub) -> None:
+    run = _command(sub, "run", "run the pipeline (phase notebooks via papermill)",
+                   "Run the pipeline: each phase's notebook in turn (papermill), every handoff checked, a new "
+                   "session under outputs/<session>/ unless --resume or --from says otherwise.")
+    _run_arguments(run, "parameters/smoke.yaml; with --resume or --from the session's own unless given")
+    run.add_argument("--phases", default="all",
+                     help="which phases: 'all', a number or name ('2', 'evomerge'), a range ('1-3') or a list ('1,3')")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", metavar="SESSION", default=None, type=_session_arg,
                        help="continue SESSION from its first phase not completed, with its stored parameters "
@@ -345,41 +369,74 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a new session (--session, default SESSION-from<N>-<time>) running PHASE onwards "
                             "(or --phases, beginning at PHASE) after SESSION's completed phase PHASE-1, with "
                             "SESSION's parameters changed by --params/--set; SESSION is left as it is")
-    phase = sub.add_parser("phase", help="run one phase in this process, without its notebook (under "
-                                         "`accelerate launch`: data-parallel on several processes)")
-    phase.add_argument("name", help="phase name or number, e.g. cognate or 1")
-    _run_arguments(phase)
-    phase.add_argument("--upstream", default=None, help="the upstream phase folder (default: the newest completed)")
     run.add_argument("--no-notebooks", action="store_true",
                      help="run each phase's calls in this process instead of its notebook (a machine without "
                           "Jupyter; no executed notebooks; the scorecard goes to "
                           "outputs/<session>/09_scorecard/scorecard.json)")
-    reg = sub.add_parser("registry", help="list the model registry")
-    reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list")
-    reg.add_argument("--session", default=None)
-    reg.add_argument("--json", action="store_true")
-    clean = sub.add_parser("clean", help="delete old sessions (rows, models and folders together; "
-                                         "a session in use is skipped)")
-    clean.add_argument("--keep", type=_at_least_zero(int), default=None, help="keep the N newest sessions")
-    clean.add_argument("--max-age-days", type=_at_least_zero(float), default=None,
+
+
+def _add_phase(sub) -> None:
+    phase = _command(sub, "phase", "run one phase in this process, without its notebook (under accelerate "
+                                   "launch: data-parallel on several processes)")
+    phase.add_argument("name", help="phase name or number, e.g. cognate or 1")
+    _run_arguments(phase)
+    phase.add_argument("--upstream", default=None, metavar="FOLDER",
+                       help="the upstream phase folder (default: the newest completed)")
+
+
+def _add_registry(sub) -> None:
+    reg = _command(sub, "registry", "list the registry: its models (list) or its sessions (sessions)",
+                   "List what the registry (outputs/registry.db) holds, as a tab-separated table or as JSON.",
+                   epilog="what to list:\n"
+                          "  list      one row per registered model: id, session, phase, name, size in MB, "
+                          "parameter count, folder\n"
+                          "  sessions  one row per session: id, status, current phase, progress, creation time")
+    reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list",
+                     help="list: the models (the default); sessions: the sessions")
+    reg.add_argument("--session", default=None, help="list only this session's models")
+    reg.add_argument("--json", action="store_true", help="print JSON (every column, unrounded) instead of a table")
+
+
+def _add_clean(sub) -> None:
+    clean = _command(sub, "clean", "delete old sessions (rows, models and folders together; a session in use is "
+                                   "skipped)")
+    clean.add_argument("--keep", type=_at_least_zero(int), default=None, metavar="N",
+                       help="keep the N newest sessions")
+    clean.add_argument("--max-age-days", type=_at_least_zero(float), default=None, metavar="D",
                        help="delete sessions older than D days")
-    clean.add_argument("--dry-run", action="store_true")
-    merge = sub.add_parser("merge", help="rebuild a merged model from its recipe YAML or a mergekit configuration")
+    clean.add_argument("--dry-run", action="store_true", help="print what would be deleted and delete nothing")
+
+
+def _add_merge(sub) -> None:
+    merge = _command(sub, "merge", "rebuild a merged model from its recipe YAML or a mergekit configuration")
     merge.add_argument("recipe", help="our recipe YAML, or a mergekit YAML (one with 'merge_method')")
-    merge.add_argument("--out", default=None,
+    merge.add_argument("--out", default=None, metavar="DIR",
                        help="output folder, new or empty, outside the outputs root (default: rebuilt/ next to the "
                             "recipe)")
     merge.add_argument("--to-mergekit", default=None, metavar="OUT.yaml",
                        help="write the recipe as a mergekit configuration (notes list what it cannot express) "
                             "instead of merging")
-    merge.add_argument("--compare", default=None, type=_model_folder_arg,
+    merge.add_argument("--compare", default=None, type=_model_folder_arg, metavar="FOLDER",
                        help="a saved model folder to compare with, tensor by tensor")
     merge.add_argument("--force", action="store_true",
                        help="write into a non-empty --out folder or over an existing --to-mergekit file (never "
                             "under the outputs root, never into a source)")
-    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(sorted(BENCHMARKS))} "
-                                         "(`forge bench NAME --help` for a benchmark's options)")
-    bench.add_argument("name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .helptext import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="forge", formatter_class=HelpFormatter,
+                                     description="Agent Forge workbench: run the phase pipeline, look at the "
+                                                 "registry, clean up, rebuild merges, benchmark.",
+                                     epilog="forge COMMAND --help describes a command's options; forge bench "
+                                            "--help lists the benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_phase, _add_registry, _add_clean, _add_merge):
+        add(sub)
+    bench = _command(sub, "bench", f"benchmarks: {', '.join(sorted(BENCHMARKS))} (forge bench --help says what "
+                                   "each measures; forge bench NAME --help lists its options)")
+    bench.add_argument("name", help="the benchmark; its own options follow it")
     return parser
 
 

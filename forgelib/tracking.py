@@ -162,3 +162,142 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- the source design's name -----------------------------------------------------------------------------------
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class WandBIntegration:
+    """The source design's W&B entry point, over the one tracker of this module (:func:`make_tracker`).
+
+    ``WandBIntegration(project_name, mode)``; ``init_phase_run(phase_name, config, session_id)`` opens a phase's
+    run; ``log_phase1_metrics(step=..., model_id=..., loss=..., ...)`` to ``log_phase8_metrics(...)`` log under
+    ``phaseN/<name>`` (``phaseN/model<id>/<name>`` with a ``model_id``); ``finish()`` closes the run. Every run
+    writes ``metrics.jsonl`` (:class:`JsonlTracker`); ``mode`` ``offline`` (default) adds a W&B offline run in the
+    same folder, ``online`` an online one, ``disabled`` none (as does ``WANDB_MODE=disabled``).
+
+    The run folder is ``directory`` when given, else ``<outputs root>/tracking/<session_id>/<NN_phase>`` — never a
+    session's own phase folder, which belongs to its phase run.
+    """
+
+    def __init__(self, project_name: str = "agent-forge", mode: str = "offline", directory: str | Path | None = None):
+        from .params import short
+
+        if mode not in WANDB_MODES:
+            raise ValueError(f"WandBIntegration: mode must be one of {list(WANDB_MODES)}, got {short(mode)}")
+        if not isinstance(project_name, str) or not project_name.strip():
+            raise ValueError(f"WandBIntegration: project_name must be a non-empty string, got {short(project_name)}")
+        self.project_name, self.mode = project_name, mode
+        self.directory = Path(directory) if directory is not None else None
+        self.tracker: MultiTracker | None = None
+        self.phase: Any = None  # the PhaseSpec of the open run
+        self.run_dir: Path | None = None
+
+    def init_phase_run(self, phase_name: str | int, config: dict | None = None, session_id: str | None = None,
+                       directory: str | Path | None = None) -> MultiTracker:
+        """Open the run of phase ``phase_name`` (``"phase1"``, ``1``, ``"cognate"`` or ``"01_cognate"``) with its
+        ``config``; a run still open is finished first. Returns the tracker (``log``, ``summary``, ``finish``)."""
+        from . import paths
+        from .params import short
+        from .phases.specs import PHASES, UnknownPhaseError, get_spec
+
+        key = phase_name
+        if isinstance(key, str) and key.lower().startswith("phase") and key[5:].isdigit():
+            key = int(key[5:])
+        try:
+            spec = get_spec(int(key) if isinstance(key, str) and key.isdigit() else key)
+        except UnknownPhaseError:
+            names = ", ".join(spec.name for spec in PHASES)
+            raise ValueError(f"WandBIntegration.init_phase_run: unknown phase {short(phase_name)}; give phase1 to "
+                             f"phase{len(PHASES)}, a number or a name ({names})") from None
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"WandBIntegration.init_phase_run: config must be a dict, got {short(config)}")
+        session = _session_folder(session_id)
+        self.finish()
+        if directory is not None:
+            self.run_dir = Path(directory)
+        else:
+            self.run_dir = Path(self.directory or paths.outputs_root() / "tracking") / session / spec.dirname
+        self.tracker = make_tracker("wandb", self.run_dir, project=self.project_name, name=f"{session}-{spec.name}",
+                                    group=session_id, config={"phase": spec.name, **(config or {})},
+                                    wandb_mode=self.mode)
+        self.phase = spec
+        return self.tracker
+
+    def log_phase_metrics(self, phase: int, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Log ``metrics`` (numbers) of Phase ``phase`` at ``step`` under ``phase<N>/[model<id>/]<name>``."""
+        from .params import short
+
+        if self.tracker is None:
+            raise RuntimeError(f"WandBIntegration: call init_phase_run('phase{phase}', config) before "
+                               f"log_phase{phase}_metrics")
+        if self.phase.number != phase:
+            raise ValueError(f"WandBIntegration: the open run is Phase {self.phase.number} ({self.phase.name}); "
+                             f"log_phase{phase}_metrics needs init_phase_run('phase{phase}') first")
+        for name, value in metrics.items():
+            if not _is_number(value):
+                raise ValueError(f"WandBIntegration.log_phase{phase}_metrics: {name} must be a number, got "
+                                 f"{short(value)}")
+        prefix = f"phase{phase}/" + (f"model{model_id}/" if model_id is not None else "")
+        self.tracker.log({prefix + name: value for name, value in metrics.items()}, step)
+
+    def log_phase1_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 1 (Cognate), e.g. ``loss``, ``perplexity``, ``act_steps``, ``gate_entropy``, ``muon_lr``."""
+        self.log_phase_metrics(1, step, model_id, **metrics)
+
+    def log_phase2_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 2 (EvoMerge), e.g. ``generation``, ``best_fitness``, ``mean_fitness``, ``diversity``."""
+        self.log_phase_metrics(2, step, model_id, **metrics)
+
+    def log_phase3_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 3 (Quiet-STaR), e.g. ``loss``, ``reward``, ``thought_length``, ``kl``."""
+        self.log_phase_metrics(3, step, model_id, **metrics)
+
+    def log_phase4_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 4 (BitNet), e.g. ``loss``, ``distill_kl``, ``accuracy_retention``, ``size_mb``."""
+        self.log_phase_metrics(4, step, model_id, **metrics)
+
+    def log_phase5_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 5 (Curriculum), e.g. ``level``, ``accuracy``, ``tool_success_rate``."""
+        self.log_phase_metrics(5, step, model_id, **metrics)
+
+    def log_phase6_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 6 (Baking), e.g. ``kl``, ``gap_closed``, ``adherence``."""
+        self.log_phase_metrics(6, step, model_id, **metrics)
+
+    def log_phase7_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 7 (Experts), e.g. ``reward``, ``routing_accuracy``."""
+        self.log_phase_metrics(7, step, model_id, **metrics)
+
+    def log_phase8_metrics(self, step: int | None = None, model_id: Any = None, **metrics: Any) -> None:
+        """Phase 8 (Compression), e.g. ``bits_per_weight``, ``accuracy_retention``."""
+        self.log_phase_metrics(8, step, model_id, **metrics)
+
+    def finish(self) -> None:
+        """Close the open run (nothing when none is open)."""
+        if self.tracker is not None:
+            self.tracker.finish()
+        self.tracker, self.phase = None, None
+
+
+def _session_folder(session_id: str | None) -> str:
+    """``session_id`` when it is a safe folder name (``forgelib.session``'s rule), ``default`` when None."""
+    from .params import short
+    from .session import SESSION_RULE, InvalidSessionNameError, check_session_name
+
+    if session_id is None:
+        return "default"
+    try:
+        return check_session_name(session_id)
+    except InvalidSessionNameError:
+        raise ValueError(f"WandBIntegration.init_phase_run: session_id {short(session_id)} is not a safe folder "
+                         f"name: it must be {SESSION_RULE}") from None
+
+
+def _is_number(value: Any) -> bool:
+    """A metric value: an int, float or bool, or a 0-d tensor/array of one."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    return isinstance(value, (int, float, bool))

@@ -18,7 +18,6 @@ and the test questions are the same. Means and 95 % intervals over seeds; JSON u
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import time
@@ -32,8 +31,7 @@ from ..phases.baking import Params, drift, measure, questions
 from ..results import dumps_json
 from . import phase_folder, phase_model, phase_params
 from .quietstar import interval
-
-ARMS = ("kl", "sft", "half", "plain_lora")
+from .options import build_parser
 
 
 def _score(model, reference, tokenizer, prompt, test, params: Params, seed: int) -> dict:
@@ -76,17 +74,7 @@ def run_prompt(prompt, taught, tokenizer, params: Params, seed: int, arms, test,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench baking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase6", default=None, help="a Phase 6 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its baking section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="bake steps (default: the parameter file's)")
-    parser.add_argument("--lr", type=float, default=None, help="bake learning rate (default: the parameter file's)")
-    parser.add_argument("--temperature", type=float, default=None, help="trajectory sampling temperature")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("baking")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = phase_params("baking", args.params)

@@ -34,6 +34,7 @@ from ..phases.quietstar import score, test_samples
 from ..results import dumps_json
 from . import phase_folder, phase_params
 from .quietstar import interval
+from .options import build_parser
 
 
 @torch.no_grad()
@@ -50,16 +51,7 @@ def tokens_per_second(models: dict, batch: torch.Tensor, repeats: int) -> dict[s
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of ``forge bench bitnet``."""
-    parser = argparse.ArgumentParser(prog="forge bench bitnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase3", default=None, help="a Phase 3 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its bitnet section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="QAT steps (default: the parameter file's)")
-    parser.add_argument("--test-per-family", type=int, default=None)
-    parser.add_argument("--speed-repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("bitnet")
     return parser.parse_args(argv)
 
 

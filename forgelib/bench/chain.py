@@ -16,7 +16,6 @@ files, tables of:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
+from .options import build_parser
 
 
 def run_chain(params: str, seed: int, threads: int, prefix: str, extra: list[str]) -> dict[str, Any]:
@@ -112,15 +112,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench chain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="parameters/smoke.yaml")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (with --seed-start)")
-    parser.add_argument("--seed-start", type=int, default=0)
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
-    parser.add_argument("--prefix", default=None, help="session name prefix (default bench-chain-<params>)")
-    parser.add_argument("--report", default=None, help="print the tables of an earlier run's JSON; run nothing")
-    parser.add_argument("--out", default=None, help="JSON output (default outputs/bench/chain-<params>.json)")
+    parser = build_parser("chain")
     args = parser.parse_args(argv)
     name = Path(args.params).stem
     out = paths.bench_output(f"chain-{name}", args.out, stamp=False)

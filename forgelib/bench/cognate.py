@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from ..evaluate import exact_match_accuracy, mean_nll
 from ..models import CognateConfig, CognateForCausalLM
 from ..results import dumps_json
 from ..train import TrainConfig, train
+from .options import build_parser
 
 
 def _tokenizer(seed: int, vocab_size: int = 320):
@@ -181,26 +181,7 @@ def bench_memory(args, tokenizer) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench cognate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="throughput,cycles,memory")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="training steps per throughput round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--train-steps", type=int, default=400, help="training budget of (b) and (c)")
-    parser.add_argument("--max-len", type=int, default=96)
-    parser.add_argument("--cycles-train", type=int, default=4, help="recursion cycles (b) trains with")
-    parser.add_argument("--cycles-steps", type=int, default=3000, help="training steps of (b)")
-    parser.add_argument("--cycles-act", default="on,off", help="(b) with ACT halting on, off, or both")
-    parser.add_argument("--cycles-max-level", type=int, default=3, help="task levels 1..N of (b)")
-    parser.add_argument("--eval-samples", type=int, default=120)
-    parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("cognate")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]

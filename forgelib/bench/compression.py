@@ -26,25 +26,8 @@ import torch
 
 from .. import paths
 from ..results import dumps_json
+from .options import COMPRESSION_METHODS as METHODS, build_parser
 
-METHODS = {
-    "rtn8": {"codec": "rtn", "bits": 8, "group": 64},
-    "rtn4": {"codec": "rtn", "bits": 4, "group": 32},
-    "rtn3": {"codec": "rtn", "bits": 3, "group": 64},
-    "rtn2": {"codec": "rtn", "bits": 2, "group": 64},
-    "hqq4": {"codec": "hqq", "bits": 4, "group": 64},
-    "hqq3": {"codec": "hqq", "bits": 3, "group": 64},
-    "hqq2": {"codec": "hqq", "bits": 2, "group": 64},
-    "bfp3.5": {"codec": "bfp", "mantissa_bits": 3, "block": 8},
-    "seedlm3.5": {"codec": "seedlm", "K": 12, "C": 8, "P": 3},
-    "bfp3.0": {"codec": "bfp", "mantissa_bits": 2, "block": 4},
-    "seedlm3.0": {"codec": "seedlm", "K": 12, "C": 8, "P": 2},
-    "vq6r": {"codec": "vq", "v": 4, "codebook_bits": 6, "residual": True},
-    "vq6": {"codec": "vq", "v": 4, "codebook_bits": 6},
-    "vq8": {"codec": "vq", "v": 4, "codebook_bits": 8},
-    "hyper3": {"codec": "hyper", "n": 4, "index_bits": 12},
-    "hyper4": {"codec": "hyper", "n": 2, "index_bits": 8},
-}
 MATCHED = [("seedlm3.5", "bfp3.5"), ("seedlm3.0", "bfp3.0")]
 
 
@@ -115,16 +98,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forge bench compression", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
-    parser.add_argument("--phase3", default=None, help="a Phase 3 folder for the fp model (default: Phase 7's chain)")
-    parser.add_argument("--phase8", default=None, help="a Phase 8 folder to place on the chart (default: newest)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its compression section)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--parts", nargs="+", default=["phase7", "fp"], choices=["phase7", "fp"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("compression")
     return parser
 
 

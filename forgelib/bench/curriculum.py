@@ -18,7 +18,6 @@ questions are the same. Means and 95 % intervals over seeds; JSON under outputs/
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import time
@@ -38,15 +37,7 @@ from ..results import dumps_json
 from . import phase_folder, phase_params
 from ..train import TrainConfig, train
 from .quietstar import interval
-
-TEST_PER_LEVEL = 32
-"""Test questions per family and level of each arm's final scores (the phase's own test counts follow its gate)."""
-
-ARMS = ("curriculum", "uniform", "easy_to_hard")
-
-
-
-
+from .options import CURRICULUM_TEST_PER_LEVEL as TEST_PER_LEVEL, build_parser
 
 
 def _load(folder: Path, params: Params):
@@ -130,21 +121,7 @@ def steps_to(probes: list[dict], target: float):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench curriculum", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase4", default=None, help="a Phase 4 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its curriculum section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--steps-per-round", type=int, default=None)
-    parser.add_argument("--test-per-level", type=int, default=TEST_PER_LEVEL,
-                        help="test questions per family and level of each arm's final scores")
-    parser.add_argument("--probe-level", type=int, default=2)
-    parser.add_argument("--probe", type=int, default=16, help="test questions per family for each probe")
-    parser.add_argument("--target", type=float, default=0.5, help="mean probe accuracy that counts as reached")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("curriculum")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = phase_params("curriculum", args.params)

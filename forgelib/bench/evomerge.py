@@ -22,7 +22,6 @@ merge's wins (by the Phase 2 gate's rule) and median accuracy gains over each co
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -37,8 +36,8 @@ from ..merge import MergeRecipe, merge_models
 from ..merge.models import uniform_recipe
 from ..phases.evomerge import Params, make_scorer, ranks_at_least, runtime_settings, search
 from ..results import dumps_json
+from .options import EVOMERGE_WEIGHT_GRID as DEFAULT_WEIGHT_GRID, build_parser
 
-DEFAULT_WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 TEST_PER_FAMILY = 24
 """Test-split questions per family of the benchmark's test scorer (Phase 2 itself now tests on the guard's)."""
 
@@ -168,17 +167,7 @@ def summarize(per_seed: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench evomerge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase1", default=None, help="a Phase 1 output folder (default: run the smoke set)")
-    parser.add_argument("--rerun-phase1", action="store_true",
-                        help="rerun Phase 1 (smoke set, run seed = seed) for every seed")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=40)
-    parser.add_argument("--weight-grid", type=float, nargs="+", default=DEFAULT_WEIGHT_GRID,
-                        help="single-weight task arithmetic: the weights tried on the fitness split")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("evomerge")
     args = parser.parse_args(argv)
     out = paths.bench_output("evomerge", args.out)  # before a fresh Phase 1 points FORGE_OUTPUTS at a temporary folder
     if args.rerun_phase1 and args.phase1:

@@ -18,7 +18,6 @@ are the same. Means and 95 % intervals over seeds; JSON under outputs/bench/.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -30,8 +29,7 @@ from .. import paths
 from ..results import dumps_json
 from . import phase_folder, phase_model, phase_params
 from .quietstar import interval
-
-ARMS = ("svf", "lora_matched", "lora_r16")
+from .options import build_parser
 
 
 def lora_cost(model, targets, rank: int) -> int:
@@ -147,15 +145,7 @@ def summarize(test, base_correct, per_seed, arms, params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench experts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase7", default=None, help="a Phase 7 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its experts section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per expert (default: the file's)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("experts")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ..data.tasks import generate_levels

@@ -16,7 +16,6 @@ Optimizers (``--optimizers``; a name may carry overrides: ``mugrokfast[grokfast_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -32,21 +31,13 @@ from torch import nn
 from .. import paths
 from ..optim import MuonGrokfast, grokfast_ema, preset_config
 from ..results import dumps_json
+from .options import GROKKING_OPTIMIZERS as OPTIMIZERS, build_parser
 
 PRIME = 97
 TARGETS = (0.95, 0.99)
 
-# name -> (kind, settings). kind "torch:<Class>" builds torch.optim.<Class>; "muongrokfast" builds
-# MuonGrokfast from the Phase-1 preset with the settings as overrides. "grokfast_*" keys on a torch kind
-# add the Grokfast-EMA filter to the gradients before the step (the paper's way of using it).
-OPTIMIZERS: dict[str, tuple[str, dict]] = {
-    "paper-adam": ("torch:Adam", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 0.0}),
-    "paper-grokfast": ("torch:Adam", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 0.005,
-                                      "grokfast_alpha": 0.98, "grokfast_lambda": 2.0}),
-    "adamw": ("torch:AdamW", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0}),
-    "muon": ("muongrokfast", {"grokfast_lambda": 0.0}),
-    "mugrokfast": ("muongrokfast", {}),
-}
+# OPTIMIZERS (forgelib.bench.options): name -> (kind, settings). kind "torch:<Class>" builds torch.optim.<Class>;
+# "muongrokfast" builds MuonGrokfast from the Phase-1 preset with the settings as overrides.
 
 
 # --- data and model ----------------------------------------------------------------------------------
@@ -383,18 +374,7 @@ def write_result(result: dict, out: str | None, stem: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``forge bench grokking [--optimizers ...] [--seeds 3] [--max-steps 3000] ...``."""
-    ap = argparse.ArgumentParser(prog="forge bench grokking", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--optimizers", default="paper-grokfast,adamw,muon,mugrokfast",
-                    help=f"comma-separated, from {sorted(OPTIMIZERS)}; name[key=value,...] adds overrides")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--stop-at", type=float, default=0.99, help="stop a run at this accuracy (<=0: never)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reference", default="mugrokfast", help="optimizer whose speedups are reported")
-    ap.add_argument("--out", default=None, help="JSON path (default outputs/bench/grokking-<time>.json)")
-    ap.add_argument("--quiet", action="store_true")
+    ap = build_parser("grokking")
     args = ap.parse_args(argv)
     specs = split_specs(args.optimizers)
     result = run_benchmark(specs, args.seeds, args.max_steps, args.eval_every,

@@ -17,7 +17,6 @@ written under outputs/bench/) with every curve and the median final accuracy per
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -32,8 +31,7 @@ from ..params import load_section
 from ..phases import cognate as phase1
 from ..results import dumps_json
 from ..train import train
-
-CONTENDERS = ("cognate", "llama", "cognate-t2")
+from .options import LEARN_CONTENDERS as CONTENDERS, build_parser
 
 
 def make_model(name: str, params: phase1.Params, tokenizer, seed: int):
@@ -104,17 +102,7 @@ def mean_at(curve: list[dict], seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench learn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter set whose Phase-1 recipe is used")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--seed-start", type=int, default=0, help="first seed (to split seeds over processes)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="training wall-clock per run")
-    parser.add_argument("--points", type=int, default=6, help="evaluations along each curve")
-    parser.add_argument("--eval-per-family", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("learn")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]

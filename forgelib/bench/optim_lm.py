@@ -13,7 +13,6 @@ roughly 5*n / (tokens per step), and small batches of short rows make any Muon s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -24,6 +23,7 @@ from ..data.tasks import build_mix, format_sample
 from ..data.tokenizer import encode_samples, lm_batches, train_tokenizer
 from ..optim import create_optimizer_from_phase, preset_config
 from .grokking import write_result
+from .options import build_parser
 
 FAMILIES = ("arith", "multistep", "modular", "sequence", "logic", "algebra")
 
@@ -128,21 +128,7 @@ def train_lockstep(names: tuple[str, ...], data: dict, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``forge bench optim-lm [--tokens N] [--hidden 128] [--layers 4] ...``; prints JSON."""
-    ap = argparse.ArgumentParser(prog="forge bench optim-lm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=1_000_000, help="training-token budget per optimizer")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--max-len", type=int, default=96)
-    ap.add_argument("--max-level", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--train-samples", type=int, default=20000)
-    ap.add_argument("--val-samples", type=int, default=400)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON path (default outputs/bench/optim-lm-<time>.json)")
+    ap = build_parser("optim-lm")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = build_data(args)

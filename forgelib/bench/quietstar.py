@@ -25,7 +25,6 @@ per-seed differences of Quiet-STaR minus each other arm. JSON under outputs/benc
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -41,8 +40,8 @@ from ..phases.quietstar import Params, score, test_samples, train_arm, training_
 from ..results import dumps_json
 from . import phase_folder, phase_params
 from ..train import train
+from .options import QUIETSTAR_ARMS as ARMS, build_parser
 
-ARMS = ("plain", "quietstar", "pause", "random")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
@@ -159,19 +158,8 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forge bench quietstar", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase2", default=None, help="a Phase 2 output folder (default: the newest completed)")
-    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file (its quietstar section)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="Quiet-STaR steps (default: the parameter file's)")
-    parser.add_argument("--test-per-family", type=int, default=None)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser = build_parser("quietstar")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer

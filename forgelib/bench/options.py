@@ -1,0 +1,312 @@
+"""Every benchmark's command line, in one light module: ``forge bench --help`` lists the benchmarks with what each
+measures, and ``forge bench NAME --help`` prints NAME's options without importing torch or the benchmark itself.
+
+A benchmark's ``main(argv)`` parses with ``build_parser(NAME)``; its description is its module docstring as plain
+text (``forgelib.helptext.plain_text``, read from the source file, not imported). The choices the parsers offer
+(arms, methods, optimizers, contenders) live here and the benchmark modules import them.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+from ..helptext import HelpFormatter, plain_text, width
+
+SUMMARIES = {
+    "baking": "Prompt Baking (KL) vs supervised fine-tuning on the same trajectories, half-baking and a plain "
+              "LoRA merge: held-out gap closed, accuracy, prompt adherence, drift",
+    "bitnet": "ternary weights by QAT with and without distillation vs post-training ternarization: accuracy "
+              "retention, perplexity ratio, bytes per format, packed tokens/s",
+    "chain": "the whole pipeline over several seeds and thread counts: every gate's slack, per-family accuracy, "
+             "the chain gate (do the verdicts hold on another machine?)",
+    "cognate": "the Phase-1 model: training tokens/s vs Llama, accuracy vs test-time recursion cycles (ACT on "
+               "and off), memory recall beyond the attention window",
+    "compression": "every compression codec and baseline alone on two models: bits per weight of the whole "
+                   "file, accuracy and perplexity retention, seconds, peak memory; SeedLM vs BFP at matched bits",
+    "curriculum": "the adaptive curriculum vs uniform levels vs a fixed easy-to-hard schedule at the same steps: "
+                  "steps to a target accuracy, final accuracy per level, calculator use",
+    "evomerge": "Phase 2's evolved merge vs the trunk, single-weight task arithmetic, uniform, TIES and "
+                "DARE-TIES merges: test accuracy, wins, wall time",
+    "experts": "SVF experts vs LoRA experts (matched parameters, and rank 16) per discovered cluster: routed "
+               "and oracle accuracy, routing accuracy, the CEM mixture on an unseen family",
+    "grokking": "steps and seconds to grok a*b mod 97 for Adam, Grokfast, AdamW, Muon and MuGrokfast",
+    "learn": "learning curves: accuracy against wall-clock and tokens for Cognate, a Llama of the same shape "
+             "and Cognate with two cycles",
+    "optim-lm": "MuGrokfast (Phase-1 preset) vs AdamW on the task suite: validation loss at a fixed token "
+                "budget, optimizer and training step time",
+    "quietstar": "Quiet-STaR vs plain continued training, pause tokens and random-token thoughts at equal "
+                 "training compute: test accuracy and answer NLL",
+}
+"""One line per benchmark: what it measures (``forge bench --help``)."""
+
+BAKING_ARMS = ("kl", "sft", "half", "plain_lora")
+CURRICULUM_ARMS = ("curriculum", "uniform", "easy_to_hard")
+EXPERTS_ARMS = ("svf", "lora_matched", "lora_r16")
+QUIETSTAR_ARMS = ("plain", "quietstar", "pause", "random")
+LEARN_CONTENDERS = ("cognate", "llama", "cognate-t2")
+EVOMERGE_WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
+CURRICULUM_TEST_PER_LEVEL = 32
+"""Test questions per family and level of each arm's final scores (the phase's own test counts follow its gate)."""
+
+COMPRESSION_METHODS = {
+    "rtn8": {"codec": "rtn", "bits": 8, "group": 64},
+    "rtn4": {"codec": "rtn", "bits": 4, "group": 32},
+    "rtn3": {"codec": "rtn", "bits": 3, "group": 64},
+    "rtn2": {"codec": "rtn", "bits": 2, "group": 64},
+    "hqq4": {"codec": "hqq", "bits": 4, "group": 64},
+    "hqq3": {"codec": "hqq", "bits": 3, "group": 64},
+    "hqq2": {"codec": "hqq", "bits": 2, "group": 64},
+    "bfp3.5": {"codec": "bfp", "mantissa_bits": 3, "block": 8},
+    "seedlm3.5": {"codec": "seedlm", "K": 12, "C": 8, "P": 3},
+    "bfp3.0": {"codec": "bfp", "mantissa_bits": 2, "block": 4},
+    "seedlm3.0": {"codec": "seedlm", "K": 12, "C": 8, "P": 2},
+    "vq6r": {"codec": "vq", "v": 4, "codebook_bits": 6, "residual": True},
+    "vq6": {"codec": "vq", "v": 4, "codebook_bits": 6},
+    "vq8": {"codec": "vq", "v": 4, "codebook_bits": 8},
+    "hyper3": {"codec": "hyper", "n": 4, "index_bits": 12},
+    "hyper4": {"codec": "hyper", "n": 2, "index_bits": 8},
+}
+"""``forge bench compression``'s methods: codec and settings, each applied alone."""
+
+# MuonGrokfast from the Phase-1 preset with the settings as overrides. "grokfast_*" keys on a torch kind
+# add the Grokfast-EMA filter to the gradients before the step (the paper's way of using it).
+GROKKING_OPTIMIZERS: dict[str, tuple[str, dict]] = {
+    "paper-adam": ("torch:Adam", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 0.0}),
+    "paper-grokfast": ("torch:Adam", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 0.005,
+                                      "grokfast_alpha": 0.98, "grokfast_lambda": 2.0}),
+    "adamw": ("torch:AdamW", {"lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0}),
+    "muon": ("muongrokfast", {"grokfast_lambda": 0.0}),
+    "mugrokfast": ("muongrokfast", {}),
+}
+
+THREADS_HELP = "torch threads, set explicitly so that runs on a shared machine compare"
+PARAMS_HELP = "parameter file whose {} section the benchmark uses"
+
+
+def _out_help(name: str) -> str:
+    return f"JSON output file, relative to the repository root (default: outputs/bench/{name}-TIME.json)"
+
+
+def _common(parser: argparse.ArgumentParser, name: str, seeds: tuple[int, str] | None = None) -> None:
+    """--seeds (when the benchmark has them), --threads and --out, as every benchmark words them."""
+    if seeds:
+        parser.add_argument("--seeds", type=int, default=seeds[0], help=f"number of seeds 0..N-1; {seeds[1]}")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--out", default=None, help=_out_help(name))
+
+
+def _phase_folder(parser: argparse.ArgumentParser, number: int, role: str = "start model") -> None:
+    parser.add_argument(f"--phase{number}", default=None, metavar="FOLDER",
+                        help=f"a Phase {number} output folder, the {role} (default: the newest completed one)")
+
+
+def _grokking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--optimizers", default="paper-grokfast,adamw,muon,mugrokfast",
+                        help=f"comma-separated, from {', '.join(sorted(GROKKING_OPTIMIZERS))}; "
+                             "name[key=value,...] adds overrides")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per optimizer (a seed fixes the split, initial weights and batches)")
+    parser.add_argument("--max-steps", type=int, default=3000,
+                        help="step cap per run; a run that does not reach --stop-at is reported censored")
+    parser.add_argument("--eval-every", type=int, default=20, help="steps between validation accuracy checks")
+    parser.add_argument("--stop-at", type=float, default=0.99, help="stop a run at this validation accuracy "
+                                                                     "(0 or below: never)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu or cuda")
+    parser.add_argument("--reference", default="mugrokfast", help="optimizer whose speedups over the others "
+                                                                   "are reported")
+    parser.add_argument("--out", default=None, help=_out_help("grokking"))
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines while training")
+
+
+def _optim_lm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training-token budget per optimizer")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of both optimizers")
+    parser.add_argument("--hidden", type=int, default=128, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--vocab", type=int, default=512, help="tokenizer vocabulary size")
+    parser.add_argument("--max-len", type=int, default=96, help="longest sample in tokens (longer ones dropped)")
+    parser.add_argument("--max-level", type=int, default=3, help="task levels 1 to N")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per training step")
+    parser.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    parser.add_argument("--train-samples", type=int, default=20000, help="training samples generated")
+    parser.add_argument("--val-samples", type=int, default=400, help="held-out validation samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
+    _common(parser, "optim-lm")
+
+
+def _cognate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", default="throughput,cycles,memory",
+                        help="comma-separated measurements to run: throughput (a), cycles (b), memory (c)")
+    parser.add_argument("--hidden", type=int, default=128, help="model width of (a) and (c)")
+    parser.add_argument("--layers", type=int, default=2, help="layers of (a) and (c)")
+    parser.add_argument("--batch", type=int, default=16, help="rows per training step of (a)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per row of (a)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per throughput round of (a)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of (a): Llama, then Cognate")
+    parser.add_argument("--train-steps", type=int, default=400, help="training budget of (c)")
+    parser.add_argument("--max-len", type=int, default=96, help="longest training sample of (b) and (c), tokens")
+    parser.add_argument("--cycles-train", type=int, default=4, help="recursion cycles (b) trains with")
+    parser.add_argument("--cycles-steps", type=int, default=3000, help="training steps of (b)")
+    parser.add_argument("--cycles-act", default="on,off", help="(b) with ACT halting on, off, or both")
+    parser.add_argument("--cycles-max-level", type=int, default=3, help="task levels 1 to N of (b)")
+    parser.add_argument("--eval-samples", type=int, default=120, help="test samples of (b) and (c)")
+    parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
+    _common(parser, "cognate")
+
+
+def _evomerge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--phase1", default=None, metavar="FOLDER",
+                        help="a Phase 1 output folder whose models are merged (default: run the smoke set once)")
+    parser.add_argument("--rerun-phase1", action="store_true",
+                        help="rerun Phase 1 (smoke set, run seed = seed) for every seed")
+    parser.add_argument("--budget", type=int, default=40,
+                        help="fitness evaluations of the evolved search and of DARE-TIES' masks")
+    parser.add_argument("--weight-grid", type=float, nargs="+", default=EVOMERGE_WEIGHT_GRID, metavar="W",
+                        help="single-weight task arithmetic: the weights tried on the fitness split "
+                             "(default: 0 to 1 in steps of 0.1)")
+    _common(parser, "evomerge", (3, "they vary only the search (CMA-ES seed, DARE masks)"))
+
+
+def _learn(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("cognate (Phase 1)"))
+    parser.add_argument("--contenders", default=",".join(LEARN_CONTENDERS),
+                        help=f"comma-separated, from {', '.join(LEARN_CONTENDERS)}")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (to split seeds over processes)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training wall-clock per run")
+    parser.add_argument("--points", type=int, default=6, help="evaluations along each curve")
+    parser.add_argument("--eval-per-family", type=int, default=None,
+                        help="test questions per family at each evaluation (default: the parameter file's)")
+    _common(parser, "learn", (3, "each a new initialisation and data stream"))
+
+
+def _quietstar(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 2)
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("quietstar"))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Quiet-STaR steps; the other arms get equal compute (default: the parameter file's)")
+    parser.add_argument("--test-per-family", type=int, default=None,
+                        help="test questions per family (default: the parameter file's)")
+    parser.add_argument("--arms", nargs="+", default=list(QUIETSTAR_ARMS), choices=QUIETSTAR_ARMS,
+                        help="arms to train and score")
+    _common(parser, "quietstar", (3, "they vary the training seed only"))
+
+
+def _bitnet(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 3)
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("bitnet"))
+    parser.add_argument("--steps", type=int, default=None, help="QAT steps (default: the parameter file's)")
+    parser.add_argument("--test-per-family", type=int, default=None,
+                        help="test questions per family (default: the parameter file's)")
+    parser.add_argument("--speed-repeats", type=int, default=7,
+                        help="interleaved rounds of the packed vs full-precision speed test (median reported)")
+    _common(parser, "bitnet", (3, "they vary the QAT training seed only"))
+
+
+def _curriculum(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 4)
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("curriculum"))
+    parser.add_argument("--rounds", type=int, default=None, help="training rounds (default: the parameter file's)")
+    parser.add_argument("--steps-per-round", type=int, default=None,
+                        help="training steps per round (default: the parameter file's)")
+    parser.add_argument("--test-per-level", type=int, default=CURRICULUM_TEST_PER_LEVEL,
+                        help="test questions per family and level of each arm's final scores")
+    parser.add_argument("--probe-level", type=int, default=2, help="the level every arm is probed at after "
+                                                                    "each round")
+    parser.add_argument("--probe", type=int, default=16, help="test questions per family for each probe")
+    parser.add_argument("--target", type=float, default=0.5, help="mean probe accuracy that counts as reached")
+    parser.add_argument("--arms", nargs="+", default=list(CURRICULUM_ARMS), choices=CURRICULUM_ARMS,
+                        help="arms to train and score")
+    _common(parser, "curriculum", (3, "they vary the training seed only"))
+
+
+def _baking(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 6, "start model (its taught model)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("baking"))
+    parser.add_argument("--steps", type=int, default=None, help="bake steps (default: the parameter file's)")
+    parser.add_argument("--lr", type=float, default=None, help="bake learning rate (default: the parameter file's)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="trajectory sampling temperature (default: the parameter file's)")
+    parser.add_argument("--arms", nargs="+", default=list(BAKING_ARMS), choices=BAKING_ARMS,
+                        help="arms to bake and score")
+    _common(parser, "baking", (3, "they vary the bake only"))
+
+
+def _experts(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 7, "start (the model it handed on)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("experts"))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per expert (default: the parameter file's)")
+    parser.add_argument("--arms", nargs="+", default=list(EXPERTS_ARMS), choices=EXPERTS_ARMS,
+                        help="arms to train and score")
+    _common(parser, "experts", (3, "they vary the expert training only"))
+
+
+def _compression(parser: argparse.ArgumentParser) -> None:
+    _phase_folder(parser, 7, "compressed system")
+    parser.add_argument("--phase3", default=None, metavar="FOLDER",
+                        help="a Phase 3 folder for the full-precision model (default: the one in Phase 7's chain)")
+    parser.add_argument("--phase8", default=None, metavar="FOLDER",
+                        help="a Phase 8 folder whose artifact is placed on the chart (default: the newest)")
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("compression"))
+    parser.add_argument("--methods", nargs="+", default=list(COMPRESSION_METHODS), choices=list(COMPRESSION_METHODS),
+                        metavar="METHOD", help=f"methods to run, each alone, from {', '.join(COMPRESSION_METHODS)}")
+    parser.add_argument("--parts", nargs="+", default=["phase7", "fp"], choices=["phase7", "fp"],
+                        help="phase7: the Phase-7 system; fp: the full-precision Phase-3 model")
+    _common(parser, "compression")
+
+
+def _chain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file every chain runs")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (run.seed), from --seed-start on")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts; every seed runs "
+                                                         "once per count")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter override passed to every run (repeatable)")
+    parser.add_argument("--prefix", default=None, help="session name prefix (default: bench-chain-PARAMS-TIME)")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="print the tables of an earlier run's JSON; run nothing")
+    parser.add_argument("--out", default=None, help="JSON output file (default: outputs/bench/chain-PARAMS.json)")
+
+
+ADD_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "baking": _baking, "bitnet": _bitnet, "chain": _chain, "cognate": _cognate, "compression": _compression,
+    "curriculum": _curriculum, "evomerge": _evomerge, "experts": _experts, "grokking": _grokking, "learn": _learn,
+    "optim-lm": _optim_lm, "quietstar": _quietstar}
+
+
+def module_name(name: str) -> str:
+    """The module of benchmark ``name`` (``optim-lm`` → ``forgelib.bench.optim_lm``)."""
+    return f"{__package__}.{name.replace('-', '_')}"
+
+
+def description(name: str) -> str:
+    """Benchmark ``name``'s module docstring as plain text, read from its source file (nothing imported)."""
+    source = Path(__file__).with_name(f"{name.replace('-', '_')}.py").read_text(encoding="utf-8")
+    return plain_text(ast.get_docstring(ast.parse(source), clean=True))
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``forge bench NAME``: plain-text description, every option with its help and default."""
+    parser = argparse.ArgumentParser(prog=f"forge bench {name}", description=description(name),
+                                     formatter_class=HelpFormatter)
+    ADD_OPTIONS[name](parser)
+    return parser
+
+
+def overview() -> str:
+    """``forge bench --help``: every benchmark with one line saying what it measures."""
+    pad = max(map(len, SUMMARIES)) + 2
+    lines = ["usage: forge bench NAME [OPTIONS...]", "",
+             "Run one benchmark: it prints its results and writes them as JSON under outputs/bench/",
+             "(under $FORGE_OUTPUTS/bench/ when that is set).", "", "benchmarks:"]
+    for name, summary in sorted(SUMMARIES.items()):
+        lines.append(textwrap.fill(summary, width(), initial_indent=f"  {name:<{pad}}",
+                                   subsequent_indent=" " * (pad + 2), break_on_hyphens=False))
+    lines += ["", "forge bench NAME --help lists a benchmark's own options."]
+    return "\n".join(lines)
