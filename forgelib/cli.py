@@ -298,9 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a registry or file-system problem is one line on stderr and exit status 1."""
+    """Run one command; a registry or file-system problem is one line on stderr and exit status 1 (a damaged registry
+    file, refused before anything is written to it: 2)."""
     from .paths import WRITE_ERRNOS, describe_write_error
-    from .registry import RegistryError
+    from .registry import CorruptRegistryError, RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # The tokenizers' own thread pool keeps a second core busy (seen: a 1-thread Phase-4 run at 2 x 100 % CPU, and
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                "merge": cmd_merge}[args.command]
     try:
         return command(args)
+    except CorruptRegistryError as exc:  # refused before anything was written to it
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
     except RegistryError as exc:
         print(f"forge: {exc}", file=sys.stderr)
     except OSError as exc:

@@ -1,0 +1,137 @@
+"""Sessions, the registry, clean and resume against a hostile user: a damaged result.json of a completed phase, a
+registry row naming another session's folder, a full disk while a model is saved, a damaged registry file.
+
+Real registries and the pipeline's own tiny test phases (tests/pipeline_phases) run in this process; each refusal is
+checked to come before the dangerous work (nothing recomputed, moved, deleted or written).
+"""
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from forgelib.cli import main
+from forgelib.pipeline import run_pipeline
+from forgelib.registry import ModelRegistry
+from helpers import pipeline_outputs  # noqa: F401  (fixture)
+from pipeline_phases import ALL
+
+PARAMS = "tests/params/pipeline.yaml"
+
+
+@pytest.fixture
+def outputs(pipeline_outputs, monkeypatch):
+    """Fresh outputs; the CLI's pipeline runs the test phases instead of the product's."""
+    monkeypatch.setattr("forgelib.pipeline.PHASES", ALL)
+    return pipeline_outputs
+
+
+@pytest.fixture
+def done(outputs):
+    """Session ``r1``: both test phases completed (in this process, no notebooks)."""
+    outcomes = run_pipeline(PARAMS, session="r1", specs=ALL, log=lambda m: None, notebooks=False)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    return outputs
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` (outside the lock folder): relative path -> (mtime, bytes)."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".locks" not in p.parts and ".cache" not in p.parts}
+
+
+def _rows(outputs: Path, session: str):
+    with ModelRegistry(outputs / "registry.db") as reg:
+        return (reg.get_session(session), reg.list_models(session_id=session), reg.list_phase_runs(session),
+                reg.list_handoffs(session))
+
+
+def _forge(capsys, *args) -> tuple[int, str]:
+    """``forge ARGS`` through the CLI's main: (exit status, stderr); argparse's exit counts as the status."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _model_folder(folder: Path, session: str) -> None:
+    (folder / "models" / "m").mkdir(parents=True, exist_ok=True)
+    (folder / "models" / "m" / "w.bin").write_bytes(session.encode())
+
+
+def _registered_folder(reg: ModelRegistry, session: str, folder: Path) -> None:
+    _model_folder(folder, session)
+    reg.create_session(session, {})
+    reg.register_model(session_id=session, phase_name="x", model_name="m", model_path=folder / "models" / "m")
+
+
+# ---------------------------------------------------------------- 4. a damaged registry file, bad JSON rows
+def _corrupt_page(db: Path, table: str) -> str:
+    """Overwrite ``table``'s root page with garbage (a damaged sector); returns the file's sha256 afterwards."""
+    conn = sqlite3.connect(db)
+    page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(db.read_bytes())
+    data[(page - 1) * size:page * size] = b"\xa5" * size
+    db.write_bytes(bytes(data))
+    return hashlib.sha256(db.read_bytes()).hexdigest()
+
+
+def _registry_message(db: Path) -> str:
+    return f"forge: registry {db} is damaged ("
+
+
+@pytest.mark.parametrize("command", [("registry", "list"), ("registry", "sessions"), ("clean", "--keep", "0")])
+def test_registry_with_a_corrupt_page_is_named_and_never_written(outputs, capsys, command):
+    with ModelRegistry(outputs / "registry.db") as reg:
+        _registered_folder(reg, "s", outputs / "s" / "01_x")
+    db = outputs / "registry.db"
+    digest = _corrupt_page(db, "models")
+    code, err = _forge(capsys, *command)
+    assert code == 2 and err.startswith(_registry_message(db)), err
+    assert "nothing was written to it: restore it from a backup, or move it aside" in err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest and (outputs / "s" / "01_x").exists()
+
+
+def test_resume_on_a_corrupt_registry_refuses_before_writing(done, capsys):
+    db = done / "registry.db"
+    digest = _corrupt_page(db, "models")
+    files = _tree(done / "r1")
+    code, err = _forge(capsys, "run", "--resume", "r1", "--no-notebooks")
+    assert code == 2 and err.startswith(_registry_message(db)), err
+    assert "handoff" not in err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest, "nothing is written into the damaged file"
+    assert _tree(done / "r1") == files
+
+
+def _set_column(db: Path, sql: str, *args) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute(sql, args)
+    conn.commit()
+    conn.close()
+
+
+def test_bad_json_in_a_session_config_is_named(done, capsys):
+    db = done / "registry.db"
+    _set_column(db, "UPDATE sessions SET config = ? WHERE id = 'r1'", "{not json" + "x" * 5000)
+    for command in (("registry", "sessions"), ("run", "--resume", "r1", "--no-notebooks")):
+        code, err = _forge(capsys, *command)
+        assert code == 2, err
+        assert err.startswith(f"forge: registry {db}: sessions row 'r1': its config column is not valid JSON ("), err
+        assert "repair or delete that row (sqlite3), or move the registry aside" in err and len(err) < 500
+    _set_column(db, "UPDATE sessions SET config = '[1, 2]' WHERE id = 'r1'")
+    code, err = _forge(capsys, "run", "--resume", "r1", "--no-notebooks")
+    assert code == 2 and "sessions row 'r1': its config column holds list, not a JSON object" in err
+
+
+def test_bad_json_in_model_metadata_is_named(done, capsys):
+    db = done / "registry.db"
+    model_id = _rows(done, "r1")[1][-1]["id"]
+    _set_column(db, "UPDATE models SET metadata = '{\"role\": ' WHERE id = ?", model_id)
+    code, err = _forge(capsys, "registry", "list")
+    assert code == 2 and err.startswith(f"forge: registry {db}: models row {model_id} of session 'r1': its metadata "
+                                        "column is not valid JSON ("), err
