@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -73,14 +74,16 @@ class _StoreGiven(argparse.Action):
 
 
 def _at_least_zero(kind: type) -> Callable[[str], Any]:
-    """argparse type: a number of ``kind`` that is >= 0 (the error names the value)."""
+    """argparse type: a finite number of ``kind`` that is >= 0 (the error names the value)."""
     def parse(value: str) -> Any:
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value[:80]!r}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value[:80]}")
         if not number >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value[:80]}")
         return number
     return parse
 

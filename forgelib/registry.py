@@ -23,6 +23,7 @@ that does not exist yet is created on the fly with an empty config and status ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -145,8 +146,9 @@ def _check_policy(keep_sessions: int | None, max_age_days: float | None) -> None
         raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
     if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
         raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
-    if max_age_days is not None and not max_age_days >= 0:
-        raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
+    if max_age_days is not None and (isinstance(max_age_days, bool) or not isinstance(max_age_days, (int, float))
+                                     or not math.isfinite(max_age_days) or max_age_days < 0):
+        raise ValueError(f"max_age_days must be a finite, non-negative number of days, got {short(max_age_days)}")
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
@@ -534,6 +536,12 @@ class ModelRegistry:
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         return self._query(f"SELECT * FROM models{where} ORDER BY id", tuple(params))
 
+    def model_paths(self, exclude_sessions: Iterable[str] = ()) -> list[str]:
+        """The model paths registered by every session but ``exclude_sessions`` (their metadata is not decoded)."""
+        excluded = list(exclude_sessions)
+        sql = f"SELECT DISTINCT model_path FROM models WHERE session_id NOT IN ({','.join('?' * len(excluded))})"
+        return [row["model_path"] for row in self._query(sql, tuple(excluded))]
+
     def latest_model(self, session_id: str, phase_name: str) -> dict | None:
         """The most recently registered model of a session's phase that is not retired, or None."""
         models = [m for m in self.list_models(session_id=session_id, phase_name=phase_name)
@@ -592,14 +600,17 @@ class ModelRegistry:
         if keep_sessions is not None:
             selected.update(row["id"] for row in rows[keep_sessions:])
         if max_age_days is not None:
-            cutoff = _iso(now - timedelta(days=max_age_days))
+            try:
+                cutoff = _iso(now - timedelta(days=max_age_days))
+            except OverflowError:  # further back than any date: no session is that old
+                cutoff = ""
             selected.update(row["id"] for row in rows if row["created_at"] < cutoff)
         return [row["id"] for row in rows if row["id"] in selected]
 
     def _delete_rows(self, conn: sqlite3.Connection, sessions: list[str], dry_run: bool) -> dict:
         """Delete (or, dry, only count) the sessions' rows; returns what went and the model paths."""
         marks = ",".join("?" * len(sessions))
-        models = conn.execute(f"SELECT id, model_path FROM models WHERE session_id IN ({marks})",
+        models = conn.execute(f"SELECT id, session_id, model_path FROM models WHERE session_id IN ({marks})",
                               sessions).fetchall()
         kept_paths = {row[0] for row in conn.execute(
             f"SELECT model_path FROM models WHERE session_id NOT IN ({marks})", sessions)}
@@ -611,28 +622,40 @@ class ModelRegistry:
                 conn.execute(f"DELETE {sql}", sessions)
         if not dry_run:
             conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", sessions)
+        owners: dict[str, set[str]] = {}
+        for row in models:
+            owners.setdefault(row["model_path"], set()).add(row["session_id"])
         return {"models": [row["id"] for row in models], "phase_runs": counts["phase_runs"],
-                "handoffs": counts["handoffs"],
-                "paths": sorted({row["model_path"] for row in models}), "kept_paths": kept_paths}
+                "handoffs": counts["handoffs"], "paths": dict(sorted(owners.items())), "kept_paths": kept_paths}
 
-    def _path_verdict(self, path: str, root: Path, kept_paths: set[str]) -> str | None:
-        """Why ``path`` must not be deleted, or None when it may be."""
+    def _path_verdict(self, path: str, owners: set[str], root: Path, kept_paths: set[str],
+                      kept_holders: set[Path]) -> str | None:
+        """Why ``path`` (registered by the sessions ``owners``, all being deleted) must not be deleted, or None when
+        it may be: only what lies inside the folder of a session being deleted goes."""
         if path in kept_paths:
             return "still registered by a kept session"
         resolved = Path(path).resolve()  # follows links: a link pointing outside the root is outside
         if resolved == root or not resolved.is_relative_to(root):
             return f"outside outputs_root {root}"
+        folders = [(root / session).resolve() for session in sorted(owners)]
+        if not any(folder.parent == root and resolved.is_relative_to(folder) for folder in folders):
+            return cut(f"outside the folder of session {short(min(owners))} ({root / min(owners)})", 200)
         if self.db_path.is_relative_to(resolved):
             return "holds the registry database"
+        if resolved in kept_holders:
+            return "holds a model registered by a kept session"
         if not resolved.exists():
             return "already gone"
         return None
 
-    def _remove_files(self, paths: list[str], root: Path, kept_paths: set[str],
+    def _remove_files(self, paths: dict[str, set[str]], root: Path, kept_paths: set[str],
                       dry_run: bool) -> tuple[list[str], list[dict]]:
         deleted, skipped = [], []
-        for path in paths:
-            reason = self._path_verdict(path, root, kept_paths)
+        # every folder that holds (or is) a kept model, resolved: a set, so each verdict is one look-up
+        kept_holders = {folder for kept in kept_paths if paths for resolved in [Path(kept).resolve()]
+                        for folder in (resolved, *resolved.parents)}
+        for path, owners in paths.items():
+            reason = self._path_verdict(path, owners, root, kept_paths, kept_holders)
             if reason is None and not dry_run:
                 try:
                     target = Path(path)
@@ -653,8 +676,10 @@ class ModelRegistry:
 
         A session is removed when it is not among the ``keep_sessions`` newest (by creation time) or
         was created more than ``max_age_days`` ago (``now`` defaults to the registry's clock). Files
-        are deleted only when they lie strictly inside ``outputs_root`` (default: the registry's),
-        are not registered by a kept session and do not hold the database; anything else is
+        are deleted only when they lie inside the folder of the session being deleted that registered
+        them (``outputs_root/<session>``, resolved: never another session's folder, never outside
+        ``outputs_root``, default: the registry's), hold no model of a kept session and do not hold
+        the database; anything else is
         reported under ``skipped_paths``. With ``dry_run`` nothing changes and the report says what
         would go. Returns ``{'dry_run', 'sessions', 'models', 'phase_runs', 'handoffs',
         'deleted_paths', 'skipped_paths'}``. (``forge clean`` uses :meth:`select_sessions` and
@@ -688,7 +713,7 @@ class ModelRegistry:
         def work(conn: sqlite3.Connection) -> tuple[list[str], dict]:
             sessions = choose(conn)
             if not sessions:
-                return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": [],
+                return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": {},
                                   "kept_paths": set()}
             return sessions, self._delete_rows(conn, sessions, dry_run)
         sessions, rows = self._write(work)

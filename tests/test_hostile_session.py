@@ -6,6 +6,7 @@ checked to come before the dangerous work (nothing recomputed, moved, deleted or
 """
 import hashlib
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,76 @@ def _registered_folder(reg: ModelRegistry, session: str, folder: Path) -> None:
     _model_folder(folder, session)
     reg.create_session(session, {})
     reg.register_model(session_id=session, phase_name="x", model_name="m", model_path=folder / "models" / "m")
+
+
+# ---------------------------------------------------------------- 2. forge clean stays inside its session's folder
+def test_clean_never_deletes_another_sessions_folder(outputs, capsys):
+    long_ago = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    _model_folder(outputs / "new" / "01_x", "new")
+    with ModelRegistry(outputs / "registry.db", clock=lambda: long_ago) as reg:
+        _registered_folder(reg, "old", outputs / "old" / "01_x")
+        for target in (outputs / "new", outputs / "new" / "01_x", outputs / "old" / ".." / "new" / "01_x" / "models"):
+            reg.register_model(session_id="old", phase_name="x", model_name="evil", model_path=target)
+    with ModelRegistry(outputs / "registry.db") as reg:
+        _registered_folder(reg, "new", outputs / "new" / "01_x")
+    code, err = _forge(capsys, "clean", "--max-age-days", "30")
+    assert code == 0, err
+    assert (outputs / "new" / "01_x" / "models" / "m" / "w.bin").read_bytes() == b"new"
+    assert not (outputs / "old").exists(), "the session cleaned goes, with its own model"
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert [s["id"] for s in reg.list_sessions()] == ["new"]
+        report = reg.cleanup(keep_sessions=0, dry_run=True)  # the same rule in the registry's own cleanup
+        assert report["deleted_paths"] == [str(outputs / "new" / "01_x" / "models" / "m")]
+
+
+def test_clean_keeps_a_session_folder_that_holds_a_kept_sessions_model(outputs, capsys):
+    long_ago = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    with ModelRegistry(outputs / "registry.db", clock=lambda: long_ago) as reg:
+        _registered_folder(reg, "old", outputs / "old" / "01_x")
+    with ModelRegistry(outputs / "registry.db") as reg:
+        _registered_folder(reg, "new", outputs / "old" / "02_y")  # registered by "new", inside old's folder
+    code, err = _forge(capsys, "clean", "--max-age-days", "30")
+    assert code == 0, err
+    assert (outputs / "old" / "02_y" / "models" / "m" / "w.bin").read_bytes() == b"new"
+    assert not (outputs / "old" / "01_x" / "models" / "m").exists()
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert [s["id"] for s in reg.list_sessions()] == ["new"]
+
+
+def test_cleanup_reports_why_a_foreign_path_is_kept(tmp_path):
+    root = tmp_path / "outputs"
+    with ModelRegistry(root / "registry.db") as reg:
+        _registered_folder(reg, "a", root / "a" / "01_x")
+        _registered_folder(reg, "b", root / "b" / "01_x")
+        reg.register_model(session_id="a", phase_name="x", model_name="b's", model_path=root / "b")
+        reg.register_model(session_id="a", phase_name="x", model_name="own", model_path=root / "a")
+        report = reg.delete_sessions(["a"])
+    reasons = {item["path"]: item["reason"] for item in report["skipped_paths"]}
+    assert reasons == {str(root / "b"): f"outside the folder of session 'a' ({root / 'a'})",
+                       str(root / "a" / "01_x" / "models" / "m"): "already gone"}  # went with its session's folder
+    assert report["deleted_paths"] == [str(root / "a")]
+    assert (root / "b" / "01_x" / "models" / "m" / "w.bin").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "-inf", "nan"])
+def test_clean_refuses_a_non_finite_age(outputs, capsys, value):
+    with ModelRegistry(outputs / "registry.db") as reg:
+        _registered_folder(reg, "s", outputs / "s" / "01_x")
+    code, err = _forge(capsys, "clean", f"--max-age-days={value}")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"forge clean: error: argument --max-age-days: must be a finite number >= 0, got {value}"), err
+    assert (outputs / "s" / "01_x" / "models" / "m" / "w.bin").exists()
+
+
+def test_registry_cleanup_takes_only_a_finite_age_and_any_finite_one(tmp_path):
+    with ModelRegistry(tmp_path / "registry.db") as reg:
+        reg.create_session("s", {})
+        for bad in (float("inf"), float("nan"), -1.0, "30", True):
+            with pytest.raises(ValueError, match="max_age_days must be a finite, non-negative number of days"):
+                reg.select_sessions(max_age_days=bad)
+        assert reg.select_sessions(max_age_days=1e300) == []  # older than any date: none (no OverflowError)
+        assert reg.select_sessions(max_age_days=0, now=datetime.now(timezone.utc) + timedelta(days=1)) == ["s"]
 
 
 # ---------------------------------------------------------------- 4. a damaged registry file, bad JSON rows
