@@ -5,6 +5,8 @@ Real registries and the pipeline's own tiny test phases (tests/pipeline_phases) 
 checked to come before the dangerous work (nothing recomputed, moved, deleted or written).
 """
 import hashlib
+import json
+import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from forgelib.cli import main
-from forgelib.pipeline import run_pipeline
-from forgelib.registry import ModelRegistry
+from forgelib.phases import open_phase
+from forgelib.phases.base import DamagedResultError, UpstreamError, load_upstream
+from forgelib.pipeline import RefusedError, run_pipeline
+from forgelib.registry import CorruptRegistryError, ModelRegistry
+from forgelib.results import PhaseResult
 from helpers import pipeline_outputs  # noqa: F401  (fixture)
-from pipeline_phases import ALL
+from pipeline_phases import ALL, SPECS
 
 PARAMS = "tests/params/pipeline.yaml"
 
@@ -67,6 +72,74 @@ def _registered_folder(reg: ModelRegistry, session: str, folder: Path) -> None:
     _model_folder(folder, session)
     reg.create_session(session, {})
     reg.register_model(session_id=session, phase_name="x", model_name="m", model_path=folder / "models" / "m")
+
+
+# ---------------------------------------------------------------- 1. a completed phase with a damaged result.json
+def _bad_byte(text: str) -> bytes:
+    return text.encode()[:40] + b"\xff" + text.encode()[41:]
+
+
+def _gate_abc(text: str) -> bytes:
+    data = json.loads(text)
+    data["gate"][0]["value"] = "abc"
+    return json.dumps(data).encode()
+
+
+def _models_entry(text: str) -> bytes:
+    data = json.loads(text)
+    data["models"]["model"] = "outputs/elsewhere"
+    return json.dumps(data).encode()
+
+
+DAMAGES = {"bad byte": (_bad_byte, "not a valid phase result"),
+           "gate value 'abc'": (_gate_abc, ": could not convert string to float: 'abc'"),
+           "models entry": (_models_entry, "models['model'] must be an object with a 'path'"),
+           "missing": (None, "the file is missing")}
+
+
+@pytest.mark.parametrize("phase", ["01_alpha", "02_beta"])
+def test_resume_refuses_a_completed_phase_whose_result_is_damaged(done, capsys, phase):
+    result_file = done / "r1" / phase / "result.json"
+    good = result_file.read_text()
+    before, rows = _tree(done / "r1"), _rows(done, "r1")
+    for name, (damage, reason) in DAMAGES.items():
+        if damage is None:
+            result_file.unlink()
+        else:
+            result_file.write_bytes(damage(good))
+        damaged = _tree(done / "r1")
+        code, err = _forge(capsys, "run", "--resume", "r1", "--no-notebooks")
+        assert code == 2, (name, err)
+        assert err.startswith(f"forge: phase {phase} of session r1 completed (registry phase run "), (name, err)
+        assert f"its result {result_file} cannot be used: " in err and reason in err, (name, err)
+        assert "neither recomputed nor moved aside: restore that file" in err
+        assert _tree(done / "r1") == damaged and _rows(done, "r1") == rows, f"{name}: nothing is written"
+        with pytest.raises(RefusedError, match=f"phase {phase} of session r1 completed"):  # the Python API too
+            run_pipeline(session="r1", resume=True, specs=ALL, log=lambda m: None, notebooks=False)
+        with pytest.raises(DamagedResultError, match=f"{phase} of session r1 completed"):  # and a standalone phase
+            open_phase(SPECS[phase.split("_")[1]], PARAMS, session="r1", all_specs=ALL)
+        if phase == "01_alpha":  # nor is it taken as the upstream of a rerun
+            code, err = _forge(capsys, "run", "--from", "r1:2", "--no-notebooks")
+            assert code == 2 and err.startswith("forge: --from r1:2: phase 01_alpha of session r1 completed"), err
+        assert not list((done / "r1").glob("*.incomplete-*")) and _tree(done / "r1") == damaged
+        result_file.write_text(good)
+    assert _tree(done / "r1").keys() == before.keys()
+    code, _ = _forge(capsys, "run", "--resume", "r1", "--no-notebooks")
+    assert code == 0, "restored, the session resumes (both phases kept)"
+
+
+def test_malformed_models_entries_are_named_not_an_attribute_error(done):
+    folder = done / "r1" / "01_alpha"
+    good = json.loads((folder / "result.json").read_text())
+    for models, where in (({"model": "x" * 5000}, "models['model']"), ({"model": {"path": 7}}, "models['model']"),
+                          ({"model": {"path": "p", "registry_id": "1"}}, "models['model']"), ([], "'models'")):
+        (folder / "result.json").write_text(json.dumps(dict(good, models=models)))
+        start = re.escape(f"{folder / 'result.json'}: not a valid phase result (")
+        with pytest.raises(ValueError, match=start) as info:
+            PhaseResult.load(folder)
+        assert f"{where} must be" in str(info.value) and len(str(info.value)) < 500
+        with pytest.raises(UpstreamError, match="not a valid phase result"):
+            load_upstream(folder)
 
 
 # ---------------------------------------------------------------- 2. forge clean stays inside its session's folder
@@ -206,3 +279,20 @@ def test_bad_json_in_model_metadata_is_named(done, capsys):
     code, err = _forge(capsys, "registry", "list")
     assert code == 2 and err.startswith(f"forge: registry {db}: models row {model_id} of session 'r1': its metadata "
                                         "column is not valid JSON ("), err
+
+
+# ---------------------------------------------------------------- 5. a resume reads the session's rows first
+def test_bad_json_in_model_metadata_is_named_before_a_resume_writes(done, capsys):
+    db = done / "registry.db"
+    model_id = _rows(done, "r1")[1][-1]["id"]
+    _set_column(db, "UPDATE models SET metadata = '{\"role\": ' WHERE id = ?", model_id)
+    rows_before = sqlite3.connect(db).execute("SELECT * FROM sessions, handoffs, phase_runs").fetchall()
+    files = _tree(done / "r1")
+    code, err = _forge(capsys, "run", "--resume", "r1", "--no-notebooks")
+    assert code == 2 and err.startswith(f"forge: registry {db}: models row {model_id} of session 'r1': its metadata "
+                                        "column is not valid JSON ("), err
+    assert "handoff" not in err
+    assert sqlite3.connect(db).execute("SELECT * FROM sessions, handoffs, phase_runs").fetchall() == rows_before
+    assert _tree(done / "r1") == files
+    with pytest.raises(CorruptRegistryError, match=f"models row {model_id} of session 'r1'"):
+        run_pipeline(session="r1", resume=True, specs=ALL, log=lambda m: None, notebooks=False)

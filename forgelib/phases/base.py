@@ -25,8 +25,8 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import RunParams, load_section, load_yaml_file, to_dict
-from ..results import PhaseResult, write_json_atomic
+from ..params import RunParams, cut, load_section, load_yaml_file, short, to_dict
+from ..results import RESULT_FILE, PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 from .specs import PHASES, PhaseSpec, get_spec
 
@@ -45,6 +45,11 @@ class UpstreamError(PhaseError):
 
 class OutputNotWritableError(PhaseError):
     """The output folder cannot be created or written."""
+
+
+class DamagedResultError(PhaseError):
+    """The registry records the phase as completed in the session, but its result.json is missing, unreadable or no
+    longer says so: what completed is never recomputed nor moved aside."""
 
 
 def new_session_id() -> str:
@@ -68,6 +73,29 @@ def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
     except (FileNotFoundError, ValueError):
         return None
     return result if result.ok and result.gate_passed else None
+
+
+def checked_completed_result(session: str, spec: PhaseSpec, registry: Any) -> PhaseResult | None:
+    """``completed_result``, but when that is None while ``registry`` records a completed run of the phase in the
+    session, DamagedResultError naming the result.json: the phase completed, and its record must be restored, never
+    recomputed or moved aside."""
+    result_file = phase_dir(session, spec) / RESULT_FILE
+    try:
+        result = PhaseResult.load(result_file)
+        if result.ok and result.gate_passed:
+            return result
+        problem = f"it says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed")
+    except FileNotFoundError:
+        problem = "the file is missing"
+    except ValueError as exc:  # the message names the file and the field
+        problem = str(exc).replace(f"{result_file}: ", "")
+    runs = [run["id"] for run in registry.list_phase_runs(session, spec.name) if run["status"] == "completed"]
+    if not runs:
+        return None
+    raise DamagedResultError(
+        f"phase {spec.dirname} of session {session} completed (registry phase run {runs[-1]}) but its result "
+        f"{paths.relative(result_file)} cannot be used: {cut(problem, 200)}; it is neither recomputed nor moved "
+        f"aside: restore that file from a backup, or start a new session")
 
 
 @dataclasses.dataclass
@@ -452,9 +480,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     guard_params = load_guard_params(params_file, overrides, all_specs)
     upstream_result, how = _find_upstream(spec, upstream, all_specs, session)
     follower = is_follower()
-    if not follower and completed_result(session, spec) is not None:
-        raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
-                         "it is never overwritten (start a new session)")
+    if not follower:
+        _refuse_completed(session, spec)
     session_lock = None if follower else _lock(session)
     folder = phase_dir(session, spec) / f".rank-{process_index()}" if follower else phase_dir(session, spec)
     try:  # a failure here frees the session again
@@ -488,6 +515,19 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
                        upstream_how=how, guard_params=guard_params)
     result.suite = {f: list(v) for f, v in ctx.input_suite.items()}  # a phase that teaches more widens it
     return ctx
+
+
+def _refuse_completed(session: str, spec: PhaseSpec) -> None:
+    """PhaseError when the phase already completed in the session (it is never overwritten), DamagedResultError
+    when the registry says it completed but its result.json cannot be read; raised before anything is written."""
+    if completed_result(session, spec) is not None:
+        raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
+                         "it is never overwritten (start a new session)")
+    if paths.registry_path().is_file():
+        from ..registry import ModelRegistry
+
+        with ModelRegistry(paths.registry_path()) as registry:
+            checked_completed_result(session, spec, registry)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
