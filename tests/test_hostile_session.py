@@ -4,6 +4,7 @@ registry row naming another session's folder, a full disk while a model is saved
 Real registries and the pipeline's own tiny test phases (tests/pipeline_phases) run in this process; each refusal is
 checked to come before the dangerous work (nothing recomputed, moved, deleted or written).
 """
+import errno
 import hashlib
 import json
 import re
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from forgelib.cli import main
-from forgelib.phases import open_phase
-from forgelib.phases.base import DamagedResultError, UpstreamError, load_upstream
+from forgelib.phases import OutputNotWritableError, open_phase, run_phase
+from forgelib.phases.base import DamagedResultError, UpstreamError, as_phase_error, load_upstream, write_model_folder
 from forgelib.pipeline import RefusedError, run_pipeline
 from forgelib.registry import CorruptRegistryError, ModelRegistry
 from forgelib.results import PhaseResult
@@ -210,6 +211,78 @@ def test_registry_cleanup_takes_only_a_finite_age_and_any_finite_one(tmp_path):
                 reg.select_sessions(max_age_days=bad)
         assert reg.select_sessions(max_age_days=1e300) == []  # older than any date: none (no OverflowError)
         assert reg.select_sessions(max_age_days=0, now=datetime.now(timezone.utc) + timedelta(days=1)) == ["s"]
+
+
+# ---------------------------------------------------------------- 3. a full disk while a model is saved
+def _full_disk_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _full_disk_oserror(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("full_disk", [_full_disk_safetensors, _full_disk_oserror])
+def test_full_disk_while_saving_a_model_is_named_and_leaves_nothing_behind(outputs, monkeypatch, full_disk):
+    """What safetensors raises on a full disk (seen on a 256 KiB tmpfs): the temporary folder goes, the earlier
+    model of the role and the phase's other files stay, and the error names the model, the folder and the cause."""
+    ctx = open_phase(SPECS["alpha"], PARAMS, session="full", all_specs=ALL)
+    model = _tiny_model()
+    ctx.save_model("model", model)
+    models = ctx.dir / "models"
+    before = _tree(ctx.dir)
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full_disk)
+    with pytest.raises(OutputNotWritableError) as info:
+        ctx.save_model("model", model)
+    assert str(info.value) == (
+        f"cannot write {models / 'model'}: No space left on device (the disk is full) while saving model 'model'; the "
+        "partial copy was removed and nothing already written was touched: free some disk space, then forge run "
+        "--resume full")
+    assert sorted(p.name for p in models.iterdir()) == ["model"], "no temporary .model.* folder is left"
+    assert _tree(ctx.dir) == before, "the earlier model and the other files are untouched"
+    ctx.session_lock.release()
+
+
+def test_full_disk_fails_the_phase_with_the_message(outputs, monkeypatch):
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", _full_disk_safetensors)
+    with pytest.raises(OutputNotWritableError, match=r"cannot write .*01_alpha/models/model: No space left on device "
+                       r"\(the disk is full\) while saving model 'model'"):
+        run_phase(open_phase(SPECS["alpha"], PARAMS, session="full2", all_specs=ALL))
+    assert not list((outputs / "full2" / "01_alpha" / "models").iterdir())
+    result = PhaseResult.load(outputs / "full2" / "01_alpha")
+    assert result.status == "failed" and "the disk is full" in result.error
+    with ModelRegistry(outputs / "registry.db") as reg:
+        assert [r["status"] for r in reg.list_phase_runs("full2")] == ["failed"]
+        assert reg.list_models(session_id="full2") == []
+
+
+def test_write_model_folder_keeps_other_errors_and_maps_library_disk_errors(tmp_path):
+    final = tmp_path / "models" / "m"
+
+    def broken(tmp):
+        (tmp / "half").write_text("x")
+        raise KeyError("not a disk problem")
+
+    with pytest.raises(KeyError):
+        write_model_folder(final, broken, "model 'm'")
+    assert list((tmp_path / "models").iterdir()) == []
+    from safetensors import SafetensorError
+
+    error = as_phase_error(SafetensorError("Error while serializing: I/O error: No space left on device "
+                                           "(os error 28)"), tmp_path / "ckpt")
+    assert isinstance(error, OutputNotWritableError)
+    assert str(error) == f"cannot write {tmp_path / 'ckpt'}: No space left on device"
+
+
+def _tiny_model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
 
 
 # ---------------------------------------------------------------- 4. a damaged registry file, bad JSON rows
