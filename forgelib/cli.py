@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -112,14 +113,16 @@ class _StoreGiven(argparse.Action):
 
 
 def _at_least_zero(kind: type) -> Callable[[str], Any]:
-    """argparse type: a number of ``kind`` that is >= 0 (the error names the value)."""
+    """argparse type: a finite number of ``kind`` that is >= 0 (the error names the value)."""
     def parse(value: str) -> Any:
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value[:80]!r}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value[:80]}")
         if not number >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value[:80]}")
         return number
     return parse
 
@@ -441,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a registry or file-system problem is one line on stderr and exit status 1."""
+    """Run one command; a registry or file-system problem is one line on stderr and exit status 1 (a damaged registry
+    file, refused before anything is written to it: 2)."""
     from .paths import WRITE_ERRNOS, describe_write_error
-    from .registry import RegistryError
+    from .registry import CorruptRegistryError, RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # The tokenizers' own thread pool keeps a second core busy (seen: a 1-thread Phase-4 run at 2 x 100 % CPU, and
@@ -456,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                "merge": cmd_merge}[args.command]
     try:
         return command(args)
+    except CorruptRegistryError as exc:  # refused before anything was written to it
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
     except RegistryError as exc:
         print(f"forge: {exc}", file=sys.stderr)
     except OSError as exc:

@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterable
 from . import paths
 from .params import check_stored_size, cut, merge_overrides, read_yaml, stored_size, to_dict
 from .phases import PHASES, PhaseSpec, UnknownPhaseError, get_spec, select
-from .phases.base import (as_phase_error, check_device, completed_result, latest_completed, load_guard_params,
-                          load_phase_params, new_session_id, phase_dir, session_exists, upstream_line,
-                          upstream_record, verified_model_path)
+from .phases.base import (DamagedResultError, as_phase_error, check_device, checked_completed_result,
+                          completed_result, latest_completed, load_guard_params, load_phase_params, new_session_id,
+                          phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
+from .registry import CorruptRegistryError
 from .results import PhaseResult, write_json_atomic
 from .session import HELD_ENV, SessionLock, check_session_name
 
@@ -104,6 +105,8 @@ def _check_model(result: PhaseResult, role: str, registry: Any, load_models: boo
             load_compressed(Path(path) / "model.forge")
             out["loads"] = True
         out["ok"] = True
+    except CorruptRegistryError:  # not the model's fault, and nothing is to be written to that file
+        raise
     except Exception as exc:  # recorded in the handoff row and raised by the caller
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -289,7 +292,7 @@ class Pipeline:
             raise RefusedError(f"--from {source}:{phase}: unknown session {source!r}; `forge registry sessions` "
                                "lists the known ones")
         prev = earlier[-1]
-        if completed_result(source, prev) is None:
+        if _source_completed(source, prev, f"--from {source}:{phase}") is None:
             done = [s.dirname for s in all_specs if completed_result(source, s) is not None]
             raise RefusedError(f"--from {source}:{phase}: session {source} has no completed {prev.dirname} "
                                f"({paths.relative(phase_dir(source, prev))}) to take as the upstream of "
@@ -329,6 +332,7 @@ class Pipeline:
 
     def _run_locked(self) -> list[PhaseOutcome]:
         paths.contain_tool_caches()
+        self._check_records()
         self._open_session()
         outcomes: list[PhaseOutcome] = []
         upstream = self._initial_upstream()
@@ -363,6 +367,19 @@ class Pipeline:
             except Exception:  # no kernel ahead: the next notebook starts its own, as without this
                 self._warm = None
         return current
+
+    def _check_records(self) -> None:
+        """Before anything is written: the session's registry rows decode (a row changed outside forge is named),
+        and every phase the registry records as completed here (the selected ones and the one before them) still has
+        its result.json; one that cannot be read is a RefusedError naming it (never recomputed nor moved aside)."""
+        self.registry.list_models(session_id=self.session)
+        self.registry.list_handoffs(self.session)
+        earlier = [s for s in self.all_specs if self.specs and s.number < self.specs[0].number]
+        for spec in earlier[-1:] + self.specs:
+            try:
+                checked_completed_result(self.session, spec, self.registry)
+            except DamagedResultError as exc:
+                raise RefusedError(str(exc)) from None
 
     def _session_config(self) -> dict:
         """What the session's registry row records: parameter file, --set values, phases, ``from``."""
@@ -516,6 +533,20 @@ def _session_config(session: str) -> dict | None:
         if not session_exists(registry, session):
             return None
         return registry.get_session(session).get("config") or {}
+
+
+def _source_completed(source: str, spec: PhaseSpec, flag: str) -> PhaseResult | None:
+    """``source``'s completed ``spec`` (None if not completed); RefusedError when the registry says it completed but
+    its result.json cannot be read."""
+    from .registry import ModelRegistry
+
+    if not paths.registry_path().is_file():
+        return completed_result(source, spec)
+    with ModelRegistry(paths.registry_path()) as registry:
+        try:
+            return checked_completed_result(source, spec, registry)
+        except DamagedResultError as exc:
+            raise RefusedError(f"{flag}: {exc}") from None
 
 
 def _from_selection(source: str, start: PhaseSpec, phases: str | list | None,

@@ -23,6 +23,7 @@ that does not exist yet is created on the fly with an empty config and status ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .checksums import compute_checksum, path_size_mb
-from .params import MAX_STORED_BYTES, stored_size
+from .params import MAX_STORED_BYTES, cut, short, stored_size
 
 __all__ = [
     "ModelRegistry", "RegistryError", "ModelNotFoundError", "ChecksumMismatchError",
@@ -150,8 +151,9 @@ def _check_policy(keep_sessions: int | None, max_age_days: float | None) -> None
         raise ValueError("cleanup needs a policy: keep_sessions and/or max_age_days")
     if keep_sessions is not None and (not isinstance(keep_sessions, int) or keep_sessions < 0):
         raise ValueError(f"keep_sessions must be an int >= 0, got {keep_sessions!r}")
-    if max_age_days is not None and not max_age_days >= 0:
-        raise ValueError(f"max_age_days must be >= 0, got {max_age_days!r}")
+    if max_age_days is not None and (isinstance(max_age_days, bool) or not isinstance(max_age_days, (int, float))
+                                     or not math.isfinite(max_age_days) or max_age_days < 0):
+        raise ValueError(f"max_age_days must be a finite, non-negative number of days, got {short(max_age_days)}")
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
@@ -159,17 +161,36 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _decode(row: sqlite3.Row | None) -> dict | None:
-    """A row as a dict with its JSON columns decoded and ``ok`` as a bool."""
+_TABLE_OF = {"config": "sessions", "metrics": "phase_runs", "metadata": "models", "validation": "handoffs"}
+"""The table that holds each JSON column (for the message naming a row whose JSON does not decode)."""
+
+
+def _decode(row: sqlite3.Row | None, db_path: Path | str = "") -> dict | None:
+    """A row as a dict with its JSON columns decoded and ``ok`` as a bool. A JSON column that does not hold a
+    JSON object (a row changed outside forge) is a CorruptRegistryError naming the registry, table, row and column."""
     if row is None:
         return None
     out = dict(row)
     for column in _JSON_COLUMNS:
         if column in out and out[column] is not None:
-            out[column] = json.loads(out[column])
+            try:
+                value = json.loads(out[column])
+                problem = None if isinstance(value, dict) else f"holds {type(value).__name__}, not a JSON object"
+            except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                problem = f"is not valid JSON ({cut(str(exc), 120)})"
+            if problem is not None:
+                raise CorruptRegistryError(_bad_row_message(db_path, _TABLE_OF[column], out, column, problem))
+            out[column] = value
     if "ok" in out:
         out["ok"] = bool(out["ok"])
     return out
+
+
+def _bad_row_message(db_path: Path | str, table: str, row: dict, column: str, problem: str) -> str:
+    owner = f" of session {short(row['session_id'])}" if table != "sessions" and "session_id" in row else ""
+    return (f"registry {db_path}: {table} row {short(row.get('id'))}{owner}: its {column} column {problem}; the row "
+            "was changed outside forge: repair or delete that row (sqlite3), or move the registry aside (the next "
+            "run starts a new, empty one)")
 
 
 def _encode(value: dict | None, field: str) -> str:
@@ -195,9 +216,24 @@ def _open_error(db_path: Path, exc: sqlite3.DatabaseError) -> Exception:
         if _is_locked(exc):
             return exc
         return RegistryError(f"cannot open the registry {db_path}: {exc}")
+    if _is_corrupt(exc) and "not a database" not in str(exc):
+        return _corrupt_error(db_path, str(exc))
     return CorruptRegistryError(
         f"registry {db_path} is not a SQLite database ({exc}); move it aside (the next run starts a new, "
         "empty registry) or point FORGE_OUTPUTS at another folder")
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether SQLite reports the database file itself as damaged (not a lock, a constraint or a usage error)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB" or "malformed" in str(exc))
+
+
+def _corrupt_error(db_path: Path, problem: str) -> "CorruptRegistryError":
+    return CorruptRegistryError(
+        f"registry {db_path} is damaged ({cut(problem, 200)}); nothing was written to it: restore it from a backup, "
+        "or move it aside together with its -wal/-shm files (the next run starts a new, empty registry)")
 
 
 class ModelRegistry:
@@ -230,6 +266,7 @@ class ModelRegistry:
                                          check_same_thread=False)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._retry(self._check_intact)  # before anything is written: a damaged file is never written to
             self._retry(self._init_db)
         except sqlite3.DatabaseError as exc:
             if self._conn is not None:
@@ -238,6 +275,14 @@ class ModelRegistry:
             raise _open_error(self.db_path, exc) from None
 
     # ------------------------------------------------------------------ plumbing
+    def _check_intact(self) -> None:
+        """``PRAGMA quick_check`` (every page and record readable; ~0.1 s for 100k model rows): a damaged file is a
+        CorruptRegistryError naming it, raised before anything is written."""
+        rows = [str(row[0]) for row in self._connection().execute("PRAGMA quick_check(3)").fetchall()]
+        if rows != ["ok"]:
+            lines = [line for row in rows for line in row.splitlines() if line and not line.startswith("***")]
+            raise _corrupt_error(self.db_path, "; ".join(lines[:2]) or "quick_check failed")
+
     def _init_db(self) -> None:
         conn = self._connection()
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -288,13 +333,23 @@ class ModelRegistry:
                         conn.execute("ROLLBACK")
                     raise
                 return result
-        return self._retry(attempt) if retry else attempt()
+        return self._guarded(lambda: self._retry(attempt) if retry else attempt())
 
     def _query(self, sql: str, params: tuple = ()) -> list[dict]:
         def attempt() -> list[dict]:
             with self._lock:
-                return [_decode(r) for r in self._connection().execute(sql, params).fetchall()]
-        return self._retry(attempt)
+                return [_decode(r, self.db_path) for r in self._connection().execute(sql, params).fetchall()]
+        return self._guarded(lambda: self._retry(attempt))
+
+    def _guarded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``; SQLite's "database disk image is malformed" (a page damaged since the file was opened) becomes
+        a CorruptRegistryError naming the file."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            raise _corrupt_error(self.db_path, str(exc)) from None
 
     def _now(self) -> str:
         return _iso(self._clock())
@@ -491,6 +546,12 @@ class ModelRegistry:
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         return self._query(f"SELECT * FROM models{where} ORDER BY id", tuple(params))
 
+    def model_paths(self, exclude_sessions: Iterable[str] = ()) -> list[str]:
+        """The model paths registered by every session but ``exclude_sessions`` (their metadata is not decoded)."""
+        excluded = list(exclude_sessions)
+        sql = f"SELECT DISTINCT model_path FROM models WHERE session_id NOT IN ({','.join('?' * len(excluded))})"
+        return [row["model_path"] for row in self._query(sql, tuple(excluded))]
+
     def latest_model(self, session_id: str, phase_name: str) -> dict | None:
         """The most recently registered model of a session's phase that is not retired, or None."""
         models = [m for m in self.list_models(session_id=session_id, phase_name=phase_name)
@@ -549,14 +610,17 @@ class ModelRegistry:
         if keep_sessions is not None:
             selected.update(row["id"] for row in rows[keep_sessions:])
         if max_age_days is not None:
-            cutoff = _iso(now - timedelta(days=max_age_days))
+            try:
+                cutoff = _iso(now - timedelta(days=max_age_days))
+            except OverflowError:  # further back than any date: no session is that old
+                cutoff = ""
             selected.update(row["id"] for row in rows if row["created_at"] < cutoff)
         return [row["id"] for row in rows if row["id"] in selected]
 
     def _delete_rows(self, conn: sqlite3.Connection, sessions: list[str], dry_run: bool) -> dict:
         """Delete (or, dry, only count) the sessions' rows; returns what went and the model paths."""
         marks = ",".join("?" * len(sessions))
-        models = conn.execute(f"SELECT id, model_path FROM models WHERE session_id IN ({marks})",
+        models = conn.execute(f"SELECT id, session_id, model_path FROM models WHERE session_id IN ({marks})",
                               sessions).fetchall()
         kept_paths = {row[0] for row in conn.execute(
             f"SELECT model_path FROM models WHERE session_id NOT IN ({marks})", sessions)}
@@ -568,28 +632,40 @@ class ModelRegistry:
                 conn.execute(f"DELETE {sql}", sessions)
         if not dry_run:
             conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", sessions)
+        owners: dict[str, set[str]] = {}
+        for row in models:
+            owners.setdefault(row["model_path"], set()).add(row["session_id"])
         return {"models": [row["id"] for row in models], "phase_runs": counts["phase_runs"],
-                "handoffs": counts["handoffs"],
-                "paths": sorted({row["model_path"] for row in models}), "kept_paths": kept_paths}
+                "handoffs": counts["handoffs"], "paths": dict(sorted(owners.items())), "kept_paths": kept_paths}
 
-    def _path_verdict(self, path: str, root: Path, kept_paths: set[str]) -> str | None:
-        """Why ``path`` must not be deleted, or None when it may be."""
+    def _path_verdict(self, path: str, owners: set[str], root: Path, kept_paths: set[str],
+                      kept_holders: set[Path]) -> str | None:
+        """Why ``path`` (registered by the sessions ``owners``, all being deleted) must not be deleted, or None when
+        it may be: only what lies inside the folder of a session being deleted goes."""
         if path in kept_paths:
             return "still registered by a kept session"
         resolved = Path(path).resolve()  # follows links: a link pointing outside the root is outside
         if resolved == root or not resolved.is_relative_to(root):
             return f"outside outputs_root {root}"
+        folders = [(root / session).resolve() for session in sorted(owners)]
+        if not any(folder.parent == root and resolved.is_relative_to(folder) for folder in folders):
+            return cut(f"outside the folder of session {short(min(owners))} ({root / min(owners)})", 200)
         if self.db_path.is_relative_to(resolved):
             return "holds the registry database"
+        if resolved in kept_holders:
+            return "holds a model registered by a kept session"
         if not resolved.exists():
             return "already gone"
         return None
 
-    def _remove_files(self, paths: list[str], root: Path, kept_paths: set[str],
+    def _remove_files(self, paths: dict[str, set[str]], root: Path, kept_paths: set[str],
                       dry_run: bool) -> tuple[list[str], list[dict]]:
         deleted, skipped = [], []
-        for path in paths:
-            reason = self._path_verdict(path, root, kept_paths)
+        # every folder that holds (or is) a kept model, resolved: a set, so each verdict is one look-up
+        kept_holders = {folder for kept in kept_paths if paths for resolved in [Path(kept).resolve()]
+                        for folder in (resolved, *resolved.parents)}
+        for path, owners in paths.items():
+            reason = self._path_verdict(path, owners, root, kept_paths, kept_holders)
             if reason is None and not dry_run:
                 try:
                     target = Path(path)
@@ -610,8 +686,10 @@ class ModelRegistry:
 
         A session is removed when it is not among the ``keep_sessions`` newest (by creation time) or
         was created more than ``max_age_days`` ago (``now`` defaults to the registry's clock). Files
-        are deleted only when they lie strictly inside ``outputs_root`` (default: the registry's),
-        are not registered by a kept session and do not hold the database; anything else is
+        are deleted only when they lie inside the folder of the session being deleted that registered
+        them (``outputs_root/<session>``, resolved: never another session's folder, never outside
+        ``outputs_root``, default: the registry's), hold no model of a kept session and do not hold
+        the database; anything else is
         reported under ``skipped_paths``. With ``dry_run`` nothing changes and the report says what
         would go. Returns ``{'dry_run', 'sessions', 'models', 'phase_runs', 'handoffs',
         'deleted_paths', 'skipped_paths'}``. (``forge clean`` uses :meth:`select_sessions` and
@@ -627,7 +705,8 @@ class ModelRegistry:
         """Ids of the sessions that :meth:`cleanup` would remove under this policy, newest first."""
         _check_policy(keep_sessions, max_age_days)
         moment = now or self._clock()
-        return self._retry(lambda: self._select_sessions(self._connection(), keep_sessions, max_age_days, moment))
+        return self._guarded(lambda: self._retry(
+            lambda: self._select_sessions(self._connection(), keep_sessions, max_age_days, moment)))
 
     def delete_sessions(self, sessions: Iterable[str], dry_run: bool = False,
                         outputs_root: str | os.PathLike | None = None) -> dict:
@@ -644,7 +723,7 @@ class ModelRegistry:
         def work(conn: sqlite3.Connection) -> tuple[list[str], dict]:
             sessions = choose(conn)
             if not sessions:
-                return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": [],
+                return sessions, {"models": [], "phase_runs": 0, "handoffs": 0, "paths": {},
                                   "kept_paths": set()}
             return sessions, self._delete_rows(conn, sessions, dry_run)
         sessions, rows = self._write(work)

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .params import cut, short
+
 RESULT_FILE = "result.json"
 
 
@@ -81,9 +83,17 @@ class PhaseResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PhaseResult":
+        """The result ``data`` describes; a malformed one (not an object, a gate check or a ``models`` entry of
+        the wrong shape) is a ValueError naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a phase result is a JSON object, got {type(data).__name__}")
         data = dict(data)
         data.pop("gate_passed", None)
-        data["gate"] = [GateCheck(**{k: v for k, v in g.items() if k != "passed"}) for g in data.get("gate", [])]
+        gate = data.get("gate", [])
+        if not isinstance(gate, list) or not all(isinstance(g, dict) for g in gate):
+            raise ValueError(f"'gate' must be a list of checks (objects), got {short(gate)}")
+        data["gate"] = [_gate_check(g) for g in gate]
+        _check_models(data.get("models", {}))
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:
@@ -100,8 +110,8 @@ class PhaseResult:
             raise FileNotFoundError(f"no phase result at {path}")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a valid phase result ({exc})") from exc
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # bad UTF-8 and bad JSON are ValueErrors
+            raise ValueError(f"{path}: not a valid phase result ({cut(str(exc), 200)})") from exc
 
     def table(self):
         """Headline metrics and gate checks as a pandas DataFrame (for notebooks)."""
@@ -111,6 +121,25 @@ class PhaseResult:
         rows += [{"metric": c.name, "value": c.value, "gate": f"{c.op} {c.bound} → {'pass' if c.passed else 'FAIL'}"}
                  for c in self.gate]
         return pd.DataFrame(rows)
+
+
+def _gate_check(data: dict) -> GateCheck:
+    try:
+        return GateCheck(**{k: v for k, v in data.items() if k != "passed"})
+    except (TypeError, ValueError) as exc:  # e.g. a value that is not a number
+        raise ValueError(f"gate check {short(data.get('name'))}: {cut(str(exc), 120)}") from None
+
+
+def _check_models(models: Any) -> None:
+    """``models`` must map each role to ``{"path": text, "registry_id": integer or null}`` (ValueError otherwise)."""
+    if not isinstance(models, dict):
+        raise ValueError(f"'models' must be an object of role -> {{path, registry_id}}, got {short(models)}")
+    for role, entry in models.items():
+        registry_id = entry.get("registry_id") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not (
+                registry_id is None or (isinstance(registry_id, int) and not isinstance(registry_id, bool))):
+            raise ValueError(f"models[{short(role)}] must be an object with a 'path' (text) and a 'registry_id' "
+                             f"(an integer or null), got {short(entry)}")
 
 
 def load_report(result: PhaseResult) -> dict:

@@ -165,8 +165,10 @@ def clean_sessions(registry: Any, keep_sessions: int | None = None, max_age_days
         except InvalidSessionNameError:
             locks[session] = None  # not a folder name this workbench writes: its rows only
     try:
+        kept = [Path(path) for path in registry.model_paths(exclude_sessions=list(locks))]  # what stays registered
         report = registry.delete_sessions(list(locks), dry_run=dry_run, outputs_root=paths.outputs_root())
-        report["session_dirs"] = _remove_session_dirs([s for s, lock in locks.items() if lock], dry_run)
+        report["session_dirs"] = _remove_session_dirs([s for s, lock in locks.items() if lock], dry_run, kept,
+                                                      report["skipped_paths"])
     finally:
         for lock in locks.values():
             if lock is not None:
@@ -175,12 +177,17 @@ def clean_sessions(registry: Any, keep_sessions: int | None = None, max_age_days
     return report
 
 
-def _remove_session_dirs(sessions: list[str], dry_run: bool) -> list[str]:
-    """Delete ``outputs/<session>`` of each (never following a link); returns the folders removed."""
+def _remove_session_dirs(sessions: list[str], dry_run: bool, kept: list[Path], skipped: list[dict]) -> list[str]:
+    """Delete ``outputs/<session>`` of each (never following a link) unless it holds one of the ``kept`` model paths
+    (another session's, noted in ``skipped``); returns the folders removed."""
+    holders = {folder for path in (kept if sessions else []) for resolved in [path.resolve()]
+               for folder in (resolved, *resolved.parents)}
     removed = []
     for session in sessions:
         folder = paths.outputs_root() / check_session_name(session)
-        if folder.is_dir() and not folder.is_symlink():
+        if folder.resolve() in holders:
+            skipped.append({"path": str(folder), "reason": "holds a model registered by a kept session"})
+        elif folder.is_dir() and not folder.is_symlink():
             if not dry_run:
                 shutil.rmtree(folder)
             removed.append(str(folder))

@@ -289,14 +289,19 @@ def _maybe_evaluate(model, evaluate, step, config, history, tracker, desc, step_
 
 def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     folder: str | Path) -> Path:
-    """Write ``folder/checkpoint-<step>`` atomically: the model (save_pretrained) and the optimizer state."""
+    """Write ``folder/checkpoint-<step>`` atomically: the model (save_pretrained) and the optimizer state. A failed
+    write (e.g. a full disk) removes the temporary folder before the error propagates."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=folder))
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

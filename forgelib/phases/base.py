@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import ParameterError, RunParams, load_section, load_yaml_file, to_dict
-from ..results import PhaseResult, write_json_atomic
+from ..params import ParameterError, RunParams, cut, load_section, load_yaml_file, short, to_dict
+from ..results import RESULT_FILE, PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 from .specs import PHASES, PhaseSpec, get_spec
 
@@ -45,6 +47,11 @@ class UpstreamError(PhaseError):
 
 class OutputNotWritableError(PhaseError):
     """The output folder cannot be created or written."""
+
+
+class DamagedResultError(PhaseError):
+    """The registry records the phase as completed in the session, but its result.json is missing, unreadable or no
+    longer says so: what completed is never recomputed nor moved aside."""
 
 
 def new_session_id() -> str:
@@ -68,6 +75,29 @@ def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
     except (FileNotFoundError, ValueError):
         return None
     return result if result.ok and result.gate_passed else None
+
+
+def checked_completed_result(session: str, spec: PhaseSpec, registry: Any) -> PhaseResult | None:
+    """``completed_result``, but when that is None while ``registry`` records a completed run of the phase in the
+    session, DamagedResultError naming the result.json: the phase completed, and its record must be restored, never
+    recomputed or moved aside."""
+    result_file = phase_dir(session, spec) / RESULT_FILE
+    try:
+        result = PhaseResult.load(result_file)
+        if result.ok and result.gate_passed:
+            return result
+        problem = f"it says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed")
+    except FileNotFoundError:
+        problem = "the file is missing"
+    except ValueError as exc:  # the message names the file and the field
+        problem = str(exc).replace(f"{result_file}: ", "")
+    runs = [run["id"] for run in registry.list_phase_runs(session, spec.name) if run["status"] == "completed"]
+    if not runs:
+        return None
+    raise DamagedResultError(
+        f"phase {spec.dirname} of session {session} completed (registry phase run {runs[-1]}) but its result "
+        f"{paths.relative(result_file)} cannot be used: {cut(problem, 200)}; it is neither recomputed nor moved "
+        f"aside: restore that file from a backup, or start a new session")
 
 
 @dataclasses.dataclass
@@ -120,24 +150,16 @@ class PhaseContext:
     def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
         """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it.
 
-        A failed write (full disk, read-only folder) removes the temporary folder and raises
-        OutputNotWritableError naming ``models/<role>``; an earlier model of that role is kept.
+        A failed write (full disk, read-only folder; safetensors' and tokenizers' own errors included) removes the
+        temporary folder and raises OutputNotWritableError naming the model and ``models/<role>``; an earlier model
+        of that role and everything else already written are kept.
         """
-        final = self.dir / "models" / role
-        tmp = None
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=final.parent))
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        except OSError as exc:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputNotWritableError(paths.describe_write_error(OSError(exc.errno, exc.strerror), final)) from exc
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+
+        final = write_model_folder(self.dir / "models" / role, write, f"model {role!r}", self.session)
         return self.register(role, final, model=model, metadata=metadata)
 
     def register(self, role: str, path: Path, model: Any = None, metadata: dict | None = None) -> Path:
@@ -219,6 +241,61 @@ class PhaseContext:
         if self.upstream is None:
             raise UpstreamError(f"phase {self.spec.name!r} needs an upstream model; pass `upstream=`")
         return upstream_model_path(self.upstream, role, self.registry)
+
+
+def write_model_folder(final: Path, write: Callable[[Path], None], what: str, session: str | None = None) -> Path:
+    """Fill the folder ``final`` atomically: ``write(tmp)`` fills a new hidden sibling (``.<name>.*``) that then takes
+    ``final``'s place (an earlier ``final`` is removed only once the new one is in place). When ``write`` fails the
+    temporary folder is removed and ``final`` is left as it was; a file-system failure (an OSError, or safetensors'
+    or tokenizers' error carrying an OS error code, e.g. a full disk) is an OutputNotWritableError naming ``what``
+    and ``final``; any other error propagates."""
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        write(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = os_error_code(exc)
+        if code is None:
+            raise
+        raise OutputNotWritableError(_save_failure(what, final, code, session)) from exc
+    if not final.exists():
+        os.replace(tmp, final)
+        return final
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent)) / final.name
+    os.replace(final, old)  # renames within one folder: the earlier model is removed only once the new one is in place
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old.parent, ignore_errors=True)
+    return final
+
+
+_OS_CODE_RE = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an OSError's ``errno``, or the code in the text of a Rust library's
+    error (safetensors: "I/O error: No space left on device (os error 28)"; tokenizers alike); else None."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    match = _OS_CODE_RE.search(str(exc)[:2000]) if isinstance(exc, Exception) else None
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def _save_failure(what: str, final: Path, code: int, session: str | None) -> str:
+    full = code in (errno.ENOSPC, errno.EDQUOT)
+    cause = paths.describe_write_error(OSError(code, os.strerror(code)), final)
+    cause += " (the disk is full)" if full else ""
+    fix = "free some disk space" if full else f"make {final.parent} writable"
+    then = f"forge run --resume {session}" if session else "run it again"
+    return (f"{cause} while saving {what}; the partial copy was removed and nothing already written was touched: "
+            f"{fix}, then {then}")
 
 
 def legacy_suite(upstream: PhaseResult) -> dict:
@@ -377,9 +454,13 @@ def _prepare_dir(folder: Path) -> None:
 
 def as_phase_error(exc: BaseException, folder: Path) -> BaseException:
     """``exc`` unchanged, or, for a file-system error writing outputs (full disk, read-only, a file in the
-    way), an OutputNotWritableError naming the path (``folder`` when the error names none)."""
-    if isinstance(exc, PhaseError) or not isinstance(exc, OSError) or exc.errno not in paths.WRITE_ERRNOS:
+    way), an OutputNotWritableError naming the path (``folder`` when the error names none). A library's error that
+    carries such an OS error code (safetensors': "... (os error 28)") counts as one."""
+    if isinstance(exc, PhaseError) or os_error_code(exc) not in paths.WRITE_ERRNOS:
         return exc
+    if not isinstance(exc, OSError):
+        code = os_error_code(exc)
+        return OutputNotWritableError(paths.describe_write_error(OSError(code, os.strerror(code)), folder))
     if exc.filename and not Path(exc.filename).resolve().is_relative_to(paths.outputs_root()):
         return exc  # not one of the run's outputs
     return OutputNotWritableError(paths.describe_write_error(exc, folder))
@@ -465,9 +546,8 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     check_device(run, params_file)
     upstream_result, how = _find_upstream(spec, upstream, all_specs, session)
     follower = is_follower()
-    if not follower and completed_result(session, spec) is not None:
-        raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
-                         "it is never overwritten (start a new session)")
+    if not follower:
+        _refuse_completed(session, spec)
     session_lock = None if follower else _lock(session)
     folder = phase_dir(session, spec) / f".rank-{process_index()}" if follower else phase_dir(session, spec)
     try:  # a failure here frees the session again
@@ -501,6 +581,19 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
                        upstream_how=how, guard_params=guard_params)
     result.suite = {f: list(v) for f, v in ctx.input_suite.items()}  # a phase that teaches more widens it
     return ctx
+
+
+def _refuse_completed(session: str, spec: PhaseSpec) -> None:
+    """PhaseError when the phase already completed in the session (it is never overwritten), DamagedResultError
+    when the registry says it completed but its result.json cannot be read; raised before anything is written."""
+    if completed_result(session, spec) is not None:
+        raise PhaseError(f"phase {spec.dirname} of session {session} already completed; "
+                         "it is never overwritten (start a new session)")
+    if paths.registry_path().is_file():
+        from ..registry import ModelRegistry
+
+        with ModelRegistry(paths.registry_path()) as registry:
+            checked_completed_result(session, spec, registry)
 
 
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:

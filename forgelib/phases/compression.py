@@ -411,19 +411,16 @@ class StageGuard:
 
 
 def save_final(ctx, artifact: Path, tokenizer) -> Path:
-    """The kept artifact (and the tokenizer beside it) as ``models/model``, registered."""
-    import tempfile
-
+    """The kept artifact (and the tokenizer beside it) as ``models/model``, registered (written atomically: a full
+    disk leaves no partial folder and is named, see ``base.write_model_folder``)."""
     from ..modelio import load_compressed
+    from .base import write_model_folder
 
-    final = ctx.dir / "models" / "model"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=final.parent))
-    shutil.copyfile(artifact, tmp / ARTIFACT)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.replace(final)
+    def write(tmp: Path) -> None:
+        shutil.copyfile(artifact, tmp / ARTIFACT)
+        tokenizer.save_pretrained(tmp)
+
+    final = write_model_folder(ctx.dir / "models" / "model", write, "model 'model'", ctx.session)
     return ctx.register("model", final, model=load_compressed(final / ARTIFACT), metadata={"artifact": ARTIFACT})
 
 
