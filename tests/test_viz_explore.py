@@ -133,3 +133,85 @@ def test_playground_loads_models_without_progress_bars(chain_of, capfd):
         hf_logging.disable_progress_bar()
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "it/s" not in err
+
+
+# --- the model inspector --------------------------------------------------------------------------------
+
+
+def test_inspector_counts_and_shows_packed_ternary_layers(tmp_path, tiny_llama):
+    from forgelib.quant import convert_to_bitnet, export_packed
+    from forgelib.quant.bitnet import ternary_dequantize, ternary_quantize
+    from forgelib.viz.inspect import inspect_model, model_inspector
+
+    convert_to_bitnet(tiny_llama)
+    export_packed(tiny_llama, tmp_path / "packed", packing="base3")
+    info = inspect_model(tmp_path / "packed")
+    assert info["parameters"] == sum(p.numel() for p in tiny_llama.parameters())  # weights, not packed bytes
+    assert info["per_kind"]["mlp"] == sum(p.numel() for n, p in tiny_llama.named_parameters() if ".mlp." in n)
+    rows = {r["name"]: r for r in info["matrices"]}
+    name = "model.layers.1.mlp.down_proj.weight"
+    codes, scale = ternary_quantize(tiny_llama.model.layers[1].mlp.down_proj.weight)
+    assert rows[name]["stored"] == "ternary, packed base3" and rows[name]["shape"] == list(codes.shape)
+    assert [rows[name][f"share_{v}"] for v in (-1, 0, 1)] == [round(float((codes == v).float().mean()), 4)
+                                                              for v in (-1, 0, 1)]
+    assert sum(r["stored"] == "ternary, packed base3" for r in rows.values()) == 14  # every projection
+    box = model_inspector(tmp_path / "packed")
+    assert "ternary, packed base3 × 14" in _text(box.controls["head"])
+    box.controls["matrix"].value = name
+    counts = sum(p.get_height() for p in box.last_figure.axes[0].patches)
+    assert counts == codes.numel() and "share_0" in _text(box.controls["row"])
+    spectrum = box.last_figure.axes[1].lines[0].get_ydata()
+    want = torch.linalg.svdvals(ternary_dequantize(codes, scale, torch.float32)).numpy()
+    assert spectrum == pytest.approx(want, rel=1e-4)
+
+
+def test_inspector_shows_each_experts_scalings_per_matrix(tmp_path, tiny_llama):
+    import yaml
+
+    from forgelib.experts import apply_svf, remove_svf, save_expert
+    from forgelib.viz.inspect import inspect_model, model_inspector
+
+    phase = tmp_path / "07_experts"
+    tiny_llama.save_pretrained(phase / "models" / "model")
+    (phase / "params.yaml").write_text(yaml.safe_dump({"experts": {"svf": {"rescale": True}}}))
+    svf = apply_svf(tiny_llama)
+    gen = torch.Generator().manual_seed(0)
+    zs = []
+    for c in range(2):
+        svf.load_z({n: torch.randn(z.shape, generator=gen) for n, z in svf.z.items()})
+        zs.append(svf.get_z())
+        save_expert(svf, phase / "experts" / f"expert_{c}.safetensors")
+    remove_svf(svf)
+    torch.save({"centroids": torch.zeros(2, 4), "k": 2}, phase / "experts" / "router.pt")
+    info = inspect_model(phase / "models" / "model")
+    layer = "model.layers.0.mlp.up_proj"
+    sigma = torch.linalg.svdvals(tiny_llama.model.layers[0].mlp.up_proj.weight.detach())
+    gate = torch.sigmoid(zs[1][layer])
+    factor = gate * sigma.sum() / (sigma * gate).sum()  # SVF: the singular values' sum is kept
+    got = info["experts"]["expert_1"][layer]
+    assert [got["mean"], got["min"], got["max"]] == pytest.approx(
+        [float(factor.mean()), float(factor.min()), float(factor.max())], abs=2e-4)
+    assert set(info["experts"]) == {"expert_0", "expert_1"} and len(info["experts"]["expert_0"]) == 14
+    box = model_inspector(phase / "models" / "model")
+    shown = _text(box.controls["experts"])
+    assert "1 = unchanged" in shown and "expert_1" in shown and layer in shown
+    assert f"{got['mean']:.4f}" in shown
+
+
+def test_inspector_names_each_artifact_tensors_codec_and_ternary_shares(tmp_path, tiny_llama):
+    from forgelib.quant.artifact import artifact_report, save_compressed
+    from forgelib.quant.bitnet import ternary_quantize
+    from forgelib.viz.inspect import inspect_model
+
+    up = "model.layers.0.mlp.up_proj.weight"
+    save_compressed(tiny_llama, tmp_path / "c" / "model.forge", {up: {"codec": "ternary"},
+                                                                 "lm_head.weight": {"codec": "rtn", "bits": 4}})
+    info = inspect_model(tmp_path / "c")
+    rows = {r["name"]: r for r in info["matrices"]}
+    report = artifact_report(tmp_path / "c" / "model.forge")
+    bits = 8 * report["per_tensor_bytes"][up] / tiny_llama.model.layers[0].mlp.up_proj.weight.numel()
+    assert rows[up]["stored"] == f"ternary, {bits:.3g} bits" and rows["lm_head.weight"]["stored"].startswith("rtn, 4")
+    assert rows["model.embed_tokens.weight"]["stored"].startswith("raw16, 16")
+    codes = ternary_quantize(tiny_llama.model.layers[0].mlp.up_proj.weight)[0]
+    assert rows[up]["share_0"] == round(float((codes == 0).float().mean()), 4)
+    assert info["parameters"] == report["weights"]
