@@ -215,3 +215,33 @@ def test_inspector_names_each_artifact_tensors_codec_and_ternary_shares(tmp_path
     codes = ternary_quantize(tiny_llama.model.layers[0].mlp.up_proj.weight)[0]
     assert rows[up]["share_0"] == round(float((codes == 0).float().mean()), 4)
     assert info["parameters"] == report["weights"]
+
+
+# --- the metrics explorer --------------------------------------------------------------------------------
+
+
+def test_metrics_explorer_overlays_several_metrics_and_keeps_the_choice(tmp_path):
+    import json
+
+    from forgelib.viz.inspect import metrics_explorer
+
+    files = []
+    for run, scale in (("r1", 1.0), ("r2", 2.0)):
+        f = tmp_path / run / "01_x" / "metrics.jsonl"
+        f.parent.mkdir(parents=True)
+        f.write_text("\n".join(json.dumps({"step": s, "train/loss": scale / (s + 1), "eval/acc": scale * s / 10})
+                               for s in range(4)))
+        files.append(f)
+    box = metrics_explorer(files)
+    c = box.controls
+    c["runs"].value = ("r1/01_x",)
+    c["metrics"].value = ("train/loss",)
+    c["runs"].value = ("r1/01_x", "r2/01_x")  # another run chosen: the metric stays chosen
+    assert c["metrics"].value == ("train/loss",)
+    assert [line.get_label() for line in box.last_figure.axes[0].lines] == ["r1/01_x", "r2/01_x"]
+    c["metrics"].value = ("eval/acc", "train/loss")  # two metrics overlaid, each line named by run and metric
+    lines = {line.get_label(): list(line.get_ydata()) for line in box.last_figure.axes[0].lines}
+    assert set(lines) == {"r1/01_x: eval/acc", "r2/01_x: eval/acc", "r1/01_x: train/loss", "r2/01_x: train/loss"}
+    assert lines["r2/01_x: eval/acc"] == pytest.approx([0.0, 0.2, 0.4, 0.6])
+    c["runs"].value = ("r2/01_x",)
+    assert c["metrics"].value == ("eval/acc", "train/loss")

@@ -11,7 +11,7 @@ built on it (``*_widget``), whose callbacks are plain functions a test can drive
   of ternary layers (BitLinear, packed, an artifact's ternary tensors), the singular-value spectrum of a matrix, the
   bits per weight of a Phase-8 artifact (per codec), and the experts' singular-value scalings (Phase 7's experts, or
   those a Phase-8 artifact carries).
-* ``load_metrics`` / ``metrics_explorer``: any metric of any run's ``metrics.jsonl`` over steps, runs overlaid.
+* ``load_metrics`` / ``metrics_explorer``: any metrics of any runs' ``metrics.jsonl`` over steps, overlaid.
 """
 from __future__ import annotations
 
@@ -386,49 +386,63 @@ def load_metrics(files: Iterable[str | Path]):
     return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
 
 
-def plot_metric(frame, metric: str, runs: Iterable[str] | None = None) -> "plt.Figure":
-    """One metric over steps, one line per run."""
+def plot_metric(frame, metrics: str | Iterable[str], runs: Iterable[str] | None = None) -> "plt.Figure":
+    """One or several metrics over steps, one line per run and metric (overlaid on one axis)."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    sub = frame[frame.metric == metric]
-    for run in (runs or sorted(sub.run.unique())):
-        part = sub[sub.run == run].sort_values("step")
-        if len(part):
-            ax.plot(part.step, part.value, ".-", label=run, ms=3)
+    for metric in metrics:
+        sub = frame[frame.metric == metric]
+        for run in (runs or sorted(sub.run.unique())):
+            part = sub[sub.run == run].sort_values("step")
+            if len(part):
+                ax.plot(part.step, part.value, ".-", label=run if len(metrics) == 1 else f"{run}: {metric}", ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def metrics_explorer(files: Iterable[str | Path] | None = None, session_glob: str = "*"):
-    """Widget: runs (several) and a metric → the overlaid curves. ``files`` default: every ``metrics.jsonl`` under
-    ``outputs/<session_glob>/``."""
+    """Widget: runs (several) and metrics (several: ctrl/shift-click) → the overlaid curves. A chosen metric stays
+    chosen while the runs change, as long as one of the runs logged it. ``files`` default: every ``metrics.jsonl``
+    under ``outputs/<session_glob>/``."""
     import ipywidgets as w
 
     files = list(files) if files is not None else sorted(paths.outputs_root().glob(f"{session_glob}/*/metrics.jsonl"))
     frame = load_metrics(files)
     runs = w.SelectMultiple(options=sorted(frame.run.unique()), description="runs", rows=6,
                             layout=w.Layout(width="60%"))
-    metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="60%"))
+    metrics = w.SelectMultiple(options=[], description="metrics", rows=6, layout=w.Layout(width="60%"))
     out = w.Output()
+    updating = []
 
     def update_metrics(change=None):
         chosen = frame[frame.run.isin(runs.value)] if runs.value else frame.iloc[0:0]
-        metric.options = sorted(chosen.metric.unique())
+        options = sorted(chosen.metric.unique())
+        kept = tuple(m for m in metrics.value if m in options)
+        updating.append(True)  # one redraw for the new runs, not one per intermediate value
+        try:
+            metrics.options = options
+            metrics.value = kept
+        finally:
+            updating.pop()
 
     def show(change=None):
+        if updating:
+            return
         out.clear_output(wait=True)
-        if metric.value and runs.value:
+        if metrics.value and runs.value:
             with out:
-                fig = plot_metric(frame, metric.value, runs.value)
+                fig = plot_metric(frame, metrics.value, runs.value)
                 _show(fig)
             box.last_figure = fig
 
-    box = w.VBox([runs, metric, out])
+    box = w.VBox([runs, metrics, out])
     runs.observe(update_metrics, names="value")
     runs.observe(show, names="value")
-    metric.observe(show, names="value")
-    box.controls = {"runs": runs, "metric": metric, "out": out}
+    metrics.observe(show, names="value")
+    box.controls = {"runs": runs, "metrics": metrics, "out": out}
     box.frame = frame
     return box
