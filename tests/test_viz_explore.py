@@ -245,3 +245,47 @@ def test_metrics_explorer_overlays_several_metrics_and_keeps_the_choice(tmp_path
     assert lines["r2/01_x: eval/acc"] == pytest.approx([0.0, 0.2, 0.4, 0.6])
     c["runs"].value = ("r2/01_x",)
     assert c["metrics"].value == ("eval/acc", "train/loss")
+
+
+# --- readable tables and plots ----------------------------------------------------------------------------
+
+
+def test_human_sizes_and_significant_digits():
+    from forgelib.viz.format import human_bytes, show, sig
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 182174, 1536 * 1024, 5 * 2**30)] == \
+        ["0 B", "1023 B", "1 KiB", "178 KiB", "1.5 MiB", "5 GiB"]
+    assert [sig(x) for x in (1.0846, 2.4195, 123.456, 0.0012345)] == [1.08, 2.42, 123.0, 0.00123]
+    assert show("total_bytes", 182174.0) == "178 KiB" and show("packed_over_fp32_bytes", 0.1466) == "0.1466"
+    assert show("questions", 1664) == "1,664" and show("x", 1e-06) == "1e-06" and show("ok", True) == "True"
+
+
+def test_a_phase_result_table_has_one_row_per_metric_and_reads_its_values():
+    from forgelib.results import GateCheck, PhaseResult
+
+    result = PhaseResult("bitnet", 4, "s", metrics={
+        "total_bytes_packed": 182174, "compression_vs_fp32": 6.821, "logits_max_abs_diff": 0.0, "acc": 0.5208,
+        "guard_questions": 1664}, gate=[GateCheck("compression_vs_fp32", 6.821, 6.5),
+                                        GateCheck("logits_max_abs_diff", 0.0, 1e-6, "<="),
+                                        GateCheck("packed_over_fp32_bytes", 0.1466, 1.0, "<")])
+    table = result.table()
+    assert list(table.metric) == ["total_bytes_packed", "compression_vs_fp32", "logits_max_abs_diff", "acc",
+                                  "guard_questions", "packed_over_fp32_bytes"]  # a gate on a metric: its row
+    values, gates = dict(zip(table.metric, table.value)), dict(zip(table.metric, table.gate))
+    assert values["total_bytes_packed"] == "178 KiB" and values["guard_questions"] == "1,664"
+    assert gates["compression_vs_fp32"] == ">= 6.5 → pass" and gates["logits_max_abs_diff"] == "<= 1e-06 → pass"
+    assert values["packed_over_fp32_bytes"] == "0.1466" and gates["packed_over_fp32_bytes"] == "< 1 → pass"
+    assert "000000" not in table.to_html() and gates["acc"] == ""
+
+
+def test_bitnet_size_table_reads_sizes_and_leaves_blank_what_does_not_apply():
+    from forgelib.viz.bitnet import size_frame
+
+    report = {"sizes": {"fp32": {"total_bytes": 182174},
+                        "base3": {"total_bytes": 30000, "packed_bytes": 13518, "bits_per_ternary_weight": 1.6001,
+                                  "bits_per_ternary_weight_with_scales": 1.6029, "other_bytes": 1540}}}
+    frame = size_frame(report)
+    assert list(frame.index) == ["fp32", "base3"]
+    assert frame.loc["fp32"].tolist() == ["178 KiB", "1.00", "", "", "", ""]
+    assert frame.loc["base3"].tolist() == ["29.3 KiB", "6.07", "13.2 KiB", "1.600", "1.603", "1.5 KiB"]
+    assert "nan" not in frame.to_html().lower() and ".000000" not in frame.to_html()

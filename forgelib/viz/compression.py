@@ -17,12 +17,14 @@ def stage_frame(report: dict):
     import pandas as pd
 
     ref = report["reference"]
-    rows = [{"stage": "input (Phase 7)", "codecs": "as handed on", "bits/weight": None, "bytes": None,
+    from .format import human_bytes
+
+    rows = [{"stage": "input (Phase 7)", "codecs": "as handed on", "bits/weight": None, "size": "",
              "accuracy": ref["acc"], "perplexity": ref["ppl"], "acc retention": 1.0, "gate": "", "kept": ""}]
     for s in report["stages"]:
         gate = "; ".join(f"{g['name']} {g['value']:.3f} {g['op']} {g['bound']:.3f}" for g in s["gate"])
         rows.append({"stage": s["name"], "codecs": ", ".join(f"{k}: {v.get('codec')}" for k, v in s["assign"].items()),
-                     "bits/weight": s["bits_per_weight"], "bytes": s["file_bytes"], "accuracy": s["acc"],
+                     "bits/weight": s["bits_per_weight"], "size": human_bytes(s["file_bytes"]), "accuracy": s["acc"],
                      "perplexity": s["ppl"], "acc retention": round(s["acc"] / ref["acc"], 3) if ref["acc"] else None,
                      "gate": gate, "kept": "kept" if s["kept"] else "rolled back"})
     frame = pd.DataFrame(rows).set_index("stage")
