@@ -2,6 +2,8 @@
 line, the question echoed, the answer format explained, max tokens within the context), the model inspector
 (packed ternary layers counted, Phase-7 expert scalings shown), the metrics explorer (several metrics, a kept
 choice) and readable tables and plots. Widgets are driven through their controls; tiny real models only."""
+import struct
+
 import matplotlib
 import pytest
 import torch
@@ -289,3 +291,101 @@ def test_bitnet_size_table_reads_sizes_and_leaves_blank_what_does_not_apply():
     assert frame.loc["fp32"].tolist() == ["178 KiB", "1.00", "", "", "", ""]
     assert frame.loc["base3"].tolist() == ["29.3 KiB", "6.07", "13.2 KiB", "1.600", "1.603", "1.5 KiB"]
     assert "nan" not in frame.to_html().lower() and ".000000" not in frame.to_html()
+
+
+def test_scorecard_counts_tied_weights_once_and_sizes_without_the_tokenizer(tmp_path, tok):
+    from forgelib.scorecard import ScorecardParams, score_model
+    from forgelib.suite import questions
+
+    model = _tiny_lm(tok, 0, tied=True)
+    folder = tmp_path / "1_cognate" / "models" / "trunk"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    entry = {"number": 1, "phase": "cognate", "role": "trunk", "path": folder, "experts": None}
+    row = score_model(entry, questions("arith", (1, 1), 2, 0), ScorecardParams(max_new_tokens=4))
+    assert row["values"] == sum(p.numel() for p in model.parameters())  # the tied head is the embedding
+    weights = sum(f.stat().st_size for f in folder.iterdir() if f.name in ("model.safetensors", "config.json",
+                                                                          "generation_config.json"))
+    assert row["bytes"] == weights  # tokenizer.json and tokenizer_config.json are not the model's bytes
+    assert row["bits_per_value"] == round(8 * weights / row["values"], 3)
+    file = folder / "model.safetensors"
+    header = 8 + struct.unpack("<Q", file.read_bytes()[:8])[0]
+    assert file.stat().st_size - header == 4 * row["values"]  # every stored fp32 value counted, once
+    assert row["tokens_per_s"] is None or row["tokens_per_s"] > 0
+
+
+def test_packed_values_are_counted_by_their_weights(tiny_llama):
+    from forgelib.quant import convert_to_bitnet
+    from forgelib.quant.bitnet import PackedBitLinear
+    from forgelib.scorecard import stored_values
+
+    convert_to_bitnet(tiny_llama)
+    want = stored_values(tiny_llama)
+    layer = tiny_llama.model.layers[0].mlp.up_proj
+    tiny_llama.model.layers[0].mlp.up_proj = PackedBitLinear.from_bitlinear(layer, "base3")
+    assert stored_values(tiny_llama) == want + 1  # out × in ternary weights (not their packed bytes) and a scale
+
+
+def test_tokens_per_second_warms_up_then_counts_the_fastest_timed_run(monkeypatch):
+    import types
+
+    from forgelib import scorecard, tools
+    from forgelib.data.tasks import Sample
+
+    now, durations, calls = [0.0], iter([9.0, 0.2, 0.1, 0.4, 0.05]), []
+
+    def generate(lm, tokenizer, prompts, max_new_tokens, batch_size):
+        calls.append(len(prompts))
+        now[0] += next(durations)
+        return [types.SimpleNamespace(n_generated=5, text="1+1=2#2") for _ in prompts]
+
+    monkeypatch.setattr(tools, "generate_with_tools", generate)
+    monkeypatch.setattr(scorecard, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    test = [Sample("arith", 1, f"{i}+1=", str(i + 1)) for i in range(20)]
+    # the 9 s warm-up is not timed; runs go on until 0.3 s were timed (0.2 + 0.1 + 0.4), at least 3
+    assert scorecard.tokens_per_second(None, None, test, 8) == round(16 * 5 / 0.1, 1)
+    assert calls == [16, 16, 16, 16]
+    assert scorecard.tokens_per_second(None, None, [], 8) is None
+
+
+def test_targets_say_what_is_missing():
+    from forgelib.scorecard import targets
+
+    fp = [{"phase": "1 cognate", "model": m, "bytes": 400, "accuracy": 0.5} for m in ("trunk", "reasoning")]
+    assert targets(fp) == {"missing": "no Phase-8 artifact in this chain: the targets compare the final artifact "
+                                      "with the Phase-1 specialists (score a session whose Phase 8 completed)"}
+    late = [{"phase": "7 experts", "model": "model", "bytes": 400, "accuracy": 0.5},
+            {"phase": "8 compression", "model": "model", "bytes": 40, "accuracy": 0.5}]
+    assert targets(late)["missing"].startswith("no Phase-1 specialists in this chain (it starts at 7 experts)")
+
+
+CARD = [{"phase": p, "model": m, "values": 122905, "bytes": b, "bits_per_value": 8 * b / 122905, "ppl": ppl,
+         "accuracy": acc, "experts": 0, "tokens_per_s": tps, "n": 2, "acc_arith": acc, "acc_logic": 1 - acc}
+        for p, m, b, ppl, acc, tps in (("1 cognate", "trunk", 496725, 1.0846, 0.7679, 5737.6),
+                                       ("1 cognate", "reasoning", 496725, 1.0793, 0.7798, 3497.1),
+                                       ("3 quietstar", "model", 531580, 1.0738, 0.7857, 5635.8),
+                                       ("8 compression", "model", 65324, 2.4897, 0.7946, 2990.8))]
+
+
+def test_scorecard_table_is_compact_and_rounded():
+    from forgelib.viz.scorecard import family_frame, scorecard_frame
+
+    frame = scorecard_frame(CARD)
+    assert list(frame.columns) == ["size", "bits/value", "ppl", "accuracy", "experts", "tokens/s"]
+    assert list(frame.index) == ["1 cognate trunk", "1 cognate reasoning", "3 quietstar", "8 compression"]
+    assert frame.loc["1 cognate trunk"].tolist() == ["485 KiB", 32.3, 1.08, 0.768, 0, 5700]
+    assert frame.loc["8 compression", "ppl"] == 2.49 and frame.loc["8 compression", "size"] == "63.8 KiB"
+    assert "noisy" in frame.attrs["note"] and "tied weights once" in frame.attrs["note"]
+    families = family_frame(CARD)
+    assert list(families.columns) == ["arith", "logic"] and families.loc["3 quietstar", "logic"] == 0.21
+    assert max(len(line) for line in frame.to_string().splitlines()) < 90  # no sideways scrolling
+
+
+def test_scorecard_plot_names_models_readably_in_one_legend():
+    from forgelib.viz.scorecard import plot_scorecard
+
+    fig = plot_scorecard(CARD)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["1 cognate trunk", "1 cognate reasoning", "3 quietstar", "8 compression"]
+    assert not fig.axes[0].texts and not fig.axes[0].get_legend() and not fig.axes[1].get_legend()
+    assert all(":" not in label for label in labels)
