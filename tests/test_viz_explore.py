@@ -389,3 +389,24 @@ def test_scorecard_plot_names_models_readably_in_one_legend():
     assert labels == ["1 cognate trunk", "1 cognate reasoning", "3 quietstar", "8 compression"]
     assert not fig.axes[0].texts and not fig.axes[0].get_legend() and not fig.axes[1].get_legend()
     assert all(":" not in label for label in labels)
+
+
+def test_quietstar_heatmap_writes_tokens_large_enough_to_read():
+    from forgelib.viz.quietstar import plot_mixing_heatmap
+
+    rows = [{"prompt": "10+51=", "tokens": ["1", "#", "<|eos|>"], "weights": [0.01, 0.2, 0.05],
+             "answer": [False, True, True]}]
+    ax = plot_mixing_heatmap({"heatmap": rows}).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["1", "#", "eos"] and min(t.get_fontsize() for t in ax.texts) >= 8
+    assert ax.texts[0].get_fontsize() >= 10 and ax.texts[1].get_color() == "black"  # dark on the light end
+    assert min(label.get_fontsize() for label in ax.get_yticklabels()) >= 9
+
+
+def test_the_unseen_familys_mixture_weights_are_explained():
+    from forgelib.viz.experts import unseen_frame
+
+    frame = unseen_frame({"unseen": {"family": "modular", "alphas": [-1.0, 0.31],
+                                     "test": {"base": 0.2, "mixture": 0.25, "expert_0": 0.2, "expert_1": 0.125}}})
+    note = frame.attrs["note"]
+    assert note.startswith("mixture weights (expert 0: -1.00, expert 1: +0.31): the per-expert coefficients")
+    assert "a negative weight subtracts that expert's adjustment" in note and frame.attrs["alphas"] == [-1.0, 0.31]
