@@ -100,6 +100,29 @@ def test_playground_shows_a_busy_line_echoes_the_question_and_explains_the_forma
     assert not box.controls["run"].disabled
 
 
+def test_a_max_tokens_a_greedy_answer_ended_within_does_not_run_again(chain_of, monkeypatch):
+    from forgelib.viz import playground
+
+    calls = []
+
+    def fake(entry, question, max_new_tokens, temperature, think, loaded=None):
+        calls.append((max_new_tokens, temperature))
+        return {"model": playground.entry_label(entry), "question": question, "text": "5#5", "expert": None,
+                "thoughts": None, "calls": [], "act": None, "max_new_tokens": max_new_tokens, "capped": False,
+                "context": CONTEXT, "stop": "eos", "n_generated": 3}
+
+    monkeypatch.setattr(playground, "trace_answer", fake)
+    box = playground.phase_playground("s", question="2+3=")
+    c = box.controls
+    first = c["max_tokens"].value  # the context left after the prompt
+    c["max_tokens"].value = 3  # the answer took 3 tokens and ended: the same answer, nothing generated
+    assert calls == [(first, 0.0)] and box.last_trace["max_new_tokens"] == 3
+    c["max_tokens"].value = 2  # too few now: generated again
+    c["temperature"].value = 0.5
+    c["max_tokens"].value = 10  # sampling: every setting runs again
+    assert calls == [(first, 0.0), (2, 0.0), (2, 0.5), (10, 0.5)]
+
+
 def test_max_tokens_is_capped_at_the_context_left_after_the_prompt(chain_of, tok):
     entries = chain_of
     from forgelib.data.tokenizer import encode_prompts

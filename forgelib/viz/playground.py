@@ -114,7 +114,8 @@ def _generate(model, lm, tokenizer, question: str, out: dict, temperature: float
         out["thoughts"] = [(s["token"], s["thought"], round(s["weight"], 3)) for s in trace.steps]
     else:
         trace = generate_with_tools(lm, tokenizer, [question], budget, temperature=temperature)[0]
-        out["text"], out["calls"] = trace.text, trace.calls
+        out["text"], out["calls"], out["stop"], out["n_generated"] = trace.text, trace.calls, trace.stop, \
+            trace.n_generated
         ids = tokenizer(trace.text, add_special_tokens=False).input_ids
     out["act"] = _act_cycles(lm, tokenizer, question, ids)
 
@@ -148,7 +149,8 @@ def trace_lines(trace: dict) -> list[str]:
 def phase_playground(session: str | None = None, folder: str | Path | None = None, question: str = "57+38=",
                      entries: list[dict] | None = None):
     """Widget: a model of the chain, a question, max new tokens, temperature, thinking on/off. The answer runs again
-    on Enter, on Run and whenever the model or a setting changes; a busy line stands in its place meanwhile.
+    on Enter, on Run and whenever the model or a setting changes (except a max tokens that a greedy answer already
+    ended within: the same answer); a busy line stands in its place meanwhile.
     ``entries``: the models to offer (default: the chain of ``folder`` or of ``session``)."""
     import ipywidgets as w
 
@@ -171,12 +173,16 @@ def phase_playground(session: str | None = None, folder: str | Path | None = Non
     state: dict[str, Any] = {"key": None, "loaded": None, "quiet": False}
 
     def run(change=None):
-        if state["quiet"]:  # the slider's own clamp to the context, not a user's change
-            return
-        _play(box, entries, state)
+        if not state["quiet"]:  # quiet: the slider's own clamp to the context, not a user's change
+            _play(box, entries, state)
 
-    for control in (pick, text, tokens, temperature, think):
+    def new_budget(change=None):
+        if not state["quiet"] and not _same_answer(box, state):
+            _play(box, entries, state)
+
+    for control in (pick, text, temperature, think):
         control.observe(run, names="value")
+    tokens.observe(new_budget, names="value")
     button.on_click(run)
     run()
     return box
@@ -192,6 +198,19 @@ def _loaded(entries: list[dict], index: int, state: dict) -> tuple:
         state["loaded"] = None
         state["loaded"], state["key"] = load_entry(entries[index]), index
     return state["loaded"]
+
+
+def _same_answer(box, state: dict) -> bool:
+    """Whether a new max-tokens value cannot change the last answer: greedy decoding that ended at eos within the new
+    budget gives the same answer again (the answer is shown with the new setting, nothing generated)."""
+    c, last = box.controls, getattr(box, "last_trace", None)
+    if not last or c["temperature"].value != 0 or c["think"].value or last.get("stop") != "eos" or \
+            state.get("asked") != (c["model"].value, c["question"].value, 0.0, False):
+        return False
+    if last["n_generated"] > c["max_tokens"].value:
+        return False
+    box.last_trace = dict(last, max_new_tokens=c["max_tokens"].value, capped=False)
+    return True
 
 
 def _play(box, entries: list[dict], state: dict) -> None:
@@ -222,3 +241,4 @@ def _play(box, entries: list[dict], state: dict) -> None:
         c["run"].disabled = False
     c["out"].value = _pre("\n".join(trace_lines(trace)))
     box.last_trace = trace
+    state["asked"] = (c["model"].value, question, float(c["temperature"].value), bool(c["think"].value))
