@@ -433,3 +433,13 @@ def test_the_unseen_familys_mixture_weights_are_explained():
     note = frame.attrs["note"]
     assert note.startswith("mixture weights (expert 0: -1.00, expert 1: +0.31): the per-expert coefficients")
     assert "a negative weight subtracts that expert's adjustment" in note and frame.attrs["alphas"] == [-1.0, 0.31]
+
+
+def test_phase8_stage_table_reads_sizes_and_three_digit_perplexities():
+    from forgelib.viz.compression import stage_frame
+
+    report = {"reference": {"acc": 0.5, "ppl": 15.5132}, "n_test": 4,
+              "stages": [{"name": "pack", "assign": {"m": {"codec": "ternary"}}, "bits_per_weight": 8.239,
+                          "file_bytes": 126976, "acc": 0.5, "ppl": 15.4987, "gate": [], "kept": True}]}
+    frame = stage_frame(report)
+    assert frame["perplexity"].tolist() == [15.5, 15.5] and frame.loc["pack", "size"] == "124 KiB"
