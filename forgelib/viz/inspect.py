@@ -241,12 +241,14 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     codecs = _artifact_codecs(folder)
     kinds: dict[str, int] = {}
     layers = []
-    weights = [(n, p) for n, p in model.named_parameters()]
-    weights += [(f"{n}.weight", m.dequantized_weight()) for n, m in packed_bitlinear_modules(model).items()]
-    for name, weight in weights:
-        kinds[_kind(name)] = kinds.get(_kind(name), 0) + weight.numel()
-        if weight.dim() == 2:
-            layers.append(_matrix_row(name, weight, modules.get(name.removesuffix(".weight")), codecs))
+    weights = [(n, lambda p=p: p) for n, p in model.named_parameters()]
+    weights += [(f"{n}.weight", m.dequantized_weight) for n, m in packed_bitlinear_modules(model).items()]
+    for name, weight in weights:  # a packed layer's matrix unpacked only while its row is computed
+        w = weight()
+        kinds[_kind(name)] = kinds.get(_kind(name), 0) + w.numel()
+        if w.dim() == 2:
+            layers.append(_matrix_row(name, w, modules.get(name.removesuffix(".weight")), codecs))
+        del w
     out: dict[str, Any] = {"folder": paths.relative(folder), "parameters": sum(kinds.values()), "per_kind": kinds,
                            "matrices": layers}
     if codecs:
