@@ -114,13 +114,20 @@ class PhaseResult:
             raise ValueError(f"{path}: not a valid phase result ({cut(str(exc), 200)})") from exc
 
     def table(self):
-        """Headline metrics and gate checks as a pandas DataFrame (for notebooks)."""
+        """Headline metrics and gate checks as a pandas DataFrame (for notebooks): one row per metric, a gate
+        check on a metric in that metric's row, values as they read (sizes in KiB/MiB, integers as integers)."""
         import pandas as pd
 
-        rows = [{"metric": k, "value": v, "gate": ""} for k, v in self.metrics.items()]
-        rows += [{"metric": c.name, "value": c.value, "gate": f"{c.op} {c.bound} → {'pass' if c.passed else 'FAIL'}"}
-                 for c in self.gate]
-        return pd.DataFrame(rows)
+        from .viz.format import show
+
+        rows = {k: {"metric": k, "value": show(k, v), "gate": ""} for k, v in self.metrics.items()}
+        for c in self.gate:
+            sized = c.name if show(c.name, c.value) != show("", c.value) else ""  # the bound in bytes too
+            verdict = f"{c.op} {show(sized, c.bound)} → {'pass' if c.passed else 'FAIL'}"
+            same = c.name in rows and rows[c.name]["value"] == show(c.name, c.value) and not rows[c.name]["gate"]
+            key = c.name if same else f"gate: {c.name}"
+            rows[key] = {"metric": c.name, "value": show(c.name, c.value), "gate": verdict}
+        return pd.DataFrame(list(rows.values()), columns=["metric", "value", "gate"])
 
 
 def _gate_check(data: dict) -> GateCheck:

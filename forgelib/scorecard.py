@@ -1,10 +1,12 @@
 """The end-to-end scorecard: every phase's model of one session on the same held-out test questions, and the chain
 gate: the final artifact against the Phase-1 trunk.
 
-Per model: stored values, bytes on disk (the model folder; Phase 7 with its experts; Phase 8 the artifact file),
-bits per stored value, perplexity of the test questions' worked solutions, greedy exact-match accuracy overall and
-per family (calculator on, no Quiet-STaR thoughts, persona prefixes removed: as every phase's guard asks), and
-generated tokens per second. Phase 7's model answers two-pass routed with its experts, Phase 8's artifact with
+Per model: stored values (tied weights once, a packed ternary layer by its weights), bytes on disk (the model
+folder without its tokenizer; Phase 7 with its experts; Phase 8 the artifact file), bits per stored value,
+perplexity of the test questions' worked solutions, greedy exact-match accuracy overall and per family (calculator
+on, no Quiet-STaR thoughts, persona prefixes removed: as every phase's guard asks), and generated tokens per second
+of the model alone (``tokens_per_second``: a warm-up, then the fastest of a few timed runs of one batch).
+Phase 7's model answers two-pass routed with its experts, Phase 8's artifact with
 the experts it carries (``forgelib.phases.compression.System``), every other model alone. The questions: every
 family the chain knew (the trunk's suite and what later phases added, each at its levels; ``forgelib.suite``),
 ``per_family`` of each, the first of the guard's questions.
@@ -79,8 +81,55 @@ def chain_models(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                             "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja"})
+"""A model folder's tokenizer files: not the model's bytes (the Phase-8 artifact file leaves its tokenizer out too)."""
+THROUGHPUT_QUESTIONS = 16
+"""Questions decoded together (one batch) to time tokens per second."""
+THROUGHPUT_RUNS = (3, 10)
+"""Timed runs after the warm-up: at least the first, at most the second, and more than the first only until
+``THROUGHPUT_SECONDS`` of decoding were timed; the fastest run counts (the one least disturbed by other work)."""
+THROUGHPUT_SECONDS = 0.3
+
+
 def _bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    """Bytes on disk of a file, or of a folder's files without its tokenizer (``TOKENIZER_FILES``)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in TOKENIZER_FILES)
+
+
+def stored_values(model) -> int:
+    """Values a model stores: each tensor of its state once (a tied LM head is its embedding matrix), a packed
+    ternary layer by its weights (out × in), not by the bytes they are packed into."""
+    from .quant.bitnet import packed_bitlinear_modules
+
+    packed = {f"{n}.weight_packed": m.out_features * m.in_features for n, m in packed_bitlinear_modules(model).items()}
+    seen, total = set(), 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += packed.get(name, tensor.numel())
+    return total
+
+
+def tokens_per_second(lm, tokenizer, test, max_new_tokens: int) -> float | None:
+    """Tokens the model generates per second, greedy (calculator on), on the first ``THROUGHPUT_QUESTIONS`` test
+    questions in one batch: once to warm up, then timed runs (``THROUGHPUT_RUNS``, ``THROUGHPUT_SECONDS``), the
+    fastest counted. None without questions or tokens."""
+    from .tools import generate_with_tools
+
+    prompts = [s.prompt for s in test[:THROUGHPUT_QUESTIONS]]
+    if not prompts:
+        return None
+    generate_with_tools(lm, tokenizer, prompts, max_new_tokens, batch_size=len(prompts))  # warm-up
+    times, tokens = [], 0
+    while len(times) < THROUGHPUT_RUNS[0] or (sum(times) < THROUGHPUT_SECONDS and len(times) < THROUGHPUT_RUNS[1]):
+        started = time.perf_counter()
+        traces = generate_with_tools(lm, tokenizer, prompts, max_new_tokens, batch_size=len(prompts))
+        times.append(time.perf_counter() - started)
+        tokens = sum(t.n_generated for t in traces)  # the model's own tokens, not the calculator's results
+    return round(tokens / min(times), 1) if tokens and min(times) > 0 else None
 
 
 def _system(entry: dict, tokenizer, test, params: ScorecardParams):
@@ -115,15 +164,12 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from .modelio import load_lm
+    from .thoughts import base_lm
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])
     system = _system(entry, tokenizer, test, params)
-    started = time.perf_counter()
     scored = system.measure(model)
-    seconds = time.perf_counter() - started
-    texts = scored.get("texts") or []
-    tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
     artifact = entry["path"] / "model.forge"
     if artifact.is_file():
         from .quant.artifact import artifact_report
@@ -132,10 +178,11 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
         size, values = report["file_bytes"], report["weights"]
     else:
         size = _bytes(entry["path"]) + (_bytes(entry["experts"]) if entry["experts"] else 0)
-        values = sum(t.numel() for t in {id(v): v for v in model.state_dict().values()}.values())
+        values = stored_values(model)
     row = {"phase": f"{entry['number']} {entry['phase']}", "model": entry["role"], "values": values, "bytes": size,
            "bits_per_value": round(8 * size / values, 3), "ppl": scored["ppl"], "accuracy": scored["acc"],
-           "experts": len(system.experts or []), "tokens_per_s": round(tokens / seconds, 1) if tokens else None}
+           "experts": len(system.experts or []),
+           "tokens_per_s": tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)}
     row["n"] = len(test)
     for family in sorted({s.family for s in test}):
         idx = [i for i, s in enumerate(test) if s.family == family]
@@ -297,11 +344,17 @@ def chain_message(verdict: dict) -> str:
 
 def targets(card: list[dict]) -> dict[str, Any]:
     """The end-to-end targets: the final artifact's size against the Phase-1 fp32 specialists (one, and all three)
-    and its accuracy against the best specialist's."""
+    and its accuracy against the best specialist's. A chain without a Phase-8 artifact or without Phase-1
+    specialists gets ``{"missing": what is missing}`` instead."""
     specialists = [r for r in card if r["phase"].startswith("1 ") and r["model"] != "trunk"]
     final = next((r for r in reversed(card) if r["phase"].startswith("8 ")), None)
-    if not specialists or final is None:
-        return {}
+    if final is None:
+        return {"missing": "no Phase-8 artifact in this chain: the targets compare the final artifact with the "
+                           "Phase-1 specialists (score a session whose Phase 8 completed)"}
+    if not specialists:
+        first = card[0]["phase"] if card else "nothing"
+        return {"missing": f"no Phase-1 specialists in this chain (it starts at {first}): the targets compare the "
+                           "final artifact with them (score a chain that starts at Phase 1)"}
     best = max(specialists, key=lambda r: r["accuracy"])
     return {"smaller_than_one_specialist": round(max(r["bytes"] for r in specialists) / final["bytes"], 1),
             "smaller_than_all_specialists": round(sum(r["bytes"] for r in specialists) / final["bytes"], 1),

@@ -114,8 +114,8 @@ def test_metrics_explorer_overlays_runs(tmp_path):
     box = metrics_explorer(files)
     c = box.controls
     c["runs"].value = ("r1/01_x", "r2/01_x")
-    assert list(c["metric"].options) == ["train/loss"]
-    c["metric"].value = "train/loss"
+    assert list(c["metrics"].options) == ["train/loss"]
+    c["metrics"].value = ("train/loss",)
     lines = box.last_figure.axes[0].lines
     assert [l.get_label() for l in lines] == ["r1/01_x", "r2/01_x"]
     assert list(lines[1].get_ydata()) == pytest.approx([2.0 / (s + 1) for s in range(5)])

@@ -14,19 +14,27 @@ QUALITY_LABELS = {"fp": "Phase-3 model (full precision)", "ptq": "ternary withou
 
 def size_frame(report: dict):
     """Total bytes on disk of the model (weights + thought extras) per format, measured from written files, and
-    the ratio to fp32; for the packed formats the bits per ternary weight (codes, and with the scales)."""
+    the ratio to fp32; for the packed formats the bits per ternary weight (codes, and with the scales). Sizes read
+    in KiB/MiB (the exact byte counts are in the report); a cell that does not apply to a format is blank."""
     import pandas as pd
+
+    from .format import human_bytes
 
     sizes = report["sizes"]
     fp32 = sizes["fp32"]["total_bytes"]
-    rows = {}
-    for label, row in sizes.items():
-        rows[label] = {"total bytes": row["total_bytes"], "× smaller than fp32": round(fp32 / row["total_bytes"], 2),
-                       "ternary codes bytes": row.get("packed_bytes"),
-                       "bits / ternary weight": row.get("bits_per_ternary_weight"),
-                       "… with scales": row.get("bits_per_ternary_weight_with_scales"),
-                       "other tensors bytes": row.get("other_bytes")}
-    return pd.DataFrame(rows).T
+
+    def size(row: dict, key: str) -> str:
+        return human_bytes(row[key]) if row.get(key) is not None else ""
+
+    def bits(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if row.get(key) is not None else ""
+
+    rows = {label: {"total": size(row, "total_bytes"), "× smaller than fp32": f"{fp32 / row['total_bytes']:.2f}",
+                    "ternary codes": size(row, "packed_bytes"),
+                    "bits / ternary weight": bits(row, "bits_per_ternary_weight"),
+                    "… with scales": bits(row, "bits_per_ternary_weight_with_scales"),
+                    "other tensors": size(row, "other_bytes")} for label, row in sizes.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def quality_frame(report: dict):

@@ -17,14 +17,17 @@ def stage_frame(report: dict):
     import pandas as pd
 
     ref = report["reference"]
-    rows = [{"stage": "input (Phase 7)", "codecs": "as handed on", "bits/weight": None, "bytes": None,
-             "accuracy": ref["acc"], "perplexity": ref["ppl"], "acc retention": 1.0, "gate": "", "kept": ""}]
+    from .format import human_bytes, sig
+
+    rows = [{"stage": "input (Phase 7)", "codecs": "as handed on", "bits/weight": None, "size": "",
+             "accuracy": ref["acc"], "perplexity": sig(ref["ppl"]), "acc retention": 1.0, "gate": "", "kept": ""}]
     for s in report["stages"]:
         gate = "; ".join(f"{g['name']} {g['value']:.3f} {g['op']} {g['bound']:.3f}" for g in s["gate"])
         rows.append({"stage": s["name"], "codecs": ", ".join(f"{k}: {v.get('codec')}" for k, v in s["assign"].items()),
-                     "bits/weight": s["bits_per_weight"], "bytes": s["file_bytes"], "accuracy": s["acc"],
-                     "perplexity": s["ppl"], "acc retention": round(s["acc"] / ref["acc"], 3) if ref["acc"] else None,
-                     "gate": gate, "kept": "kept" if s["kept"] else "rolled back"})
+                     "bits/weight": s["bits_per_weight"], "size": human_bytes(s["file_bytes"]), "accuracy": s["acc"],
+                     "perplexity": sig(s["ppl"]),
+                     "acc retention": round(s["acc"] / ref["acc"], 3) if ref["acc"] else None, "gate": gate,
+                     "kept": "kept" if s["kept"] else "rolled back"})
     frame = pd.DataFrame(rows).set_index("stage")
     frame.attrs["note"] = (f"{report['n_test']} test questions, exact match (chance about 0: open-ended answers); "
                            f"each stage starts from the last kept one; bits count the whole file")
@@ -35,10 +38,12 @@ def sweep_frame(report: dict):
     """Every method of the sweep (each alone on the sweep's tensor groups): bits, quality, time, memory."""
     import pandas as pd
 
+    from .format import sig
+
     ref = report["reference"]
     rows = {p["name"]: {"codec": json.dumps(p["spec"]), "bits/weight": p["bits_per_weight"], "accuracy": p["acc"],
                         "acc retention": round(p["acc"] / ref["acc"], 3) if ref["acc"] else None,
-                        "perplexity": p["ppl"], "ppl retention": round(ref["ppl"] / p["ppl"], 3),
+                        "perplexity": sig(p["ppl"]), "ppl retention": round(ref["ppl"] / p["ppl"], 3),
                         "compress s": p["compress_s"], "peak MB": p["peak_mb"]} for p in report["sweep"]}
     return pd.DataFrame(rows).T
 

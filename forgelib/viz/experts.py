@@ -80,6 +80,8 @@ def plot_scalings(report: dict) -> "plt.Figure":
 
 
 def unseen_frame(report: dict):
+    """Test accuracy on the family no expert trained for: the base, each expert alone and their mixture; the
+    mixture's weights as ``attrs["alphas"]`` and explained in ``attrs["note"]`` (empty frame: no unseen family)."""
     import pandas as pd
 
     u = report.get("unseen")
@@ -87,6 +89,11 @@ def unseen_frame(report: dict):
         return pd.DataFrame()
     frame = pd.DataFrame([u["test"]], index=[u["family"]]).round(3)
     frame.attrs["alphas"] = [round(a, 3) for a in u["alphas"]]
+    weights = ", ".join(f"expert {k}: {a:+.2f}" for k, a in enumerate(u["alphas"]))
+    frame.attrs["note"] = (f"mixture weights ({weights}): the per-expert coefficients the mixture search (CEM, on "
+                           f"{u['family']} questions no expert trained on) found; the mixture's vector is Σ α_k·z_k "
+                           "of the experts' SVF vectors z_k, so a negative weight subtracts that expert's "
+                           "adjustment, 0 leaves it out and 1 adds it as trained")
     return frame
 
 

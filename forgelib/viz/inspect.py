@@ -6,10 +6,12 @@ built on it (``*_widget``), whose callbacks are plain functions a test can drive
 * ``registry_tables`` / ``registry_browser``: sessions (filtered by status), a session's phase runs and models,
   a model's metadata, headline metrics and **lineage** (which phase made it from which model, through the
   registry's recorded handoffs).
-* ``inspect_model`` / ``model_inspector``: parameter counts per module kind, weight statistics and histograms per
-  layer, the ternary share (−1 / 0 / +1) of BitLinear layers, the singular-value spectrum of a matrix, the bits
-  per weight of a Phase-8 artifact (per codec), and Phase-7 expert scalings when the folder has experts.
-* ``load_metrics`` / ``metrics_explorer``: any metric of any run's ``metrics.jsonl`` over steps, runs overlaid.
+* ``inspect_model`` / ``model_inspector``: parameter counts per module kind (packed ternary layers by their
+  weights), weight statistics, how each matrix is stored and histograms per layer, the ternary share (−1 / 0 / +1)
+  of ternary layers (BitLinear, packed, an artifact's ternary tensors), the singular-value spectrum of a matrix, the
+  bits per weight of a Phase-8 artifact (per codec), and the experts' singular-value scalings (Phase 7's experts, or
+  those a Phase-8 artifact carries).
+* ``load_metrics`` / ``metrics_explorer``: any metrics of any runs' ``metrics.jsonl`` over steps, overlaid.
 """
 from __future__ import annotations
 
@@ -170,50 +172,126 @@ def _kind(name: str) -> str:
     return "other"
 
 
+def _stored_as(module, name: str, codecs: dict[str, dict]) -> str:
+    """How a matrix is stored: its Phase-8 codec (with bits per value), or its layer's format."""
+    from ..quant.bitnet import BitLinear, Int8Embedding, Int8Linear, PackedBitLinear
+
+    if name in codecs:
+        return f"{codecs[name]['codec']}, {codecs[name]['bits']:.3g} bits"
+    if isinstance(module, PackedBitLinear):
+        return f"ternary, packed {module.packing}"
+    if isinstance(module, BitLinear):
+        return "ternary (latent weights)"
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return "int8"
+    return "full precision"
+
+
+def _artifact_codecs(folder: Path) -> dict[str, dict]:
+    """``{tensor: {codec, bits}}`` of a Phase-8 artifact folder (bits per value of that tensor's stored parts), {}
+    for any other folder."""
+    import math
+
+    if not (folder / "model.forge").is_file():
+        return {}
+    from ..quant.artifact import _read
+
+    entries = _read(folder / "model.forge")[0]["entries"]
+    return {name: {"codec": e["codec"], "bits": 8 * sum(p[3] for p in e["parts"]) / max(1, math.prod(e["shape"]))}
+            for name, e in entries.items()}
+
+
+def _matrix_row(name: str, weight: torch.Tensor, module, codecs: dict[str, dict]) -> dict[str, Any]:
+    """One matrix's statistics; a ternary layer's share of -1 / 0 / +1 codes."""
+    from ..quant.bitnet import BitLinear, PackedBitLinear, ternary_quantize
+
+    w = weight.detach().float()
+    row = {"name": name, "shape": list(w.shape), "stored": _stored_as(module, name, codecs),
+           "std": round(float(w.std()), 5), "abs_max": round(float(w.abs().max()), 4)}
+    codes = module.ternary_codes() if isinstance(module, PackedBitLinear) else \
+        ternary_quantize(w)[0] if isinstance(module, BitLinear) or codecs.get(name, {}).get("codec") == "ternary" \
+        else None
+    if codes is not None:
+        row.update({f"share_{v}": round(float((codes == v).float().mean()), 4) for v in (-1, 0, 1)})
+    return row
+
+
+def matrix_weight(model, name: str) -> torch.Tensor:
+    """The weight matrix ``name`` as the model computes with it: a parameter, or a packed ternary layer's codes ×
+    scale (``<layer>.weight``: packed layers keep their weights as buffers)."""
+    from ..quant.bitnet import packed_bitlinear_modules
+
+    params = dict(model.named_parameters())
+    if name in params:
+        return params[name].detach().float()
+    return packed_bitlinear_modules(model)[name.removesuffix(".weight")].dequantized_weight()
+
+
 def inspect_model(path: str | Path) -> dict[str, Any]:
-    """Parameter counts per module kind, per-matrix statistics (ternary share of BitLinear layers), the artifact's
-    bits (a Phase-8 folder) and the experts beside the model (a Phase-7 folder)."""
-    from ..quant.bitnet import BitLinear, ternary_quantize
+    """Parameter counts per module kind (tied weights once; a packed ternary layer counts its out × in weights),
+    per-matrix statistics and how each is stored (ternary share of BitLinear and packed layers, the codec of a
+    Phase-8 artifact's tensors), the artifact's bits (a Phase-8 folder) and the scalings of the experts the model
+    answers with (Phase 7's folder, or those a Phase-8 artifact carries)."""
     from ..modelio import load_lm
+    from ..quant.bitnet import packed_bitlinear_modules
 
     folder = paths.resolve(path)
     model = load_lm(folder)
     modules = dict(model.named_modules())
+    codecs = _artifact_codecs(folder)
     kinds: dict[str, int] = {}
     layers = []
-    for name, param in model.named_parameters():
-        kinds[_kind(name)] = kinds.get(_kind(name), 0) + param.numel()
-        if param.dim() != 2:
-            continue
-        w = param.detach().float()
-        row = {"name": name, "shape": list(w.shape), "std": round(float(w.std()), 5),
-               "abs_max": round(float(w.abs().max()), 4)}
-        if isinstance(modules.get(name.removesuffix(".weight")), BitLinear):
-            codes = ternary_quantize(w)[0]
-            row.update({f"share_{v}": round(float((codes == v).float().mean()), 4) for v in (-1, 0, 1)})
-        layers.append(row)
+    weights = [(n, lambda p=p: p) for n, p in model.named_parameters()]
+    weights += [(f"{n}.weight", m.dequantized_weight) for n, m in packed_bitlinear_modules(model).items()]
+    for name, weight in weights:  # a packed layer's matrix unpacked only while its row is computed
+        w = weight()
+        kinds[_kind(name)] = kinds.get(_kind(name), 0) + w.numel()
+        if w.dim() == 2:
+            layers.append(_matrix_row(name, w, modules.get(name.removesuffix(".weight")), codecs))
+        del w
     out: dict[str, Any] = {"folder": paths.relative(folder), "parameters": sum(kinds.values()), "per_kind": kinds,
                            "matrices": layers}
-    if (folder / "model.forge").is_file():
+    if codecs:
         from ..quant.artifact import artifact_report
 
         report = artifact_report(folder / "model.forge")
         out["artifact"] = {"bits_per_weight": round(report["bits_per_weight"], 4), "file_bytes": report["file_bytes"],
                            "weights_per_codec": report["weights_per_codec"]}
-    experts = folder.parent.parent / "experts"
-    if experts.is_dir():
-        from ..experts import load_expert
-
-        out["experts"] = {f.stem: {n: [round(float(x), 4) for x in torch.sigmoid(z)] for n, z in load_expert(f).items()}
-                          for f in sorted(experts.glob("expert_*.safetensors"))}
+    scalings = expert_scalings(folder, model)
+    if scalings:
+        out["experts"] = scalings
     out["_model"] = model
     return out
 
 
+def expert_scalings(folder: Path, model) -> dict[str, dict[str, dict[str, float]]]:
+    """Per expert and adapted matrix, the mean / min / max of the factors its singular values are multiplied by
+    (SVF, ``forgelib.experts.svf``: 1 = unchanged), for the experts a Phase-7 folder or a Phase-8 artifact answers
+    with; {} for a model without experts."""
+    from ..experts import SVFConfig, apply_svf, remove_svf
+    from ..scorecard import ScorecardParams, _system
+    from ..thoughts import base_lm
+
+    experts_dir = folder.parent.parent / "experts"
+    entry = {"path": folder, "experts": experts_dir if (experts_dir / "router.pt").is_file() else None}
+    system = _system(entry, None, [], ScorecardParams())
+    if not system.experts:
+        return {}
+    svf = apply_svf(base_lm(model), SVFConfig(**system.svf_config))
+    try:
+        out = {}
+        for c, z in enumerate(system.experts):
+            svf.load_z(z)
+            out[f"expert_{c}"] = {n: {"mean": round(float(s.mean()), 4), "min": round(float(s.min()), 4),
+                                      "max": round(float(s.max()), 4)} for n, s in svf.scalings().items()}
+        return out
+    finally:
+        remove_svf(svf)
+
+
 def weight_figure(info: dict, name: str) -> "plt.Figure":
     """Histogram of one matrix's weights and its singular-value spectrum."""
-    params = dict(info["_model"].named_parameters())
-    w = params[name].detach().float()
+    w = matrix_weight(info["_model"], name)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
     a.hist(w.flatten().numpy(), bins=60, color="C0")
     a.set_title(f"{name}: weights", fontsize=8)
@@ -233,19 +311,45 @@ def model_tables(info: dict):
     return kinds, pd.DataFrame(info["matrices"]).set_index("name")
 
 
+def experts_frame(info: dict):
+    """The experts' singular-value scalings (``expert_scalings``), one row per expert and matrix: mean, min, max
+    (1 = unchanged); an empty frame for a model without experts."""
+    import pandas as pd
+
+    rows = [{"expert": e, "matrix": n, **v} for e, per in (info.get("experts") or {}).items() for n, v in per.items()]
+    frame = pd.DataFrame(rows, columns=["expert", "matrix", "mean", "min", "max"]).set_index(["expert", "matrix"])
+    frame.attrs["note"] = ("each expert's factor on the singular values of each matrix it adapts (SVF: "
+                           "W' = U diag(σ·factor) Vᵀ); 1 = unchanged, above 1 = that direction amplified")
+    return frame
+
+
+def _summary_lines(info: dict, kinds) -> list[str]:
+    """The inspector's head: the parameter count, how the matrices are stored, the artifact's bits."""
+    lines = [f"{info['folder']}: {info['parameters']:,} parameters (tied weights once, packed ternary layers by "
+             "their weights)"]
+    stored: dict[str, int] = {}
+    for row in info["matrices"]:
+        stored[row["stored"]] = stored.get(row["stored"], 0) + 1
+    lines.append("matrices stored as: " + ", ".join(f"{k} × {v}" for k, v in stored.items()))
+    if "artifact" in info:
+        lines.append(f"artifact: {info['artifact']['bits_per_weight']} bits per weight, "
+                     f"{info['artifact']['file_bytes']:,} bytes; "
+                     f"values per codec {info['artifact']['weights_per_codec']}")
+    return lines + [kinds.to_string()]
+
+
 def model_inspector(path: str | Path):
-    """Widget: the tables, a matrix picker showing its histogram and spectrum, the artifact's bits."""
+    """Widget: the tables, a matrix picker showing its histogram and spectrum (and a ternary layer's shares of
+    -1 / 0 / +1), the artifact's bits, and the experts' scalings per matrix."""
     import ipywidgets as w
 
     info = inspect_model(path)
     kinds, matrices = model_tables(info)
     pick = w.Dropdown(options=list(matrices.index), description="matrix", layout=w.Layout(width="70%"))
-    lines = [f"{info['folder']}: {info['parameters']:,} parameters"]
-    if "artifact" in info:
-        lines.append(f"artifact: {info['artifact']['bits_per_weight']} bits per weight, "
-                     f"{info['artifact']['file_bytes']:,} bytes; "
-                     f"values per codec {info['artifact']['weights_per_codec']}")
-    head, row, figure = w.HTML(_pre("\n".join(lines + [kinds.to_string()]))), w.HTML(), w.Output()
+    head, row, figure = w.HTML(_pre("\n".join(_summary_lines(info, kinds)))), w.HTML(), w.Output()
+    experts = experts_frame(info)
+    scalings = w.HTML(_pre(f"expert scalings ({experts.attrs['note']}):\n{experts.to_string()}")
+                      if len(experts) else "")
 
     def show(change=None):
         row.value = _pre(json.dumps(matrices.loc[pick.value].dropna().to_dict(), default=str))
@@ -255,10 +359,10 @@ def model_inspector(path: str | Path):
             _show(fig)
         box.last_figure = fig
 
-    box = w.VBox([head, pick, row, figure])
+    box = w.VBox([head, pick, row, figure, scalings])
     pick.observe(show, names="value")
     show()
-    box.controls = {"matrix": pick, "figure": figure, "head": head, "row": row}
+    box.controls = {"matrix": pick, "figure": figure, "head": head, "row": row, "experts": scalings}
     box.info = info
     return box
 
@@ -284,49 +388,63 @@ def load_metrics(files: Iterable[str | Path]):
     return pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
 
 
-def plot_metric(frame, metric: str, runs: Iterable[str] | None = None) -> "plt.Figure":
-    """One metric over steps, one line per run."""
+def plot_metric(frame, metrics: str | Iterable[str], runs: Iterable[str] | None = None) -> "plt.Figure":
+    """One or several metrics over steps, one line per run and metric (overlaid on one axis)."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    sub = frame[frame.metric == metric]
-    for run in (runs or sorted(sub.run.unique())):
-        part = sub[sub.run == run].sort_values("step")
-        if len(part):
-            ax.plot(part.step, part.value, ".-", label=run, ms=3)
+    for metric in metrics:
+        sub = frame[frame.metric == metric]
+        for run in (runs or sorted(sub.run.unique())):
+            part = sub[sub.run == run].sort_values("step")
+            if len(part):
+                ax.plot(part.step, part.value, ".-", label=run if len(metrics) == 1 else f"{run}: {metric}", ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def metrics_explorer(files: Iterable[str | Path] | None = None, session_glob: str = "*"):
-    """Widget: runs (several) and a metric → the overlaid curves. ``files`` default: every ``metrics.jsonl`` under
-    ``outputs/<session_glob>/``."""
+    """Widget: runs (several) and metrics (several: ctrl/shift-click) → the overlaid curves. A chosen metric stays
+    chosen while the runs change, as long as one of the runs logged it. ``files`` default: every ``metrics.jsonl``
+    under ``outputs/<session_glob>/``."""
     import ipywidgets as w
 
     files = list(files) if files is not None else sorted(paths.outputs_root().glob(f"{session_glob}/*/metrics.jsonl"))
     frame = load_metrics(files)
     runs = w.SelectMultiple(options=sorted(frame.run.unique()), description="runs", rows=6,
                             layout=w.Layout(width="60%"))
-    metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="60%"))
+    metrics = w.SelectMultiple(options=[], description="metrics", rows=6, layout=w.Layout(width="60%"))
     out = w.Output()
+    updating = []
 
     def update_metrics(change=None):
         chosen = frame[frame.run.isin(runs.value)] if runs.value else frame.iloc[0:0]
-        metric.options = sorted(chosen.metric.unique())
+        options = sorted(chosen.metric.unique())
+        kept = tuple(m for m in metrics.value if m in options)
+        updating.append(True)  # one redraw for the new runs, not one per intermediate value
+        try:
+            metrics.options = options
+            metrics.value = kept
+        finally:
+            updating.pop()
 
     def show(change=None):
+        if updating:
+            return
         out.clear_output(wait=True)
-        if metric.value and runs.value:
+        if metrics.value and runs.value:
             with out:
-                fig = plot_metric(frame, metric.value, runs.value)
+                fig = plot_metric(frame, metrics.value, runs.value)
                 _show(fig)
             box.last_figure = fig
 
-    box = w.VBox([runs, metric, out])
+    box = w.VBox([runs, metrics, out])
     runs.observe(update_metrics, names="value")
     runs.observe(show, names="value")
-    metric.observe(show, names="value")
-    box.controls = {"runs": runs, "metric": metric, "out": out}
+    metrics.observe(show, names="value")
+    box.controls = {"runs": runs, "metrics": metrics, "out": out}
     box.frame = frame
     return box

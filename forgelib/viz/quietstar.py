@@ -61,18 +61,31 @@ def plot_mixing_heatmap(report: dict, max_tokens: int = 40) -> "plt.Figure":
     for i, row in enumerate(rows):
         weights = row["weights"]
         grid[i, :len(weights)] = weights
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * width), 0.8 + 0.55 * len(rows)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.05, float(np.nanmax(grid))))
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * width + 2.5), 1.2 + 0.7 * len(rows)))
+    top = max(0.05, float(np.nanmax(grid)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
     for i, row in enumerate(rows):
         for j, (token, is_answer) in enumerate(zip(row["tokens"][:width], row["answer"][:width])):
-            ax.text(j, i, token.replace("$", r"\$"), ha="center", va="center", fontsize=7, color="white",
+            bright = not np.isnan(grid[i, j]) and grid[i, j] > 0.6 * top  # dark text on the light end of viridis
+            special = token.startswith("<|") and token.endswith("|>")  # <|eos|> written eos, smaller: one cell
+            ax.text(j, i, token[2:-2] if special else token.replace("$", r"\$"), ha="center", va="center",
+                    fontsize=TOKEN_FONTSIZE - 2 if special else TOKEN_FONTSIZE, color="black" if bright else "white",
                     fontweight="bold" if is_answer else "normal")
-    ax.set_yticks(range(len(rows)), [r["prompt"][:24] for r in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [_cut(r["prompt"], 32) for r in rows], fontsize=LABEL_FONTSIZE)
     ax.set_xticks([])
-    ax.set_title("Mixing weight per predicted token (bold: answer tokens)")
+    ax.set_title("Mixing weight per predicted token (bold: answer tokens)", fontsize=LABEL_FONTSIZE + 2)
     fig.colorbar(image, ax=ax, fraction=0.03, label="w")
     fig.tight_layout()
     return fig
+
+
+TOKEN_FONTSIZE = 10
+"""Points of the token written in each heatmap cell (a cell is half an inch wide)."""
+LABEL_FONTSIZE = 9
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _pieces(tokenizer, ids) -> str:
