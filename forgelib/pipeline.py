@@ -452,7 +452,7 @@ class Pipeline:
             raise
         result = PhaseResult.load(phase_dir(self.session, spec))
         self._check_handoff(spec, result)
-        if result.gate_failed:
+        if result.gate_failed and self.notebooks:  # in this process, run_phase printed it
             from .phases.base import gate_warning
 
             self.log(gate_warning(spec, result))
