@@ -186,9 +186,10 @@ def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any 
         output = write_json_atomic(out_dir / "scorecard.json",
                                    {"session": session, "models": card, "targets": targets(card)})
         chain_gate(session)
-    check_chain(out_dir)
+    warned = check_chain(out_dir).get("gate_failed") or []
     log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}; "
-        "the chain gate held")
+        "the chain gate held" + (f"; gate-failed (not enforced) phases in the chain: {', '.join(warned)}"
+                                 if warned else ""))
     return output
 
 

@@ -103,6 +103,11 @@ class PhaseResult:
             raise ValueError(f"'gate' must be a list of checks (objects), got {short(gate)}")
         data["gate"] = [_gate_check(g) for g in gate]
         _check_models(data.get("models", {}))
+        if not isinstance(data.get("gate_failed", False), bool):
+            raise ValueError(f"'gate_failed' must be true or false, got {short(data['gate_failed'])}")
+        failed = data.get("failed_checks", [])
+        if not isinstance(failed, list) or not all(isinstance(f, str) for f in failed):
+            raise ValueError(f"'failed_checks' must be a list of texts, got {short(failed)}")
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:

@@ -272,3 +272,14 @@ def test_scorecard_takes_the_completed_part_of_a_chain(outputs, capsys):
                                      "are not in this scorecard")
     _run(capsys, "--session", "c2")
     assert latest_session() == "c2" and partial_note(session_models("c2")) == ""
+
+
+@pytest.mark.parametrize("field, value, named", [("gate_failed", "yes", "'gate_failed' must be true or false"),
+                                                  ("failed_checks", "x" * 500, "'failed_checks' must be a list")])
+def test_a_result_json_with_a_malformed_gate_failed_record_is_named(tmp_path, field, value, named):
+    result = PhaseResult(phase="beta", number=2, session="x", status="ok").to_dict()
+    result[field] = value
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=named) as caught:
+        PhaseResult.load(tmp_path)
+    assert str(tmp_path / "result.json") in str(caught.value) and len(str(caught.value)) < 400
