@@ -137,7 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     plain = args.resume is None and args.rerun_from is None
     params = args.params if plain or getattr(args, "params_given", False) else None
     try:
-        outcomes = run_pipeline(params, args.phases, args.resume or args.session, _parse_set(args.set),
+        overrides = {**_parse_set(args.set), **({"run.gates": args.gates} if args.gates else {})}
+        outcomes = run_pipeline(params, args.phases, args.resume or args.session, overrides,
                                 resume=args.resume is not None, notebooks=not args.no_notebooks,
                                 rerun_from=args.rerun_from)
     except (RefusedError, ParameterError) as exc:  # refused before anything was created
@@ -178,7 +179,7 @@ def cmd_phase(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     from . import paths
-    from .registry import ModelRegistry
+    from .registry import ModelRegistry, model_status_text
 
     with ModelRegistry(paths.registry_path()) as reg:
         if args.what == "sessions":
@@ -186,13 +187,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
             keys = ["id", "status", "current_phase", "progress", "created_at"]
         else:
             rows = reg.list_models(session_id=args.session)
-            keys = ["id", "session_id", "phase_name", "model_name", "size_mb", "parameter_count", "model_path"]
+            keys = ["id", "session_id", "phase_name", "model_name", "status", "size_mb", "parameter_count",
+                    "model_path"]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     print("\t".join(keys))
-    for row in rows:
-        print("\t".join(_cell(k, row.get(k, "")) for k in keys))
+    for row in rows:  # a model's status in words: active, gate-failed, retired: <reason>
+        print("\t".join(_cell(k, model_status_text(row) if k == "status" and args.what == "list"
+                               else row.get(k, "")) for k in keys))
     return 0
 
 
@@ -372,6 +375,9 @@ def _add_run(sub) -> None:
                        help="a new session (--session, default SESSION-from<N>-<time>) running PHASE onwards "
                             "(or --phases, beginning at PHASE) after SESSION's completed phase PHASE-1, with "
                             "SESSION's parameters changed by --params/--set; SESSION is left as it is")
+    run.add_argument("--gates", choices=["enforce", "warn"], default=None,
+                     help="enforce (the default, run.gates): a failed gate stops the chain; warn: to explore, a failed "
+                          "gate is reported, the phase's models are registered as gate-failed and the chain goes on")
     run.add_argument("--no-notebooks", action="store_true",
                      help="run each phase's calls in this process instead of its notebook (a machine without "
                           "Jupyter; no executed notebooks; the scorecard goes to "
@@ -391,8 +397,8 @@ def _add_registry(sub) -> None:
     reg = _command(sub, "registry", "list the registry: its models (list) or its sessions (sessions)",
                    "List what the registry (outputs/registry.db) holds, as a tab-separated table or as JSON.",
                    epilog="what to list:\n"
-                          "  list      one row per registered model: id, session, phase, name, size in MB, "
-                          "parameter count, folder\n"
+                          "  list      one row per registered model: id, session, phase, name, status (active, "
+                          "gate-failed, retired: reason), size in MB, parameter count, folder\n"
                           "  sessions  one row per session: id, status, current phase, progress, creation time")
     reg.add_argument("what", choices=["list", "sessions"], nargs="?", default="list",
                      help="list: the models (the default); sessions: the sessions")

@@ -39,7 +39,8 @@ class ReadOnlyRegistry:
     """A follower's view of the model registry: reads go to the real one; writes change nothing."""
 
     WRITES = {"create_session": None, "update_session": None, "start_phase_run": -1, "finish_phase_run": None,
-              "interrupt_stale_runs": [], "register_model": None}
+              "interrupt_stale_runs": [], "register_model": None,
+              "set_model_status": None, "move_model_paths": []}
 
     def __init__(self, registry: Any):
         self._registry = registry

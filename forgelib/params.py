@@ -41,6 +41,9 @@ class RunParams:
     wandb_project: str = "agent-forge"
     quiet: bool = False
     """Hide progress bars (batch runs)."""
+    gates: Literal["enforce", "warn"] = "enforce"
+    """'enforce': a phase whose gate fails stops the chain; 'warn' (exploration): the failure is reported, the
+    phase's models are registered as gate-failed and the chain goes on (``forge run --gates warn``)."""
 
     def __post_init__(self):
         # The device's form is checked here; whether this machine has it, before a run creates anything

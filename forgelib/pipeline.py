@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 from . import paths
 from .params import check_stored_size, cut, merge_overrides, read_yaml, stored_size, to_dict
 from .phases import PHASES, PhaseSpec, UnknownPhaseError, get_spec, select
-from .phases.base import (DamagedResultError, as_phase_error, check_device, checked_completed_result,
+from .phases.base import (DamagedResultError, GateFailedError, as_phase_error, check_device, checked_completed_result,
                           completed_result, latest_completed, load_guard_params, load_phase_params, new_session_id,
                           phase_dir, session_exists, upstream_line, upstream_record, verified_model_path)
 from .registry import CorruptRegistryError
@@ -75,14 +75,14 @@ def validate_params_file(params_file: str | os.PathLike, specs: list[PhaseSpec],
 def validate_handoff(result: PhaseResult, registry: Any, load_models: bool = True) -> dict:
     """Check a finished phase before the next one may start; returns the validation record.
 
-    Checks: status ok, gate passed, at least one model, each model's checksum matches the registry and
-    (``load_models``) the model folder loads as a causal LM.
+    Checks: status ok, gate passed (or failed under ``run.gates: warn``: ``gate_failed`` records it), at least one
+    model, each model's checksum matches the registry and (``load_models``) the model folder loads as a causal LM.
     """
     checks: dict[str, Any] = {"status_ok": result.ok, "gate_passed": result.gate_passed,
-                              "has_models": bool(result.models), "models": {}}
+                              "gate_failed": result.gate_failed, "has_models": bool(result.models), "models": {}}
     for role in result.models:
         checks["models"][role] = _check_model(result, role, registry, load_models)
-    checks["ok"] = bool(checks["status_ok"] and checks["gate_passed"] and checks["has_models"]
+    checks["ok"] = bool(checks["status_ok"] and (result.gate_passed or result.gate_failed) and checks["has_models"]
                         and all(m["ok"] for m in checks["models"].values()))
     return checks
 
@@ -151,8 +151,8 @@ def _run_in_process(spec: PhaseSpec, session: str, params_file: str, overrides: 
     try:
         run_phase(open_phase(spec, params_file, overrides, session, upstream, all_specs))
     except Exception as exc:
-        raise PipelineError(f"phase {spec.dirname} failed: {type(exc).__name__}: {exc} "
-                            f"(see {paths.relative(phase_dir(session, spec))})") from exc
+        see = "" if isinstance(exc, GateFailedError) else f" (see {paths.relative(phase_dir(session, spec))})"
+        raise PipelineError(f"phase {spec.dirname} failed: {type(exc).__name__}: {exc}{see}") from exc
 
 
 SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
@@ -186,9 +186,10 @@ def run_scorecard(session: str, log: Callable[[str], None] = print, kernel: Any 
         output = write_json_atomic(out_dir / "scorecard.json",
                                    {"session": session, "models": card, "targets": targets(card)})
         chain_gate(session)
-    check_chain(out_dir)
+    warned = check_chain(out_dir).get("gate_failed") or []
     log(f"[forge] 09_scorecard: completed in {time.perf_counter() - started:.1f}s — {paths.relative(output)}; "
-        "the chain gate held")
+        "the chain gate held" + (f"; gate-failed (not enforced) phases in the chain: {', '.join(warned)}"
+                                 if warned else ""))
     return output
 
 
@@ -215,7 +216,7 @@ def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: 
         reason = result.error or reason
     except (FileNotFoundError, ValueError):
         pass
-    return f"phase {spec.dirname} failed: {reason}\n  executed notebook kept at {notebook}"
+    return f"phase {spec.dirname} failed: {reason} (the executed notebook is kept at {paths.relative(notebook)})"
 
 
 class Pipeline:
@@ -349,7 +350,10 @@ class Pipeline:
             upstream = outcome.result
             self.registry.update_session(self.session, progress=(i + 1) / len(self.specs))
         self.registry.update_session(self.session, status="completed")
-        self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed")
+        warned = [o.spec.dirname for o in outcomes if o.result is not None and o.result.gate_failed]
+        self.log(f"[forge] session {self.session}: all {len(self.specs)} phase(s) completed"
+                 + (f"; GATE FAILED, not enforced (run.gates: warn), in {', '.join(warned)}: their models are "
+                    "registered as gate-failed" if warned else ""))
         if self.specs and self.specs[-1].name == SCORECARD_AFTER and paths.resolve(SCORECARD_NOTEBOOK).is_file():
             run_scorecard(self.session, self.log, kernel=self._next_kernel(ahead=False), notebook=self.notebooks)
         return outcomes
@@ -432,9 +436,7 @@ class Pipeline:
             self._check_handoff(spec, done, earlier=True)  # its models must still exist and match
             self.log(f"[forge] {spec.dirname}: already completed in session {self.session}; kept as is")
             return PhaseOutcome(spec, "skipped", done, None, 0.0)
-        moved = _set_aside(phase_dir(self.session, spec))
-        if moved:
-            self.log(f"[forge] {spec.dirname}: incomplete earlier attempt moved to {moved.name}")
+        self._set_aside(spec)
         how = spec.notebook if self.notebooks else "in this process"
         self.log(f"[forge] {spec.dirname}: running {how} (session {self.session})")
         started = time.perf_counter()
@@ -451,10 +453,24 @@ class Pipeline:
             raise
         result = PhaseResult.load(phase_dir(self.session, spec))
         self._check_handoff(spec, result)
+        if result.gate_failed and self.notebooks:  # in this process, run_phase printed it
+            from .phases.base import gate_warning
+
+            self.log(gate_warning(spec, result))
         seconds = time.perf_counter() - started
         self.log(f"[forge] {spec.dirname}: completed in {seconds:.1f}s — "
                  + ", ".join(f"{k}={_fmt(v)}" for k, v in list(result.metrics.items())[:6]))
         return PhaseOutcome(spec, "completed", result, notebook, seconds)
+
+    def _set_aside(self, spec: PhaseSpec) -> None:
+        """Move an incomplete earlier attempt's folder aside; its registry rows follow it there, retired (they never
+        point at the folder the next attempt writes)."""
+        folder = phase_dir(self.session, spec)
+        moved = _set_aside(folder)
+        if moved:
+            self.registry.move_model_paths(self.session, folder, moved, f"left by an incomplete attempt of "
+                                           f"{spec.dirname}, moved aside to {paths.relative(moved)}")
+            self.log(f"[forge] {spec.dirname}: incomplete earlier attempt moved to {moved.name}")
 
     def _check_handoff(self, spec: PhaseSpec, result: PhaseResult, earlier: bool = False) -> None:
         """Validate and record the phase's handoff; ``earlier`` for a phase completed by an earlier run (kept,
@@ -696,7 +712,7 @@ def summary_table(outcomes: Iterable[PhaseOutcome]):
         row = {"phase": o.spec.dirname, "status": o.status, "gate": "", "seconds": round(o.seconds, 1),
                "kept": "", "headline": ""}
         if o.result is not None:
-            row["gate"] = "pass" if o.result.gate_passed else "FAIL"
+            row["gate"] = "pass" if o.result.gate_passed else "FAIL (warn)" if o.result.gate_failed else "FAIL"
             row["seconds"] = round(o.result.duration_s, 1)
             row["kept"] = _guard_text(o.result.metrics)
             row["headline"] = headline_text(o.result.metrics, getattr(o.spec.load(), "HEADLINE", None))

@@ -11,7 +11,9 @@ phase_runs  id, session_id, phase_name, status (running/completed/failed/interru
             finished_at, duration_s, metrics (JSON), error
 models      id, session_id, phase_name, model_name, model_path, sha256, size_mb, parameter_count,
             metadata (JSON), created_at, retired_at, retired_reason (set when the run that registered the
-            model was interrupted: a retired model is never verified again)
+            model was interrupted or failed, or its folder was moved aside: a retired model is never verified
+            again), status ('active', 'gate-failed': its phase's gate failed under ``run.gates: warn`` and the
+            chain went on, or 'retired'; added in place to a registry of the earlier schema)
 handoffs    id, session_id, source_phase, source_model_id, target_phase, ok, validation (JSON), created_at
 
 JSON columns hold dicts; timestamps are ISO-8601 strings in UTC. Model checksums are SHA-256 over the
@@ -42,12 +44,13 @@ __all__ = [
     "UnknownRecordError", "SessionExistsError", "RetiredModelError", "CorruptRegistryError", "ConfigTooLargeError",
     "compute_checksum",
     "path_size_mb",
-    "SESSION_STATUSES", "PHASE_RUN_STATUSES",
+    "SESSION_STATUSES", "PHASE_RUN_STATUSES", "MODEL_STATUSES", "model_status_text",
 ]
 
 SESSION_STATUSES = ("created", "running", "paused", "completed", "failed", "interrupted")
 PHASE_RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 _FINISHED_RUN_STATUSES = ("completed", "failed")
+MODEL_STATUSES = ("active", "gate-failed", "retired")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -64,7 +67,7 @@ CREATE TABLE IF NOT EXISTS models (
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
     phase_name TEXT NOT NULL, model_name TEXT NOT NULL, model_path TEXT NOT NULL,
     sha256 TEXT NOT NULL, size_mb REAL NOT NULL, parameter_count INTEGER, metadata TEXT NOT NULL,
-    created_at TEXT NOT NULL, retired_at TEXT, retired_reason TEXT);
+    created_at TEXT NOT NULL, retired_at TEXT, retired_reason TEXT, status TEXT NOT NULL DEFAULT 'active');
 CREATE TABLE IF NOT EXISTS handoffs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -131,7 +134,8 @@ def _iso(moment: datetime) -> str:
 
 def _migrate(conn: sqlite3.Connection, statements: list[str]) -> None:
     """Bring a registry written by an earlier version to this schema (idempotent, inside the schema's
-    transaction): phase_runs gains the 'interrupted' status, models the retired_at/retired_reason columns."""
+    transaction): phase_runs gains the 'interrupted' status, models the retired_at/retired_reason and status columns
+    (a model retired before the status column existed gets status 'retired')."""
     sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'phase_runs'").fetchone()[0]
     if "'interrupted'" not in sql:  # SQLite cannot alter a CHECK constraint: rebuild the table
         create = next(s for s in statements if "TABLE IF NOT EXISTS phase_runs" in s)
@@ -144,6 +148,16 @@ def _migrate(conn: sqlite3.Connection, statements: list[str]) -> None:
     for column in ("retired_at", "retired_reason"):
         if column not in columns:
             conn.execute(f"ALTER TABLE models ADD COLUMN {column} TEXT")
+    if "status" not in columns:
+        conn.execute("ALTER TABLE models ADD COLUMN status TEXT NOT NULL DEFAULT 'active'")
+        conn.execute("UPDATE models SET status = 'retired' WHERE retired_at IS NOT NULL")
+
+
+def model_status_text(row: dict, limit: int = 120) -> str:
+    """A model row's status in words: ``active``, ``gate-failed`` or ``retired: <reason>`` (cut to ``limit``)."""
+    if row.get("retired_at"):
+        return cut(f"retired: {row.get('retired_reason') or 'no reason recorded'}", limit)
+    return str(row.get("status") or "active")
 
 
 def _check_policy(keep_sessions: int | None, max_age_days: float | None) -> None:
@@ -191,6 +205,14 @@ def _bad_row_message(db_path: Path | str, table: str, row: dict, column: str, pr
     return (f"registry {db_path}: {table} row {short(row.get('id'))}{owner}: its {column} column {problem}; the row "
             "was changed outside forge: repair or delete that row (sqlite3), or move the registry aside (the next "
             "run starts a new, empty one)")
+
+
+def _decode_json(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if text else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _encode(value: dict | None, field: str) -> str:
@@ -488,7 +510,8 @@ class ModelRegistry:
                 until = conn.execute("SELECT MIN(started_at) FROM phase_runs WHERE session_id = ? AND "
                                      "phase_name = ? AND id > ?", (session_id, run["phase_name"], run["id"])
                                      ).fetchone()[0]
-                conn.execute("UPDATE models SET retired_at = ?, retired_reason = ? WHERE session_id = ? AND "
+                conn.execute("UPDATE models SET retired_at = ?, retired_reason = ?, status = 'retired' WHERE "
+                             "session_id = ? AND "
                              "phase_name = ? AND created_at >= ? AND (? IS NULL OR created_at < ?) AND "
                              "retired_at IS NULL", (now, f"registered by phase run {run['id']}, which was "
                                                     "interrupted", session_id, run["phase_name"],
@@ -557,6 +580,51 @@ class ModelRegistry:
         models = [m for m in self.list_models(session_id=session_id, phase_name=phase_name)
                   if m.get("retired_at") is None]
         return models[-1] if models else None
+
+    def set_model_status(self, model_ids: Iterable[int], status: str, reason: str | None = None,
+                         metadata: dict | None = None) -> None:
+        """Mark models ``status`` (one of ``MODEL_STATUSES``): 'retired' with ``reason`` (a model already retired
+        keeps its first reason), 'gate-failed' with ``metadata`` merged into each row's metadata."""
+        _check_choice(status, "model status", MODEL_STATUSES)
+        ids = [int(i) for i in model_ids]
+        if status == "retired" and not reason:
+            raise ValueError("retiring a model needs a reason")
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = self._now()
+            for model_id in ids:
+                if status == "retired":
+                    conn.execute("UPDATE models SET status = 'retired', retired_at = ?, retired_reason = ? "
+                                 "WHERE id = ? AND retired_at IS NULL", (now, reason, model_id))
+                    continue
+                row = conn.execute("SELECT metadata FROM models WHERE id = ?", (model_id,)).fetchone()
+                if row is None:
+                    raise UnknownRecordError(f"unknown model id {model_id!r}")
+                merged = {**(_decode_json(row["metadata"]) or {}), **(metadata or {})}
+                conn.execute("UPDATE models SET status = ?, metadata = ? WHERE id = ? AND retired_at IS NULL",
+                             (status, _encode(merged, "metadata"), model_id))
+        self._write(work)
+
+    def move_model_paths(self, session_id: str, old: str | os.PathLike, new: str | os.PathLike,
+                         reason: str) -> list[int]:
+        """A folder of ``session_id`` was moved from ``old`` to ``new`` (an incomplete attempt set aside): its
+        models' rows point into ``new`` and are retired with ``reason`` (never left pointing at the folder the
+        next attempt writes). Returns the ids of the rows changed."""
+        old_path, new_path = Path(os.path.abspath(old)), Path(os.path.abspath(new))
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            changed, now = [], self._now()
+            rows = conn.execute("SELECT id, model_path FROM models WHERE session_id = ?", (session_id,)).fetchall()
+            for row in rows:
+                path = Path(row["model_path"])
+                if path == old_path or path.is_relative_to(old_path):
+                    moved = new_path / path.relative_to(old_path)
+                    conn.execute("UPDATE models SET model_path = ?, status = 'retired', "
+                                 "retired_at = COALESCE(retired_at, ?), retired_reason = COALESCE(retired_reason, ?) "
+                                 "WHERE id = ?", (str(moved), now, reason, row["id"]))
+                    changed.append(row["id"])
+            return changed
+        return self._write(work)
 
     def verify_model(self, model_id: int) -> str:
         """Recompute the model's checksum; returns its path when the files are unchanged.

@@ -63,10 +63,19 @@ class PhaseResult:
     suite: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """What the handed-on model knows: task family -> [lowest, highest] level (``forgelib.suite``); every later
     phase guards it."""
+    gate_failed: bool = False
+    """The gate failed but the chain went on (``run.gates: warn``, exploration): the phase's models are registered
+    as gate-failed and ``failed_checks`` names the checks that failed."""
+    failed_checks: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def gate_passed(self) -> bool:
         return all(check.passed for check in self.gate)
+
+    @property
+    def accepted(self) -> bool:
+        """Completed and handed on: status ok, and the gate held or failed under ``run.gates: warn``."""
+        return self.ok and (self.gate_passed or self.gate_failed)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +103,11 @@ class PhaseResult:
             raise ValueError(f"'gate' must be a list of checks (objects), got {short(gate)}")
         data["gate"] = [_gate_check(g) for g in gate]
         _check_models(data.get("models", {}))
+        if not isinstance(data.get("gate_failed", False), bool):
+            raise ValueError(f"'gate_failed' must be true or false, got {short(data['gate_failed'])}")
+        failed = data.get("failed_checks", [])
+        if not isinstance(failed, list) or not all(isinstance(f, str) for f in failed):
+            raise ValueError(f"'failed_checks' must be a list of texts, got {short(failed)}")
         return cls(**data)
 
     def save(self, folder: str | Path) -> Path:

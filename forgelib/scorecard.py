@@ -76,7 +76,8 @@ def chain_models(folder: str | Path) -> list[dict[str, Any]]:
     for _, result in upstream_chain(folder):
         experts = result.artifacts.get("experts")
         rows[:0] = [{"number": result.number, "phase": result.phase, "role": role,
-                     "path": paths.resolve(entry["path"]), "experts": paths.resolve(experts) if experts else None}
+                     "path": paths.resolve(entry["path"]), "experts": paths.resolve(experts) if experts else None,
+                     "gate_failed": result.gate_failed}
                     for role, entry in result.models.items() if role not in SKIP_ROLES]
     return rows
 
@@ -179,7 +180,8 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     else:
         size = _bytes(entry["path"]) + (_bytes(entry["experts"]) if entry["experts"] else 0)
         values = stored_values(model)
-    row = {"phase": f"{entry['number']} {entry['phase']}", "model": entry["role"], "values": values, "bytes": size,
+    row = {"phase": f"{entry['number']} {entry['phase']}", "model": entry["role"],
+           "gate": "gate-failed" if entry.get("gate_failed") else "pass", "values": values, "bytes": size,
            "bits_per_value": round(8 * size / values, 3), "ppl": scored["ppl"], "accuracy": scored["acc"],
            "experts": len(system.experts or []),
            "tokens_per_s": tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)}
@@ -200,6 +202,9 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     quiet_library_bars()
     params = params or ScorecardParams()
     entries = chain_models(folder) if folder is not None else session_models(session)
+    for note in (partial_note(entries), gate_failed_note(entries)):
+        if note:
+            print(f"[forge] scorecard: {note}", flush=True)
     suite, seed = chain_suite(entries, params)
     test = [q for f, levels in suite.items() for q in questions(f, levels, params.per_family, seed)]
     with _threads(params.threads or _stored_run(entries).get("threads") or 1):
@@ -304,7 +309,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                "lost_by": {f: phases_that_lost(entries, f) for f in (failing or
                                                                     [f for f,
                                                                      v in report.families.items() if v.diff < 0])},
-               "answers": report.answers}
+               "answers": report.answers, "gate_failed": gate_failed_phases(entries)}
     if write and session is not None:
         write_json_atomic(paths.outputs_root() / session / "09_scorecard" / "chain.json", verdict)
     return verdict
@@ -338,8 +343,33 @@ def chain_message(verdict: dict) -> str:
         where = ", ".join(f"{w['phase']} {w['before']:.2f}→{w['after']:.2f}" for w in who) or "no single phase"
         parts.append(f"{r['family']}: {r['before']:.3f} → {r['after']:.3f} (lower bound {r['lower_bound']:.3f}, "
                      f"needs > {r['bound']:g}{'; ' + r['note'] if r['note'] else ''}; lost in: {where})")
+    warned = verdict.get("gate_failed") or []
     return (f"the chain gate failed: {verdict['final']} does not answer as well as {verdict['trunk']}: "
-            + "; ".join(parts))
+            + "; ".join(parts) + (f"; gate-failed (not enforced) phases in the chain: {', '.join(warned)}"
+                                  if warned else ""))
+
+
+def gate_failed_phases(entries: list[dict]) -> list[str]:
+    """The phases of the chain whose gate failed under ``run.gates: warn`` (``"5 curriculum"``)."""
+    return sorted({f"{e['number']} {e['phase']}" for e in entries if e.get("gate_failed")})
+
+
+def gate_failed_note(entries: list[dict]) -> str:
+    """A warning naming the chain's gate-failed phases, or ''."""
+    warned = gate_failed_phases(entries)
+    return (f"GATE FAILED, not enforced (run.gates: warn), in phase(s) {', '.join(warned)}: their models are "
+            "marked gate-failed (column 'gate')") if warned else ""
+
+
+def partial_note(entries: list[dict]) -> str:
+    """'' for a chain that reaches the last phase; else a line saying the scorecard covers only its completed part."""
+    from .phases import PHASES
+
+    if not entries or entries[-1]["number"] >= PHASES[-1].number:
+        return ""
+    last = entries[-1]
+    return (f"partial: the chain ends at phase {last['number']} ({last['phase']}), the last one completed; phases "
+            f"{last['number'] + 1}-{PHASES[-1].number} are not in this scorecard")
 
 
 def targets(card: list[dict]) -> dict[str, Any]:
@@ -363,14 +393,34 @@ def targets(card: list[dict]) -> dict[str, Any]:
 
 
 def latest_session() -> str:
-    """The newest session (by its Phase 8 result's finish time) whose Phase 8 completed."""
+    """The newest session (by its last phase's finish time) whose Phase 8 completed; when none did, the newest
+    session with any completed phase (its scorecard is partial: the chain up to that phase, said so when scored)."""
+    from .phases import PHASES
+
+    for specs in (PHASES[-1:], PHASES):
+        found = _completed_sessions(specs)
+        if found:
+            session = max(found)[1]
+            if specs is PHASES:
+                print(f"[forge] scorecard: no session has a completed {PHASES[-1].dirname}; taking the newest "
+                      f"session with a completed phase, {session} (a partial scorecard)", flush=True)
+            return session
+    raise FileNotFoundError(f"no session under {paths.outputs_root()} has a completed phase (every one failed or "
+                            "none ran): fix the first phase's gate (`forge run --set ...`) or explore with "
+                            "`forge run --gates warn`")
+
+
+def _completed_sessions(specs: list) -> list[tuple[str, str]]:
+    """(finish time, session) of every completed run of ``specs``' phases."""
     from .results import PhaseResult
 
     found = []
-    for file in paths.outputs_root().glob("*/08_compression/result.json"):
-        result = PhaseResult.load(file)
-        if result.ok:
-            found.append((result.finished_at, result.session))
-    if not found:
-        raise FileNotFoundError(f"no session under {paths.outputs_root()} has a completed Phase 8: run `make run`")
-    return max(found)[1]
+    for spec in specs:
+        for file in paths.outputs_root().glob(f"*/{spec.dirname}/result.json"):
+            try:
+                result = PhaseResult.load(file)
+            except ValueError:
+                continue
+            if result.accepted:
+                found.append((result.finished_at, result.session))
+    return found

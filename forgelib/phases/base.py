@@ -69,12 +69,12 @@ def phase_dir(session: str, spec: PhaseSpec) -> Path:
 
 
 def completed_result(session: str, spec: PhaseSpec) -> PhaseResult | None:
-    """The phase's result if it completed (status ok, gate held), else None."""
+    """The phase's result if it completed (status ok, gate held or failed under ``run.gates: warn``), else None."""
     try:
         result = PhaseResult.load(phase_dir(session, spec))
     except (FileNotFoundError, ValueError):
         return None
-    return result if result.ok and result.gate_passed else None
+    return result if result.accepted else None
 
 
 def checked_completed_result(session: str, spec: PhaseSpec, registry: Any) -> PhaseResult | None:
@@ -84,7 +84,7 @@ def checked_completed_result(session: str, spec: PhaseSpec, registry: Any) -> Ph
     result_file = phase_dir(session, spec) / RESULT_FILE
     try:
         result = PhaseResult.load(result_file)
-        if result.ok and result.gate_passed:
+        if result.accepted:
             return result
         problem = f"it says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed")
     except FileNotFoundError:
@@ -121,6 +121,8 @@ class PhaseContext:
     """How the upstream was chosen: 'given' (``upstream=``) or the newest completed run (not given)."""
     guard_params: Any = None
     """The ``guard`` section (``forgelib.suite.GuardParams``): how the phase checks it kept what its input knew."""
+    all_specs: list[PhaseSpec] | None = None
+    """The chain's phases (None: the product's): the phase before this one, for the ways on after a failed gate."""
 
     @property
     def seed(self) -> int:
@@ -393,7 +395,7 @@ def latest_completed(specs: Iterable[PhaseSpec], number: int, prefer_session: st
                         key=lambda p: p.stat().st_mtime, reverse=True)
     for candidate in candidates:
         done = completed_result(candidate.parent.parent.name, spec)
-        if done is not None:
+        if done is not None and not done.gate_failed:  # another session's gate-failed model is never picked
             return done
     return None
 
@@ -578,7 +580,7 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
     ctx = PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
                        params_file=paths.resolve(params_file), upstream=upstream_result, registry=registry,
                        tracker=tracker, result=result, device=device, session_lock=session_lock,
-                       upstream_how=how, guard_params=guard_params)
+                       upstream_how=how, guard_params=guard_params, all_specs=all_specs)
     result.suite = {f: list(v) for f, v in ctx.input_suite.items()}  # a phase that teaches more widens it
     return ctx
 
@@ -596,14 +598,65 @@ def _refuse_completed(session: str, spec: PhaseSpec) -> None:
             checked_completed_result(session, spec, registry)
 
 
+def gate_failure_message(spec: PhaseSpec, session: str, result: PhaseResult,
+                         all_specs: Iterable[PhaseSpec] | None = None) -> str:
+    """One paragraph: the failed checks with their numbers, where they are recorded, and the ways on (rerun from
+    the phase with other parameters; continue with gates reported but not enforced)."""
+    failures = result.gate_failures()
+    checks = "; ".join(cut(f, 300) for f in failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5
+                                                              else "")
+    earlier = [s for s in (all_specs or PHASES) if s.number < spec.number]
+    folder = paths.relative(phase_dir(session, spec))
+    if earlier:
+        rerun = f"forge run --from {session}:{spec.number} --set {spec.name}.KEY=VALUE"
+        warn = f"forge run --from {session}:{spec.number} --gates warn"
+        after = f" (a new session after {session}'s completed {earlier[-1].dirname}, which is kept)"
+    else:
+        rerun, warn, after = f"forge run --set {spec.name}.KEY=VALUE", "forge run --gates warn", ""
+    return (f"phase {spec.dirname} of session {session} did not pass its gate: {checks} (every check with its value "
+            f"and bound is in {folder}/result.json). Ways on: rerun from this phase with changed parameters, "
+            f"`{rerun}`{after}; or, to explore, continue with gates reported but not enforced, `{warn}` (the "
+            "phase's models are then registered as gate-failed and the chain goes on)")
+
+
+def _gate_warned(ctx: PhaseContext, result: PhaseResult) -> None:
+    """``run.gates: warn``: record the failed gate in the result and the registry (models 'gate-failed'), say so
+    loudly, and let the phase complete."""
+    result.gate_failed = True
+    result.failed_checks = [cut(f, 300) for f in result.gate_failures()]
+    ids = [m["registry_id"] for m in result.models.values() if m.get("registry_id") is not None]
+    ctx.registry.set_model_status(ids, "gate-failed", metadata={"gate_failed": True,
+                                                                "failed_checks": result.failed_checks[:20]})
+    print(gate_warning(ctx.spec, result), flush=True)
+
+
+def gate_warning(spec: PhaseSpec, result: PhaseResult) -> str:
+    """The loud line of a gate that failed under ``run.gates: warn``."""
+    checks = "; ".join(result.failed_checks[:5]) + (f"; and {len(result.failed_checks) - 5} more"
+                                                     if len(result.failed_checks) > 5 else "")
+    return (f"[forge] WARNING {spec.dirname}: GATE FAILED, not enforced (run.gates: warn): {checks}; its models are "
+            "registered as gate-failed and the chain goes on")
+
+
+def _retire_attempt(ctx: PhaseContext, exc: BaseException) -> None:
+    """Retire the models this failed attempt registered, with the reason (they are never handed on)."""
+    ids = [m["registry_id"] for m in ctx.result.models.values() if m.get("registry_id") is not None]
+    if not ids:
+        return
+    what = "its gate failed" if isinstance(exc, GateFailedError) else f"it failed ({type(exc).__name__})"
+    ctx.registry.set_model_status(ids, "retired", reason=f"registered by phase run {ctx.phase_run_id} of "
+                                  f"{ctx.spec.dirname}, and {what}")
+
+
 def _fail(ctx: PhaseContext, exc: BaseException, started: float) -> None:
-    """Record the failure: registry rows first (they must never stay 'running'), then error.txt and
-    result.json as far as the disk allows, then the tracker."""
+    """Record the failure: registry rows first (they must never stay 'running'; the attempt's models retired), then
+    error.txt and result.json as far as the disk allows, then the tracker."""
     ctx.result.status = "failed"
     ctx.result.error = f"{type(exc).__name__}: {exc}"
     ctx.result.finished_at = now_iso()
     ctx.result.duration_s = round(time.perf_counter() - started, 3)
     ctx.registry.finish_phase_run(ctx.phase_run_id, "failed", metrics=ctx.result.metrics, error=ctx.result.error)
+    _retire_attempt(ctx, exc)
     ctx.registry.update_session(ctx.session, status="failed", current_phase=ctx.spec.name)
     for record in (lambda: (ctx.dir / "error.txt").write_text("".join(traceback.format_exception(exc))),
                    lambda: ctx.result.save(ctx.dir), ctx.tracker.finish):
@@ -630,7 +683,9 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
         if hasattr(module, "validate_output"):
             module.validate_output(result, ctx)
         if not result.gate_passed:
-            raise GateFailedError(f"phase {ctx.spec.name} did not pass its gate: " + "; ".join(result.gate_failures()))
+            if ctx.run.gates != "warn":
+                raise GateFailedError(gate_failure_message(ctx.spec, ctx.session, result, ctx.all_specs))
+            _gate_warned(ctx, result)
         result.status = "ok"
         result.finished_at = now_iso()
         result.duration_s = round(time.perf_counter() - started, 3)

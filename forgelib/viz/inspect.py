@@ -61,7 +61,8 @@ def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
     """The chain of models that led to ``model_id``, newest first: each ``{id, phase, role, path}``. The phase a
     model came from is the source of the registry's handoff into its phase; the model taken from there is that
     phase's ``model`` or ``champion`` (what a phase takes by default); a phase with neither (Phase 1: trunk and
-    specialists) contributes all its models and ends the chain."""
+    specialists) contributes all its models and ends the chain. A handoff row names the session its source model
+    belongs to, so the chain follows ``--from`` sessions back to the Phase-1 trunk; retired models are passed over."""
     reg = _registry(registry)
 
     def row(m: dict) -> dict:
@@ -75,8 +76,10 @@ def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
                 if h["target_phase"] == model["phase_name"] and h["ok"]]
         if not into:
             return chain
-        models = [m for m in reg.list_models(model["session_id"], into[-1]["source_phase"])
-                  if m["model_name"] not in ("tokenizer", "taught") and m["id"] not in seen]
+        source = into[-1]["source_model_id"]  # in another session's folder after a --from
+        owner = reg.get_model(source)["session_id"] if source is not None else model["session_id"]
+        models = [m for m in reg.list_models(owner, into[-1]["source_phase"])
+                  if m["model_name"] not in ("tokenizer", "taught") and m["id"] not in seen and not m["retired_at"]]
         pick = next((m for m in reversed(models) if m["model_name"] in ("model", "champion")), None)
         if pick is None:
             return chain + [row(m) for m in models]
