@@ -1148,17 +1148,27 @@ def test_a_finished_phase_notebook_explored_with_papermill_runs_nothing(pipeline
         assert reg.list_phase_runs("p") == runs
 
 
+TRAIN_CELL = """import torch
+from forgelib.train import TrainConfig, train
+
+model = torch.nn.Linear(4, 4)
+batches = iter(lambda: {"input_ids": torch.ones(2, 4)}, None)
+history = train(model, batches, torch.optim.SGD(model.parameters(), 0.01), TrainConfig(steps=600, log_every=100),
+                loss_fn=lambda m, b: (((m(b["input_ids"]) - 1) ** 2).mean(), {}), desc="qat")"""
+
+
 @pytest.mark.slow
-def test_batch_runs_print_final_progress_lines_instead_of_frozen_bars(pipeline):
-    """The executed Phase-4 notebook of the pipeline (a papermill kernel): its QAT progress is static text ending
-    on ``qat: N/N steps, S s``, and no cell holds a tqdm widget (saved frozen at 0%)."""
+def test_training_in_a_papermill_kernel_prints_static_progress_lines(tmp_path):
+    """A notebook run by forgelib.notebooks (as the pipeline runs each phase) that trains: its progress is plain
+    text ending on ``qat: 600/600 steps, S s, loss=…``, and no cell holds a tqdm widget (saved frozen at 0%)."""
     import re
 
     import nbformat
 
-    nb = nbformat.read(paths.outputs_root() / "p" / "04_bitnet" / "04_bitnet.ipynb", as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c["outputs"]]
-    text = "".join(o.get("text", "") for o in outputs)
-    assert re.search(r"^qat: (\d+)/\1 steps, \d+ s", text, re.M), text[-2000:]
-    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) and
-                   "%" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    from forgelib.notebooks import execute
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(TRAIN_CELL)]), tmp_path / "t.ipynb")
+    outputs = nbformat.read(execute(tmp_path / "t.ipynb", tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
+    assert [o.get("output_type") for o in outputs] == ["stream"], "a widget bar was displayed"
+    assert re.fullmatch(r"(qat: \d+/600 steps, \d+ s, loss=\S+\n)*qat: 600/600 steps, \d+ s, loss=\S+\n",
+                        outputs[0]["text"]), outputs[0]["text"]
