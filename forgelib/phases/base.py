@@ -604,12 +604,8 @@ def open_finished(spec: PhaseSpec | str | int, session: str) -> PhaseContext:
 
     spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
     folder = phase_dir(session, spec)
-    result = _finished_result(folder, spec, session)
-    run, params, guard_params = _finished_params(folder, spec)
+    result, run, params, guard_params = check_finished(spec, session)
     upstream = _finished_upstream(result)
-    if not paths.registry_path().is_file():
-        raise NothingToExploreError(f"the registry {paths.relative(paths.registry_path())} is missing: the models of "
-                                    f"{spec.dirname} of session {session} cannot be checked against it")
     registry = ReadOnlyRegistry(ModelRegistry(paths.registry_path()))
     try:
         device = _setup_runtime(run)
@@ -619,6 +615,18 @@ def open_finished(spec: PhaseSpec | str | int, session: str) -> PhaseContext:
                         params_file=folder / "params.yaml", upstream=upstream, registry=registry,
                         tracker=make_tracker("none", folder), result=result, device=device,
                         upstream_how="the finished run's", guard_params=guard_params, explored=True)
+
+
+def check_finished(spec: PhaseSpec, session: str) -> tuple[PhaseResult, RunParams, Any, Any]:
+    """(the result, run, phase params, guard section) of ``spec``'s finished run in ``session``, read from its folder
+    without loading any model library; NothingToExploreError saying what is missing (see :func:`open_finished`)."""
+    folder = phase_dir(session, spec)
+    result = _finished_result(folder, spec, session)
+    run, params, guard_params = _finished_params(folder, spec)
+    if not paths.registry_path().is_file():
+        raise NothingToExploreError(f"the registry {paths.relative(paths.registry_path())} is missing: the models of "
+                                    f"{spec.dirname} of session {session} cannot be checked against it")
+    return result, run, params, guard_params
 
 
 def finished_sessions(spec: PhaseSpec, limit: int = 5) -> list[str]:
