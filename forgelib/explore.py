@@ -83,7 +83,7 @@ def write_explore_notebooks(session: str, phase: str | int | None = None) -> lis
 
     if phase is not None:
         spec = get_spec(int(phase) if isinstance(phase, str) and phase.isdigit() else phase)
-        check_finished(spec, session)  # refuses, naming why, before anything is written
+        check_finished(spec, session, with_params=False)  # refuses, naming why, before anything is written
         return [explore_notebook(session, spec)]
     if not phase_dir(session, PHASES[0]).parent.is_dir():
         others = sorted({s for spec in PHASES for s in finished_sessions(spec, 3)})[:5]

@@ -122,6 +122,16 @@ def test_forge_open_writes_an_explore_copy_and_prints_how_to_open_it(pipeline_ou
     assert "http://localhost:9999/lab/tree/" in capsys.readouterr().out
 
 
+def test_forge_open_of_one_phase_loads_no_model_library(pipeline_outputs, monkeypatch, capsys):
+    """Writing the explore copy reads the phase's files only: the phase module (torch) is never imported (by hand:
+    `forge open fin 1` 2 s, 62 MB peak)."""
+    from forgelib.phases.specs import PhaseSpec
+
+    _fake_finished_cognate(pipeline_outputs)
+    monkeypatch.setattr(PhaseSpec, "load", lambda self: pytest.fail(f"{self.module} was imported"))
+    assert cli.main(["open", "fin", "1"]) == 0
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["open", "nosuch"], "forge: there is no session 'nosuch' under "),
     (["open", "fin", "2"], "forge: phase 02_evomerge did not finish in session fin, so there is nothing to explore: "

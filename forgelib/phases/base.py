@@ -617,12 +617,13 @@ def open_finished(spec: PhaseSpec | str | int, session: str) -> PhaseContext:
                         upstream_how="the finished run's", guard_params=guard_params, explored=True)
 
 
-def check_finished(spec: PhaseSpec, session: str) -> tuple[PhaseResult, RunParams, Any, Any]:
-    """(the result, run, phase params, guard section) of ``spec``'s finished run in ``session``, read from its folder
-    without loading any model library; NothingToExploreError saying what is missing (see :func:`open_finished`)."""
+def check_finished(spec: PhaseSpec, session: str, with_params: bool = True) -> tuple[PhaseResult, Any, Any, Any]:
+    """(the result, run, phase params, guard section) of ``spec``'s finished run in ``session``, read from its folder;
+    NothingToExploreError saying what is missing (see :func:`open_finished`). ``with_params=False``: the parameters
+    are neither read nor returned (None), so no phase module (and no model library) is imported."""
     folder = phase_dir(session, spec)
     result = _finished_result(folder, spec, session)
-    run, params, guard_params = _finished_params(folder, spec)
+    run, params, guard_params = _finished_params(folder, spec) if with_params else (None, None, None)
     if not paths.registry_path().is_file():
         raise NothingToExploreError(f"the registry {paths.relative(paths.registry_path())} is missing: the models of "
                                     f"{spec.dirname} of session {session} cannot be checked against it")
