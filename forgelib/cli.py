@@ -177,6 +177,20 @@ def cmd_phase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    """Write explore copies of a finished session's phase notebooks and say how to open them (nothing runs)."""
+    from .explore import lab_instructions, write_explore_notebooks
+    from .phases import PhaseError, UnknownPhaseError
+
+    try:
+        notebooks = write_explore_notebooks(args.session, args.phase)
+    except (PhaseError, UnknownPhaseError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lab_instructions(notebooks, args.port)))
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     from . import paths
     from .registry import ModelRegistry, model_status_text
@@ -393,6 +407,17 @@ def _add_phase(sub) -> None:
                        help="the upstream phase folder (default: the newest completed)")
 
 
+def _add_open(sub) -> None:
+    explore = _command(sub, "open", "explore a finished session in JupyterLab without running anything",
+                       "Write outputs/<session>/explore/NN_phase.ipynb: a copy of each finished phase's notebook with "
+                       "explore set to the session, so its tables, plots and widgets show the finished run (nothing "
+                       "trains), and print the JupyterLab command and URL to open it.")
+    explore.add_argument("session", type=_session_arg, help="a session under outputs/")
+    explore.add_argument("phase", nargs="?", default=None,
+                         help="one phase (number or name, e.g. 4 or bitnet); default: every phase that finished")
+    explore.add_argument("--port", type=int, default=8888, help="JupyterLab's port in the printed URL (default 8888)")
+
+
 def _add_registry(sub) -> None:
     reg = _command(sub, "registry", "list the registry: its models (list) or its sessions (sessions)",
                    "List what the registry (outputs/registry.db) holds, as a tab-separated table or as JSON.",
@@ -441,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="forge COMMAND --help describes a command's options; forge bench "
                                             "--help lists the benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_phase, _add_registry, _add_clean, _add_merge):
+    for add in (_add_run, _add_phase, _add_open, _add_registry, _add_clean, _add_merge):
         add(sub)
     bench = _command(sub, "bench", f"benchmarks: {', '.join(sorted(BENCHMARKS))} (forge bench --help says what "
                                    "each measures; forge bench NAME --help lists its options)")
@@ -462,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments, --help included
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "phase": cmd_phase, "registry": cmd_registry, "clean": cmd_clean,
+    command = {"run": cmd_run, "phase": cmd_phase, "open": cmd_open, "registry": cmd_registry, "clean": cmd_clean,
                "merge": cmd_merge}[args.command]
     try:
         return command(args)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as dt
+import os
 import platform
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, Iterable
 
 from . import paths
 from .params import short
+from .progress import BATCH_ENV
 
 # What JupyterLab (ipykernel's kernel_info) writes into a notebook's metadata; only the version varies.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -189,14 +192,30 @@ def execute(source: str | Path, output: str | Path, parameters: dict | None = No
         check_parameters(source, parameters)
         import papermill as pm
 
-        pm.execute_notebook(str(source), str(output), parameters=parameters or {}, kernel_name="python3",
-                            cwd=str(cwd or paths.repo_root()), progress_bar=False, log_output=log_output,
-                            request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS),
-                            timeout_func=cell_timeout, **extra)
+        with batch_environment():  # the kernel papermill starts inherits it (forgelib.progress.batch_run)
+            pm.execute_notebook(str(source), str(output), parameters=parameters or {}, kernel_name="python3",
+                                cwd=str(cwd or paths.repo_root()), progress_bar=False, log_output=log_output,
+                                request_save_on_cell_execute=True, extra_arguments=list(QUIET_KERNEL_ARGS),
+                                timeout_func=cell_timeout, **extra)
     finally:
         if kernel is not None:
             kernel.shutdown()
     return Path(output)
+
+
+@contextlib.contextmanager
+def batch_environment():
+    """``FORGE_BATCH=1`` (``forgelib.progress.BATCH_ENV``) in this process's environment while the block runs, so a
+    kernel started inside it knows no one watches its widgets: its training progress is printed as static lines."""
+    before = os.environ.get(BATCH_ENV)
+    os.environ[BATCH_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(BATCH_ENV, None)
+        else:
+            os.environ[BATCH_ENV] = before
 
 
 WARM_MODULES = ("torch", "transformers", "forgelib.phases", "forgelib.tracking", "forgelib.viz")
@@ -216,7 +235,7 @@ class WarmKernel:
         warm = f"import importlib as _forge_il; [_forge_il.import_module(m) for m in {list(modules)!r}]; del _forge_il"
         self.km = AsyncKernelManager(kernel_name="python3")
         run_sync(self.km.start_kernel)(extra_arguments=[*QUIET_KERNEL_ARGS, f"--IPKernelApp.exec_lines={[warm]!r}"],
-                                       cwd=str(cwd or paths.repo_root()))
+                                       cwd=str(cwd or paths.repo_root()), env={**os.environ, BATCH_ENV: "1"})
 
     def shutdown(self) -> None:
         from jupyter_core.utils import run_sync

@@ -4,14 +4,19 @@ A phase notebook runs in its own kernel; what it logs lands in ``<phase folder>/
 per logged step, see ``forgelib.tracking``). :class:`ProgressRelay` follows that file from the pipeline's
 process and, every ``interval`` seconds in which something new arrived, emits one line with the newest step and
 its loss-like numbers, e.g. ``[forge] 01_cognate: 42s  step 1200  trunk/loss=0.412``.
+
+Inside a phase, :func:`progress_bar` is the training bar: tqdm's widget in JupyterLab, static lines in batch
+(papermill) runs, whose saved notebooks would otherwise keep a widget bar frozen at 0%.
 """
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, TextIO
 
 SHOWN_KEYS = ("loss", "fitness", "accuracy", "acc")
 
@@ -81,3 +86,79 @@ class ProgressRelay:
             if isinstance(record, dict):
                 newest = record
         return newest
+
+
+# --- training bars: widgets where a person watches, plain lines in batch runs --------------------------------------
+
+BATCH_ENV = "FORGE_BATCH"
+"""Set to ``1`` in the environment of the kernels that papermill runs (``forgelib.notebooks``): a batch run, where no
+frontend ever renders a widget, so a tqdm widget bar would be saved frozen at ``0%``."""
+
+
+def batch_run() -> bool:
+    """Whether this process is a batch (papermill) kernel: :data:`BATCH_ENV` is ``1``."""
+    return os.environ.get(BATCH_ENV) == "1"
+
+
+def progress_bar(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None,
+                 disable: bool = False, unit: str = "steps", **tqdm_options: Any):
+    """tqdm's bar (``tqdm.auto``: a widget in JupyterLab, text in a terminal), or in a batch run
+    (:func:`batch_run`) :class:`StepLines`, which prints static lines: e.g. the final ``qat: 600/600 steps, 45 s``
+(``unit`` names what is counted there)."""
+    if batch_run():
+        return StepLines(iterable, desc=desc, total=total, disable=disable, unit=unit)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=disable, **tqdm_options)
+
+
+class StepLines:
+    """What a batch run shows instead of a bar: the part of tqdm's interface the phases use (iterate, ``update``,
+    ``set_postfix``, ``close``, a context manager), printing one line every ``interval`` seconds of progress and a
+    last one when done, e.g. ``qat: 600/600 steps, 45 s, loss=0.412``."""
+
+    def __init__(self, iterable: Iterable | None = None, *, desc: str = "", total: int | None = None,
+                 disable: bool = False, unit: str = "steps", interval: float = 30.0,
+                 file: TextIO | None = None):
+        self.iterable, self.desc, self.disable, self.unit, self.interval = iterable, desc, disable, unit, interval
+        self.total = total if total is not None or not hasattr(iterable, "__len__") else len(iterable)
+        self.n, self.postfix, self.file, self.closed = 0, "", file, False
+        self._start = self._shown = time.monotonic()
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> "StepLines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._shown >= self.interval and (self.total is None or self.n < self.total):
+            self._print()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._print()
+
+    def line(self) -> str:
+        done = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
+        seconds = time.monotonic() - self._start
+        text = f"{self.desc}: {done} {self.unit}, {seconds:.0f} s"
+        return text + (f", {self.postfix}" if self.postfix else "")
+
+    def _print(self) -> None:
+        self._shown = time.monotonic()
+        if not self.disable:
+            print(self.line(), file=self.file or sys.stdout, flush=True)

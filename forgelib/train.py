@@ -201,7 +201,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     over processes, ``history.tokens`` counts every process's tokens, and only the main process logs, shows a bar
     and writes checkpoints.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     accelerator = _accelerator(device, config.mixed_precision)
     own_model = model
@@ -213,7 +213,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
     # leave=True: a finished bar stays as its final line (a cleared one leaves a blank gap in exported HTML)
-    bar = tqdm(range(1, config.steps + 1), desc=desc, disable=quiet or not main, leave=True, mininterval=1.0)
+    bar = progress_bar(range(1, config.steps + 1), desc=desc, disable=quiet or not main, leave=True, mininterval=1.0)
     for step in bar:
         factor = lr_factor(step, config)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -11,7 +11,7 @@ from forgelib.phases import PHASES
 
 ROOT = paths.repo_root()
 NOTEBOOKS = sorted((ROOT / "notebooks").rglob("*.ipynb")) + sorted((ROOT / "tests" / "notebooks").glob("*.ipynb"))
-PHASE_PARAMS = {"params_file", "overrides", "session", "upstream"}
+PHASE_PARAMS = {"params_file", "overrides", "session", "upstream", "explore"}  # explore: forgelib.explore
 
 
 def _cells(nb: Path) -> list[dict]:
@@ -90,6 +90,9 @@ def test_every_phase_has_a_contract_notebook(spec):
     assert values["params_file"] == "parameters/smoke.yaml"
     assert all(isinstance(n, ast.Assign) for n in tree.body), "the parameters cell holds literals only"
     assert nb.name.startswith(f"{spec.number:02d}_")
+    assert values["explore"] is None
+    opening = [c for c in json.loads(nb.read_text())["cells"] if "open_phase(" in "".join(c["source"])]
+    assert len(opening) == 1 and "explore=explore)" in "".join(opening[0]["source"]), "one call switches to explore"
 
 
 def test_pipeline_notebook_parameters():

@@ -1001,6 +1001,7 @@ def _lab_checks(session, shots, work):
     nbs = paths.repo_root() / "notebooks"
     copy_notebook(nbs / "00_pipeline.ipynb", work / "lab" / "00_pipeline.ipynb", session=session, resume=True)
     copy_notebook(nbs / "09_scorecard.ipynb", work / "lab" / "09_scorecard.ipynb", session=session)
+    copy_notebook(nbs / "01_cognate.ipynb", work / "lab" / "01_cognate.ipynb", explore=session)
     env = {"FORGE_OUTPUTS": str(paths.outputs_root()), "FORGE_ROOT": str(paths.repo_root())}
     with JupyterLab(work / "lab", work / "state", token=secrets.token_hex(16), env=env) as lab, \
             LabBrowser(lab, shots, chromium, chromedriver, work / "chromium") as browser:
@@ -1019,7 +1020,40 @@ def _lab_checks(session, shots, work):
 
         browser.open_notebook("09_scorecard.ipynb")
         browser.run_all("09_scorecard.ipynb", timeout=120)
-        return _use_playground(browser)
+        answers = _use_playground(browser)
+        browser.save()
+        lab.shutdown_kernels()
+
+        # Phase 1's notebook exploring the finished session: nothing trains, its playground answers
+        browser.open_notebook("01_cognate.ipynb")
+        browser.run_all("01_cognate.ipynb", timeout=120)
+        return answers, _use_explored_playground(browser)
+
+
+def _use_explored_playground(browser):
+    """Phase 1's prompt box in its notebook opened to explore a finished session: a new prompt + Enter changes
+    the answers of the four models; returns (the first answer, the second)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from browser import wait_for
+
+    box = wait_for(lambda: browser.js("""
+        const label = Array.from(window.jupyterapp.shell.currentWidget.node
+            .querySelectorAll('.widget-text label')).find(l => l.textContent.trim() === 'prompt');
+        return label ? label.closest('.widget-vbox') : null;"""), 30, "the playground (a 'prompt' box)")
+    browser.js("arguments[0].scrollIntoView({block: 'center'})", box)
+    answer = lambda: box.find_element(By.CSS_SELECTOR, ".widget-output").text.strip()  # noqa: E731
+    first = wait_for(lambda: "trunk:" in answer() and answer(), 60, "the explored playground's first answer")
+    prompt = box.find_element(By.CSS_SELECTOR, ".widget-text input")
+    prompt.click()
+    prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys("40-13=", Keys.ENTER)
+    second = wait_for(lambda: (a := answer()) != first and "40-13=" in a and "speed:" in a and a, 60,
+                      f"the answers to a new prompt (it still reads {first!r})")
+    browser.screenshot("01_explore_playground")
+    browser.raise_errors("01_cognate.ipynb")
+    return first, second
 
 
 def _use_playground(browser):
@@ -1080,5 +1114,61 @@ def test_jupyterlab_in_a_real_browser(pipeline, outputs, tmp_path):
         find_browser()
     except BrowserUnavailable as exc:
         pytest.skip(f"Chromium/chromedriver not installed: {exc}; .ci/run installs them with apt-get")
-    first, second, third = _lab_checks("p", paths.outputs_root() / "browser", tmp_path)
+    before = _snapshot(paths.outputs_root() / "p" / "01_cognate")
+    (first, second, third), explored = _lab_checks("p", paths.outputs_root() / "browser", tmp_path)
     assert first != second != third
+    assert explored[0] != explored[1]
+    assert _snapshot(paths.outputs_root() / "p" / "01_cognate") == before, "exploring wrote into the phase folder"
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its modification time and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_finished_phase_notebook_explored_with_papermill_runs_nothing(pipeline, outputs, tmp_path):
+    """Phase 4's notebook with ``explore`` set to the finished session: every display cell runs (the layer widget
+    included), the phase folder and the registry's phase runs stay as they were, and nothing trains."""
+    from forgelib.notebooks import execute
+
+    folder = paths.outputs_root() / "p" / "04_bitnet"
+    before = _snapshot(folder)
+    with ModelRegistry(paths.registry_path()) as reg:
+        runs = reg.list_phase_runs("p")
+    executed = execute(paths.repo_root() / "notebooks" / "04_bitnet.ipynb", tmp_path / "04_bitnet.ipynb",
+                       {"explore": "p"})
+    nb = _ran_as_committed(executed, "notebooks/04_bitnet.ipynb")
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c["outputs"])
+    assert "04_bitnet of session p: the finished run's results" in text and "nothing is run (explore)" in text
+    assert "qat:" not in text, "it trained"
+    assert _snapshot(folder) == before
+    with ModelRegistry(paths.registry_path()) as reg:
+        assert reg.list_phase_runs("p") == runs
+
+
+TRAIN_CELL = """import torch
+from forgelib.train import TrainConfig, train
+
+model = torch.nn.Linear(4, 4)
+batches = iter(lambda: {"input_ids": torch.ones(2, 4)}, None)
+history = train(model, batches, torch.optim.SGD(model.parameters(), 0.01), TrainConfig(steps=600, log_every=100),
+                loss_fn=lambda m, b: (((m(b["input_ids"]) - 1) ** 2).mean(), {}), desc="qat")"""
+
+
+@pytest.mark.slow
+def test_training_in_a_papermill_kernel_prints_static_progress_lines(tmp_path):
+    """A notebook run by forgelib.notebooks (as the pipeline runs each phase) that trains: its progress is plain
+    text ending on ``qat: 600/600 steps, S s, loss=…``, and no cell holds a tqdm widget (saved frozen at 0%)."""
+    import re
+
+    import nbformat
+
+    from forgelib.notebooks import execute
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(TRAIN_CELL)]), tmp_path / "t.ipynb")
+    outputs = nbformat.read(execute(tmp_path / "t.ipynb", tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
+    assert [o.get("output_type") for o in outputs] == ["stream"], "a widget bar was displayed"
+    assert re.fullmatch(r"(qat: \d+/600 steps, \d+ s, loss=\S+\n)*qat: 600/600 steps, \d+ s, loss=\S+\n",
+                        outputs[0]["text"]), outputs[0]["text"]

@@ -31,8 +31,8 @@ import cma
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .methods import MergeError, get_method
 from .models import MergeRecipe, _layer_table, merge_models, model_groups, uniform_recipe
 
@@ -262,7 +262,8 @@ def evolve_recipe(models: Mapping[str, torch.nn.Module], base: torch.nn.Module, 
     spaces = [RecipeSpace(m, list(models), groups, (fixed_params or {}).get(m), base_name, group_size, seed)
               for m in methods]
     shares = _split_budget(budget - int(include_uniform), [s.dim for s in spaces])
-    with tqdm(total=sum(shares) + int(include_uniform), desc="evomerge", disable=not progress) as bar:
+    with progress_bar(total=sum(shares) + int(include_uniform), desc="evomerge", disable=not progress,
+                      unit="evaluations") as bar:
         evaluator = _Evaluator(models, base, fitness_fn, log, bar)
         if include_uniform:
             uniform = uniform_recipe(list(models), base_name)
@@ -297,7 +298,7 @@ def evolve_layer_path(models: Mapping[str, torch.nn.Module], base: torch.nn.Modu
         path = [[sources[int(np.argmax(row))], d % n_layers] for d, row in enumerate(logits)]
         return dataclasses.replace(template, layer_path=path)
 
-    with tqdm(total=budget, desc="evomerge paths", disable=not progress) as bar:
+    with progress_bar(total=budget, desc="evomerge paths", disable=not progress, unit="evaluations") as bar:
         evaluator = _Evaluator(models, base, fitness_fn, log, bar)
         _run_cma(np.zeros(depth * len(sources)), decode, budget, evaluator, "layer_path", sigma0, popsize,
                  1 + 1000 * seed, None)

@@ -49,6 +49,10 @@ class OutputNotWritableError(PhaseError):
     """The output folder cannot be created or written."""
 
 
+class NothingToExploreError(PhaseError):
+    """``explore`` names a session whose phase did not finish (or whose record cannot be read): nothing to show."""
+
+
 class DamagedResultError(PhaseError):
     """The registry records the phase as completed in the session, but its result.json is missing, unreadable or no
     longer says so: what completed is never recomputed nor moved aside."""
@@ -123,6 +127,9 @@ class PhaseContext:
     """The ``guard`` section (``forgelib.suite.GuardParams``): how the phase checks it kept what its input knew."""
     all_specs: list[PhaseSpec] | None = None
     """The chain's phases (None: the product's): the phase before this one, for the ways on after a failed gate."""
+    explored: bool = False
+    """A finished phase opened to look at (``open_phase(..., explore=SESSION)``): ``run_phase`` runs nothing and
+    returns its stored result; nothing is locked, tracked or written."""
 
     @property
     def seed(self) -> int:
@@ -532,15 +539,19 @@ def _write_params(folder: Path, spec: PhaseSpec, params_file: str | os.PathLike,
 def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "parameters/smoke.yaml",
                overrides: dict | None = None, session: str | None = None,
                upstream: str | os.PathLike | PhaseResult | None = None,
-               all_specs: Iterable[PhaseSpec] | None = None) -> PhaseContext:
+               all_specs: Iterable[PhaseSpec] | None = None, explore: str | None = None) -> PhaseContext:
     """Prepare a phase run: load parameters, resolve the upstream, open registry and tracker.
 
     Nothing already written is touched: a completed phase of the same session is never overwritten.
+    ``explore``: a session whose run of this phase finished; the context is that run's (:func:`open_finished`,
+    the other arguments are not used) and ``run_phase`` returns its result without running anything.
     """
     from ..registry import ModelRegistry
     from ..tracking import make_tracker
 
     spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
+    if explore:
+        return open_finished(spec, explore)
     session = check_session_name(session) if session else new_session_id()
     all_specs = list(all_specs) if all_specs is not None else list(PHASES)
     run, params = load_phase_params(spec, params_file, overrides, all_specs)
@@ -583,6 +594,98 @@ def open_phase(spec: PhaseSpec | str | int, params_file: str | os.PathLike = "pa
                        upstream_how=how, guard_params=guard_params, all_specs=all_specs)
     result.suite = {f: list(v) for f, v in ctx.input_suite.items()}  # a phase that teaches more widens it
     return ctx
+
+
+def open_finished(spec: PhaseSpec | str | int, session: str) -> PhaseContext:
+    """The context of phase ``spec`` as it finished in ``session``, to look at: its result.json, the parameters it
+    ran with (its params.yaml), its upstream (None when that folder is gone) and the registry, read-only. Nothing is
+    run, locked, tracked or written. NothingToExploreError names the file and what to do when the phase did not
+    finish there or its record cannot be read."""
+    from ..registry import ModelRegistry
+    from ..tracking import make_tracker
+
+    spec = spec if isinstance(spec, PhaseSpec) else get_spec(spec)
+    folder = phase_dir(session, spec)
+    result, run, params, guard_params = check_finished(spec, session)
+    upstream = _finished_upstream(result)
+    registry = ReadOnlyRegistry(ModelRegistry(paths.registry_path()))
+    try:
+        device = _setup_runtime(run)
+    except ValueError:  # a run on a device this machine lacks: look at it here on the CPU
+        device = "cpu"
+    return PhaseContext(spec=spec, params=params, run=run, session=session, dir=folder,
+                        params_file=folder / "params.yaml", upstream=upstream, registry=registry,
+                        tracker=make_tracker("none", folder), result=result, device=device,
+                        upstream_how="the finished run's", guard_params=guard_params, explored=True)
+
+
+def check_finished(spec: PhaseSpec, session: str, with_params: bool = True) -> tuple[PhaseResult, Any, Any, Any]:
+    """(the result, run, phase params, guard section) of ``spec``'s finished run in ``session``, read from its folder;
+    NothingToExploreError saying what is missing (see :func:`open_finished`). ``with_params=False``: the parameters
+    are neither read nor returned (None), so no phase module (and no model library) is imported."""
+    folder = phase_dir(session, spec)
+    result = _finished_result(folder, spec, session)
+    run, params, guard_params = _finished_params(folder, spec) if with_params else (None, None, None)
+    if not paths.registry_path().is_file():
+        raise NothingToExploreError(f"the registry {paths.relative(paths.registry_path())} is missing: the models of "
+                                    f"{spec.dirname} of session {session} cannot be checked against it")
+    return result, run, params, guard_params
+
+
+def finished_sessions(spec: PhaseSpec, limit: int = 5) -> list[str]:
+    """The newest sessions (at most ``limit``) in which ``spec`` completed, newest first."""
+    found = sorted(paths.outputs_root().glob(f"*/{spec.dirname}/{RESULT_FILE}"), key=lambda p: p.stat().st_mtime,
+                   reverse=True)
+    names = [p.parent.parent.name for p in found]
+    return [n for n in names if completed_result(n, spec) is not None][:limit]
+
+
+def _finished_result(folder: Path, spec: PhaseSpec, session: str) -> PhaseResult:
+    """The completed result in ``folder``, else NothingToExploreError saying why and naming finished sessions."""
+    where = paths.relative(folder / RESULT_FILE)
+    try:
+        result = PhaseResult.load(folder)
+        problem = None if result.ok and result.gate_passed else (
+            f"its {where} says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed"))
+    except FileNotFoundError:
+        problem = f"there is no {where}"
+    except ValueError as exc:
+        problem = cut(str(exc), 200)
+    if problem is None:
+        return result
+    others = finished_sessions(spec)
+    hint = f"sessions where it finished: {', '.join(others)}" if others else "no session has finished it yet"
+    raise NothingToExploreError(f"phase {spec.dirname} did not finish in session {session}, so there is nothing to "
+                                f"explore: {problem}; {hint}")
+
+
+def _finished_params(folder: Path, spec: PhaseSpec) -> tuple[RunParams, Any, Any]:
+    """(run, the phase's params, the guard section) from the finished run's params.yaml."""
+    from ..params import build_dataclass
+    from ..suite import GuardParams
+
+    where = paths.relative(folder / "params.yaml")
+    try:
+        stored = load_yaml_file(folder / "params.yaml", where)
+        if not isinstance(stored, dict):
+            raise ParameterError(f"{where}: not a mapping of sections")
+        return (build_dataclass(RunParams, stored.get("run") or {}, f"{where}: run"),
+                build_dataclass(spec.params_cls, stored.get(spec.name) or {}, f"{where}: {spec.name}"),
+                build_dataclass(GuardParams, stored.get("guard") or {}, f"{where}: guard"))
+    except (ParameterError, TypeError) as exc:
+        raise NothingToExploreError(f"the parameters the finished run used cannot be read: {cut(str(exc), 300)}") \
+            from None
+
+
+def _finished_upstream(result: PhaseResult) -> PhaseResult | None:
+    """The upstream a finished run recorded, or None when it has none or its folder is gone."""
+    folder = (result.upstream or {}).get("folder")
+    if not isinstance(folder, str):
+        return None
+    try:
+        return load_upstream(folder)
+    except UpstreamError:
+        return None
 
 
 def _refuse_completed(session: str, spec: PhaseSpec) -> None:
@@ -670,8 +773,13 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     """Run the phase module's ``run`` with the context; write result.json; raise when it fails its gate.
 
     On any failure the result.json says ``failed`` with the error, and the exception propagates so that a
-    pipeline (or a notebook) stops there.
+    pipeline (or a notebook) stops there. A context opened to explore a finished phase runs nothing: its stored
+    result is returned.
     """
+    if ctx.explored:
+        print(f"[forge] {ctx.spec.dirname} of session {ctx.session}: the finished run's results "
+              f"({paths.relative(ctx.dir)}); nothing is run (explore)", flush=True)
+        return ctx.result
     module = ctx.spec.load()
     started = time.perf_counter()
     ctx.phase_run_id = ctx.registry.start_phase_run(ctx.session, ctx.spec.name)
