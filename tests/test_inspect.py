@@ -119,3 +119,17 @@ def test_metrics_explorer_overlays_runs(tmp_path):
     lines = box.last_figure.axes[0].lines
     assert [l.get_label() for l in lines] == ["r1/01_x", "r2/01_x"]
     assert list(lines[1].get_ydata()) == pytest.approx([2.0 / (s + 1) for s in range(5)])
+
+
+def test_registry_browser_shows_each_models_status(registry_with_chain):
+    from forgelib.viz.inspect import registry_browser, registry_tables
+
+    reg, first, second = registry_with_chain
+    reg.set_model_status([first], "retired", reason="its phase's gate failed")
+    reg.set_model_status([second], "gate-failed", metadata={"failed_checks": ["acc"]})
+    assert list(registry_tables(reg, "s1")["models"].status) == ["retired: its phase's gate failed", "gate-failed"]
+    c = registry_browser(reg).controls
+    c["session"].value = "s1"
+    assert "retired: its phase's gate failed" in _text(c["tables"]) and "gate-failed" in _text(c["tables"])
+    c["model"].value = first
+    assert "(session s1), retired: its phase's gate failed" in _text(c["details"])

@@ -40,6 +40,8 @@ def registry_tables(registry=None, session: str | None = None, status: str | Non
     """DataFrames ``sessions`` (``status`` filter), and for ``session``: ``runs`` and ``models``."""
     import pandas as pd
 
+    from ..registry import model_status_text
+
     reg = _registry(registry)
     sessions = pd.DataFrame([{k: s[k] for k in ("id", "status", "current_phase", "progress", "created_at")}
                              for s in reg.list_sessions(status)])
@@ -51,8 +53,8 @@ def registry_tables(registry=None, session: str | None = None, status: str | Non
                                                            [:HEADLINE_LIMIT])}
                                     for r in reg.list_phase_runs(session)])
         out["models"] = pd.DataFrame([{"id": m["id"], "phase": m["phase_name"], "role": m["model_name"],
-                                       "parameters": m["parameter_count"], "MB": round(m["size_mb"] or 0, 3),
-                                       "path": paths.relative(m["model_path"])}
+                                       "status": model_status_text(m, 60), "parameters": m["parameter_count"],
+                                       "MB": round(m["size_mb"] or 0, 3), "path": paths.relative(m["model_path"])}
                                       for m in reg.list_models(session)])
     return out
 
@@ -89,10 +91,14 @@ def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
 
 
 def model_details(model_id: int, registry=None) -> list[str]:
-    """Text lines: a model's registry row, the headline metrics of the run that made it, its lineage."""
+    """Text lines: a model's registry row (with its status), the headline metrics of the run that made it, its
+    lineage."""
+    from ..registry import model_status_text
+
     reg = _registry(registry)
     m = reg.get_model(model_id)
-    lines = [f"model {m['id']}: {m['model_name']} of phase {m['phase_name']} (session {m['session_id']})",
+    lines = [f"model {m['id']}: {m['model_name']} of phase {m['phase_name']} (session {m['session_id']}), "
+             f"{model_status_text(m)}",
              f"  path {paths.relative(m['model_path'])}, {m['parameter_count']} parameters, "
              f"{(m['size_mb'] or 0) * 1024:.1f} KiB, sha256 {m['sha256'][:12]}…",
              f"  metadata {json.dumps(m['metadata'], default=str)}"]
