@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
+from .registry import Parts, as_matrix, meta_groups, need_part, packed_size, register_codec
 
 HYPER = {"n": 4, "index_bits": 12}
 HYPER_LIMITS = {"n": range(1, 17), "index_bits": range(1, 17)}  # one prime per coordinate; 2^16 points searched
@@ -67,10 +67,7 @@ class _Hyper:
     @staticmethod
     def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
         n, bits = meta["n"], meta["index_bits"]
-        rows, cols = meta_shape(meta, "matrix", shape)
-        if cols % n or meta_int(meta, "count") != rows * cols // n:
-            raise ValueError(f"metadata count {meta.get('count')} must be the {rows * cols / n:g} groups of {n} of a "
-                             f"{rows} x {cols} matrix")
+        rows, cols = meta_groups(meta, shape, n, "count", "groups")
         need_part(parts, "index", torch.uint8, packed_size(meta["count"], bits))
         need_part(parts, "lo", torch.float16, shape=(rows, 1))
         need_part(parts, "hi", torch.float16, shape=(rows, 1))

@@ -147,6 +147,16 @@ def meta_shape(meta: Mapping, key: str, shape: tuple[int, ...], rank: int = 2) -
     return tuple(value)
 
 
+def meta_groups(meta: Mapping, shape: tuple[int, ...], group: int, key: str, what: str) -> tuple[int, int]:
+    """The metadata's ``matrix`` (rows, cols) of an entry cut into ``what`` of ``group`` values along its rows, its
+    count ``key`` checked to be exactly those (ValueError naming the count otherwise)."""
+    rows, cols = meta_shape(meta, "matrix", shape)
+    if cols % group or meta_int(meta, key) != rows * cols // group:
+        raise ValueError(f"metadata {key} {meta.get(key)} must be the {rows * cols / group:g} {what} of {group} of a "
+                         f"{rows} x {cols} matrix")
+    return rows, cols
+
+
 def packed_size(count: int, width: int) -> int:
     """Bytes of ``count`` integers of ``width`` bits packed by ``pack_bits``."""
     return math.ceil(count * width / 8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..packing import pack_bits, unpack_bits
-from .registry import Parts, as_matrix, meta_int, meta_shape, need_part, packed_size, register_codec
+from .registry import Parts, as_matrix, meta_groups, need_part, packed_size, register_codec
 
 VQ = {"v": 4, "codebook_bits": 8, "residual": False}
 VQ_LIMITS = {"v": range(1, 17), "codebook_bits": range(1, 17)}
@@ -101,10 +101,7 @@ class _VQ:
     @staticmethod
     def check(parts: Parts, meta: dict, shape: tuple[int, ...]) -> None:
         v, cb = meta["v"], meta["codebook_bits"]
-        rows, cols = meta_shape(meta, "matrix", shape)
-        if cols % v or meta_int(meta, "n") != rows * cols // v:
-            raise ValueError(f"metadata n {meta.get('n')} must be the {rows * cols / v:g} vectors of {v} of a "
-                             f"{rows} x {cols} matrix")
+        rows, cols = meta_groups(meta, shape, v, "n", "vectors")
         need_part(parts, "scale", torch.float16, shape=(rows, 1))
         for suffix in ("", "2") if meta.get("residual") else ("",):
             _check_stage(parts, suffix, meta["n"], v, cb)
