@@ -34,6 +34,10 @@ class RunParams:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     threads: int = 1
     """torch CPU threads; on a busy 2-core machine 1 is usually fastest."""
+    workers: int = 0
+    """Independent jobs of a phase run side by side in this many threads (the specialists of Phase 1, the models
+    a phase asks the same questions): 0 (auto) = the CPU's cores, at most 2, and 1 on a GPU. Results are the same
+    for every value (``forgelib.jobs``)."""
     tracking: Literal["wandb", "jsonl", "none"] = "wandb"
     """'wandb' = W&B (offline unless wandb_mode says otherwise) + JSONL; 'jsonl' = JSONL only; 'none'."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -54,6 +58,8 @@ class RunParams:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must lie in [0, 64] (0: auto), got {self.workers}")
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")

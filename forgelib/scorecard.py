@@ -230,6 +230,16 @@ def _stored_run(entries: list[dict]) -> dict:
     return stored.get("run") or {}
 
 
+def _stored_workers(run: dict, model) -> int:
+    """The chain's ``run.workers`` resolved for the device ``model`` is on (``forgelib.jobs``)."""
+    import torch
+
+    from .jobs import resolve_workers
+
+    first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return resolve_workers(int(run.get("workers") or 0), str(first.device) if first is not None else "cpu")
+
+
 def _phase_folder(entry: dict) -> Path:
     return entry["path"].parent.parent
 
@@ -290,8 +300,10 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
         askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin
-    with _threads(_stored_run(entries).get("threads") or 1):
-        report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin)
+    run = _stored_run(entries)
+    with _threads(run.get("threads") or 1):
+        report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin,
+                       workers=_stored_workers(run, askers[1].model))
     pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in report.answers.items()},
                               params.chain_margin, params.confidence, params.power)
     failing = [f for f, v in report.families.items() if not v.passed]

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .jobs import run_jobs, thread_own
 from .stats import Verdict, compare, noninferior, noninferior_over, questions_needed
 
 GUARD_FILE = "guard.json"
@@ -188,16 +190,16 @@ class Asker:
 
         if not samples:
             return []
+        tokenizer = thread_own(self.tokenizer)  # a copy of its own when asked beside another model (forgelib.jobs)
         lm = base_lm(self.model)
-        budget = self.max_new_tokens or _answer_budget(self.tokenizer, samples, with_steps=True) + 8
+        budget = self.max_new_tokens or _answer_budget(tokenizer, samples, with_steps=True) + 8
         if self.experts and any(_nonzero(z) for z in self.experts):
-            return self._routed(lm, samples, budget)  # (experts all z = 0, e.g. all retired: the base model)
+            return self._routed(lm, tokenizer, samples, budget)  # (experts all z = 0, e.g. all retired: the base)
         from .tools import generate_with_tools
 
-        return [t.text for t in generate_with_tools(lm, self.tokenizer, list(samples), budget,
-                                                    batch_size=self.batch_size)]
+        return [t.text for t in generate_with_tools(lm, tokenizer, list(samples), budget, batch_size=self.batch_size)]
 
-    def _routed(self, lm, samples, budget: int) -> list[str]:
+    def _routed(self, lm, tokenizer, samples, budget: int) -> list[str]:
         from .experts import SVFConfig, apply_svf, remove_svf
         from .experts.discover import question_features
         from .experts.route import RoutingSettings, answer_groups, assignments
@@ -206,9 +208,9 @@ class Asker:
         svf = apply_svf(lm, SVFConfig(**self.svf_config))
         try:
             with base_weights(svf):
-                features = question_features(svf, self.tokenizer, [s.prompt for s in samples])
+                features = question_features(svf, tokenizer, [s.prompt for s in samples])
             groups = assignments(features, self.centroids, RoutingSettings())
-            return answer_groups(svf, self.tokenizer, [s.prompt for s in samples], groups, self.experts,
+            return answer_groups(svf, tokenizer, [s.prompt for s in samples], groups, self.experts,
                                  max_new_tokens=budget)
         finally:
             remove_svf(svf)
@@ -297,7 +299,7 @@ def _row(v: Verdict) -> dict:
 
 def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: int,
           margin: float | None = None, log: Callable[[str], None] | None = None,
-          known: dict[str, dict[str, list]] | None = None, min_per_family: int = 0) -> GuardReport:
+          known: dict[str, dict[str, list]] | None = None, min_per_family: int = 0, workers: int = 1) -> GuardReport:
     """Ask both models the guard's questions of every family of ``suite`` and decide per family (module
     docstring). ``margin`` overrides the section's (a compression phase's allowed loss).
 
@@ -307,7 +309,9 @@ def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: i
     difference and every question is asked again.
 
     ``min_per_family``: ask at least this many questions of each family (capped by what exists), for a phase that
-    compares more models on the same questions at a tighter margin than the guard's (Phase 2's contenders)."""
+    compares more models on the same questions at a tighter margin than the guard's (Phase 2's contenders).
+
+    ``workers`` > 1: the two models are asked side by side (``forgelib.jobs``) unless they share a parameter."""
     margin = params.margin if margin is None else margin
     started = time.perf_counter()
     first = min(params.max_questions, params.needed(margin))
@@ -315,11 +319,12 @@ def guard(before: Asker, after: Asker, suite: dict, params: GuardParams, seed: i
     pools = {f: questions(f, tuple(suite[f]), params.max_questions, seed + params.seed) for f in suite}
     reuse = _reusable(before, pools, known or {})
     wanted = {f: min(max(first, min_per_family), len(pools[f])) for f in suite}
+    side = workers if workers > 1 and not _share_weights(before, after) else 1
     for _ in range(3):  # round 1: the assumed discordance's number; then what the observed one needs
         batch = {f: pools[f][len(answers[f]["after"]):wanted[f]] for f in suite}
         if not any(batch.values()):
             break
-        _ask(before, after, batch, answers, reuse)
+        _ask(before, after, batch, answers, reuse, side)
         for f in suite:
             # the observed discordance and difference decide how many more: the questions that give the verdict
             # its power when the true difference is the measured one (``needed_at``): a family that clearly
@@ -370,15 +375,31 @@ def _reusable(before: Asker, pools: dict[str, list], known: dict) -> dict[str, l
     return reuse
 
 
-def _ask(before: Asker, after: Asker, batch: dict[str, list], answers: dict, reuse: dict[str, list[int]]) -> None:
+def _share_weights(a: Asker, b: Asker) -> bool:
+    """Whether two askers' models hold a tensor in common (then they are not asked side by side: asking a model
+    can patch its weights, e.g. the routed experts)."""
+    import torch
+
+    def storages(model) -> set[int]:
+        if not isinstance(model, torch.nn.Module):
+            return {id(model)}
+        return {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()) if t.numel()}
+
+    model_a, model_b = getattr(a, "model", a), getattr(b, "model", b)
+    return model_a is model_b or bool(storages(model_a) & storages(model_b))
+
+
+def _ask(before: Asker, after: Asker, batch: dict[str, list], answers: dict, reuse: dict[str, list[int]],
+         workers: int = 1) -> None:
     """Answers of both models to each family's ``batch`` (the continuation of what was asked), appended in order;
-    ``before`` is asked only past its reusable answers."""
+    ``before`` is asked only past its reusable answers (``workers`` > 1: both at once)."""
     start = {f: len(answers[f]["after"]) for f in batch}
     fresh = {f: [q for i, q in enumerate(batch[f]) if start[f] + i >= len(reuse.get(f, []))] for f in batch}
     flat_after = [q for f in batch for q in batch[f]]
     flat_before = [q for f in batch for q in fresh[f]]
-    got_after = after.correct(flat_after) if flat_after else []
-    got_before = before.correct(flat_before) if flat_before else []
+    got_after, got_before = run_jobs([functools.partial(after.correct, flat_after) if flat_after else list,
+                                      functools.partial(before.correct, flat_before) if flat_before else list],
+                                     workers)
     ka = kb = 0
     for f in batch:
         n, m = len(batch[f]), len(fresh[f])

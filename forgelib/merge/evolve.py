@@ -22,6 +22,7 @@ champion once at the end (the test split). Note that ``cma`` reseeds numpy's glo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from ..jobs import run_jobs
 from ..progress import progress_bar
 from .methods import MergeError, get_method
 from .models import MergeRecipe, _layer_table, merge_models, model_groups, uniform_recipe
@@ -138,24 +140,44 @@ class RecipeSpace:
 class _Evaluator:
     """Builds, scores, logs and records candidates, and keeps the champion."""
 
-    def __init__(self, models, base, fitness_fn: FitnessFn, log: Callable[[dict], None] | None, bar):
+    def __init__(self, models, base, fitness_fn: FitnessFn, log: Callable[[dict], None] | None, bar,
+                 workers: int = 1):
         self.models, self.base, self.fitness_fn, self.log, self.bar = models, base, fitness_fn, log, bar
+        self.workers = workers
         self.evaluations: list[dict[str, Any]] = []
         self.generations: list[dict[str, Any]] = []
         self.champion: tuple[float, MergeRecipe] | None = None
         self._cache: dict[str, float] = {}
 
-    def __call__(self, recipe: MergeRecipe, label: str, generation: int) -> float:
+    def _score(self, recipe: MergeRecipe) -> tuple[float, float]:
+        start = time.perf_counter()
+        model = merge_models(recipe, self.models, self.base)
+        with torch.no_grad():
+            return float(self.fitness_fn(model)), time.perf_counter() - start
+
+    def many(self, recipes: Sequence[MergeRecipe], label: str, generation: int) -> list[float]:
+        """Score a generation's candidates (``workers`` at a time; each distinct recipe once) and record them in
+        order, as one call per candidate would."""
+        keys = [yaml.safe_dump(r.to_dict()) for r in recipes]
+        todo = {k: r for k, r in zip(keys, recipes) if k not in self._cache}
+        scored = dict(zip(todo, run_jobs([functools.partial(self._score, r) for r in todo.values()], self.workers)))
+        out = []
+        for key, recipe in zip(keys, recipes):
+            fitness, seconds = scored.pop(key, (None, 0.0))
+            out.append(self(recipe, label, generation, fitness, seconds))
+        return out
+
+    def __call__(self, recipe: MergeRecipe, label: str, generation: int, fitness: float | None = None,
+                 seconds: float = 0.0) -> float:
         key = yaml.safe_dump(recipe.to_dict())  # identical candidates (e.g. decoded paths) are scored once
-        start, cached = time.perf_counter(), key in self._cache
-        if not cached:
-            model = merge_models(recipe, self.models, self.base)
-            with torch.no_grad():
-                self._cache[key] = float(self.fitness_fn(model))
-            del model
+        cached = key in self._cache and fitness is None
+        if fitness is None and not cached:
+            fitness, seconds = self._score(recipe)
+        if fitness is not None:
+            self._cache[key] = fitness
         fitness = self._cache[key]
         record = {"index": len(self.evaluations), "method": label, "generation": generation,
-                  "fitness": fitness, "seconds": time.perf_counter() - start, "cached": cached,
+                  "fitness": fitness, "seconds": seconds, "cached": cached,
                   "recipe": recipe.to_dict()}
         self.evaluations.append(record)
         if self.log is not None:
@@ -200,7 +222,7 @@ def _run_cma(x0: np.ndarray, decode: Callable[[np.ndarray], MergeRecipe], budget
     used = generation = 0
     while used < budget and not es.stop():
         xs = es.ask()[: budget - used]
-        fitnesses = [evaluator(decode(x), label, generation) for x in xs]
+        fitnesses = evaluator.many([decode(x) for x in xs], label, generation)
         evaluator.end_generation(label, generation, fitnesses)
         if len(xs) == es.popsize:  # a generation cut short by the budget is scored but not told
             es.tell(xs, [-f if math.isfinite(f) else _WORST for f in fitnesses])
@@ -240,7 +262,8 @@ def evolve_recipe(models: Mapping[str, torch.nn.Module], base: torch.nn.Module, 
                   popsize: int | None = None, seed: int = 0, sigma0: float = 0.25, per_layer: bool = True,
                   group_size: int = 1, fixed_params: Mapping[str, Mapping[str, Any]] | None = None,
                   base_name: str | None = None, include_uniform: bool = True, progress: bool = True,
-                  log: Callable[[dict], None] | None = None, test_fn: FitnessFn | None = None) -> EvolutionResult:
+                  log: Callable[[dict], None] | None = None, test_fn: FitnessFn | None = None,
+                  workers: int = 1) -> EvolutionResult:
     """Search merge recipes of ``models`` (name -> model, sharing the trunk ``base``) with CMA-ES.
 
     ``budget`` counts evaluations of ``fitness_fn`` (higher is better) over all ``methods``; ``per_layer``
@@ -248,7 +271,9 @@ def evolve_recipe(models: Mapping[str, torch.nn.Module], base: torch.nn.Module, 
     sets non-searched parameters per method (e.g. ``{"breadcrumbs": {"gamma": 0.05}}``); ``sigma0`` is the
     initial step in unit coordinates. ``include_uniform`` spends the first evaluation on the plain average
     merge (labelled ``uniform``), so the champion is never worse than it on the fitness split.
-    ``log(record)`` receives every evaluation. See the module docstring.
+    ``log(record)`` receives every evaluation. ``workers`` > 1 scores a generation's candidates that many at a time
+    (``forgelib.jobs``: ``fitness_fn`` is then called from several threads, each with its own candidate; the
+    search is the same). See the module docstring.
     """
     if not isinstance(models, Mapping) or not models:
         raise MergeError("models must be a non-empty mapping of name -> model")
@@ -264,7 +289,7 @@ def evolve_recipe(models: Mapping[str, torch.nn.Module], base: torch.nn.Module, 
     shares = _split_budget(budget - int(include_uniform), [s.dim for s in spaces])
     with progress_bar(total=sum(shares) + int(include_uniform), desc="evomerge", disable=not progress,
                       unit="evaluations") as bar:
-        evaluator = _Evaluator(models, base, fitness_fn, log, bar)
+        evaluator = _Evaluator(models, base, fitness_fn, log, bar, workers)
         if include_uniform:
             uniform = uniform_recipe(list(models), base_name)
             evaluator.end_generation("uniform", 0, [evaluator(uniform, "uniform", 0)])

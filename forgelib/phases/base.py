@@ -140,6 +140,13 @@ class PhaseContext:
     def quiet(self) -> bool:
         return self.run.quiet
 
+    @property
+    def workers(self) -> int:
+        """How many independent jobs run side by side (``run.workers`` resolved for this device)."""
+        from ..jobs import resolve_workers
+
+        return resolve_workers(self.run.workers, self.device)
+
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log(metrics, step)
 
@@ -215,7 +222,7 @@ class PhaseContext:
                                 "(and its chain has no Phase 1 to take it from)")
         known = known_answers(self.upstream_dir) if self.upstream_dir is not None and reuse_upstream else None
         return self.record_guard(guard(before, after, suite, params, self.run.seed, margin, known=known,
-                                       min_per_family=min_per_family))
+                                       min_per_family=min_per_family, workers=self.workers))
 
     def record_guard(self, report):
         """Write a guard report (``forgelib.suite.GuardReport``) as guard.json and add its gate checks and headline

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, Optional
@@ -29,6 +30,7 @@ from ..data.tasks import FAMILIES, build_mix, format_sample
 from ..data.tokenizer import train_tokenizer
 from ..evaluate import (accuracy_by_family, answer_correctness, argmax_disagreement, chance_accuracy, encode_for_eval,
                         mean_nll)
+from ..jobs import own_copy, run_jobs
 from ..models import CognateConfig, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
 from ..params import require_non_negative, require_positive
@@ -289,10 +291,14 @@ def apply_stage(model: CognateForCausalLM, stage: Stage) -> CognateForCausalLM:
     return model
 
 
-def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int):
-    """Train ``model`` on the stage's mix with the Phase-1 MuGrokfast preset; returns the history."""
+def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int, *,
+                alone: bool = True):
+    """Train ``model`` on the stage's mix with the Phase-1 MuGrokfast preset; returns the history.
+
+    ``alone=False``: the stage trains beside others (``train_specialists``): no bar and nothing sent to the tracker
+    while it runs (its rows are in the history; ``log_history`` sends them afterwards, in step order)."""
     seed = ctx.seed + stage.seed
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # nothing in the step draws from it; kept so that later draws see the same state
     batches = training_batches(tokenizer, params, stage, seed)
     overrides = {**params.optimizer, **({"lr": stage.lr} if stage.lr is not None else {})}
     optimizer = create_optimizer_from_phase(model, phase_num=1, **overrides)
@@ -300,11 +306,43 @@ def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, 
     if stage.warmup_steps is not None:
         config = dataclasses.replace(config, warmup_steps=stage.warmup_steps)
     checkpoints = ctx.dir / "checkpoints" / name if config.checkpoint_every else None
-    history = train(model, batches, optimizer, config, tracker=ctx.tracker, device=ctx.device, desc=name,
-                    quiet=ctx.quiet, step_offset=step_offset, checkpoint_dir=checkpoints)
+    history = train(model, batches, optimizer, config, tracker=ctx.tracker if alone else None, device=ctx.device,
+                    desc=name, quiet=ctx.quiet or not alone, step_offset=step_offset, checkpoint_dir=checkpoints)
     history.data = dataclasses.asdict(batches.stats) | {"padding_fraction": batches.stats.padding_fraction}
-    ctx.log({f"{name}/{k}": v for k, v in history.data.items()}, step=step_offset + stage.steps)
+    if alone:
+        ctx.log({f"{name}/{k}": v for k, v in history.data.items()}, step=step_offset + stage.steps)
     return history
+
+
+def log_history(ctx, name: str, history, step_offset: int, steps: int) -> None:
+    """What ``train_stage(alone=False)`` kept back: the training rows and the data counts, to the tracker."""
+    for row in history.rows:
+        ctx.log({k: v for k, v in row.items() if k != "step"}, step=step_offset + row["step"])
+    ctx.log({f"{name}/{k}": v for k, v in history.data.items()}, step=step_offset + steps)
+
+
+def train_specialists(trunk, tokenizer, params: Params, ctx, offset: int) -> tuple[dict, dict]:
+    """The three specialists, each a copy of the trained trunk with its stage's runtime, trained on its stage's mix
+    (``run.workers`` of them side by side: each owns its model, optimizer and seeded data, so the weights are those
+    of training them one after the other). Returns (models, histories) in ``ROLES`` order."""
+    workers = ctx.workers
+    models, offsets = {}, {}
+    for name in ROLES:
+        models[name] = apply_stage(copy.deepcopy(trunk), params.specialists[name])
+        offsets[name], offset = offset, offset + params.specialists[name].steps
+    alone = workers <= 1
+    jobs = [functools.partial(train_stage, models[n], own_copy(tokenizer, workers), params, params.specialists[n], n,
+                              ctx, offsets[n], alone=alone) for n in ROLES]
+    if not alone and not ctx.quiet:
+        print(f"training the specialists {', '.join(ROLES)}: {workers} at a time (run.workers)")
+    histories = dict(zip(ROLES, run_jobs(jobs, workers)))
+    for name in ROLES if not alone else ():
+        log_history(ctx, name, histories[name], offsets[name], params.specialists[name].steps)
+        if not ctx.quiet:
+            h = histories[name]
+            print(f"  {name}: {params.specialists[name].steps} steps in {h.seconds:.1f} s, loss {h.first_loss:.3f} "
+                  f"-> {h.last_loss:.3f}")
+    return models, histories
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -333,9 +371,17 @@ def act_statistics(model, encoded) -> dict[str, Any]:
     return stats
 
 
-def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[str, Any]:
-    """Accuracy and answer loss per family, ACT cycles and gate entropy for every model (test split); the chance
-    level per family (the best constant answer); the trunk's accuracy at the headroom levels."""
+def _model_measures(model, tokenizer, samples, encoded, params: Params) -> dict[str, Any]:
+    max_len = params.max_len + 16
+    return {"accuracy": accuracy_by_family(model, tokenizer, samples, batch_size=64, with_steps=params.with_steps),
+            "answer_nll": answer_nll_by_family(model, tokenizer, samples, max_len, params.with_steps),
+            **act_statistics(model, encoded)}
+
+
+def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers: int = 1) -> dict[str, Any]:
+    """Accuracy and answer loss per family, ACT cycles and gate entropy for every model (test split; ``workers``
+    models at a time); the chance level per family (the best constant answer); the trunk's accuracy at the headroom
+    levels."""
     samples = test_samples(params, seed)
     max_len = params.max_len + 16
     encoded = encode_for_eval(tokenizer, samples, max_len, with_steps=params.with_steps)
@@ -343,12 +389,9 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[
                           "train", seed)
     report: dict[str, Any] = {"n_test": len(samples), "levels": list(params.levels),
                               "chance": chance_accuracy(samples, reference), "models": {}}
-    for name, model in models.items():
-        report["models"][name] = {
-            "accuracy": accuracy_by_family(model, tokenizer, samples, batch_size=64, with_steps=params.with_steps),
-            "answer_nll": answer_nll_by_family(model, tokenizer, samples, max_len, params.with_steps),
-            **act_statistics(model, encoded),
-        }
+    jobs = [functools.partial(_model_measures, model, own_copy(tokenizer, workers), samples, encoded, params)
+            for model in models.values()]
+    report["models"] = dict(zip(models, run_jobs(jobs, workers)))
     if params.headroom_levels:
         hard = test_samples(params, seed + 1, levels=tuple(params.headroom_levels))
         report["headroom"] = {"levels": list(params.headroom_levels), "trunk_accuracy": accuracy_by_family(
@@ -360,7 +403,8 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int) -> dict[
     return report
 
 
-def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, guard) -> dict[str, Any]:
+def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, guard,
+                           workers: int = 1) -> dict[str, Any]:
     """Per specialist: the trunk and the specialist on the same own-family test questions, the superiority verdict
     (``forgelib.stats.superior``). As many questions as the verdict needs for ``power``: a pilot of a quarter of
     what detecting ``expected_gain`` needs at the ``guard`` section's assumed discordance, then rounds sized at the
@@ -383,9 +427,10 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
             k = math.ceil(want / len(fams))
             new = [q for f in fams for q in per_family[f][asked:k]]
             if new:
-                trunk += answer_correctness(models["trunk"], tokenizer, new, batch_size=128,
-                                            with_steps=params.with_steps)
-                own += answer_correctness(models[name], tokenizer, new, batch_size=128, with_steps=params.with_steps)
+                got = run_jobs([functools.partial(answer_correctness, models[m], own_copy(tokenizer, workers), new,
+                                                  batch_size=128, with_steps=params.with_steps)
+                                for m in ("trunk", name)], workers)
+                trunk, own = trunk + got[0], own + got[1]
             asked = max(asked, k)
             c = compare(trunk, own)
             n = questions_needed(max(params.expected_gain, c.diff - params.min_accuracy_gain), guard.confidence,
@@ -462,20 +507,16 @@ def run(params: Params, ctx) -> PhaseResult:
     trunk = make_trunk(params, tokenizer, ctx.seed)
     ctx.log({"params": sum(p.numel() for p in trunk.parameters())}, step=0)
     histories = {"trunk": train_stage(trunk, tokenizer, params, params.trunk, "trunk", ctx, 0)}
-    models = {"trunk": trunk}
-    offset = params.trunk.steps
-    for name in ROLES:
-        stage = params.specialists[name]
-        models[name] = apply_stage(copy.deepcopy(trunk), stage)
-        histories[name] = train_stage(models[name], tokenizer, params, stage, name, ctx, offset)
-        offset += stage.steps
-    report = evaluate_models(models, tokenizer, params, ctx.seed + 7)
+    specialists, trained = train_specialists(trunk, tokenizer, params, ctx, params.trunk.steps)
+    models, histories = {"trunk": trunk, **specialists}, {**histories, **trained}
+    workers = ctx.workers
+    report = evaluate_models(models, tokenizer, params, ctx.seed + 7, workers)
     report["histories"] = {k: {"first_loss": h.first_loss, "last_loss": h.last_loss, "seconds": h.seconds,
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
     report["specialist_gain"] = {name: specialist_gain(report, name, params.specialists[name].families
                                                        or list(params.specialists[name].mix)) for name in ROLES}
     guard = ctx.guard_params
-    report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard)
+    report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard, workers)
     ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})

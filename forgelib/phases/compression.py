@@ -403,7 +403,7 @@ class StageGuard:
         stored = self.system.from_extras(load_extras(path))
         report = guard(self.input, self.asker(load_compressed(path), stored, f"artifact ({name})"),
                        self.ctx.input_suite, self.ctx.guard_params, self.ctx.run.seed, allowed_loss,
-                       known=self.known)
+                       known=self.known, workers=self.ctx.workers)
         for family, answers in report.answers.items():  # the input's answers so far: reused by the next stage
             self.known[family] = {"prompts": [q.prompt for q in report.questions[family]],
                                   "answers": answers["before"]}

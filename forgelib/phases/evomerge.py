@@ -49,6 +49,7 @@ every parent — is reported as ``champion_above_all`` beside the raw accuracies
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -59,6 +60,7 @@ import yaml
 from .. import paths
 from ..data.tasks import FAMILIES, build_mix
 from ..evaluate import answer_correctness, chance_accuracy, mean_nll
+from ..jobs import run_jobs, thread_own
 from ..merge import MergeRecipe, evolve_layer_path, evolve_recipe, merge_models, save_recipe
 from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
@@ -171,9 +173,10 @@ class Scorer:
     with_steps: bool = True
 
     def details(self, model) -> dict[str, float]:
-        correct = answer_correctness(model, self.tokenizer, self.samples, batch_size=64, with_steps=self.with_steps)
+        tokenizer = thread_own(self.tokenizer)  # its own copy when scoring beside another candidate (forgelib.jobs)
+        correct = answer_correctness(model, tokenizer, self.samples, batch_size=64, with_steps=self.with_steps)
         acc = sum(correct) / len(correct)
-        nll = mean_nll(model, self.tokenizer, self.samples, batch_size=64, max_len=self.max_len, answer_only=True,
+        nll = mean_nll(model, tokenizer, self.samples, batch_size=64, max_len=self.max_len, answer_only=True,
                        with_steps=self.with_steps)
         return {"accuracy": acc, "answer_nll": nll, "score": acc - self.loss_weight * nll,
                 "correct": [int(c) for c in correct]}
@@ -328,8 +331,8 @@ def unmerged_recipes(params: Params, models: dict, base, keys) -> list[tuple[str
 class _Record:
     """The search's evaluation log: builds each candidate, scores it, keeps a row per evaluation."""
 
-    def __init__(self, models: dict, base, fitness: Callable, log: Callable[[dict], None] | None):
-        self.models, self.base, self.fitness, self.log = models, base, fitness, log
+    def __init__(self, models: dict, base, fitness: Callable, log: Callable[[dict], None] | None, workers: int = 1):
+        self.models, self.base, self.fitness, self.log, self.workers = models, base, fitness, log, workers
         self.evaluations: list[dict] = []
         self.generations: list[dict] = []
 
@@ -342,13 +345,20 @@ class _Record:
         if self.log is not None:
             self.log(row)
 
-    def evaluate(self, stage: str, recipe: MergeRecipe, runtime: dict, source: str = "merge") -> float:
+    def _score(self, recipe: MergeRecipe, runtime: dict) -> tuple[float, float]:
         start = time.perf_counter()
         model = merge_models(dataclasses.replace(recipe, config=dict(runtime)), self.models, self.base)
         with torch.no_grad():
             value = float(self.fitness(model))
-        self.add(stage, recipe.method, 0, value, time.perf_counter() - start, runtime, recipe, source)
-        return value
+        return value, time.perf_counter() - start
+
+    def evaluate_many(self, stage: str, items: list[tuple[MergeRecipe, dict, str]]) -> list[float]:
+        """Score each (recipe, runtime, source), ``workers`` at a time, and record them in order."""
+        scored = run_jobs([functools.partial(self._score, recipe, runtime) for recipe, runtime, _ in items],
+                          self.workers)
+        for (recipe, runtime, source), (value, seconds) in zip(items, scored):
+            self.add(stage, recipe.method, 0, value, seconds, runtime, recipe, source)
+        return [value for value, _ in scored]
 
     def end_stage(self, label: str, values: list[float]) -> None:
         finite = [v for v in values if math.isfinite(v)]
@@ -364,27 +374,28 @@ class _Record:
 
 
 def search(params: Params, models: dict, base, fitness: Callable, seed: int = 0, progress: bool = False,
-           log: Callable[[dict], None] | None = None) -> SearchResult:
+           log: Callable[[dict], None] | None = None, workers: int = 1) -> SearchResult:
     """Unmerged candidates, runtime screen, CMA-ES recipe search, runtime re-pick, optional layer paths (see
-    the module docstring). ``fitness(model) -> float`` (higher is better); every evaluation goes to
-    ``log(record)``."""
+    the module docstring). ``fitness(model) -> float`` (higher is better; called from ``workers`` threads at once,
+    each scoring its own candidate); every evaluation goes to ``log(record)``, in order."""
     runtimes = runtime_settings(params, base)
     cma_budget, _ = search_budget(params, len(runtimes))
-    rec = _Record(models, base, fitness, log)
+    rec = _Record(models, base, fitness, log, workers)
     if params.unmerged_candidates:
         keys = list(dict.fromkeys(k for r in runtimes for k in r))
-        values = [rec.evaluate("unmerged", recipe, recipe.config, source)
-                  for source, recipe in unmerged_recipes(params, models, base, keys)]
+        values = rec.evaluate_many("unmerged", [(recipe, recipe.config, source) for source, recipe
+                                                in unmerged_recipes(params, models, base, keys)])
         rec.end_stage("unmerged", values)
     # 1. runtime screen on the uniform merge
-    screen = [rec.evaluate("runtime_screen", uniform_recipe(list(models), params.base), r) for r in runtimes]
+    screen = rec.evaluate_many("runtime_screen", [(uniform_recipe(list(models), params.base), r, "merge")
+                                                  for r in runtimes])
     rec.end_stage("runtime screen", screen)
     search_runtime = runtimes[_argmax(screen)]
     # 2. CMA-ES over recipes under the screened runtime
     evo = evolve_recipe(models, base, lambda m: fitness(_configured(m, search_runtime)), methods=params.methods,
                         budget=cma_budget, seed=seed, sigma0=params.sigma0, per_layer=params.per_layer,
                         group_size=params.group_size, base_name=params.base, include_uniform=False,
-                        progress=progress, log=lambda row: rec.add(
+                        progress=progress, workers=workers, log=lambda row: rec.add(
                             "recipe_search", row["method"], row["generation"], row["fitness"], row["seconds"],
                             search_runtime, MergeRecipe.from_dict(row["recipe"])))
     rec.generations += evo.generations
@@ -392,8 +403,8 @@ def search(params: Params, models: dict, base, fitness: Callable, seed: int = 0,
     others = [r for r in runtimes if r != search_runtime]
     if others:
         searched = [row for row in rec.evaluations if row["stage"] == "recipe_search"]
-        repick = [rec.evaluate("runtime_repick", recipe, r)
-                  for recipe in _top_recipes(searched, params.runtime_top_k) for r in others]
+        repick = rec.evaluate_many("runtime_repick", [(recipe, r, "merge") for recipe
+                                                      in _top_recipes(searched, params.runtime_top_k) for r in others])
         rec.end_stage("runtime re-pick", repick)
     best = rec.best()
     champion = dataclasses.replace(MergeRecipe.from_dict(best["recipe"]), config=dict(best["runtime"]))
@@ -432,16 +443,17 @@ def _top_recipes(evaluations: list[dict], k: int) -> list[MergeRecipe]:
 # --- test table and run -------------------------------------------------------------------------------
 
 
-def final_selection(found: SearchResult, params: Params, models: dict, base, select: Scorer) -> list[dict]:
+def final_selection(found: SearchResult, params: Params, models: dict, base, select: Scorer,
+                    workers: int = 1) -> list[dict]:
     """The finalists — the trunk and every parent (own settings), the uniform merge under the screened runtime, the
-    ``finalists`` best distinct merges of the search and the search's champion — scored on the selection questions,
-    best first (``fitness`` is the selection score; ``search_fitness`` the search's)."""
+    ``finalists`` best distinct merges of the search and the search's champion — scored on the selection questions
+    (``workers`` at a time), best first (``fitness`` is the selection score; ``search_fitness`` the search's)."""
     rows = [r for r in found.evaluations if math.isfinite(r["fitness"])]
     keep = [r for r in rows if r["source"] != "merge"]
     keep += [r for r in rows if r["stage"] == "runtime_screen" and r["runtime"] == found.search_runtime][:1]
     keep += sorted((r for r in rows if r["source"] == "merge" and r["stage"] != "runtime_screen"),
                    key=lambda r: -r["fitness"])
-    seen, finals = set(), []
+    seen, chosen = set(), []
     champion = {"recipe": found.champion.to_dict(), "runtime": dict(found.champion.config), "source": found.source,
                 "fitness": found.champion_fitness, "stage": "search_champion"}
     for row in [champion, *keep]:
@@ -450,15 +462,21 @@ def final_selection(found: SearchResult, params: Params, models: dict, base, sel
         if key in seen:
             continue
         if row["stage"] in ("recipe_search", "runtime_repick") and \
-                sum(f["stage"] in ("recipe_search", "runtime_repick") for f in finals) >= params.finalists:
+                sum(r["stage"] in ("recipe_search", "runtime_repick") for r, _ in chosen) >= params.finalists:
             continue
         seen.add(key)
-        with torch.no_grad():
-            scored = select.details(merge_models(recipe, models, base))
-        finals.append({"recipe": recipe.to_dict(), "source": row["source"], "stage": row["stage"],
-                       "method": recipe.method, "search_fitness": row["fitness"], "fitness": scored["score"],
-                       "accuracy": scored["accuracy"], "answer_nll": scored["answer_nll"]})
+        chosen.append((row, recipe))
+    scores = run_jobs([functools.partial(_selection_score, select, recipe, models, base) for _, recipe in chosen],
+                      workers)
+    finals = [{"recipe": recipe.to_dict(), "source": row["source"], "stage": row["stage"], "method": recipe.method,
+               "search_fitness": row["fitness"], "fitness": scored["score"], "accuracy": scored["accuracy"],
+               "answer_nll": scored["answer_nll"]} for (row, recipe), scored in zip(chosen, scores)]
     return sorted(finals, key=lambda r: -r["fitness"])
+
+
+def _selection_score(select: Scorer, recipe: MergeRecipe, models: dict, base) -> dict:
+    with torch.no_grad():
+        return select.details(merge_models(recipe, models, base))
 
 
 NLL_PER_FAMILY = 64
@@ -484,18 +502,27 @@ def test_table(ctx, params: Params, models: dict, base, champion, tokenizer,
                        min_per_family=least)
     answers = {params.base: {f: a["before"] for f, a in report.answers.items()},
                "champion": {f: a["after"] for f, a in report.answers.items()}}
-    for name, model in (*models.items(), ("uniform_merge", uniform)):
-        answers[name] = report.ask(Asker(model, tokenizer, label=name))
+    others = [*models.items(), ("uniform_merge", uniform)]
+    asked = run_jobs([functools.partial(report.ask, Asker(model, tokenizer, label=name)) for name, model in others],
+                     ctx.workers)
+    answers.update({name: got for (name, _), got in zip(others, asked)})
     samples = [q for qs in report.questions.values() for q in qs[:NLL_PER_FAMILY]]  # the NLL: a secondary number
+    everyone = [(params.base, base), *models.items(), ("uniform_merge", uniform), ("champion", champion)]
+    nlls = run_jobs([functools.partial(_answer_nll, model, tokenizer, samples, params) for _, model in everyone],
+                    ctx.workers)
     rows = {}
-    for name, model in ((params.base, base), *models.items(), ("uniform_merge", uniform), ("champion", champion)):
+    for (name, _), nll in zip(everyone, nlls):
         per_family = {f: sum(a) / len(a) for f, a in answers[name].items() if a}
         rows[name] = {"accuracy": sum(per_family.values()) / len(per_family), "answers": answers[name],
                       "per_family": per_family,  # accuracy: the suite's mean, each family weighing the same
-                      "answer_nll": mean_nll(model, tokenizer, samples, batch_size=128, max_len=params.max_len,
-                                             answer_only=True, with_steps=params.with_steps)}
+                      "answer_nll": nll}
         rows[name]["score"] = rows[name]["accuracy"] - params.loss_weight * rows[name]["answer_nll"]
     return rows, report
+
+
+def _answer_nll(model, tokenizer, samples: list, params: Params) -> float:
+    return mean_nll(model, thread_own(tokenizer), samples, batch_size=128, max_len=params.max_len, answer_only=True,
+                    with_steps=params.with_steps)
 
 
 def chance_levels(params: Params, samples: list, seed: int) -> dict[str, Any]:
@@ -517,9 +544,10 @@ def run(params: Params, ctx) -> PhaseResult:
     def log(record: dict) -> None:
         ctx.log({"evomerge/fitness": record["fitness"], "evomerge/seconds": record["seconds"]}, step=record["index"])
 
-    found = search(params, models, base, fitness, seed=ctx.seed, progress=not ctx.quiet, log=log)
+    found = search(params, models, base, fitness, seed=ctx.seed, progress=not ctx.quiet, log=log,
+                   workers=ctx.workers)
     select = make_scorer(params, tokenizer, "fitness", params.select_per_family, ctx.seed + 5)
-    finals = final_selection(found, params, models, base, select)
+    finals = final_selection(found, params, models, base, select, ctx.workers)
     recipe = MergeRecipe.from_dict(finals[0]["recipe"])
     found = dataclasses.replace(found, champion=recipe, champion_fitness=finals[0]["fitness"],
                                 source=finals[0]["source"])

@@ -1,0 +1,122 @@
+"""Independent jobs side by side (forgelib.jobs): the results are those of running them one after the other."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from forgelib.jobs import own_copy, resolve_workers, run_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_results_come_in_job_order_and_jobs_overlap():
+    started, seen = threading.Barrier(2, timeout=10), []
+
+    def job(i):
+        def run():
+            started.wait()  # both jobs must be running at once, or this times out
+            seen.append(i)
+            return i * i
+        return run
+
+    assert run_jobs([job(3), job(4)], workers=2) == [9, 16]
+    assert sorted(seen) == [3, 4]
+
+
+def test_one_worker_runs_the_jobs_in_order_in_this_thread():
+    threads = []
+    out = run_jobs([lambda i=i: threads.append(threading.get_ident()) or i for i in range(3)], workers=1)
+    assert out == [0, 1, 2] and set(threads) == {threading.get_ident()}
+
+
+def test_a_failing_job_raises_after_the_others_finish():
+    done = []
+
+    def slow():
+        time.sleep(0.2)
+        done.append("slow")
+        return 1
+
+    def bad():
+        raise ValueError("job 2 failed")
+
+    with pytest.raises(ValueError, match="job 2 failed"):
+        run_jobs([slow, bad], workers=2)
+    assert done == ["slow"]
+
+
+def test_workers_resolve_per_device():
+    assert resolve_workers(3, "cpu") == 3 and resolve_workers(1, "cuda") == 1
+    assert resolve_workers(0, "cuda:0") == 1 and resolve_workers(0, "mps") == 1
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers(0, "cpu") == min(2, cores)
+
+
+def test_own_copy_gives_a_job_its_own_tokenizer_that_encodes_the_same():
+    from tests.helpers import task_tokenizer
+
+    tok = task_tokenizer()
+    copied = own_copy(tok, 2)
+    assert copied is not tok and copied._tokenizer is not tok._tokenizer
+    assert copied(["12+34=", "sort 3,1,2="])["input_ids"] == tok(["12+34=", "sort 3,1,2="])["input_ids"]
+    assert own_copy(tok, 1) is tok
+
+
+def test_the_guard_asks_two_models_side_by_side_with_the_same_answers():
+    from forgelib.suite import Asker, GuardParams, guard
+    from tests.helpers import perturbed_copy, task_tokenizer, tiny_task_llama
+
+    tok = task_tokenizer()
+    before = tiny_task_llama(tok)
+    after = perturbed_copy(before, 1, 0.5)
+    params = GuardParams(margin=0.5, max_questions=24)
+    suite = {"arith": (1, 1), "logic": (1, 1)}
+    reports = [guard(Asker(before, tok, max_new_tokens=6), Asker(after, tok, max_new_tokens=6), suite, params, 0,
+                     workers=w) for w in (1, 2)]
+    assert reports[0].answers == reports[1].answers
+    assert sum(len(a["after"]) for a in reports[0].answers.values()) > 0
+
+
+def _phase1(outputs: Path, session: str, workers: int) -> Path:
+    """A tiny real Phase 1 (trunk and three specialists) in a fresh process, with ``run.workers``."""
+    tiny = ["--set", "cognate.trunk.steps=30", "--set", "cognate.eval_per_family=4",
+            "--set", "cognate.tokenizer_samples=300", "--set", "cognate.min_disagreement=0",
+            "--set", "cognate.min_accuracy_gain=-0.5", "--set", "cognate.expected_gain=0.5",
+            "--set", "cognate.min_above_chance=-1", "--set", "run.tracking=jsonl", "--set", f"run.workers={workers}"]
+    for stage in ("reasoning", "memory", "speed"):
+        tiny += ["--set", f"cognate.{stage}.steps=12", "--set", f"cognate.{stage}.warmup_steps=2"]
+    env = {**os.environ, "FORGE_OUTPUTS": str(outputs), "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "forgelib.cli", "phase", "cognate", "--params",
+                           "parameters/smoke.yaml", "--session", session, *tiny], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return outputs / session / "01_cognate"
+
+
+def _weights(folder: Path) -> dict[str, str]:
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((folder / "models").glob("*/model.safetensors"))}
+
+
+def test_phase1_trains_its_specialists_side_by_side_to_the_same_weights_and_metrics(tmp_path):
+    one, two = _phase1(tmp_path, "w1", 1), _phase1(tmp_path, "w2", 2)
+    assert len(_weights(one)) == 4 and _weights(one) == _weights(two)
+    reports = [json.loads((f / "report.json").read_text()) for f in (one, two)]
+    assert reports[0]["models"] == reports[1]["models"]
+    assert reports[0]["specialists_vs_trunk"] == reports[1]["specialists_vs_trunk"]
+
+    def rows(folder):  # every metric the tracker got, by step (side by side they are sent after training)
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return sorted(json.dumps({k: v for k, v in r.items() if not k.endswith("seconds") and k not in (
+            "time", "_timestamp", "_runtime") and "tokens_per_s" not in k}, sort_keys=True) for r in lines)
+
+    assert rows(one) == rows(two)
+    assert "reasoning/loss" in "".join(rows(two)) and "speed/padding_fraction" in "".join(rows(two))
