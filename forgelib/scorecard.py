@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,18 @@ def _system(entry: dict, tokenizer, test, params: ScorecardParams):
 
 def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     """One scorecard row (module docstring)."""
+    from .thoughts import base_lm
+
+    row, model, tokenizer = _scored_row(entry, test, params)
+    row["tokens_per_s"] = tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)
+    return row
+
+
+def _scored_row(entry: dict, test, params: ScorecardParams) -> tuple[dict[str, Any], Any, Any]:
+    """A scorecard row without its speed, the model and its tokenizer."""
     from transformers import AutoTokenizer
 
     from .modelio import load_lm
-    from .thoughts import base_lm
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])
@@ -183,21 +192,22 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     row = {"phase": f"{entry['number']} {entry['phase']}", "model": entry["role"],
            "gate": "gate-failed" if entry.get("gate_failed") else "pass", "values": values, "bytes": size,
            "bits_per_value": round(8 * size / values, 3), "ppl": scored["ppl"], "accuracy": scored["acc"],
-           "experts": len(system.experts or []),
-           "tokens_per_s": tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)}
+           "experts": len(system.experts or []), "tokens_per_s": None}
     row["n"] = len(test)
     for family in sorted({s.family for s in test}):
         idx = [i for i, s in enumerate(test) if s.family == family]
         row[f"acc_{family}"] = round(sum(scored["correct"][i] for i in idx) / len(idx), 4) if idx else None
-    return row
+    return row, model, tokenizer
 
 
 def scorecard(session: str | None = None, params: ScorecardParams | None = None,
               folder: str | Path | None = None) -> list[dict[str, Any]]:
     """Every model of ``session``'s chain (or of the chain ending at the phase ``folder``) scored on the same test
     questions."""
+    from .jobs import resolve_workers, run_jobs
     from .phases.base import quiet_library_bars
     from .suite import questions
+    from .thoughts import base_lm
 
     quiet_library_bars()
     params = params or ScorecardParams()
@@ -207,8 +217,14 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
             print(f"[forge] scorecard: {note}", flush=True)
     suite, seed = chain_suite(entries, params)
     test = [q for f, levels in suite.items() for q in questions(f, levels, params.per_family, seed)]
-    with _threads(params.threads or _stored_run(entries).get("threads") or 1):
-        return [score_model(entry, test, params) for entry in entries]
+    run = _stored_run(entries)
+    with _threads(params.threads or run.get("threads") or 1):
+        # the models answer side by side (run.workers); their speeds are measured one at a time, alone
+        scored = run_jobs([functools.partial(_scored_row, entry, test, params) for entry in entries],
+                          resolve_workers(int(run.get("workers") or 0), "cpu"))  # load_lm loads on the CPU
+        for row, model, tokenizer in scored:
+            row["tokens_per_s"] = tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)
+        return [row for row, _, _ in scored]
 
 
 @contextlib.contextmanager
