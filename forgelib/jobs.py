@@ -20,15 +20,17 @@ from typing import Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def resolve_workers(workers: int, device: str = "cpu") -> int:
+def resolve_workers(workers: int, device: str = "cpu", threads: int = 1) -> int:
     """``run.workers`` made a number: 0 (auto) is one job at a time on an accelerator (its one queue of kernels
-    gains nothing from Python threads) and on a CPU as many as it has cores, at most 2 (each job uses one core;
-    on 2 cores a third only waits); a given number is kept."""
+    gains nothing from Python threads) and on a CPU as many as its cores hold jobs of ``threads`` intra-op threads
+    each, at most 2 (a job keeps one core busy; more jobs than cores only wait, and intra-op threads of two jobs
+    sharing a core spin against each other); a given number is kept."""
     if workers > 0:
         return workers
     if not str(device).startswith("cpu"):
         return 1
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2, cores // max(1, threads)))
 
 
 def run_jobs(jobs: Sequence[Callable[[], T]], workers: int) -> list[T]:

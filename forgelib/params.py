@@ -36,8 +36,8 @@ class RunParams:
     """torch CPU threads; on a busy 2-core machine 1 is usually fastest."""
     workers: int = 0
     """Independent jobs of a phase run side by side in this many threads (the specialists of Phase 1, the models
-    a phase asks the same questions): 0 (auto) = the CPU's cores, at most 2, and 1 on a GPU. Results are the same
-    for every value (``forgelib.jobs``)."""
+    a phase asks the same questions): 0 (auto) = on a CPU its cores // ``threads``, at most 2; on a GPU 1. Results
+    are the same for every value (``forgelib.jobs``)."""
     tracking: Literal["wandb", "jsonl", "none"] = "wandb"
     """'wandb' = W&B (offline unless wandb_mode says otherwise) + JSONL; 'jsonl' = JSONL only; 'none'."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"

@@ -221,7 +221,8 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     with _threads(params.threads or run.get("threads") or 1):
         # the models answer side by side (run.workers); their speeds are measured one at a time, alone
         scored = run_jobs([functools.partial(_scored_row, entry, test, params) for entry in entries],
-                          resolve_workers(int(run.get("workers") or 0), "cpu"))  # load_lm loads on the CPU
+                          resolve_workers(int(run.get("workers") or 0), "cpu",  # load_lm loads on the CPU
+                                          int(params.threads or run.get("threads") or 1)))
         for row, model, tokenizer in scored:
             row["tokens_per_s"] = tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)
         return [row for row, _, _ in scored]
@@ -253,7 +254,8 @@ def _stored_workers(run: dict, model) -> int:
     from .jobs import resolve_workers
 
     first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    return resolve_workers(int(run.get("workers") or 0), str(first.device) if first is not None else "cpu")
+    return resolve_workers(int(run.get("workers") or 0), str(first.device) if first is not None else "cpu",
+                           int(run.get("threads") or 1))
 
 
 def _phase_folder(entry: dict) -> Path:

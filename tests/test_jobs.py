@@ -58,6 +58,7 @@ def test_workers_resolve_per_device():
     assert resolve_workers(0, "cuda:0") == 1 and resolve_workers(0, "mps") == 1
     cores = len(os.sched_getaffinity(0))
     assert resolve_workers(0, "cpu") == min(2, cores)
+    assert resolve_workers(0, "cpu", threads=cores) == 1  # jobs of several intra-op threads: no more than fit
 
 
 def test_own_copy_gives_a_job_its_own_tokenizer_that_encodes_the_same():

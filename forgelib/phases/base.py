@@ -145,7 +145,7 @@ class PhaseContext:
         """How many independent jobs run side by side (``run.workers`` resolved for this device)."""
         from ..jobs import resolve_workers
 
-        return resolve_workers(self.run.workers, self.device)
+        return resolve_workers(self.run.workers, self.device, self.run.threads)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log(metrics, step)
