@@ -564,3 +564,46 @@ def test_bake_with_another_teacher_targets_that_model(tok, taught):
     assert baked.baking_report["kl_unbaked"] == pytest.approx(prompt_kl(student, pairs, logp), rel=1e-5)
     assert baked.baking_report["kl_unbaked"] != pytest.approx(taught["kl"], rel=0.05)  # not the taught model's gap
     assert all(torch.equal(v, before[k]) for k, v in teacher_model.state_dict().items())
+
+
+def test_teaching_marks_plain_rows_and_distills_them_to_the_reference(tok):
+    """``mark_plain``: the plain rows (replayed or unprompted) come first and are marked; ``plain_distill_loss`` is the
+    cross-entropy plus weight x KL(reference || model), the mean over exactly those rows' answer-predicting positions
+    (a brute-force sum, one prefix at a time, here), and 0 KL when the model is the reference."""
+    from forgelib.baking.teach import plain_distill_loss, teaching_batches, teaching_rows
+
+    rows, plain = teaching_rows([TOOL, PERSONA], ["arith"], [1], 64, random.Random(3), replay={"logic": (1, 1)},
+                                replay_share=0.5)
+    assert plain == [s.family == "logic" or s.prompt == generate_prompt_plain(s) for s in rows]
+    batch = next(teaching_batches(tok, [TOOL, PERSONA], ["arith"], [1], 16, 128, 5, {"logic": (1, 1)}, 0.5,
+                                  mark_plain=True))
+    marks = batch["plain_rows"].tolist()
+    assert marks == sorted(marks, reverse=True) and 0 < sum(marks) < len(marks)
+    model, reference = tiny_llama(tok), tiny_llama(tok)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, extras = plain_distill_loss(reference, 0.5)(model, dict(batch))
+    ce = model(**{k: v for k, v in batch.items() if k != "plain_rows"}).loss
+    total, count = 0.0, 0
+    for i in range(len(marks)):
+        if not marks[i]:
+            continue
+        for t in range(batch["input_ids"].shape[1] - 1):
+            if batch["labels"][i, t + 1] == -100:
+                continue
+            ids = batch["input_ids"][i:i + 1, :t + 1]
+            p = F.log_softmax(reference(input_ids=ids).logits[0, -1], -1)
+            q = F.log_softmax(model(input_ids=ids).logits[0, -1], -1)
+            total += float((p.exp() * (p - q)).sum().detach())
+            count += 1  # the mean over the plain rows' answer-predicting positions
+    assert extras["kl_plain"] == pytest.approx(total / count, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(ce.detach()) + 0.5 * total / count, rel=1e-4)
+    same, extras = plain_distill_loss(model, 0.5)(model, dict(batch))
+    assert extras["kl_plain"] == pytest.approx(0.0, abs=1e-6)
+    assert float(same.detach()) == pytest.approx(float(ce.detach()), rel=1e-6)
+
+
+def generate_prompt_plain(sample):
+    """A taught sample's prompt without any library prompt in front (the plain form)."""
+    return sample.prompt if not sample.prompt.startswith((TOOL.text, PERSONA.text)) else None

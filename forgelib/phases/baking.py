@@ -112,6 +112,10 @@ class Params:
     families the prompts do not target (a family drawn uniformly, at its levels; the targeted ones are taught
     unprompted too). Measured at smoke with the whole suite replayed at 0.5: sequence 0.87 -> 0.76 through teaching;
     only the untargeted ones at 0.5: see parameters/smoke.yaml."""
+    replay_distill: float = 0.0
+    """Weight of KL(input model ‖ taught model) on the answer tokens of teaching's plain questions (replayed and
+    unprompted; ``forgelib.baking.teach.plain_distill_loss``), beside their cross-entropy: without a prompt the taught
+    model is held to answer as its input did. 0: cross-entropy only."""
     bake: dict[str, Any] = dataclasses.field(default_factory=dict)
     """``PromptBakingConfig`` fields of every bake (steps, lr, lora_r, trajectories, temperature, half_baking...)."""
     calibration_per_level: int = 16
@@ -154,6 +158,8 @@ class Params:
         require_non_negative(self, "teach_steps", "plateau_delta", "min_effect", "gap_spread")
         if not 0 <= self.replay < 1:
             raise ValueError(f"replay must lie in [0, 1), got {self.replay}")
+        if not 0 <= self.replay_distill <= 100:
+            raise ValueError(f"replay_distill must lie in [0, 100], got {self.replay_distill}")
         if not 0 < self.adherence_margin < 1:
             raise ValueError(f"adherence_margin must lie in (0, 1), got {self.adherence_margin}")
         if not self.min_gap_closed < 1:
@@ -349,7 +355,7 @@ def _lap(timing: dict, name: str, t0: float, c0: float) -> None:
 
 
 def _teach(model, tokenizer, library: list[BakePrompt], params: Params, ctx, others: dict, suite: dict,
-           report: dict, timing: dict) -> None:
+           report: dict, timing: dict, reference=None) -> None:
     """Teach the model the library's prompts for ``teach_steps`` steps (none at 0; ``report["teach_loss"]``),
     replaying ``others`` (else the suite); its seconds go to ``timing``."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -358,7 +364,7 @@ def _teach(model, tokenizer, library: list[BakePrompt], params: Params, ctx, oth
                                 range(params.levels[0], params.levels[1] + 1), params.teach_steps,
                                 params.teach_batch_size, seed=ctx.seed, optimizer=params.teach_optimizer,
                                 tracker=ctx.tracker, device=ctx.device, replay=others or suite,
-                                replay_share=params.replay)
+                                replay_share=params.replay, reference=reference, distill_weight=params.replay_distill)
         report["teach_loss"] = {"first": history.first_loss, "last": history.last_loss}
     model.eval()
     _lap(timing, "teach", t0, c0)
@@ -427,7 +433,7 @@ def run(params: Params, ctx) -> PhaseResult:
     report["input"] = {"none": measure(model, tokenizer, [], test, params),
                        **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
     _lap(timing, "measure_input", t0, c0)
-    _teach(model, tokenizer, library, params, ctx, others, suite, report, timing)
+    _teach(model, tokenizer, library, params, ctx, others, suite, report, timing, reference)
     taught, baked_prompts = _measure_taught(model, tokenizer, library, test, params, report, timing)
     ctx.save_model("taught", wrapper, tokenizer, metadata={"baking": "prompt-taught model (before baking)"})
     taught_model = copy.deepcopy(model).eval()
