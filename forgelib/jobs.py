@@ -24,7 +24,10 @@ def resolve_workers(workers: int, device: str = "cpu", threads: int = 1) -> int:
     """``run.workers`` made a number: 0 (auto) is one job at a time on an accelerator (its one queue of kernels
     gains nothing from Python threads) and on a CPU as many as its cores hold jobs of ``threads`` intra-op threads
     each, at most 2 (a job keeps one core busy; more jobs than cores only wait, and intra-op threads of two jobs
-    sharing a core spin against each other); a given number is kept."""
+    sharing a core spin against each other); a given number is kept. Under ``accelerate launch`` with several
+    processes always 1: each training step's collective must come in the same order in every process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return 1
     if workers > 0:
         return workers
     if not str(device).startswith("cpu"):

@@ -53,12 +53,14 @@ def test_a_failing_job_raises_after_the_others_finish():
     assert done == ["slow"]
 
 
-def test_workers_resolve_per_device():
+def test_workers_resolve_per_device(monkeypatch):
     assert resolve_workers(3, "cpu") == 3 and resolve_workers(1, "cuda") == 1
     assert resolve_workers(0, "cuda:0") == 1 and resolve_workers(0, "mps") == 1
     cores = len(os.sched_getaffinity(0))
     assert resolve_workers(0, "cpu") == min(2, cores)
     assert resolve_workers(0, "cpu", threads=cores) == 1  # jobs of several intra-op threads: no more than fit
+    monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch: collectives in one order in every process
+    assert resolve_workers(0, "cpu") == 1 and resolve_workers(4, "cpu") == 1
 
 
 def test_own_copy_gives_a_job_its_own_tokenizer_that_encodes_the_same():
