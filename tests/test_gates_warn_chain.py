@@ -119,3 +119,19 @@ def test_the_scorecard_of_the_chain_shows_the_gate_column(chain, capsys):
     assert gates["2 evomerge champion"] == "pass"
     assert "gate-failed" in frame.to_string()
     json.dumps(card)  # what the pipeline's in-process scorecard writes to scorecard.json
+
+
+def test_the_gate_failed_phase_can_be_explored_and_says_its_gate_failed(chain, capsys):
+    """``forge open`` writes the explore copy of the gate-failed phase, and opened to explore it says (nothing runs)
+    that its gate failed, with the checks."""
+    from forgelib.phases.base import open_phase, run_phase
+
+    _, _, out = chain
+    assert cli.main(["open", SESSION, "1"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"wrote {out / SESSION / 'explore' / '01_cognate.ipynb'}")
+    result = run_phase(open_phase("cognate", "parameters/smoke.yaml", explore=SESSION))
+    assert result.gate_failed
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"[forge] 01_cognate of session {SESSION}: the finished run's results (")
+    assert "; nothing is run (explore). Its GATE FAILED, not enforced (run.gates: warn): trunk_" in line
+    assert line.endswith("; and 2 more; its models are registered as gate-failed")

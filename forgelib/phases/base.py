@@ -645,7 +645,7 @@ def _finished_result(folder: Path, spec: PhaseSpec, session: str) -> PhaseResult
     where = paths.relative(folder / RESULT_FILE)
     try:
         result = PhaseResult.load(folder)
-        problem = None if result.ok and result.gate_passed else (
+        problem = None if result.accepted else (
             f"its {where} says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed"))
     except FileNotFoundError:
         problem = f"there is no {where}"
@@ -733,12 +733,27 @@ def _gate_warned(ctx: PhaseContext, result: PhaseResult) -> None:
     print(gate_warning(ctx.spec, result), flush=True)
 
 
+def explore_line(spec: PhaseSpec, session: str, folder: Path, result: PhaseResult) -> str:
+    """What a phase opened to explore prints: whose results these are, that nothing runs, and a gate that failed
+    under ``run.gates: warn`` with its checks (its models are gate-failed)."""
+    line = (f"[forge] {spec.dirname} of session {session}: the finished run's results ({paths.relative(folder)}); "
+            "nothing is run (explore)")
+    if result.gate_failed:
+        line += (f". Its GATE FAILED, not enforced (run.gates: warn): {_failed_checks_text(result)}; its models are "
+                 "registered as gate-failed")
+    return line
+
+
+def _failed_checks_text(result: PhaseResult) -> str:
+    """The first five failed checks a gate-failed (warn) result recorded, and how many more."""
+    return "; ".join(result.failed_checks[:5]) + (f"; and {len(result.failed_checks) - 5} more"
+                                                   if len(result.failed_checks) > 5 else "")
+
+
 def gate_warning(spec: PhaseSpec, result: PhaseResult) -> str:
     """The loud line of a gate that failed under ``run.gates: warn``."""
-    checks = "; ".join(result.failed_checks[:5]) + (f"; and {len(result.failed_checks) - 5} more"
-                                                     if len(result.failed_checks) > 5 else "")
-    return (f"[forge] WARNING {spec.dirname}: GATE FAILED, not enforced (run.gates: warn): {checks}; its models are "
-            "registered as gate-failed and the chain goes on")
+    return (f"[forge] WARNING {spec.dirname}: GATE FAILED, not enforced (run.gates: warn): "
+            f"{_failed_checks_text(result)}; its models are registered as gate-failed and the chain goes on")
 
 
 def _retire_attempt(ctx: PhaseContext, exc: BaseException) -> None:
@@ -777,8 +792,7 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     result is returned.
     """
     if ctx.explored:
-        print(f"[forge] {ctx.spec.dirname} of session {ctx.session}: the finished run's results "
-              f"({paths.relative(ctx.dir)}); nothing is run (explore)", flush=True)
+        print(explore_line(ctx.spec, ctx.session, ctx.dir, ctx.result), flush=True)
         return ctx.result
     module = ctx.spec.load()
     started = time.perf_counter()
