@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import shutil
 import tempfile
 import time
@@ -27,7 +28,8 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import ParameterError, RunParams, cut, load_section, load_yaml_file, short, to_dict
+from ..params import (ParameterError, RunParams, cut, load_section, load_yaml_file, set_arguments, short,
+                      stored_size, to_dict)
 from ..results import RESULT_FILE, PhaseResult, write_json_atomic
 from ..session import SessionLock, check_session_name, lock_session
 from .specs import PHASES, PhaseSpec, get_spec
@@ -702,9 +704,10 @@ def _refuse_completed(session: str, spec: PhaseSpec) -> None:
 
 
 def gate_failure_message(spec: PhaseSpec, session: str, result: PhaseResult,
-                         all_specs: Iterable[PhaseSpec] | None = None) -> str:
+                         all_specs: Iterable[PhaseSpec] | None = None, given: list[str] | None = None) -> str:
     """One paragraph: the failed checks with their numbers, where they are recorded, and the ways on (rerun from
-    the phase with other parameters; continue with gates reported but not enforced)."""
+    the phase with other parameters; continue with gates reported but not enforced). ``given``: the session's
+    ``--params``/``--set`` arguments, repeated in the ways on of a first phase (a new run; ``--from`` carries them)."""
     failures = result.gate_failures()
     checks = "; ".join(cut(f, 300) for f in failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5
                                                               else "")
@@ -715,11 +718,27 @@ def gate_failure_message(spec: PhaseSpec, session: str, result: PhaseResult,
         warn = f"forge run --from {session}:{spec.number} --gates warn"
         after = f" (a new session after {session}'s completed {earlier[-1].dirname}, which is kept)"
     else:
-        rerun, warn, after = f"forge run --set {spec.name}.KEY=VALUE", "forge run --gates warn", ""
+        again = shlex.join(["forge", "run", *(given or [])])
+        rerun, warn, after = f"{again} --set {spec.name}.KEY=VALUE", f"{again} --gates warn", ""
     return (f"phase {spec.dirname} of session {session} did not pass its gate: {checks} (every check with its value "
             f"and bound is in {folder}/result.json). Ways on: rerun from this phase with changed parameters, "
             f"`{rerun}`{after}; or, to explore, continue with gates reported but not enforced, `{warn}` (the "
             "phase's models are then registered as gate-failed and the chain goes on)")
+
+
+def session_arguments(ctx: PhaseContext, limit: int = 1000) -> list[str]:
+    """``["--params", FILE, "--set", "k=v", ...]``: what the session was started with (its registry row), for a new
+    run that repeats it; without the ``--set`` values when they would take over ``limit`` characters, [] without a
+    row."""
+    try:
+        config = ctx.registry.get_session(ctx.session).get("config") or {}
+    except Exception:  # no row (a context made by hand): the defaults
+        return []
+    args = ["--params", str(config["params_file"])] if isinstance(config.get("params_file"), str) else []
+    overrides = config.get("overrides")
+    if isinstance(overrides, dict) and stored_size(overrides, limit) <= limit:
+        args += set_arguments(overrides)
+    return args
 
 
 def _gate_warned(ctx: PhaseContext, result: PhaseResult) -> None:
@@ -806,7 +825,8 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
             module.validate_output(result, ctx)
         if not result.gate_passed:
             if ctx.run.gates != "warn":
-                raise GateFailedError(gate_failure_message(ctx.spec, ctx.session, result, ctx.all_specs))
+                raise GateFailedError(gate_failure_message(ctx.spec, ctx.session, result, ctx.all_specs,
+                                                           session_arguments(ctx)))
             _gate_warned(ctx, result)
         result.status = "ok"
         result.finished_at = now_iso()
