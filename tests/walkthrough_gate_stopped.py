@@ -158,9 +158,11 @@ def forge_open(walk: Walk, new: str) -> tuple[Path, Path]:
 
 
 def write_registry_notebook(folder: Path) -> Path:
-    """A notebook holding the README's registry browser snippet."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "from forgelib.viz.inspect import registry_browser\n\nregistry_browser()")])
+    """A notebook holding the README's registry browser snippet (with the kernel JupyterLab starts without asking)."""
+    from forgelib.notebooks import clean
+
+    nb = clean(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from forgelib.viz.inspect import registry_browser\n\nregistry_browser()")]))
     path = folder / "registry_browser.ipynb"
     nbformat.write(nb, path)
     return path
@@ -171,7 +173,10 @@ def in_the_browser(walk: Walk, session: str, new: str, root: Path, notebook: Pat
     chromium, chromedriver = find_browser()
     registry_nb = write_registry_notebook(root / notebook.parent)
     scorecard = paths.outputs_root() / new / "09_scorecard" / "09_scorecard.ipynb"
-    env = {"FORGE_OUTPUTS": str(paths.outputs_root()), "FORGE_ROOT": str(paths.repo_root())}
+    # the kernels (started in the notebook's folder) import this checkout's forgelib, as papermill's (started in the
+    # repository root) do, even where the installed forgelib is another checkout's (a git worktree)
+    env = {"FORGE_OUTPUTS": str(paths.outputs_root()), "FORGE_ROOT": str(paths.repo_root()),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(paths.repo_root()), os.environ.get("PYTHONPATH")) if p)}
     work = walk.folder / "lab-state"
     with JupyterLab(root, work / "state", token=secrets.token_hex(16), env=env) as lab, \
             LabBrowser(lab, walk.folder, chromium, chromedriver, work / "chromium") as browser:

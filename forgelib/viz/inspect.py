@@ -25,6 +25,10 @@ import torch
 from .. import paths
 
 HEADLINE_LIMIT = 8
+STATUS_LIMIT = 100
+"""Characters of a model's status in the registry tables: a retirement's whole reason, e.g. ``retired: registered by
+phase run 4 of 04_bitnet, and its gate failed`` (60 cut it before 'gate failed'); a folder moved aside may be cut in
+its path (the path column shows it)."""
 
 
 # --- registry ------------------------------------------------------------------------------------------
@@ -53,7 +57,8 @@ def registry_tables(registry=None, session: str | None = None, status: str | Non
                                                            [:HEADLINE_LIMIT])}
                                     for r in reg.list_phase_runs(session)])
         out["models"] = pd.DataFrame([{"id": m["id"], "phase": m["phase_name"], "role": m["model_name"],
-                                       "status": model_status_text(m, 60), "parameters": m["parameter_count"],
+                                       "status": model_status_text(m, STATUS_LIMIT),
+                                       "parameters": f"{m['parameter_count']:,}" if m["parameter_count"] else "",
                                        "MB": round(m["size_mb"] or 0, 3), "path": paths.relative(m["model_path"])}
                                       for m in reg.list_models(session)])
     return out
