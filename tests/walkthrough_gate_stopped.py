@@ -122,10 +122,11 @@ def explore_way(walk: Walk, session: str, message: str, reuse: bool) -> str:
         raise SystemExit(walk.save())
     code, output, seconds = forge(shlex.split(warn)[1:], walk.folder / "3_explore_run.json", reuse)
     walk.note(f"exit status {code} after {seconds} s; the lines that matter:")
-    walk.quote("\n".join(line for line in output.splitlines() if line.startswith(("[forge] session", "[forge] WARN",
-                                                                                   "[forge] 09_", "forge:",
-                                                                                   "[forge] 0")))
-               + "\n" + "\n".join(output.splitlines()[-12:]))
+    lines = output.splitlines()
+    table = next((i for i, line in enumerate(lines) if line.lstrip().startswith("status ")), len(lines))
+    walk.quote("\n".join(line for line in lines[:table] if line.startswith(("[forge] session", "[forge] WARN",
+                                                                           "forge:", "[forge] 0")))
+               + "\n" + "\n".join(lines[table:]))
     walk.check(code == 0, "the exploration run completed (exit status 0)")
     found = re.search(r"^\[forge\] session (\S+): ", output, re.M)
     new = found.group(1) if found else ""
@@ -211,8 +212,11 @@ def explore_notebook(walk: Walk, browser: LabBrowser, new: str, name: str) -> No
     walk.quote(row)
     walk.check("FAIL" in row, "the result table marks the failed check")
     walk.note(f"screenshot {browser.screenshot('5a_explore_result_table')}")
-    browser.js("window.jupyterapp.shell.currentWidget.content.widgets[0].node.scrollIntoView()")
-    walk.note(f"screenshot {browser.screenshot('5a_explore_top')}")
+    browser.js("""
+        const o = Array.from(window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-OutputArea-output'))
+                  .find(o => o.innerText.includes('nothing is run (explore)'));
+        if (o) o.scrollIntoView({block: 'start'});""")
+    walk.note(f"screenshot {browser.screenshot('5a_explore_gate_failed_line')}")
     browser.raise_errors(name)
     walk.check(True, "no error output in the explored notebook")
 
@@ -260,7 +264,7 @@ def registry_browser(walk: Walk, browser: LabBrowser, session: str, new: str, na
     bitnet = [r for r in tables.splitlines() if re.match(r"\s*\d+\s+bitnet\s", r)]
     walk.check(bool(bitnet) and all("gate-failed" in r for r in bitnet), f"{new}'s Phase-4 model shows gate-failed")
     later = [r for r in tables.splitlines() if re.match(r"\s*\d+\s+(curriculum|baking|experts|compression)\s", r)]
-    walk.check(bool(later) and all(" active " in r for r in later), "the later phases' models show active")
+    walk.check(bool(later) and all("active" in r.split() for r in later), "the later phases' models show active")
     picked = _select(browser, "model", lambda texts: next((t for t in texts if t.startswith("bitnet/model")), None))
     details = wait_for(lambda: (t := _widget_text(browser, 1)) and "lineage" in t and t, 30, "the model's details")
     walk.note(f"model {picked}, its details:")
