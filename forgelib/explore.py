@@ -49,7 +49,8 @@ def open_phase_results(session: str, phase: str | int | PhaseSpec) -> PhaseResul
 
 
 def finished_phases(session: str) -> list[PhaseSpec]:
-    """The phases that finished in ``session`` (status ok, gate held), in order."""
+    """The phases that finished in ``session`` (status ok, gate held or failed under ``run.gates: warn``), in
+    order."""
     from .phases.base import completed_result
 
     return [spec for spec in PHASES if completed_result(session, spec) is not None]

@@ -20,6 +20,8 @@ three and joins them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,22 @@ KINDS = ("hf", "packed", "quietstar", "artifact")
 
 __all__ = ["ARTIFACT_FILE", "KINDS", "ModelLoadError", "base_lm", "is_quietstar", "load_causal_lm",
            "load_compressed", "load_lm", "load_model", "load_quietstar", "model_kind", "quiet_loading", "save_model"]
+
+
+_LOADING = threading.RLock()
+"""Held while a model loads. transformers' loading keeps global state (the meta-device construction, weight tying, its
+logging switches): two threads loading at once (``forgelib.jobs`` runs jobs side by side; the scorecard loads the
+chain's models that way) got untied LM heads and ModelLoadErrors ('lm_head.weight ... not stored') for a tied Cognate
+folder, 6 loads of 8 wrong. Loading is a small share of a job's time; the jobs still compute side by side."""
+
+
+def _one_at_a_time(load):
+    """``load`` run under :data:`_LOADING`: one model loads at a time in this process."""
+    @functools.wraps(load)
+    def locked(*args, **kwargs):
+        with _LOADING:
+            return load(*args, **kwargs)
+    return locked
 
 
 @contextlib.contextmanager
@@ -65,6 +83,7 @@ def model_kind(path: str | Path) -> str:
     return "packed" if isinstance(bitnet, dict) and bitnet.get("packing", "none") != "none" else "hf"
 
 
+@_one_at_a_time
 def load_model(path: str | Path, trainable: bool = False, tokenizer: Any = None, **kwargs) -> nn.Module:
     """Any model folder a phase hands on (``model_kind``), in eval mode: an artifact through ``load_compressed``, a
     Quiet-STaR folder as ``QuietStarModel`` (``load_quietstar``), any other causal LM through ``load_causal_lm``
@@ -83,6 +102,7 @@ load_lm = load_model
 """The name the phases, notebooks and benchmarks have used for ``load_model``."""
 
 
+@_one_at_a_time
 def load_causal_lm(path: str | Path, trainable: bool = False, progress: bool = False, **kwargs) -> nn.Module:
     """A local causal-LM folder (kind ``hf`` or ``packed``) as it was saved: a packed folder through
     ``forgelib.quant.load_packed`` (packed inference layers; ``trainable=True``: BitLinear layers to train on), a
@@ -103,6 +123,7 @@ def load_causal_lm(path: str | Path, trainable: bool = False, progress: bool = F
     return model
 
 
+@_one_at_a_time
 def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = False,
                    **config_overrides) -> QuietStarModel:
     """Rebuild a QuietStarModel saved by its ``save_pretrained`` (the tokenizer from the folder unless given). A
@@ -164,6 +185,7 @@ def quietstar_config(settings: Any, stored: dict, where: str,
     return config
 
 
+@_one_at_a_time
 def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
     """The model a Phase-8 artifact file holds (``forgelib.quant.artifact.read_artifact``), eval mode: a
     QuietStarModel when it was one (its tokenizer: ``tokenizer`` or the one beside the file)."""

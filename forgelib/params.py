@@ -404,6 +404,28 @@ MAX_STORED_BYTES = 256 * 1024
 """The most a parameter section, or a session's config, may take as JSON (the real ones take a few KB)."""
 
 
+def flatten(tree: Any, prefix: str = "") -> dict:
+    """A nested mapping as ``{"a.b.c": value}`` (dotted keys kept as they are)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as a ``--set`` writes it (YAML flow style, one line)."""
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def set_arguments(overrides: dict | None) -> list[str]:
+    """Overrides as the command-line arguments that give them: ``["--set", "a.b=1", ...]``."""
+    return [arg for key, value in flatten(overrides or {}).items() for arg in ("--set", f"{key}={yaml_value(value)}")]
+
+
 def stored_size(value: Any, limit: int | None = None) -> int:
     """About how many bytes ``value`` (plain data and dataclasses) takes as JSON, counted without writing it out
     (a string by its length, shared objects once per use); the count stops as soon as it passes ``limit``."""

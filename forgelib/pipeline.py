@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import paths
-from .params import check_stored_size, cut, merge_overrides, read_yaml, stored_size, to_dict
+from .params import check_stored_size, cut, flatten, merge_overrides, read_yaml, stored_size, to_dict, yaml_value
 from .phases import PHASES, PhaseSpec, UnknownPhaseError, get_spec, select
 from .phases.base import (DamagedResultError, GateFailedError, as_phase_error, check_device, checked_completed_result,
                           completed_result, latest_completed, load_guard_params, load_phase_params, new_session_id,
@@ -608,30 +608,12 @@ def _new_session_name(source: str, start: PhaseSpec, session: str | None) -> str
 _UNSET = object()
 
 
-def _yaml_value(value: Any) -> str:
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True).strip()
-    return text.removesuffix("...").strip()
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict:
-    """A nested mapping as ``{"a.b.c": value}``."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(_flatten(value, name) if isinstance(value, dict) and value else {name: value})
-    return out
-
-
 def _set_text(overrides: dict | None, limit: int = 2000) -> str:
     """Overrides as the ``--set`` arguments that give them (cut to about ``limit`` characters; overrides that
     would take more as text are not written out at all: YAML aliases can make a short --set a huge value)."""
     if stored_size(overrides or {}, limit) > limit:
         return f"--set values too long to show (over {limit} characters)"
-    return cut(" ".join(f"--set {k}={_yaml_value(v)}" for k, v in _flatten(overrides or {}).items()), limit)
+    return cut(" ".join(f"--set {k}={yaml_value(v)}" for k, v in flatten(overrides or {}).items()), limit)
 
 
 def _effective_params(params_file: str | os.PathLike, overrides: dict | None, specs: list[PhaseSpec],
@@ -641,10 +623,10 @@ def _effective_params(params_file: str | os.PathLike, overrides: dict | None, sp
     values: dict = {}
     for spec in specs:
         run, params = load_phase_params(spec, params_file, overrides, all_specs)
-        values.update(_flatten({"run": to_dict(run), spec.name: to_dict(params)}))
+        values.update(flatten({"run": to_dict(run), spec.name: to_dict(params)}))
     own = {s.name for s in all_specs} | {"run"}
     tree = merge_overrides(read_yaml(paths.resolve(params_file)), overrides)
-    values.update(_flatten({k: v for k, v in tree.items() if k not in own}))
+    values.update(flatten({k: v for k, v in tree.items() if k not in own}))
     return values
 
 
@@ -670,8 +652,8 @@ def check_resume_params(session: str, config: dict, params_file: str | os.PathLi
     except (ValueError, KeyError, OSError) as exc:
         after, changes = {}, [f"the new parameters do not load: {exc}"]
     if before and after:
-        changes = [f"{k}: {_yaml_value(before[k]) if k in before else '(unset)'} -> "
-                   f"{_yaml_value(after[k]) if k in after else '(unset)'}"
+        changes = [f"{k}: {yaml_value(before[k]) if k in before else '(unset)'} -> "
+                   f"{yaml_value(after[k]) if k in after else '(unset)'}"
                    for k in sorted(set(before) | set(after)) if before.get(k, _UNSET) != after.get(k, _UNSET)]
     if not changes:
         return

@@ -26,7 +26,7 @@ def progress_line(label: str, record: dict, seconds: float, max_items: int = 3) 
     items = [(k, v) for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
              and k.rsplit("/", 1)[-1] in SHOWN_KEYS]
     parts = [f"{label}: {seconds:.0f}s"]
-    if "step" in record:
+    if record.get("step") is not None:  # a summary record (logged without a step) has none
         parts.append(f"step {record['step']}")
     parts += [f"{k}={v:.4g}" for k, v in items[:max_items]]
     return "[forge] " + "  ".join(parts)

@@ -6,6 +6,8 @@ Through the CLI's ``main`` with the pipeline's own test phases (tests/pipeline_p
 this process (``--no-notebooks``).
 """
 import json
+import re
+import shlex
 import sqlite3
 
 import pytest
@@ -68,11 +70,28 @@ def test_failed_gate_names_the_check_its_numbers_and_the_ways_on(outputs, capsys
     assert PhaseResult.load(outputs / "g2" / "02_beta").gate_passed
 
 
-def test_failed_phase_one_points_at_a_new_run(outputs, capsys):
-    code, _, err = _run(capsys, "--session", "p1", "--set", "alpha.min_params=1000000000")
+def test_failed_phase_one_points_at_a_new_run_with_the_sessions_parameters(outputs, capsys):
+    code, _, err = _run(capsys, "--session", "p1", "--set", "alpha.min_params=1000000000", "--set", "beta.scale=1.5")
     assert code == 1
     assert "did not pass its gate: params = 3632 (needs >= 1e+09)" in err, err
-    assert "`forge run --set alpha.KEY=VALUE`" in err and "`forge run --gates warn`" in err
+    given = f"--params {PARAMS} --set alpha.min_params=1000000000 --set beta.scale=1.5"
+    assert f"`forge run {given} --set alpha.KEY=VALUE`" in err and f"`forge run {given} --gates warn`" in err
+    # the way on works as printed: the same parameter file and values, gates reported
+    (warn,) = [c for c in re.findall(r"`([^`]*)`", err) if c.endswith("--gates warn")]
+    code, out, err = _forge(capsys, *shlex.split(warn)[1:], "--session", "p2", "--no-notebooks")
+    assert code == 0, err
+    assert "[forge] WARNING 01_alpha: GATE FAILED, not enforced (run.gates: warn): params = 3632" in out
+    assert PhaseResult.load(outputs / "p2" / "02_beta").metrics["scale"] == 1.5
+
+
+def test_the_ways_on_quote_values_so_that_the_shell_and_set_read_them_back():
+    from forgelib.cli import _parse_set
+    from forgelib.params import set_arguments
+
+    overrides = {"a": {"b": [1, 2]}, "c.d": "x y", "e": "true", "f": 0.5}
+    command = shlex.join(["forge", "run", *set_arguments(overrides)])
+    assert command.startswith("forge run --set 'a.b=[1, 2]' --set 'c.d=x y' --set ")
+    assert _parse_set(shlex.split(command)[3::2]) == {"a.b": [1, 2], "c.d": "x y", "e": "true", "f": 0.5}
 
 
 def test_gates_warn_reports_loudly_marks_gate_failed_and_goes_on(outputs, capsys):

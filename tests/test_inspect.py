@@ -133,3 +133,10 @@ def test_registry_browser_shows_each_models_status(registry_with_chain):
     assert "retired: its phase's gate failed" in _text(c["tables"]) and "gate-failed" in _text(c["tables"])
     c["model"].value = first
     assert "(session s1), retired: its phase's gate failed" in _text(c["details"])
+    # a retirement's reason as the pipeline writes it is shown whole, the parameter count as an integer
+    reason = "registered by phase run 14 of 04_bitnet, and its gate failed"
+    third = reg.register_model(session_id="s1", phase_name="b", model_name="again",
+                               model_path=reg.get_model(second)["model_path"], parameter_count=122905)
+    reg.set_model_status([third], "retired", reason=reason)
+    models = registry_tables(reg, "s1")["models"]
+    assert list(models.status)[2] == f"retired: {reason}" and list(models.parameters) == ["123", "123", "122,905"]

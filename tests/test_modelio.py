@@ -91,3 +91,21 @@ def test_loading_is_quiet_unless_asked(tok, tmp_path, capsys):
     load_model(tmp_path / "m")
     assert "Loading weights" not in capsys.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the setting it found is back
+
+
+def test_models_loaded_from_two_threads_at_once_load_as_saved(tok, tmp_path):
+    """forgelib.jobs runs jobs side by side in threads (the scorecard loads the chain's models that way): transformers'
+    loading keeps global state (meta-device construction, weight tying), and two loads at once gave untied LM heads
+    and ModelLoadErrors ('lm_head.weight ... not stored'); load_model loads one model at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = cognate(tok)
+    save_model(model, tmp_path / "m")
+    want = logits(model, tok)
+
+    def load(_):
+        back = load_model(tmp_path / "m")
+        return back.lm_head.weight is back.get_input_embeddings().weight and torch.equal(logits(back, tok), want)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(load, range(8)))

@@ -16,6 +16,8 @@ def test_progress_line_shows_step_and_loss_like_numbers_only():
     line = progress_line("01_cognate", {"step": 1200, "time": 1.0, "trunk/loss": 0.41234, "trunk/grad_norm": 3.0,
                                         "trunk/lr_factor": 0.5}, 42.4)
     assert line == "[forge] 01_cognate: 42s  step 1200  trunk/loss=0.4123"
+    # a summary record, logged without a step (seen as 'step None' after Phases 6 and 7)
+    assert progress_line("06_baking", {"step": None, "acc_after": 0.57}, 60.2) == "[forge] 06_baking: 60s"
 
 
 def test_relay_emits_the_newest_record_and_waits_for_a_half_written_line(tmp_path):

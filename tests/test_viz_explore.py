@@ -383,7 +383,8 @@ def test_targets_say_what_is_missing():
 
 
 CARD = [{"phase": p, "model": m, "values": 122905, "bytes": b, "bits_per_value": 8 * b / 122905, "ppl": ppl,
-         "accuracy": acc, "experts": 0, "tokens_per_s": tps, "n": 2, "acc_arith": acc, "acc_logic": 1 - acc}
+         "accuracy": acc, "experts": 0, "tokens_per_s": tps, "n": 2, "acc_arith": acc, "acc_logic": 1 - acc,
+         "gate": "gate-failed" if p == "3 quietstar" else "pass"}
         for p, m, b, ppl, acc, tps in (("1 cognate", "trunk", 496725, 1.0846, 0.7679, 5737.6),
                                        ("1 cognate", "reasoning", 496725, 1.0793, 0.7798, 3497.1),
                                        ("3 quietstar", "model", 531580, 1.0738, 0.7857, 5635.8),
@@ -394,9 +395,10 @@ def test_scorecard_table_is_compact_and_rounded():
     from forgelib.viz.scorecard import family_frame, scorecard_frame
 
     frame = scorecard_frame(CARD)
-    assert list(frame.columns) == ["size", "bits/value", "ppl", "accuracy", "experts", "tokens/s"]
+    assert list(frame.columns) == ["gate", "size", "bits/value", "ppl", "accuracy", "experts", "tokens/s"]
     assert list(frame.index) == ["1 cognate trunk", "1 cognate reasoning", "3 quietstar", "8 compression"]
-    assert frame.loc["1 cognate trunk"].tolist() == ["485 KiB", 32.3, 1.08, 0.768, 0, 5700]
+    assert frame.loc["1 cognate trunk"].tolist() == ["pass", "485 KiB", 32.3, 1.08, 0.768, 0, 5700]
+    assert frame.loc["3 quietstar", "gate"] == "gate-failed"
     assert frame.loc["8 compression", "ppl"] == 2.49 and frame.loc["8 compression", "size"] == "63.8 KiB"
     assert "noisy" in frame.attrs["note"] and "tied weights once" in frame.attrs["note"]
     families = family_frame(CARD)

@@ -25,6 +25,10 @@ import torch
 from .. import paths
 
 HEADLINE_LIMIT = 8
+STATUS_LIMIT = 100
+"""Characters of a model's status in the registry tables: a retirement's whole reason, e.g. ``retired: registered by
+phase run 4 of 04_bitnet, and its gate failed`` (60 cut it before 'gate failed'); a folder moved aside may be cut in
+its path (the path column shows it)."""
 
 
 # --- registry ------------------------------------------------------------------------------------------
@@ -53,7 +57,8 @@ def registry_tables(registry=None, session: str | None = None, status: str | Non
                                                            [:HEADLINE_LIMIT])}
                                     for r in reg.list_phase_runs(session)])
         out["models"] = pd.DataFrame([{"id": m["id"], "phase": m["phase_name"], "role": m["model_name"],
-                                       "status": model_status_text(m, 60), "parameters": m["parameter_count"],
+                                       "status": model_status_text(m, STATUS_LIMIT),
+                                       "parameters": f"{m['parameter_count']:,}" if m["parameter_count"] else "",
                                        "MB": round(m["size_mb"] or 0, 3), "path": paths.relative(m["model_path"])}
                                       for m in reg.list_models(session)])
     return out
@@ -99,8 +104,9 @@ def model_details(model_id: int, registry=None) -> list[str]:
     m = reg.get_model(model_id)
     lines = [f"model {m['id']}: {m['model_name']} of phase {m['phase_name']} (session {m['session_id']}), "
              f"{model_status_text(m)}",
-             f"  path {paths.relative(m['model_path'])}, {m['parameter_count']} parameters, "
-             f"{(m['size_mb'] or 0) * 1024:.1f} KiB, sha256 {m['sha256'][:12]}…",
+             f"  path {paths.relative(m['model_path'])}, "
+             + (f"{m['parameter_count']:,} parameters, " if m["parameter_count"] else "")
+             + f"{(m['size_mb'] or 0) * 1024:.1f} KiB, sha256 {m['sha256'][:12]}…",
              f"  metadata {json.dumps(m['metadata'], default=str)}"]
     runs = [r for r in reg.list_phase_runs(m["session_id"], m["phase_name"]) if r["status"] == "completed"]
     if runs:
@@ -138,8 +144,7 @@ def registry_browser(registry=None):
             tables.value, model.options = "", []
             return
         t = registry_tables(reg, session.value)
-        tables.value = _pre((t["runs"].to_string(index=False) if len(t["runs"]) else "no phase runs") + "\n\n" +
-                            (t["models"].to_string(index=False) if len(t["models"]) else "no models"))
+        tables.value = (_table(t["runs"], "no phase runs", "headline") + _table(t["models"], "no models", "status"))
         model.options = [(f"{r.phase}/{r.role} (#{r.id})", int(r.id)) for r in t["models"].itertuples()] \
             if len(t["models"]) else []
 
@@ -153,6 +158,19 @@ def registry_browser(registry=None):
     box = w.VBox([w.HBox([status, session]), tables, model, details])
     box.controls = {"status": status, "session": session, "model": model, "tables": tables, "details": details}
     return box
+
+
+def _table(frame, empty: str, wide: str) -> str:
+    """``frame`` as an HTML table styled as JupyterLab styles a DataFrame's output, the long text column ``wide``
+    wrapping inside its cell and left-aligned (a text table in a ``<pre>`` wrapped its lines across the columns)."""
+    if not len(frame):
+        return _pre(empty)
+    html = frame.to_html(index=False, border=0).replace(
+        "<table", '<table style="margin: 0.5em 0"', 1)
+    column = list(frame.columns).index(wide) + 1 if wide in frame.columns else 0
+    cells = f".forge-registry-{wide} td:nth-child({column}), .forge-registry-{wide} th:nth-child({column})"
+    style = f"<style>{cells} {{text-align: left; white-space: normal; max-width: 42em}}</style>" if column else ""
+    return f'{style}<div class="jp-RenderedHTMLCommon forge-registry-{wide}">{html}</div>'
 
 
 def _pre(text: str) -> str:

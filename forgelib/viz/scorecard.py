@@ -8,11 +8,12 @@ from matplotlib import ticker
 from .format import human_bytes, sig
 
 NOTE = ("same test questions for every model; greedy exact match with the calculator, no thoughts (chance about 0: "
-        "open-ended answers); size: the model folder without its tokenizer (Phase 7 with its experts), the artifact "
-        "file for Phase 8; bits/value: 8 × size / stored values (tied weights once); tokens/s: greedy decoding of one "
-        "batch of 16 questions by the model alone, the fastest of at least 3 timed runs after a warm-up. It is still "
-        "noisy on a shared machine (runs of the same model differed by up to 2×): compare models within one "
-        "scorecard, not across runs")
+        "open-ended answers); gate: the phase's own gate (gate-failed: it failed under run.gates: warn, not "
+        "enforced); size: the model folder without its tokenizer (Phase 7 with its experts), the artifact file for "
+        "Phase 8; bits/value: 8 × size / stored values (tied weights once); tokens/s: greedy decoding of one batch of "
+        "16 questions by the model alone, the fastest of at least 3 timed runs after a warm-up. It is still noisy on a "
+        "shared machine (runs of the same model differed by up to 2×): compare models within one scorecard, not "
+        "across runs")
 
 
 def model_label(row: dict) -> str:
@@ -21,12 +22,14 @@ def model_label(row: dict) -> str:
 
 
 def scorecard_frame(card: list[dict]):
-    """One row per model, a few short columns: size, bits per value, perplexity (3 significant digits), accuracy,
-    experts, tokens per second (``family_frame``: the accuracy per family)."""
+    """One row per model, a few short columns: its phase's gate (``pass``, or ``gate-failed`` for a phase whose gate
+    failed under ``run.gates: warn``), size, bits per value, perplexity (3 significant digits), accuracy, experts,
+    tokens per second (``family_frame``: the accuracy per family)."""
     import pandas as pd
 
-    rows = {model_label(r): {"size": human_bytes(r["bytes"]), "bits/value": sig(r["bits_per_value"]),
-                             "ppl": sig(r["ppl"]), "accuracy": round(r["accuracy"], 3), "experts": r["experts"],
+    rows = {model_label(r): {"gate": r.get("gate", ""), "size": human_bytes(r["bytes"]),
+                             "bits/value": sig(r["bits_per_value"]), "ppl": sig(r["ppl"]),
+                             "accuracy": round(r["accuracy"], 3), "experts": r["experts"],
                              "tokens/s": int(sig(r["tokens_per_s"], 2)) if r.get("tokens_per_s") else None}
             for r in card}
     frame = pd.DataFrame.from_dict(rows, orient="index")
