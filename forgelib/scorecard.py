@@ -165,7 +165,7 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from .modelio import load_lm
-    from .thoughts import base_lm
+    from .quietstar import base_lm
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])

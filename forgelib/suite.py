@@ -184,7 +184,7 @@ class Asker:
 
     def answers(self, samples: Sequence) -> list[str]:
         from .evaluate import _answer_budget
-        from .thoughts import base_lm
+        from .quietstar import base_lm
 
         if not samples:
             return []

@@ -36,7 +36,7 @@ string ``"error: <what>"``; the calculator never raises for a string input.
 ``<|/tool|>`` gets ``<|result|>`` + ``tool(expr)`` appended as tokens and is generated further, until eos, its
 token budget, or one call more than ``max_calls``. It only uses ``model.generate(input_ids, attention_mask,
 max_new_tokens, eos_token_id, pad_token_id, ...)``, so it runs HF causal LMs (Cognate, Llama) and
-``forgelib.thoughts.QuietStarModel`` alike. The trace's text keeps the tool markup, so
+``forgelib.quietstar.QuietStarModel`` alike. The trace's text keeps the tool markup, so
 ``forgelib.data.tasks.check`` reads the answer after the last ``#`` of ``<|tool|>821*92<|/tool|><|result|>75532#75532``.
 """
 from __future__ import annotations

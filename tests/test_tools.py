@@ -445,7 +445,7 @@ def test_tiny_llama_trained_on_tool_solutions(tok, tool_samples):
 
 
 def test_quietstar_around_a_trained_cognate_runs_the_tool(tok, tool_samples):
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+    from forgelib.quietstar import QuietStarConfig, QuietStarModel
 
     base = _train_on_tool_solutions(_tiny("cognate", tok), tok, tool_samples[:2], steps=160)
     qs = QuietStarModel(base, tok, QuietStarConfig(n_thought=2)).eval()

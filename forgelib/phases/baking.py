@@ -72,9 +72,9 @@ from ..baking.gap import gap_bound, inputs_needed
 from ..baking.library import adheres, correct, prefix
 from ..data.tasks import FAMILIES, generate, generate_levels
 from ..params import check_fields, require_non_negative, require_positive
+from ..quietstar import base_lm
 from ..results import GateCheck, PhaseResult
 from ..stats import compare, lower_bound, noninferior
-from ..thoughts import base_lm
 from .common import check_levels, check_optimizer
 
 HEADLINE = ("acc_before", "acc_after", "acc_retention", "tool_use_rate_before", "tool_use_rate_after",

@@ -50,7 +50,7 @@ from ..params import require_non_negative, require_positive
 from ..quant import bitlinear_modules, convert_to_bitnet, convert_to_int8, ternary_quantize
 from ..quant.packing import PACKINGS
 from ..results import GateCheck, PhaseResult
-from ..thoughts import QuietStarModel, quietstar_loss
+from ..quietstar import QuietStarModel, quietstar_loss
 from ..modelio import load_quietstar
 from ..train import TrainConfig, train
 from .common import TaskData, chance_levels, check_levels, check_optimizer, score, test_samples, training_batches

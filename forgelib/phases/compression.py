@@ -41,7 +41,7 @@ import torch
 from ..data.tasks import FAMILIES, generate_levels
 from ..params import load_yaml_file, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from .common import check_levels
 
 HEADLINE = ("bits_per_weight", "artifact_bytes", "acc_input", "acc_final", "acc_retention", "ppl_retention",

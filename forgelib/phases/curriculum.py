@@ -89,7 +89,7 @@ from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from ..stats import questions_needed, superior
 from ..suite import suite_union
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from ..tools import calculator, generate_with_tools, tool_correctness, tool_stats
 from ..train import TrainConfig, train
 from .base import UpstreamError

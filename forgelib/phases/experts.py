@@ -41,7 +41,7 @@ from ..baking.library import make_check
 from ..data.tasks import FAMILIES, generate, generate_levels
 from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from .common import check_levels, check_optimizer
 
 HEADLINE = ("n_experts", "expert_params", "acc_base", "acc_routed", "acc_oracle", "routing_acc")

@@ -1,7 +1,7 @@
 """Phase 3 — Quiet-STaR: the Phase-2 model learns to think before each answer token.
 
 The upstream model (Phase 2's champion, with the runtime settings its recipe saved in its config) is wrapped
-in a ``forgelib.thoughts.QuietStarModel`` and trained on fresh train-split samples of the reasoning families
+in a ``forgelib.quietstar.QuietStarModel`` and trained on fresh train-split samples of the reasoning families
 (answer-only labels, worked solutions): base NLL + mixed NLL of the next ``n_true`` tokens after each thought
 + REINFORCE on the thoughts + KL to the frozen Phase-2 model (the Phase-3 MuGrokfast preset's ``kl_weight``).
 
@@ -40,7 +40,7 @@ from ..evaluate import mean_nll
 from ..optim import ReferenceKL, preset_config
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
-from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
+from ..quietstar import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
 from .common import chance_levels, check_levels, check_optimizer, check_runtime, score, test_samples, training_batches
 from ..stats import compare, lower_bound, mean_bounds, noninferior
@@ -76,7 +76,7 @@ class Params:
     in 120 steps of continued training)."""
     warmup_steps: int = 10
     thoughts: QuietStarConfig = dataclasses.field(default_factory=QuietStarConfig)
-    """The Quiet-STaR settings (``forgelib.thoughts.QuietStarConfig``)."""
+    """The Quiet-STaR settings (``forgelib.quietstar.QuietStarConfig``)."""
     kl_weight: float | None = None
     """Weight of the KL to the frozen Phase-2 model (None: the Phase-3 preset's ``kl_weight``)."""
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -182,7 +182,7 @@ def _check_header(header, where: str) -> None:
 
 def _model_parts(model: nn.Module) -> tuple[nn.Module, dict]:
     """(the causal LM, the wrapper's settings or {}) of a model or of a wrapper around one (a Quiet-STaR model: it
-    has ``base`` and ``wrapper_settings()``, ``forgelib.thoughts``)."""
+    has ``base`` and ``wrapper_settings()``, ``forgelib.quietstar``)."""
     settings = getattr(model, "wrapper_settings", None)
     return (model.base, settings()) if callable(settings) else (model, {})
 

@@ -279,7 +279,7 @@ def expert_scalings(folder: Path, model) -> dict[str, dict[str, dict[str, float]
     with; {} for a model without experts."""
     from ..experts import SVFConfig, apply_svf, remove_svf
     from ..scorecard import ScorecardParams, _system
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
 
     experts_dir = folder.parent.parent / "experts"
     entry = {"path": folder, "experts": experts_dir if (experts_dir / "router.pt").is_file() else None}
