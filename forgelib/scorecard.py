@@ -133,7 +133,7 @@ def tokens_per_second(lm, tokenizer, test, max_new_tokens: int) -> float | None:
     return round(tokens / min(times), 1) if tokens and min(times) > 0 else None
 
 
-def _system(entry: dict, tokenizer, test, params: ScorecardParams):
+def measuring_system(entry: dict, tokenizer, test, params: ScorecardParams):
     """The measuring System of ``forgelib.phases.compression`` for this model (experts where it has them: Phase 7's
     folder, or those a Phase-8 artifact carries, with the SVF settings of the Phase-7 run it came from)."""
     from .phases import compression
@@ -169,7 +169,7 @@ def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])
-    system = _system(entry, tokenizer, test, params)
+    system = measuring_system(entry, tokenizer, test, params)
     scored = system.measure(model)
     artifact = entry["path"] / "model.forge"
     if artifact.is_file():
@@ -286,7 +286,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
         from .modelio import load_lm
 
         tokenizer = AutoTokenizer.from_pretrained(entry["path"])
-        system = _system(entry, tokenizer, [], ScorecardParams())
+        system = measuring_system(entry, tokenizer, [], ScorecardParams())
         askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin

@@ -183,13 +183,13 @@ class Asker:
     label: str = ""
 
     def answers(self, samples: Sequence) -> list[str]:
-        from .evaluate import _answer_budget
+        from .evaluate import completion_budget
         from .quietstar import base_lm
 
         if not samples:
             return []
         lm = base_lm(self.model)
-        budget = self.max_new_tokens or _answer_budget(self.tokenizer, samples, with_steps=True) + 8
+        budget = self.max_new_tokens or completion_budget(self.tokenizer, samples, with_steps=True) + 8
         if self.experts and any(_nonzero(z) for z in self.experts):
             return self._routed(lm, samples, budget)  # (experts all z = 0, e.g. all retired: the base model)
         from .tools import generate_with_tools

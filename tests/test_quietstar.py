@@ -167,10 +167,10 @@ def test_untrained_mixing_head_gives_exactly_the_base_model(tok, kind):
     real = mask.bool()
     assert (mixed - ref)[real].abs().max() <= 1e-6
     # and greedy generation from left-padded prompts equals the base model's own generate
-    from forgelib.evaluate import _left_pad
+    from forgelib.evaluate import left_pad
 
     rows = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in ["12+7=", "5*5="]]
-    left, lmask = _left_pad(rows, tok.pad_token_id)
+    left, lmask = left_pad(rows, tok.pad_token_id)
     with torch.no_grad():
         ours = qs.generate(left, lmask, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         theirs = base.generate(input_ids=left, attention_mask=lmask, max_new_tokens=6, do_sample=False,

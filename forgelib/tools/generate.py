@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.base import TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, Sample
 from ..data.tasks import check
 from ..data.tokenizer import MissingSpecialTokensError, encode_prompts, missing_special_tokens, pad_id
-from ..evaluate import _answer_budget, _device, _evaluating, _left_pad
+from ..evaluate import completion_budget, evaluating, left_pad, model_device
 from .calc import ERROR_PREFIX, calculator
 from .calls import extract_tool_call, find_tool_calls
 
@@ -121,12 +121,12 @@ def _generate_rounds(model: torch.nn.Module, rows: list[_Row], taker: _Taker, ba
                      pad: int, device: torch.device) -> None:
     """Generate every unfinished row, round after round (batches of ``batch_size``, left-padded, one ``generate``
     call each with the batch's largest remaining budget), until every row has stopped."""
-    with _evaluating(model):
+    with evaluating(model):
         while active := [row for row in rows if row.stop is None]:
             for start in range(0, len(active), batch_size):
                 chunk = active[start:start + batch_size]
                 budget = max(taker.max_new_tokens - row.generated for row in chunk)
-                ids, mask = _left_pad([row.ids for row in chunk], pad)  # (B, T) each
+                ids, mask = left_pad([row.ids for row in chunk], pad)  # (B, T) each
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=budget, num_beams=1, **sampling,
                                      eos_token_id=taker.stops, pad_token_id=pad)  # (B, T + new)
@@ -175,7 +175,7 @@ def generate_with_tools(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     eos_id = tokenizer.eos_token_id
     stops = [i for i in (eos_id, close_id if tool is not None else None) if i is not None]
     hidden = {i for i in (eos_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
-    pad, device = pad_id(tokenizer), _device(model)
+    pad, device = pad_id(tokenizer), model_device(model)
     rows = [_Row(text, ids, len(ids)) for text, ids in zip(texts, encode_prompts(tokenizer, texts))]
     taker = _Taker(tokenizer, tool, stops, eos_id, hidden, max_new_tokens, max_calls)
     for row in rows:
@@ -207,7 +207,7 @@ def tool_correctness(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     """
     if not samples:
         raise ValueError("no samples to evaluate")
-    budget = max_new_tokens if max_new_tokens is not None else _answer_budget(tokenizer, samples, with_steps=True)
+    budget = max_new_tokens if max_new_tokens is not None else completion_budget(tokenizer, samples, with_steps=True)
     traces = generate_with_tools(model, tokenizer, samples, budget, tool if use_tool else None, max_calls,
                                  batch_size)
     correct = [check(sample, trace.text) for sample, trace in zip(samples, traces)]

@@ -59,7 +59,7 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
     the model has experts (None when pass 1 chose one of the router's base centroids: the base model answers),
     ``max_new_tokens`` (capped at the context left after the prompt; ``capped`` says so). ``entry``: a row of
     ``forgelib.scorecard.chain_models``; ``loaded``: its ``load_entry`` when already loaded."""
-    from ..scorecard import ScorecardParams, _system
+    from ..scorecard import ScorecardParams, measuring_system
     from ..quietstar import base_lm
 
     model, tokenizer = loaded or load_entry(entry)
@@ -68,7 +68,7 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
         raise ValueError(f"the question is {context - budget} tokens: it fills the model's {context}-token context "
                          "and leaves no room for an answer; shorten it")
     lm = base_lm(model)
-    system = _system(entry, tokenizer, [], ScorecardParams(max_new_tokens=max_new_tokens))
+    system = measuring_system(entry, tokenizer, [], ScorecardParams(max_new_tokens=max_new_tokens))
     out: dict[str, Any] = {"model": entry_label(entry), "question": question, "expert": None, "thoughts": None,
                            "calls": [], "act": None, "max_new_tokens": min(max_new_tokens, budget),
                            "capped": max_new_tokens > budget, "context": context}
