@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from ..data.tasks import FAMILIES
 from ..evaluate import mean_nll
 from ..optim import ReferenceKL, preset_config
 from ..params import require_non_negative, require_positive
+from ..progress import timed
 from ..results import GateCheck, PhaseResult
 from ..quietstar import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
@@ -228,15 +228,13 @@ def run(params: Params, ctx) -> PhaseResult:
         arms["pause"] = dataclasses.replace(params.thoughts, thought_mode="pause", n_passes=1)
     models, start = {}, {"step": 0, **curve(untrained)}
     for name, config in arms.items():
-        started = time.perf_counter()
-        models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
-                                          tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve,
-                                          suite=ctx.input_suite)
-        timing[f"train_{name}_s"] = round(time.perf_counter() - started, 2)
+        with timed(timing, f"train_{name}"):
+            models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
+                                              tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve,
+                                              suite=ctx.input_suite)
         histories[name] = {"rows": history.rows, "evals": [start, *history.evals], "seconds": history.seconds}
-        started = time.perf_counter()
-        table[name] = score(models[name], tokenizer, test, params)
-        timing[f"score_{name}_s"] = round(time.perf_counter() - started, 2)
+        with timed(timing, f"score_{name}"):
+            table[name] = score(models[name], tokenizer, test, params)
     with models["thoughts"].no_thoughts():
         table["no_thoughts"] = score(models["thoughts"], tokenizer, test, params)
     model = models["thoughts"]
