@@ -81,16 +81,17 @@ class PhaseContext:
         return path
 
     def save_model(self, role: str, model: Any, tokenizer: Any = None, metadata: dict | None = None) -> Path:
-        """Save a transformers model (safetensors) atomically under ``models/<role>`` and register it.
+        """Save a model (safetensors, through ``forgelib.modelio.save_model``: the folder ``load_model`` reads back)
+        atomically under ``models/<role>`` and register it.
 
         A failed write (full disk, read-only folder; safetensors' and tokenizers' own errors included) removes the
         temporary folder and raises OutputNotWritableError naming the model and ``models/<role>``; an earlier model
         of that role and everything else already written are kept.
         """
+        from ..modelio import save_model
+
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            save_model(model, tmp, tokenizer, safe_serialization=True)
 
         final = write_model_folder(self.dir / "models" / role, write, f"model {role!r}", self.session)
         return self.register(role, final, model=model, metadata=metadata)
