@@ -19,17 +19,18 @@ from forgelib.data.tasks import check, completion_text
 from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompts, encode_samples,
                                      encode_texts, lm_batches, pad_id)
 
-__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "chance_accuracy", "encode_for_eval",
-           "exact_match_accuracy", "family_accuracy", "generate_answers", "kl_divergence", "mean_nll",
-           "perplexity", "sample_nll"]
+__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "chance_accuracy", "completion_budget",
+           "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy", "generate_answers",
+           "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "sample_nll"]
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (its first parameter's device)."""
     return next(model.parameters()).device
 
 
 @contextlib.contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for the block; the model's training flag is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -63,8 +64,8 @@ def _batches(encoded: dict[str, torch.Tensor], batch_size: int, device: torch.de
 def _nll_sum(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
     """(summed next-token NLL over labelled positions, number of those positions)."""
     total, count = 0.0, 0
-    with _evaluating(model):
-        for batch in _batches(encoded, batch_size, _device(model)):
+    with evaluating(model):
+        for batch in _batches(encoded, batch_size, model_device(model)):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # position t predicts token t+1: (B, T-1, V) against (B, T-1)
             pred, target = logits[:, :-1].float(), batch["labels"][:, 1:]
@@ -95,8 +96,8 @@ def sample_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sampl
     comparisons of two models on the same samples."""
     encoded = encode_for_eval(tokenizer, samples, max_len, answer_only=True, with_steps=with_steps)
     out: list[float] = []
-    device = _device(model)
-    with _evaluating(model):
+    device = model_device(model)
+    with evaluating(model):
         for start in range(0, len(samples), batch_size):
             ids = encoded["input_ids"][start:start + batch_size]
             mask = encoded["attention_mask"][start:start + batch_size]
@@ -118,7 +119,7 @@ def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return math.exp(mean_nll(model, tokenizer, data, batch_size, max_len, answer_only, with_steps))
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists so that every prompt ends at the last column. # (B, T) ids and mask"""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -139,17 +140,17 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     """
     prompts = [s.prompt if isinstance(s, Sample) else s for s in samples]
     rows, pad, texts = encode_prompts(tokenizer, prompts), pad_id(tokenizer), []
-    with _evaluating(model):
+    with evaluating(model):
         for start in range(0, len(rows), batch_size):
-            ids, mask = _left_pad(rows[start:start + batch_size], pad)
-            out = model.generate(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model)),
+            ids, mask = left_pad(rows[start:start + batch_size], pad)
+            out = model.generate(input_ids=ids.to(model_device(model)), attention_mask=mask.to(model_device(model)),
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
             texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts
 
 
-def _answer_budget(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], with_steps: bool) -> int:
+def completion_budget(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], with_steps: bool) -> int:
     """Longest reference completion in tokens, plus eos and a margin so that a right answer followed
     by extra text is never cut down to a right answer."""
     lengths = [len(ids) for ids in tokenizer([completion_text(s, with_steps) for s in samples],
@@ -167,7 +168,7 @@ def answer_correctness(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
     """
     if not samples:
         raise ValueError("no samples to evaluate")
-    budget = max_new_tokens or _answer_budget(tokenizer, samples, with_steps)
+    budget = max_new_tokens or completion_budget(tokenizer, samples, with_steps)
     outputs = generate_answers(model, tokenizer, samples, budget, batch_size)
     return [check(sample, text) for sample, text in zip(samples, outputs)]
 
@@ -238,11 +239,11 @@ def argmax_disagreement(model_a: torch.nn.Module, model_b: torch.nn.Module,
                         encoded: dict[str, torch.Tensor], batch_size: int = 16) -> float:
     """Fraction of real (attention-mask) positions where the two models' next-token argmax differ."""
     differ, total = 0, 0
-    with _evaluating(model_a), _evaluating(model_b):
+    with evaluating(model_a), evaluating(model_b):
         for batch in _batches(encoded, batch_size, torch.device("cpu")):
             preds = []
             for model in (model_a, model_b):
-                device = _device(model)
+                device = model_device(model)
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
                 preds.append(logits.argmax(-1).cpu())  # (B, T)

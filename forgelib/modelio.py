@@ -9,12 +9,12 @@ them apart:
 * ``"packed"``: a packed ternary folder written by ``forgelib.quant.export_packed`` (``bitnet.packing`` other than
   ``none``): packed inference layers, or BitLinear layers on exact latent weights with ``trainable=True``;
 * ``"quietstar"``: a causal LM of one of the kinds above plus ``quietstar.json`` / ``quietstar.safetensors``
-  (``forgelib.thoughts.QuietStarModel``);
+  (``forgelib.quietstar.QuietStarModel``);
 * ``"artifact"``: a Phase-8 compressed artifact (``model.forge``, ``forgelib.quant.artifact``), holding a causal LM
   or a Quiet-STaR model.
 
 Layering: ``models`` (architectures), ``quant`` (ternary/int8 layers, packing, codecs, the artifact container) and
-``thoughts`` (the Quiet-STaR wrapper) never import this module or each other upward; this module sits above the
+``quietstar`` (the Quiet-STaR wrapper) never import this module or each other upward; this module sits above the
 three and joins them.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 from .models.loading import ModelLoadError, load_hf_causal_lm, read_model_config
 from .models.weights import read_json_file, safetensors_header
 from .params import cut, short
-from .thoughts import CONFIG_FILE, EXTRA_FILE, QuietStarConfig, QuietStarModel, base_lm, is_quietstar
+from .quietstar import CONFIG_FILE, EXTRA_FILE, QuietStarConfig, QuietStarModel, base_lm, is_quietstar
 
 ARTIFACT_FILE = "model.forge"
 KINDS = ("hf", "packed", "quietstar", "artifact")

@@ -6,17 +6,19 @@ process and, every ``interval`` seconds in which something new arrived, emits on
 its loss-like numbers, e.g. ``[forge] 01_cognate: 42s  step 1200  trunk/loss=0.412``.
 
 Inside a phase, :func:`progress_bar` is the training bar: tqdm's widget in JupyterLab, static lines in batch
-(papermill) runs, whose saved notebooks would otherwise keep a widget bar frozen at 0%.
+(papermill) runs, whose saved notebooks would otherwise keep a widget bar frozen at 0%; :func:`timed` records the
+seconds of a phase's sub-steps (``report["timing"]``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 SHOWN_KEYS = ("loss", "fitness", "accuracy", "acc")
 
@@ -93,6 +95,19 @@ class ProgressRelay:
 BATCH_ENV = "FORGE_BATCH"
 """Set to ``1`` in the environment of the kernels that papermill runs (``forgelib.notebooks``): a batch run, where no
 frontend ever renders a widget, so a tqdm widget bar would be saved frozen at ``0%``."""
+
+
+@contextlib.contextmanager
+def timed(timing: dict, name: str, cpu: bool = False) -> Iterator[None]:
+    """Record the block's wall seconds as ``timing[name + "_s"]`` (rounded to 0.01 s) and, with ``cpu``, this
+    process's CPU seconds as ``timing[name + "_cpu_s"]`` (comparable across machine loads). A block that raises
+    records nothing. ``with timed(timing, "train"): ...`` is ``t0 = perf_counter(); ...; timing["train_s"] =
+    round(perf_counter() - t0, 2)``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    yield
+    timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
+    if cpu:
+        timing[f"{name}_cpu_s"] = round(time.process_time() - cpu_started, 2)
 
 
 def batch_run() -> bool:

@@ -134,7 +134,7 @@ def tokens_per_second(lm, tokenizer, test, max_new_tokens: int) -> float | None:
     return round(tokens / min(times), 1) if tokens and min(times) > 0 else None
 
 
-def _system(entry: dict, tokenizer, test, params: ScorecardParams):
+def measuring_system(entry: dict, tokenizer, test, params: ScorecardParams):
     """The measuring System of ``forgelib.phases.compression`` for this model (experts where it has them: Phase 7's
     folder, or those a Phase-8 artifact carries, with the SVF settings of the Phase-7 run it came from)."""
     from .phases import compression
@@ -163,7 +163,7 @@ def _system(entry: dict, tokenizer, test, params: ScorecardParams):
 
 def score_model(entry: dict, test, params: ScorecardParams) -> dict[str, Any]:
     """One scorecard row (module docstring)."""
-    from .thoughts import base_lm
+    from .quietstar import base_lm
 
     row, model, tokenizer = _scored_row(entry, test, params)
     row["tokens_per_s"] = tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)
@@ -178,7 +178,7 @@ def _scored_row(entry: dict, test, params: ScorecardParams) -> tuple[dict[str, A
 
     model = load_lm(entry["path"])
     tokenizer = AutoTokenizer.from_pretrained(entry["path"])
-    system = _system(entry, tokenizer, test, params)
+    system = measuring_system(entry, tokenizer, test, params)
     scored = system.measure(model)
     artifact = entry["path"] / "model.forge"
     if artifact.is_file():
@@ -207,7 +207,7 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     from .jobs import resolve_workers, run_jobs
     from .phases.base import quiet_library_bars
     from .suite import questions
-    from .thoughts import base_lm
+    from .quietstar import base_lm
 
     quiet_library_bars()
     params = params or ScorecardParams()
@@ -314,7 +314,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
         from .modelio import load_lm
 
         tokenizer = AutoTokenizer.from_pretrained(entry["path"])
-        system = _system(entry, tokenizer, [], ScorecardParams())
+        system = measuring_system(entry, tokenizer, [], ScorecardParams())
         askers.append(Asker(load_lm(entry["path"]), tokenizer, experts=system.experts, centroids=system.centroids,
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin

@@ -185,14 +185,14 @@ class Asker:
     label: str = ""
 
     def answers(self, samples: Sequence) -> list[str]:
-        from .evaluate import _answer_budget
-        from .thoughts import base_lm
+        from .evaluate import completion_budget
+        from .quietstar import base_lm
 
         if not samples:
             return []
         tokenizer = thread_own(self.tokenizer)  # a copy of its own when asked beside another model (forgelib.jobs)
         lm = base_lm(self.model)
-        budget = self.max_new_tokens or _answer_budget(tokenizer, samples, with_steps=True) + 8
+        budget = self.max_new_tokens or completion_budget(tokenizer, samples, with_steps=True) + 8
         if self.experts and any(_nonzero(z) for z in self.experts):
             return self._routed(lm, tokenizer, samples, budget)  # (experts all z = 0, e.g. all retired: the base)
         from .tools import generate_with_tools

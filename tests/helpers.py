@@ -65,7 +65,7 @@ def quietstar_upstream(tok, folder, phase: str, number: int, session: str, terna
     from forgelib.quant import convert_to_bitnet
     from forgelib.registry import ModelRegistry
     from forgelib.results import PhaseResult
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+    from forgelib.quietstar import QuietStarConfig, QuietStarModel
 
     qs = QuietStarModel(tiny_task_llama(tok), tok, QuietStarConfig(n_thought=2))
     if ternary:

@@ -5,7 +5,7 @@ import torch
 
 from forgelib.phases.bitnet import Params, gate_checks
 from forgelib.quant import BitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
-from forgelib.thoughts import QuietStarConfig, QuietStarModel
+from forgelib.quietstar import QuietStarConfig, QuietStarModel
 from forgelib.modelio import load_quietstar
 
 

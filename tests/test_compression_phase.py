@@ -59,7 +59,7 @@ def phase8(phase7):
 def test_the_artifact_is_the_phase_model_and_its_bits_are_its_bytes(phase7, phase8):
     from forgelib.experts import load_expert
     from forgelib.quant.artifact import artifact_report, load_extras
-    from forgelib.thoughts import QuietStarModel
+    from forgelib.quietstar import QuietStarModel
     from forgelib.modelio import load_lm
 
     ctx, result = phase8
@@ -329,12 +329,12 @@ def test_playground_traces_the_expert_the_tool_calls_and_the_thoughts(phase7, ph
     from forgelib.experts import SVFConfig, apply_svf
     from forgelib.experts.discover import question_features, route
     from forgelib.experts.train import base_weights
-    from forgelib.scorecard import ScorecardParams, _system
-    from forgelib.thoughts import base_lm
+    from forgelib.scorecard import ScorecardParams, measuring_system
+    from forgelib.quietstar import base_lm
     from forgelib.modelio import load_lm
 
     tok = AutoTokenizer.from_pretrained(entries[-1]["path"])
-    system = _system(entries[-1], tok, [], ScorecardParams())
+    system = measuring_system(entries[-1], tok, [], ScorecardParams())
     k = phase7[1].metrics["n_experts"]
     assert len(system.experts) == k and system.centroids.shape[0] == k + 1  # + the base centroid of logic
     svf = apply_svf(base_lm(load_lm(entries[-1]["path"])), SVFConfig(**system.svf_config))

@@ -167,14 +167,14 @@ def test_an_interrupted_attempt_moved_aside_is_retired_there(outputs, capsys, mo
         raise KeyboardInterrupt  # with _fail recording nothing: as a process killed here leaves it
 
     monkeypatch.setattr(beta, "run", killed_after_saving)
-    import forgelib.phases.base as base
+    import forgelib.phases.lifecycle as lifecycle
 
-    fail = base._fail
-    monkeypatch.setattr(base, "_fail", lambda *a: None)
+    fail = lifecycle._fail
+    monkeypatch.setattr(lifecycle, "_fail", lambda *a: None)
     with pytest.raises(KeyboardInterrupt):
         _run(capsys, "--session", "i1")
     monkeypatch.setattr(beta, "run", real)
-    monkeypatch.setattr(base, "_fail", fail)
+    monkeypatch.setattr(lifecycle, "_fail", fail)
     code, out, err = _forge(capsys, "run", "--resume", "i1", "--no-notebooks")
     assert code == 0, err
     (moved,) = [p for p in (outputs / "i1").iterdir() if p.name.startswith("02_beta.incomplete-")]

@@ -303,7 +303,7 @@ def quietstar(tmp_path):
     """A Quiet-STaR tiny Llama saved as a folder and as an artifact (a 4 ms tokenizer with the thought tokens)."""
     from forgelib.data.tokenizer import train_tokenizer
     from forgelib.modelio import save_model
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+    from forgelib.quietstar import QuietStarConfig, QuietStarModel
     from helpers import tiny_task_llama
 
     tok = train_tokenizer(["12+7=19", "sort 3,1,2"], vocab_size=300)

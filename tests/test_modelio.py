@@ -5,7 +5,7 @@ import torch
 
 from forgelib.modelio import ModelLoadError, load_model, model_kind, save_model
 from forgelib.quant import BitLinear, bitlinear_modules, convert_to_bitnet, packed_bitlinear_modules
-from forgelib.thoughts import QuietStarConfig, QuietStarModel
+from forgelib.quietstar import QuietStarConfig, QuietStarModel
 from helpers import task_tokenizer
 
 

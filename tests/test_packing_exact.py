@@ -14,7 +14,7 @@ from helpers import task_tokenizer
 from forgelib.quant import (Int8Embedding, Int8Linear, bitlinear_modules, convert_to_bitnet, convert_to_int8,
                             export_packed, int8_dequantize, int8_quantize, latent_from_int8, latent_from_ternary,
                             load_packed, packed_bitlinear_modules, ternary_quantize)
-from forgelib.thoughts import QuietStarConfig, QuietStarModel
+from forgelib.quietstar import QuietStarConfig, QuietStarModel
 from forgelib.modelio import load_quietstar
 
 

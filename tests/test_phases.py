@@ -366,7 +366,7 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     from forgelib.modelio import load_causal_lm
     from forgelib.phases.quietstar import test_samples
     from forgelib.stats import mean_bounds, noninferior
-    from forgelib.thoughts import QuietStarModel
+    from forgelib.quietstar import QuietStarModel
     from forgelib.modelio import load_quietstar
 
     ctx, result = quietstar

@@ -2,7 +2,7 @@
 import json
 import time
 
-from forgelib.progress import ProgressRelay, progress_line
+from forgelib.progress import ProgressRelay, progress_line, timed
 
 
 def _append(path, *records, tail=""):
@@ -44,3 +44,23 @@ def test_relay_thread_reports_while_the_phase_writes(tmp_path):
             time.sleep(0.2)
     assert lines and "02_evomerge" in lines[-1] and "evomerge/fitness=2.5" in lines[-1]
     assert len(lines) <= 3, "at most one line per new batch of records"
+
+
+def test_timed_records_the_blocks_seconds_under_its_key_and_nothing_when_it_raises(monkeypatch):
+    import types
+
+    import pytest
+
+    from forgelib import progress
+
+    clock = {"wall": iter([10.0, 12.3456, 0.0, 1.0]), "cpu": iter([1.0, 1.5, 2.0])}
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock["wall"]),
+                                                                process_time=lambda: next(clock["cpu"])))
+    timing = {"earlier_s": 1.0}
+    with timed(timing, "train", cpu=True):
+        pass
+    assert timing == {"earlier_s": 1.0, "train_s": 2.35, "train_cpu_s": 0.5}
+    assert list(timing) == ["earlier_s", "train_s", "train_cpu_s"]
+    with pytest.raises(ValueError), timed(timing, "broken"):
+        raise ValueError("stop")
+    assert "broken_s" not in timing

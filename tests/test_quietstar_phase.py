@@ -10,9 +10,9 @@ from forgelib.bench.quietstar import ARMS, TokenCounter, equal_compute_steps, in
 from forgelib.params import ParameterError
 from forgelib.phases import quietstar as phase3
 from forgelib.phases.quietstar import Params, gate_checks, training_batches
+from forgelib.quietstar import QuietStarConfig
 from forgelib.stats import mean_bounds, noninferior
 from forgelib.suite import GuardParams
-from forgelib.thoughts import QuietStarConfig
 
 
 GUARD = GuardParams()
@@ -171,7 +171,7 @@ def test_token_counter_measures_what_the_formula_says():
 
     from forgelib.data.tasks import build_mix, format_sample
     from forgelib.data.tokenizer import encode_samples, train_tokenizer
-    from forgelib.thoughts import QuietStarModel, quietstar_loss
+    from forgelib.quietstar import QuietStarModel, quietstar_loss
 
     samples = build_mix({"arith": 1}, (1, 1), 8, "train", 0)
     tok = train_tokenizer([format_sample(s, with_steps=True) for s in samples] * 5, vocab_size=280)

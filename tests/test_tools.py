@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forgelib import tools
+from forgelib.tools import calc
 from forgelib.data.base import TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, Sample
 from forgelib.data.tasks import build_mix, check, format_sample, generate
 from forgelib.data.tokenizer import EOS, encode_samples, train_tokenizer
@@ -204,7 +204,7 @@ def test_refusals_name_the_problem():
 
 
 def test_time_limit_is_checked_inside_the_loop(monkeypatch):
-    monkeypatch.setattr(tools, "TIME_LIMIT_S", -1.0)  # every deadline has already passed
+    monkeypatch.setattr(calc, "TIME_LIMIT_S", -1.0)  # every deadline has already passed
     assert calculator("1+2").startswith("error: time limit")
 
 
@@ -218,10 +218,23 @@ def test_never_raises_on_random_garbage_and_refuses_non_strings():
         calculator(12)  # type: ignore[arg-type]
 
 
-def test_source_never_evaluates_code():
-    source = Path(tools.__file__).read_text()
+@pytest.mark.parametrize("module", ["__init__", "calc", "calls", "generate"])
+def test_source_never_evaluates_code(module):
+    source = (Path(calc.__file__).parent / f"{module}.py").read_text()
     assert not re.search(r"\b(eval|exec|compile)\s*\(", source)
     assert not re.search(r"^\s*(import ast|from ast )|__import__|getattr\(", source, re.M)
+
+
+def test_the_calculator_is_pure_python():
+    """forgelib.tools.calc imports the standard library only (no torch, no transformers, nothing of forgelib)."""
+    import ast
+    import sys
+
+    tree = ast.parse(Path(calc.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
 # ------------------------------------------------------------------------------------------- tool calls in text
@@ -445,7 +458,7 @@ def test_tiny_llama_trained_on_tool_solutions(tok, tool_samples):
 
 
 def test_quietstar_around_a_trained_cognate_runs_the_tool(tok, tool_samples):
-    from forgelib.thoughts import QuietStarConfig, QuietStarModel
+    from forgelib.quietstar import QuietStarConfig, QuietStarModel
 
     base = _train_on_tool_solutions(_tiny("cognate", tok), tok, tool_samples[:2], steps=160)
     qs = QuietStarModel(base, tok, QuietStarConfig(n_thought=2)).eval()

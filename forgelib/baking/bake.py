@@ -150,12 +150,12 @@ def encode_pairs(tokenizer, prompt: str, trajectories: Sequence[tuple[str, str, 
                  max_len: int | None = None) -> PairBatch:
     """Encode trajectories as teacher/student pairs (see ``PairBatch``); pairs whose teacher row is longer than
     ``max_len`` are left out (a ValueError when none is left)."""
-    from ..data.tokenizer import _ids
+    from ..data.tokenizer import plain_ids
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     xs = encode_prompts(tokenizer, [x for x, _, _ in trajectories])
     uxs = encode_prompts(tokenizer, [prompt + x for x, _, _ in trajectories])
-    ys = _ids(tokenizer, [y for _, y, _ in trajectories])
+    ys = plain_ids(tokenizer, [y for _, y, _ in trajectories])
     t_rows, s_rows, t_pos, s_pos, targets = [], [], [], [], []
     for x, ux, y, (_, _, ended) in zip(xs, uxs, ys, trajectories):
         resp = y + (eos if ended else [])

@@ -36,7 +36,7 @@ def phase_model(folder: Path, role: str = "model", trainable: bool = False):
 
     from .. import paths
     from ..results import PhaseResult
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
     from ..modelio import load_lm
 
     model_dir = paths.resolve(PhaseResult.load(folder).models[role]["path"])

@@ -59,8 +59,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from forgelib.data.base import ANSWER_MARK, LEVELS, STEP_SEP, Sample
-from forgelib.data.tasks import (TaskOptionError, _check_mix, _largest_remainder, check, check_level, generate,
-                                 get_family, split_of)
+from forgelib.data.tasks import (TaskOptionError, check, check_level, check_mix, generate, get_family,
+                                 largest_remainder, split_of)
 from forgelib.results import write_json_atomic
 
 from .state import rng_from_json, rng_to_json, sample_from_json, sample_to_json
@@ -172,7 +172,7 @@ class QuestionPool:
                  done_threshold: int | None = None, priority_share: float = 0.5,
                  family_options: dict[str, dict[str, Any]] | None = None, max_output_chars: int = 400,
                  keep_archive: bool = True):
-        _check_mix(mix)
+        check_mix(mix)
         self.mix = {name: float(w) for name, w in mix.items() if w > 0}
         self.levels = {name: lv for name, lv in _levels_for(mix, level).items() if name in self.mix}
         stray = sorted(set(family_options or {}) - set(self.mix))
@@ -237,7 +237,7 @@ class QuestionPool:
     def _fill(self) -> None:
         """A fresh pool of `pool_size` generated questions for the current levels."""
         names = list(self.levels)
-        counts = _largest_remainder(self.pool_size, [self.mix[name] for name in names])
+        counts = largest_remainder(self.pool_size, [self.mix[name] for name in names])
         for name, count in zip(names, counts):
             seed = self.rng.getrandbits(32)
             for sample in generate(name, self.levels[name], count, "train", seed,
@@ -393,7 +393,7 @@ class QuestionPool:
         if missing <= 0:
             return []
         added = []
-        for name, count in zip(names, _largest_remainder(missing, [self.mix[name] for name in names])):
+        for name, count in zip(names, largest_remainder(missing, [self.mix[name] for name in names])):
             for _ in range(count):
                 sample = self._fresh_sample(name, self.levels[name])
                 if sample is not None:

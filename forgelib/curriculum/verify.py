@@ -19,11 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from forgelib.data import expressions
 from forgelib.data.base import ANSWER_MARK, TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, signed
-from forgelib.data.families import _expr
-from forgelib.data.families.logic import _steps as _logic_steps
-from forgelib.data.families.logic import _value as _logic_value
-from forgelib.data.families.sequence import _solve as _sequence_solve
+from forgelib.data.families.logic import tree_steps, tree_value
+from forgelib.data.families.sequence import sequence_answer
 
 __all__ = ["Solution", "solve", "SOLVERS"]
 
@@ -45,16 +44,16 @@ _INT = r"(-?(?:0|[1-9]\d*))"     # an integer that may be negative
 
 
 # ---------------------------------------------------------------------------------------------- expressions
-def _parse_expr(text: str, allow_parens: bool = True) -> _expr.Expr:
-    """`12+7*(3-1)` as the flat token list of `forgelib.data.families._expr` (groups as nested lists)."""
+def _parse_expr(text: str, allow_parens: bool = True) -> expressions.Expr:
+    """`12+7*(3-1)` as the flat token list of `forgelib.data.expressions` (groups as nested lists)."""
     expr, end = _parse_flat(text, 0, allow_parens)
     if end != len(text):
         raise _NoParse(f"unexpected {text[end:]!r}")
     return expr
 
 
-def _parse_flat(text: str, i: int, allow_parens: bool) -> tuple[_expr.Expr, int]:
-    out: _expr.Expr = []
+def _parse_flat(text: str, i: int, allow_parens: bool) -> tuple[expressions.Expr, int]:
+    out: expressions.Expr = []
     while True:
         if allow_parens and text.startswith("(", i):
             group, i = _parse_flat(text, i + 1, allow_parens)
@@ -82,7 +81,7 @@ def _solve_arith(prompt: str) -> Solution:
     if len(expr) < 3:
         raise _NoParse("a lone number")
     steps: list[str] = []
-    value = _expr.evaluate(expr, steps)
+    value = expressions.evaluate(expr, steps)
     return Solution(str(value), steps)
 
 
@@ -93,7 +92,7 @@ def _solve_tool(prompt: str) -> Solution:
     text = prompt[:-1]
     if not re.fullmatch(rf"{_NUM}\*{_NUM}([+-]{_NUM}\*{_NUM})*", text):
         raise _NoParse("not a sum of products")
-    value = _expr.evaluate(_parse_expr(text, allow_parens=False))
+    value = expressions.evaluate(_parse_expr(text, allow_parens=False))
     return Solution(str(value), [f"{TOOL_OPEN}{text}{TOOL_CLOSE}{TOOL_RESULT}{value}"])
 
 
@@ -105,7 +104,7 @@ def _solve_modular(prompt: str) -> Solution:
     if len(expr) < 3 or p < 2:
         raise _NoParse("a lone number or a modulus below 2")
     steps: list[str] = []
-    value = _expr.evaluate(expr, steps)
+    value = expressions.evaluate(expr, steps)
     residue = value % p
     steps.append(f"{value} mod {p}={residue}")
     return Solution(str(residue), steps)
@@ -213,8 +212,8 @@ def _solve_logic(prompt: str) -> Solution:
     if end != len(text) or isinstance(tree, bool):
         raise _NoParse("not a boolean expression in the generator's format")
     steps: list[str] = []
-    _logic_steps(tree, steps)
-    return Solution(_tf(_logic_value(tree)), steps)
+    tree_steps(tree, steps)
+    return Solution(_tf(tree_value(tree)), steps)
 
 
 # ---------------------------------------------------------------------------------------------- multistep
@@ -280,10 +279,10 @@ def _solve_sequence(prompt: str) -> Solution:
     listed = rf"{_NUM}(?:,{_NUM})*"
     if m := re.fullmatch(rf"count {_NUM} in ({listed})=", prompt):
         values = [int(v) for v in m.group(2).split(",")]
-        return Solution(_sequence_solve("count", values, int(m.group(1))), None)
+        return Solution(sequence_answer("count", values, int(m.group(1))), None)
     if m := re.fullmatch(rf"(max|min|sort|rev) ({listed})=", prompt):
         values = [int(v) for v in m.group(2).split(",")]
-        return Solution(_sequence_solve(m.group(1), values, 0), None)
+        return Solution(sequence_answer(m.group(1), values, 0), None)
     raise _NoParse("not 'op list=' or 'count t in list='")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .base import Sample, get_family
-from .tasks import TaskOptionError, _check_mix, _check_options, _check_split, _levels, split_of
+from .tasks import TaskOptionError, _check_options, _check_split, _levels, check_mix, split_of
 from .tokenizer import encode_samples
 
 __all__ = ["TaskStream", "LengthBucketedBatches", "StreamStats"]
@@ -40,7 +40,7 @@ class TaskStream:
                  split: str = "train", seed: int = 0, level_weights: dict[int, float] | None = None,
                  family_options: dict[str, dict[str, Any]] | None = None,
                  family_levels: dict[str, Any] | None = None):
-        _check_mix(mix)
+        check_mix(mix)
         self.levels = _levels(levels)
         # a family's own levels (e.g. replay of what a model knew at the levels it learnt), drawn uniformly
         self.family_levels = {name: _levels(lv) for name, lv in (family_levels or {}).items()}

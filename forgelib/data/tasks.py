@@ -100,7 +100,7 @@ def generate_levels(families: Sequence[str], levels: tuple[int, int], per_level:
             for s in generate(f, lv, per_level, split, seed)]
 
 
-def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
+def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     """Integer shares of `total` proportional to `weights` that sum to `total` (ties go to the first)."""
     s = float(sum(weights))
     exact = [total * w / s for w in weights]
@@ -126,7 +126,7 @@ def _levels(levels: int | tuple[int, int] | Iterable[int]) -> list[int]:
     return chosen
 
 
-def _check_mix(mix: dict[str, float]) -> None:
+def check_mix(mix: dict[str, float]) -> None:
     """Known families, weights >= 0, not all zero."""
     if not mix:
         raise TaskOptionError(f"mix must name at least one family; valid families: {sorted(FAMILIES)}")
@@ -151,11 +151,11 @@ def build_mix(mix: dict[str, float], levels: int | tuple[int, int] | Iterable[in
     stray = sorted(set(family_options) - set(mix))
     if stray:
         raise TaskOptionError(f"family_options names {stray}, which are not in the mix {sorted(mix)}")
-    _check_mix(mix)
+    check_mix(mix)
     chosen = _levels(levels)
     samples: list[Sample] = []
-    for name, count in zip(mix, _largest_remainder(n, list(mix.values()))):
-        for level, k in zip(chosen, _largest_remainder(count, [1.0] * len(chosen))):
+    for name, count in zip(mix, largest_remainder(n, list(mix.values()))):
+        for level, k in zip(chosen, largest_remainder(count, [1.0] * len(chosen))):
             samples += generate(name, level, k, split, seed, **family_options.get(name, {}))
     random.Random(f"mix|{seed}|{split}").shuffle(samples)
     return samples

@@ -111,7 +111,7 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return pid
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def plain_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Plain token ids, without the tokenizer's own bos/eos template (we add those explicitly)."""
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
@@ -122,7 +122,7 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     """`<|bos|>prompt` ids, exactly the prefix that encode_samples trains on (for generation)."""
-    return [_bos(tokenizer) + ids for ids in _ids(tokenizer, prompts)]
+    return [_bos(tokenizer) + ids for ids in plain_ids(tokenizer, prompts)]
 
 
 def token_distance(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> int:
@@ -164,7 +164,7 @@ def encode_samples(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample]
     so the prompt's ids are exactly what generation is later given.
     """
     prompts = encode_prompts(tokenizer, [s.prompt for s in samples])
-    completions = _ids(tokenizer, [completion_text(s, with_steps) for s in samples])
+    completions = plain_ids(tokenizer, [completion_text(s, with_steps) for s in samples])
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     rows, dropped = [], 0
     for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -190,7 +190,7 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_l
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     rows = []
-    for ids in _ids(tokenizer, texts):
+    for ids in plain_ids(tokenizer, texts):
         stream = _bos(tokenizer) + ids + eos
         rows += [(stream[i:i + max_len], stream[i:i + max_len]) for i in range(0, len(stream), max_len)]
     return _to_tensors(rows, pad_id(tokenizer))

@@ -428,7 +428,7 @@ class CognateModel(CognatePreTrainedModel):
 
     def _custom_mask(self, mask: torch.Tensor, batch: int, kv_len: int, q_len: int, rec: _Recursion) -> torch.Tensor:
         """A caller's 4-D mask (B|1, 1, T, past + T): bool (True = visible) or additive float (0 = visible), used as
-        is instead of the causal/padding mask (parallel thoughts build one; see forgelib.thoughts). The Titans
+        is instead of the causal/padding mask (parallel thoughts build one; see forgelib.quietstar). The Titans
         memory (a chunked recurrence over the sequence order) and a sliding window have no meaning under an
         arbitrary mask, so they are refused."""
         if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2:] != (q_len, kv_len):

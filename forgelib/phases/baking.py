@@ -60,7 +60,6 @@ import copy
 import dataclasses
 import math
 import random
-import time
 from typing import Any
 
 import torch
@@ -72,9 +71,10 @@ from ..baking.gap import gap_bound, inputs_needed
 from ..baking.library import adheres, correct, prefix
 from ..data.tasks import FAMILIES, generate, generate_levels
 from ..params import check_fields, require_non_negative, require_positive
+from ..progress import timed
+from ..quietstar import base_lm
 from ..results import GateCheck, PhaseResult
 from ..stats import compare, lower_bound, noninferior
-from ..thoughts import base_lm
 from .common import check_levels, check_optimizer
 
 HEADLINE = ("acc_before", "acc_after", "acc_retention", "tool_use_rate_before", "tool_use_rate_after",
@@ -348,44 +348,37 @@ def library_rows(taught, model, tokenizer, baked_prompts: list[BakePrompt], inpu
 # --- run ----------------------------------------------------------------------------------------------
 
 
-def _lap(timing: dict, name: str, t0: float, c0: float) -> None:
-    """Wall seconds (``<name>_s``) and this process's CPU seconds (``<name>_cpu_s``: comparable across loads)."""
-    timing[f"{name}_s"] = round(time.perf_counter() - t0, 2)
-    timing[f"{name}_cpu_s"] = round(time.process_time() - c0, 2)
-
-
 def _teach(model, tokenizer, library: list[BakePrompt], params: Params, ctx, others: dict, suite: dict,
            report: dict, timing: dict, reference=None) -> None:
     """Teach the model the library's prompts for ``teach_steps`` steps (none at 0; ``report["teach_loss"]``),
     replaying ``others`` (else the suite); its seconds go to ``timing``."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    if params.teach_steps:
-        history = teach_prompts(model, tokenizer, library, params.families,
-                                range(params.levels[0], params.levels[1] + 1), params.teach_steps,
-                                params.teach_batch_size, seed=ctx.seed, optimizer=params.teach_optimizer,
-                                tracker=ctx.tracker, device=ctx.device, replay=others or suite,
-                                replay_share=params.replay, reference=reference, distill_weight=params.replay_distill)
-        report["teach_loss"] = {"first": history.first_loss, "last": history.last_loss}
-    model.eval()
-    _lap(timing, "teach", t0, c0)
+    with timed(timing, "teach", cpu=True):
+        if params.teach_steps:
+            history = teach_prompts(model, tokenizer, library, params.families,
+                                    range(params.levels[0], params.levels[1] + 1), params.teach_steps,
+                                    params.teach_batch_size, seed=ctx.seed, optimizer=params.teach_optimizer,
+                                    tracker=ctx.tracker, device=ctx.device, replay=others or suite,
+                                    replay_share=params.replay, reference=reference,
+                                    distill_weight=params.replay_distill)
+            report["teach_loss"] = {"first": history.first_loss, "last": history.last_loss}
+        model.eval()
 
 
 def _measure_taught(model, tokenizer, library: list[BakePrompt], test: list, params: Params, report: dict,
                     timing: dict) -> tuple[dict[str, dict], list[BakePrompt]]:
     """Measure the taught model without a prompt, with each and with all (``report["taught"]``, ``"effect"``,
     ``"not_baked"``); returns (those measurements, the prompts whose effect reaches ``min_effect``: to bake)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    taught = {"none": measure(model, tokenizer, [], test, params),
-              **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
-    if len(library) > 1:
-        taught["all"] = measure(model, tokenizer, library, test, params)
-    report["taught"] = taught
-    effect = {p.name: taught[p.name]["adherence"][p.name] - taught["none"]["adherence"][p.name] for p in library}
-    report["effect"] = effect
-    baked_prompts = [p for p in library if effect[p.name] >= params.min_effect]
-    report["not_baked"] = {p.name: f"effect {effect[p.name]:.3f} < min_effect {params.min_effect}"
-                           for p in library if p not in baked_prompts}
-    _lap(timing, "measure_taught", t0, c0)
+    with timed(timing, "measure_taught", cpu=True):
+        taught = {"none": measure(model, tokenizer, [], test, params),
+                  **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
+        if len(library) > 1:
+            taught["all"] = measure(model, tokenizer, library, test, params)
+        report["taught"] = taught
+        effect = {p.name: taught[p.name]["adherence"][p.name] - taught["none"]["adherence"][p.name] for p in library}
+        report["effect"] = effect
+        baked_prompts = [p for p in library if effect[p.name] >= params.min_effect]
+        report["not_baked"] = {p.name: f"effect {effect[p.name]:.3f} < min_effect {params.min_effect}"
+                               for p in library if p not in baked_prompts}
     return taught, baked_prompts
 
 
@@ -393,9 +386,8 @@ def _drift(reference, model, tokenizer, params: Params, ctx, others: dict, guard
            timing: dict) -> None:
     """``report["drift"]``: the drift on the unrelated families, with their accuracy before and after from the
     guard's answers (NaN where it asked none)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    report["drift"] = drift(reference, model, tokenizer, params, ctx.seed + 4, others, accuracy=False)
-    _lap(timing, "drift", t0, c0)
+    with timed(timing, "drift", cpu=True):
+        report["drift"] = drift(reference, model, tokenizer, params, ctx.seed + 4, others, accuracy=False)
     report["drift"].update(acc_before=float("nan"), acc_after=float("nan"))
     asked = [f for f in others if f in guard.answers]
     if asked:
@@ -423,31 +415,28 @@ def run(params: Params, ctx) -> PhaseResult:
              for key, seed in (("prompt", ctx.seed + 2), ("library", ctx.seed + 7))}
     retain = suite_questions(others, params.calibration_per_level, "train", ctx.seed + 6) \
         if params.retain_unrelated and others else None
-    t0, c0 = time.perf_counter(), time.process_time()
-    reference = copy.deepcopy(model).eval()
-    report: dict[str, Any] = {"library": [dataclasses.asdict(p) for p in library], "levels": list(params.levels),
-                              "families": params.families, "suite": {f: list(v) for f, v in suite.items()},
-                              "unrelated": {f: list(v) for f, v in others.items()}, "replay": params.replay,
-                              "retain_questions": len(retain or []),
-                              "heldout_first_round": plans["prompt"].first}
-    report["input"] = {"none": measure(model, tokenizer, [], test, params),
-                       **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
-    _lap(timing, "measure_input", t0, c0)
+    with timed(timing, "measure_input", cpu=True):
+        reference = copy.deepcopy(model).eval()
+        report: dict[str, Any] = {"library": [dataclasses.asdict(p) for p in library], "levels": list(params.levels),
+                                  "families": params.families, "suite": {f: list(v) for f, v in suite.items()},
+                                  "unrelated": {f: list(v) for f, v in others.items()}, "replay": params.replay,
+                                  "retain_questions": len(retain or []),
+                                  "heldout_first_round": plans["prompt"].first}
+        report["input"] = {"none": measure(model, tokenizer, [], test, params),
+                           **{p.name: measure(model, tokenizer, [p], test, params) for p in library}}
     _teach(model, tokenizer, library, params, ctx, others, suite, report, timing, reference)
     taught, baked_prompts = _measure_taught(model, tokenizer, library, test, params, report, timing)
     ctx.save_model("taught", wrapper, tokenizer, metadata={"baking": "prompt-taught model (before baking)"})
     taught_model = copy.deepcopy(model).eval()
-    t0, c0 = time.perf_counter(), time.process_time()
-    model, report["cycles"], report["passes"], after = run_cycles(model, taught_model, tokenizer, baked_prompts,
-                                                                  calibration, plans, test, params, ctx, retain)
-    _lap(timing, "bake", t0, c0)
+    with timed(timing, "bake", cpu=True):
+        model, report["cycles"], report["passes"], after = run_cycles(model, taught_model, tokenizer, baked_prompts,
+                                                                      calibration, plans, test, params, ctx, retain)
     report["after"] = after or taught["none"]  # the handed-on model's measurement (the taught one when none baked)
     wrapper.base = model
     ctx.save_model("model", wrapper, tokenizer, metadata={"baking": {"baked": [p.name for p in baked_prompts]}})
-    t0, c0 = time.perf_counter(), time.process_time()
-    guard = ctx.guard(Asker(reference, tokenizer, label="phase-5 model"),
-                      Asker(model, tokenizer, label="phase-6 model"))
-    _lap(timing, "guard", t0, c0)
+    with timed(timing, "guard", cpu=True):
+        guard = ctx.guard(Asker(reference, tokenizer, label="phase-5 model"),
+                          Asker(model, tokenizer, label="phase-6 model"))
     _drift(reference, model, tokenizer, params, ctx, others, guard, report, timing)
     report["timing"] = timing
     ctx.write_report(report)

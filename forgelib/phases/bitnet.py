@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,11 @@ import torch
 from ..data.tasks import FAMILIES
 from ..optim import ReferenceKL, create_optimizer_from_phase
 from ..params import require_non_negative, require_positive
+from ..progress import timed
 from ..quant import bitlinear_modules, convert_to_bitnet, convert_to_int8, ternary_quantize
 from ..quant.packing import PACKINGS
 from ..results import GateCheck, PhaseResult
-from ..thoughts import QuietStarModel, quietstar_loss
+from ..quietstar import QuietStarModel, quietstar_loss
 from ..modelio import load_quietstar
 from ..train import TrainConfig, train
 from .common import TaskData, chance_levels, check_levels, check_optimizer, score, test_samples, training_batches
@@ -279,22 +279,19 @@ def run(params: Params, ctx) -> PhaseResult:
     data = params.data()
     test = test_samples(data, ctx.seed + 1)
     timing, table = {}, {}
-    started = time.perf_counter()
-    table["fp"] = score(fp_model, tokenizer, test, data)
-    ptq = ternary_copy(fp_model, params).eval()
-    if params.ptq_baseline:
-        table["ptq"] = score(ptq, tokenizer, test, data)
-    timing["score_fp_ptq_s"] = round(time.perf_counter() - started, 2)
+    with timed(timing, "score_fp_ptq"):
+        table["fp"] = score(fp_model, tokenizer, test, data)
+        ptq = ternary_copy(fp_model, params).eval()
+        if params.ptq_baseline:
+            table["ptq"] = score(ptq, tokenizer, test, data)
     before = ternary_histogram(ptq)
     del ptq
-    started = time.perf_counter()
-    ternary, history = train_qat(ternary_copy(fp_model, params), copy.deepcopy(fp_model.base), tokenizer, params,
-                                 seed=ctx.seed, tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet,
-                                 suite=ctx.input_suite)
-    timing["train_s"] = round(time.perf_counter() - started, 2)
-    started = time.perf_counter()
-    table["ternary"] = score(ternary, tokenizer, test, data)
-    timing["score_ternary_s"] = round(time.perf_counter() - started, 2)
+    with timed(timing, "train"):
+        ternary, history = train_qat(ternary_copy(fp_model, params), copy.deepcopy(fp_model.base), tokenizer, params,
+                                     seed=ctx.seed, tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet,
+                                     suite=ctx.input_suite)
+    with timed(timing, "score_ternary"):
+        table["ternary"] = score(ternary, tokenizer, test, data)
     ternary.export_packing = params.packing
     folder = ctx.save_model("model", ternary, tokenizer, metadata={"bitnet": dict(ternary.base.config.bitnet)})
     packed = load_quietstar(folder, tokenizer).eval()

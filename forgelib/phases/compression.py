@@ -40,8 +40,9 @@ import torch
 
 from ..data.tasks import FAMILIES, generate_levels
 from ..params import load_yaml_file, require_non_negative, require_positive
+from ..progress import timed
 from ..results import GateCheck, PhaseResult
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from .common import check_levels
 
 HEADLINE = ("bits_per_weight", "artifact_bytes", "acc_input", "acc_final", "acc_retention", "ppl_retention",
@@ -307,16 +308,15 @@ def _sweep(model, system: System, groups: dict[str, str], hessians: dict, params
     first ``sweep_questions`` test questions (its files deleted after); a row per point, its seconds to ``timing``."""
     from ..quant.compress import plan_from
 
-    t0 = time.perf_counter()
-    first = plan_from(groups, params.stages[0]["assign"])
-    sweep, charted = [], dataclasses.replace(system, test=system.test[:params.sweep_questions])
-    for point in params.sweep:
-        plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
-        row = compress_and_measure(model, charted, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians,
-                                   groups)
-        sweep.append({**row, "name": point["name"], "spec": point["spec"]})
-    shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
-    timing["sweep_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "sweep"):
+        first = plan_from(groups, params.stages[0]["assign"])
+        sweep, charted = [], dataclasses.replace(system, test=system.test[:params.sweep_questions])
+        for point in params.sweep:
+            plan = plan_from(groups, {t: point["spec"] for t in params.sweep_targets}, first)
+            row = compress_and_measure(model, charted, plan, ctx.path("sweep", f"{point['name']}.forge"), hessians,
+                                       groups)
+            sweep.append({**row, "name": point["name"], "spec": point["spec"]})
+        shutil.rmtree(ctx.dir / "sweep", ignore_errors=True)  # the chart's files: measured, not kept
     return sweep
 
 
@@ -329,34 +329,32 @@ def run(params: Params, ctx) -> PhaseResult:
     system = load_system(ctx, tokenizer, params)
     guard = ctx.guard_params
     timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    reference = system.measure(model)
-    reference.pop("texts")
-    timing["measure_input_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    hessians = calibration(model, tokenizer, params, ctx.seed)
-    timing["calibration_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "measure_input"):
+        reference = system.measure(model)
+        reference.pop("texts")
+    with timed(timing, "calibration"):
+        hessians = calibration(model, tokenizer, params, ctx.seed)
     groups = tensor_groups(model, system.extras())
     stages, kept_plan, kept_path, kept_guard = [], {}, None, None
     guard_of = StageGuard(ctx, model, tokenizer, system, params)
-    t0 = time.perf_counter()
-    for i, stage in enumerate(params.stages):
-        plan = plan_from(groups, stage["assign"], kept_plan)
-        path = ctx.path("stages", f"{i + 1}_{stage['name']}.forge")
-        row = compress_and_measure(model, system, plan, path, hessians, groups)
-        allowed = stage.get("allowed_loss", params.allowed_loss)
-        stage_guard = guard_of(path, allowed, stage["name"])
-        checks = stage_gate(row, reference, allowed, stage.get("max_ppl_ratio", params.max_ppl_ratio), guard)
-        checks += stage_guard.checks()
-        row.update(name=stage["name"], assign=stage["assign"], gate=[dataclasses.asdict(c) for c in checks],
-                   kept=all(c.passed for c in checks), path=str(path.relative_to(ctx.dir)),
-                   guard={"table": stage_guard.table(), "questions": sum(v.n for v in stage_guard.families.values()),
-                          "seconds": round(stage_guard.seconds, 2)})
-        stages.append(row)
-        if row["kept"]:
-            kept_plan, kept_path, kept_guard = plan, path, stage_guard
-        ctx.log({f"stage/{k}": row[k] for k in ("acc", "ppl", "bits_per_weight")}, step=i + 1)
-    timing["stages_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "stages"):
+        for i, stage in enumerate(params.stages):
+            plan = plan_from(groups, stage["assign"], kept_plan)
+            path = ctx.path("stages", f"{i + 1}_{stage['name']}.forge")
+            row = compress_and_measure(model, system, plan, path, hessians, groups)
+            allowed = stage.get("allowed_loss", params.allowed_loss)
+            stage_guard = guard_of(path, allowed, stage["name"])
+            checks = stage_gate(row, reference, allowed, stage.get("max_ppl_ratio", params.max_ppl_ratio), guard)
+            checks += stage_guard.checks()
+            row.update(name=stage["name"], assign=stage["assign"], gate=[dataclasses.asdict(c) for c in checks],
+                       kept=all(c.passed for c in checks), path=str(path.relative_to(ctx.dir)),
+                       guard={"table": stage_guard.table(),
+                              "questions": sum(v.n for v in stage_guard.families.values()),
+                              "seconds": round(stage_guard.seconds, 2)})
+            stages.append(row)
+            if row["kept"]:
+                kept_plan, kept_path, kept_guard = plan, path, stage_guard
+            ctx.log({f"stage/{k}": row[k] for k in ("acc", "ppl", "bits_per_weight")}, step=i + 1)
     if kept_path is None:  # every stage rolled back: the input stored as is (fp16 / ternary codes untouched)
         kept_path = ctx.path("stages", "0_input.forge")
         stages.insert(0, {**compress_and_measure(model, system, {}, kept_path, hessians, groups), "name": "input",

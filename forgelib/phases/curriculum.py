@@ -89,7 +89,7 @@ from ..params import check_fields, require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult, write_json_atomic
 from ..stats import questions_needed, superior
 from ..suite import suite_union
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from ..tools import calculator, generate_with_tools, tool_correctness, tool_stats
 from ..train import TrainConfig, train
 from .base import UpstreamError
@@ -332,9 +332,9 @@ def answer(model, tokenizer, prompts: list[str], params: Params, budget: int | N
 def answer_budget(tokenizer, samples: list[Sample]) -> int:
     """Model tokens a right answer to ``samples`` needs at most (their longest worked solution, as ``Asker``), plus a
     margin: generation runs until every row of a batch stops, so a row that rambles costs the whole batch."""
-    from ..evaluate import _answer_budget
+    from ..evaluate import completion_budget
 
-    return _answer_budget(tokenizer, samples, with_steps=True) + 8
+    return completion_budget(tokenizer, samples, with_steps=True) + 8
 
 
 def correct_answers(model, tokenizer, samples: list[Sample], params: Params) -> list[int]:
@@ -696,11 +696,11 @@ def calculator_comparison(model, tokenizer, level: int, params: Params, guard, s
     """The ``tool`` family at levels 1..``level`` (test split), answered by ``model`` with and without the calculator
     on the same questions (the same answer budget): the calls' record of each arm and the paired superiority
     verdict (calculator better at all; as many questions as a true gain of ``gain`` needs)."""
-    from ..evaluate import _answer_budget
+    from ..evaluate import completion_budget
 
     cap = min(guard.max_questions, questions_needed(params.gain, guard.confidence, params.power, 1.0))
     pool = spread_questions("tool", range(1, level + 1), cap, "test", seed)
-    budget = _answer_budget(tokenizer, pool, with_steps=True) + 8
+    budget = completion_budget(tokenizer, pool, with_steps=True) + 8
     traces: dict[bool, list] = {True: [], False: []}
     lm = base_lm(model)  # thoughts off, as every phase asks
 

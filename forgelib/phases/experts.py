@@ -32,7 +32,6 @@ system (experts and router) keeps every family of the input suite (``forgelib.su
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
@@ -40,8 +39,9 @@ import torch
 from ..baking.library import make_check
 from ..data.tasks import FAMILIES, generate, generate_levels
 from ..params import check_fields, require_non_negative, require_positive
+from ..progress import timed
 from ..results import GateCheck, PhaseResult
-from ..thoughts import base_lm
+from ..quietstar import base_lm
 from .common import check_levels, check_optimizer
 
 HEADLINE = ("n_experts", "expert_params", "acc_base", "acc_routed", "acc_oracle", "routing_acc")
@@ -269,14 +269,12 @@ def _unseen_and_search(svf, tokenizer, experts: list[dict], router: torch.Tensor
                        report: dict, timing: dict) -> None:
     """The unseen family's expert mixture and the routing search, each when asked for (``report["unseen"]``,
     ``report["search"]``); their seconds go to ``timing``."""
-    t0 = time.perf_counter()
-    if params.unseen_family:
-        report["unseen"] = unseen_mixture(svf, tokenizer, experts, grader, params, ctx.seed)
-    timing["unseen_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    if params.search_budget:
-        report["search"] = routing_search(svf, tokenizer, router, experts, grader, params, ctx.seed)
-    timing["search_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "unseen"):
+        if params.unseen_family:
+            report["unseen"] = unseen_mixture(svf, tokenizer, experts, grader, params, ctx.seed)
+    with timed(timing, "search"):
+        if params.search_budget:
+            report["search"] = routing_search(svf, tokenizer, router, experts, grader, params, ctx.seed)
 
 
 def run(params: Params, ctx) -> PhaseResult:
@@ -286,24 +284,20 @@ def run(params: Params, ctx) -> PhaseResult:
     torch.manual_seed(ctx.seed)
     wrapper, tokenizer = ctx.load_upstream_lm(params.source)
     grader, timing = make_check(params.answer_prefixes), {}
-    t0 = time.perf_counter()
-    svf = apply_svf(base_lm(wrapper), SVFConfig(**params.svf))
-    pool, feats, found = discover(svf, tokenizer, params, ctx.seed)
-    k, centroids, labels = found["k"], found["centroids"], found["labels"].tolist()
-    timing["discover_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    clusters = [[s for s, lab in zip(pool, labels) if lab == c] for c in range(k)]
-    experts, histories = train_experts(svf, tokenizer, clusters, grader, params, ctx.seed, ctx.dir / "experts")
-    timing["train_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "discover"):
+        svf = apply_svf(base_lm(wrapper), SVFConfig(**params.svf))
+        pool, feats, found = discover(svf, tokenizer, params, ctx.seed)
+        k, centroids, labels = found["k"], found["centroids"], found["labels"].tolist()
+    with timed(timing, "train"):
+        clusters = [[s for s, lab in zip(pool, labels) if lab == c] for c in range(k)]
+        experts, histories = train_experts(svf, tokenizer, clusters, grader, params, ctx.seed, ctx.dir / "experts")
     others, extra = base_centroids(svf, tokenizer, ctx.input_suite, params, ctx.seed)
     router = centroids if extra is None else torch.cat([centroids, extra.to(centroids.dtype)])
-    t0 = time.perf_counter()
-    validation = validate_experts(svf, tokenizer, experts, router, grader, params, ctx.seed, ctx.dir / "experts",
-                                  ctx.guard_params.confidence)
-    timing["validate_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    test, test_route, table = _test_table(svf, tokenizer, experts, router, validation, grader, params, k, ctx)
-    timing["test_s"] = round(time.perf_counter() - t0, 2)
+    with timed(timing, "validate"):
+        validation = validate_experts(svf, tokenizer, experts, router, grader, params, ctx.seed, ctx.dir / "experts",
+                                      ctx.guard_params.confidence)
+    with timed(timing, "test"):
+        test, test_route, table = _test_table(svf, tokenizer, experts, router, validation, grader, params, k, ctx)
     report = {"k": k, "levels": list(params.levels), "families": params.families, "base_families": others,
               "validation": validation,
               "silhouettes": found["silhouettes"], "discovery": cluster_table(pool, labels, k),

@@ -1,7 +1,7 @@
 """Phase 3 — Quiet-STaR: the Phase-2 model learns to think before each answer token.
 
 The upstream model (Phase 2's champion, with the runtime settings its recipe saved in its config) is wrapped
-in a ``forgelib.thoughts.QuietStarModel`` and trained on fresh train-split samples of the reasoning families
+in a ``forgelib.quietstar.QuietStarModel`` and trained on fresh train-split samples of the reasoning families
 (answer-only labels, worked solutions): base NLL + mixed NLL of the next ``n_true`` tokens after each thought
 + REINFORCE on the thoughts + KL to the frozen Phase-2 model (the Phase-3 MuGrokfast preset's ``kl_weight``).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from typing import Any
 
 import torch
@@ -39,8 +38,9 @@ from ..data.tasks import FAMILIES
 from ..evaluate import mean_nll
 from ..optim import ReferenceKL, preset_config
 from ..params import require_non_negative, require_positive
+from ..progress import timed
 from ..results import GateCheck, PhaseResult
-from ..thoughts import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
+from ..quietstar import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
 from .common import chance_levels, check_levels, check_optimizer, check_runtime, score, test_samples, training_batches
 from ..stats import compare, lower_bound, mean_bounds, noninferior
@@ -76,7 +76,7 @@ class Params:
     in 120 steps of continued training)."""
     warmup_steps: int = 10
     thoughts: QuietStarConfig = dataclasses.field(default_factory=QuietStarConfig)
-    """The Quiet-STaR settings (``forgelib.thoughts.QuietStarConfig``)."""
+    """The Quiet-STaR settings (``forgelib.quietstar.QuietStarConfig``)."""
     kl_weight: float | None = None
     """Weight of the KL to the frozen Phase-2 model (None: the Phase-3 preset's ``kl_weight``)."""
     optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -228,15 +228,13 @@ def run(params: Params, ctx) -> PhaseResult:
         arms["pause"] = dataclasses.replace(params.thoughts, thought_mode="pause", n_passes=1)
     models, start = {}, {"step": 0, **curve(untrained)}
     for name, config in arms.items():
-        started = time.perf_counter()
-        models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
-                                          tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve,
-                                          suite=ctx.input_suite)
-        timing[f"train_{name}_s"] = round(time.perf_counter() - started, 2)
+        with timed(timing, f"train_{name}"):
+            models[name], history = train_arm(base, tokenizer, params, config, seed=ctx.seed, name=name,
+                                              tracker=ctx.tracker, device=ctx.device, quiet=ctx.quiet, curve=curve,
+                                              suite=ctx.input_suite)
         histories[name] = {"rows": history.rows, "evals": [start, *history.evals], "seconds": history.seconds}
-        started = time.perf_counter()
-        table[name] = score(models[name], tokenizer, test, params)
-        timing[f"score_{name}_s"] = round(time.perf_counter() - started, 2)
+        with timed(timing, f"score_{name}"):
+            table[name] = score(models[name], tokenizer, test, params)
     with models["thoughts"].no_thoughts():
         table["no_thoughts"] = score(models["thoughts"], tokenizer, test, params)
     model = models["thoughts"]

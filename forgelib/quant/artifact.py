@@ -182,7 +182,7 @@ def _check_header(header, where: str) -> None:
 
 def _model_parts(model: nn.Module) -> tuple[nn.Module, dict]:
     """(the causal LM, the wrapper's settings or {}) of a model or of a wrapper around one (a Quiet-STaR model: it
-    has ``base`` and ``wrapper_settings()``, ``forgelib.thoughts``)."""
+    has ``base`` and ``wrapper_settings()``, ``forgelib.quietstar``)."""
     settings = getattr(model, "wrapper_settings", None)
     return (model.base, settings()) if callable(settings) else (model, {})
 
@@ -227,7 +227,7 @@ def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | 
     return artifact_report(path)
 
 
-def _read(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+def read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(header, {entry: {part: tensor}}) of an artifact, its header and layout checked against the file before the
     payload is read (module docstring)."""
     from safetensors import safe_open
@@ -266,7 +266,7 @@ def artifact_report(path: str | Path) -> dict:
     """Bytes on disk, header bytes, payload bytes per tensor, stored values (``weights``, extras included), and
     ``bits_per_weight`` = 8 × file bytes / weights: everything in the file counted."""
     path = Path(path)
-    header, _ = _read(path)  # checks the header length against the file first
+    header, _ = read_parts(path)  # checks the header length against the file first
     with open(path, "rb") as handle:
         header_bytes = 8 + struct.unpack("<Q", handle.read(8))[0]
     per = {name: sum(p[3] for p in e["parts"]) for name, e in header["entries"].items()}
@@ -282,7 +282,7 @@ def artifact_report(path: str | Path) -> dict:
 
 def load_extras(path: str | Path) -> dict[str, torch.Tensor]:
     """The extra tensors of an artifact (decoded), by the names ``save_compressed`` was given."""
-    header, parts = _read(path)
+    header, parts = read_parts(path)
     return {n.removeprefix(EXTRA): _decode(n, parts[n], e, str(path)) for n, e in header["entries"].items()
             if n.startswith(EXTRA)}
 
@@ -325,7 +325,7 @@ def read_artifact(path: str | Path, wrap: Callable[[nn.Module, dict, dict], nn.M
     import forgelib.models  # noqa: F401  (registers Cognate)
 
     path = Path(path)
-    header, parts = _read(path)
+    header, parts = read_parts(path)
     if header["quietstar"] and wrap is None:
         raise ArtifactError(f"{path}: the artifact holds a Quiet-STaR model; load it with "
                             "forgelib.modelio.load_model (or load_compressed)")

@@ -101,15 +101,9 @@ def _saved_config(model: nn.Module, settings: dict, packing: str, dropped: list[
     return config
 
 
-@torch.no_grad()
-def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None) -> dict:
-    """Write ``model`` (converted with ``convert_to_bitnet``) as a packed folder (layout in the module docstring).
-
-    Returns the byte accounting: ``packed_bytes`` (ternary codes), ``scale_bytes``, ``int8_bytes`` (int8 codes),
-    ``int8_scale_bytes`` (their row maxima), ``other_bytes`` (every other tensor), ``tensor_bytes`` (their sum),
-    ``header_bytes``, ``file_bytes`` (model.safetensors on disk, equal to tensor_bytes + header_bytes),
-    ``ternary_weights``, ``int8_weights``, ``dropped_weights`` (values of the modules left out),
-    ``dropped_modules``, ``bits_per_ternary_weight`` (codes only) and ``bits_per_ternary_weight_with_scales``."""
+def _checked_layers(model: nn.Module, packing: str) -> tuple[dict, dict, dict, set[str], set[str]]:
+    """What ``export_packed`` packs, checked: (the BitLinear layers, the config's ``bitnet`` settings, the tied
+    tensors' aliases, the packed weights' names, the int8 weights' names); ValueError naming what cannot be packed."""
     check_packing(packing)
     layers = bitlinear_modules(model)
     if not layers:
@@ -126,6 +120,58 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
     tangled = sorted(n for pair in aliases.items() if len(set(pair) & int8_names) == 1 for n in pair)
     if tangled:
         raise ValueError(f"export_packed: int8 weights shared with full-precision modules: {tangled}")
+    return layers, settings, aliases, packed_names, int8_names
+
+
+def _pack_layers(layers: dict, packing: str, tensors: dict, accounting: dict) -> dict[str, list[int]]:
+    """Each BitLinear layer's packed ternary codes and scale into ``tensors`` (counted in ``accounting``); their
+    weights' shapes."""
+    shapes = {}
+    for name, layer in layers.items():
+        codes, scale = ternary_quantize(layer.weight)
+        packed = pack_ternary(codes.cpu(), packing)
+        tensors[f"{name}.weight_packed"] = packed
+        tensors[f"{name}.weight_scale"] = scale.cpu().reshape(())
+        shapes[name] = list(layer.weight.shape)
+        accounting["packed_bytes"] += packed.numel()
+        accounting["scale_bytes"] += 4
+        accounting["ternary_weights"] += codes.numel()
+    return shapes
+
+
+def _pack_int8_layers(state: dict, int8_layers: dict[str, str], tensors: dict, accounting: dict) -> dict:
+    """The int8 layers' codes and row maxima into ``tensors`` (counted in ``accounting``); their weights' shapes."""
+    int8_shapes = {name: list(state[key].shape) for name, key in int8_layers.items()}
+    tensors.update(pack_int8_tensors({key: state[key] for key in int8_layers.values()}, int8_layers))
+    for name in int8_layers:
+        accounting["int8_bytes"] += tensors[name + INT8_SUFFIX].numel()
+        accounting["int8_scale_bytes"] += 4 * tensors[name + ABSMAX_SUFFIX].numel()
+        accounting["int8_weights"] += tensors[name + INT8_SUFFIX].numel()
+    return int8_shapes
+
+
+def _file_accounting(accounting: dict, file: Path) -> dict:
+    """``accounting`` completed from the written file: tensor, header and file bytes, bits per ternary weight."""
+    accounting["tensor_bytes"] = sum(accounting[k] for k in ("packed_bytes", "scale_bytes", "int8_bytes",
+                                                             "int8_scale_bytes", "other_bytes"))
+    accounting["header_bytes"] = header_bytes(file)
+    accounting["file_bytes"] = file.stat().st_size
+    n = accounting["ternary_weights"]
+    accounting["bits_per_ternary_weight"] = 8 * accounting["packed_bytes"] / n
+    accounting["bits_per_ternary_weight_with_scales"] = 8 * (accounting["packed_bytes"] + accounting["scale_bytes"]) / n
+    return accounting
+
+
+@torch.no_grad()
+def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None) -> dict:
+    """Write ``model`` (converted with ``convert_to_bitnet``) as a packed folder (layout in the module docstring).
+
+    Returns the byte accounting: ``packed_bytes`` (ternary codes), ``scale_bytes``, ``int8_bytes`` (int8 codes),
+    ``int8_scale_bytes`` (their row maxima), ``other_bytes`` (every other tensor), ``tensor_bytes`` (their sum),
+    ``header_bytes``, ``file_bytes`` (model.safetensors on disk, equal to tensor_bytes + header_bytes),
+    ``ternary_weights``, ``int8_weights``, ``dropped_weights`` (values of the modules left out),
+    ``dropped_modules``, ``bits_per_ternary_weight`` (codes only) and ``bits_per_ternary_weight_with_scales``."""
+    layers, settings, aliases, packed_names, int8_names = _checked_layers(model, packing)
     int8_layers = {name.removesuffix(".weight"): name for name in sorted(int8_names) if name not in aliases}
     dropped = unused_modules(model)
     state = model.state_dict()
@@ -137,22 +183,8 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
                       int8_weights=0, dropped_weights=sum(v.numel() for k, v in state.items()
                                                           if is_dropped(k) and k not in aliases),
                       dropped_modules=list(dropped))
-    shapes = {}
-    for name, layer in layers.items():
-        codes, scale = ternary_quantize(layer.weight)
-        packed = pack_ternary(codes.cpu(), packing)
-        tensors[f"{name}.weight_packed"] = packed
-        tensors[f"{name}.weight_scale"] = scale.cpu().reshape(())
-        shapes[name] = list(layer.weight.shape)
-        accounting["packed_bytes"] += packed.numel()
-        accounting["scale_bytes"] += 4
-        accounting["ternary_weights"] += codes.numel()
-    int8_shapes = {name: list(state[key].shape) for name, key in int8_layers.items()}
-    tensors.update(pack_int8_tensors({key: state[key] for key in int8_layers.values()}, int8_layers))
-    for name in int8_layers:
-        accounting["int8_bytes"] += tensors[name + INT8_SUFFIX].numel()
-        accounting["int8_scale_bytes"] += 4 * tensors[name + ABSMAX_SUFFIX].numel()
-        accounting["int8_weights"] += tensors[name + INT8_SUFFIX].numel()
+    shapes = _pack_layers(layers, packing, tensors, accounting)
+    int8_shapes = _pack_int8_layers(state, int8_layers, tensors, accounting)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"packing": packing, "shapes": shapes, "aliases": aliases, "int8": int8_shapes, "dropped": dropped}
@@ -160,14 +192,7 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
     _saved_config(model, settings, packing, dropped).save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    accounting["tensor_bytes"] = sum(accounting[k] for k in ("packed_bytes", "scale_bytes", "int8_bytes",
-                                                             "int8_scale_bytes", "other_bytes"))
-    accounting["header_bytes"] = header_bytes(folder / WEIGHTS_NAME)
-    accounting["file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
-    n = accounting["ternary_weights"]
-    accounting["bits_per_ternary_weight"] = 8 * accounting["packed_bytes"] / n
-    accounting["bits_per_ternary_weight_with_scales"] = 8 * (accounting["packed_bytes"] + accounting["scale_bytes"]) / n
-    return accounting
+    return _file_accounting(accounting, folder / WEIGHTS_NAME)
 
 
 def _record(file: Path, text: str | None) -> dict:

@@ -93,7 +93,7 @@ def baking_playground(result, max_new_tokens: int = 48):
     from transformers import AutoTokenizer
 
     from ..baking.library import BakePrompt, prefix
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
     from ..modelio import load_lm
     from .cognate import playground_widget, prompt_examples, suite_answers
 

@@ -104,7 +104,7 @@ def plot_sizes(report: dict, result) -> "plt.Figure":
 
 def answer_lines(system, model, question: str) -> list[str]:
     """The two-pass answer of ``model`` with ``system``'s experts (the plain answer when it has none)."""
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
     from ..tools import generate_with_tools
 
     lm, n = base_lm(model), system.params.max_new_tokens

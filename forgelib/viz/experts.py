@@ -144,7 +144,7 @@ def expert_playground(result, max_new_tokens: int = 40):
     from transformers import AutoTokenizer
 
     from ..experts import apply_svf, load_expert
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
     from ..modelio import load_lm
     from .cognate import playground_widget, prompt_examples, suite_answers
 

@@ -221,9 +221,9 @@ def _artifact_codecs(folder: Path) -> dict[str, dict]:
 
     if not (folder / "model.forge").is_file():
         return {}
-    from ..quant.artifact import _read
+    from ..quant.artifact import read_parts
 
-    entries = _read(folder / "model.forge")[0]["entries"]
+    entries = read_parts(folder / "model.forge")[0]["entries"]
     return {name: {"codec": e["codec"], "bits": 8 * sum(p[3] for p in e["parts"]) / max(1, math.prod(e["shape"]))}
             for name, e in entries.items()}
 
@@ -296,12 +296,12 @@ def expert_scalings(folder: Path, model) -> dict[str, dict[str, dict[str, float]
     (SVF, ``forgelib.experts.svf``: 1 = unchanged), for the experts a Phase-7 folder or a Phase-8 artifact answers
     with; {} for a model without experts."""
     from ..experts import SVFConfig, apply_svf, remove_svf
-    from ..scorecard import ScorecardParams, _system
-    from ..thoughts import base_lm
+    from ..scorecard import ScorecardParams, measuring_system
+    from ..quietstar import base_lm
 
     experts_dir = folder.parent.parent / "experts"
     entry = {"path": folder, "experts": experts_dir if (experts_dir / "router.pt").is_file() else None}
-    system = _system(entry, None, [], ScorecardParams())
+    system = measuring_system(entry, None, [], ScorecardParams())
     if not system.experts:
         return {}
     svf = apply_svf(base_lm(model), SVFConfig(**system.svf_config))

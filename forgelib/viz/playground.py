@@ -46,7 +46,7 @@ def token_budget(model, tokenizer, question: str) -> tuple[int, int]:
     """(the most new tokens that still fit the model's context after ``question``'s prompt, that context length):
     generating past ``max_position_embeddings`` is what transformers warns about."""
     from ..data.tokenizer import encode_prompts
-    from ..thoughts import base_lm
+    from ..quietstar import base_lm
 
     context = int(getattr(base_lm(model).config, "max_position_embeddings", 0) or 0) or 2048
     return context - len(encode_prompts(tokenizer, [question])[0]), context
@@ -59,8 +59,8 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
     the model has experts (None when pass 1 chose one of the router's base centroids: the base model answers),
     ``max_new_tokens`` (capped at the context left after the prompt; ``capped`` says so). ``entry``: a row of
     ``forgelib.scorecard.chain_models``; ``loaded``: its ``load_entry`` when already loaded."""
-    from ..scorecard import ScorecardParams, _system
-    from ..thoughts import base_lm
+    from ..scorecard import ScorecardParams, measuring_system
+    from ..quietstar import base_lm
 
     model, tokenizer = loaded or load_entry(entry)
     budget, context = token_budget(model, tokenizer, question)
@@ -68,7 +68,7 @@ def trace_answer(entry: dict, question: str, max_new_tokens: int = 40, temperatu
         raise ValueError(f"the question is {context - budget} tokens: it fills the model's {context}-token context "
                          "and leaves no room for an answer; shorten it")
     lm = base_lm(model)
-    system = _system(entry, tokenizer, [], ScorecardParams(max_new_tokens=max_new_tokens))
+    system = measuring_system(entry, tokenizer, [], ScorecardParams(max_new_tokens=max_new_tokens))
     out: dict[str, Any] = {"model": entry_label(entry), "question": question, "expert": None, "thoughts": None,
                            "calls": [], "act": None, "max_new_tokens": min(max_new_tokens, budget),
                            "capped": max_new_tokens > budget, "context": context}
@@ -104,7 +104,7 @@ def _route(lm, tokenizer, system, question: str, out: dict):
 def _generate(model, lm, tokenizer, question: str, out: dict, temperature: float, think: bool) -> None:
     """The answer (with thoughts when ``think`` on a Quiet-STaR model, else with the calculator) and the ACT cycles
     of its tokens, into ``out``."""
-    from ..thoughts import QuietStarModel, generate_with_thoughts
+    from ..quietstar import QuietStarModel, generate_with_thoughts
     from ..tools import generate_with_tools
 
     budget = out["max_new_tokens"]

@@ -96,7 +96,7 @@ def _pieces(tokenizer, ids) -> str:
 def thought_lines(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> list[str]:
     """What the playground prints for ``prompt``: the answer with thoughts, each thought and weight, and the
     answer of the same weights with thoughts off."""
-    from ..thoughts import generate_with_thoughts
+    from ..quietstar import generate_with_thoughts
 
     trace = generate_with_thoughts(model, tokenizer, prompt, max_new_tokens)
     with model.no_thoughts():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
+from forgelib.data import expressions
 from forgelib.data.base import register_family
-from forgelib.data.families import _expr
 
 # level -> (operands, largest operand, operators, largest right factor of `*`, parentheses?)
 _LEVELS = {
@@ -25,9 +25,9 @@ _LEVELS = {
 def make_arith(rng: random.Random, level: int):
     """One expression; steps are the evaluation steps in precedence order."""
     n_operands, max_operand, ops, max_multiplier, parens = _LEVELS[level]
-    expr = _expr.flat(rng, n_operands, max_operand, ops, max_multiplier)
+    expr = expressions.flat(rng, n_operands, max_operand, ops, max_multiplier)
     if parens and rng.random() < 0.7:
-        expr = _expr.group_pair(rng, expr)
+        expr = expressions.group_pair(rng, expr)
     steps: list[str] = []
-    value = _expr.evaluate(expr, steps)
-    return f"{_expr.render(expr)}=", str(value), steps, {}
+    value = expressions.evaluate(expr, steps)
+    return f"{expressions.render(expr)}=", str(value), steps, {}

@@ -29,27 +29,28 @@ def _render(node: Tree, top: bool = True) -> str:
     return text if top else f"({text})"
 
 
-def _value(node: Tree) -> bool:
+def tree_value(node: Tree) -> bool:
+    """The truth value of a boolean tree (``forgelib.curriculum.verify`` re-solves parsed prompts with it)."""
     if isinstance(node, bool):
         return node
     op, left, right = node
     if op == "~":
-        return not _value(left)
-    return (_value(left) and _value(right)) if op == "&" else (_value(left) or _value(right))
+        return not tree_value(left)
+    return (tree_value(left) and tree_value(right)) if op == "&" else (tree_value(left) or tree_value(right))
 
 
-def _steps(node: Tree, out: list[str]) -> bool:
+def tree_steps(node: Tree, out: list[str]) -> bool:
     """Evaluate ``node`` bottom-up, appending one worked step per operation (``T&F=F``, ``~F=T``): each step
     applies one operator to values already known, the last step gives the answer."""
     if isinstance(node, bool):
         return node
     op, left, right = node
-    a = _steps(left, out)
+    a = tree_steps(left, out)
     if op == "~":
         value = not a
         out.append(f"~{'T' if a else 'F'}={'T' if value else 'F'}")
         return value
-    b = _steps(right, out)
+    b = tree_steps(right, out)
     value = (a and b) if op == "&" else (a or b)
     out.append(f"{'T' if a else 'F'}{op}{'T' if b else 'F'}={'T' if value else 'F'}")
     return value
@@ -80,8 +81,8 @@ def make_logic(rng: random.Random, level: int):
         kind = "compare"
     else:
         tree = _tree(rng, 2 + (level - 1) // 2)
-        text, value, kind = _render(tree), _value(tree), "boolean"
+        text, value, kind = _render(tree), tree_value(tree), "boolean"
         steps = []
-        _steps(tree, steps)
+        tree_steps(tree, steps)
         steps = steps or None  # a lone negated leaf cannot occur (two leaves at least); kept for safety
     return f"{text}=", "T" if value else "F", steps, {"kind": kind}

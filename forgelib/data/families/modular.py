@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
+from forgelib.data import expressions
 from forgelib.data.base import register_family
-from forgelib.data.families import _expr
 
 _PRIMES = {1: (5, 7, 11), 2: (7, 11, 13), 3: (11, 13, 17), 4: (13, 17, 19), 5: (17, 19, 23),
            6: (23, 29, 31), 7: (31, 37, 41), 8: (41, 43, 47), 9: (53, 59, 61), 10: (89, 97)}
@@ -19,9 +19,9 @@ def make_modular(rng: random.Random, level: int):
     """Operands up to 20+20*level; level 10 adds a third operand."""
     p = rng.choice(_PRIMES[level])
     max_operand = 20 + 20 * level
-    expr = _expr.flat(rng, 3 if level == 10 else 2, max_operand, _ops(level), max_operand)
+    expr = expressions.flat(rng, 3 if level == 10 else 2, max_operand, _ops(level), max_operand)
     steps: list[str] = []
-    value = _expr.evaluate(expr, steps)
+    value = expressions.evaluate(expr, steps)
     residue = value % p  # Python's % is already the non-negative residue for p > 0
     steps.append(f"{value} mod {p}={residue}")
-    return f"({_expr.render(expr)}) mod {p}=", str(residue), steps, {"modulus": p}
+    return f"({expressions.render(expr)}) mod {p}=", str(residue), steps, {"modulus": p}

@@ -12,7 +12,9 @@ def _max_value(level: int) -> int:
     return 9 if level <= 4 else 99 if level <= 8 else 999
 
 
-def _solve(op: str, values: list[int], target: int) -> str:
+def sequence_answer(op: str, values: list[int], target: int) -> str:
+    """The answer text of ``op`` on ``values`` (``target``: the value ``count`` counts); ``forgelib.curriculum.verify``
+    re-solves parsed prompts with it."""
     if op == "max":
         return str(max(values))
     if op == "min":
@@ -31,4 +33,4 @@ def make_sequence(rng: random.Random, level: int):
     target = rng.choice(values) if rng.random() < 0.7 else rng.randint(0, _max_value(level))
     listed = ",".join(map(str, values))
     prompt = f"count {target} in {listed}=" if op == "count" else f"{op} {listed}="
-    return prompt, _solve(op, values, target), None, {"op": op}
+    return prompt, sequence_answer(op, values, target), None, {"op": op}

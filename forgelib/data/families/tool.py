@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import random
 
+from forgelib.data import expressions
 from forgelib.data.base import TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, register_family
-from forgelib.data.families import _expr
 
 # level -> (number of products, digits of the left factor, digits of the right factor)
 _LEVELS = {1: (1, 3, 2), 2: (1, 3, 3), 3: (1, 4, 3), 4: (1, 4, 4), 5: (2, 4, 3),
@@ -19,10 +19,10 @@ _LEVELS = {1: (1, 3, 2), 2: (1, 3, 3), 3: (1, 4, 3), 4: (1, 4, 4), 5: (2, 4, 3),
 def make_tool(rng: random.Random, level: int):
     """A sum/difference of products of multi-digit numbers."""
     n_products, left_digits, right_digits = _LEVELS[level]
-    expr: _expr.Expr = []
+    expr: expressions.Expr = []
     for i in range(n_products):
         if i:
             expr.append(rng.choice("+-"))
-        expr += [_expr.number(rng, left_digits), "*", _expr.number(rng, right_digits)]
-    text, value = _expr.render(expr), _expr.evaluate(expr)
+        expr += [expressions.number(rng, left_digits), "*", expressions.number(rng, right_digits)]
+    text, value = expressions.render(expr), expressions.evaluate(expr)
     return f"{text}=", str(value), [f"{TOOL_OPEN}{text}{TOOL_CLOSE}{TOOL_RESULT}{value}"], {}

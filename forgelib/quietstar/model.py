@@ -9,7 +9,7 @@ models). For every position t of a sequence it writes a thought ``<|startofthoug
   ``s ≤ t`` (padding hidden) and the keys of steps ``0..j`` *of their own position* only -- a 4-D mask of shape
   (B, 1, Q, T + (j+1)·Q) whose extension part is ``[I_Q I_Q .. I_Q]``. Position ids continue the prefix:
   step j at t has position ``p(t) + 1 + j``. The result equals writing each thought after its own prefix
-  separately (``tests/test_thoughts.py`` checks it against that loop, with the same Gumbel noise).
+  separately (``tests/test_quietstar.py`` checks it against that loop, with the same Gumbel noise).
 * **After the thought** the eot token predicts ``x_{t+1}``; then the true tokens ``x_{t+1} .. x_{t+n_true-1}``
   are fed (teacher forcing) and predict ``x_{t+2} .. x_{t+n_true}``.
 * **Mixing head**: an MLP on ``[h_base(t+i), h_thought(t, i)]`` gives ``w ∈ [0, 1]``; the prediction of
@@ -42,75 +42,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.tokenizer import END_THOUGHT, IGNORE_INDEX, START_THOUGHT
-
-THOUGHT_MODES = ("sample", "pause", "random")
-THINK_AT = ("answer", "all")
-REWARDS = ("mixed", "thought")
-EXTRA_FILE, CONFIG_FILE = "quietstar.safetensors", "quietstar.json"
-
-
-@dataclasses.dataclass
-class QuietStarConfig:
-    """Settings of a QuietStarModel (the ``quietstar`` phase section embeds them)."""
-
-    n_thought: int = 4
-    """Content tokens per thought (between the start and end tokens)."""
-    n_true: int = 2
-    """Teacher-forced future tokens scored after each thought."""
-    n_passes: int = 2
-    """Thoughts sampled per position in training (the REINFORCE baseline is their mean)."""
-    mixing_hidden: int = 64
-    """Width of the mixing head's hidden layer."""
-    embedding_grad_scale: float = 100.0
-    """How much faster the start/end/pause embeddings learn than the rest (they start untrained). The paper
-    multiplies their gradient; under Adam-type updates (MuGrokfast's AdamW group) a gradient multiplier changes
-    nothing but the global gradient clipping -- measured: at 100 the clipped norm was ~1200 and the rest of the
-    model barely moved -- so ``quietstar_optimizer`` applies it to their learning rate instead."""
-    think_at: str = "answer"
-    """Where the loss counts: 'answer' (positions whose next token is labelled) or 'all' (every real token)."""
-    thought_mode: str = "sample"
-    """'sample' (Quiet-STaR), 'pause' (content-free pause tokens) or 'random' (uniform random tokens)."""
-    temperature: float = 1.0
-    """Thought sampling temperature in training."""
-    inference_temperature: float = 0.0
-    """Thought sampling temperature in evaluation and generation (0: greedy thoughts, deterministic)."""
-    reward: str = "thought"
-    """REINFORCE reward: log-likelihood of the true tokens under the 'mixed' or the post-'thought' prediction."""
-    reinforce_weight: float = 1.0
-    """Weight of the REINFORCE term."""
-    base_loss_weight: float = 1.0
-    """Weight of the base (no-thought) NLL."""
-    thought_loss_weight: float = 1.0
-    """Weight of the post-thought NLL of the true tokens (unmixed). Why: the mixed NLL reaches the thought branch
-    only through ``w``, which starts at 0; a small model that never saw thought tokens predicts badly after
-    them, so the head stays closed and nothing learns (measured at smoke: ``w`` stayed 0.000 for 120 steps).
-    This term teaches the model to continue after a thought; the head then opens where thoughts help."""
-
-    def __post_init__(self):
-        for name in ("n_thought", "n_true", "n_passes", "mixing_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, allowed in (("think_at", THINK_AT), ("thought_mode", THOUGHT_MODES), ("reward", REWARDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("embedding_grad_scale", "temperature", "inference_temperature", "reinforce_weight",
-                     "base_loss_weight", "thought_loss_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.thought_mode == "sample" and self.temperature == 0 and self.reinforce_weight > 0:
-            raise ValueError("REINFORCE needs sampled thoughts: temperature must be > 0")
+from ..data.tokenizer import END_THOUGHT, START_THOUGHT
+from .config import QuietStarConfig
+from .io import save_quietstar
 
 
 @dataclasses.dataclass
@@ -147,7 +88,7 @@ def _straight_through_clamp(a: torch.Tensor) -> torch.Tensor:
 def _cache_for(model: nn.Module):
     """A fresh KV cache the model accepts (a CognateCache for Cognate: one layer per virtual layer)."""
     if getattr(model.config, "model_type", None) == "cognate":
-        from .models.cache import CognateCache
+        from ..models.cache import CognateCache
 
         return CognateCache(model.config)
     from transformers import DynamicCache
@@ -447,168 +388,10 @@ class QuietStarModel(nn.Module):
         head and thought embeddings (``quietstar.safetensors``) and the settings (``quietstar.json``) next to it.
         Int8 layers of the mixing head (``forgelib.quant.convert_to_int8``) are listed in ``quietstar.json``
         (``int8_modules``) and, when packed, stored as int8 codes + row maxima (``pack_int8_tensors``)."""
-        from safetensors.torch import save_file
-
-        from .quant import int8_modules, pack_int8_tensors
-
-        path = Path(path)
-        if self.export_packing is not None:  # a BitNet base: its ternary layers packed (forgelib.quant)
-            from .quant import export_packed
-
-            path.mkdir(parents=True, exist_ok=True)
-            self.export_report = export_packed(self.base, path, self.export_packing)
-        else:
-            self.base.save_pretrained(path, safe_serialization=True, **kwargs)
-        int8 = [f"mixing_head.{name}" for name in int8_modules(self.mixing_head)]
-        extra = {"thought_embeddings": self.thought_embeddings.detach().contiguous()}
-        extra.update({f"mixing_head.{k}": v.detach().contiguous() for k, v in self.mixing_head.state_dict().items()})
-        if self.export_packing is not None and int8:
-            extra = pack_int8_tensors(extra, int8)
-        save_file(extra, str(path / EXTRA_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps({"config": dataclasses.asdict(self.qconfig),
-                                                     "sot_id": self.sot_id, "eot_id": self.eot_id,
-                                                     **({"int8_modules": int8} if int8 else {})}, indent=2))
-
-
-def is_quietstar(path: str | Path) -> bool:
-    """Does the model folder hold a Quiet-STaR model (the base plus quietstar.json / .safetensors)?"""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / EXTRA_FILE).is_file()
+        save_quietstar(self, path, **kwargs)
 
 
 def base_lm(model: nn.Module) -> nn.Module:
     """The causal LM itself: a QuietStarModel's ``base``, any other model unchanged."""
     return model.base if isinstance(model, QuietStarModel) else model
 
-
-@dataclasses.dataclass
-class ThoughtTrace:
-    """What ``generate_with_thoughts`` produced: the answer (no thought tokens) and, per answer token, the
-    thought written before it and the mixing weight given to it."""
-
-    prompt: str
-    text: str
-    token_ids: list[int]
-    steps: list[dict]  # per answer token: token, token_id, thought, thought_ids, weight
-
-
-def generate_with_thoughts(model: QuietStarModel, tokenizer: Any, prompt: str,
-                           max_new_tokens: int = 32) -> ThoughtTrace:
-    """Greedy answer to ``prompt``, thinking before each answer token (see ``QuietStarModel.generate``)."""
-    from .data.tokenizer import encode_prompts
-
-    row = encode_prompts(tokenizer, [prompt])[0]
-    device = next(model.parameters()).device
-    ids = torch.tensor([row], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        out, trace = model.generate(ids, torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                    return_trace=True)
-    finally:
-        model.train(was_training)
-    steps, token_ids = [], []
-    for step in trace:
-        token = int(step["token"][0])
-        if token == tokenizer.eos_token_id:
-            break
-        thought_ids = [int(t) for t in step["thought"][0]]
-        token_ids.append(token)
-        steps.append({"token": tokenizer.decode([token]), "token_id": token, "thought_ids": thought_ids,
-                      "thought": tokenizer.decode(thought_ids), "weight": float(step["weight"][0])})
-    return ThoughtTrace(prompt, tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, steps)
-
-
-def quietstar_optimizer(model: QuietStarModel, **overrides):
-    """The Phase-3 MuGrokfast preset (``overrides`` applied) for ``model``, with the thought embeddings in an
-    AdamW group of their own at ``embedding_grad_scale`` × the learning rate (see that field)."""
-    from .optim import create_optimizer_from_phase
-
-    optimizer = create_optimizer_from_phase(model, phase_num=3, **overrides)
-    emb = model.thought_embeddings
-    for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if p is not emb]
-        if len(kept) != len(group["params"]):
-            group["params"] = kept
-            template = group
-    extra = {k: v for k, v in template.items() if k != "params"}
-    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
-    optimizer.add_param_group({**extra, "params": [emb], "lr": extra["lr"] * model.qconfig.embedding_grad_scale})
-    return optimizer
-
-
-# --- training loss --------------------------------------------------------------------------------------
-
-
-def future_targets(labels: torch.Tensor, n_true: int) -> torch.Tensor:
-    """(B, T, n_true) with [b, t, i] = labels[b, t+1+i] (IGNORE_INDEX past the end)."""
-    B, T = labels.shape
-    padded = torch.cat([labels, labels.new_full((B, n_true), IGNORE_INDEX)], 1)
-    return torch.stack([padded[:, 1 + i:T + 1 + i] for i in range(n_true)], -1)
-
-
-def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = None,
-                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The Quiet-STaR training loss for ``forgelib.train`` (``loss_fn=partial(quietstar_loss, kl=...)``).
-
-    batch: input_ids, attention_mask, labels (answer-only labels mark the answer positions). ``kl(logits,
-    input_ids, attention_mask)`` (a ``ReferenceKL``) regularizes the base logits toward the start model.
-    Returns (loss, extras: base_nll, mixed_nll, thought_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl,
-    kl).
-    """
-    cfg = model.qconfig
-    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    if cfg.think_at == "all":
-        labels = ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
-    P = cfg.n_passes
-    th = model.think(ids, mask, n_passes=P, temperature=cfg.temperature, noise=noise)
-    B, T = ids.shape
-    targets = future_targets(labels, cfg.n_true).repeat_interleave(P, 0)  # (B', T, n_true)
-    valid = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0)
-    V = th.mixed_logits.shape[-1]
-    mixed_nll = F.cross_entropy(th.mixed_logits.reshape(-1, V), safe.reshape(-1), reduction="none").view_as(safe)
-    n_valid = valid.sum().clamp(min=1)
-    mixed_loss = (mixed_nll * valid).sum() / n_valid
-    base = th.base_logits[::P]  # (B, T, V): the passes share the base pass
-    base_nll = F.cross_entropy(base[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-    with torch.no_grad():
-        base_tok = F.cross_entropy(th.base_future_logits.float().reshape(-1, V), safe.reshape(-1),
-                                   reduction="none").view_as(safe)
-        gain = ((base_tok - mixed_nll.detach()) * valid).sum() / n_valid
-    thought_nll = F.cross_entropy(th.thought_logits.float().reshape(-1, V), safe.reshape(-1),
-                                  reduction="none").view_as(safe)  # (B', T, n_true)
-    thought_loss = (thought_nll * valid).sum() / n_valid
-    loss = cfg.base_loss_weight * base_nll + mixed_loss + cfg.thought_loss_weight * thought_loss
-    rl = torch.zeros((), device=ids.device)
-    if cfg.thought_mode == "sample" and cfg.reinforce_weight > 0 and P > 1:
-        if cfg.reward == "mixed":
-            token_ll = -mixed_nll.detach()
-        else:
-            token_ll = -thought_nll.detach()
-        rl = reinforce_term((token_ll * valid).sum(-1), th.logprob, valid[..., 0], P)
-        loss = loss + cfg.reinforce_weight * rl
-    kl_value = torch.zeros((), device=ids.device)
-    if kl is not None:
-        kl_value = kl(base, ids, mask)
-        loss = loss + kl_value
-    weight_mean = float((th.weights.detach() * valid).sum() / n_valid)
-    return loss, {"base_nll": float(base_nll.detach()), "mixed_nll": float(mixed_loss.detach()),
-                  "thought_nll": float(thought_loss.detach()),
-                  "gain": float(gain), "mix_weight": weight_mean, "rl": float(rl.detach()),
-                  "kl": float(kl_value.detach())}
-
-
-
-def reinforce_term(reward: torch.Tensor, logprob: torch.Tensor, thinks: torch.Tensor, n_passes: int) -> torch.Tensor:
-    """REINFORCE with the mean-over-passes baseline, positive advantages only.
-
-    reward, logprob, thinks: (B·n_passes, Q) -- row b·n_passes + p is pass p of row b; ``thinks`` marks the
-    positions that count. Returns ``-Σ max(0, r − mean_p r) · log π / #thinking positions`` (rewards detached),
-    whose gradient raises the log-probability of every thought that beat its position's mean."""
-    BP, Q = reward.shape
-    grouped = reward.detach().view(BP // n_passes, n_passes, Q)
-    advantage = (grouped - grouped.mean(1, keepdim=True)).view(BP, Q).clamp(min=0)
-    thinks = thinks.float()
-    return -(advantage * thinks * logprob).sum() / thinks.sum().clamp(min=1)

@@ -3,6 +3,8 @@
 An expression is a flat list `[operand, op, operand, op, ...]` with ops in `+ - *`; an operand is an int
 or a nested flat list (a parenthesized group). The generator evaluates its own trees (no parsing, no
 `eval`), recording the worked steps a person would write: groups first, then `*`, then `+`/`-` left to right.
+The `arith`, `modular` and `tool` families build their prompts with it; `forgelib.curriculum.verify` parses
+prompts back into it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quiet-STaR (forgelib.thoughts) against independent references: a hand-built mask, a loop that writes each
+"""Quiet-STaR (forgelib.quietstar) against independent references: a hand-built mask, a loop that writes each
 thought after its own prefix with plain causal forwards, the base model itself, and the REINFORCE gradient."""
 import dataclasses
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from forgelib.data.tokenizer import END_THOUGHT, START_THOUGHT
 from forgelib.modelio import load_quietstar
-from forgelib.thoughts import (QuietStarConfig, QuietStarModel, future_targets, quietstar_loss, reinforce_term,
-                               thought_mask)
+from forgelib.quietstar import (QuietStarConfig, QuietStarModel, future_targets, quietstar_loss, reinforce_term,
+                                thought_mask)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,10 @@ def test_untrained_mixing_head_gives_exactly_the_base_model(tok, kind):
     real = mask.bool()
     assert (mixed - ref)[real].abs().max() <= 1e-6
     # and greedy generation from left-padded prompts equals the base model's own generate
-    from forgelib.evaluate import _left_pad
+    from forgelib.evaluate import left_pad
 
     rows = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in ["12+7=", "5*5="]]
-    left, lmask = _left_pad(rows, tok.pad_token_id)
+    left, lmask = left_pad(rows, tok.pad_token_id)
     with torch.no_grad():
         ours = qs.generate(left, lmask, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         theirs = base.generate(input_ids=left, attention_mask=lmask, max_new_tokens=6, do_sample=False,
@@ -179,7 +179,7 @@ def test_untrained_mixing_head_gives_exactly_the_base_model(tok, kind):
 
 
 def test_generated_text_never_contains_thought_tokens(tok):
-    from forgelib.thoughts import generate_with_thoughts
+    from forgelib.quietstar import generate_with_thoughts
 
     qs = randomize_head(QuietStarModel(cognate(tok), tok, QuietStarConfig(n_thought=3))).eval()
     trace = generate_with_thoughts(qs, tok, "12+7=", max_new_tokens=8)

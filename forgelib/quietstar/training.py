@@ -1,0 +1,106 @@
+"""Training a Quiet-STaR model: the loss for ``forgelib.train`` (base + mixed + post-thought NLL, REINFORCE on the
+thoughts; see ``forgelib.quietstar.model``) and the optimizer with the thought embeddings' own learning rate."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenizer import IGNORE_INDEX
+from .model import QuietStarModel
+
+
+def quietstar_optimizer(model: QuietStarModel, **overrides):
+    """The Phase-3 MuGrokfast preset (``overrides`` applied) for ``model``, with the thought embeddings in an
+    AdamW group of their own at ``embedding_grad_scale`` × the learning rate (see that field)."""
+    from ..optim import create_optimizer_from_phase
+
+    optimizer = create_optimizer_from_phase(model, phase_num=3, **overrides)
+    emb = model.thought_embeddings
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if p is not emb]
+        if len(kept) != len(group["params"]):
+            group["params"] = kept
+            template = group
+    extra = {k: v for k, v in template.items() if k != "params"}
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({**extra, "params": [emb], "lr": extra["lr"] * model.qconfig.embedding_grad_scale})
+    return optimizer
+
+
+# --- training loss --------------------------------------------------------------------------------------
+
+
+def future_targets(labels: torch.Tensor, n_true: int) -> torch.Tensor:
+    """(B, T, n_true) with [b, t, i] = labels[b, t+1+i] (IGNORE_INDEX past the end)."""
+    B, T = labels.shape
+    padded = torch.cat([labels, labels.new_full((B, n_true), IGNORE_INDEX)], 1)
+    return torch.stack([padded[:, 1 + i:T + 1 + i] for i in range(n_true)], -1)
+
+
+def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The Quiet-STaR training loss for ``forgelib.train`` (``loss_fn=partial(quietstar_loss, kl=...)``).
+
+    batch: input_ids, attention_mask, labels (answer-only labels mark the answer positions). ``kl(logits,
+    input_ids, attention_mask)`` (a ``ReferenceKL``) regularizes the base logits toward the start model.
+    Returns (loss, extras: base_nll, mixed_nll, thought_nll, gain (base − mixed NLL on the same tokens), mix_weight, rl,
+    kl).
+    """
+    cfg = model.qconfig
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if cfg.think_at == "all":
+        labels = ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
+    P = cfg.n_passes
+    th = model.think(ids, mask, n_passes=P, temperature=cfg.temperature, noise=noise)
+    B, T = ids.shape
+    targets = future_targets(labels, cfg.n_true).repeat_interleave(P, 0)  # (B', T, n_true)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    V = th.mixed_logits.shape[-1]
+    mixed_nll = F.cross_entropy(th.mixed_logits.reshape(-1, V), safe.reshape(-1), reduction="none").view_as(safe)
+    n_valid = valid.sum().clamp(min=1)
+    mixed_loss = (mixed_nll * valid).sum() / n_valid
+    base = th.base_logits[::P]  # (B, T, V): the passes share the base pass
+    base_nll = F.cross_entropy(base[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        base_tok = F.cross_entropy(th.base_future_logits.float().reshape(-1, V), safe.reshape(-1),
+                                   reduction="none").view_as(safe)
+        gain = ((base_tok - mixed_nll.detach()) * valid).sum() / n_valid
+    thought_nll = F.cross_entropy(th.thought_logits.float().reshape(-1, V), safe.reshape(-1),
+                                  reduction="none").view_as(safe)  # (B', T, n_true)
+    thought_loss = (thought_nll * valid).sum() / n_valid
+    loss = cfg.base_loss_weight * base_nll + mixed_loss + cfg.thought_loss_weight * thought_loss
+    rl = torch.zeros((), device=ids.device)
+    if cfg.thought_mode == "sample" and cfg.reinforce_weight > 0 and P > 1:
+        if cfg.reward == "mixed":
+            token_ll = -mixed_nll.detach()
+        else:
+            token_ll = -thought_nll.detach()
+        rl = reinforce_term((token_ll * valid).sum(-1), th.logprob, valid[..., 0], P)
+        loss = loss + cfg.reinforce_weight * rl
+    kl_value = torch.zeros((), device=ids.device)
+    if kl is not None:
+        kl_value = kl(base, ids, mask)
+        loss = loss + kl_value
+    weight_mean = float((th.weights.detach() * valid).sum() / n_valid)
+    return loss, {"base_nll": float(base_nll.detach()), "mixed_nll": float(mixed_loss.detach()),
+                  "thought_nll": float(thought_loss.detach()),
+                  "gain": float(gain), "mix_weight": weight_mean, "rl": float(rl.detach()),
+                  "kl": float(kl_value.detach())}
+
+
+
+def reinforce_term(reward: torch.Tensor, logprob: torch.Tensor, thinks: torch.Tensor, n_passes: int) -> torch.Tensor:
+    """REINFORCE with the mean-over-passes baseline, positive advantages only.
+
+    reward, logprob, thinks: (B·n_passes, Q) -- row b·n_passes + p is pass p of row b; ``thinks`` marks the
+    positions that count. Returns ``-Σ max(0, r − mean_p r) · log π / #thinking positions`` (rewards detached),
+    whose gradient raises the log-probability of every thought that beat its position's mean."""
+    BP, Q = reward.shape
+    grouped = reward.detach().view(BP // n_passes, n_passes, Q)
+    advantage = (grouped - grouped.mean(1, keepdim=True)).view(BP, Q).clamp(min=0)
+    thinks = thinks.float()
+    return -(advantage * thinks * logprob).sum() / thinks.sum().clamp(min=1)
