@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import shlex
 import shutil
 import time
 import traceback
@@ -16,7 +17,8 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
-from ..params import ParameterError, RunParams, cut, load_section, load_yaml_file, short, to_dict
+from ..params import (ParameterError, RunParams, cut, load_section, load_yaml_file, set_arguments, short,
+                      stored_size, to_dict)
 from ..results import RESULT_FILE, PhaseResult
 from ..session import SessionLock, check_session_name, lock_session
 from .contract import PhaseContext
@@ -234,7 +236,7 @@ def _finished_result(folder: Path, spec: PhaseSpec, session: str) -> PhaseResult
     where = paths.relative(folder / RESULT_FILE)
     try:
         result = PhaseResult.load(folder)
-        problem = None if result.ok and result.gate_passed else (
+        problem = None if result.accepted else (
             f"its {where} says status {short(result.status)}" + ("" if result.gate_passed else ", gate failed"))
     except FileNotFoundError:
         problem = f"there is no {where}"
@@ -291,9 +293,10 @@ def _refuse_completed(session: str, spec: PhaseSpec) -> None:
 
 
 def gate_failure_message(spec: PhaseSpec, session: str, result: PhaseResult,
-                         all_specs: Iterable[PhaseSpec] | None = None) -> str:
+                         all_specs: Iterable[PhaseSpec] | None = None, given: list[str] | None = None) -> str:
     """One paragraph: the failed checks with their numbers, where they are recorded, and the ways on (rerun from
-    the phase with other parameters; continue with gates reported but not enforced)."""
+    the phase with other parameters; continue with gates reported but not enforced). ``given``: the session's
+    ``--params``/``--set`` arguments, repeated in the ways on of a first phase (a new run; ``--from`` carries them)."""
     failures = result.gate_failures()
     checks = "; ".join(cut(f, 300) for f in failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5
                                                               else "")
@@ -304,11 +307,27 @@ def gate_failure_message(spec: PhaseSpec, session: str, result: PhaseResult,
         warn = f"forge run --from {session}:{spec.number} --gates warn"
         after = f" (a new session after {session}'s completed {earlier[-1].dirname}, which is kept)"
     else:
-        rerun, warn, after = f"forge run --set {spec.name}.KEY=VALUE", "forge run --gates warn", ""
+        again = shlex.join(["forge", "run", *(given or [])])
+        rerun, warn, after = f"{again} --set {spec.name}.KEY=VALUE", f"{again} --gates warn", ""
     return (f"phase {spec.dirname} of session {session} did not pass its gate: {checks} (every check with its value "
             f"and bound is in {folder}/result.json). Ways on: rerun from this phase with changed parameters, "
             f"`{rerun}`{after}; or, to explore, continue with gates reported but not enforced, `{warn}` (the "
             "phase's models are then registered as gate-failed and the chain goes on)")
+
+
+def session_arguments(ctx: PhaseContext, limit: int = 1000) -> list[str]:
+    """``["--params", FILE, "--set", "k=v", ...]``: what the session was started with (its registry row), for a new
+    run that repeats it; without the ``--set`` values when they would take over ``limit`` characters, [] without a
+    row."""
+    try:
+        config = ctx.registry.get_session(ctx.session).get("config") or {}
+    except Exception:  # no row (a context made by hand): the defaults
+        return []
+    args = ["--params", str(config["params_file"])] if isinstance(config.get("params_file"), str) else []
+    overrides = config.get("overrides")
+    if isinstance(overrides, dict) and stored_size(overrides, limit) <= limit:
+        args += set_arguments(overrides)
+    return args
 
 
 def _gate_warned(ctx: PhaseContext, result: PhaseResult) -> None:
@@ -322,12 +341,27 @@ def _gate_warned(ctx: PhaseContext, result: PhaseResult) -> None:
     print(gate_warning(ctx.spec, result), flush=True)
 
 
+def explore_line(spec: PhaseSpec, session: str, folder: Path, result: PhaseResult) -> str:
+    """What a phase opened to explore prints: whose results these are, that nothing runs, and a gate that failed
+    under ``run.gates: warn`` with its checks (its models are gate-failed)."""
+    line = (f"[forge] {spec.dirname} of session {session}: the finished run's results ({paths.relative(folder)}); "
+            "nothing is run (explore)")
+    if result.gate_failed:
+        line += (f". Its GATE FAILED, not enforced (run.gates: warn): {_failed_checks_text(result)}; its models are "
+                 "registered as gate-failed")
+    return line
+
+
+def _failed_checks_text(result: PhaseResult) -> str:
+    """The first five failed checks a gate-failed (warn) result recorded, and how many more."""
+    return "; ".join(result.failed_checks[:5]) + (f"; and {len(result.failed_checks) - 5} more"
+                                                   if len(result.failed_checks) > 5 else "")
+
+
 def gate_warning(spec: PhaseSpec, result: PhaseResult) -> str:
     """The loud line of a gate that failed under ``run.gates: warn``."""
-    checks = "; ".join(result.failed_checks[:5]) + (f"; and {len(result.failed_checks) - 5} more"
-                                                     if len(result.failed_checks) > 5 else "")
-    return (f"[forge] WARNING {spec.dirname}: GATE FAILED, not enforced (run.gates: warn): {checks}; its models are "
-            "registered as gate-failed and the chain goes on")
+    return (f"[forge] WARNING {spec.dirname}: GATE FAILED, not enforced (run.gates: warn): "
+            f"{_failed_checks_text(result)}; its models are registered as gate-failed and the chain goes on")
 
 
 def _retire_attempt(ctx: PhaseContext, exc: BaseException) -> None:
@@ -366,8 +400,7 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     result is returned.
     """
     if ctx.explored:
-        print(f"[forge] {ctx.spec.dirname} of session {ctx.session}: the finished run's results "
-              f"({paths.relative(ctx.dir)}); nothing is run (explore)", flush=True)
+        print(explore_line(ctx.spec, ctx.session, ctx.dir, ctx.result), flush=True)
         return ctx.result
     module = ctx.spec.load()
     started = time.perf_counter()
@@ -381,7 +414,8 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
             module.validate_output(result, ctx)
         if not result.gate_passed:
             if ctx.run.gates != "warn":
-                raise GateFailedError(gate_failure_message(ctx.spec, ctx.session, result, ctx.all_specs))
+                raise GateFailedError(gate_failure_message(ctx.spec, ctx.session, result, ctx.all_specs,
+                                                           session_arguments(ctx)))
             _gate_warned(ctx, result)
         result.status = "ok"
         result.finished_at = now_iso()
