@@ -310,3 +310,13 @@ def test_supervision_steps_wrapper_steps_the_optimizer_per_supervision_step():
     first = next(source)
     early.loss(model, first)
     assert next(source) is batches[1] and early.episodes == 1
+
+
+def test_trm_model_saves_and_loads(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    loaded = fm.CognateForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.recursion == "trm" and loaded.config.supervision_steps == 3
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

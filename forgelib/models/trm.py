@@ -25,8 +25,10 @@ What differs, and why (a causal LM that generates token by token):
   given, else the next input token, padding excluded: see ``modeling_cognate._halt_targets``; a halted prompt
   token stops refining too). A halted token keeps (y, z) for the remaining steps (its keys and values at later
   calls come from that state) and leaves the later steps' losses, as a halted TRM sample leaves the batch;
-* y starts as x and z as zeros (TRM: fixed random vectors ``H_init``/``L_init``), so that one step of one cycle
-  without latent updates stays a plain transformer and Llama weights keep their meaning;
+* y starts as x and z as zeros (TRM: fixed random vectors ``H_init``/``L_init``), as in the cycles mode: the first
+  answer update starts from the token embeddings, which a model converted from Llama or trained in the cycles mode
+  knows;
+* halting: a halting probability >= ``halt_threshold`` (0.5 by default: TRM's logit > 0, up to logit = 0 exactly);
 * the blocks are Llama's pre-norm blocks (TRM: post-norm), so that Llama weights load unchanged;
 * at inference the halting head is used as in training (a halted token is frozen; ``act_freeze=False`` runs every
   step for every token, which is what TRM's evaluation does: it always runs ``halt_max_steps``).
