@@ -12,6 +12,9 @@ from transformers.modeling_rope_utils import RopeParameters
 
 #: Names accepted by ``CognateConfig.cycle_loss_weighting`` (see ``cycle_loss_weights``).
 CYCLE_LOSS_WEIGHTINGS = ("linear", "uniform", "last")
+#: Names accepted by ``CognateConfig.recursion``: "cycles" (the per-cycle deep supervision in one backward, with
+#: per-cycle ACT freezing) or "trm" (supervision steps with a detached carry, see ``forgelib.models.trm``).
+RECURSIONS = ("cycles", "trm")
 
 
 class CognateConfigError(ValueError):
@@ -31,6 +34,14 @@ class CognateConfig(PreTrainedConfig):
 
     Recursion (TRM): ``n_latent`` latent updates ``z = net(z + y + x)`` per cycle, then ``y = net(y + z)``;
     ``n_cycles`` cycles. ``n_latent=0, n_cycles=1`` is a plain transformer.
+
+    ``recursion`` is one of ``RECURSIONS``. "cycles" (the default): the cycles above, deep supervision over the
+    cycles inside one backward, ACT freezing per cycle. "trm" (``forgelib.models.trm``): TRM's outer loop of
+    ``supervision_steps`` steps, each ``n_cycles`` cycles (with ``grad_last_cycle_only``, the first
+    ``n_cycles - 1`` without gradient, as TRM's deep recursion), the carry (y, z) detached between steps, the
+    halting head read after each step (a token whose halting probability reaches ``halt_threshold`` keeps its state
+    for the remaining steps; in training a sequence may, with probability ``halt_exploration_prob``, be kept from
+    halting before a random step in [2, supervision_steps], TRM's exploration). Needs ``n_latent >= 1``.
 
     Deep supervision: ``cycle_loss_weighting`` is one of ``CYCLE_LOSS_WEIGHTINGS``: "linear" weighs cycle c
     (1-based) by c / sum(1..T), "uniform" by 1/T, "last" puts all weight on the final cycle.
@@ -82,6 +93,10 @@ class CognateConfig(PreTrainedConfig):
     n_latent: int = 0
     n_cycles: int = 1
     cycle_loss_weighting: str = "linear"
+    recursion: str = "cycles"
+    supervision_steps: int = 1
+    grad_last_cycle_only: bool = True
+    halt_exploration_prob: float = 0.1
     # adaptive computation time
     use_act: bool = True
     act_loss_weight: float = 0.1
@@ -134,6 +149,7 @@ class CognateConfig(PreTrainedConfig):
         if self.cycle_loss_weighting not in CYCLE_LOSS_WEIGHTINGS:
             raise CognateConfigError(
                 f"cycle_loss_weighting must be one of {list(CYCLE_LOSS_WEIGHTINGS)}, got {self.cycle_loss_weighting!r}")
+        self._check_trm()
         if not 0.0 < self.halt_threshold <= 1.0:
             raise CognateConfigError(f"halt_threshold must lie in (0, 1], got {self.halt_threshold}")
         if self.act_loss_weight < 0:
@@ -143,10 +159,21 @@ class CognateConfig(PreTrainedConfig):
         if self.use_memory and not self.memory_modules:
             raise CognateConfigError("use_memory=True needs memory_modules=True (or left unset)")
 
+    def _check_trm(self) -> None:
+        if self.recursion not in RECURSIONS:
+            raise CognateConfigError(f"recursion must be one of {list(RECURSIONS)}, got {self.recursion!r}")
+        if self.supervision_steps < 1:
+            raise CognateConfigError(f"supervision_steps must be >= 1, got {self.supervision_steps}")
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise CognateConfigError(f"halt_exploration_prob must lie in [0, 1], got {self.halt_exploration_prob}")
+        if self.recursion == "trm" and self.n_latent < 1:
+            raise CognateConfigError(f"recursion='trm' needs n_latent >= 1 (TRM's latent z), got {self.n_latent}")
+
     @property
     def calls_per_forward(self) -> int:
         """Number of applications of the block stack in one forward with the configured recursion."""
-        return self.n_cycles * (self.n_latent + 1)
+        steps = self.supervision_steps if self.recursion == "trm" else 1
+        return steps * self.n_cycles * (self.n_latent + 1)
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -180,4 +207,4 @@ class CognateConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["CognateConfig", "CognateConfigError", "CYCLE_LOSS_WEIGHTINGS"]
+__all__ = ["CognateConfig", "CognateConfigError", "CYCLE_LOSS_WEIGHTINGS", "RECURSIONS"]

@@ -9,6 +9,10 @@ Recursion (one shared block stack ``net`` = the layers): x is the embedded input
 (no learned initial states: with ``n_latent=0, n_cycles=1`` the model is then exactly ``y = net(x)``, a plain
 transformer). One cycle: ``for i in range(n_latent): z = net(z + y + x)`` then ``y = net(y + z)``. Logits come
 from ``lm_head(norm(y))``. Call ``j`` of the stack uses cache layers ``j * num_hidden_layers + l``.
+
+``recursion="trm"`` (opt-in; the default "cycles" is the above) runs TRM's outer loop: supervision steps over a
+detached carry, cycles without gradient, the halting head read after each step (``forgelib.models.trm`` says what
+TRM does and what differs here).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from transformers.utils import ModelOutput
 from .cache import CognateCache, CognateCacheError, ensure_cache_layers
 from .configuration_cognate import CognateConfig, CognateConfigError
 from .memory import BiasInitLinear, CognateMemory, binary_entropy
+from .trm import TRMCarry, TRMStep, step_losses, supervision_steps
 
 # transformers 5.x renamed the cache field of the outputs from `past_key_values` to `cache`; follow the installed one.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -60,7 +65,9 @@ class CognateModelOutput(ModelOutput):
     hidden_states: (x, outputs of the last stack call's layers, normalised final y) when asked for;
     cycle_states: normalised y after each cycle (when collected); halt_logits: (B, T, cycles) or None;
     act_cycles: (B, T) cycles used per token (first cycle whose halting probability reaches the threshold, else
-    all cycles); gate_entropy: mean binary entropy of the memory gates (scalar) or None."""
+    all cycles); gate_entropy: mean binary entropy of the memory gates (scalar) or None.
+    recursion="trm": cycle_states and halt_logits are per supervision step, act_cycles counts supervision steps,
+    step_active: per step the (B, T) tokens it updated (not halted before it); trm_carry: the detached carry."""
 
     last_hidden_state: torch.Tensor | None = None
     cache: Cache | None = None
@@ -69,6 +76,8 @@ class CognateModelOutput(ModelOutput):
     halt_logits: torch.Tensor | None = None
     act_cycles: torch.Tensor | None = None
     gate_entropy: torch.Tensor | None = None
+    step_active: tuple | None = None
+    trm_carry: TRMCarry | None = None
 
 
 @dataclass
@@ -76,7 +85,8 @@ class CognateCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus the Cognate diagnostics (all detached except ``loss``).
 
     cycle_losses: cross-entropy of each cycle (cycles,); lm_loss: their weighted sum; act_loss: halting BCE;
-    act_cycles: (B, T); act_cycles_mean: scalar; gate_entropy: scalar or None."""
+    act_cycles: (B, T); act_cycles_mean: scalar; gate_entropy: scalar or None. recursion="trm": per supervision
+    step instead of per cycle; trm_carry: the carry to continue from (``forgelib.supervision``)."""
 
     cycle_losses: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -84,6 +94,7 @@ class CognateCausalLMOutput(CausalLMOutputWithPast):
     act_cycles: torch.Tensor | None = None
     act_cycles_mean: torch.Tensor | None = None
     gate_entropy: torch.Tensor | None = None
+    trm_carry: TRMCarry | None = None
 
 
 class _ForwardContext:
@@ -315,6 +326,20 @@ class _Recursion:
     use_memory: bool
     freeze: bool  # ACT per-token freezing
     collect: bool  # keep every cycle's state (deep supervision)
+    trm: bool = False  # recursion="trm": supervision steps over a detached carry
+    n_sup: int = 1  # supervision steps of this call (trm)
+    grad_last: bool = False  # trm: the first n_cycles - 1 cycles of each step without gradient
+
+    @property
+    def calls(self) -> int:
+        """Applications of the block stack in this forward (one cache layer set each)."""
+        return self.n_sup * self.n_cycles * (self.n_latent + 1)
+
+    @property
+    def signature(self) -> tuple:
+        """What a cache filled by this recursion is tied to (the cycles mode keeps its original triple)."""
+        base = (self.n_latent, self.n_cycles, self.use_memory)
+        return base + (("trm", self.n_sup, self.grad_last),) if self.trm else base
 
 
 class CognateModel(CognatePreTrainedModel):
@@ -343,7 +368,7 @@ class CognateModel(CognatePreTrainedModel):
         return [layer.self_attn for layer in self.layers]
 
     def resolve_recursion(self, n_cycles=None, n_latent=None, use_memory=None, act_freeze=None,
-                          collect=False) -> _Recursion:
+                          collect=False, supervision_steps=None) -> _Recursion:
         """Config values overridden by the call's arguments, checked."""
         cfg = self.config
         n_cycles = cfg.n_cycles if n_cycles is None else int(n_cycles)
@@ -356,27 +381,45 @@ class CognateModel(CognatePreTrainedModel):
         if use_memory and not cfg.memory_modules:
             raise CognateConfigError("use_memory=True but this model was built without memory_modules")
         freeze = True if act_freeze is None else bool(act_freeze)  # train and infer the same way
-        return _Recursion(n_latent, n_cycles, use_memory, freeze and self.halt_head is not None, collect)
+        rec = _Recursion(n_latent, n_cycles, use_memory, freeze and self.halt_head is not None, collect)
+        if cfg.recursion != "trm":
+            if supervision_steps is not None:
+                raise CognateConfigError("supervision_steps is a setting of recursion='trm'; this model runs "
+                                         f"recursion={cfg.recursion!r}")
+            return rec
+        n_sup = cfg.supervision_steps if supervision_steps is None else int(supervision_steps)
+        if n_sup < 1 or n_latent < 1:
+            raise CognateConfigError(f"recursion='trm' needs supervision_steps >= 1 and n_latent >= 1, got "
+                                     f"{n_sup} and {n_latent}")
+        rec.trm, rec.n_sup, rec.grad_last = True, n_sup, cfg.grad_last_cycle_only
+        return rec
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, n_cycles=None, n_latent=None, use_memory=None, act_freeze=None,
-                collect_cycles: bool = False, output_hidden_states: bool | None = None) -> CognateModelOutput:
-        """Run the recursion. ``n_cycles``/``n_latent``/``use_memory`` override the config for this call;
-        ``act_freeze`` (default True, in training and inference alike) freezes halted tokens; ``collect_cycles``
-        keeps every cycle's normalised state for deep supervision. ``attention_mask`` is a 2-D padding mask, or a
-        4-D mask (B|1, 1, T, past + T) used as is (bool True or additive 0 = visible)."""
+                collect_cycles: bool = False, output_hidden_states: bool | None = None, supervision_steps=None,
+                trm_carry: TRMCarry | None = None) -> CognateModelOutput:
+        """Run the recursion. ``n_cycles``/``n_latent``/``use_memory`` (and, with recursion="trm",
+        ``supervision_steps``) override the config for this call; ``act_freeze`` (default True, in training and
+        inference alike) freezes halted tokens; ``collect_cycles`` keeps every cycle's (trm: step's) normalised
+        state for deep supervision; ``trm_carry`` continues TRM's supervision steps from a carry (no cache).
+        ``attention_mask`` is a 2-D padding mask, or a 4-D mask (B|1, 1, T, past + T) used as is (bool True or
+        additive 0 = visible)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        rec = self.resolve_recursion(n_cycles, n_latent, use_memory, act_freeze, collect_cycles)
+        rec = self.resolve_recursion(n_cycles, n_latent, use_memory, act_freeze, collect_cycles, supervision_steps)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         if use_cache is None:  # by default no cache while training (it would only cost time)
             use_cache = self.config.use_cache and not self.training
+        if trm_carry is not None and (not rec.trm or use_cache or cache is not None):
+            raise CognateConfigError("trm_carry needs recursion='trm' and no cache (use_cache=False)")
         cache = self._prepare_cache(cache, bool(use_cache) or cache is not None, rec)
         ctx = self._context(x, attention_mask, position_ids, cache, rec)
         for attn in self.attention_modules():
             attn.qk_max_logits = None
         if output_hidden_states:
             ctx.layer_outputs = []
+        if rec.trm:
+            return self._forward_trm(x, ctx, rec, trm_carry, output_hidden_states)
         y, states, halt_logits, act_cycles = self._recurse(x, ctx, rec)
         final = states[-1] if rec.collect else self.norm(y)  # (B, T, D)
         hidden_states = None
@@ -389,6 +432,24 @@ class CognateModel(CognatePreTrainedModel):
             halt_logits=torch.stack(halt_logits, dim=-1) if halt_logits else None,
             act_cycles=act_cycles, gate_entropy=ctx.gate_entropy())
 
+    def _forward_trm(self, x, ctx: _ForwardContext, rec: _Recursion, carry: TRMCarry | None,
+                     output_hidden_states) -> CognateModelOutput:
+        """recursion="trm": ``rec.n_sup`` supervision steps from ``carry`` (a new one: y = x, z = 0)."""
+        carry = (carry or TRMCarry(rec.n_sup)).started(x, self.config.halt_exploration_prob, self.training)
+        steps, carry = supervision_steps(
+            lambda h, call: self._net(h, ctx, call), self.norm, self.halt_head, x, carry, rec.n_sup,
+            n_latent=rec.n_latent, n_cycles=rec.n_cycles, grad_last_only=rec.grad_last,
+            threshold=self.config.halt_threshold, freeze=rec.freeze)
+        final = steps[-1].state  # (B, T, D); halted tokens kept their state
+        hidden_states = (x, *ctx.layer_outputs[:-1], final) if output_hidden_states else None
+        self.last_act_cycles, self.last_gate_entropy = carry.used, ctx.gate_entropy()
+        halts = [s.halt_logits for s in steps if s.halt_logits is not None]
+        return CognateModelOutput(
+            last_hidden_state=final, cache=ctx.cache, hidden_states=hidden_states,
+            cycle_states=tuple(s.state for s in steps) if rec.collect else None,
+            halt_logits=torch.stack(halts, dim=-1) if halts else None, act_cycles=carry.used,
+            gate_entropy=ctx.gate_entropy(), step_active=tuple(s.active for s in steps), trm_carry=carry)
+
     def _prepare_cache(self, cache, wanted: bool, rec: _Recursion):
         """A CognateCache when caching is wanted; a passed cache gets one layer per virtual layer."""
         if not wanted:
@@ -400,9 +461,8 @@ class CognateModel(CognatePreTrainedModel):
         if rec.use_memory and not isinstance(cache, CognateCache):
             raise CognateCacheError("memory states need a CognateCache (pass CognateCache(model.config))")
         if isinstance(cache, CognateCache):
-            cache.check_signature((rec.n_latent, rec.n_cycles, rec.use_memory))
-        ensure_cache_layers(cache, rec.n_cycles * (rec.n_latent + 1) * self.config.num_hidden_layers,
-                            self.config.sliding_window)
+            cache.check_signature(rec.signature)
+        ensure_cache_layers(cache, rec.calls * self.config.num_hidden_layers, self.config.sliding_window)
         return cache
 
     def _context(self, x, attention_mask, position_ids, cache, rec: _Recursion) -> _ForwardContext:
@@ -526,7 +586,7 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, n_cycles=None, n_latent=None, use_memory=None,
                 act_freeze=None, output_hidden_states=None, return_dict=None, past_key_values=None,
-                **kwargs) -> CognateCausalLMOutput:
+                supervision_steps=None, trm_carry=None, **kwargs) -> CognateCausalLMOutput:
         """Causal-LM forward.
 
         labels: (B, T) token ids (-100 = ignored), shifted inside as in transformers. With labels, the loss is
@@ -534,6 +594,10 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         halting BCE. ``n_cycles``, ``n_latent``, ``use_memory`` override the config for this call (the benchmark
         measures test-time cycles this way); ``act_freeze=False`` turns per-token freezing off (default: on, in training
         as in inference).
+        recursion="trm": the loss is the mean over supervision steps of each step's cross-entropy plus
+        ``act_loss_weight`` times its halting BCE (``forgelib.models.trm.step_losses``); ``supervision_steps``
+        overrides the config's; ``trm_carry`` continues from an earlier call's ``trm_carry`` (one supervision step
+        per optimizer step: ``forgelib.supervision``).
         ``past_key_values`` is accepted as the older name of ``cache``."""
         unknown = sorted(set(kwargs) - set(IGNORED_FORWARD_KWARGS))
         if unknown:
@@ -542,12 +606,14 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, n_cycles=n_cycles, n_latent=n_latent, use_memory=use_memory,
                          act_freeze=act_freeze, collect_cycles=labels is not None,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, supervision_steps=supervision_steps,
+                         trm_carry=trm_carry)
         losses = {}
         if labels is not None:
             cycle_logits = [self.lm_head(state) for state in out.cycle_states]  # each (B, T, V)
-            losses = self._losses(cycle_logits, out.halt_logits, labels,
-                                  _halt_targets(labels, input_ids, attention_mask))
+            halt_targets = _halt_targets(labels, input_ids, attention_mask)
+            losses = (self._trm_losses(cycle_logits, out, labels, halt_targets) if out.trm_carry is not None
+                      else self._losses(cycle_logits, out.halt_logits, labels, halt_targets))
             logits = cycle_logits[-1]
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 logits = logits[:, -logits_to_keep:]
@@ -560,7 +626,7 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden)
         result = CognateCausalLMOutput(
             logits=logits, hidden_states=out.hidden_states, act_cycles=out.act_cycles,
-            act_cycles_mean=out.act_cycles.float().mean(), gate_entropy=out.gate_entropy,
+            act_cycles_mean=out.act_cycles.float().mean(), gate_entropy=out.gate_entropy, trm_carry=out.trm_carry,
             **{CACHE_FIELD: out.cache}, **losses)
         return result if return_dict is not False else result.to_tuple()
 
@@ -588,6 +654,20 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             result["loss"] = lm_loss + self.config.act_loss_weight * act_loss
             result["act_loss"] = act_loss.detach()
         return result
+
+    def _trm_losses(self, step_logits: list, out: CognateModelOutput, labels: torch.Tensor,
+                    halt_targets: torch.Tensor) -> dict:
+        """recursion="trm": per supervision step, the cross-entropy on the supervised tokens it updated and the
+        halting BCE (target: this step's argmax equals the next token, :func:`forgelib.models.trm.halt_correct`)
+        on every position the halting decides on (``_halt_targets``: prompt tokens too, when the episode has more
+        than one step) among them."""
+        targets = labels[:, 1:].to(step_logits[0].device)  # (B, T-1)
+        steps = [TRMStep(state, None if out.halt_logits is None else out.halt_logits[..., i], active)
+                 for i, (state, active) in enumerate(zip(out.cycle_states, out.step_active))]
+        # prompt tokens join when a later step's freezing depends on their halting (as in ``_losses``)
+        judged = halt_targets if out.trm_carry.horizon > 1 else labels
+        halt_next = judged[:, 1:].to(targets.device) if out.halt_logits is not None else None
+        return step_losses(step_logits, steps, targets, halt_next, self.config.act_loss_weight)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Let generate start from a CognateCache (one layer per virtual layer, memory states kept)."""
