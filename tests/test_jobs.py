@@ -90,12 +90,12 @@ def test_the_guard_asks_two_models_side_by_side_with_the_same_answers():
 
 def _phase1(outputs: Path, session: str, workers: int) -> Path:
     """A tiny real Phase 1 (trunk and three specialists) in a fresh process, with ``run.workers``."""
-    tiny = ["--set", "cognate.trunk.steps=30", "--set", "cognate.eval_per_family=4",
-            "--set", "cognate.tokenizer_samples=300", "--set", "cognate.min_disagreement=0",
+    tiny = ["--set", "cognate.trunk.steps=12", "--set", "cognate.eval_per_family=2",
+            "--set", "cognate.tokenizer_samples=200", "--set", "cognate.min_disagreement=0",
             "--set", "cognate.min_accuracy_gain=-0.5", "--set", "cognate.expected_gain=0.5",
             "--set", "cognate.min_above_chance=-1", "--set", "run.tracking=jsonl", "--set", f"run.workers={workers}"]
     for stage in ("reasoning", "memory", "speed"):
-        tiny += ["--set", f"cognate.{stage}.steps=12", "--set", f"cognate.{stage}.warmup_steps=2"]
+        tiny += ["--set", f"cognate.{stage}.steps=10", "--set", f"cognate.{stage}.warmup_steps=2"]
     env = {**os.environ, "FORGE_OUTPUTS": str(outputs), "WANDB_MODE": "disabled"}
     done = subprocess.run([sys.executable, "-m", "forgelib.cli", "phase", "cognate", "--params",
                            "parameters/smoke.yaml", "--session", session, *tiny], cwd=ROOT, env=env,
