@@ -187,7 +187,9 @@ def execute(source: str | Path, output: str | Path, parameters: dict | None = No
     they finish, ``cell_timeout`` per cell); raises papermill's error with the failing cell's traceback.
     The parameters are checked first (:func:`check_parameters`: names the notebook declares, plain values).
     ``kernel``: a kernel started ahead (:class:`WarmKernel`) to run it in; it is shut down afterwards."""
-    extra = {"km": kernel.km} if kernel is not None else {}
+    from .kernels import SlicedKernelManager
+
+    extra = {"km": kernel.km} if kernel is not None else {"kernel_manager_class": SlicedKernelManager}
     try:
         check_parameters(source, parameters)
         import papermill as pm
@@ -229,11 +231,12 @@ class WarmKernel:
     background. Pass it to :func:`execute`; :meth:`shutdown` ends it when it is not used."""
 
     def __init__(self, cwd: str | Path | None = None, modules: Iterable[str] = WARM_MODULES):
-        from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
+        from .kernels import SlicedKernelManager
+
         warm = f"import importlib as _forge_il; [_forge_il.import_module(m) for m in {list(modules)!r}]; del _forge_il"
-        self.km = AsyncKernelManager(kernel_name="python3")
+        self.km = SlicedKernelManager(kernel_name="python3")
         run_sync(self.km.start_kernel)(extra_arguments=[*QUIET_KERNEL_ARGS, f"--IPKernelApp.exec_lines={[warm]!r}"],
                                        cwd=str(cwd or paths.repo_root()), env={**os.environ, BATCH_ENV: "1"})
 

@@ -217,8 +217,7 @@ def test_papermill_kernels_are_batch_kernels(tmp_path, monkeypatch):
 
 
 def test_a_warm_kernel_is_started_as_a_batch_kernel(monkeypatch):
-    import jupyter_client.manager
-
+    import forgelib.kernels
     from forgelib.notebooks import WarmKernel
 
     seen = {}
@@ -230,6 +229,6 @@ def test_a_warm_kernel_is_started_as_a_batch_kernel(monkeypatch):
         async def start_kernel(self, **kwargs):
             seen.update(kwargs)
 
-    monkeypatch.setattr(jupyter_client.manager, "AsyncKernelManager", FakeManager)
+    monkeypatch.setattr(forgelib.kernels, "SlicedKernelManager", FakeManager)
     WarmKernel(modules=())
     assert seen["env"][BATCH_ENV] == "1" and seen["env"]["PATH"]
