@@ -204,7 +204,7 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
               folder: str | Path | None = None) -> list[dict[str, Any]]:
     """Every model of ``session``'s chain (or of the chain ending at the phase ``folder``) scored on the same test
     questions."""
-    from .jobs import resolve_workers, run_jobs
+    from .jobs import run_jobs
     from .phases.base import quiet_library_bars
     from .suite import questions
     from .quietstar import base_lm
@@ -218,11 +218,11 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     suite, seed = chain_suite(entries, params)
     test = [q for f, levels in suite.items() for q in questions(f, levels, params.per_family, seed)]
     run = _stored_run(entries)
-    with _threads(params.threads or run.get("threads") or 1):
+    threads = int(params.threads or run.get("threads") or 1)
+    with _threads(threads):
         # the models answer side by side (run.workers); their speeds are measured one at a time, alone
         scored = run_jobs([functools.partial(_scored_row, entry, test, params) for entry in entries],
-                          resolve_workers(int(run.get("workers") or 0), "cpu",  # load_lm loads on the CPU
-                                          int(params.threads or run.get("threads") or 1)))
+                          _stored_workers(run, threads))
         for row, model, tokenizer in scored:
             row["tokens_per_s"] = tokens_per_second(base_lm(model), tokenizer, test, params.max_new_tokens)
         return [row for row, _, _ in scored]
@@ -247,15 +247,12 @@ def _stored_run(entries: list[dict]) -> dict:
     return stored.get("run") or {}
 
 
-def _stored_workers(run: dict, model) -> int:
-    """The chain's ``run.workers`` resolved for the device ``model`` is on (``forgelib.jobs``)."""
-    import torch
-
+def _stored_workers(run: dict, threads: int) -> int:
+    """The chain's ``run.workers`` resolved for jobs of ``threads`` threads on the CPU, where ``load_lm`` loads the
+    scored models (``forgelib.jobs``)."""
     from .jobs import resolve_workers
 
-    first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    return resolve_workers(int(run.get("workers") or 0), str(first.device) if first is not None else "cpu",
-                           int(run.get("threads") or 1))
+    return resolve_workers(int(run.get("workers") or 0), "cpu", threads)
 
 
 def _phase_folder(entry: dict) -> Path:
@@ -319,9 +316,10 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                             svf_config=system.svf_config, label=f"{entry['number']} {entry['phase']} {entry['role']}"))
     family_margin = params.chain_family_margin or params.margin
     run = _stored_run(entries)
-    with _threads(run.get("threads") or 1):
+    threads = int(run.get("threads") or 1)
+    with _threads(threads):
         report = guard(askers[0], askers[1], trunk_suite, params, seed, margin=family_margin,
-                       workers=_stored_workers(run, askers[1].model))
+                       workers=_stored_workers(run, threads))
     pooled = noninferior_over("all", {f: (a["before"], a["after"]) for f, a in report.answers.items()},
                               params.chain_margin, params.confidence, params.power)
     failing = [f for f, v in report.families.items() if not v.passed]

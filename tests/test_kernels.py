@@ -45,7 +45,7 @@ def test_a_message_sent_during_a_long_wait_is_read_at_once_and_the_timeout_still
     waited, took, msg = asyncio.run(scenario())
     assert 0.25 <= waited < 0.3 + POLL_SLICE_S
     assert msg["header"]["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
-    assert POLL_SLICE_S * 1.4 <= took < POLL_SLICE_S * 1.5 + 1.0
+    assert POLL_SLICE_S * 1.4 <= took < POLL_SLICE_S * 1.5 + 2.0  # one slice after the send (+ a loaded machine)
 
 
 def test_papermill_runs_get_the_sliced_client(tmp_path, monkeypatch):
