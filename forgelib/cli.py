@@ -1,4 +1,4 @@
-"""`forge`: run the pipeline or some phases, resume a session, list the registry, clean up, benchmark."""
+"""`forge`: run the pipeline or some phases, resume a session, list the registry, clean up, benchmark, ask a model."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,14 @@ def _at_least_zero(kind: type) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {value[:80]}")
         return number
     return parse
+
+
+def _at_least_one(value: str) -> int:
+    """argparse type: a whole number >= 1 (the error names the value)."""
+    number = _at_least_zero(int)(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value[:80]}")
+    return number
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -337,6 +345,37 @@ def _load_source(name: str):
             from exc
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    """``forge ask MODEL QUESTION``: load any model source through ``forgelib.modelio`` (a real model by name, a model
+    folder, a ``.forge`` or ``.gguf`` file) and print its greedy answer; load and answer times go to stderr. A source
+    that cannot be loaded is one ``forge: ...`` line and exit status 2."""
+    import time
+
+    from . import paths
+    from .evaluate import answer_question
+    from .modelio import ModelLoadError, base_lm, load_model, load_tokenizer_for
+    from .models.real import REAL_MODELS, real_model_path
+
+    start = time.perf_counter()
+    try:
+        source = real_model_path(args.model) if args.model in REAL_MODELS else paths.resolve(args.model)
+        model, tokenizer = base_lm(load_model(source)), load_tokenizer_for(source)
+    except (ModelLoadError, OSError, ValueError) as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    loaded = time.perf_counter() - start
+    print(f"forge ask: {cut(str(source), 200)} loaded in {loaded:.1f} s", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        answer = answer_question(model, tokenizer, args.question, args.max_new_tokens)
+    except ValueError as exc:  # a tokenizer with neither pad nor eos, a question longer than the model's context
+        print(f"forge: {exc}", file=sys.stderr)
+        return 1
+    print(answer.strip())
+    print(f"forge ask: answered in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     """``forge bench NAME ARGS...``: every argument after NAME (``--help`` included) goes to NAME's own parser.
     ``forge bench --help`` lists the benchmarks with what each measures; ``forge bench NAME --help`` is answered
@@ -457,16 +496,30 @@ def _add_merge(sub) -> None:
                             "under the outputs root, never into a source)")
 
 
+def _add_ask(sub) -> None:
+    ask = _command(sub, "ask", "ask a model one question and print its greedy answer (any model source, a real "
+                               "model by name)",
+                   "Load a model source through forgelib.modelio (a model folder, a .forge artifact, a .gguf file, or "
+                   "a real model by name: smollm2 after make setup-real) and print its greedy answer to one question: "
+                   "through the tokenizer's chat template when it has one, else as the phases prompt their models. A "
+                   "Quiet-STaR model answers without thinking. Load and answer times go to stderr.")
+    ask.add_argument("model", help="a model folder, a .forge or .gguf file (relative paths from the repository root), "
+                                   "or a real model's name: smollm2")
+    ask.add_argument("question", help="the question, one argument (quote it)")
+    ask.add_argument("--max-new-tokens", type=_at_least_one, default=64, metavar="N",
+                     help="the most tokens the answer may have (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .helptext import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="forge", formatter_class=HelpFormatter,
                                      description="Agent Forge workbench: run the phase pipeline, look at the "
-                                                 "registry, clean up, rebuild merges, benchmark.",
+                                                 "registry, clean up, rebuild merges, ask a model, benchmark.",
                                      epilog="forge COMMAND --help describes a command's options; forge bench "
                                             "--help lists the benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_phase, _add_open, _add_registry, _add_clean, _add_merge):
+    for add in (_add_run, _add_phase, _add_open, _add_registry, _add_clean, _add_merge, _add_ask):
         add(sub)
     bench = _command(sub, "bench", f"benchmarks: {', '.join(sorted(BENCHMARKS))} (forge bench --help says what "
                                    "each measures; forge bench NAME --help lists its options)")
@@ -488,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     command = {"run": cmd_run, "phase": cmd_phase, "open": cmd_open, "registry": cmd_registry, "clean": cmd_clean,
-               "merge": cmd_merge}[args.command]
+               "merge": cmd_merge, "ask": cmd_ask}[args.command]
     try:
         return command(args)
     except CorruptRegistryError as exc:  # refused before anything was written to it

@@ -17,11 +17,12 @@ from transformers import PreTrainedTokenizerBase
 from forgelib.data.base import Sample
 from forgelib.data.tasks import check, completion_text
 from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompts, encode_samples,
-                                     encode_texts, lm_batches, pad_id)
+                                     encode_texts, lm_batches, pad_id, plain_ids)
 
-__all__ = ["accuracy_by_family", "answer_correctness", "argmax_disagreement", "chance_accuracy", "completion_budget",
-           "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy", "generate_answers",
-           "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "sample_nll"]
+__all__ = ["accuracy_by_family", "answer_correctness", "answer_question", "argmax_disagreement", "chance_accuracy",
+           "completion_budget", "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy",
+           "generate_answers", "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "question_ids",
+           "sample_nll"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -148,6 +149,29 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
             texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts
+
+
+def question_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    """The prompt ids of one question: through the tokenizer's chat template when it has one (a user turn, then the
+    assistant's turn opened; the template writes its own special tokens), else as Agent Forge's prompts are encoded
+    for generation (``encode_prompts``: bos, then the text)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        return plain_ids(tokenizer, [text])[0]
+    return encode_prompts(tokenizer, [question])[0]
+
+
+def answer_question(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, question: str,
+                    max_new_tokens: int = 64) -> str:
+    """The greedy answer of a causal LM to one question (``question_ids``), up to ``max_new_tokens`` or eos: the new
+    tokens only, decoded without special tokens."""
+    row, pad = question_ids(tokenizer, question), pad_id(tokenizer)
+    with evaluating(model):
+        ids = torch.tensor([row], dtype=torch.long, device=model_device(model))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return tokenizer.decode(out[0, len(row):], skip_special_tokens=True)
 
 
 def completion_budget(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], with_steps: bool) -> int:

@@ -1,7 +1,7 @@
 """The one way in and out for model folders: ``load_model(path)`` / ``save_model(model, path)``.
 
-Every model a phase hands on is one of four kinds (``model_kind``), and this module is the only place that tells
-them apart:
+Every model a phase hands on is one of the first four kinds (``model_kind``), a real pretrained model may come as the
+fifth, and this module is the only place that tells them apart:
 
 * ``"hf"``: a plain Hugging Face causal-LM folder (Cognate, Llama, Qwen2, GPT-2 style; ``forgelib.models``),
   a fake-quantized BitNet model among them (a ``bitnet`` entry in config.json: its Linear layers come back as
@@ -11,7 +11,12 @@ them apart:
 * ``"quietstar"``: a causal LM of one of the kinds above plus ``quietstar.json`` / ``quietstar.safetensors``
   (``forgelib.quietstar.QuietStarModel``);
 * ``"artifact"``: a Phase-8 compressed artifact (``model.forge``, ``forgelib.quant.artifact``), holding a causal LM
-  or a Quiet-STaR model.
+  or a Quiet-STaR model;
+* ``"gguf"``: one GGUF file (llama.cpp's format; a ``.gguf`` name or the GGUF magic), read through transformers with
+  its weights dequantized (``forgelib.models.gguf_file``; ``forgelib.models.real`` names the shipped real models).
+  It is read, never written: ``save_model`` writes the loaded model as a plain folder.
+
+``load_tokenizer_for(path)`` gives the tokenizer that goes with any of them (a GGUF file's own, the folder's).
 
 Layering: ``models`` (architectures), ``quant`` (ternary/int8 layers, packing, codecs, the artifact container) and
 ``quietstar`` (the Quiet-STaR wrapper) never import this module or each other upward; this module sits above the
@@ -27,16 +32,18 @@ from typing import Any
 
 from torch import nn
 
+from .models.gguf_file import is_gguf_path, load_gguf_causal_lm, load_gguf_tokenizer
 from .models.loading import ModelLoadError, load_hf_causal_lm, read_model_config
 from .models.weights import read_json_file, safetensors_header
 from .params import cut, short
 from .quietstar import CONFIG_FILE, EXTRA_FILE, QuietStarConfig, QuietStarModel, base_lm, is_quietstar
 
 ARTIFACT_FILE = "model.forge"
-KINDS = ("hf", "packed", "quietstar", "artifact")
+KINDS = ("hf", "packed", "quietstar", "artifact", "gguf")
 
 __all__ = ["ARTIFACT_FILE", "KINDS", "ModelLoadError", "base_lm", "is_quietstar", "load_causal_lm",
-           "load_compressed", "load_lm", "load_model", "load_quietstar", "model_kind", "quiet_loading", "save_model"]
+           "load_compressed", "load_lm", "load_model", "load_quietstar", "load_tokenizer_for", "model_kind",
+           "quiet_loading", "save_model"]
 
 
 _LOADING = threading.RLock()
@@ -72,9 +79,11 @@ def quiet_loading(progress: bool = False):
 
 
 def model_kind(path: str | Path) -> str:
-    """Which of ``KINDS`` the folder (or ``.forge`` file) at ``path`` holds (ModelLoadError naming what was found
-    when it is none of them)."""
+    """Which of ``KINDS`` the folder (or ``.forge`` / ``.gguf`` file) at ``path`` holds (ModelLoadError naming what
+    was found when it is none of them)."""
     path = Path(path)
+    if is_gguf_path(path):
+        return "gguf"
     if path.is_file() and path.suffix == ".forge" or (path / ARTIFACT_FILE).is_file():
         return "artifact"
     if is_quietstar(path):
@@ -86,10 +95,15 @@ def model_kind(path: str | Path) -> str:
 @_one_at_a_time
 def load_model(path: str | Path, trainable: bool = False, tokenizer: Any = None, **kwargs) -> nn.Module:
     """Any model folder a phase hands on (``model_kind``), in eval mode: an artifact through ``load_compressed``, a
-    Quiet-STaR folder as ``QuietStarModel`` (``load_quietstar``), any other causal LM through ``load_causal_lm``
-    (``trainable``: BitLinear layers on latent weights for a packed one). ``tokenizer``: the Quiet-STaR wrapper's
-    (default: the folder's); ``kwargs`` go to ``from_pretrained`` of a plain folder (e.g. ``dtype``)."""
+    Quiet-STaR folder as ``QuietStarModel`` (``load_quietstar``), a GGUF file as the transformers model it holds
+    (dequantized; ``forgelib.models.gguf_file``), any other causal LM through ``load_causal_lm`` (``trainable``:
+    BitLinear layers on latent weights for a packed one). ``tokenizer``: the Quiet-STaR wrapper's (default: the
+    folder's); ``kwargs`` go to ``from_pretrained`` of a plain folder or a GGUF file (e.g. ``dtype``)."""
     kind = model_kind(path)
+    if kind == "gguf":
+        progress = kwargs.pop("progress", False)  # transformers' loading and dequantizing bars
+        with quiet_loading(progress):
+            return load_gguf_causal_lm(path, progress=progress, **kwargs).eval()
     if kind == "artifact":
         file = Path(path) if Path(path).is_file() else Path(path) / ARTIFACT_FILE
         return load_compressed(file, tokenizer=tokenizer)
@@ -204,6 +218,24 @@ def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
         return model
 
     return read_artifact(path, wrap=wrap).eval()
+
+
+@_one_at_a_time
+def load_tokenizer_for(path: str | Path) -> Any:
+    """The tokenizer that goes with the model source ``path`` (any of ``KINDS``): a GGUF file's own (built from its
+    metadata, with its chat template), the one saved beside a ``.forge`` file, else the folder's
+    (``AutoTokenizer``). Agent Forge's special tokens are not required: ``forgelib.data.tokenizer.load_tokenizer``
+    checks those for the phases' own tokenizers."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if is_gguf_path(path):
+        return load_gguf_tokenizer(path)
+    folder = path.parent if path.is_file() and path.suffix == ".forge" else path
+    if not folder.is_dir():
+        raise ModelLoadError(f"model source {cut(str(path), 200)!r} does not exist (a model folder, a .forge or a "
+                             ".gguf file)")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer: Any = None, packing: str | None = None,

