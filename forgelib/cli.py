@@ -345,6 +345,18 @@ def _load_source(name: str):
             from exc
 
 
+def _answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
+    """A model with a chat template answers through it (``evaluate.answer_question``); an Agent Forge model (its
+    tokenizer knows the calculator's tokens) answers as the phases and the playground ask it: greedy, its calculator
+    calls run (``tools.generate_with_tools``), the markup kept (``<|tool|>expr<|/tool|><|result|>value``)."""
+    from .evaluate import answer_question
+    from .tools import generate_with_tools
+
+    if getattr(tokenizer, "chat_template", None) or "<|tool|>" not in tokenizer.get_vocab():
+        return answer_question(model, tokenizer, question, max_new_tokens)
+    return generate_with_tools(model, tokenizer, [question], max_new_tokens)[0].text
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     """``forge ask MODEL QUESTION``: load any model source through ``forgelib.modelio`` (a real model by name, a model
     folder, a ``.forge`` or ``.gguf`` file) and print its greedy answer; load and answer times go to stderr. A source
@@ -352,7 +364,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import time
 
     from . import paths
-    from .evaluate import answer_question
     from .modelio import ModelLoadError, base_lm, load_model, load_tokenizer_for
     from .models.real import REAL_MODELS, real_model_path
 
@@ -367,7 +378,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(f"forge ask: {cut(str(source), 200)} loaded in {loaded:.1f} s", file=sys.stderr)
     start = time.perf_counter()
     try:
-        answer = answer_question(model, tokenizer, args.question, args.max_new_tokens)
+        answer = _answer(model, tokenizer, args.question, args.max_new_tokens)
     except ValueError as exc:  # a tokenizer with neither pad nor eos, a question longer than the model's context
         print(f"forge: {exc}", file=sys.stderr)
         return 1
@@ -502,7 +513,9 @@ def _add_ask(sub) -> None:
                    "Load a model source through forgelib.modelio (a model folder, a .forge artifact, a .gguf file, or "
                    "a real model by name: smollm2 after make setup-real) and print its greedy answer to one question: "
                    "through the tokenizer's chat template when it has one, else as the phases prompt their models. A "
-                   "Quiet-STaR model answers without thinking. Load and answer times go to stderr.")
+                   "Quiet-STaR model answers without thinking; an Agent Forge model runs its calculator calls, as the "
+                   "phases ask it (Phase 7's experts are routed in the scorecard's playground, not here). Load and "
+                   "answer times go to stderr.")
     ask.add_argument("model", help="a model folder, a .forge or .gguf file (relative paths from the repository root), "
                                    "or a real model's name: smollm2")
     ask.add_argument("question", help="the question, one argument (quote it)")

@@ -307,6 +307,23 @@ def test_forge_ask_without_a_chat_template_prompts_as_the_phases_do(tmp_path):
     assert answer_question(model, tokenizer, "what is 2+3?", max_new_tokens=4) == expected
 
 
+def test_forge_ask_runs_an_agent_forge_models_calculator_calls_as_the_phases_do(tmp_path, capsys):
+    """A model whose tokenizer knows the calculator's tokens answers through ``generate_with_tools`` (its calls run,
+    the markup kept): the printed answer is that loop's text for the same prompt."""
+    from helpers import task_tokenizer, tiny_task_llama
+
+    from forgelib.modelio import load_model, load_tokenizer_for
+    from forgelib.tools import generate_with_tools
+
+    tok = task_tokenizer()
+    assert "<|tool|>" in tok.get_vocab() and not tok.chat_template
+    tiny_task_llama(tok).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    expected = generate_with_tools(load_model(tmp_path / "m"), load_tokenizer_for(tmp_path / "m"), ["12+7="], 12)[0]
+    assert cli.main(["ask", str(tmp_path / "m"), "12+7=", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip() == expected.text.strip() and expected.n_generated > 0
+
+
 def test_forge_ask_refuses_a_source_it_cannot_load(tmp_path, capsys):
     assert cli.main(["ask", str(tmp_path / "nothing.gguf"), "hello"]) == 2
     assert "does not exist" in capsys.readouterr().err
