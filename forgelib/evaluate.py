@@ -2,7 +2,8 @@
 accuracy on task samples, full-vocabulary KL, and argmax disagreement between two models.
 
     acc = exact_match_accuracy(model, tok, generate("arith", 2, 100, "test", 0))
-    ppl = perplexity(model, tok, texts, max_len=256)
+    ppl = perplexity(model, tok, texts, max_len=256)             # disjoint chunks
+    ppl = strided_perplexity(model, tok, realtext.load_texts("test"), max_len=1024, stride=512)  # sliding window
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from forgelib.data.base import Sample
 from forgelib.data.tasks import check, completion_text
 from forgelib.data.tokenizer import (IGNORE_INDEX, EncodedSamples, encode_prompts, encode_samples,
                                      encode_texts, lm_batches, pad_id, plain_ids)
+from forgelib.params import short
 
 __all__ = ["accuracy_by_family", "answer_correctness", "answer_question", "argmax_disagreement", "chance_accuracy",
            "completion_budget", "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy",
            "generate_answers", "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "question_ids",
-           "sample_nll"]
+           "sample_nll", "strided_nll", "strided_perplexity", "strided_windows"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -62,17 +64,24 @@ def _batches(encoded: dict[str, torch.Tensor], batch_size: int, device: torch.de
         yield {key: value.to(device) for key, value in batch.items()}
 
 
+def _labelled_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(summed next-token NLL over the labelled positions of one batch, their number); only those positions'
+    logits are taken to float32 (a real vocabulary's full (B, T, V) logits need not be copied)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # position t predicts token t+1: (B, T-1, V) against (B, T-1)
+    target = batch["labels"][:, 1:]
+    scored = target != IGNORE_INDEX  # (B, T-1)
+    pred = logits[:, :-1][scored].float()  # (N, V)
+    return F.cross_entropy(pred, target[scored], reduction="sum").item(), int(scored.sum())
+
+
 def _nll_sum(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
     """(summed next-token NLL over labelled positions, number of those positions)."""
     total, count = 0.0, 0
     with evaluating(model):
         for batch in _batches(encoded, batch_size, model_device(model)):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # position t predicts token t+1: (B, T-1, V) against (B, T-1)
-            pred, target = logits[:, :-1].float(), batch["labels"][:, 1:]
-            total += F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((target != IGNORE_INDEX).sum())
+            nll, n = _labelled_nll(model, batch)
+            total, count = total + nll, count + n
     return total, count
 
 
@@ -118,6 +127,71 @@ def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                answer_only: bool = False, with_steps: bool = False) -> float:
     """exp(token-weighted mean NLL); see mean_nll."""
     return math.exp(mean_nll(model, tokenizer, data, batch_size, max_len, answer_only, with_steps))
+
+
+def strided_windows(n_tokens: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the strided evaluation of a text of ``n_tokens`` tokens, as ``(start, first, end)``: the
+    model reads tokens ``start:end`` (at most ``max_len``) and scores tokens ``first:end``. The first window reads
+    from the start and scores tokens 1..; each next one ends ``stride`` tokens later (the last at the text's end)
+    and scores the tokens after the previous one's end. So every token but the first is scored exactly once, and
+    outside the first window each sees at least ``max_len - stride`` tokens of context."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {short(max_len)}")
+    if not 1 <= stride < max_len:
+        raise ValueError(f"stride must be in 1..max_len-1 = 1..{max_len - 1} (max_len-1: windows that overlap by "
+                         f"one token, every token scored once), got {short(stride)}")
+    windows, first, end = [], 1, min(max_len, n_tokens)
+    while first < n_tokens:
+        windows.append((max(0, end - max_len), first, end))
+        first, end = end, min(end + stride, n_tokens)
+    return windows
+
+
+def _window_batches(rows: list[list[int]], windows: list[tuple[int, int, int, int]], batch_size: int,
+                    device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``(row, start, first, end)`` windows, right-padded (the causal mask keeps padding out of the real
+    positions), labels on the scored tokens only."""
+    for at in range(0, len(windows), batch_size):
+        chunk = windows[at:at + batch_size]
+        width = max(end - start for _, start, _, end in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, W)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, (row, start, first, end) in enumerate(chunk):
+            ids[i, :end - start] = torch.tensor(rows[row][start:end], dtype=torch.long)
+            mask[i, :end - start] = 1
+            labels[i, first - start:end - start] = ids[i, first - start:end - start]
+        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def strided_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                max_len: int = 1024, stride: int = 512, batch_size: int = 8) -> tuple[float, int]:
+    """(summed NLL in nats, tokens scored) of ``texts`` by the strided evaluation (``strided_windows``): each text
+    on its own, as plain tokens (no special tokens added), its first token context only."""
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise TypeError("texts must be a sequence of strings")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {short(batch_size)}")
+    rows = plain_ids(tokenizer, texts)
+    windows = [(row, *window) for row, ids in enumerate(rows) for window in strided_windows(len(ids), max_len, stride)]
+    windows.sort(key=lambda w: w[3] - w[1], reverse=True)  # longest first: a batch too large fails at once
+    total, count = 0.0, 0
+    with evaluating(model):
+        for batch in _window_batches(rows, windows, batch_size, model_device(model)):
+            nll, n = _labelled_nll(model, batch)
+            total, count = total + nll, count + n
+    return total, count
+
+
+def strided_perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                       max_len: int = 1024, stride: int = 512, batch_size: int = 8) -> float:
+    """exp(mean NLL per scored token) of plain ``texts`` (documents, e.g. ``data.realtext.load_texts("test")``) by
+    the strided sliding-window evaluation: every token but each text's first scored once, with at least
+    ``max_len - stride`` tokens of context outside the first window; batched, on the model's device."""
+    total, count = strided_nll(model, tokenizer, texts, max_len, stride, batch_size)
+    if count == 0:
+        raise ValueError("no tokens to score: every text is shorter than two tokens")
+    return math.exp(total / count)
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
