@@ -241,11 +241,13 @@ class WarmKernel:
                                        cwd=str(cwd or paths.repo_root()), env={**os.environ, BATCH_ENV: "1"})
 
     def shutdown(self) -> None:
+        """Ask the kernel to end (a graceful shutdown: its exit handlers run, e.g. a coverage measurement's save in
+        ``make coverage``); one that does not end within jupyter_client's wait is killed."""
         from jupyter_core.utils import run_sync
 
         try:
             if self.km.has_kernel:
-                run_sync(self.km.shutdown_kernel)(now=True)
+                run_sync(self.km.shutdown_kernel)(now=False)
         except Exception:  # already gone: nothing to end
             pass
 

@@ -607,3 +607,30 @@ def test_teaching_marks_plain_rows_and_distills_them_to_the_reference(tok):
 def generate_prompt_plain(sample):
     """A taught sample's prompt without any library prompt in front (the plain form)."""
     return sample.prompt if not sample.prompt.startswith((TOOL.text, PERSONA.text)) else None
+
+
+def test_retain_term_answers_every_retain_input_greedily_when_asked(tok, monkeypatch):
+    """The retain trajectories: one per retain input when there are more inputs than ``trajectories`` (none left
+    out), at ``retain_temperature`` (0: the unprompted model's greedy answers, as ``generate_with_tools`` gives them);
+    the bake's own trajectories keep ``temperature``."""
+    from forgelib.baking import bake as bake_module
+    from forgelib.tools import generate_with_tools
+
+    calls, real = [], bake_module.teacher_pairs
+
+    def recording(model, tokenizer, prompt, inputs, n, config, seed):
+        calls.append((prompt, n, config.temperature))
+        return real(model, tokenizer, prompt, inputs, n, config, seed)
+
+    monkeypatch.setattr(bake_module, "teacher_pairs", recording)
+    retain = generate("logic", 1, 12, "train", 7)
+    student = tiny_llama(tok)
+    config = PromptBakingConfig(**{**BAKE, "steps": 1, "eval_every": 0, "trajectories": 4,
+                                   "retain_temperature": 0.0})
+    bake_prompt(copy.deepcopy(student), TOOL.text, tok, CALIBRATION, config, retain_data=retain)
+    assert calls == [(TOOL.text, 4, 1.0), ("", 12, 0.0)]
+    greedy = [t.text for t in generate_with_tools(student, tok, [s.prompt for s in retain], 16, batch_size=64)]
+    sampled = bake_module.sample_trajectories(student, tok, "", retain, 12, 0.0, 16, seed=3)
+    assert [y for _, y, _ in sampled] == greedy
+    with pytest.raises(ValueError, match="retain_temperature"):
+        PromptBakingConfig(retain_temperature=-1.0)

@@ -122,7 +122,7 @@ def _upstream(tok, tmp_path, ternary=True):
 
 TINY = {"families": ["arith"], "levels": [1, 1], "teach_steps": 60, "teach_batch_size": 8,
         "bake": {"steps": 6, "trajectories": 8, "batch_size": 4, "eval_every": 3},
-        "calibration_per_level": 4, "test_per_level": 6, "max_new_tokens": 14, "max_cycles": 2,
+        "calibration_per_level": 4, "retain_per_level": 3, "test_per_level": 6, "max_new_tokens": 14, "max_cycles": 2,
         "drift_per_level": 2, "gap_margin": 0.5, "gap_spread": 0.2, "max_heldout": 10}
 """First round of held-out inputs: ceil(((1.645 + 3.090) · 0.2 / 0.5)²) = 4, at most 10 in all."""
 GUARD = {"margin": 0.5, "max_questions": 12}
@@ -172,13 +172,13 @@ def test_phase_runs_end_to_end(tok, tmp_path, ternary, monkeypatch):
     (taught_with,) = seen["teach"]
     assert taught_with["replay"] == {"logic": (1, 1), "recall": (1, 2)}
     assert taught_with["replay_share"] == ctx.params.replay == _smoke("baking")["replay"]  # the smoke set's share
-    # the bakes: retain data = train questions of the other families at their levels (4 per family and level,
-    # logic and recall both early in the shuffled list), the taught model as teacher, the prompts baked so far
+    # the bakes: retain data = train questions of the other families at their levels (retain_per_level: 3 per family
+    # and level, logic and recall both early in the shuffled list), the taught model as teacher, the prompts so far
     assert [b["prompt"] for b in seen["bake"]] == ["use calc: ", "use calc: say Answer: "]
     for b in seen["bake"]:
         retain = b["retain_data"]
         assert sorted((s.family, s.level) for s in retain) == sorted(
-            [("logic", 1)] * 4 + [("recall", 1)] * 4 + [("recall", 2)] * 4)
+            [("logic", 1)] * 3 + [("recall", 1)] * 3 + [("recall", 2)] * 3)
         assert {s.family for s in retain[:6]} == {"logic", "recall"}
         assert b["teacher"] is not b["student"] and not hasattr(b["teacher"], "peft_config")
         assert len(b["eval_data"]) == 4 and {s.family for s in b["eval_data"]} == {"arith"}

@@ -86,12 +86,17 @@ class PromptBakingConfig:
     retain_weight: float = 1.0
     """Weight of the retain term (with ``retain_data``): KL(model without adapter ‖ student) on unprompted
     trajectories of inputs the prompt should not change."""
+    retain_temperature: float | None = None
+    """Sampling temperature of the retain trajectories (None: ``temperature``; 0: the greedy answers, the ones the
+    guard asks)."""
     seed: int = 0
     """Seed of the trajectories, the adapter's initialisation and the batch order."""
 
     def __post_init__(self):
         require_positive(self, "steps", "lr", "lora_r", "lora_alpha", "batch_size", "trajectories", "max_new_tokens")
         require_non_negative(self, "temperature", "eval_every", "retain_weight")
+        if self.retain_temperature is not None and not self.retain_temperature >= 0:
+            raise ValueError(f"retain_temperature must be None or >= 0, got {self.retain_temperature!r}")
         if not 0 <= self.half_baking_factor <= 1:
             raise ValueError(f"half_baking_factor must be in [0, 1], got {self.half_baking_factor}")
 
@@ -451,8 +456,9 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
     ``loss='sft'`` trains the same adapter by cross-entropy on the same trajectories (the benchmark's
     alternative). A model that already carries an adapter gets it merged first (sequential baking).
 
-    ``retain_data``: inputs the prompt should leave alone (other task families). Their trajectories are sampled
-    from the model without prompt and adapter, and each step adds ``retain_weight`` × KL(that model ‖ student)
+    ``retain_data``: inputs the prompt should leave alone (other task families). Their trajectories (one per input,
+    at least ``config.trajectories``, inputs cycled; at ``config.retain_temperature``) are sampled from the model
+    without prompt and adapter, and each step adds ``retain_weight`` × KL(that model ‖ student)
     on a batch of them: the same objective with the empty prompt, so the adapter learns "u on these inputs,
     nothing on those" (measured on the smoke chain: without it, baking the persona prompt took the unrelated
     ``tool`` family from 0.34 to 0.00 accuracy).
@@ -470,8 +476,10 @@ def bake_prompt(model: nn.Module, prompt: str, tokenizer, calibration_data: Sequ
     source = model if teacher is None else teacher.eval()
     pairs, teacher_logp = teacher_pairs(source, tokenizer, prompt, calibration_data, config.trajectories, config,
                                         config.seed)
-    retain = teacher_pairs(model, tokenizer, "", retain_data, config.trajectories, config, config.seed + 2) \
-        if retain_data else None
+    retain_config = config if config.retain_temperature is None else dataclasses.replace(
+        config, temperature=config.retain_temperature)
+    retain = teacher_pairs(model, tokenizer, "", retain_data, max(config.trajectories, len(retain_data or ())),
+                           retain_config, config.seed + 2) if retain_data else None
     held = teacher_pairs(source, tokenizer, prompt, eval_data, len(eval_data), config, config.seed + 1) \
         if eval_data else None
     report: dict[str, Any] = {"prompt": prompt, "pairs": len(pairs), "curve": []}

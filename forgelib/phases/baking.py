@@ -151,10 +151,15 @@ class Params:
     retain_unrelated: bool = True
     """Bake with the retain term on the suite's families the prompts do not target (``bake_prompt(retain_data=...)``;
     measured on the smoke chain: without it, baking the persona prompt took ``tool`` from 0.34 to 0.00 accuracy)."""
+    retain_per_level: int | None = None
+    """Train-split questions per family and level of the retain term (None: ``calibration_per_level``); each bake
+    answers every one of them (its retain trajectories: at least ``bake.trajectories``)."""
 
     def __post_init__(self):
         require_positive(self, "calibration_per_level", "test_per_level", "max_new_tokens", "max_cycles",
                          "teach_batch_size", "drift_per_level", "gap_margin", "max_heldout")
+        if self.retain_per_level is not None and self.retain_per_level < 1:
+            raise ValueError(f"retain_per_level must be None or >= 1, got {self.retain_per_level!r}")
         require_non_negative(self, "teach_steps", "plateau_delta", "min_effect", "gap_spread")
         if not 0 <= self.replay < 1:
             raise ValueError(f"replay must lie in [0, 1), got {self.replay}")
@@ -413,7 +418,7 @@ def run(params: Params, ctx) -> PhaseResult:
     plans = {key: GapPlan(heldout_inputs(params, params.max_heldout, seed), params.heldout_needed(
         guard_params.confidence, guard_params.power), guard_params.confidence, guard_params.power)
              for key, seed in (("prompt", ctx.seed + 2), ("library", ctx.seed + 7))}
-    retain = suite_questions(others, params.calibration_per_level, "train", ctx.seed + 6) \
+    retain = suite_questions(others, params.retain_per_level or params.calibration_per_level, "train", ctx.seed + 6) \
         if params.retain_unrelated and others else None
     with timed(timing, "measure_input", cpu=True):
         reference = copy.deepcopy(model).eval()
