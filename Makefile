@@ -86,7 +86,8 @@ run: check-session
 strip:
 	$(PY) -m forgelib.notebooks strip notebooks tests/notebooks
 
-# forgelib's line coverage from the pytest suite (nbval's notebooks not counted); the report lands in the terminal.
+# forgelib's line coverage from the pytest suite, the notebook kernels it starts included ([tool.coverage.run] in
+# pyproject.toml; nbval's own notebooks not counted); the report lands in the terminal.
 coverage: setup
 	@mkdir -p $(CACHE)
 	COVERAGE_FILE=$(CACHE)/coverage $(PY) -m pytest tests -q --cov=forgelib --cov-report=term:skip-covered $(PYTEST_ARGS)
