@@ -150,9 +150,11 @@ def _run_in_process(spec: PhaseSpec, session: str, params_file: str, overrides: 
 
     try:
         run_phase(open_phase(spec, params_file, overrides, session, upstream, all_specs))
+    except GateFailedError as exc:  # its message names the phase, the failed checks and the ways on
+        raise PipelineError(str(exc)) from exc
     except Exception as exc:
-        see = "" if isinstance(exc, GateFailedError) else f" (see {paths.relative(phase_dir(session, spec))})"
-        raise PipelineError(f"phase {spec.dirname} failed: {type(exc).__name__}: {exc}{see}") from exc
+        raise PipelineError(f"phase {spec.dirname} failed: {type(exc).__name__}: {exc} (see "
+                            f"{paths.relative(phase_dir(session, spec))})") from exc
 
 
 SCORECARD_NOTEBOOK, SCORECARD_AFTER = "notebooks/09_scorecard.ipynb", "compression"
@@ -216,6 +218,9 @@ def _phase_failure_message(spec: PhaseSpec, out_dir: Path, notebook: Path, exc: 
         reason = result.error or reason
     except (FileNotFoundError, ValueError):
         pass
+    gate = f"{GateFailedError.__name__}: "
+    if reason.startswith(gate):  # the gate's own paragraph names the phase, the failed checks and the ways on
+        return f"{reason.removeprefix(gate)} (the executed notebook is kept at {paths.relative(notebook)})"
     return f"phase {spec.dirname} failed: {reason} (the executed notebook is kept at {paths.relative(notebook)})"
 
 

@@ -50,7 +50,7 @@ def test_failed_gate_names_the_check_its_numbers_and_the_ways_on(outputs, capsys
     assert code == 1
     message = err.strip()
     assert "\n" not in message, "one paragraph"
-    assert message.startswith("forge: phase 02_beta failed: GateFailedError: phase 02_beta of session g1 did not "
+    assert message.startswith("forge: phase 02_beta of session g1 did not "
                               "pass its gate: gate_ok = 0 (needs >= 1) (every check with its value and bound is in "
                               f"{outputs}/g1/02_beta/result.json)"), message
     assert message.endswith("(the phase's models are then registered as gate-failed and the chain goes on)")
