@@ -140,3 +140,16 @@ def test_registry_browser_shows_each_models_status(registry_with_chain):
     reg.set_model_status([third], "retired", reason=reason)
     models = registry_tables(reg, "s1")["models"]
     assert list(models.status)[2] == f"retired: {reason}" and list(models.parameters) == ["123", "123", "122,905"]
+
+
+def test_model_details_write_the_metadata_as_readable_lines():
+    """One ``key: value`` line per metadata entry, a nested mapping one line per entry below its key, deeper ones as
+    ``key=value`` pairs, lists bracketed, the role left out (the first line names it), a long value cut."""
+    from forgelib.viz.inspect import metadata_lines
+
+    meta = {"role": "model", "bitnet": {"activation_bits": 8, "include": ["mlp.up_proj", "mlp.down_proj"]},
+            "curriculum": {"level_reached": {"arith": 2, "tool": 1}}, "baking": "prompt-taught", "long": "x" * 200}
+    assert metadata_lines(meta) == ["  bitnet:", "    activation_bits: 8", "    include: [mlp.up_proj, mlp.down_proj]",
+                                    "  curriculum:", "    level_reached: arith=2, tool=1",
+                                    "  baking: prompt-taught", f"  long: {'x' * 160}... (200 characters)"]
+    assert metadata_lines(None) == [] and metadata_lines({"role": "trunk"}) == []

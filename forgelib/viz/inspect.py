@@ -95,6 +95,33 @@ def model_lineage(model_id: int, registry=None) -> list[dict[str, Any]]:
         model = pick
 
 
+def _plain_value(value: Any) -> str:
+    """A metadata value as a reader writes it: a list as ``a, b``, a mapping as ``key=value, ...``, else its text."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_plain_value(v) for v in value) + "]"
+    return str(value)
+
+
+def metadata_lines(metadata: dict | None, limit: int = 160) -> list[str]:
+    """A model's registry metadata, one indented ``key: value`` line per entry (a nested mapping as a ``key:`` line
+    and one more indented line per entry of it, deeper ones as ``key=value`` pairs; each value cut at ``limit``
+    characters); the role is left out (the first line names it)."""
+    from ..params import cut
+
+    lines = []
+    for key, value in (metadata or {}).items():
+        if key == "role":
+            continue
+        if isinstance(value, dict) and value:
+            lines.append(f"  {key}:")
+            lines += [f"    {k}: {cut(_plain_value(v), limit)}" for k, v in value.items()]
+        else:
+            lines.append(f"  {key}: {cut(_plain_value(value), limit)}")
+    return lines
+
+
 def model_details(model_id: int, registry=None) -> list[str]:
     """Text lines: a model's registry row (with its status), the headline metrics of the run that made it, its
     lineage."""
@@ -107,7 +134,7 @@ def model_details(model_id: int, registry=None) -> list[str]:
              f"  path {paths.relative(m['model_path'])}, "
              + (f"{m['parameter_count']:,} parameters, " if m["parameter_count"] else "")
              + f"{(m['size_mb'] or 0) * 1024:.1f} KiB, sha256 {m['sha256'][:12]}…",
-             f"  metadata {json.dumps(m['metadata'], default=str)}"]
+             *metadata_lines(m["metadata"])]
     runs = [r for r in reg.list_phase_runs(m["session_id"], m["phase_name"]) if r["status"] == "completed"]
     if runs:
         metrics = runs[-1]["metrics"] or {}
