@@ -30,6 +30,32 @@ def pipeline_outputs(tmp_path, monkeypatch):
     return out
 
 
+PIPELINE_PARAMS = "tests/params/pipeline.yaml"
+"""The parameter file of the pipeline's own test phases (tests/pipeline_phases: 01_alpha, 02_beta)."""
+
+
+@pytest.fixture(name="outputs")
+def outputs_of_test_phases(pipeline_outputs, monkeypatch):
+    """``outputs``: a fresh outputs root; the CLI's pipeline runs the test phases (tests/pipeline_phases) instead of
+    the product's."""
+    from pipeline_phases import ALL
+
+    monkeypatch.setattr("forgelib.pipeline.PHASES", ALL)
+    return pipeline_outputs
+
+
+@pytest.fixture(name="done")
+def completed_r1(outputs):
+    """``done``: session ``r1`` with both test phases completed with the parameter file's values (in this process,
+    no notebooks); the outputs root."""
+    from forgelib.pipeline import run_pipeline
+    from pipeline_phases import ALL
+
+    outcomes = run_pipeline(PIPELINE_PARAMS, session="r1", specs=ALL, log=lambda m: None, notebooks=False)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    return outputs
+
+
 def task_tokenizer(extra_texts=()):
     """A real tokenizer (vocab 300, the project's special tokens) trained on worked solutions of every family."""
     from forgelib.data.tasks import FAMILIES, build_mix, format_sample

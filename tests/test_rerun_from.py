@@ -15,25 +15,12 @@ from forgelib.cli import main
 from forgelib.pipeline import RefusedError, run_pipeline
 from forgelib.registry import ModelRegistry
 from forgelib.results import PhaseResult
-from helpers import pipeline_outputs  # noqa: F401  (fixture)
+from helpers import completed_r1, outputs_of_test_phases, pipeline_outputs  # noqa: F401  (fixtures: done, outputs)
 from pipeline_phases import ALL
 
 PARAMS = "tests/params/pipeline.yaml"
 
 
-@pytest.fixture
-def outputs(pipeline_outputs, monkeypatch):
-    """Fresh outputs; the CLI's pipeline runs the test phases instead of the product's."""
-    monkeypatch.setattr("forgelib.pipeline.PHASES", ALL)
-    return pipeline_outputs
-
-
-@pytest.fixture
-def done(outputs):
-    """Session ``r1``: both test phases completed with the parameter file's values (beta.scale 1.05)."""
-    outcomes = run_pipeline(PARAMS, session="r1", specs=ALL, log=lambda m: None, notebooks=False)
-    assert [o.status for o in outcomes] == ["completed", "completed"]
-    return outputs
 
 
 def _snapshot(outputs, session):
