@@ -6,7 +6,9 @@ answer) only, under the Phase-1 MuGrokfast preset with the learning rate and wei
 the task suite (``LM_OPTIMIZER``), warm-up and cosine decay. Three specialists of identical shapes (every
 model carries the memory and halting parameters, so Phase 2 can merge them) continue from the trunk with
 their own seed, data mix and runtime settings: ``reasoning`` (recursion cycles), ``memory`` (Titans memory
-on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base.
+on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base. Any stage may run
+TRM's recursion instead of the cycles (``recursion: trm``, see ``Stage.recursion``); the report's ``runtime`` holds
+each model's settings as saved.
 
 Gate (measured on the test split, which no model trained on): each specialist's exact-match accuracy on
 its own families is above the trunk's (answer NLL breaks an exact tie only); pairwise argmax disagreement
@@ -119,7 +121,8 @@ class Stage:
     ``trm``: TRM's recursion (``forgelib.models.trm``: ``n_latent`` >= 1 latent updates per answer update,
     ``supervision_steps`` steps over a detached carry), trained TRM's way when ``supervision_steps`` > 1: one
     optimizer step per supervision step (``forgelib.supervision``; ``steps`` counts optimizer steps, so the stage
-    sees about steps / supervision_steps batches, each for up to supervision_steps steps). A stage switching a
+    sees about steps / supervision_steps batches, each for up to supervision_steps steps; ``train.data_workers``
+    does not prefetch for it). A stage switching a
     model trained with ``cycles`` to ``trm`` adds no parameter: TRM runs the same block stack, final norm, LM head
     and halting head (y starts as the token embeddings, z as zeros). The halting head is the trunk's as trained:
     every model trains it (its BCE target, "this cycle's argmax is the next token", is TRM's per step too), even a
