@@ -29,13 +29,15 @@ from .models.trm import TRMCarry
 class SupervisionSteps:
     """The batch source and the loss hook of TRM-style training (see the module docstring).
 
-    ``steps``: N_sup (None: the model's ``config.supervision_steps``). After each ``loss`` call, ``carry`` is the
-    carry of the current batch, ``step`` its supervision step (1-based) and ``episodes`` the batches started."""
+    ``steps``: N_sup (None: the model's ``config.supervision_steps``); ``generator``: a CPU ``torch.Generator`` that
+    TRM's halting exploration draws from (None: torch's global one; a run beside others in threads needs its own).
+    After each ``loss`` call, ``carry`` is the carry of the current batch, ``step`` its supervision step (1-based) and
+    ``episodes`` the batches started."""
 
-    def __init__(self, steps: int | None = None):
+    def __init__(self, steps: int | None = None, generator: torch.Generator | None = None):
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1 (supervision steps per batch), got {steps}")
-        self.steps = steps
+        self.steps, self.generator = steps, generator
         self.carry: TRMCarry | None = None
         self.step = 0
         self.episodes = 0
@@ -64,7 +66,7 @@ class SupervisionSteps:
                 raise ValueError(f"SupervisionSteps trains a recursion='trm' Cognate model, got "
                                  f"{getattr(config, 'model_type', '?')} with recursion "
                                  f"{getattr(config, 'recursion', None)!r}")
-            self.carry = TRMCarry(self.steps or config.supervision_steps)
+            self.carry = TRMCarry(self.steps or config.supervision_steps, generator=self.generator)
             self.episodes += 1
         out = model(**batch, trm_carry=self.carry, supervision_steps=1, use_cache=False)
         self.carry, self.step = out.trm_carry, out.trm_carry.steps

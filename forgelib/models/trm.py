@@ -49,7 +49,9 @@ class TRMCarry:
 
     horizon: N_sup of the episode (exploration draws within it); y, z: (B, T, D) answer and latent state (None
     before the first step: y = x, z = 0); halted: (B, T) bool, tokens frozen by halting; used: (B, T) long, steps
-    each token ran; steps: steps done; min_steps: (B,) long, no halting before this step (exploration) or None."""
+    each token ran; steps: steps done; min_steps: (B,) long, no halting before this step (exploration) or None;
+    generator: a CPU ``torch.Generator`` the exploration draws from (None: torch's global one; a training run beside
+    others in threads, ``forgelib.jobs``, needs its own: each of them seeds the global one)."""
 
     horizon: int
     y: torch.Tensor | None = None
@@ -58,6 +60,7 @@ class TRMCarry:
     used: torch.Tensor | None = None
     steps: int = 0
     min_steps: torch.Tensor | None = None
+    generator: torch.Generator | None = None
 
     def started(self, x: torch.Tensor, explore: float, training: bool) -> "TRMCarry":
         """This carry with its states filled for input ``x`` (B, T, D) when it has none yet."""
@@ -66,10 +69,19 @@ class TRMCarry:
         B, T = x.shape[:2]
         min_steps = None
         if training and explore > 0 and self.horizon > 1:  # TRM's exploration, drawn per sequence
-            low = torch.randint(2, self.horizon + 1, (B,), device=x.device)
-            min_steps = torch.where(torch.rand(B, device=x.device) < explore, low, torch.zeros_like(low))
+            min_steps = self._exploration(B, explore, x.device)
         return TRMCarry(self.horizon, x, torch.zeros_like(x), torch.zeros(B, T, dtype=torch.bool, device=x.device),
-                        torch.zeros(B, T, dtype=torch.long, device=x.device), 0, min_steps)
+                        torch.zeros(B, T, dtype=torch.long, device=x.device), 0, min_steps, self.generator)
+
+    def _exploration(self, batch: int, explore: float, device) -> torch.Tensor:
+        """(B,) long: with probability ``explore`` a step drawn uniformly in [2, horizon] before which the sequence
+        may not halt, else 0."""
+        if self.generator is None:
+            low = torch.randint(2, self.horizon + 1, (batch,), device=device)
+            return torch.where(torch.rand(batch, device=device) < explore, low, torch.zeros_like(low))
+        low = torch.randint(2, self.horizon + 1, (batch,), generator=self.generator)
+        chosen = torch.rand(batch, generator=self.generator) < explore
+        return torch.where(chosen, low, torch.zeros_like(low)).to(device)
 
 
 @dataclass
@@ -128,7 +140,7 @@ def supervision_steps(net: Callable, norm: Callable, halt_head, x: torch.Tensor,
                 newly &= (done >= carry.min_steps)[:, None]
             halted = halted | newly
         y, z = y.detach(), z.detach()  # the carry between supervision steps carries no gradient
-    return steps, TRMCarry(carry.horizon, y, z, halted, used, done, carry.min_steps)
+    return steps, TRMCarry(carry.horizon, y, z, halted, used, done, carry.min_steps, carry.generator)
 
 
 def halt_correct(logits: torch.Tensor, halt_next: torch.Tensor) -> torch.Tensor:

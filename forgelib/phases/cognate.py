@@ -6,7 +6,9 @@ answer) only, under the Phase-1 MuGrokfast preset with the learning rate and wei
 the task suite (``LM_OPTIMIZER``), warm-up and cosine decay. Three specialists of identical shapes (every
 model carries the memory and halting parameters, so Phase 2 can merge them) continue from the trunk with
 their own seed, data mix and runtime settings: ``reasoning`` (recursion cycles), ``memory`` (Titans memory
-on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base.
+on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base. Any stage may run
+TRM's recursion instead of the cycles (``recursion: trm``, see ``Stage.recursion``); the report's ``runtime`` holds
+each model's settings as saved.
 
 Gate (measured on the test split, which no model trained on): each specialist's exact-match accuracy on
 its own families is above the trunk's (answer NLL breaks an exact tie only); pairwise argmax disagreement
@@ -20,7 +22,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -31,14 +33,15 @@ from ..data.tokenizer import train_tokenizer
 from ..evaluate import (accuracy_by_family, answer_correctness, argmax_disagreement, chance_accuracy, encode_for_eval,
                         mean_nll)
 from ..jobs import own_copy, run_jobs
-from ..models import CognateConfig, CognateForCausalLM
+from ..models import CognateConfig, CognateConfigError, CognateForCausalLM
 from ..optim import create_optimizer_from_phase
-from ..params import require_non_negative, require_positive
+from ..params import require_non_negative, require_positive, short
 from ..results import GateCheck, PhaseResult
 from ..stats import questions_needed
+from ..supervision import SupervisionSteps
 from .. import paths
-from ..train import TrainConfig, load_checkpoint, train
-from .common import check_levels, check_optimizer
+from ..train import TrainConfig, default_loss, load_checkpoint, train
+from .common import STAGE_RUNTIME_KEYS, check_levels, check_optimizer
 
 ROLES = ("reasoning", "memory", "speed")
 # The metrics the pipeline summary shows for this phase (its "headline" column).
@@ -49,6 +52,10 @@ HEADLINE = ("trunk_acc_mean", "chance_mean", "reasoning_acc_own", "memory_acc_ow
 # task, where weight decay 1.0 was needed) with the learning rate and weight decay measured on the task suite
 # (1 thread, arith levels 1-3, 240 s, fresh samples): weight decay 1.0 -> 68% exact match, 0.1 -> 83%.
 LM_OPTIMIZER = {"lr": 3e-3, "weight_decay": 0.1}
+# The Cognate config settings each Stage sets on its model (``apply_stage``; the report's ``runtime``).
+RUNTIME_KEYS = STAGE_RUNTIME_KEYS
+# The settings of recursion "trm" only, at CognateConfig's defaults (a stage running "cycles" must leave them so).
+TRM_ONLY = {"supervision_steps": 1, "grad_last_cycle_only": True, "halt_exploration_prob": 0.1}
 
 
 @dataclasses.dataclass
@@ -109,6 +116,27 @@ class Stage:
     """Run the Titans-style memory."""
     halt_threshold: float = 0.5
     """ACT: halting probability at which a token stops updating (training and inference alike)."""
+    recursion: Literal["cycles", "trm"] = "cycles"
+    """``cycles``: every cycle's loss in one backward (deep supervision), trained by ``forgelib.train``'s loop;
+    ``trm``: TRM's recursion (``forgelib.models.trm``: ``n_latent`` >= 1 latent updates per answer update,
+    ``supervision_steps`` steps over a detached carry), trained TRM's way when ``supervision_steps`` > 1: one
+    optimizer step per supervision step (``forgelib.supervision``; ``steps`` counts optimizer steps, so the stage
+    sees about steps / supervision_steps batches, each for up to supervision_steps steps; ``train.data_workers``
+    does not prefetch for it). A stage switching a
+    model trained with ``cycles`` to ``trm`` adds no parameter: TRM runs the same block stack, final norm, LM head
+    and halting head (y starts as the token embeddings, z as zeros). The halting head is the trunk's as trained:
+    every model trains it (its BCE target, "this cycle's argmax is the next token", is TRM's per step too), even a
+    one-cycle trunk that never halts with it; from the first supervision step on, a token whose halting
+    probability reaches ``halt_threshold`` keeps its state. The memory parameters stay as the trunk left them
+    (untrained unless it used them) whatever the recursion."""
+    supervision_steps: int = 1
+    """``trm``: supervision steps per forward (TRM's N_sup; test time runs them all, halting per token)."""
+    grad_last_cycle_only: bool = True
+    """``trm``: the first n_cycles - 1 cycles of each supervision step run without gradient (TRM's deep
+    recursion)."""
+    halt_exploration_prob: float = 0.1
+    """``trm``, training: the probability that a sequence is kept from halting before a random step in
+    [2, supervision_steps] (TRM's exploration)."""
     lr: Optional[float] = None
     """Learning rate of this stage (None: the ``optimizer`` section's, or the preset's)."""
     warmup_steps: Optional[int] = None
@@ -125,6 +153,21 @@ class Stage:
     def __post_init__(self):
         require_positive(self, "steps", "n_cycles")
         require_non_negative(self, "n_latent", "warmup_steps", "lr")
+        if self.recursion != "trm":
+            stray = {k: getattr(self, k) for k, v in TRM_ONLY.items() if getattr(self, k) != v}
+            if stray:
+                raise ValueError(f"{', '.join(f'{k}={short(v)}' for k, v in stray.items())}: setting(s) of recursion "
+                                 f"'trm', but this stage's recursion is {short(self.recursion)}; set recursion: trm "
+                                 f"or leave {sorted(stray)} out")
+        try:  # the model's own checks (e.g. recursion 'trm' needs n_latent >= 1), before anything trains
+            CognateConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          memory_modules=True, **self.runtime())
+        except CognateConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def runtime(self) -> dict[str, Any]:
+        """The Cognate config settings of this stage (``RUNTIME_KEYS``)."""
+        return {key: getattr(self, key) for key in RUNTIME_KEYS}
 
 
 @dataclasses.dataclass
@@ -268,9 +311,8 @@ def make_trunk(params: Params, tokenizer, seed: int) -> CognateForCausalLM:
     torch.manual_seed(seed)
     shape = dataclasses.asdict(params.model)
     config = CognateConfig(vocab_size=len(tokenizer), **shape, memory_modules=True, use_act=True,
-                           n_latent=params.trunk.n_latent, n_cycles=params.trunk.n_cycles,
-                           use_memory=params.trunk.use_memory, halt_threshold=params.trunk.halt_threshold,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           **params.trunk.runtime(), pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
     model = CognateForCausalLM(config)
     if params.init_from:
@@ -279,16 +321,27 @@ def make_trunk(params: Params, tokenizer, seed: int) -> CognateForCausalLM:
 
 
 def apply_stage(model: CognateForCausalLM, stage: Stage) -> CognateForCausalLM:
-    """Set a model's runtime settings (no parameter changes shape); a memory switched on starts nearly closed
-    (see ``Stage.memory_gate_bias``)."""
+    """Set a model's runtime settings (``Stage.runtime``: recursion included; no parameter changes shape or is
+    added, see ``Stage.recursion`` for what a switch to ``trm`` starts from); a memory switched on starts nearly
+    closed (see ``Stage.memory_gate_bias``)."""
     if stage.use_memory and not model.config.use_memory:
         with torch.no_grad():
             for attention in model.attention_modules():
                 attention.memory.out_gate.weight.zero_()
                 attention.memory.out_gate.bias.fill_(stage.memory_gate_bias)
-    for key in ("n_latent", "n_cycles", "use_memory", "halt_threshold"):
-        setattr(model.config, key, getattr(stage, key))
+    for key, value in stage.runtime().items():
+        setattr(model.config, key, value)
     return model
+
+
+def stage_loop(stage: Stage, batches, seed: int) -> tuple[Any, Any, Optional[SupervisionSteps]]:
+    """(batches, loss hook, supervision) of the stage's training: TRM's one optimizer step per supervision step
+    (``forgelib.supervision``, its halting exploration drawn from its own generator seeded with ``seed``) when the
+    stage runs recursion ``trm`` with more than one supervision step; else the batches and the model's own loss."""
+    if stage.recursion != "trm" or stage.supervision_steps == 1:
+        return batches, default_loss, None
+    supervision = SupervisionSteps(stage.supervision_steps, generator=torch.Generator().manual_seed(seed))
+    return supervision.batches(batches), supervision.loss, supervision
 
 
 def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int, *,
@@ -306,9 +359,13 @@ def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, 
     if stage.warmup_steps is not None:
         config = dataclasses.replace(config, warmup_steps=stage.warmup_steps)
     checkpoints = ctx.dir / "checkpoints" / name if config.checkpoint_every else None
-    history = train(model, batches, optimizer, config, tracker=ctx.tracker if alone else None, device=ctx.device,
-                    desc=name, quiet=ctx.quiet or not alone, step_offset=step_offset, checkpoint_dir=checkpoints)
+    source, loss_fn, supervision = stage_loop(stage, batches, seed)
+    history = train(model, source, optimizer, config, loss_fn=loss_fn, tracker=ctx.tracker if alone else None,
+                    device=ctx.device, desc=name, quiet=ctx.quiet or not alone, step_offset=step_offset,
+                    checkpoint_dir=checkpoints)
     history.data = dataclasses.asdict(batches.stats) | {"padding_fraction": batches.stats.padding_fraction}
+    if supervision is not None:  # batches trained, each for up to supervision_steps optimizer steps
+        history.data["supervision_episodes"] = supervision.episodes
     if alone:
         ctx.log({f"{name}/{k}": v for k, v in history.data.items()}, step=step_offset + stage.steps)
     return history
@@ -381,14 +438,16 @@ def _model_measures(model, tokenizer, samples, encoded, params: Params) -> dict[
 def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers: int = 1) -> dict[str, Any]:
     """Accuracy and answer loss per family, ACT cycles and gate entropy for every model (test split; ``workers``
     models at a time); the chance level per family (the best constant answer); the trunk's accuracy at the headroom
-    levels."""
+    levels; each model's runtime settings (``runtime``: ``RUNTIME_KEYS`` as its config holds them)."""
     samples = test_samples(params, seed)
     max_len = params.max_len + 16
     encoded = encode_for_eval(tokenizer, samples, max_len, with_steps=params.with_steps)
     reference = build_mix({f: 1.0 for f in phase_families(params)}, params.levels, 300 * len(phase_families(params)),
                           "train", seed)
     report: dict[str, Any] = {"n_test": len(samples), "levels": list(params.levels),
-                              "chance": chance_accuracy(samples, reference), "models": {}}
+                              "chance": chance_accuracy(samples, reference), "models": {},
+                              "runtime": {name: {k: getattr(model.config, k) for k in RUNTIME_KEYS}
+                                          for name, model in models.items()}}
     jobs = [functools.partial(_model_measures, model, own_copy(tokenizer, workers), samples, encoded, params)
             for model in models.values()]
     report["models"] = dict(zip(models, run_jobs(jobs, workers)))

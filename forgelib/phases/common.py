@@ -117,20 +117,32 @@ class RuntimeSettings:
     cycle_loss_weighting: Literal["linear", "uniform", "last"] = "linear"
     use_cache: bool = True
     track_qk_logits: bool = True
+    recursion: Literal["cycles", "trm"] = "cycles"
+    supervision_steps: int = 1
+    grad_last_cycle_only: bool = True
+    halt_exploration_prob: float = 0.1
+
+
+# The Cognate config settings of a Phase-1 stage (``cognate.Stage.runtime``): what makes each Phase-1 model what it
+# is beyond its weights (Phase 2 scores an unmerged parent with the ones in which it differs from the trunk).
+STAGE_RUNTIME_KEYS = ("n_latent", "n_cycles", "use_memory", "halt_threshold", "recursion", "supervision_steps",
+                      "grad_last_cycle_only", "halt_exploration_prob")
 
 
 def check_runtime(settings: dict, name: str = "runtime") -> dict:
     """``settings`` (a ``runtime`` mapping) with its keys and types checked against :class:`RuntimeSettings` and
     their ranges; ValueError naming ``name`` and the key."""
     checked = check_fields(RuntimeSettings, settings, name)
-    bounds = {"n_cycles": 1, "n_latent": 0, "memory_chunk_size": 1, "sliding_window": 1}
+    bounds = {"n_cycles": 1, "n_latent": 0, "memory_chunk_size": 1, "sliding_window": 1, "supervision_steps": 1}
     for key, low in bounds.items():
         if checked.get(key) is not None and checked[key] < low:
             raise ValueError(f"{name}.{key} must be >= {low}, got {checked[key]}")
     if "halt_threshold" in checked and not 0 < checked["halt_threshold"] <= 1:
         raise ValueError(f"{name}.halt_threshold must lie in (0, 1], got {checked['halt_threshold']}")
+    if "halt_exploration_prob" in checked and not 0 <= checked["halt_exploration_prob"] <= 1:
+        raise ValueError(f"{name}.halt_exploration_prob must lie in [0, 1], got {checked['halt_exploration_prob']}")
     return checked
 
 
-__all__ = ["RuntimeSettings", "TaskData", "chance_levels", "check_levels", "check_optimizer", "check_runtime",
-           "score", "test_samples", "training_batches"]
+__all__ = ["RuntimeSettings", "STAGE_RUNTIME_KEYS", "TaskData", "chance_levels", "check_levels", "check_optimizer",
+           "check_runtime", "score", "test_samples", "training_batches"]

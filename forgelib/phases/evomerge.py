@@ -6,7 +6,11 @@ all). The *unmerged* candidates come first: the trunk and each parent under its 
 (per-layer-group weights, densities, ``t``; task vectors taken against the trunk) *plus* a runtime setting:
 one of ``runtime_choices`` (Cognate config switches such as ``n_cycles`` and ``use_memory``, each laid over
 ``runtime``; for other architectures only keys the config has are applied, and
-choices that then coincide count once). The search alternates over the two, one round of coordinate ascent:
+choices that then coincide count once). Every candidate is built on the trunk's config: a merge runs under the
+trunk's recursion (Phase 1's ``recursion``, ``supervision_steps``, ``n_latent``, ...) unless ``runtime`` or a choice
+sets it (checked against the trunk's config before the search: ``recursion: trm`` needs ``n_latent`` >= 1), and an
+unmerged parent keeps each Phase-1 stage setting in which it differs from the trunk (``own_keys``: a ``trm`` parent
+is scored and handed on as ``trm``). The search alternates over the two, one round of coordinate ascent:
 
 1. *runtime screen* — the uniform merge (the recipe search's starting point) is scored under every runtime
    choice; the best is the runtime the recipe search uses;
@@ -66,7 +70,7 @@ from ..merge.models import uniform_recipe
 from ..params import require_non_negative, require_positive
 from ..results import GateCheck, PhaseResult
 from .base import UpstreamError
-from .common import check_levels, check_runtime
+from .common import STAGE_RUNTIME_KEYS, check_levels, check_runtime
 
 # The metrics the pipeline summary shows for this phase (its "headline" column).
 HEADLINE = ("champion_method", "champion_test_acc", "trunk_test_acc", "best_parent_test_acc", "uniform_test_acc",
@@ -250,9 +254,31 @@ def runtime_settings(params: Params, base) -> list[dict[str, Any]]:
         if unknown and getattr(config, "model_type", None) == "cognate":
             raise ValueError(f"runtime/runtime_choices: {unknown} are not fields of the Cognate config")
         settings = {k: v for k, v in merged.items() if hasattr(config, k)}
+        if getattr(config, "model_type", None) == "cognate":
+            _check_cognate(config, settings)
         if settings not in out:
             out.append(settings)
     return out
+
+
+def _check_cognate(config, settings: dict[str, Any]) -> None:
+    """The Cognate config's own checks of ``settings`` laid over ``config`` (e.g. recursion 'trm' needs
+    n_latent >= 1), before the search, not in the middle of it."""
+    try:
+        type(config).from_dict({**config.to_dict(), **settings})
+    except ValueError as exc:
+        raise ValueError(f"runtime/runtime_choices {runtime_label(settings)} over the trunk's config: {exc}") from None
+
+
+def own_keys(runtimes: list[dict[str, Any]], models: dict, base) -> list[str]:
+    """The config keys an unmerged candidate takes from its own model: those of the runtime choices, and each
+    Phase-1 stage setting (``STAGE_RUNTIME_KEYS``, the recursion among them) in which a parent differs from the
+    trunk (every candidate is built on the trunk's config: without them a ``trm`` parent would be scored, and handed
+    on, as ``cycles``)."""
+    keys = [k for r in runtimes for k in r]
+    keys += [k for k in STAGE_RUNTIME_KEYS if hasattr(base.config, k)
+             and any(getattr(m.config, k, None) != getattr(base.config, k) for m in models.values())]
+    return list(dict.fromkeys(keys))
 
 
 def runtime_label(settings: dict[str, Any]) -> str:
@@ -382,7 +408,7 @@ def search(params: Params, models: dict, base, fitness: Callable, seed: int = 0,
     cma_budget, _ = search_budget(params, len(runtimes))
     rec = _Record(models, base, fitness, log, workers)
     if params.unmerged_candidates:
-        keys = list(dict.fromkeys(k for r in runtimes for k in r))
+        keys = own_keys(runtimes, models, base)
         values = rec.evaluate_many("unmerged", [(recipe, recipe.config, source) for source, recipe
                                                 in unmerged_recipes(params, models, base, keys)])
         rec.end_stage("unmerged", values)
@@ -553,7 +579,7 @@ def run(params: Params, ctx) -> PhaseResult:
                                 source=finals[0]["source"])
     champion = merge_models(recipe, models, base).eval()
     table, guard_report = test_table(ctx, params, models, base, champion, tokenizer, found.search_runtime)
-    keys = list(dict.fromkeys(k for r in found.runtimes for k in r))
+    keys = own_keys(found.runtimes, models, base)
     settings = {params.base: settings_of(base, keys), **{n: settings_of(m, keys) for n, m in models.items()},
                 "uniform_merge": dict(found.search_runtime), "champion": dict(recipe.config)}
     portable = dataclasses.replace(recipe, models=[folders[m] for m in recipe.models], base=folders[params.base],

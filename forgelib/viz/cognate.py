@@ -34,8 +34,17 @@ def headroom_frame(report: dict):
     return frame.round(3)
 
 
+def runtime_frame(report: dict):
+    """Models × runtime settings (recursion, cycles, latent updates, supervision steps, memory, halting) as each
+    model was trained and saved (empty for a report written before they were recorded)."""
+    import pandas as pd
+
+    return pd.DataFrame(report.get("runtime", {})).T
+
+
 def plot_act_histogram(report: dict) -> "plt.Figure":
-    """Share of tokens that used 1, 2, … recursion cycles (inference, ACT halting on), one bar per model."""
+    """Share of tokens that used 1, 2, … recursion cycles (inference, ACT halting on), one bar per model (a model
+    with recursion ``trm`` counts supervision steps)."""
     import numpy as np
 
     models = report["models"]
@@ -48,7 +57,7 @@ def plot_act_histogram(report: dict) -> "plt.Figure":
         ax.bar(xs + (k - (len(models) - 1) / 2) * width, counts / max(1, counts.sum()), width,
                label=f"{name} (mean {m['mean_cycles']:.2f})")
     ax.set_xticks(xs)
-    ax.set_xlabel("cycles used per token")
+    ax.set_xlabel("cycles (trm: supervision steps) used per token")
     ax.set_ylabel("share of tokens")
     ax.set_title("ACT: cycles per token on the test split")
     ax.legend(fontsize=8)
