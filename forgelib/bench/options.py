@@ -297,7 +297,7 @@ def _realquant(parser: argparse.ArgumentParser) -> None:
                         help="the codecs run on --subset only (with an hqq 3-bit baseline on the same subset)")
     parser.add_argument("--embeddings", default="q8", choices=list(REALQUANT_EMBEDDINGS),
                         help="how every variant stores the embeddings: q8 (GGUF's Q8_0 layout), raw16 or raw32")
-    parser.add_argument("--tokens", type=int, default=4000,
+    parser.add_argument("--tokens", type=int, default=3000,
                         help="held-out text: the first test documents up to this many tokens (the last one cut)")
     parser.add_argument("--docs", type=int, default=None,
                         help="held-out text: the first N whole test documents instead of --tokens")

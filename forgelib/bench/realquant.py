@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     linears = linear_names(reference)
     todo = variants(args, linears)
     args.embeddings_spec = EMBEDDINGS[args.embeddings]
-    args.reference_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    args.reference_state = reference.state_dict()  # read only: writing an artifact leaves the model as it is
     hessians = {}
     if any(v["spec"]["codec"] == "vq" for v in todo):
         hessians = _calibration(reference, tokenizer, _documents(args.calibration_texts, "calibration"), args.max_len,
