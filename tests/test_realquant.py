@@ -182,3 +182,19 @@ def test_a_subset_that_matches_nothing_is_named(tiny, tmp_path, monkeypatch):
     (tmp_path / "texts.json").write_text(json.dumps(TEXTS))
     with pytest.raises(SystemExit, match=r"'model\.layers\.15\.mlp\.down_proj\.weight' matches no linear weight"):
         realquant.main(["--model", str(tiny[1]), "--texts", str(tmp_path / "texts.json"), "--codecs", "seedlm"])
+
+
+def test_a_wrong_model_or_setting_is_one_clear_line(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit, match="--model: GGUF file .*missing.gguf' does not exist"):
+        realquant.main(["--model", str(tmp_path / "missing.gguf")])
+    monkeypatch.setenv("FORGE_REALTEXT", str(tmp_path / "no-corpus"))
+    with pytest.raises(SystemExit, match="no-corpus.* is not a folder.*or pass --texts"):
+        realquant.main(["--model", str(tiny[1])])
+    (tmp_path / "texts.json").write_text(json.dumps(TEXTS))
+    with pytest.raises(SystemExit, match="codec 'hqq': bits must be one of 1, 2, 3, 4, 8, got 5"):
+        realquant.main(["--model", str(tiny[1]), "--texts", str(tmp_path / "texts.json"), "--codecs", "hqq",
+                        "--bits", "5"])
+    (tmp_path / "bad.json").write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(SystemExit, match="bad.json' is not a JSON list of documents"):
+        realquant.main(["--model", str(tiny[1]), "--texts", str(tmp_path / "bad.json")])

@@ -129,9 +129,12 @@ def text_slice(tokenizer, docs: list[str], tokens: int | None = None, n_docs: in
 def _documents(file: str | None, split: str) -> list[str]:
     """A JSON list of documents from ``file``, else the real-text corpus's ``split``."""
     if file is None:
-        from ..data.realtext import load_texts
+        from ..data.realtext import RealTextUnavailableError, load_texts
 
-        return load_texts(split)
+        try:
+            return load_texts(split)
+        except RealTextUnavailableError as exc:
+            raise SystemExit(f"forge bench realquant: {exc} (or pass --texts / --calibration-texts)") from None
     path = paths.resolve(file)
     try:
         docs = json.loads(path.read_text(encoding="utf-8"))
@@ -252,6 +255,16 @@ def run_variant(reference, tokenizer, texts: list[str], variant: dict, args, scr
     return row
 
 
+def _check(codec: str, spec: dict) -> None:
+    """A variant's settings within its codec's ranges, before anything runs (a clean exit naming them otherwise)."""
+    from ..quant.artifact import check_spec
+
+    try:
+        check_spec(codec, spec)
+    except ValueError as exc:
+        raise SystemExit(f"forge bench realquant: {exc}") from None
+
+
 def variants(args, linears: list[str]) -> list[dict]:
     """Every variant of the run: its name, codec spec, the weights it compresses and a label for them."""
     import fnmatch
@@ -267,6 +280,7 @@ def variants(args, linears: list[str]) -> list[dict]:
         widths = args.bits if codec in ("rtn", "hqq") else [None]
         for bits in widths:
             spec = dict(CODECS[codec], **({"bits": bits, "group": args.group} if bits else {}))
+            _check(codec, spec)
             out.append({"name": f"{codec}{bits or ''}", "spec": spec, "scope": scope, "label": label,
                         "extrapolate": scope is subset})
     if subset_codecs:
@@ -375,10 +389,15 @@ def _load(args):
     """(source path, reference model, tokenizer, load seconds)."""
     from ..modelio import load_model, load_tokenizer_for
 
-    source = _source(args.model)
+    from ..models.weights import ModelLoadError
+
     started = time.perf_counter()
-    reference = load_model(source)
-    tokenizer = load_tokenizer_for(source)
+    try:
+        source = _source(args.model)
+        reference = load_model(source)
+        tokenizer = load_tokenizer_for(source)
+    except ModelLoadError as exc:
+        raise SystemExit(f"forge bench realquant: --model: {exc}") from None
     return source, reference, tokenizer, time.perf_counter() - started
 
 
