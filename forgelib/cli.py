@@ -25,6 +25,7 @@ BENCHMARKS = {
     "experts": "forgelib.bench.experts",
     "compression": "forgelib.bench.compression",
     "chain": "forgelib.bench.chain",
+    "realquant": "forgelib.bench.realquant",
 }
 
 

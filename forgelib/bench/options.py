@@ -37,6 +37,8 @@ SUMMARIES = {
              "and Cognate with two cycles",
     "optim-lm": "MuGrokfast (Phase-1 preset) vs AdamW on the task suite: validation loss at a fixed token "
                 "budget, optimizer and training step time",
+    "realquant": "Phase 8's codecs on a real pretrained model (SmolLM2-135M) against the GGUF file as shipped: bits "
+                 "per weight counted from the files, held-out real-text perplexity, encode seconds",
     "quietstar": "Quiet-STaR vs plain continued training, pause tokens and random-token thoughts at equal "
                  "training compute: test accuracy and answer NLL",
 }
@@ -70,6 +72,24 @@ COMPRESSION_METHODS = {
     "hyper4": {"codec": "hyper", "n": 2, "index_bits": 8},
 }
 """``forge bench compression``'s methods: codec and settings, each applied alone."""
+
+REALQUANT_CODECS = {
+    "raw16": {"codec": "raw16"},
+    "rtn": {"codec": "rtn"},  # bits from --bits, group from --group
+    "hqq": {"codec": "hqq"},
+    "bfp": {"codec": "bfp", "mantissa_bits": 3, "block": 8, "exp_bits": 4},
+    "seedlm": {"codec": "seedlm", "K": 12, "C": 8, "P": 3},
+    "vq": {"codec": "vq", "v": 4, "codebook_bits": 6, "residual": True},
+    "hyper": {"codec": "hyper", "n": 4, "index_bits": 12},
+}
+"""``forge bench realquant``'s codecs and their settings (rtn and hqq take ``--bits`` and ``--group``)."""
+REALQUANT_SUBSET_CODECS = ("seedlm", "vq", "hyper")
+"""The codecs ``forge bench realquant`` runs on ``--subset`` only: measured on SmolLM2 on one core, each would take
+far too long on every linear layer (SeedLM ~70 µs, VQ ~18 µs, hyper ~10 µs per weight against HQQ's 0.2 µs)."""
+REALQUANT_EMBEDDINGS = {"q8": {"codec": "rtn", "bits": 8, "group": 32}, "raw16": {"codec": "raw16"},
+                        "raw32": {"codec": "raw32"}}
+"""How ``forge bench realquant`` stores the embeddings (no codec under test touches them): ``q8`` is GGUF's Q8_0
+layout (8-bit codes, one fp16 scale max|w|/127 per 32 weights), which gives back a Q8_0 tensor's values exactly."""
 
 # MuonGrokfast from the Phase-1 preset with the settings as overrides. "grokfast_*" keys on a torch kind
 # add the Grokfast-EMA filter to the gradients before the step (the paper's way of using it).
@@ -260,6 +280,38 @@ def _compression(parser: argparse.ArgumentParser) -> None:
     _common(parser, "compression")
 
 
+def _realquant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="the reference model: a real model's name (smollm2) or any model source path (a .gguf "
+                             "file, a model folder); a GGUF file's own bits are measured too")
+    parser.add_argument("--codecs", nargs="+", default=list(REALQUANT_CODECS), choices=list(REALQUANT_CODECS),
+                        metavar="CODEC", help=f"codecs to run, from {', '.join(REALQUANT_CODECS)}")
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], metavar="B",
+                        help="bit widths of rtn and hqq")
+    parser.add_argument("--group", type=int, default=64, help="group size of rtn and hqq (weights per fp16 scale)")
+    parser.add_argument("--subset", default="model.layers.15.mlp.down_proj.weight",
+                        help="name pattern (fnmatch) of the linear weights that seedlm, vq and hyper compress (too "
+                             "slow for every layer); 'model.layers.*' runs them on all")
+    parser.add_argument("--subset-codecs", nargs="+", default=list(REALQUANT_SUBSET_CODECS),
+                        choices=list(REALQUANT_CODECS), metavar="CODEC",
+                        help="the codecs run on --subset only (with an hqq 3-bit baseline on the same subset)")
+    parser.add_argument("--embeddings", default="q8", choices=list(REALQUANT_EMBEDDINGS),
+                        help="how every variant stores the embeddings: q8 (GGUF's Q8_0 layout), raw16 or raw32")
+    parser.add_argument("--tokens", type=int, default=3000,
+                        help="held-out text: the first test documents up to this many tokens (the last one cut)")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="held-out text: the first N whole test documents instead of --tokens")
+    parser.add_argument("--texts", default=None, metavar="JSON",
+                        help="a JSON list of documents to score instead of the real-text test split")
+    parser.add_argument("--calibration-texts", default=None, metavar="JSON",
+                        help="a JSON list of documents for vq's calibration instead of the calibration split")
+    parser.add_argument("--max-len", type=int, default=512, help="perplexity window, tokens")
+    parser.add_argument("--stride", type=int, default=256, help="perplexity stride, tokens")
+    parser.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens of each sanity answer")
+    _common(parser, "realquant")
+
+
 def _chain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="parameters/smoke.yaml", help="parameter file every chain runs")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (run.seed), from --seed-start on")
@@ -277,7 +329,7 @@ def _chain(parser: argparse.ArgumentParser) -> None:
 ADD_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "baking": _baking, "bitnet": _bitnet, "chain": _chain, "cognate": _cognate, "compression": _compression,
     "curriculum": _curriculum, "evomerge": _evomerge, "experts": _experts, "grokking": _grokking, "learn": _learn,
-    "optim-lm": _optim_lm, "quietstar": _quietstar}
+    "optim-lm": _optim_lm, "quietstar": _quietstar, "realquant": _realquant}
 
 
 def module_name(name: str) -> str:
