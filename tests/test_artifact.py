@@ -4,6 +4,8 @@ import copy
 import math
 import struct
 
+import time
+
 import pytest
 import torch
 
@@ -207,8 +209,13 @@ def test_bit_accounting_equals_the_bytes_on_disk(tiny_llama, tmp_path):
 
     convert_to_bitnet(tiny_llama)
     plan = _plan(tiny_llama)
+    started = time.perf_counter()
     report = save_compressed(tiny_llama, tmp_path / "model.forge", plan)
+    wall = time.perf_counter() - started
     assert report["file_bytes"] == (tmp_path / "model.forge").stat().st_size
+    # every entry's encode is timed, inside the call's own time
+    assert set(report["encode_seconds"]) == set(tiny_llama.state_dict())
+    assert all(s >= 0 for s in report["encode_seconds"].values()) and sum(report["encode_seconds"].values()) <= wall
     assert report["file_bytes"] == report["header_bytes"] + report["payload_bytes"]
     per = report["per_tensor_bytes"]
     for name, tensor in tiny_llama.state_dict().items():

@@ -30,7 +30,6 @@ Q3_K_M about 3.9, Q2_K about 2.6-3.4 (depending on the mix), IQ2_XS about 2.31, 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -196,33 +195,6 @@ def _weight_changes(reference: dict, loaded: dict, scope: list[str], embeddings:
     return {"weight_rel_err": math.sqrt(err / norm) if norm else 0.0, "embeddings_max_change": emb}
 
 
-@contextlib.contextmanager
-def timed_encode(codec: str, tensors: list[torch.Tensor]):
-    """Within the block, the registered codec ``codec`` adds the seconds its encode spends on ``tensors`` (matched
-    by storage: the artifact hands a codec the float32 CPU tensor itself) to the yielded ``{"seconds": ...}``; the
-    registry is restored after."""
-    import dataclasses
-
-    from ..quant.codecs import CODECS as REGISTRY
-
-    original, clock = REGISTRY[codec], {"seconds": 0.0}
-    storage = {t.data_ptr() for t in tensors}
-
-    def encode(tensor, settings, hessian):
-        started = time.perf_counter()
-        try:
-            return original.encode(tensor, settings, hessian)
-        finally:
-            if tensor.data_ptr() in storage:
-                clock["seconds"] += time.perf_counter() - started
-
-    REGISTRY[codec] = dataclasses.replace(original, encode=encode)
-    try:
-        yield clock
-    finally:
-        REGISTRY[codec] = original
-
-
 def run_variant(reference, tokenizer, texts: list[str], variant: dict, args, scratch: Path, hessians: dict) -> dict:
     """Write the reference as the variant's artifact, load it back, count its bytes and measure it."""
     from ..modelio import load_model
@@ -233,8 +205,7 @@ def run_variant(reference, tokenizer, texts: list[str], variant: dict, args, scr
     path = scratch / f"{variant['name']}.forge"
     state = reference.state_dict()
     started = time.perf_counter()
-    with timed_encode(variant["spec"]["codec"], [state[n] for n in scope]) as encode:
-        report = save_compressed(reference, path, plan, hessians={n: h for n, h in hessians.items() if n in scope})
+    report = save_compressed(reference, path, plan, hessians={n: h for n, h in hessians.items() if n in scope})
     artifact_s = time.perf_counter() - started
     started = time.perf_counter()
     loaded = load_model(path)
@@ -249,7 +220,8 @@ def run_variant(reference, tokenizer, texts: list[str], variant: dict, args, scr
            "model_bits_per_weight": report["bits_per_weight"],
            "file_bytes": report["file_bytes"], "header_bytes": report["header_bytes"], "scope_bytes": scope_bytes,
            "embeddings_bytes": sum(report["per_tensor_bytes"][n] for n in embeddings),
-           "encode_s": round(encode["seconds"], 4), "artifact_s": round(artifact_s, 4), "load_s": round(load_s, 2),
+           "encode_s": round(sum(report["encode_seconds"][n] for n in scope), 4), "artifact_s": round(artifact_s, 4),
+           "load_s": round(load_s, 2),
            **_weight_changes(args.reference_state, loaded.state_dict(), scope, embeddings)}
     row.update(measure(loaded, tokenizer, texts, args))
     return row

@@ -27,6 +27,7 @@ import base64
 import json
 import math
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -191,7 +192,8 @@ def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | 
                     hessians: dict[str, torch.Tensor] | None = None,
                     extras: dict[str, torch.Tensor] | None = None) -> dict:
     """Write ``model`` (a causal LM or a QuietStarModel) as one artifact file (module docstring); returns
-    ``artifact_report(path)``. ``plan`` may also name ``extra::<name>`` for an extra tensor (default raw16).
+    ``artifact_report(path)`` plus ``encode_seconds`` (per entry, the seconds its codec's encode took).
+    ``plan`` may also name ``extra::<name>`` for an extra tensor (default raw16).
     ``tokenizer`` is saved beside the file (its folder). The file is written to a temporary name and renamed, so
     a failed write leaves an earlier artifact of that name intact."""
     from safetensors.torch import save_file
@@ -202,9 +204,11 @@ def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | 
         raise ValueError(f"plan names tensors the model does not have: {unknown[:3]}")
     base, quietstar = _model_parts(model)
     tensors = {**_owned(model), **{EXTRA + k: v for k, v in extras.items()}}
-    chunks, entries, offset = [], {}, 0
+    chunks, entries, offset, seconds = [], {}, 0, {}
     for name, tensor in tensors.items():
+        started = time.perf_counter()
         parts, meta = _encode(name, tensor, plan.get(name, {}), hessians.get(name))
+        seconds[name] = time.perf_counter() - started
         layout = []
         for key, part in parts.items():
             raw = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
@@ -224,7 +228,7 @@ def save_compressed(model: nn.Module, path: str | Path, plan: dict[str, dict] | 
         tmp.unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path.parent)
-    return artifact_report(path)
+    return {**artifact_report(path), "encode_seconds": seconds}
 
 
 def read_parts(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
