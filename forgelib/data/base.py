@@ -4,6 +4,7 @@ Kept free of heavy imports so that the family modules (and anything that only ne
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,6 +15,12 @@ ANSWER_MARK = "#"   # separates a worked solution from the final answer; no prom
 
 # The calculator markup shared with the tokenizer's special tokens (see tokenizer.SPECIAL_TOKENS).
 TOOL_OPEN, TOOL_CLOSE, TOOL_RESULT = "<|tool|>", "<|/tool|>", "<|result|>"
+
+
+def stable_unit(text: str) -> float:
+    """A number in [0, 1) from a stable hash of ``text`` (sha256, the same on every machine): the splits of the task
+    prompts and of the real-text documents are ranges of it."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2 ** 64
 
 
 class UnknownFamilyError(KeyError):

@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from forgelib.data.base import stable_unit
 from forgelib.params import short
 
 __all__ = ["CORPUS_ENV", "EXCLUDED", "SETUP_COMMAND", "SPLITS", "RealTextUnavailableError", "clean_rst",
@@ -324,8 +325,7 @@ def split_of(name: str, test_share: float = 0.5) -> str:
     adding a document moves no other)."""
     if not 0.0 < test_share < 1.0:
         raise ValueError(f"test_share must be in (0, 1), got {short(test_share)}")
-    u = int.from_bytes(hashlib.sha256(f"realtext:{name}".encode("utf-8")).digest()[:8], "big") / 2 ** 64
-    return "test" if u < test_share else "calibration"
+    return "test" if stable_unit(f"realtext:{name}") < test_share else "calibration"
 
 
 def _is_excluded(name: str) -> bool:

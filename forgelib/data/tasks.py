@@ -9,14 +9,13 @@ A family is a module in `forgelib/data/families/` that registers itself with `re
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Iterable, Sequence
 
 from forgelib.data import families as _families  # noqa: F401  (registers the built-in families)
 from forgelib.data.base import (ANSWER_MARK, FAMILIES, LEVELS, STEP_SEP, Sample, TaskFamily,
                                 TaskOptionError, UnknownFamilyError, check_level, exact_match, extract_answer,
-                                get_family, register_family)
+                                get_family, register_family, stable_unit)
 
 __all__ = ["ANSWER_MARK", "FAMILIES", "LEVELS", "SPLITS", "STEP_SEP", "Sample", "TaskFamily",
            "TaskOptionError", "TaskSpaceExhaustedError", "UnknownFamilyError", "build_mix", "check",
@@ -34,7 +33,7 @@ class TaskSpaceExhaustedError(TaskOptionError):
 
 def split_of(prompt: str) -> str:
     """The split a prompt belongs to, from a stable hash of its text (the same on every machine)."""
-    u = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2 ** 64
+    u = stable_unit(prompt)
     bound = 0.0
     for name, share in SPLITS.items():
         bound += share
