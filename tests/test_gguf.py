@@ -235,6 +235,8 @@ def test_without_the_gguf_package_loading_names_the_set_up_command(tiny_gguf, mo
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
     with pytest.raises(ModelLoadError, match=r"needs the gguf package, which is not installed: .*make setup"):
         load_model(tiny_gguf)
+    with pytest.raises(ModelLoadError, match=r"needs the gguf package, which is not installed: .*make setup"):
+        load_tokenizer_for(tiny_gguf)
     monkeypatch.undo()
     monkeypatch.setattr(gguf_file.metadata, "version", lambda name: "0.9.1")
     with pytest.raises(ModelLoadError, match=r"needs gguf >= 0\.10, found 0\.9\.1: .*make setup-real"):

@@ -152,6 +152,7 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     folder, file = _source(path)
+    require_gguf_package()  # transformers reads the tokenizer's metadata with it too
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=file)
     except (ValueError, KeyError, IndexError, TypeError, NotImplementedError, OSError, struct.error) as exc:
