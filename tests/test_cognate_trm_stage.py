@@ -37,8 +37,8 @@ def tok():
 
 def test_stage_defaults_are_the_config_defaults():
     stage, config = cognate.Stage(), CognateConfig()
-    assert stage.runtime() == {k: getattr(config, k) for k in cognate.RUNTIME_KEYS}
-    assert stage.recursion == "cycles" and set(cognate.TRM_ONLY) < set(cognate.RUNTIME_KEYS)
+    assert stage.runtime() == {k: getattr(config, k) for k in cognate.STAGE_RUNTIME_KEYS}
+    assert stage.recursion == "cycles" and set(cognate.TRM_ONLY) < set(cognate.STAGE_RUNTIME_KEYS)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -72,7 +72,7 @@ def test_apply_stage_sets_every_runtime_setting_and_adds_no_parameter(tok):
     stage = cognate.Stage(mix={"arith": 1}, **TRM_STAGE, halt_exploration_prob=0.0, grad_last_cycle_only=False)
     before = {k: v.clone() for k, v in trunk.state_dict().items()}
     model = cognate.apply_stage(trunk, stage)
-    assert {k: getattr(model.config, k) for k in cognate.RUNTIME_KEYS} == stage.runtime()
+    assert {k: getattr(model.config, k) for k in cognate.STAGE_RUNTIME_KEYS} == stage.runtime()
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

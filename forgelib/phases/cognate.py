@@ -52,8 +52,6 @@ HEADLINE = ("trunk_acc_mean", "chance_mean", "reasoning_acc_own", "memory_acc_ow
 # task, where weight decay 1.0 was needed) with the learning rate and weight decay measured on the task suite
 # (1 thread, arith levels 1-3, 240 s, fresh samples): weight decay 1.0 -> 68% exact match, 0.1 -> 83%.
 LM_OPTIMIZER = {"lr": 3e-3, "weight_decay": 0.1}
-# The Cognate config settings each Stage sets on its model (``apply_stage``; the report's ``runtime``).
-RUNTIME_KEYS = STAGE_RUNTIME_KEYS
 # The settings of recursion "trm" only, at CognateConfig's defaults (a stage running "cycles" must leave them so).
 TRM_ONLY = {"supervision_steps": 1, "grad_last_cycle_only": True, "halt_exploration_prob": 0.1}
 
@@ -166,8 +164,8 @@ class Stage:
             raise ValueError(str(exc)) from None
 
     def runtime(self) -> dict[str, Any]:
-        """The Cognate config settings of this stage (``RUNTIME_KEYS``)."""
-        return {key: getattr(self, key) for key in RUNTIME_KEYS}
+        """The Cognate config settings of this stage (``STAGE_RUNTIME_KEYS``)."""
+        return {key: getattr(self, key) for key in STAGE_RUNTIME_KEYS}
 
 
 @dataclasses.dataclass
@@ -438,7 +436,7 @@ def _model_measures(model, tokenizer, samples, encoded, params: Params) -> dict[
 def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers: int = 1) -> dict[str, Any]:
     """Accuracy and answer loss per family, ACT cycles and gate entropy for every model (test split; ``workers``
     models at a time); the chance level per family (the best constant answer); the trunk's accuracy at the headroom
-    levels; each model's runtime settings (``runtime``: ``RUNTIME_KEYS`` as its config holds them)."""
+    levels; each model's runtime settings (``runtime``: ``STAGE_RUNTIME_KEYS`` as its config holds them)."""
     samples = test_samples(params, seed)
     max_len = params.max_len + 16
     encoded = encode_for_eval(tokenizer, samples, max_len, with_steps=params.with_steps)
@@ -446,7 +444,7 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers:
                           "train", seed)
     report: dict[str, Any] = {"n_test": len(samples), "levels": list(params.levels),
                               "chance": chance_accuracy(samples, reference), "models": {},
-                              "runtime": {name: {k: getattr(model.config, k) for k in RUNTIME_KEYS}
+                              "runtime": {name: {k: getattr(model.config, k) for k in STAGE_RUNTIME_KEYS}
                                           for name, model in models.items()}}
     jobs = [functools.partial(_model_measures, model, own_copy(tokenizer, workers), samples, encoded, params)
             for model in models.values()]
