@@ -350,10 +350,11 @@ def _answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
     """A model with a chat template answers through it (``evaluate.answer_question``); an Agent Forge model (its
     tokenizer knows the calculator's tokens) answers as the phases and the playground ask it: greedy, its calculator
     calls run (``tools.generate_with_tools``), the markup kept (``<|tool|>expr<|/tool|><|result|>value``)."""
+    from .data.base import TOOL_OPEN
     from .evaluate import answer_question
     from .tools import generate_with_tools
 
-    if getattr(tokenizer, "chat_template", None) or "<|tool|>" not in tokenizer.get_vocab():
+    if getattr(tokenizer, "chat_template", None) or TOOL_OPEN not in tokenizer.get_vocab():
         return answer_question(model, tokenizer, question, max_new_tokens)
     return generate_with_tools(model, tokenizer, [question], max_new_tokens)[0].text
 
