@@ -157,13 +157,20 @@ def questions(family: str, levels: tuple[int, int], n: int, seed: int, pool: int
 @functools.lru_cache(maxsize=64)
 def _pool(family: str, levels: tuple[int, int], size: int, seed: int) -> tuple:
     """The shuffled pool behind ``questions`` (kept per process: a phase's guards and the compression phase's
-    stage guards ask the same pools; 2,000 test questions of one family take 0.4-1.5 s to generate)."""
+    stage guards ask the same pools; and on disk between processes, ``forgelib.data.pool_cache``: 2,000 test
+    questions of one family take 0.4-1.5 s to generate, and every phase's kernel asks the same pools)."""
+    from .data import pool_cache
     from .data.tasks import generate
 
     lo, hi = levels
+    key = f"{family}-{lo}-{hi}-{size}-{seed}"
+    stored = pool_cache.load(key, family, size)
+    if stored is not None:
+        return tuple(stored)
     per = [size // (hi - lo + 1) + (1 if i < size % (hi - lo + 1) else 0) for i in range(hi - lo + 1)]
     out = [q for i, k in enumerate(per) for q in generate(family, lo + i, k, "test", seed, allow_fewer=True)]
     random.Random(f"guard-order|{family}|{lo}-{hi}|{seed}|{size}").shuffle(out)
+    pool_cache.store(key, out)
     return tuple(out)
 
 
