@@ -223,3 +223,21 @@ def test_a_merge_runs_under_the_trunks_recursion_unless_the_runtime_sets_one():
         evo.runtime_settings(evo.Params(sources=list(parents), runtime_choices=[{"recursion": "trm"}]), trunk)
     with pytest.raises(ValueError, match=r"runtime_choices\[0\]\.supervision_steps must be >= 1"):
         evo.Params(sources=list(parents), runtime_choices=[{"supervision_steps": 0}])
+
+
+def test_cycles_frame_shows_the_curve_and_its_gains():
+    """Notebook 01's view of Phase 1's ``cycles_curve``: accuracy at 1, trained and twice the trained cycles, the
+    paired gains with their lower bounds; empty for a report without it."""
+    from forgelib.viz.cognate import cycles_frame
+
+    report = {"cycles_curve": {"reasoning": {
+        "trained_cycles": 2, "families": ["multistep", "algebra"], "n": 256,
+        "accuracy": {"1": 0.7656, "2": 0.7695, "4": 0.7656},
+        "gains": {"2_minus_1": {"diff": 0.0039, "lower_bound": -0.0089, "n": 256},
+                  "4_minus_2": {"diff": -0.0039, "lower_bound": -0.0195, "n": 256}}}}}
+    frame = cycles_frame(report)
+    row = frame.loc["reasoning (trained at 2, multistep+algebra, n=256)"]
+    assert row["acc at 1 cycle"] == 0.7656 and row["acc at 4 cycles"] == 0.7656
+    assert row["gain 2 vs 1 (lower bound)"] == "+0.004 (-0.009)"
+    assert row["gain 4 vs 2 (lower bound)"] == "-0.004 (-0.019)"  # -0.0195 printed to 3 places
+    assert cycles_frame({}).empty

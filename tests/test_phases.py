@@ -294,6 +294,30 @@ def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
     assert result.metrics["trunk_loss_last"] < result.metrics["trunk_loss_first"]
     rows = [json.loads(l) for l in (ctx.dir / "metrics.jsonl").read_text().splitlines()]
     assert any("trunk/loss" in r for r in rows) and any("speed/loss" in r for r in rows)
+    # the cycles curve: the model trained with 2 cycles on its own families at 1, 2 and 4 test-time cycles, the same
+    # questions at every count; its gains recomputed from the per-question answers, and the count it was trained at
+    # measured afresh through the evaluation every phase uses
+    from forgelib.evaluate import answer_correctness
+    from forgelib.stats import compare, lower_bound
+    from forgelib.suite import questions
+
+    assert set(report["cycles_curve"]) == {name for name in ("trunk", *ROLES)
+                                           if (params.specialists.get(name) or params.trunk).n_cycles > 1}
+    curve = report["cycles_curve"]["reasoning"]
+    assert curve["trained_cycles"] == 2 and set(curve["accuracy"]) == {"1", "2", "4"}
+    fams = params.specialists["reasoning"].families
+    test = [q for f in fams for q in questions(f, tuple(params.levels), params.eval_per_family, ctx.seed + 7 + 103)]
+    assert curve["n"] == len(test) == len(curve["correct"]["2"])
+    for key, (a, b) in (("2_minus_1", ("1", "2")), ("4_minus_2", ("2", "4"))):
+        c = compare(curve["correct"][a], curve["correct"][b])
+        assert curve["gains"][key] == {"diff": round(c.diff, 4), "lower_bound": round(lower_bound(c, g.confidence), 4),
+                                       "n": len(test)}
+    for count, correct in curve["correct"].items():
+        assert curve["accuracy"][count] == round(sum(correct) / len(correct), 4)
+    model = load_cognate(paths.resolve(result.models["reasoning"]["path"])).eval()
+    assert answer_correctness(model, tok, test[:64], batch_size=128, with_steps=params.with_steps) == \
+        [bool(x) for x in curve["correct"]["2"][:64]]
+    assert result.metrics["reasoning_cycles_gain"] == curve["gains"]["2_minus_1"]["diff"]
 
 
 @pytest.mark.slow
@@ -365,7 +389,7 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     from forgelib.evaluate import mean_nll
     from forgelib.modelio import load_causal_lm
     from forgelib.phases.quietstar import test_samples
-    from forgelib.stats import mean_bounds, noninferior
+    from forgelib.stats import mean_bounds, noninferior, superior
     from forgelib.quietstar import QuietStarModel
     from forgelib.modelio import load_quietstar
 
@@ -385,21 +409,32 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
         assert len(samples) >= g.needed(params.margin)
     assert [r["prompt"] for r in report["heatmap"]] == [s.prompt for s in samples[:len(report["heatmap"])]]
     gate = _gate(result)
-    # (1) thinking does not hurt: upper bound of the per-question NLL difference, thoughts on minus off
+    # (0) thinking or not: the same weights with and without thoughts, paired superiority of thinking (hand_on auto)
+    think = superior("thinking_vs_not", test["no_thoughts"]["correct"], test["thoughts"]["correct"],
+                     params.think_min_gain, g.confidence, g.power)
+    decision = report["decision"]
+    assert decision["verdict"] == think.as_row() and decision["thinking"] is think.passed
+    assert result.metrics["thinks"] == int(think.passed) and result.metrics["think_gain_acc"] == think.diff
+    # (1) thinking does not hurt: upper bound of the per-question NLL difference, thoughts on minus off (reported
+    # always, a gate check when the model is handed on thinking)
     diffs = [a - b for a, b in zip(test["thoughts"]["sample_nll"], test["no_thoughts"]["sample_nll"])]
     mean, _, upper = mean_bounds(diffs, g.confidence)
     verdicts = report["verdicts"]
     assert verdicts["nll_thoughts_minus_no_thoughts"] == pytest.approx({"mean": mean, "upper_bound": upper})
-    _check(gate, "nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin, "<=")
-    # (2) accuracy with thoughts non-inferior to the Phase-2 model's, paired on the same questions
-    acc = noninferior("thoughts_vs_base", test["base"]["correct"], test["thoughts"]["correct"], params.margin,
+    if think.passed:
+        _check(gate, "nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin, "<=")
+    # (2) the handed-on model's accuracy (thinking or not) non-inferior to the Phase-2 model's, paired
+    label = "thoughts" if think.passed else "no_thoughts"
+    acc = noninferior(f"{label}_vs_base", test["base"]["correct"], test[label]["correct"], params.margin,
                       g.confidence, g.power)
     assert verdicts["accuracy"] == acc.as_row()
-    _check(gate, "acc_thoughts_minus_base_lower_bound", acc.lower, -params.margin, ">")
+    _check(gate, f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">")
     # (3) the guard: every family the Phase-2 model knew
     _check_guard(ctx, result, evomerge[1], g.margin)
-    assert set(gate) == {f"keeps_{f}" for f in evomerge[1].suite} | {"nll_thoughts_minus_no_thoughts_upper_bound",
-                                                                     "acc_thoughts_minus_base_lower_bound"}
+    assert set(gate) == {f"keeps_{f}" for f in evomerge[1].suite} | {f"acc_{label}_minus_base_lower_bound"} | (
+        {"nll_thoughts_minus_no_thoughts_upper_bound"} if think.passed else set())
+    # the decision travels with the model: loaded back, it thinks exactly when Phase 3 decided so
+    assert load_quietstar(paths.resolve(result.models["model"]["path"])).thinking is think.passed
     assert result.suite == evomerge[1].suite
     # the curves start at the Phase-2 model, where thinking and not thinking are the same (w = 0)
     for arm in ("thoughts",):
@@ -873,8 +908,11 @@ def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
     assert set(test) == {"base", "thoughts", "pause", "no_thoughts"}
     assert result.metrics["gain_over_pause_acc"] == round(test["thoughts"]["accuracy"] - test["pause"]["accuracy"], 4)
     assert result.metrics["gain_over_pause_acc_lower_bound"] <= result.metrics["gain_over_pause_acc"]
-    assert {g.name for g in result.gate} == ({"nll_thoughts_minus_no_thoughts_upper_bound",
-                                              "acc_thoughts_minus_base_lower_bound"} | {f"keeps_{f}" for f in SUITE})
+    thinks = bool(result.metrics["thinks"])
+    assert again.thinking is thinks
+    label = "thoughts" if thinks else "no_thoughts"
+    assert {g.name for g in result.gate} == ({f"acc_{label}_minus_base_lower_bound"} | {f"keeps_{f}" for f in SUITE}
+                                             | ({"nll_thoughts_minus_no_thoughts_upper_bound"} if thinks else set()))
     assert json.loads((ctx.dir / "guard.json").read_text())["suite"] == SUITE
 
 

@@ -497,6 +497,43 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
     return out
 
 
+def cycles_curve(models: dict, tokenizer, params: Params, seed: int, guard, workers: int = 1) -> dict[str, Any]:
+    """Test-time cycles of every model trained with recursion (``n_cycles`` > 1): its own families' accuracy at 1
+    cycle, at its trained count and at twice it, on the same ``eval_per_family`` test questions per family (the
+    first of the guard's pool), with the paired gain of the trained count over 1 cycle and of twice it over the
+    trained count (``forgelib.stats.compare``; lower bounds at the guard's confidence). Reported whatever the sign:
+    it says whether the recursion earns its cycles (``forge bench cognate`` measures the one-layer curve)."""
+    from ..stats import compare, lower_bound
+    from ..suite import questions
+
+    out = {}
+    for name, model in models.items():
+        trained = int(getattr(model.config, "n_cycles", 1))
+        if trained <= 1:
+            continue
+        stage = params.specialists.get(name, params.trunk)
+        fams = stage.families or list(stage.mix)
+        test = [q for f in fams for q in questions(f, tuple(params.levels), params.eval_per_family, seed + 103)]
+        counts = sorted({1, trained, 2 * trained})
+        copies = []
+        for c in counts:
+            twin = copy.deepcopy(model)
+            twin.config.n_cycles = c
+            copies.append(twin)
+        got = run_jobs([functools.partial(answer_correctness, twin, own_copy(tokenizer, workers), test, batch_size=128,
+                                          with_steps=params.with_steps) for twin in copies], workers)
+        correct = dict(zip(counts, got))
+        gains = {}
+        for a, b in ((1, trained), (trained, 2 * trained)):
+            c = compare(correct[a], correct[b])
+            gains[f"{b}_minus_{a}"] = {"diff": round(c.diff, 4),
+                                       "lower_bound": round(lower_bound(c, guard.confidence), 4), "n": c.n}
+        out[name] = {"trained_cycles": trained, "families": fams, "n": len(test),
+                     "accuracy": {str(c): round(sum(v) / len(v), 4) for c, v in correct.items()}, "gains": gains,
+                     "correct": {str(c): [int(x) for x in v] for c, v in correct.items()}}
+    return out
+
+
 def own_family_score(report: dict, name: str, families: list[str], key: str) -> float:
     values = [report["models"][name][key][f] for f in families]
     return sum(values) / len(values)
@@ -546,6 +583,9 @@ def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     if "headroom" in report:
         values = list(report["headroom"]["trunk_accuracy"].values())
         metrics["trunk_acc_headroom"] = round(sum(values) / len(values), 4)
+    for name, curve in report.get("cycles_curve", {}).items():  # the trained cycles against one, own families
+        gain = curve["gains"][f"{curve['trained_cycles']}_minus_1"]
+        metrics[f"{name}_cycles_gain"], metrics[f"{name}_cycles_gain_lower_bound"] = gain["diff"], gain["lower_bound"]
     metrics["reasoning_mean_cycles"] = round(report["models"]["reasoning"]["mean_cycles"], 3)
     metrics["memory_gate_entropy"] = round(report["models"]["memory"]["gate_entropy"], 4)
     metrics["min_disagreement"] = round(min(report["disagreement"].values()), 4)
@@ -574,6 +614,7 @@ def run(params: Params, ctx) -> PhaseResult:
                                                        or list(params.specialists[name].mix)) for name in ROLES}
     guard = ctx.guard_params
     report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard, workers)
+    report["cycles_curve"] = cycles_curve(models, tokenizer, params, ctx.seed + 7, guard, workers)
     ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})

@@ -42,6 +42,22 @@ def runtime_frame(report: dict):
     return pd.DataFrame(report.get("runtime", {})).T
 
 
+def cycles_frame(report: dict):
+    """Test-time cycles of each model trained with recursion (Phase 1's ``cycles_curve``): own-family accuracy at 1
+    cycle, at the trained count and at twice it, and the paired gains with their lower bounds (empty when no model
+    recurses, or for a report written before it was measured)."""
+    import pandas as pd
+
+    rows = {}
+    for name, curve in report.get("cycles_curve", {}).items():
+        row = {f"acc at {c} cycle{'s' if c != '1' else ''}": a for c, a in curve["accuracy"].items()}
+        for key, gain in curve["gains"].items():
+            a, b = key.split("_minus_")
+            row[f"gain {a} vs {b} (lower bound)"] = f"{gain['diff']:+.3f} ({gain['lower_bound']:+.3f})"
+        rows[f"{name} (trained at {curve['trained_cycles']}, {'+'.join(curve['families'])}, n={curve['n']})"] = row
+    return pd.DataFrame(rows).T
+
+
 def plot_act_histogram(report: dict) -> "plt.Figure":
     """Share of tokens that used 1, 2, … recursion cycles (inference, ACT halting on), one bar per model (a model
     with recursion ``trm`` counts supervision steps)."""
