@@ -166,6 +166,7 @@ def load_quietstar(path: str | Path, tokenizer: Any = None, trainable: bool = Fa
     if (model.sot_id, model.eot_id) != (meta.get("sot_id"), meta.get("eot_id")):
         raise ModelLoadError(f"{path}: the tokenizer's thought token ids {(model.sot_id, model.eot_id)} differ from "
                              f"the saved ones {(short(meta.get('sot_id')), short(meta.get('eot_id')))}")
+    model.thinking = stored_thinking(meta, str(path / CONFIG_FILE))
     convert_to_int8(model.mixing_head, [name.removeprefix("mixing_head.") for name in int8])
     extra = unpack_int8_tensors(load_file(str(path / EXTRA_FILE)), where=str(path / EXTRA_FILE))
     want = {"thought_embeddings", *(f"mixing_head.{k}" for k in model.mixing_head.state_dict())}
@@ -199,6 +200,15 @@ def quietstar_config(settings: Any, stored: dict, where: str,
     return config
 
 
+def stored_thinking(settings: dict, where: str, error: type[ValueError] = ModelLoadError) -> bool:
+    """Whether a stored Quiet-STaR model answers thinking: its ``thinking`` (true when absent: folders written
+    before Phase 3 decided it thought always), a boolean."""
+    thinking = settings.get("thinking", True)
+    if not isinstance(thinking, bool):
+        raise error(f"{where}: 'thinking' must be true or false, got {short(thinking)}")
+    return thinking
+
+
 @_one_at_a_time
 def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
     """The model a Phase-8 artifact file holds (``forgelib.quant.artifact.read_artifact``), eval mode: a
@@ -215,6 +225,7 @@ def load_compressed(path: str | Path, tokenizer: Any = None) -> nn.Module:
             raise ArtifactError(f"{path}: the Quiet-STaR model cannot be rebuilt ({cut(str(exc), 200)})") from None
         if (model.sot_id, model.eot_id) != (settings.get("sot_id"), settings.get("eot_id")):
             raise ArtifactError(f"{path}: the tokenizer's thought token ids differ from the artifact's")
+        model.thinking = stored_thinking(settings, str(path), ArtifactError)
         return model
 
     return read_artifact(path, wrap=wrap).eval()

@@ -212,7 +212,7 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     quiet_library_bars()
     params = params or ScorecardParams()
     entries = chain_models(folder) if folder is not None else session_models(session)
-    for note in (partial_note(entries), gate_failed_note(entries)):
+    for note in (partial_note(entries), gate_failed_note(entries), thinking_note(entries)):
         if note:
             print(f"[forge] scorecard: {note}", flush=True)
     suite, seed = chain_suite(entries, params)
@@ -337,7 +337,8 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                "lost_by": {f: phases_that_lost(entries, f) for f in (failing or
                                                                     [f for f,
                                                                      v in report.families.items() if v.diff < 0])},
-               "answers": report.answers, "gate_failed": gate_failed_phases(entries)}
+               "answers": report.answers, "gate_failed": gate_failed_phases(entries),
+               "thinking": thinking_note(entries)}
     if write and session is not None:
         write_json_atomic(paths.outputs_root() / session / "09_scorecard" / "chain.json", verdict)
     return verdict
@@ -387,6 +388,29 @@ def gate_failed_note(entries: list[dict]) -> str:
     warned = gate_failed_phases(entries)
     return (f"GATE FAILED, not enforced (run.gates: warn), in phase(s) {', '.join(warned)}: their models are "
             "marked gate-failed (column 'gate')") if warned else ""
+
+
+def thinking_note(entries: list[dict]) -> str:
+    """Whether the chain's final model thinks, and why (Phase 3's decision, ``forgelib.phases.quietstar``), or ''
+    for a chain without Phase 3. The scorecard and the chain gate ask every model without thoughts."""
+    from .results import PhaseResult
+
+    phase3 = next((e for e in entries if e["number"] == 3), None)
+    if phase3 is None:
+        return ""
+    metrics = PhaseResult.load(_phase_folder(phase3)).metrics
+    if "thinks" not in metrics:
+        return ("thinking: this chain's Phase 3 predates its thinking decision (its model thinks when loaded); the "
+                "scorecard asks every model without thoughts")
+    measured = (f"accuracy with thoughts {metrics.get('acc_thoughts', float('nan')):.3f}, the same weights without "
+                f"{metrics.get('acc_no_thoughts', float('nan')):.3f}: gain {metrics['think_gain_acc']:+.3f}, lower "
+                f"bound {metrics['think_gain_acc_lower_bound']:+.3f}")
+    if metrics["thinks"]:
+        return (f"thinking: Phase 3 handed its model on thinking ({measured}); this scorecard asks every model "
+                "without thoughts (the playground switches them on)")
+    return (f"thinking: the final model does not think -- Phase 3 handed its model on without thoughts, because "
+            f"thinking did not beat the same weights without them on its test questions ({measured}); `forge bench "
+            f"quietstar` measures thoughts against pause tokens and continued training at equal compute")
 
 
 def partial_note(entries: list[dict]) -> str:

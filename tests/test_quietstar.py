@@ -281,6 +281,46 @@ def test_save_and_load_round_trip(tok, tmp_path):
                            qs.base(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_a_model_handed_on_plain_answers_as_its_base_wherever_it_is_loaded(tok, tmp_path):
+    """``thinking`` (Phase 3's decision) is saved with the model, in a folder and in a Phase-8 artifact: a model
+    saved plain gives its base's logits when loaded back; one saved thinking does not; a folder written before the
+    flag existed thinks (as it did); a flag that is not a boolean is refused naming the file."""
+    import json
+
+    from forgelib.modelio import ModelLoadError, load_compressed
+    from forgelib.quant.artifact import save_compressed
+
+    qs = randomize_head(QuietStarModel(cognate(tok), tok, QuietStarConfig(n_thought=2))).eval()
+    ids, mask = ragged_batch(tok)
+    with torch.no_grad():
+        base = qs.base(input_ids=ids, attention_mask=mask).logits
+        thought = qs(ids, mask).logits
+    assert not torch.allclose(base, thought, atol=1e-4)  # the randomized head mixes thoughts in
+    for thinking in (False, True):
+        qs.thinking = thinking
+        qs.save_pretrained(tmp_path / f"m{thinking}")
+        tok.save_pretrained(tmp_path / f"m{thinking}")
+        save_compressed(qs, tmp_path / f"a{thinking}" / "m.forge", tokenizer=tok)
+        folder = load_quietstar(tmp_path / f"m{thinking}")
+        with torch.no_grad():
+            assert torch.equal(folder(ids, mask).logits, thought if thinking else base)
+        for again in (folder, load_compressed(tmp_path / f"a{thinking}" / "m.forge")):
+            assert again.thinking is thinking
+            with torch.no_grad():
+                got = again(ids, mask).logits
+            want, other = (thought, base) if thinking else (base, thought)
+            # (the artifact's default codecs round the weights: closer to the expected logits by far, not equal)
+            assert (got - want).abs().max() < 0.1 * (got - other).abs().max()
+    settings = tmp_path / "mFalse" / "quietstar.json"
+    meta = json.loads(settings.read_text())
+    del meta["thinking"]
+    settings.write_text(json.dumps(meta))
+    assert load_quietstar(tmp_path / "mFalse").thinking is True
+    settings.write_text(json.dumps({**meta, "thinking": "no"}))
+    with pytest.raises(ModelLoadError, match="quietstar.json: 'thinking' must be true or false"):
+        load_quietstar(tmp_path / "mFalse")
+
+
 def test_bad_settings_and_models_fail_clearly(tok):
     with pytest.raises(ValueError, match="thought_mode"):
         QuietStarConfig(thought_mode="dream")

@@ -9,9 +9,9 @@ import torch
 from forgelib.bench.quietstar import ARMS, TokenCounter, equal_compute_steps, interval, tokens_per_row
 from forgelib.params import ParameterError
 from forgelib.phases import quietstar as phase3
-from forgelib.phases.quietstar import Params, gate_checks, training_batches
+from forgelib.phases.quietstar import Params, gate_checks, thinking_decision, training_batches
 from forgelib.quietstar import QuietStarConfig
-from forgelib.stats import mean_bounds, noninferior
+from forgelib.stats import mean_bounds, noninferior, superior
 from forgelib.suite import GuardParams
 
 
@@ -195,3 +195,100 @@ def test_interval_is_the_t_interval():
     assert out["mean"] == pytest.approx(0.6)
     assert out["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5, abs=1e-4)
     assert interval([0.4])["ci95"] == 0.0
+
+
+@pytest.mark.parametrize("gained, lost, thinks", [
+    (30, 5, True),    # thinking right on 30 questions the same weights miss, wrong on 5: gain +0.125, clearly above 0
+    (12, 10, False),  # +0.01: not shown above 0 on 200 questions, so the model is handed on plain
+    (0, 10, False),   # thinking loses
+])
+def test_auto_hands_on_thinking_only_when_it_beats_the_same_weights_without_thoughts(gained, lost, thinks):
+    """The worked example: 200 questions, the paired table (both right 100, gained, lost, the rest wrong); the
+    decision is forgelib.stats.superior at gain 0 -- whose bound is the Agresti-Min lower bound, computed here by
+    hand -- and the forced settings override it while still reporting the verdict."""
+    off = [1] * 100 + [0] * gained + [1] * lost + [0] * (100 - gained - lost)
+    on = [1] * 100 + [1] * gained + [0] * lost + [0] * (100 - gained - lost)
+    table = {"thoughts": _row(on, [1.0] * 200), "no_thoughts": _row(off, [1.0] * 200)}
+    n = 202.0
+    pg, pl = (gained + 0.5) / n, (lost + 0.5) / n
+    lower = (pg - pl) - 1.6448536 * math.sqrt((pg + pl - (pg - pl) ** 2) / n)
+    decision = thinking_decision(table, Params(), GUARD)
+    assert decision["verdict"]["lower"] == pytest.approx(lower, abs=1e-4)
+    assert decision["verdict"] == superior("thinking_vs_not", off, on, 0.0, GUARD.confidence, GUARD.power).as_row()
+    assert decision["thinking"] is thinks is (lower > 0)
+    assert f"on the same 200 test questions: gain {(gained - lost) / 200:+.3f}" in decision["reason"]
+    for forced, expected in (("thinking", True), ("plain", False)):
+        again = thinking_decision(table, Params(hand_on=forced), GUARD)
+        assert again["thinking"] is expected and again["verdict"] == decision["verdict"] and forced in again["rule"]
+
+
+def test_the_gate_judges_the_model_as_handed_on():
+    """Handed on plain: the accuracy check is the same weights without thoughts against the Phase-2 model, and the
+    NLL rise of thinking is reported, not a gate check (the model does not think)."""
+    base, off, on = [1] * 100, [1] * 100, [0] * 30 + [1] * 70  # thinking loses 30 of 100
+    nll_on, nll_off = [2.0] * 100, [1.0] * 100  # and raises the NLL
+    checks, verdicts = _gate(_row(on, nll_on), _row(off, nll_off), _row(base, nll_off))
+    assert not checks[ACC_CHECK].passed and not checks[NLL_CHECK].passed
+    checks, verdicts = gate_checks({"thoughts": _row(on, nll_on), "no_thoughts": _row(off, nll_off),
+                                    "base": _row(base, nll_off)}, Params(), GUARD, thinking=False)
+    checks = {c.name: c for c in checks}
+    assert set(checks) == {"acc_no_thoughts_minus_base_lower_bound"} and all(c.passed for c in checks.values())
+    assert verdicts["accuracy"] == noninferior("no_thoughts_vs_base", base, off, 0.10, GUARD.confidence,
+                                               GUARD.power).as_row()
+    assert verdicts["nll_thoughts_minus_no_thoughts"]["mean"] == pytest.approx(1.0)
+
+
+def test_hand_on_must_be_one_of_its_choices():
+    with pytest.raises(ValueError, match="hand_on must be one of"):
+        Params(hand_on="maybe")
+
+
+def test_the_scorecard_says_whether_the_final_model_thinks_and_why(tmp_path):
+    """``forgelib.scorecard.thinking_note`` reads Phase 3's decision from its result: plain (with the measured
+    numbers), thinking, a Phase 3 from before the decision, and no Phase 3 in the chain."""
+    from forgelib.results import PhaseResult
+    from forgelib.scorecard import thinking_note
+
+    folder = tmp_path / "03_quietstar"
+    entries = [{"number": 2, "path": tmp_path / "02" / "models" / "champion"},
+               {"number": 3, "path": folder / "models" / "model"}]
+    metrics = {"acc_thoughts": 0.544, "acc_no_thoughts": 0.55, "think_gain_acc": -0.006,
+               "think_gain_acc_lower_bound": -0.031, "thinks": 0}
+    PhaseResult("quietstar", 3, "s", status="ok", metrics=metrics).save(folder)
+    note = thinking_note(entries)
+    assert note.startswith("thinking: the final model does not think -- Phase 3 handed its model on without thoughts")
+    assert ("accuracy with thoughts 0.544, the same weights without 0.550: gain -0.006, lower bound -0.031"
+            in note)
+    PhaseResult("quietstar", 3, "s", status="ok", metrics={**metrics, "thinks": 1}).save(folder)
+    assert thinking_note(entries).startswith("thinking: Phase 3 handed its model on thinking (accuracy with")
+    PhaseResult("quietstar", 3, "s", status="ok", metrics={"acc_thoughts": 0.5}).save(folder)
+    assert "predates its thinking decision" in thinking_note(entries)
+    assert thinking_note(entries[:1]) == ""
+
+
+def test_notebook_views_of_the_decision_and_the_benchmark(tmp_path, monkeypatch):
+    """Notebook 03's views: the decision in words; the benchmark table from a JSON as ``forge bench quietstar``
+    writes it (summarize's intervals), and the command to run when there is none."""
+    import json
+
+    from forgelib.bench.quietstar import summarize
+    from forgelib.viz.quietstar import bench_frame, decision_text
+
+    table = {"thoughts": _row([1, 0] * 50, [1.0] * 100), "no_thoughts": _row([1, 1] * 50, [1.0] * 100)}
+    report = {"decision": thinking_decision(table, Params(), GUARD)}
+    text = decision_text(report)
+    assert text.startswith("handed on WITHOUT THOUGHTS: with thoughts 0.500, without 1.000 on the same 100")
+    assert "rule: hand_on: auto" in text and "predates" in decision_text({})
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    assert bench_frame().empty and "forge bench quietstar --seeds 3" in bench_frame().attrs["note"]
+    per_seed = [{arm: {"accuracy": acc + 0.01 * s, "answer_nll": 1.0, "forward_tokens": 100} for arm, acc in
+                 (("plain", 0.6), ("quietstar", 0.5), ("pause", 0.45))} for s in range(3)]
+    data = {"phase2": "outputs/x/02_evomerge", "equal_compute": {"steps": {"plain": 96, "quietstar": 6, "pause": 12}},
+            **summarize(per_seed)}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "quietstar-1.json").write_text(json.dumps(data))
+    frame = bench_frame()
+    rows = {r["arm"]: r for r in frame.to_dict("records")}
+    assert rows["Quiet-STaR"]["accuracy"] == "0.510 ± 0.025"
+    assert rows["pause tokens"]["Quiet-STaR gain"] == "+0.050 ± 0.000"
+    assert rows["continued training"]["steps"] == 96 and rows["Quiet-STaR"]["Quiet-STaR gain"] == ""

@@ -12,13 +12,15 @@ packed folder.
 model) on the base logits (``ReferenceKL``) over the phase's families and, at share ``replay``, every family the
 Phase-3 model knew (``forgelib.suite``: a ternary model trained on three families lost the others), or with ``loss:
 quietstar`` the whole Phase-3 loss (mixed NLL after
-thoughts, post-thought NLL, REINFORCE) plus that distillation; the Phase-4 MuGrokfast preset (STE mode: the Muon
-group updates the latent full-precision weights). The thought machinery stays in full precision and is
-measured on the ternary model (every test score thinks).
+thoughts, post-thought NLL, REINFORCE) plus that distillation; ``loss: auto`` (the default) takes ``quietstar`` when
+Phase 3 handed its model on thinking and ``distill`` when it handed it on plain (``QuietStarModel.thinking``: then
+nothing thinks from here on). The Phase-4 MuGrokfast preset (STE mode: the Muon group updates the latent
+full-precision weights). The thought machinery stays in full precision; the ternary model is measured as the
+Phase-3 model answers: thinking when it thinks, else without thoughts (the flag is kept in the packed folder).
 
-**Measured** on the test split (``test_per_family`` samples of each family, with thoughts, greedy): the
-Phase-3 model (``*_fp``, the phase's input), post-training ternarization without QAT (``*_ptq``, the baseline a
-user would try first) and the QAT model (``*_ternary``): exact-match accuracy and answer NLL.
+**Measured** on the test split (``test_per_family`` samples of each family, with thoughts when the model thinks,
+greedy): the Phase-3 model (``*_fp``, the phase's input), post-training ternarization without QAT (``*_ptq``, the
+baseline a user would try first) and the QAT model (``*_ternary``): exact-match accuracy and answer NLL.
 ``acc_retention`` = acc_ternary / acc_fp, ``ppl_ratio`` = exp(nll_ternary − nll_fp). Sizes: the handed-on
 folder's ``model.safetensors`` (``packing``, everything included: packed codes, scales, int8 embeddings, norms) and
 the thought extras, against the same model in fp32.
@@ -59,6 +61,10 @@ HEADLINE = ("acc_fp", "acc_ternary", "acc_ptq", "acc_retention", "ppl_ratio", "b
             "total_bytes_packed", "total_bytes_fp32")
 
 
+LOSSES = ("auto", "distill", "quietstar")
+"""``Params.loss``'s choices."""
+
+
 @dataclasses.dataclass
 class Params:
     """Phase 4 parameters (the ``bitnet`` section). Defaults are the smoke set."""
@@ -80,10 +86,11 @@ class Params:
     warmup_steps: int = 5
     distill_weight: float = 1.0
     """Weight of KL(full-precision Phase-3 model ‖ ternary model) on the base logits."""
-    loss: str = "distill"
+    loss: str = "auto"
     """'distill': answer NLL + distillation on the base logits (one forward per step); 'quietstar': Phase 3's
     loss (thoughts, mixing, REINFORCE) + distillation, about 16 forwards per step (the smoke set measured 0.6 s
-    per step against 0.04 s, so at the same time budget it trains 15 times fewer steps)."""
+    per step against 0.04 s, so at the same time budget it trains 15 times fewer steps); 'auto': 'quietstar' when
+    the Phase-3 model thinks (Phase 3's decision), else 'distill'."""
     ptq_baseline: bool = True
     """Also score post-training ternarization without QAT (the baseline a user would try first)."""
     quantize_activations: bool = True
@@ -130,8 +137,8 @@ class Params:
         unknown = sorted(set(self.mix) - set(FAMILIES))
         if unknown:
             raise ValueError(f"mix: unknown families {unknown}; valid: {sorted(FAMILIES)}")
-        if self.loss not in ("distill", "quietstar"):
-            raise ValueError(f"loss must be 'distill' or 'quietstar', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
         require_positive(self, "lr")
@@ -159,16 +166,27 @@ def ternary_copy(model: QuietStarModel, params: Params) -> QuietStarModel:
     return twin
 
 
+def qat_loss(params: Params, model: QuietStarModel) -> str:
+    """The loss QAT trains with: ``params.loss``, or for 'auto' 'quietstar' when ``model`` thinks, else 'distill'."""
+    if params.loss != "auto":
+        return params.loss
+    return "quietstar" if model.thinking else "distill"
+
+
 def train_qat(model: QuietStarModel, reference, tokenizer, params: Params, *, seed: int, tracker=None,
               device: str = "cpu", quiet: bool = True, suite: dict | None = None):
-    """Quantization-aware training of ``model`` (a ternary copy) with the Phase-3 loss + distillation."""
+    """Quantization-aware training of ``model`` (a ternary copy) with the distillation loss, or Phase 3's loss
+    + distillation (``qat_loss``)."""
     torch.manual_seed(seed)
     kl = ReferenceKL(reference, params.distill_weight) if params.distill_weight > 0 else None
     overrides = {**params.optimizer, **({"lr": params.lr} if params.lr is not None else {})}
     optimizer = create_optimizer_from_phase(model, phase_num=4, **overrides)
     config = dataclasses.replace(params.train, steps=params.steps, warmup_steps=params.warmup_steps)
     batches = training_batches(tokenizer, params.data(), seed, suite, params.replay)
-    if params.loss == "quietstar":
+    if qat_loss(params, model) == "quietstar":
+        if not model.thinking:
+            raise ValueError("loss: quietstar trains the thought path, but the Phase-3 model was handed on without "
+                             "thinking (its quietstar.json says thinking: false); use loss: auto or distill")
         loss_fn = lambda m, b: quietstar_loss(m, b, kl=kl)  # noqa: E731
     else:
         loss_fn = lambda m, b: distill_loss(m, b, kl)  # noqa: E731
@@ -307,7 +325,8 @@ def run(params: Params, ctx) -> PhaseResult:
     fp32 = sizes["fp32"]["total_bytes"]
     on_disk = sum(folder_bytes(folder).values())
     metrics = _metrics(table, export, on_disk, fp32, diff)
-    report = {"test": table, "sizes": sizes, "export": export, "ternary_share": {"ptq": before,
+    report = {"thinking": fp_model.thinking, "loss": qat_loss(params, fp_model),
+              "test": table, "sizes": sizes, "export": export, "ternary_share": {"ptq": before,
               "qat": ternary_histogram(ternary)}, "training": {"rows": history.rows, "seconds": history.seconds},
               "timing": timing, "chance": chance_levels(data, test, ctx.seed + 3), "families": sorted(params.mix),
               "levels": list(params.levels), "n_test": len(test), "packing": params.packing,

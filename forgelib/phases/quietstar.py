@@ -15,10 +15,18 @@ worked solution's answer and the answer-token NLL, for the Phase-2 model (``*_ba
 with thoughts (``*_thoughts``) and without them (``*_no_thoughts``: the same trained weights, thoughts off) and
 the pause model (``*_pause``). Chance is the best constant answer per family.
 
-**Gate** (test split, ``forgelib.stats``'s paired rule): (1) thinking does not hurt: the per-question answer
-NLL with thoughts minus the same weights' NLL with thoughts off has a one-sided upper confidence bound ≤
-``nll_margin``; (2) accuracy with thoughts is non-inferior to the Phase-2 model's at ``margin`` (lower confidence
-bound of the paired difference > −margin), on as many questions as the margin needs; (3) the guard: the trained
+**Thinking or not** (``hand_on: auto``): the model is handed on thinking only when thinking beats the same trained
+weights without thoughts on the test questions (paired accuracy gain, lower confidence bound above
+``think_min_gain``): thoughts cost ``n_passes × (n_thought + 2)`` forwards per answer token and must earn them.
+Otherwise it is handed on plain (``QuietStarModel.thinking`` false, saved with it): Phases 4-8 and the scorecard
+then measure and answer without thoughts, and the scorecard says so (measured at smoke, 3 training seeds, equal
+forward compute in ``forge bench quietstar``: thoughts do not beat pause tokens or plain continued training).
+
+**Gate** (test split, ``forgelib.stats``'s paired rule): (1) when handed on thinking, thinking does not hurt: the
+per-question answer NLL with thoughts minus the same weights' NLL with thoughts off has a one-sided upper
+confidence bound ≤ ``nll_margin``; (2) the handed-on model's accuracy (with thoughts when it thinks, else without)
+is non-inferior to the Phase-2 model's at ``margin`` (lower confidence bound of the paired difference > −margin),
+on as many questions as the margin needs; (3) the guard: the trained
 weights, asked as later phases ask them (thoughts off, calculator on), keep every family the Phase-2 model knew
 (``forgelib.suite``; training replays them: ``replay``). The NLL against the Phase-2 model and the gain over the
 pause baseline are reported whatever their sign (``gain_over_pause_acc`` with its lower bound,
@@ -43,7 +51,10 @@ from ..results import GateCheck, PhaseResult
 from ..quietstar import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
 from .common import chance_levels, check_levels, check_optimizer, check_runtime, score, test_samples, training_batches
-from ..stats import compare, lower_bound, mean_bounds, noninferior
+from ..stats import compare, lower_bound, mean_bounds, noninferior, superior
+
+HAND_ON = ("auto", "thinking", "plain")
+"""``Params.hand_on``'s choices."""
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
 
@@ -101,8 +112,17 @@ class Params:
     """Gate: accuracy with thoughts may trail the Phase-2 model's by at most this (paired non-inferiority,
     ``forgelib.stats``, on the test questions of ``mix``)."""
     nll_margin: float = 0.02
-    """Gate: the answer NLL with thoughts may exceed the same weights' NLL with thoughts off by at most this
-    (nats per answer token; the one-sided confidence bound of the paired per-question difference)."""
+    """Gate (when the model is handed on thinking): the answer NLL with thoughts may exceed the same weights' NLL
+    with thoughts off by at most this (nats per answer token; the one-sided confidence bound of the paired
+    per-question difference)."""
+    hand_on: str = "auto"
+    """Whether the handed-on model thinks: 'auto' -- only when thinking beats the same weights without thoughts on
+    the test questions (paired accuracy gain above ``think_min_gain`` at the ``guard`` section's confidence:
+    thinking costs ``n_passes x (n_thought + 2)`` forwards per token and must earn them); 'thinking' or 'plain' to
+    force it. A model handed on plain keeps its thought weights (the playground can still switch them on) and
+    answers as its base everywhere it is loaded (``QuietStarModel.thinking``, saved with it)."""
+    think_min_gain: float = 0.0
+    """'auto': the accuracy gain of thinking over not thinking that its lower confidence bound must exceed."""
 
     def __post_init__(self):
         require_positive(self, "max_len", "batch_size", "bucket", "steps", "test_per_family", "curve_samples")
@@ -114,6 +134,10 @@ class Params:
         unknown = sorted(set(self.mix) - set(FAMILIES))
         if unknown:
             raise ValueError(f"mix: unknown families {unknown}; valid: {sorted(FAMILIES)}")
+        if self.hand_on not in HAND_ON:
+            raise ValueError(f"hand_on must be one of {list(HAND_ON)}, got {self.hand_on!r}")
+        if not 0 <= self.think_min_gain < 1:
+            raise ValueError(f"think_min_gain must lie in [0, 1), got {self.think_min_gain}")
         if self.kl_weight is not None and not self.kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0 or null, got {self.kl_weight}")
         require_positive(self, "lr")
@@ -200,17 +224,39 @@ def mixing_heatmap(model: QuietStarModel, tokenizer, samples, params: Params) ->
 # --- run ----------------------------------------------------------------------------------------------
 
 
-def gate_checks(table: dict[str, dict], params: Params, guard) -> tuple[list[GateCheck], dict]:
-    """Thinking does not raise the answer NLL of the trained weights (paired per-question difference, upper
-    confidence bound ≤ ``nll_margin``); accuracy with thoughts is non-inferior to the Phase-2 model's at ``margin``
-    (``forgelib.stats``). (checks, the verdicts for the report)"""
+def thinking_decision(table: dict[str, dict], params: Params, guard) -> dict[str, Any]:
+    """Does the handed-on model think? The same trained weights with and without thoughts on the same test
+    questions (``forgelib.stats.superior``: the paired accuracy gain of thinking, its lower confidence bound above
+    ``think_min_gain``) decide it under ``hand_on: auto``; 'thinking' / 'plain' force it (the verdict is still
+    reported). Returns {thinking, rule, verdict, reason}."""
+    verdict = superior("thinking_vs_not", table["no_thoughts"]["correct"], table["thoughts"]["correct"],
+                       params.think_min_gain, guard.confidence, guard.power)
+    if params.hand_on != "auto":
+        thinking, rule = params.hand_on == "thinking", f"hand_on: {params.hand_on} (set, not measured)"
+    else:
+        thinking, rule = verdict.passed, (f"hand_on: auto -- thinks when the paired accuracy gain of thinking over "
+                                          f"the same weights without thoughts has its {guard.confidence:g} lower "
+                                          f"bound above {params.think_min_gain:g}")
+    reason = (f"with thoughts {verdict.after:.3f}, without {verdict.before:.3f} on the same {verdict.n} test "
+              f"questions: gain {verdict.diff:+.3f}, lower bound {verdict.lower:+.3f}")
+    return {"thinking": thinking, "rule": rule, "verdict": verdict.as_row(), "reason": reason}
+
+
+def gate_checks(table: dict[str, dict], params: Params, guard, thinking: bool = True) -> tuple[list[GateCheck], dict]:
+    """The handed-on model against the Phase-2 model: accuracy non-inferior at ``margin`` (``forgelib.stats``), with
+    thoughts when it thinks, else the same weights without them. When it thinks, thinking must also not raise the
+    answer NLL (paired per-question difference, upper confidence bound ≤ ``nll_margin``); the NLL difference is
+    reported either way. (checks, the verdicts for the report)"""
     thoughts, off, base = table["thoughts"], table["no_thoughts"], table["base"]
     diffs = [a - b for a, b in zip(thoughts["sample_nll"], off["sample_nll"])]  # > 0: thinking hurt
     mean, _, upper = mean_bounds(diffs, guard.confidence)
-    acc = noninferior("thoughts_vs_base", base["correct"], thoughts["correct"], params.margin, guard.confidence,
+    label = "thoughts" if thinking else "no_thoughts"
+    acc = noninferior(f"{label}_vs_base", base["correct"], table[label]["correct"], params.margin, guard.confidence,
                       guard.power)
-    checks = [GateCheck("nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin, "<="),
-              GateCheck("acc_thoughts_minus_base_lower_bound", acc.lower, -params.margin, ">", note=acc.note)]
+    checks = [GateCheck(f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">", note=acc.note)]
+    if thinking:
+        checks.insert(0, GateCheck("nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin,
+                                   "<="))
     return checks, {"nll_thoughts_minus_no_thoughts": {"mean": mean, "upper_bound": upper}, "accuracy": acc.as_row()}
 
 
@@ -245,10 +291,19 @@ def run(params: Params, ctx) -> PhaseResult:
               "thoughts": dataclasses.asdict(params.thoughts),
               "runtime": {k: getattr(base.config, k) for k in ("n_cycles", "n_latent", "use_memory")
                           if hasattr(base.config, k)}}
-    checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params)
+    decision = report["decision"] = thinking_decision(table, params, ctx.guard_params)
+    checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params, decision["thinking"])
     ctx.write_report(report)
-    ctx.save_model("model", model, tokenizer, metadata={"quietstar": dataclasses.asdict(params.thoughts)})
+    model.thinking = decision["thinking"]
+    ctx.save_model("model", model, tokenizer, metadata={"quietstar": dataclasses.asdict(params.thoughts),
+                                                        "thinking": decision["thinking"]})
     _summarize(ctx, table, chance, ctx.guard_params.confidence)
+    metrics = ctx.result.metrics
+    metrics["thinks"] = int(decision["thinking"])
+    metrics["think_gain_acc"] = decision["verdict"]["diff"]
+    metrics["think_gain_acc_lower_bound"] = decision["verdict"]["lower"]
+    if not ctx.quiet:
+        print(f"handed on {'thinking' if decision['thinking'] else 'without thoughts'}: {decision['reason']}")
     ctx.result.gate.extend(checks)
     from ..suite import Asker
 

@@ -3,7 +3,6 @@ thought embeddings (``quietstar.safetensors``) and the settings (``quietstar.jso
 ``forgelib.modelio``'s job (``load_model``)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -38,6 +37,5 @@ def save_quietstar(model: nn.Module, path: str | Path, **kwargs) -> None:
     if model.export_packing is not None and int8:
         extra = pack_int8_tensors(extra, int8)
     save_file(extra, str(path / EXTRA_FILE))
-    (path / CONFIG_FILE).write_text(json.dumps({"config": dataclasses.asdict(model.qconfig),
-                                                 "sot_id": model.sot_id, "eot_id": model.eot_id,
+    (path / CONFIG_FILE).write_text(json.dumps({**model.wrapper_settings(),
                                                  **({"int8_modules": int8} if int8 else {})}, indent=2))

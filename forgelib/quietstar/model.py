@@ -175,6 +175,8 @@ class QuietStarModel(nn.Module):
         nn.init.zeros_(self.mixing_head[-1].bias)
         self.to(table.device)
         self.thinking = True
+        """Whether forward/generate think (``no_thoughts`` turns it off for a block). Saved with the model: a model
+        handed on without thinking (Phase 3's decision) answers as its base wherever it is loaded."""
         self.export_packing: str | None = None
         self.export_report: dict | None = None
 
@@ -379,8 +381,10 @@ class QuietStarModel(nn.Module):
 
     def wrapper_settings(self) -> dict:
         """What a reader needs to rebuild this wrapper around its base (``forgelib.quant.artifact`` stores it;
-        ``forgelib.modelio`` reads it back): the Quiet-STaR settings and the thought token ids."""
-        return {"config": dataclasses.asdict(self.qconfig), "sot_id": self.sot_id, "eot_id": self.eot_id}
+        ``forgelib.modelio`` reads it back): the Quiet-STaR settings, the thought token ids and whether the model
+        answers thinking (``thinking``: Phase 3 hands on the better of thinking and not thinking)."""
+        return {"config": dataclasses.asdict(self.qconfig), "sot_id": self.sot_id, "eot_id": self.eot_id,
+                "thinking": bool(self.thinking)}
 
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
         """The base as a normal HF folder (packed with ``export_packing`` = '2bit' or 'base3' when it is a BitNet

@@ -1,5 +1,6 @@
-"""Phase 3 views: the test table (Phase-2 model, thoughts, thoughts off, pause tokens, chance), answer NLL with
-and without thoughts over training, a heatmap of mixing weights per token, and a thinking playground."""
+"""Phase 3 views: the test table (Phase-2 model, thoughts, thoughts off, pause tokens, chance), whether the model
+is handed on thinking and why, the thoughts benchmark's table (``forge bench quietstar``), answer NLL with and
+without thoughts over training, a heatmap of mixing weights per token, and a thinking playground."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -24,6 +25,52 @@ def score_frame(report: dict):
     rows["chance"] = {"accuracy": chance["overall"], "answer NLL": float("nan"),
                       **{f"acc {f}": a for f, a in chance["per_family"].items()}}
     return pd.DataFrame(rows).T.astype(float).round(4)
+
+
+def decision_text(report: dict) -> str:
+    """Whether Phase 3 handed its model on thinking, the rule and the measured numbers (``report["decision"]``)."""
+    decision = report.get("decision")
+    if decision is None:
+        return "this run predates the thinking decision: its model is handed on thinking"
+    verdict = decision["verdict"]
+    return (f"handed on {'THINKING' if decision['thinking'] else 'WITHOUT THOUGHTS'}: {decision['reason']} "
+            f"(questions needed at the observed disagreement: {verdict['needed']})\nrule: {decision['rule']}")
+
+
+ARM_LABELS = {"plain": "continued training", "quietstar": "Quiet-STaR", "pause": "pause tokens",
+              "random": "random thoughts"}
+
+
+def bench_frame(files=None):
+    """The thoughts benchmark at equal forward compute (``forge bench quietstar``, one JSON per start model): per
+    start model and arm, test accuracy and answer NLL (mean ± 95 % t-interval over training seeds), steps and
+    forward tokens, and Quiet-STaR's paired gain over each other arm. ``files``: JSON paths (default: every
+    ``outputs/bench/quietstar*.json``); an empty frame whose ``attrs["note"]`` names the command when there is none."""
+    import json
+
+    import pandas as pd
+
+    files = sorted(paths.outputs_root().glob("bench/quietstar*.json")) if files is None else [paths.resolve(f)
+                                                                                                 for f in files]
+    rows = []
+    for f in files:
+        data = json.loads(f.read_text())
+        start = data["phase2"]
+        for arm, acc in data["accuracy"].items():
+            nll = data["answer_nll"][arm]
+            gain = data.get("quietstar_gain", {}).get(f"over_{arm}", {}).get("accuracy")
+            rows.append({"start model": start, "arm": ARM_LABELS.get(arm, arm), "seeds": acc["n"],
+                         "accuracy": f"{acc['mean']:.3f} ± {acc['ci95']:.3f}",
+                         "answer NLL": f"{nll['mean']:.3f} ± {nll['ci95']:.3f}",
+                         "steps": data["equal_compute"]["steps"][arm],
+                         "forward tokens": int(data["forward_tokens"][arm]),
+                         "Quiet-STaR gain": "" if gain is None else f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}"})
+    frame = pd.DataFrame(rows)
+    frame.attrs["note"] = ("equal forward compute per arm; seeds vary the training seed only (one start model and one "
+                           "test set per file)" if rows else
+                           "no thoughts benchmark yet: run `.venv/bin/forge bench quietstar --seeds 3` (writes "
+                           "outputs/bench/quietstar-<time>.json; --phase2 FOLDER picks the start model)")
+    return frame
 
 
 def plot_nll_curves(report: dict) -> "plt.Figure":
@@ -114,6 +161,7 @@ def thought_playground(result, max_new_tokens: int = 48):
     from .cognate import playground_widget, prompt_examples, suite_answers
 
     model = load_quietstar(paths.resolve(result.models["model"]["path"]))
+    model.thinking = True  # shown thinking even when handed on without thoughts (decision_text says which)
     tokenizer = _tokenizer(result)
     report = load_report(result)
     families = report["families"]
