@@ -241,3 +241,32 @@ def test_cycles_frame_shows_the_curve_and_its_gains():
     assert row["gain 2 vs 1 (lower bound)"] == "+0.004 (-0.009)"
     assert row["gain 4 vs 2 (lower bound)"] == "-0.004 (-0.019)"  # -0.0195 printed to 3 places
     assert cycles_frame({}).empty
+
+
+def test_a_specialist_trains_and_is_compared_at_its_own_levels(tmp_path, monkeypatch):
+    """``Stage.levels``: the speed specialist at level 3 only (the phase at 1-2) draws its training stream there, and
+    its comparison with the trunk asks level-3 questions of its own families; the others keep the phase's levels."""
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path))
+    drawn = []
+    original = cognate.TaskStream
+
+    def spy(mix, levels, *args, **kwargs):
+        drawn.append((tuple(sorted(mix)), tuple(levels)))
+        return original(mix, levels, *args, **kwargs)
+
+    monkeypatch.setattr(cognate, "TaskStream", spy)
+    overrides = _tiny_overrides({})
+    overrides["cognate"]["speed"]["levels"] = [3, 3]
+    ctx = open_phase("cognate", "parameters/smoke.yaml", overrides, session="lv")
+    params = ctx.params
+    assert cognate.stage_levels(params, params.specialists["speed"]) == (3, 3)
+    assert cognate.stage_levels(params, params.trunk) == tuple(params.levels) == (1, 2)
+    result = run_phase(ctx)
+    assert result.status == "ok"
+    speed_mix = tuple(sorted(cognate.stage_mix(params, params.specialists["speed"])))
+    assert (speed_mix, (3, 3)) in drawn and sum(levels == (3, 3) for _, levels in drawn) == 1
+    report = json.loads((ctx.dir / "report.json").read_text())
+    rows = report["specialists_vs_trunk"]
+    assert rows["speed"]["levels"] == [3, 3] and rows["reasoning"]["levels"] == rows["memory"]["levels"] == [1, 2]
+    with pytest.raises(ParameterError, match=r"speed: levels must be \(lowest, highest\)"):
+        open_phase("cognate", "parameters/smoke.yaml", {"cognate": {"speed": {"levels": [3, 2]}}})

@@ -142,6 +142,10 @@ class Stage:
     replay: float = 0.0
     """Share of this stage's samples drawn from the trunk's mix (specialists: keeps the families outside their
     own mix from being forgotten, which a merge in Phase 2 cannot undo)."""
+    levels: Optional[tuple[int, int]] = None
+    """Task levels of this stage's training stream and, for a specialist, of its comparison with the trunk and its
+    cycles curve (None: the phase's ``levels``). A specialist that goes one level beyond the trunk has room to beat
+    it where the trunk is near its ceiling (the cpu set's trunk answers 0.95-0.99 of its families at levels 1-3)."""
     memory_gate_bias: float = 4.0
     """When this stage switches the memory on in a model trained without it, each memory's output gate starts
     with zero weights and this bias (attention share sigmoid(4) = 0.98), so the specialist starts from the
@@ -157,6 +161,7 @@ class Stage:
                 raise ValueError(f"{', '.join(f'{k}={short(v)}' for k, v in stray.items())}: setting(s) of recursion "
                                  f"'trm', but this stage's recursion is {short(self.recursion)}; set recursion: trm "
                                  f"or leave {sorted(stray)} out")
+        check_levels(self, "levels")
         try:  # the model's own checks (e.g. recursion 'trm' needs n_latent >= 1), before anything trains
             CognateConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
                           memory_modules=True, **self.runtime())
@@ -283,9 +288,16 @@ def stage_mix(params: Params, stage: Stage) -> dict[str, float]:
     return mix
 
 
+def stage_levels(params: Params, stage: Stage) -> tuple[int, int]:
+    """The levels a stage trains (and a specialist is compared) at: its own, else the phase's."""
+    return tuple(stage.levels or params.levels)
+
+
 def training_batches(tokenizer, params: Params, stage: Stage, seed: int) -> LengthBucketedBatches:
-    """Endless length-bucketed batches of fresh train-split samples of the stage's mix (with its replay)."""
-    stream = TaskStream(stage_mix(params, stage), params.levels, "train", seed, level_weights=params.level_weights)
+    """Endless length-bucketed batches of fresh train-split samples of the stage's mix (with its replay), at the
+    stage's levels."""
+    stream = TaskStream(stage_mix(params, stage), stage_levels(params, stage), "train", seed,
+                        level_weights=params.level_weights)
     return LengthBucketedBatches(tokenizer, stream, params.batch_size, params.max_len, with_steps=params.with_steps,
                                  answer_only_loss=params.answer_only_loss, bucket=params.bucket, seed=seed)
 
@@ -476,7 +488,8 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
     for name in ROLES:
         fams = params.specialists[name].families or list(params.specialists[name].mix)
         cap = guard.max_questions * len(fams)
-        per_family = {f: questions(f, tuple(params.levels), guard.max_questions, seed + 101) for f in fams}
+        levels = stage_levels(params, params.specialists[name])
+        per_family = {f: questions(f, levels, guard.max_questions, seed + 101) for f in fams}
         trunk, own, asked = [], [], 0
         n = math.ceil(questions_needed(params.expected_gain, guard.confidence, params.power, guard.discordance) / 4)
         for _ in range(3):
@@ -492,8 +505,8 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
             c = compare(trunk, own)
             n = questions_needed(max(params.expected_gain, c.diff - params.min_accuracy_gain), guard.confidence,
                                  params.power, c.sizing_discordance)
-        out[name] = superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence,
-                             params.power).as_row()
+        out[name] = {**superior(f"{name}_vs_trunk", trunk, own, params.min_accuracy_gain, guard.confidence,
+                                params.power).as_row(), "levels": list(levels)}
     return out
 
 
@@ -513,7 +526,7 @@ def cycles_curve(models: dict, tokenizer, params: Params, seed: int, guard, work
             continue
         stage = params.specialists.get(name, params.trunk)
         fams = stage.families or list(stage.mix)
-        test = [q for f in fams for q in questions(f, tuple(params.levels), params.eval_per_family, seed + 103)]
+        test = [q for f in fams for q in questions(f, stage_levels(params, stage), params.eval_per_family, seed + 103)]
         counts = sorted({1, trained, 2 * trained})
         copies = []
         for c in counts:
