@@ -391,26 +391,24 @@ def gate_failed_note(entries: list[dict]) -> str:
 
 
 def thinking_note(entries: list[dict]) -> str:
-    """Whether the chain's final model thinks, and why (Phase 3's decision, ``forgelib.phases.quietstar``), or ''
-    for a chain without Phase 3. The scorecard and the chain gate ask every model without thoughts."""
-    from .results import PhaseResult
+    """Whether the chain's final model thinks, and why: Phase 3's decision as its report states it (the measured
+    reason and the rule that decided, ``forgelib.phases.quietstar.thinking_decision``), or '' for a chain without
+    Phase 3. The scorecard and the chain gate ask every model without thoughts."""
+    from .results import PhaseResult, load_report
 
     phase3 = next((e for e in entries if e["number"] == 3), None)
     if phase3 is None:
         return ""
-    metrics = PhaseResult.load(_phase_folder(phase3)).metrics
-    if "thinks" not in metrics:
+    decision = load_report(PhaseResult.load(_phase_folder(phase3))).get("decision")
+    if decision is None:
         return ("thinking: this chain's Phase 3 predates its thinking decision (its model thinks when loaded); the "
                 "scorecard asks every model without thoughts")
-    measured = (f"accuracy with thoughts {metrics.get('acc_thoughts', float('nan')):.3f}, the same weights without "
-                f"{metrics.get('acc_no_thoughts', float('nan')):.3f}: gain {metrics['think_gain_acc']:+.3f}, lower "
-                f"bound {metrics['think_gain_acc_lower_bound']:+.3f}")
-    if metrics["thinks"]:
-        return (f"thinking: Phase 3 handed its model on thinking ({measured}); this scorecard asks every model "
-                "without thoughts (the playground switches them on)")
-    return (f"thinking: the final model does not think -- Phase 3 handed its model on without thoughts, because "
-            f"thinking did not beat the same weights without them on its test questions ({measured}); `forge bench "
-            f"quietstar` measures thoughts against pause tokens and continued training at equal compute")
+    if decision["thinking"]:
+        return (f"thinking: Phase 3 handed its model on thinking ({decision['reason']}; {decision['rule']}); this "
+                "scorecard asks every model without thoughts (the playground switches them on)")
+    return (f"thinking: the final model does not think -- Phase 3 handed its model on without thoughts "
+            f"({decision['reason']}; {decision['rule']}); `forge bench quietstar` measures thoughts against pause "
+            f"tokens and continued training at equal compute")
 
 
 def partial_note(entries: list[dict]) -> str:

@@ -244,24 +244,36 @@ def test_hand_on_must_be_one_of_its_choices():
 
 
 def test_the_scorecard_says_whether_the_final_model_thinks_and_why(tmp_path):
-    """``forgelib.scorecard.thinking_note`` reads Phase 3's decision from its result: plain (with the measured
-    numbers), thinking, a Phase 3 from before the decision, and no Phase 3 in the chain."""
+    """``forgelib.scorecard.thinking_note`` states Phase 3's decision as its report holds it: handed on plain by the
+    measurement, forced plain (the rule says so, not "because thinking did not beat"), thinking, a Phase 3 from
+    before the decision, and no Phase 3 in the chain."""
+    import json
+
     from forgelib.results import PhaseResult
     from forgelib.scorecard import thinking_note
 
     folder = tmp_path / "03_quietstar"
+    folder.mkdir()
     entries = [{"number": 2, "path": tmp_path / "02" / "models" / "champion"},
                {"number": 3, "path": folder / "models" / "model"}]
-    metrics = {"acc_thoughts": 0.544, "acc_no_thoughts": 0.55, "think_gain_acc": -0.006,
-               "think_gain_acc_lower_bound": -0.031, "thinks": 0}
-    PhaseResult("quietstar", 3, "s", status="ok", metrics=metrics).save(folder)
-    note = thinking_note(entries)
-    assert note.startswith("thinking: the final model does not think -- Phase 3 handed its model on without thoughts")
-    assert ("accuracy with thoughts 0.544, the same weights without 0.550: gain -0.006, lower bound -0.031"
-            in note)
-    PhaseResult("quietstar", 3, "s", status="ok", metrics={**metrics, "thinks": 1}).save(folder)
-    assert thinking_note(entries).startswith("thinking: Phase 3 handed its model on thinking (accuracy with")
-    PhaseResult("quietstar", 3, "s", status="ok", metrics={"acc_thoughts": 0.5}).save(folder)
+    result = PhaseResult("quietstar", 3, "s", status="ok")
+    result.artifacts["report"] = str(folder / "report.json")
+    result.save(folder)
+    table = {"thoughts": _row([1, 0] * 50, [1.0] * 100), "no_thoughts": _row([1, 1] * 50, [1.0] * 100)}
+
+    def note(**params):
+        (folder / "report.json").write_text(json.dumps({"decision": thinking_decision(table, Params(**params),
+                                                                                     GUARD)}))
+        return thinking_note(entries)
+
+    measured = "with thoughts 0.500, without 1.000 on the same 100 test questions: gain -0.500"
+    plain = note()
+    assert plain.startswith("thinking: the final model does not think -- Phase 3 handed its model on without "
+                            f"thoughts ({measured}") and "hand_on: auto" in plain
+    forced = note(hand_on="plain")
+    assert "hand_on: plain (set, not measured)" in forced and "auto" not in forced
+    assert note(hand_on="thinking").startswith(f"thinking: Phase 3 handed its model on thinking ({measured}")
+    (folder / "report.json").write_text(json.dumps({}))
     assert "predates its thinking decision" in thinking_note(entries)
     assert thinking_note(entries[:1]) == ""
 
