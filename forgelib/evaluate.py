@@ -24,7 +24,8 @@ from forgelib.params import short
 __all__ = ["accuracy_by_family", "answer_correctness", "answer_question", "argmax_disagreement", "chance_accuracy",
            "completion_budget", "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy",
            "generate_answers", "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "question_ids",
-           "sample_nll", "strided_nll", "strided_perplexity", "strided_windows"]
+           "sample_nll", "strided_nll", "strided_perplexity", "strided_windows", "argmax_predictions",
+           "predictions_disagreement"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -112,7 +113,7 @@ def sample_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, sampl
             ids = encoded["input_ids"][start:start + batch_size]
             mask = encoded["attention_mask"][start:start + batch_size]
             labels = encoded["labels"][start:start + batch_size]
-            width = int(mask.sum(1).max())
+            width = int(mask.any(0).nonzero().max()) + 1
             ids, mask, labels = ids[:, :width].to(device), mask[:, :width].to(device), labels[:, :width].to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             target = labels[:, 1:]  # (B, T-1)
@@ -226,13 +227,9 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 def question_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
-    """The prompt ids of one question: through the tokenizer's chat template when it has one (a user turn, then the
-    assistant's turn opened; the template writes its own special tokens), else as Agent Forge's prompts are encoded
-    for generation (``encode_prompts``: bos, then the text)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-        return plain_ids(tokenizer, [text])[0]
+    """The prompt ids of one question, as the phases ask theirs (``encode_prompts``): through the tokenizer's chat
+    template when it has one (a user turn, then the assistant's turn opened; the template writes its own special
+    tokens), else bos, then the text."""
     return encode_prompts(tokenizer, [question])[0]
 
 
@@ -333,19 +330,29 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor,
     return (kl * weights).sum() / weights.sum()
 
 
+def argmax_predictions(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """The model's next-token argmax at every position of ``encoded`` (N, T), -1 where the attention mask is 0."""
+    encoded_mask = encoded["attention_mask"].bool()
+    out = torch.full(encoded_mask.shape, -1, dtype=torch.long)
+    with evaluating(model):
+        device = model_device(model)
+        for start in range(0, len(out), batch_size):  # in order, each batch cut to its longest real row
+            mask = encoded["attention_mask"][start:start + batch_size]
+            width = int(mask.any(0).nonzero().max()) + 1
+            logits = model(input_ids=encoded["input_ids"][start:start + batch_size, :width].to(device),
+                           attention_mask=mask[:, :width].to(device)).logits  # (B, T', V)
+            out[start:start + batch_size, :width] = logits.argmax(-1).cpu()
+    return out.masked_fill(~encoded_mask, -1)
+
+
+def predictions_disagreement(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Fraction of real positions where two ``argmax_predictions`` of the same encoded set differ."""
+    real = attention_mask.bool()
+    return int(((a != b) & real).sum()) / int(real.sum())
+
+
 def argmax_disagreement(model_a: torch.nn.Module, model_b: torch.nn.Module,
                         encoded: dict[str, torch.Tensor], batch_size: int = 16) -> float:
     """Fraction of real (attention-mask) positions where the two models' next-token argmax differ."""
-    differ, total = 0, 0
-    with evaluating(model_a), evaluating(model_b):
-        for batch in _batches(encoded, batch_size, torch.device("cpu")):
-            preds = []
-            for model in (model_a, model_b):
-                device = model_device(model)
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
-                preds.append(logits.argmax(-1).cpu())  # (B, T)
-            real = batch["attention_mask"].bool()
-            differ += int(((preds[0] != preds[1]) & real).sum())
-            total += int(real.sum())
-    return differ / total
+    return predictions_disagreement(argmax_predictions(model_a, encoded, batch_size),
+                                    argmax_predictions(model_b, encoded, batch_size), encoded["attention_mask"])

@@ -189,7 +189,8 @@ def _step(model, optimizer, batch, loss_fn, accelerator, grad_clip, step: int) -
 def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.optim.Optimizer,
           config: TrainConfig, *, loss_fn: LossFn = default_loss, tracker: Any = None,
           evaluate: Callable[[torch.nn.Module], dict] | None = None, checkpoint_dir: str | Path | None = None,
-          device: str = "cpu", desc: str = "train", quiet: bool = False, step_offset: int = 0) -> TrainHistory:
+          device: str = "cpu", desc: str = "train", quiet: bool = False, step_offset: int = 0,
+          heartbeat_s: float | None = None) -> TrainHistory:
     """Train ``model`` for ``config.steps`` optimizer steps over ``batches`` (an endless iterator of dicts).
 
     Metrics go to ``tracker`` under ``desc/...`` with global steps ``step_offset + step``. A NaN loss or a
@@ -200,6 +201,9 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     (:func:`average_gradients`), so the loss hook may call any method of the model; the logged loss is the mean
     over processes, ``history.tokens`` counts every process's tokens, and only the main process logs, shows a bar
     and writes checkpoints.
+
+    ``heartbeat_s``: with the bar off (``quiet``, e.g. jobs trained side by side), a line ``desc: step N/M, loss L,
+    T s`` at most every this many seconds (a large model's minutes of training are not silent).
     """
     from .progress import progress_bar
 
@@ -211,7 +215,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     model.train()
     history = TrainHistory()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    started = time.perf_counter()
+    started = beat = time.perf_counter()
     # leave=True: a finished bar stays as its final line (a cleared one leaves a blank gap in exported HTML)
     bar = progress_bar(range(1, config.steps + 1), desc=desc, disable=quiet or not main, leave=True, mininterval=1.0)
     for step in bar:
@@ -231,6 +235,9 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
             if tracker is not None:
                 tracker.log(row, step=step_offset + step)
             bar.set_postfix(loss=f"{loss:.3f}")
+        if heartbeat_s and main and time.perf_counter() - beat >= heartbeat_s:
+            beat = time.perf_counter()
+            print(f"  {desc}: step {step}/{config.steps}, loss {loss:.3f}, {beat - started:.0f} s", flush=True)
         _maybe_evaluate(own_model, evaluate, step, config, history, tracker, desc, step_offset)
         if main and checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(own_model, optimizer, step, checkpoint_dir)

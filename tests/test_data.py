@@ -451,3 +451,37 @@ def test_load_hf_dataset_from_local_jsonl(tmp_path):
         load_hf_dataset(str(path), text_field="text")
     with pytest.raises(DatasetUnavailableError, match="not available here"):
         load_hf_dataset("agent-forge-test/no-such-dataset-xyz")
+
+
+# --- prompts of a chat model ---------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+
+
+def test_a_chat_tokenizers_prompts_are_its_users_message_and_the_answer_its_assistants_turn():
+    """With a chat template every prompt is framed as the template frames a user's message, with the assistant's turn
+    opened: the ids equal the whole rendering encoded at once; the answer follows as the assistant's, labels on it
+    only; without a template the prompt stays <|bos|>prompt."""
+    from forgelib.data.tokenizer import IGNORE_INDEX, encode_prompts, encode_samples, prompt_frame, train_tokenizer
+
+    texts = [format_sample(s, with_answer=True, with_steps=True) for s in build_mix({"arith": 1.0}, (1, 2), 200,
+                                                                                    "train", 0)]
+    tok = train_tokenizer(texts + ["user assistant"] * 20, vocab_size=300)
+    sample = build_mix({"arith": 1.0}, (1, 1), 1, "test", 3)[0]
+    plain = encode_prompts(tok, [sample.prompt])[0]
+    assert plain == [tok.bos_token_id] + tok(sample.prompt, add_special_tokens=False)["input_ids"]
+    tok.chat_template = CHAT_TEMPLATE
+    rendered = tok.apply_chat_template([{"role": "user", "content": sample.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    framed = encode_prompts(tok, [sample.prompt])[0]
+    assert framed == tok(rendered, add_special_tokens=False)["input_ids"]
+    before, after = prompt_frame(tok)
+    assert tok.decode(before) == "<|bos|>user\n" and tok.decode(after) == "<|eos|>\n<|bos|>assistant\n"
+    enc = encode_samples(tok, [sample], max_len=128, with_steps=True)
+    ids, labels = enc["input_ids"][0].tolist(), enc["labels"][0].tolist()
+    assert ids[:len(framed)] == framed and set(labels[:len(framed)]) == {IGNORE_INDEX}
+    assert tok.decode(ids[len(framed):], skip_special_tokens=True) == completion_text(sample, True)
+    tok.chat_template = "{{ messages[0]['content'] }}{{ messages[0]['content'] }}"  # writes the prompt twice
+    with pytest.raises(ValueError, match="exactly once"):
+        encode_prompts(tok, [sample.prompt])

@@ -167,6 +167,33 @@ def test_a_gguf_file_loads_with_the_source_models_logits(tied, source, tiny_gguf
     torch.testing.assert_close(_logits(loaded, IDS), _logits(model, IDS), atol=1e-5, rtol=0)
 
 
+def test_phase_1_takes_a_gguf_file_as_its_trunk_and_its_tokenizer(source, tiny_gguf, tmp_path):
+    """``cognate.init_from`` a ``.gguf`` file: the session's tokenizer is the file's with Agent Forge's special tokens
+    added and its chat template kept (so every prompt is framed as the user's message), saved as the later phases
+    load it; the trunk is the file's Llama as a Cognate model: its logits over the file's vocabulary are the source
+    model's, the added tokens' embeddings appended. ``trunk.steps: 0`` needs an ``init_from``."""
+    from forgelib.data.tokenizer import SPECIAL_TOKENS, encode_prompts, load_tokenizer
+    from forgelib.phases import cognate as phase1
+
+    params = phase1.Params(init_from=str(tiny_gguf), trunk=phase1.Stage(mix={"arith": 1}, steps=0))
+    assert phase1.pretrained_source(params.init_from) == tiny_gguf
+    assert phase1.pretrained_source(None) is None and phase1.pretrained_source(str(tmp_path / "checkpoint-9")) is None
+    tok = phase1.build_tokenizer(params, 0, tmp_path / "tokenizer")
+    again = load_tokenizer(tmp_path / "tokenizer")  # refuses a tokenizer without every special token
+    assert len(again) == len(tok) == len(TOKENS) + len(SPECIAL_TOKENS)
+    assert again.chat_template == CHAT_TEMPLATE and (again.bos_token, again.eos_token) == ("<|im_start|>", "<|im_end|>")
+    rendered = again.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert encode_prompts(again, ["hello"])[0] == again(rendered, add_special_tokens=False)["input_ids"]
+    trunk = phase1.make_trunk(params, tok, 0)
+    assert type(trunk).__name__ == "CognateForCausalLM" and trunk.config.memory_modules and trunk.config.use_act
+    assert not trunk.config.use_memory and trunk.config.n_cycles == 1
+    assert trunk.get_input_embeddings().weight.shape[0] == len(tok)
+    torch.testing.assert_close(_logits(trunk, IDS)[..., :len(TOKENS)], _logits(source, IDS), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="trunk.steps is 0"):
+        phase1.Params(trunk=phase1.Stage(mix={"arith": 1}, steps=0))
+
+
 def test_without_llama_cpps_permutation_the_logits_differ(source, tmp_path):
     """The round trip can tell: q and k written in Hugging Face's row order load as a different model."""
     loaded = load_model(write_llama_gguf(source, tmp_path / "unpermuted.gguf", permute=False))

@@ -160,6 +160,26 @@ def test_adamw_group_equals_torch_adamw_over_steps():
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def test_muon_off_puts_every_parameter_in_one_adamw_group_that_equals_torch_adamw(tiny_llama):
+    """``muon: false`` (large models on a CPU): no Muon group; the model's steps are torch's AdamW's."""
+    ref_model = copy.deepcopy(tiny_llama)
+    cfg = MuGrokfastConfig(lr=2e-3, muon=False, weight_decay=0.1, **NO_FILTER)
+    opt = MuonGrokfast.from_model(tiny_llama, cfg)
+    assert [g["use_muon"] for g in opt.param_groups] == [False]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in tiny_llama.parameters()}
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=2e-3, betas=cfg.betas, eps=cfg.eps, weight_decay=0.1)
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 6))
+    for model, optimizer in ((tiny_llama, opt), (ref_model, ref)):
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(tiny_llama.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(OptimConfigError, match="unknown"):
+        MuGrokfastConfig().replace(use_muon=False)
+
+
 # --- Grokfast ----------------------------------------------------------------------------------------
 
 def _closed_form_ema(grads, alpha):

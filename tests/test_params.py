@@ -154,8 +154,10 @@ def _load(phase: str, overrides: dict | None, name: str = "smoke"):
 
 
 @pytest.mark.parametrize("phase, key, value, match", [
-    ("cognate", "cognate.trunk.steps", 0, r"cognate\.trunk: steps must be > 0, got 0"),
-    ("cognate", "cognate.reasoning.steps", -5, r"cognate\.reasoning: steps must be > 0, got -5"),
+    ("cognate", "cognate.trunk.steps", 0, r"cognate: trunk\.steps is 0 but there is no init_from"),
+    ("cognate", "cognate.trunk.steps", -1, r"cognate\.trunk: steps must be >= 0, got -1"),
+    ("cognate", "cognate.memory.steps", 0, r"cognate: memory\.steps must be >= 1, got 0"),
+    ("cognate", "cognate.reasoning.steps", -5, r"cognate\.reasoning: steps must be >= 0, got -5"),
     ("cognate", "cognate.speed.n_cycles", 0, r"cognate\.speed: n_cycles must be > 0"),
     ("cognate", "cognate.memory.warmup_steps", -1, r"cognate\.memory: warmup_steps must be >= 0"),
     ("cognate", "cognate.model.hidden_size", 0, r"cognate\.model: hidden_size must be > 0"),

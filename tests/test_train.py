@@ -32,6 +32,20 @@ def test_loss_falls_and_metrics_are_logged():
     assert [r["step"] for r in history.rows] == [10, 20, 30, 40] and history.tokens == 40 * 8 * 16
 
 
+def test_a_quiet_run_with_a_heartbeat_prints_its_progress(capsys):
+    """Jobs trained side by side have no bar: ``heartbeat_s`` prints ``desc: step N/M, loss L, T s`` lines instead
+    (here every step); without it a quiet run prints nothing."""
+    model = _model()
+    train(model, _batches(), torch.optim.AdamW(model.parameters(), 3e-3), TrainConfig(steps=3), quiet=True,
+          desc="memory")
+    assert capsys.readouterr().out == ""
+    history = train(model, _batches(), torch.optim.AdamW(model.parameters(), 3e-3), TrainConfig(steps=3), quiet=True,
+                    desc="memory", heartbeat_s=1e-9)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"  memory: step {n}/3" for n in (1, 2, 3)]
+    assert lines[-1].split(",")[1] == f" loss {history.losses[-1]:.3f}"
+
+
 def test_nan_loss_stops_with_the_step():
     model = _model()
     with torch.no_grad():

@@ -120,8 +120,49 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
+_FRAME_MARK = "\x00"  # stands for the prompt while the chat template is rendered (no template writes it itself)
+
+
+class ChatTemplateError(ValueError):
+    """A tokenizer's chat template cannot frame a prompt (it does not write the user's message exactly once)."""
+
+
+def prompt_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]] | None:
+    """(ids before, ids after) every prompt when ``tokenizer`` has a chat template, else None.
+
+    A pretrained chat model (e.g. SmolLM2-Instruct) is asked its questions the way it was tuned: the prompt is the
+    user's message and the answer the assistant's turn. The template is rendered once around a marker, with its
+    generation prompt (the assistant's turn opened) and the template's own default system turn, if any; the two
+    sides are encoded as plain ids (the template writes its own special tokens) and kept on the tokenizer. Agent
+    Forge's own tokenizers carry no template: their prompts stay ``<|bos|>prompt``."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    cached = getattr(tokenizer, "_forge_prompt_frame", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _FRAME_MARK}], tokenize=False,
+                                         add_generation_prompt=True)
+    if not isinstance(text, str) or text.count(_FRAME_MARK) != 1:
+        raise ChatTemplateError("the tokenizer's chat template does not write a user message exactly once, so "
+                                "prompts cannot be framed by it; remove its chat_template to ask plain prompts")
+    before, after = text.split(_FRAME_MARK)
+    frame = (plain_ids(tokenizer, [before])[0] if before else [], plain_ids(tokenizer, [after])[0] if after else [])
+    try:
+        tokenizer._forge_prompt_frame = (template, frame)
+    except AttributeError:  # a tokenizer class that refuses new attributes: rendered again next time
+        pass
+    return frame
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """`<|bos|>prompt` ids, exactly the prefix that encode_samples trains on (for generation)."""
+    """The ids every prompt is trained and asked with (encode_samples' prefix, generation's input): `<|bos|>prompt`,
+    or, with a chat template, the prompt as the user's message with the assistant's turn opened
+    (:func:`prompt_frame`)."""
+    frame = prompt_frame(tokenizer)
+    if frame is not None:
+        before, after = frame
+        return [before + ids + after for ids in plain_ids(tokenizer, prompts)]
     return [_bos(tokenizer) + ids for ids in plain_ids(tokenizer, prompts)]
 
 

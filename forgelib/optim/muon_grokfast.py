@@ -138,6 +138,8 @@ class MuonGrokfast(torch.optim.Optimizer):
         any other model gets a warning that QK-clip will do nothing.
         """
         muon, adamw = split_parameters(model)
+        if config is not None and not config.muon:
+            muon, adamw = [], muon + adamw
         groups = [{"params": [p for _, p in ps], "use_muon": flag}
                   for ps, flag in ((muon, True), (adamw, False)) if ps]
         opt = cls(groups, config, model=model)

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -29,21 +30,25 @@ import torch
 from ..data.base import LEVELS
 from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import FAMILIES, build_mix, format_sample
-from ..data.tokenizer import train_tokenizer
-from ..evaluate import (accuracy_by_family, answer_correctness, argmax_disagreement, chance_accuracy, encode_for_eval,
-                        mean_nll)
+from ..data.tokenizer import ensure_special_tokens, train_tokenizer
+from ..evaluate import (accuracy_by_family, answer_correctness, argmax_predictions, chance_accuracy, encode_for_eval,
+                        mean_nll, predictions_disagreement)
 from ..jobs import own_copy, run_jobs
 from ..models import CognateConfig, CognateConfigError, CognateForCausalLM
+from ..models.gguf_file import is_gguf_path
+from ..models.loading import cognate_from_llama, read_model_config
+from ..models.real import REAL_MODELS, real_model_path
 from ..optim import create_optimizer_from_phase
 from ..params import require_non_negative, require_positive, short
 from ..results import GateCheck, PhaseResult
 from ..stats import questions_needed
 from ..supervision import SupervisionSteps
 from .. import paths
-from ..train import TrainConfig, default_loss, load_checkpoint, train
+from ..train import TrainConfig, TrainHistory, default_loss, load_checkpoint, train
 from .common import STAGE_RUNTIME_KEYS, check_levels, check_optimizer
 
 ROLES = ("reasoning", "memory", "speed")
+HEARTBEAT_S = 60.0  # specialists trained side by side (no bar) print a progress line at most this often
 # The metrics the pipeline summary shows for this phase (its "headline" column).
 HEADLINE = ("trunk_acc_mean", "chance_mean", "reasoning_acc_own", "memory_acc_own", "speed_acc_own",
             "min_disagreement")
@@ -153,8 +158,8 @@ class Stage:
     jumped from 0.09 to 3.7 and recall fell from 0.81 to 0.50 after 300 steps)."""
 
     def __post_init__(self):
-        require_positive(self, "steps", "n_cycles")
-        require_non_negative(self, "n_latent", "warmup_steps", "lr")
+        require_positive(self, "n_cycles")
+        require_non_negative(self, "steps", "n_latent", "warmup_steps", "lr")
         if self.recursion != "trm":
             stray = {k: getattr(self, k) for k, v in TRM_ONLY.items() if getattr(self, k) != v}
             if stray:
@@ -240,7 +245,13 @@ class Params:
     chance level (the best constant answer) by more than this: the trunk learnt each family."""
     init_from: Optional[str] = None
     """Start the trunk from this checkpoint (``checkpoints/<stage>/checkpoint-N`` of an earlier run) or Cognate
-    model folder instead of from scratch; it must have the configured shapes (a clear error otherwise)."""
+    model folder instead of from scratch; it must have the configured shapes (a clear error otherwise). Or from a
+    pretrained model: a real model's name (``smollm2``, ``forgelib.models.real``), a ``.gguf`` file or a Llama
+    model folder. Its weights become the trunk's (``cognate_from_llama``: the same logits, with fresh memory and
+    halting parameters that stay off until a stage switches them on) and its tokenizer replaces the phase's BPE
+    (Agent Forge's special tokens added, their embeddings appended; its chat template frames every prompt of every
+    phase, ``forgelib.data.tokenizer.prompt_frame``); ``model``, ``vocab_size`` and ``tokenizer_samples`` are then
+    not used. ``trunk.steps: 0`` keeps the pretrained model as the trunk, as shipped."""
 
     @property
     def specialists(self) -> dict[str, Stage]:
@@ -261,6 +272,12 @@ class Params:
         if self.train.steps != TrainConfig().steps:
             raise ValueError(f"train.steps ({self.train.steps}) is not used by Phase 1; set the steps of each "
                              f"stage instead: trunk.steps, {'.steps, '.join(ROLES)}.steps")
+        for name, stage in self.specialists.items():
+            if stage.steps < 1:
+                raise ValueError(f"{name}.steps must be >= 1, got {stage.steps}")
+        if self.trunk.steps < 1 and not self.init_from:
+            raise ValueError("trunk.steps is 0 but there is no init_from to take the trunk from: give the trunk "
+                             "steps, or init_from (a checkpoint, a Cognate folder or a pretrained model)")
         for name, stage in [("trunk", self.trunk), *self.specialists.items()]:
             unknown = sorted(set(stage.mix) - set(FAMILIES))
             if unknown or not stage.mix:
@@ -272,8 +289,43 @@ class Params:
 # --- data ---------------------------------------------------------------------------------------------
 
 
+def pretrained_source(init_from: Optional[str]) -> Optional[Path]:
+    """The pretrained model ``init_from`` names (a real model's name, a ``.gguf`` file, a Llama model folder), else
+    None (no ``init_from``, a training checkpoint or a Cognate folder)."""
+    if not init_from:
+        return None
+    if init_from in REAL_MODELS:
+        return real_model_path(init_from)
+    path = paths.resolve(init_from)
+    if is_gguf_path(path):
+        return path
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "model.safetensors.index.json").exists():
+        if read_model_config(path).get("model_type") == "llama":
+            return path
+    return None
+
+
+def pretrained_tokenizer(source: Path, save_dir):
+    """The pretrained model's tokenizer with Agent Forge's special tokens added (its own bos/eos/pad kept), saved to
+    ``save_dir`` (where every later phase loads it)."""
+    from ..modelio import load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(source)
+    ensure_special_tokens(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
 def build_tokenizer(params: Params, seed: int, save_dir):
-    """Train the byte-level BPE on a task-suite corpus covering every family (train split only)."""
+    """Train the byte-level BPE on a task-suite corpus covering every family (train split only); with a pretrained
+    ``init_from``, that model's tokenizer (``pretrained_tokenizer``)."""
+    source = pretrained_source(params.init_from)
+    if source is not None:
+        return pretrained_tokenizer(source, save_dir)
     corpus = build_mix({f: 1.0 for f in FAMILIES}, params.levels, params.tokenizer_samples, "train", seed)
     texts = [format_sample(s, with_answer=True, with_steps=True) for s in corpus]
     return train_tokenizer(texts, vocab_size=params.vocab_size, save_dir=save_dir)
@@ -316,8 +368,31 @@ def test_samples(params: Params, seed: int, levels=None):
 # --- models -------------------------------------------------------------------------------------------
 
 
+def pretrained_trunk(params: Params, source: Path, tokenizer, seed: int) -> CognateForCausalLM:
+    """The pretrained Llama at ``source`` as a Cognate trunk: its weights (the same logits with recursion, memory and
+    halting off), the memory and halting parameters built fresh (seeded), the trunk stage's runtime, the embeddings
+    extended by the rows of the special tokens ``tokenizer`` added (their mean and spread: transformers'
+    ``resize_token_embeddings``)."""
+    from ..modelio import load_model
+
+    llama = load_model(source)
+    torch.manual_seed(seed)
+    model = cognate_from_llama(llama, memory_modules=True, use_act=True, **params.trunk.runtime(),
+                               memory_chunk_size=params.model.memory_chunk_size,
+                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    del llama
+    if len(tokenizer) != model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.train(False)
+
+
 def make_trunk(params: Params, tokenizer, seed: int) -> CognateForCausalLM:
-    """A fresh Cognate model with memory and halting parameters built (used or not by each stage)."""
+    """A fresh Cognate model with memory and halting parameters built (used or not by each stage); with a pretrained
+    ``init_from``, that model (``pretrained_trunk``)."""
+    source = pretrained_source(params.init_from)
+    if source is not None:
+        return pretrained_trunk(params, source, tokenizer, seed)
     torch.manual_seed(seed)
     shape = dataclasses.asdict(params.model)
     config = CognateConfig(vocab_size=len(tokenizer), **shape, memory_modules=True, use_act=True,
@@ -372,7 +447,7 @@ def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, 
     source, loss_fn, supervision = stage_loop(stage, batches, seed)
     history = train(model, source, optimizer, config, loss_fn=loss_fn, tracker=ctx.tracker if alone else None,
                     device=ctx.device, desc=name, quiet=ctx.quiet or not alone, step_offset=step_offset,
-                    checkpoint_dir=checkpoints)
+                    checkpoint_dir=checkpoints, heartbeat_s=None if alone or ctx.quiet else HEARTBEAT_S)
     history.data = dataclasses.asdict(batches.stats) | {"padding_fraction": batches.stats.padding_fraction}
     if supervision is not None:  # batches trained, each for up to supervision_steps optimizer steps
         history.data["supervision_episodes"] = supervision.episodes
@@ -465,10 +540,11 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers:
         hard = test_samples(params, seed + 1, levels=tuple(params.headroom_levels))
         report["headroom"] = {"levels": list(params.headroom_levels), "trunk_accuracy": accuracy_by_family(
             models["trunk"], tokenizer, hard, batch_size=64, with_steps=params.with_steps)}
-    pairs = {}
-    for a, b in itertools.combinations(ROLES, 2):
-        pairs[f"{a}-{b}"] = argmax_disagreement(models[a], models[b], encoded, batch_size=32)
-    report["disagreement"] = pairs
+    predictions = dict(zip(ROLES, run_jobs([functools.partial(argmax_predictions, models[name], encoded, 32)
+                                            for name in ROLES], workers)))  # each model once, not once per pair
+    report["disagreement"] = {f"{a}-{b}": predictions_disagreement(predictions[a], predictions[b],
+                                                                   encoded["attention_mask"])
+                              for a, b in itertools.combinations(ROLES, 2)}
     return report
 
 
@@ -574,8 +650,8 @@ def gate_checks(report: dict, params: Params, guard) -> list[GateCheck]:
         checks.append(GateCheck(f"{name}_minus_trunk_own_families_lower_bound", v["lower"], params.min_accuracy_gain,
                                 ">", note=v["note"]))
     n = report["n_test"] // max(1, len(report["models"]["trunk"]["accuracy"]))
-    for family, acc in report["models"]["trunk"]["accuracy"].items():
-        if family in params.trunk.mix and params.trunk.mix[family] > 0:
+    for family, acc in report["models"]["trunk"]["accuracy"].items():  # a trunk the phase taught learnt each family
+        if params.trunk.steps and family in params.trunk.mix and params.trunk.mix[family] > 0:
             lower = proportion_bounds(round(acc * n), n, guard.confidence)[0]
             checks.append(GateCheck(f"trunk_{family}_lower_bound_minus_chance",
                                     round(lower - report["chance"].get(family, 0.0), 4), params.min_above_chance, ">"))
@@ -585,8 +661,9 @@ def gate_checks(report: dict, params: Params, guard) -> list[GateCheck]:
 
 def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     """The few numbers the pipeline table shows."""
-    metrics: dict[str, float] = {"trunk_loss_first": round(histories["trunk"].first_loss, 4),
-                                 "trunk_loss_last": round(histories["trunk"].last_loss, 4)}
+    trained = bool(histories["trunk"].losses)  # a pretrained trunk kept as shipped has no training numbers
+    metrics: dict[str, float] = ({"trunk_loss_first": round(histories["trunk"].first_loss, 4),
+                                  "trunk_loss_last": round(histories["trunk"].last_loss, 4)} if trained else {})
     metrics["trunk_acc_mean"] = round(own_family_score(report, "trunk", sorted(params.trunk.mix), "accuracy"), 4)
     metrics["chance_mean"] = round(sum(report["chance"].values()) / len(report["chance"]), 4)
     for name in ROLES:
@@ -602,8 +679,9 @@ def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     metrics["reasoning_mean_cycles"] = round(report["models"]["reasoning"]["mean_cycles"], 3)
     metrics["memory_gate_entropy"] = round(report["models"]["memory"]["gate_entropy"], 4)
     metrics["min_disagreement"] = round(min(report["disagreement"].values()), 4)
-    metrics["trunk_tokens_per_s"] = round(histories["trunk"].tokens_per_s, 1)
-    metrics["trunk_padding_fraction"] = round(histories["trunk"].data.get("padding_fraction", float("nan")), 4)
+    if trained:
+        metrics["trunk_tokens_per_s"] = round(histories["trunk"].tokens_per_s, 1)
+        metrics["trunk_padding_fraction"] = round(histories["trunk"].data.get("padding_fraction", float("nan")), 4)
     return metrics
 
 
@@ -616,7 +694,8 @@ def run(params: Params, ctx) -> PhaseResult:
     ctx.register("tokenizer", ctx.dir / "tokenizer", metadata={"vocab_size": len(tokenizer)})
     trunk = make_trunk(params, tokenizer, ctx.seed)
     ctx.log({"params": sum(p.numel() for p in trunk.parameters())}, step=0)
-    histories = {"trunk": train_stage(trunk, tokenizer, params, params.trunk, "trunk", ctx, 0)}
+    histories = {"trunk": train_stage(trunk, tokenizer, params, params.trunk, "trunk", ctx, 0)
+                 if params.trunk.steps else TrainHistory()}  # 0 steps: the pretrained trunk as shipped
     specialists, trained = train_specialists(trunk, tokenizer, params, ctx, params.trunk.steps)
     models, histories = {"trunk": trunk, **specialists}, {**histories, **trained}
     workers = ctx.workers
