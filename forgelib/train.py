@@ -202,8 +202,7 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
     over processes, ``history.tokens`` counts every process's tokens, and only the main process logs, shows a bar
     and writes checkpoints.
 
-    ``heartbeat_s``: with the bar off (``quiet``, e.g. jobs trained side by side), a line ``desc: step N/M, loss L,
-    T s`` at most every this many seconds (a large model's minutes of training are not silent).
+    ``heartbeat_s``: a progress line at most this often even when ``quiet`` (jobs side by side have no bar).
     """
     from .progress import progress_bar
 
@@ -235,9 +234,8 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
             if tracker is not None:
                 tracker.log(row, step=step_offset + step)
             bar.set_postfix(loss=f"{loss:.3f}")
-        if heartbeat_s and main and time.perf_counter() - beat >= heartbeat_s:
-            beat = time.perf_counter()
-            print(f"  {desc}: step {step}/{config.steps}, loss {loss:.3f}, {beat - started:.0f} s", flush=True)
+        if heartbeat_s and main:
+            beat = _heartbeat(beat, heartbeat_s, started, f"{desc}: step {step}/{config.steps}, loss {loss:.3f}")
         _maybe_evaluate(own_model, evaluate, step, config, history, tracker, desc, step_offset)
         if main and checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(own_model, optimizer, step, checkpoint_dir)
@@ -248,6 +246,16 @@ def train(model: torch.nn.Module, batches: Iterator[dict], optimizer: torch.opti
         group["lr"] = base_lr  # the optimizer is left as it was given
     own_model.eval()
     return history
+
+
+def _heartbeat(last: float, every: float, started: float, text: str) -> float:
+    """Print ``text`` and the seconds since ``started`` when ``every`` seconds have passed since ``last``; returns
+    the time of the last line."""
+    now = time.perf_counter()
+    if now - last < every:
+        return last
+    print(f"  {text}, {now - started:.0f} s", flush=True)
+    return now
 
 
 def _prepare(model, optimizer, batches, accelerator, config: TrainConfig):

@@ -997,13 +997,24 @@ def test_tokenizer_without_special_tokens_is_refused(tmp_path):
 
 
 def test_trunk_from_a_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatch, tiny_llama):
+    """A GPT-2 folder is neither a checkpoint of the trunk nor a pretrained Llama: refused naming both
+    architectures. A Llama folder is a pretrained trunk (tests/test_gguf.py), but one without a tokenizer cannot be."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from forgelib.modelio import ModelLoadError
     from forgelib.train import CheckpointMismatchError
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    ctx = open_phase("cognate", "parameters/smoke.yaml",
+                     {**QUIET, "cognate": {"init_from": str(tmp_path / "gpt2")}}, session="ckpt")
+    with pytest.raises(CheckpointMismatchError, match="is a 'gpt2' model, but the model being trained is 'cognate'"):
+        run_phase(ctx)
     tiny_llama.save_pretrained(tmp_path / "llama")
     ctx = open_phase("cognate", "parameters/smoke.yaml",
-                     {**QUIET, "cognate": {"init_from": str(tmp_path / "llama")}}, session="ckpt")
-    with pytest.raises(CheckpointMismatchError, match="is a 'llama' model, but the model being trained is 'cognate'"):
+                     {**QUIET, "cognate": {"init_from": str(tmp_path / "llama")}}, session="llama")
+    with pytest.raises((ModelLoadError, OSError, ValueError), match="tokenizer"):
         run_phase(ctx)
 
 

@@ -504,7 +504,8 @@ def act_statistics(model, encoded) -> dict[str, Any]:
     """Per-token ACT cycles (inference mode) and memory gate entropy on real positions of ``encoded``."""
     model.eval()
     device = next(model.parameters()).device
-    out = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+    out = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
+                logits_to_keep=1)  # no (N, T, vocab) logits: a real vocabulary's would take gigabytes
     real = encoded["attention_mask"].bool().to(device)
     cycles = out.act_cycles[real].float().cpu()  # (N_real,)
     stats = {"mean_cycles": float(cycles.mean()), "cycles": cycles.tolist()}
