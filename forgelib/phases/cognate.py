@@ -8,7 +8,8 @@ model carries the memory and halting parameters, so Phase 2 can merge them) cont
 their own seed, data mix and runtime settings: ``reasoning`` (recursion cycles), ``memory`` (Titans memory
 on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base. Any stage may run
 TRM's recursion instead of the cycles (``recursion: trm``, see ``Stage.recursion``); the report's ``runtime`` holds
-each model's settings as saved.
+each model's settings as saved. With a pretrained ``init_from`` (``smollm2``, a ``.gguf`` file, a Llama folder) that
+model is the trunk and its tokenizer the phase's (``Params.init_from``; ``parameters/smollm2.yaml``).
 
 Gate (measured on the test split, which no model trained on): each specialist's exact-match accuracy on
 its own families is above the trunk's (answer NLL breaks an exact tie only); pairwise argmax disagreement
@@ -299,9 +300,8 @@ def pretrained_source(init_from: Optional[str]) -> Optional[Path]:
     path = paths.resolve(init_from)
     if is_gguf_path(path):
         return path
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "model.safetensors.index.json").exists():
-        if read_model_config(path).get("model_type") == "llama":
-            return path
+    if path.is_dir() and (path / "config.json").is_file() and read_model_config(path).get("model_type") == "llama":
+        return path
     return None
 
 
