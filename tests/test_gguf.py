@@ -192,6 +192,20 @@ def test_phase_1_takes_a_gguf_file_as_its_trunk_and_its_tokenizer(source, tiny_g
     torch.testing.assert_close(_logits(trunk, IDS)[..., :len(TOKENS)], _logits(source, IDS), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="trunk.steps is 0"):
         phase1.Params(trunk=phase1.Stage(mix={"arith": 1}, steps=0))
+    # real-text perplexity, reported per model: windows of max_len every half; about the source model's (the eight
+    # appended tokens take a little of the probability mass)
+    from forgelib.evaluate import strided_perplexity
+
+    texts = ["hello world, hello world.", "the world is hell or hello"]
+    ppl = phase1.real_text_perplexities({"trunk": trunk}, tok, texts, 8)["trunk"]
+    assert ppl == pytest.approx(strided_perplexity(trunk, tok, texts, max_len=8, stride=4), rel=1e-6)
+    assert ppl == pytest.approx(strided_perplexity(source, tok, texts, max_len=8, stride=4), rel=0.02)
+    assert phase1.real_text_report({"trunk": trunk}, tok, phase1.Params()) is None  # not a pretrained trunk
+    os.environ["FORGE_REALTEXT"] = str(tmp_path)  # a folder without the corpus
+    try:
+        assert "unavailable" in phase1.real_text_report({"trunk": trunk}, tok, params)
+    finally:
+        del os.environ["FORGE_REALTEXT"]
 
 
 def test_without_llama_cpps_permutation_the_logits_differ(source, tmp_path):

@@ -253,12 +253,17 @@ class Params:
     (Agent Forge's special tokens added, their embeddings appended; its chat template frames every prompt of every
     phase, ``forgelib.data.tokenizer.prompt_frame``); ``model``, ``vocab_size`` and ``tokenizer_samples`` are then
     not used. ``trunk.steps: 0`` keeps the pretrained model as the trunk, as shipped."""
+    real_text_docs: int = 2
+    """With a pretrained ``init_from``: every model's perplexity on the first this many documents of the real-text test
+    split (``forgelib.data.realtext``, ``make setup-text``), windows of ``max_len`` every half, in the report's
+    ``real_text_perplexity`` (reported, not gated yet; 0 = off; not installed: the report says so)."""
 
     @property
     def specialists(self) -> dict[str, Stage]:
         return {name: getattr(self, name) for name in ROLES}
 
     def __post_init__(self):
+        require_non_negative(self, "real_text_docs")
         require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
                          "eval_per_family", "expected_gain")
         if not 0.5 <= self.power < 1:
@@ -587,6 +592,33 @@ def specialist_comparisons(models: dict, tokenizer, params: Params, seed: int, g
     return out
 
 
+def real_text_perplexities(models: dict, tokenizer, texts: list[str], max_len: int) -> dict[str, float | None]:
+    """Each model's strided perplexity on ``texts`` (windows of ``max_len`` every ``max_len // 2``); None where it is
+    not finite (a diverging model)."""
+    from ..evaluate import strided_perplexity
+
+    out = {}
+    for name, model in models.items():
+        value = strided_perplexity(model, tokenizer, texts, max_len=max_len, stride=max(1, max_len // 2), batch_size=4)
+        out[name] = round(value, 3) if math.isfinite(value) else None
+    return out
+
+
+def real_text_report(models: dict, tokenizer, params: Params) -> dict[str, Any] | None:
+    """``real_text_perplexities`` on the real-text test split when the trunk is a pretrained model (None otherwise, or
+    ``{"unavailable": why}`` when the corpus is not installed)."""
+    if not params.real_text_docs or pretrained_source(params.init_from) is None:
+        return None
+    from ..data.realtext import RealTextUnavailableError, load_texts
+
+    try:
+        texts = load_texts("test")[:params.real_text_docs]
+    except RealTextUnavailableError as err:
+        return {"unavailable": str(err)}
+    return {"documents": len(texts), "window": params.max_len,
+            "perplexity": real_text_perplexities(models, tokenizer, texts, params.max_len)}
+
+
 def cycles_curve(models: dict, tokenizer, params: Params, seed: int, guard, workers: int = 1) -> dict[str, Any]:
     """Test-time cycles of every model trained with recursion (``n_cycles`` > 1): its own families' accuracy at 1
     cycle, at its trained count and at twice it, on the same ``eval_per_family`` test questions per family (the
@@ -708,6 +740,9 @@ def run(params: Params, ctx) -> PhaseResult:
     guard = ctx.guard_params
     report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard, workers)
     report["cycles_curve"] = cycles_curve(models, tokenizer, params, ctx.seed + 7, guard, workers)
+    real_text = real_text_report(models, tokenizer, params)
+    if real_text is not None:
+        report["real_text_perplexity"] = real_text
     ctx.write_report(report)
     for name, model in models.items():
         ctx.save_model(name, model, tokenizer, metadata={"role": name, "architecture": "cognate"})
