@@ -24,8 +24,7 @@ from forgelib.params import short
 __all__ = ["accuracy_by_family", "answer_correctness", "answer_question", "argmax_disagreement", "chance_accuracy",
            "completion_budget", "encode_for_eval", "evaluating", "exact_match_accuracy", "family_accuracy",
            "generate_answers", "kl_divergence", "left_pad", "mean_nll", "model_device", "perplexity", "question_ids",
-           "sample_nll", "strided_nll", "strided_perplexity", "strided_windows", "argmax_predictions",
-           "predictions_disagreement"]
+           "sample_nll", "strided_nll", "strided_perplexity", "strided_windows", "argmax_predictions"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -345,14 +344,10 @@ def argmax_predictions(model: torch.nn.Module, encoded: dict[str, torch.Tensor],
     return out.masked_fill(~encoded_mask, -1)
 
 
-def predictions_disagreement(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """Fraction of real positions where two ``argmax_predictions`` of the same encoded set differ."""
-    real = attention_mask.bool()
-    return int(((a != b) & real).sum()) / int(real.sum())
-
-
 def argmax_disagreement(model_a: torch.nn.Module, model_b: torch.nn.Module,
                         encoded: dict[str, torch.Tensor], batch_size: int = 16) -> float:
     """Fraction of real (attention-mask) positions where the two models' next-token argmax differ."""
-    return predictions_disagreement(argmax_predictions(model_a, encoded, batch_size),
-                                    argmax_predictions(model_b, encoded, batch_size), encoded["attention_mask"])
+    from forgelib.utils.diversity import argmax_disagreement as disagreement
+
+    a, b = (argmax_predictions(model, encoded, batch_size) for model in (model_a, model_b))
+    return disagreement(a, b, encoded["attention_mask"].bool())

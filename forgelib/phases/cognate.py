@@ -33,7 +33,7 @@ from ..data.stream import LengthBucketedBatches, TaskStream
 from ..data.tasks import FAMILIES, build_mix, format_sample
 from ..data.tokenizer import ensure_special_tokens, train_tokenizer
 from ..evaluate import (accuracy_by_family, answer_correctness, argmax_predictions, chance_accuracy, encode_for_eval,
-                        mean_nll, predictions_disagreement)
+                        mean_nll)
 from ..jobs import own_copy, run_jobs
 from ..models import CognateConfig, CognateConfigError, CognateForCausalLM
 from ..models.gguf_file import is_gguf_path
@@ -45,6 +45,7 @@ from ..results import GateCheck, PhaseResult
 from ..stats import questions_needed
 from ..supervision import SupervisionSteps
 from .. import paths
+from ..utils.diversity import argmax_disagreement
 from ..train import TrainConfig, TrainHistory, default_loss, load_checkpoint, train
 from .common import STAGE_RUNTIME_KEYS, check_levels, check_optimizer
 
@@ -548,8 +549,8 @@ def evaluate_models(models: dict, tokenizer, params: Params, seed: int, workers:
             models["trunk"], tokenizer, hard, batch_size=64, with_steps=params.with_steps)}
     predictions = dict(zip(ROLES, run_jobs([functools.partial(argmax_predictions, models[name], encoded, 32)
                                             for name in ROLES], workers)))  # each model once, not once per pair
-    report["disagreement"] = {f"{a}-{b}": predictions_disagreement(predictions[a], predictions[b],
-                                                                   encoded["attention_mask"])
+    real = encoded["attention_mask"].bool()
+    report["disagreement"] = {f"{a}-{b}": argmax_disagreement(predictions[a], predictions[b], real)
                               for a, b in itertools.combinations(ROLES, 2)}
     return report
 
@@ -694,7 +695,7 @@ def gate_checks(report: dict, params: Params, guard) -> list[GateCheck]:
 
 def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     """The few numbers the pipeline table shows."""
-    trained = bool(histories["trunk"].losses)  # a pretrained trunk kept as shipped has no training numbers
+    trained = params.trunk.steps > 0  # a pretrained trunk kept as shipped has no training numbers
     metrics: dict[str, float] = ({"trunk_loss_first": round(histories["trunk"].first_loss, 4),
                                   "trunk_loss_last": round(histories["trunk"].last_loss, 4)} if trained else {})
     metrics["trunk_acc_mean"] = round(own_family_score(report, "trunk", sorted(params.trunk.mix), "accuracy"), 4)
