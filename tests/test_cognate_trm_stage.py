@@ -270,3 +270,52 @@ def test_a_specialist_trains_and_is_compared_at_its_own_levels(tmp_path, monkeyp
     assert rows["speed"]["levels"] == [3, 3] and rows["reasoning"]["levels"] == rows["memory"]["levels"] == [1, 2]
     with pytest.raises(ParameterError, match=r"speed: levels must be \(lowest, highest\)"):
         open_phase("cognate", "parameters/smoke.yaml", {"cognate": {"speed": {"levels": [3, 2]}}})
+
+
+def test_a_lora_stage_trains_an_adapter_and_hands_on_the_merged_model(tok):
+    """``lora_r`` >= 1: the adapter (rank r on every projection), the memory and the halting head train; the
+    embeddings, norms and head stay as the trunk had them; the stage ends with a plain Cognate model whose weights
+    moved by at most rank r per projection and whose logits are those of the adapter before it was merged."""
+    from forgelib.optim import create_optimizer_from_phase
+    from forgelib.train import train
+
+    params, stage, ctx = _small(tok, lora_r=2, use_memory=True)
+    trunk = cognate.make_trunk(params, tok, 0)
+    model, reference = (cognate.apply_stage(copy.deepcopy(trunk), stage) for _ in range(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cognate.train_stage(model, tok, params, stage, "memory", ctx, 0)
+    assert type(model) is CognateForCausalLM and all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    after = model.state_dict()
+    projections = [k for k in after if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                   "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                                                   "down_proj.weight"))]
+    assert len(projections) == 7
+    for key in projections:
+        delta = (after[key] - before[key]).double()
+        assert delta.abs().max() > 0, key
+        assert torch.linalg.matrix_rank(delta, atol=1e-6).item() <= 2, key
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["model.layers.0.self_attn.memory.out_gate.weight"],
+                           before["model.layers.0.self_attn.memory.out_gate.weight"])
+    # the same training by hand through peft: its logits before the merge are the handed-on model's
+    seed = ctx.seed + stage.seed
+    torch.manual_seed(seed)
+    wrapped = cognate.with_stage_lora(reference, stage)
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" not in n} == {
+        n.replace("model.", "base_model.model.model.", 1) for n in before
+        if "memory." in n or "halt_head." in n}
+    optimizer = create_optimizer_from_phase(wrapped, phase_num=1, **params.optimizer)
+    train(wrapped, cognate.training_batches(tok, params, stage, seed),
+          optimizer, dataclasses.replace(params.train, steps=stage.steps), quiet=True)
+    ids = torch.tensor([tok("12+7=19")["input_ids"]])
+    with torch.no_grad():
+        wrapped.eval(), model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, wrapped(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_lora_rank_below_zero_is_refused():
+    with pytest.raises(ValueError, match="lora_r"):
+        cognate.Stage(mix={"arith": 1}, lora_r=-1)

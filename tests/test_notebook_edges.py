@@ -179,6 +179,13 @@ def test_context_table_names_the_upstream_and_how_it_was_chosen(tmp_path, monkey
     line = table.loc["upstream", "value"]
     assert "session old-run" in line and "outputs/old-run/01_cognate" in line and "not given" in line
     assert table.loc["session", "value"] == "new" and "evomerge.trunk" in table.index
+    assert "not used" not in " ".join(table["value"].astype(str)), "a trunk trained here uses every parameter"
+    ctx.params = Params(init_from="smollm2")  # a pretrained trunk brings its shapes and tokenizer (installed or not)
+    table = context_table(ctx).frame
+    for key in ("vocab_size", "tokenizer_samples", "model"):
+        assert table.loc[f"evomerge.{key}", "value"].endswith("(not used: the pretrained init_from brings its "
+                                                              "shapes and its tokenizer)"), key
+    assert "not used" not in table.loc["evomerge.max_len", "value"]
 
 
 def test_playground_runs_on_submit_only_and_lists_examples():

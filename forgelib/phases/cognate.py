@@ -159,9 +159,17 @@ class Stage:
     trunk's function instead of a 12% blend of an untrained memory (measured at smoke scale: the first loss
     jumped from 0.09 to 3.7 and recall fell from 0.81 to 0.50 after 300 steps)."""
 
+    lora_r: int = 0
+    """0: the stage trains every weight (full fine-tuning); r >= 1: a LoRA adapter of rank r (peft) on every
+    projection (q/k/v/o, gate/up/down) trains instead, with the memory and halting parameters, and is merged into
+    the weights when the stage ends (the model handed on has the trunk's shapes, so Phase 2 merges it as any other).
+    For a pretrained trunk: the frozen weights keep more of what the model knew (real text, chat)."""
+    lora_alpha: Optional[float] = None
+    """LoRA scale numerator (None: 2 * lora_r)."""
+
     def __post_init__(self):
         require_positive(self, "n_cycles")
-        require_non_negative(self, "steps", "n_latent", "warmup_steps", "lr")
+        require_non_negative(self, "steps", "n_latent", "warmup_steps", "lr", "lora_r", "lora_alpha")
         if self.recursion != "trm":
             stray = {k: getattr(self, k) for k, v in TRM_ONLY.items() if getattr(self, k) != v}
             if stray:
@@ -262,6 +270,16 @@ class Params:
     @property
     def specialists(self) -> dict[str, Stage]:
         return {name: getattr(self, name) for name in ROLES}
+
+    def unused(self) -> dict[str, str]:
+        """The parameters this configuration does not use, each with the reason (the notebook's context table says
+        so beside their values): a pretrained ``init_from`` brings its own shapes and tokenizer."""
+        try:  # a real model's name counts even when it is not installed (the run says so)
+            pretrained = self.init_from in REAL_MODELS or pretrained_source(self.init_from) is not None
+        except (OSError, ValueError):  # a path the run will refuse, naming why
+            pretrained = False
+        why = "not used: the pretrained init_from brings its shapes and its tokenizer"
+        return {key: why for key in ("vocab_size", "tokenizer_samples", "model")} if pretrained else {}
 
     def __post_init__(self):
         require_non_negative(self, "real_text_docs")
@@ -435,6 +453,36 @@ def stage_loop(stage: Stage, batches, seed: int) -> tuple[Any, Any, Optional[Sup
     return supervision.batches(batches), supervision.loss, supervision
 
 
+# The parameters a LoRA stage trains in full beside its adapter: the memory (when the stage runs it) and the halting
+# head, both small and both new to a pretrained trunk.
+LORA_FULL_TRAINED = ("self_attn.memory.", "halt_head.")
+
+
+def with_stage_lora(model: CognateForCausalLM, stage: Stage):
+    """``model`` wrapped in place by peft with the stage's LoRA adapter (``Stage.lora_r``): only the adapter, the
+    memory (when the stage runs it) and the halting head train. ``merge_stage_lora`` folds it back."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..baking.bake import target_modules
+
+    alpha = stage.lora_alpha if stage.lora_alpha is not None else 2 * stage.lora_r
+    config = LoraConfig(r=stage.lora_r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                        target_modules=target_modules(model))
+    wrapped = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if any(part in name for part in LORA_FULL_TRAINED) and ("memory" not in name or stage.use_memory):
+            param.requires_grad_(True)
+    return wrapped
+
+
+def merge_stage_lora(wrapped) -> CognateForCausalLM:
+    """The plain model of ``with_stage_lora``'s wrapper, its adapter merged into the weights (peft
+    ``merge_and_unload``: the same model object, every parameter trainable again)."""
+    model = wrapped.merge_and_unload()
+    model.requires_grad_(True)
+    return model
+
+
 def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int, *,
                 alone: bool = True):
     """Train ``model`` on the stage's mix with the Phase-1 MuGrokfast preset; returns the history.
@@ -445,15 +493,18 @@ def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, 
     torch.manual_seed(seed)  # nothing in the step draws from it; kept so that later draws see the same state
     batches = training_batches(tokenizer, params, stage, seed)
     overrides = {**params.optimizer, **({"lr": stage.lr} if stage.lr is not None else {})}
-    optimizer = create_optimizer_from_phase(model, phase_num=1, **overrides)
     config = dataclasses.replace(params.train, steps=stage.steps)
     if stage.warmup_steps is not None:
         config = dataclasses.replace(config, warmup_steps=stage.warmup_steps)
     checkpoints = ctx.dir / "checkpoints" / name if config.checkpoint_every else None
     source, loss_fn, supervision = stage_loop(stage, batches, seed)
-    history = train(model, source, optimizer, config, loss_fn=loss_fn, tracker=ctx.tracker if alone else None,
+    trained = with_stage_lora(model, stage) if stage.lora_r else model
+    optimizer = create_optimizer_from_phase(trained, phase_num=1, **overrides)
+    history = train(trained, source, optimizer, config, loss_fn=loss_fn, tracker=ctx.tracker if alone else None,
                     device=ctx.device, desc=name, quiet=ctx.quiet or not alone, step_offset=step_offset,
                     checkpoint_dir=checkpoints, heartbeat_s=None if alone or ctx.quiet else HEARTBEAT_S)
+    if stage.lora_r:
+        merge_stage_lora(trained)  # in place: ``model`` holds the merged weights
     history.data = dataclasses.asdict(batches.stats) | {"padding_fraction": batches.stats.padding_fraction}
     if supervision is not None:  # batches trained, each for up to supervision_steps optimizer steps
         history.data["supervision_episodes"] = supervision.episodes

@@ -71,7 +71,8 @@ def params_table(params: Any) -> FullTable:
 
 def context_table(ctx: Any) -> FullTable:
     """The run context (session, output folder, parameter file, device, upstream and how it was chosen)
-    followed by the parameters, as one two-column table."""
+    followed by the parameters, as one two-column table; a parameter the phase's settings leave unused (its params'
+    ``unused()``) says so beside its value."""
     import pandas as pd
 
     from ..phases.base import describe_upstream
@@ -80,7 +81,9 @@ def context_table(ctx: Any) -> FullTable:
              "parameter file": paths.relative(ctx.params_file), "device": ctx.device,
              "upstream": describe_upstream(ctx.upstream, getattr(ctx, "upstream_how", "given"))}
     rows = [{"parameter": k, "value": v} for k, v in facts.items()]
-    rows += [{"parameter": f"{ctx.spec.name}.{k}", "value": v} for k, v in params_rows(ctx.params).items()]
+    unused = ctx.params.unused() if hasattr(ctx.params, "unused") else {}  # e.g. a pretrained trunk's shapes
+    rows += [{"parameter": f"{ctx.spec.name}.{k}", "value": f"{v} ({unused[k]})" if k in unused else v}
+             for k, v in params_rows(ctx.params).items()]
     return FullTable(pd.DataFrame(rows).set_index("parameter"))
 
 
