@@ -342,3 +342,47 @@ def test_cognate_accepts_a_4d_mask_equal_to_its_own_causal_mask(tok):
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()])
     with pytest.raises(ValueError, match="4-D attention_mask must have shape"):
         model(input_ids=ids, attention_mask=causal[:, :, :-1])
+
+
+def test_the_loss_thinks_only_where_a_target_counts_and_equals_thinking_everywhere(tok):
+    """``quietstar_loss`` thinks at the positions whose next n_true tokens hold a label (``thinking_positions``).
+    Reference: the same model thinking at every position with the same Gumbel noise, the loss terms written out
+    over the labelled targets. Ragged rows (right padding) and a row without any label included."""
+    from forgelib.data.tasks import build_mix
+    from forgelib.data.tokenizer import encode_samples, lm_batches
+    from forgelib.quietstar.training import thinking_positions
+
+    needed = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    real = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    positions, keep = thinking_positions(needed, real)
+    assert positions.tolist() == [[1, 3, 4], [2, 2, 2], [0, 0, 0]]
+    assert keep.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
+
+    cfg = QuietStarConfig(n_thought=2, n_true=2, n_passes=2)
+    qs = randomize_head(QuietStarModel(cognate(tok), tok, cfg)).train()
+    batch = next(lm_batches(encode_samples(tok, build_mix({"arith": 1, "algebra": 1}, (1, 2), 16, "train", 0), 64,
+                                           answer_only_loss=True, with_steps=True), 4, seed=0, epochs=None))
+    batch["labels"][1] = -100  # a row that has nothing to learn
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    B, T = ids.shape
+    V = qs.base.config.vocab_size
+    noise = -torch.log(-torch.log(torch.rand(B * 2, T, cfg.n_thought, V, generator=torch.Generator().manual_seed(3))))
+    with torch.no_grad():
+        loss, extras = quietstar_loss(qs, batch, noise=noise)
+        th = qs.think(ids, mask, n_passes=2, temperature=cfg.temperature, noise=noise)  # every position
+    targets = future_targets(labels, cfg.n_true).repeat_interleave(2, 0)
+    valid = targets != -100
+    assert valid.sum(-1).gt(0).sum() < valid.shape[0] * T / 2, "the case to test: most positions need no thought"
+
+    def mean_nll(logits):
+        nll = F.cross_entropy(logits.float().reshape(-1, V), targets.clamp(min=0).reshape(-1), reduction="none")
+        return float((nll.view_as(targets) * valid).sum() / valid.sum())
+
+    assert extras["mixed_nll"] == pytest.approx(mean_nll(th.mixed_logits), abs=1e-5)
+    assert extras["thought_nll"] == pytest.approx(mean_nll(th.thought_logits), abs=1e-5)
+    assert extras["gain"] == pytest.approx(mean_nll(th.base_future_logits) - mean_nll(th.mixed_logits), abs=1e-5)
+    assert extras["mix_weight"] == pytest.approx(float((th.weights * valid).sum() / valid.sum()), abs=1e-6)
+    token_ll = -(F.cross_entropy(th.thought_logits.float().reshape(-1, V), targets.clamp(min=0).reshape(-1),
+                                 reduction="none").view_as(targets) * valid).sum(-1)
+    rl = reinforce_term(token_ll, th.logprob, valid[..., 0], 2)
+    assert extras["rl"] == pytest.approx(float(rl), abs=1e-5)

@@ -39,6 +39,20 @@ def future_targets(labels: torch.Tensor, n_true: int) -> torch.Tensor:
     return torch.stack([padded[:, 1 + i:T + 1 + i] for i in range(n_true)], -1)
 
 
+def thinking_positions(needed: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``needed`` (B, T) bool -> (positions (B, Q), keep (B, Q)): each row's needed positions in order, padded with
+    the row's first real token (``real`` (B, T), the attention mask; default position 0; ``keep`` False) to the
+    longest row's count Q (at least 1). Thoughts are independent of one another
+    (each sees the real tokens up to its position and itself), so thinking only where a loss term counts computes
+    the same terms as thinking everywhere, at Q / T of the cost (the prompt of a chat-framed question is most of it)."""
+    counts = needed.sum(1)
+    Q = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :Q]  # needed positions first, in order
+    keep = torch.arange(Q, device=needed.device)[None, :] < counts[:, None]
+    first = real.long().argmax(1, keepdim=True) if real is not None else torch.zeros_like(counts)[:, None]
+    return torch.where(keep, order, first), keep
+
+
 def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The Quiet-STaR training loss for ``forgelib.train`` (``loss_fn=partial(quietstar_loss, kl=...)``).
@@ -53,9 +67,15 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
     if cfg.think_at == "all":
         labels = ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
     P = cfg.n_passes
-    th = model.think(ids, mask, n_passes=P, temperature=cfg.temperature, noise=noise)
     B, T = ids.shape
-    targets = future_targets(labels, cfg.n_true).repeat_interleave(P, 0)  # (B', T, n_true)
+    future = future_targets(labels, cfg.n_true)  # (B, T, n_true)
+    positions, keep = thinking_positions((future != IGNORE_INDEX).any(-1), mask)  # (B, Q): only where a target counts
+    if noise is not None and noise.shape[1] == T:  # noise drawn for every position: the thinking ones' rows
+        rows = positions.repeat_interleave(P, 0)
+        noise = noise.gather(1, rows[:, :, None, None].expand(-1, -1, *noise.shape[2:]))
+    th = model.think(ids, mask, positions=positions, n_passes=P, temperature=cfg.temperature, noise=noise)
+    targets = future.gather(1, positions[..., None].expand(-1, -1, cfg.n_true))
+    targets = targets.masked_fill(~keep[..., None], IGNORE_INDEX).repeat_interleave(P, 0)  # (B', Q, n_true)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
     V = th.mixed_logits.shape[-1]
@@ -70,7 +90,7 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
                                    reduction="none").view_as(safe)
         gain = ((base_tok - mixed_nll.detach()) * valid).sum() / n_valid
     thought_nll = F.cross_entropy(th.thought_logits.float().reshape(-1, V), safe.reshape(-1),
-                                  reduction="none").view_as(safe)  # (B', T, n_true)
+                                  reduction="none").view_as(safe)  # (B', Q, n_true)
     thought_loss = (thought_nll * valid).sum() / n_valid
     loss = cfg.base_loss_weight * base_nll + mixed_loss + cfg.thought_loss_weight * thought_loss
     rl = torch.zeros((), device=ids.device)
