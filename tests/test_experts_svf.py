@@ -123,3 +123,30 @@ def test_cem_finds_a_known_optimum():
     best, value, history = cem_search(score, 3, iterations=25, population=24, elite=6, seed=0)
     assert all(abs(x - t) < 0.05 for x, t in zip(best, target)), best
     assert value > -0.005 and [h[1] for h in history] == sorted(h[1] for h in history)
+
+
+def test_generation_builds_each_matrix_once_and_answers_as_without_the_cache(tiny_llama):
+    """``SVFModel.generate`` (and a forward without gradients) build each SVF matrix once per call; the tokens are
+    those of building it at every use (the reference: the wrapped model's own generate, no cache)."""
+    from forgelib.experts.svf import SVFParametrization
+
+    svf = apply_svf(tiny_llama).eval()
+    svf.load_z({n: torch.linspace(-2, 2, z.numel()) for n, z in svf.z.items()})
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in svf.modules()
+             if isinstance(m, SVFParametrization)]
+    ids = _ids()[:1]
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                  min_new_tokens=6, pad_token_id=0)
+    want = svf.model.generate(**kwargs)  # no cache: every matrix rebuilt at every token
+    rebuilt, calls[:] = len(calls), []
+    got = svf.generate(**kwargs)
+    assert torch.equal(got, want)
+    assert len(calls) == len(hooks) and rebuilt == 6 * len(hooks)
+    calls[:] = []
+    with torch.no_grad():
+        svf(input_ids=ids)
+    assert len(calls) == len(hooks)
+    calls[:] = []
+    svf(input_ids=ids).logits.sum().backward()  # with gradients: built in the graph, z learns
+    assert len(calls) == len(hooks) and all(z.grad is not None for z in svf.z.values())
