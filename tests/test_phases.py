@@ -473,12 +473,16 @@ def test_bench_quietstar_counts_equal_compute(evomerge, tmp_path):
     assert bench.main(["--phase2", str(evomerge[0].dir), "--seeds", "2", "--steps", "2", "--test-per-family", "2",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    steps = report["equal_compute"]["steps"]
-    assert steps == {"plain": 32, "quietstar": 2, "pause": 4, "random": 4}  # smoke: 2 passes x (1+4+1+2) = 16
+    # each seed's stream: pause and random (one pass) run about twice Quiet-STaR's 2 steps, plain many more (its
+    # step has no thought positions)
+    for steps in report["equal_compute"]["steps_per_seed"]:
+        assert steps["quietstar"] == 2 and steps["pause"] == steps["random"] and 3 <= steps["pause"] <= 5
+        assert steps["plain"] > 2 * steps["pause"]
     for row in report["per_seed"]:
         tokens = {arm: row[arm]["forward_tokens"] for arm in bench.ARMS}
-        # measured forward tokens: the thinking arms spend the same within batch-length noise, plain too
-        assert max(tokens.values()) / min(tokens.values()) < 1.6
+        # measured forward tokens: every arm spends Quiet-STaR's within one batch of its own (plain's batches are
+        # the smallest steps: its count comes closest)
+        assert max(tokens.values()) / min(tokens.values()) < 1.35
     assert set(report["quietstar_gain"]) == {"over_plain", "over_pause", "over_random"}
     assert report["accuracy"]["quietstar"]["n"] == 2
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from forgelib.bench.quietstar import ARMS, TokenCounter, equal_compute_steps, interval, tokens_per_row
+from forgelib.bench.quietstar import ARMS, TokenCounter, equal_compute_steps, interval, step_tokens
 from forgelib.params import ParameterError
 from forgelib.phases import quietstar as phase3
 from forgelib.phases.quietstar import Params, gate_checks, thinking_decision, training_batches
@@ -157,16 +157,34 @@ def test_bad_phase3_parameters_name_the_key(tmp_path):
 
 
 def test_equal_compute_steps_follow_forward_tokens():
+    """Worked example: rows of 6 tokens, the loss counting targets at positions 2-3 of each (Q = 2)."""
     params = Params(thoughts=QuietStarConfig(n_thought=4, n_true=2, n_passes=2))
-    assert tokens_per_row("plain", params) == 1
-    assert tokens_per_row("quietstar", params) == 2 * (1 + 4 + 1 + 2)
-    assert tokens_per_row("pause", params) == tokens_per_row("random", params) == 8
-    assert equal_compute_steps(params, 10) == {"plain": 160, "quietstar": 10, "pause": 20, "random": 20}
+    labels = torch.full((3, 6), -100)
+    labels[:, 3:5] = 7  # targets at 3, 4: positions 2 and 3 predict them (and 1 predicts t+2 = 3 with n_true 2)
+    batch = {"input_ids": torch.ones(3, 6, dtype=torch.long), "attention_mask": torch.ones(3, 6, dtype=torch.long),
+             "labels": labels}
+    Q = 3  # positions 1, 2, 3 have a target among their next n_true tokens
+    assert step_tokens("plain", params, batch) == 3 * 6
+    assert step_tokens("quietstar", params, batch) == 2 * 3 * (6 + Q * (4 + 1 + 2)) == 162
+    assert step_tokens("pause", params, batch) == step_tokens("random", params, batch) == 81
+    # every batch alike: pause and random twice Quiet-STaR's steps; plain 162 / 18 = 9 times
+    assert equal_compute_steps(params, 10, iter([batch] * 200)) == {"plain": 90, "quietstar": 10, "pause": 20,
+                                                                     "random": 20}
+    # batches of different lengths: each arm's steps spend the closest number of tokens to Quiet-STaR's budget
+    short = {k: v[:, :4] if k != "labels" else labels[:, :4].clone().fill_(-100) for k, v in batch.items()}
+    short["labels"][:, 3] = 7
+    stream = [batch, short] * 100
+    steps = equal_compute_steps(params, 4, iter(stream))
+    budget = sum(step_tokens("quietstar", params, b) for b in stream[:4])
+    for arm, n in steps.items():
+        spent = [sum(step_tokens(arm, params, b) for b in stream[:k]) for k in (n - 1, n, n + 1)]
+        assert abs(spent[1] - budget) <= min(abs(spent[0] - budget), abs(spent[2] - budget)), arm
     assert set(ARMS) == {"plain", "quietstar", "pause", "random"}
 
 
 def test_token_counter_measures_what_the_formula_says():
-    """One Quiet-STaR loss evaluation runs exactly passes x (1 + n_thought + 1 + n_true) x B x T base tokens."""
+    """One Quiet-STaR loss evaluation runs exactly the base tokens ``step_tokens`` says: passes x B x (T + Q x
+    (n_thought + 1 + n_true)), Q the most thinking positions of a row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from forgelib.data.tasks import build_mix, format_sample
@@ -187,7 +205,8 @@ def test_token_counter_measures_what_the_formula_says():
     quietstar_loss(qs, batch)
     counter.close()
     B, T = batch["input_ids"].shape
-    assert counter.tokens == tokens_per_row("quietstar", params) * B * T
+    assert counter.tokens == step_tokens("quietstar", params, batch)
+    assert counter.tokens < params.thoughts.n_passes * B * T * (1 + 3 + 1 + 2), "the prompt positions do not think"
 
 
 def test_interval_is_the_t_interval():

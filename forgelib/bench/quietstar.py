@@ -11,12 +11,14 @@ Every arm starts from the same Phase-2 model and trains on the same stream of fr
 
 **Equal compute** is counted in forward tokens (a forward pass costs about 2 × parameters FLOPs per token, and
 the backward pass twice that, for every arm alike): per step, ``plain`` runs B·T tokens, a thinking arm
-``passes · B·T · (1 + n_thought + 1 + n_true)`` (one base pass, then one pass per thought token, the end token
-and the teacher-forced tokens; attention's extra cost over the longer key sets is not counted). Quiet-STaR runs
-``--steps`` steps; every other arm gets the steps that spend the same number of tokens (pause and random: twice
-Quiet-STaR's with 2 passes; plain: 16 times with the smoke settings). The KL reference's forward (B·T per step)
-is the same per step for every arm and is not counted. The forward tokens every arm really ran are counted by a
-hook on the base model and reported (``forward_tokens``).
+``passes · B · (T + Q · (n_thought + 1 + n_true))`` (one base pass, then one pass per thought token, the end token
+and the teacher-forced tokens at the Q positions of each row whose targets the loss counts:
+``forgelib.quietstar.training.step_forward_tokens``; attention's extra cost over the longer key sets is not
+counted). Quiet-STaR runs ``--steps`` steps; every other arm gets the steps that spend the same number of tokens on
+the same training stream, each seed's own (``equal_compute_steps`` walks it: pause and random run twice Quiet-STaR's
+steps with 2 passes, plain about P · (1 + Q/T · (n_thought + 1 + n_true)) times as many). The KL reference's
+forward (B·T per step) is the same per step for every arm and is not counted. The forward tokens every arm really
+ran are counted by a hook on the base model and reported (``forward_tokens``).
 
 **Seeds** vary the training seed only (data order, thought sampling, the new heads' initialisation); the start
 model and the test set are the same for every seed. Reported per arm: test-split exact-match accuracy (thinking
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from .. import paths
 from ..optim import ReferenceKL, create_optimizer_from_phase, preset_config
 from ..phases.quietstar import Params, score, test_samples, train_arm, training_batches
+from ..quietstar.training import step_forward_tokens
 from ..results import dumps_json
 from . import phase_folder, phase_params
 from ..train import train
@@ -45,19 +48,39 @@ from .options import QUIETSTAR_ARMS as ARMS, build_parser
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def tokens_per_row(arm: str, params: Params) -> int:
-    """Forward tokens per training row and real token position of ``arm`` (see the module docstring)."""
-    cfg = params.thoughts
+def step_tokens(arm: str, params: Params, batch: dict) -> int:
+    """Forward tokens of one training step of ``arm`` on ``batch`` (see the module docstring)."""
     if arm == "plain":
-        return 1
-    passes = cfg.n_passes if arm == "quietstar" else 1
-    return passes * (1 + cfg.n_thought + 1 + cfg.n_true)
+        return int(batch["input_ids"].numel())
+    passes = params.thoughts.n_passes if arm == "quietstar" else 1
+    return step_forward_tokens(params.thoughts, batch, passes)
 
 
-def equal_compute_steps(params: Params, quietstar_steps: int) -> dict[str, int]:
-    """Steps per arm that spend Quiet-STaR's forward tokens (same batch size and data)."""
-    budget = quietstar_steps * tokens_per_row("quietstar", params)
-    return {arm: max(1, budget // tokens_per_row(arm, params)) for arm in ARMS}
+def equal_compute_steps(params: Params, quietstar_steps: int, batches) -> dict[str, int]:
+    """Steps per arm that spend Quiet-STaR's forward tokens on ``batches``, the training stream every arm trains on
+    (``training_batches`` with one seed): Quiet-STaR's first ``quietstar_steps`` batches set the budget; every
+    other arm runs the batches of the same stream until its tokens come closest to it."""
+    batches = iter(batches)
+    seen: list[dict] = []
+
+    def batch(i: int) -> dict:
+        while len(seen) <= i:
+            seen.append(next(batches))
+        return seen[i]
+
+    budget = sum(step_tokens("quietstar", params, batch(i)) for i in range(quietstar_steps))
+    steps = {}
+    for arm in ARMS:
+        spent, n = 0, 0
+        while True:
+            cost = step_tokens(arm, params, batch(n))
+            if spent + cost > budget and budget - spent < spent + cost - budget:
+                break
+            spent, n = spent + cost, n + 1
+            if spent >= budget:
+                break
+        steps[arm] = max(1, n)
+    return steps
 
 
 def interval(values: list[float]) -> dict[str, float]:
@@ -180,15 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         setattr(base.config, key, value)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test = test_samples(params, seed=1)
-    steps = equal_compute_steps(params, params.steps)
+    # each seed trains on its own stream: its arms' steps spend equal tokens on that stream
+    steps = [equal_compute_steps(params, params.steps, training_batches(tokenizer, params, s))
+             for s in range(args.seeds)]
     started = time.perf_counter()
-    per_seed = [run_seed(base, tokenizer, params, steps, s, test, args.arms) for s in range(args.seeds)]
+    per_seed = [run_seed(base, tokenizer, params, steps[s], s, test, args.arms) for s in range(args.seeds)]
     start_row = score(base, tokenizer, test, params)
     report = {"benchmark": "quietstar", "phase2": paths.relative(folder), "params_file": args.params,
               "what_the_seeds_vary": "the training seed only (data order, thought sampling, new heads' init); "
                                      "one start model and one test set for every seed",
-              "equal_compute": {"rule": "forward tokens (see `forge bench quietstar --help`)", "steps": steps,
-                                "tokens_per_row": {a: tokens_per_row(a, params) for a in ARMS}},
+              "equal_compute": {"rule": "forward tokens on each seed's training stream (see `forge bench "
+                                        "quietstar --help`)", "steps_per_seed": steps},
               "start_model": {"accuracy": start_row["accuracy"], "answer_nll": start_row["answer_nll"]},
               "n_test": len(test), "seeds": args.seeds, "seconds": round(time.perf_counter() - started, 1),
               "quietstar": dataclasses.asdict(params), "per_seed": per_seed, **summarize(per_seed)}

@@ -53,6 +53,25 @@ def thinking_positions(needed: torch.Tensor, real: torch.Tensor | None = None) -
     return torch.where(keep, order, first), keep
 
 
+def loss_labels(cfg, batch: dict) -> torch.Tensor:
+    """The labels the loss counts: the batch's (``think_at: answer``), or every real token (``think_at: all``)."""
+    if cfg.think_at != "all":
+        return batch["labels"]
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    return ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
+
+
+def step_forward_tokens(cfg, batch: dict, n_passes: int | None = None) -> int:
+    """Forward tokens of one ``quietstar_loss`` step on ``batch`` (what a hook on the base model counts): per pass,
+    the base pass over B·T tokens, then n_thought + 1 + n_true steps over the B·Q thinking positions."""
+    ids = batch["input_ids"]
+    needed = (future_targets(loss_labels(cfg, batch), cfg.n_true) != IGNORE_INDEX).any(-1)
+    positions, _ = thinking_positions(needed, batch.get("attention_mask"))
+    B, T = ids.shape
+    passes = cfg.n_passes if n_passes is None else n_passes
+    return passes * B * (T + positions.shape[1] * (cfg.n_thought + 1 + cfg.n_true))
+
+
 def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The Quiet-STaR training loss for ``forgelib.train`` (``loss_fn=partial(quietstar_loss, kl=...)``).
@@ -63,9 +82,7 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
     kl).
     """
     cfg = model.qconfig
-    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    if cfg.think_at == "all":
-        labels = ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), loss_labels(cfg, batch)
     P = cfg.n_passes
     B, T = ids.shape
     future = future_targets(labels, cfg.n_true)  # (B, T, n_true)

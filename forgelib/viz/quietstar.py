@@ -41,6 +41,14 @@ ARM_LABELS = {"plain": "continued training", "quietstar": "Quiet-STaR", "pause":
               "random": "random thoughts"}
 
 
+def _arm_steps(equal: dict, arm: str):
+    """An arm's training steps: one number (files before 12-07), else each seed's, '/'-joined where they differ."""
+    if "steps" in equal:
+        return equal["steps"][arm]
+    values = sorted({seed[arm] for seed in equal.get("steps_per_seed", [])})
+    return values[0] if len(values) == 1 else "/".join(map(str, values))
+
+
 def bench_frame(files=None):
     """The thoughts benchmark at equal forward compute (``forge bench quietstar``, one JSON per start model): per
     start model and arm, test accuracy and answer NLL (mean ± 95 % t-interval over training seeds), steps and
@@ -62,7 +70,7 @@ def bench_frame(files=None):
             rows.append({"start model": start, "arm": ARM_LABELS.get(arm, arm), "seeds": acc["n"],
                          "accuracy": f"{acc['mean']:.3f} ± {acc['ci95']:.3f}",
                          "answer NLL": f"{nll['mean']:.3f} ± {nll['ci95']:.3f}",
-                         "steps": data["equal_compute"]["steps"][arm],
+                         "steps": _arm_steps(data["equal_compute"], arm),
                          "forward tokens": int(data["forward_tokens"][arm]),
                          "Quiet-STaR gain": "" if gain is None else f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}"})
     frame = pd.DataFrame(rows)
