@@ -61,13 +61,20 @@ def loss_labels(cfg, batch: dict) -> torch.Tensor:
     return ids.masked_fill((mask if mask is not None else torch.ones_like(ids)) == 0, IGNORE_INDEX)
 
 
+def loss_positions(cfg, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, future targets (B, T, n_true), thinking positions (B, Q), keep (B, Q)) of one ``quietstar_loss`` step:
+    a position thinks when one of its next n_true targets counts."""
+    labels = loss_labels(cfg, batch)
+    future = future_targets(labels, cfg.n_true)
+    positions, keep = thinking_positions((future != IGNORE_INDEX).any(-1), batch.get("attention_mask"))
+    return labels, future, positions, keep
+
+
 def step_forward_tokens(cfg, batch: dict, n_passes: int | None = None) -> int:
     """Forward tokens of one ``quietstar_loss`` step on ``batch`` (what a hook on the base model counts): per pass,
     the base pass over B·T tokens, then n_thought + 1 + n_true steps over the B·Q thinking positions."""
-    ids = batch["input_ids"]
-    needed = (future_targets(loss_labels(cfg, batch), cfg.n_true) != IGNORE_INDEX).any(-1)
-    positions, _ = thinking_positions(needed, batch.get("attention_mask"))
-    B, T = ids.shape
+    positions = loss_positions(cfg, batch)[2]
+    B, T = batch["input_ids"].shape
     passes = cfg.n_passes if n_passes is None else n_passes
     return passes * B * (T + positions.shape[1] * (cfg.n_thought + 1 + cfg.n_true))
 
@@ -82,11 +89,10 @@ def quietstar_loss(model: QuietStarModel, batch: dict, kl: Callable | None = Non
     kl).
     """
     cfg = model.qconfig
-    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), loss_labels(cfg, batch)
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    labels, future, positions, keep = loss_positions(cfg, batch)  # positions (B, Q): only where a target counts
     P = cfg.n_passes
     B, T = ids.shape
-    future = future_targets(labels, cfg.n_true)  # (B, T, n_true)
-    positions, keep = thinking_positions((future != IGNORE_INDEX).any(-1), mask)  # (B, Q): only where a target counts
     if noise is not None and noise.shape[1] == T:  # noise drawn for every position: the thinking ones' rows
         rows = positions.repeat_interleave(P, 0)
         noise = noise.gather(1, rows[:, :, None, None].expand(-1, -1, *noise.shape[2:]))
