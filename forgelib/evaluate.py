@@ -213,16 +213,21 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     Generation stops at eos; the returned texts hold only the new tokens, decoded without any special
     token (eos, pad, thought or tool markers).
     """
+    from .jobs import map_batches
+
     prompts = [s.prompt if isinstance(s, Sample) else s for s in samples]
-    rows, pad, texts = encode_prompts(tokenizer, prompts), pad_id(tokenizer), []
-    with evaluating(model):
-        for start in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[start:start + batch_size], pad)
-            out = model.generate(input_ids=ids.to(model_device(model)), attention_mask=mask.to(model_device(model)),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-            texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return texts
+    rows, pad = encode_prompts(tokenizer, prompts), pad_id(tokenizer)
+
+    def new_tokens(lm, batch: list[list[int]]) -> torch.Tensor:
+        ids, mask = left_pad(batch, pad)
+        out = lm.generate(input_ids=ids.to(model_device(lm)), attention_mask=mask.to(model_device(lm)),
+                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        return out[:, ids.shape[1]:]
+
+    with evaluating(model):  # the batches side by side where the phase allows (forgelib.jobs.map_batches)
+        outs = map_batches(new_tokens, model, [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)])
+    return [text for out in outs for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def question_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:

@@ -11,11 +11,12 @@ of running the jobs one after the other, in any order, which ``tests/test_jobs.p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +68,63 @@ def thread_own(obj: T) -> T:
     if entry is None or entry[0] is not obj:
         entry = copies[id(obj)] = (obj, copy.deepcopy(obj))
     return entry[1]
+
+
+# --- batches of one generation side by side ---------------------------------------------------------------------
+# A phase asks most of its questions from the main thread, one model at a time (a guard's two models already go side
+# by side, and so do Phase 1's specialists): the batches of such a call are independent, so ``map_batches`` runs them
+# on ``generation_workers`` threads, the main thread with the model itself and each other thread with a copy of it.
+# The batches are the ones the call would generate one after the other, so every answer is the same.
+
+_GENERATION = {"workers": 1}
+
+
+def generation_workers() -> int:
+    """Threads a generation may use for its batches: the ``side_by_side`` setting on the main thread, 1 inside a job
+    (its caller already keeps the cores busy)."""
+    return _GENERATION["workers"] if threading.current_thread() is threading.main_thread() else 1
+
+
+@contextlib.contextmanager
+def side_by_side(workers: int):
+    """Within it, generations started on the main thread run their batches on ``workers`` threads (a phase's run
+    sets ``run.workers`` resolved: ``PhaseContext.workers``)."""
+    before = _GENERATION["workers"]
+    _GENERATION["workers"] = max(1, int(workers))
+    try:
+        yield
+    finally:
+        _GENERATION["workers"] = before
+
+
+def map_batches(fn: Callable[[Any, Any], T], model: Any, batches: Sequence[Any]) -> list[T]:
+    """``[fn(model, batch) for batch in batches]``, the batches shared out round-robin over ``generation_workers()``
+    threads: the main thread's with ``model``, every other thread's with one deep copy of it (made in that thread;
+    ``fn`` must not change the model, e.g. a no-gradient generation). Results in the batches' order. A model that
+    draws from torch's global generator when it answers (``draws_at_inference``) has its batches one after the
+    other: side by side, the draws would go to the batches in the order the threads ask."""
+    workers = min(generation_workers(), len(batches))
+    if workers <= 1 or draws_at_inference(model):
+        return [fn(model, batch) for batch in batches]
+    out: list[Any] = [None] * len(batches)
+
+    def share(k: int, own: Any) -> None:
+        mine = own if own is not None else copy.deepcopy(model)
+        for i in range(k, len(batches), workers):
+            out[i] = fn(mine, batches[i])
+
+    with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="forge-gen") as pool:
+        futures = [pool.submit(share, k, None) for k in range(1, workers)]
+        share(0, model)
+        for future in futures:
+            future.result()
+    return out
+
+
+def draws_at_inference(model: Any) -> bool:
+    """Whether answering with ``model`` draws random numbers: a thinking Quiet-STaR model (``qconfig``) whose
+    thoughts are sampled (``inference_temperature`` > 0) or random (``thought_mode: random``)."""
+    cfg = getattr(model, "qconfig", None)
+    if cfg is None or not getattr(model, "thinking", True):
+        return False
+    return float(getattr(cfg, "inference_temperature", 0.0) or 0.0) > 0 or getattr(cfg, "thought_mode", "") == "random"

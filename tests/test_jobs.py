@@ -123,3 +123,58 @@ def test_phase1_trains_its_specialists_side_by_side_to_the_same_weights_and_metr
 
     assert rows(one) == rows(two)
     assert "reasoning/loss" in "".join(rows(two)) and "speed/padding_fraction" in "".join(rows(two))
+
+
+def test_a_generations_batches_side_by_side_give_the_answers_of_one_after_the_other():
+    """``side_by_side``: the batches of one generation started on the main thread go to two threads (the second
+    with a copy of the model) and every answer is that of generating them in turn, with and without the calculator;
+    inside a job, and for a model that draws random numbers when it answers, they stay in turn."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelib import jobs
+    from forgelib.data.tasks import build_mix, format_sample, generate
+    from forgelib.data.tokenizer import train_tokenizer
+    from forgelib.evaluate import generate_answers
+    from forgelib.tools import generate_with_tools
+
+    samples = [s for f in ("arith", "tool", "logic") for s in generate(f, 2, 12, seed=3)]
+    tok = train_tokenizer([format_sample(s, with_steps=True) for s in build_mix({"arith": 1, "tool": 1, "logic": 1},
+                                                                                (1, 2), 60)], vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    with torch.no_grad():  # tool tokens likely enough that some rows call the calculator and go another round
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|/tool|>")] += 0.5
+    seen = set()  # (thread, model) of every forward
+    model.register_forward_pre_hook(lambda module, args: seen.add((threading.get_ident(), id(module))))
+
+    def both():
+        texts = generate_answers(model, tok, samples, max_new_tokens=12, batch_size=5)
+        traces = generate_with_tools(model, tok, samples, max_new_tokens=16, batch_size=5)
+        return texts, [(t.text, t.calls, t.stop) for t in traces]
+
+    alone = both()
+    assert seen == {(threading.get_ident(), id(model))}
+    with jobs.side_by_side(2):
+        assert jobs.generation_workers() == 2
+        assert both() == alone
+        others = {(t, m) for t, m in seen if t != threading.get_ident()}
+        assert others and all(m != id(model) for _, m in others)  # another thread, with its own copy
+        assert run_jobs([jobs.generation_workers, jobs.generation_workers], 2) == [1, 1]
+    assert jobs.generation_workers() == 1
+    assert any(t[1] for t in alone[1]) and len({t[0] for t in alone[1]}) > 1  # calls made, answers differ
+
+    calls = []
+    out = jobs.map_batches(lambda m, b: calls.append(threading.get_ident()) or b * 2, model, [1, 2, 3, 4, 5])
+    assert out == [2, 4, 6, 8, 10] and set(calls) == {threading.get_ident()}  # outside side_by_side: in turn
+    with jobs.side_by_side(2):
+        calls.clear()
+        assert jobs.map_batches(lambda m, b: calls.append(threading.get_ident()) or b * 2, model,
+                                [1, 2, 3, 4, 5]) == [2, 4, 6, 8, 10]
+        assert len(set(calls)) == 2
+        sampled = type("Thinker", (), {"qconfig": type("Q", (), {"inference_temperature": 0.7})(), "thinking": True})()
+        calls.clear()
+        jobs.map_batches(lambda m, b: calls.append(threading.get_ident()), sampled, [1, 2, 3])
+        assert set(calls) == {threading.get_ident()} and jobs.draws_at_inference(sampled)

@@ -17,6 +17,7 @@ import yaml
 
 from .. import paths
 from ..distributed import ReadOnlyRegistry, is_follower, process_index
+from ..jobs import side_by_side
 from ..params import (ParameterError, RunParams, cut, load_section, load_yaml_file, set_arguments, short,
                       stored_size, to_dict)
 from ..results import RESULT_FILE, PhaseResult
@@ -409,7 +410,8 @@ def run_phase(ctx: PhaseContext) -> PhaseResult:
     try:
         if hasattr(module, "validate_input"):
             module.validate_input(ctx.params, ctx)
-        result = module.run(ctx.params, ctx)
+        with side_by_side(ctx.workers):  # a generation's batches on the cores run.workers allows (forgelib.jobs)
+            result = module.run(ctx.params, ctx)
         if hasattr(module, "validate_output"):
             module.validate_output(result, ctx)
         if not result.gate_passed:

@@ -121,16 +121,22 @@ def _generate_rounds(model: torch.nn.Module, rows: list[_Row], taker: _Taker, ba
                      pad: int, device: torch.device) -> None:
     """Generate every unfinished row, round after round (batches of ``batch_size``, left-padded, one ``generate``
     call each with the batch's largest remaining budget), until every row has stopped."""
+    from ..jobs import map_batches
+
+    def new_tokens(lm, chunk: list[_Row]) -> list[list[int]]:
+        budget = max(taker.max_new_tokens - row.generated for row in chunk)
+        ids, mask = left_pad([row.ids for row in chunk], pad)  # (B, T) each
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
+                          num_beams=1, **sampling, eos_token_id=taker.stops, pad_token_id=pad)  # (B, T + new)
+        return out[:, ids.shape[1]:].tolist()
+
+    # Sampled generation draws from torch's global generator: its batches stay one after the other.
+    side = map_batches if not sampling.get("do_sample") else (lambda fn, lm, chunks: [fn(lm, c) for c in chunks])
     with evaluating(model):
         while active := [row for row in rows if row.stop is None]:
-            for start in range(0, len(active), batch_size):
-                chunk = active[start:start + batch_size]
-                budget = max(taker.max_new_tokens - row.generated for row in chunk)
-                ids, mask = left_pad([row.ids for row in chunk], pad)  # (B, T) each
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=budget, num_beams=1, **sampling,
-                                     eos_token_id=taker.stops, pad_token_id=pad)  # (B, T + new)
-                for row, new in zip(chunk, out[:, ids.shape[1]:].tolist()):
+            chunks = [active[start:start + batch_size] for start in range(0, len(active), batch_size)]
+            for chunk, news in zip(chunks, side(new_tokens, model, chunks)):  # side by side where the phase allows
+                for row, new in zip(chunk, news):
                     taker.advance(row, new)
 
 
