@@ -8,6 +8,7 @@ worked example of its merges. The real SmolLM2 file (``make setup-real``) answer
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
@@ -206,6 +207,120 @@ def test_phase_1_takes_a_gguf_file_as_its_trunk_and_its_tokenizer(source, tiny_g
         assert "unavailable" in phase1.real_text_report({"trunk": trunk}, tok, params)
     finally:
         del os.environ["FORGE_REALTEXT"]
+
+
+@pytest.fixture
+def prose(tmp_path, monkeypatch):
+    """A real-text corpus of 16 documents of seeded random letter words (both splits get some; no two 8-token stretches
+    alike), found through FORGE_REALTEXT."""
+    import random
+    import string
+
+    folder = tmp_path / "_sources"
+    folder.mkdir()
+    rng = random.Random(3)
+    for i in range(16):
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7))) for _ in range(rng.randint(20, 60))]
+        (folder / f"doc{i:02d}.rst.txt").write_text(" ".join(words).capitalize() + ".\n")
+    monkeypatch.setenv("FORGE_REALTEXT", str(folder))
+    return folder
+
+
+def test_real_text_windows_are_calibration_prose_in_a_seeded_order(tiny_gguf, prose, tmp_path):
+    """``real_text_windows``: (rows, max_len) batches of consecutive ``max_len``-token slices of the calibration
+    split's documents only (never the test split the perplexity is measured on), the same for the same seed, another
+    order for another seed, and on again after every document was used."""
+    from forgelib.data.realtext import load_texts
+    from forgelib.data.tokenizer import plain_ids
+    from forgelib.phases import cognate as phase1
+
+    tok = phase1.build_tokenizer(phase1.Params(init_from=str(tiny_gguf), trunk=phase1.Stage(mix={"arith": 1},
+                                                                                            steps=0)), 0, tmp_path)
+    calibration, test = (plain_ids(tok, load_texts(split)) for split in ("calibration", "test"))
+    assert calibration and test
+    slices = {tuple(ids[k:k + 8]) for ids in calibration for k in range(0, len(ids) - 7, 8)}
+    total = len(slices)
+    got = [next(w) for w in [phase1.real_text_windows(tok, 8, 3, seed=5)] for _ in range(2 * total // 3 + 2)]
+    assert all(b.shape == (3, 8) and b.dtype == torch.long for b in got)
+    rows = [tuple(r) for b in got for r in b.tolist()]
+    assert set(rows) <= slices and len(set(rows)) == total  # every window of the split, more than once by now
+    assert not set(rows) & {tuple(ids[k:k + 8]) for ids in test for k in range(len(ids) - 7)}
+    again = phase1.real_text_windows(tok, 8, 3, seed=5)
+    other = phase1.real_text_windows(tok, 8, 3, seed=6)
+    assert all(torch.equal(next(again), b) for b in got[:5])
+    assert not all(torch.equal(next(other), b) for b in got[:5])
+    with pytest.raises(ValueError, match="no real-text calibration document has 10000 tokens"):
+        next(phase1.real_text_windows(tok, 10000, 1, seed=0))
+
+
+def test_the_real_text_term_is_the_kl_to_the_start_model(tiny_gguf, prose, tmp_path):
+    """``real_text_kl_loss``: the stage's loss plus weight · KL(start || model), checked against the KL written out in
+    float64 over every position of the window; 0 for the start model itself; gradients reach the model, not its
+    frozen start."""
+    from forgelib.phases import cognate as phase1
+
+    params = phase1.Params(init_from=str(tiny_gguf), trunk=phase1.Stage(mix={"arith": 1}, steps=0))
+    tok = phase1.build_tokenizer(params, 0, tmp_path)
+    trunk = phase1.make_trunk(params, tok, 0)
+    start = phase1.frozen_copy(trunk)
+    model = phase1.apply_stage(phase1.frozen_copy(trunk).requires_grad_(True), phase1.Stage(mix={"arith": 1}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    window = next(phase1.real_text_windows(tok, 8, 2, seed=1))
+    base = lambda m, batch: (torch.tensor(1.5), {"lm_loss": 1.5})  # noqa: E731 — the stage's own loss
+    loss, extras = phase1.real_text_kl_loss(base, start, iter([window]), 0.7)(model, {"input_ids": window})
+    with torch.no_grad():
+        p = torch.softmax(start(input_ids=window).logits.double(), -1)
+        q = torch.softmax(model(input_ids=window).logits.double(), -1)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert expected > 1e-3 and extras["real_text_kl"] == pytest.approx(expected, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(1.5 + 0.7 * expected, rel=1e-4) and extras["lm_loss"] == 1.5
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in start.parameters())
+    same, _ = phase1.real_text_kl_loss(base, start, iter([window]), 0.7)(phase1.frozen_copy(trunk),
+                                                                         {"input_ids": window})
+    assert float(same) == pytest.approx(1.5, abs=1e-6)
+
+
+def test_a_specialist_held_to_its_trunk_on_real_text_is_gated_on_its_perplexity(tiny_gguf, prose, tmp_path,
+                                                                                 monkeypatch):
+    """Phase 1 with a pretrained trunk: each specialist trains with the real-text term (its history logs it) and the
+    gate holds each one's real-text perplexity to ``max_real_text_ppl_ratio`` times the trunk's (the report's
+    numbers); a bound below a measured ratio fails that check. Refused: the term without a pretrained trunk, a bound
+    below 1, a bound without the measurement."""
+    from forgelib.phases import cognate as phase1
+    from forgelib.phases import open_phase, run_phase
+
+    monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
+    stage = {"steps": 3, "real_text_kl": 1.0, "real_text_rows": 2, "lr": 0.01, "warmup_steps": 1}
+    overrides = {"run": {"quiet": True, "tracking": "jsonl", "gates": "warn"}, "cognate": {
+        "init_from": str(tiny_gguf), "levels": [1, 1], "max_len": 192, "eval_per_family": 4, "real_text_docs": 2,
+        "expected_gain": 0.5, "max_real_text_ppl_ratio": 1.0, "min_disagreement": 0.0,
+        "trunk": {"mix": {"arith": 1, "logic": 1}, "steps": 0},
+        **{name: {**stage, "mix": {"arith": 1}, "families": ["arith"]} for name in ("reasoning", "speed")},
+        "memory": {**stage, "mix": {"logic": 1}, "families": ["logic"]}}}
+    result = run_phase(open_phase("cognate", "parameters/smoke.yaml", overrides, session="real-text"))
+    report = json.loads((tmp_path / "out" / "real-text" / "01_cognate" / "report.json").read_text())
+    ppl = report["real_text_perplexity"]["perplexity"]
+    checks = {c.name: c for c in result.gate if c.name.endswith("real_text_ppl_ratio")}
+    logged = (tmp_path / "out" / "real-text" / "01_cognate" / "metrics.jsonl").read_text()
+    assert set(checks) == {f"{n}_real_text_ppl_ratio" for n in phase1.ROLES}
+    for name in phase1.ROLES:
+        assert checks[f"{name}_real_text_ppl_ratio"].value == pytest.approx(ppl[name] / ppl["trunk"], rel=1e-3)
+        assert checks[f"{name}_real_text_ppl_ratio"].passed == (ppl[name] / ppl["trunk"] <= 1.0)
+        assert f"{name}/real_text_kl" in logged
+    assert not all(c.passed for c in checks.values())  # three steps at lr 0.01 moved every specialist off its trunk
+    with pytest.raises(ValueError, match="real_text_kl is 1.0 but the trunk is not a pretrained model"):
+        phase1.Params(reasoning=phase1.Stage(mix={"arith": 1}, families=["arith"], real_text_kl=1.0))
+    with pytest.raises(ValueError, match="max_real_text_ppl_ratio must be >= 1"):
+        phase1.Params(init_from=str(tiny_gguf), max_real_text_ppl_ratio=0.5)
+    with pytest.raises(ValueError, match="measured only with a pretrained init_from"):
+        phase1.Params(max_real_text_ppl_ratio=2.0)
+    assert phase1.real_text_checks({"real_text_perplexity": {"unavailable": "not installed"}},
+                                   phase1.Params(init_from=str(tiny_gguf), max_real_text_ppl_ratio=2.0))[0].note \
+        == "not installed"
 
 
 def test_without_llama_cpps_permutation_the_logits_differ(source, tmp_path):

@@ -14,7 +14,9 @@ model is the trunk and its tokenizer the phase's (``Params.init_from``; ``parame
 Gate (measured on the test split, which no model trained on): each specialist's exact-match accuracy on
 its own families is above the trunk's (answer NLL breaks an exact tie only); pairwise argmax disagreement
 between the specialists is above the bound; the trunk's training loss fell; no NaN (training stops on
-one). The report states each family's chance level (the best constant answer).
+one); with a pretrained trunk and ``max_real_text_ppl_ratio``, each specialist's perplexity on held-out real English
+prose at most that many times the trunk's (``Stage.real_text_kl`` holds a specialist to its trunk's language while it
+trains). The report states each family's chance level (the best constant answer).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import dataclasses
 import functools
 import itertools
 import math
+import random
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 
@@ -166,10 +169,18 @@ class Stage:
     For a pretrained trunk: the frozen weights keep more of what the model knew (real text, chat)."""
     lora_alpha: Optional[float] = None
     """LoRA scale numerator (None: 2 * lora_r)."""
+    real_text_kl: float = 0.0
+    """Weight of a term added to every step's loss: KL(model the stage starts from || model) on windows of real
+    English prose (``real_text_rows`` windows of ``max_len`` tokens from the real-text calibration split, never the
+    test split the perplexity is measured on). It holds the model to the language its start model had while it learns
+    the tasks, without teaching it the corpus (the target is the start model's own prediction, not the text). A
+    pretrained ``init_from`` only; 0 = off."""
+    real_text_rows: int = 4
+    """Prose windows per step of that term."""
 
     def __post_init__(self):
-        require_positive(self, "n_cycles")
-        require_non_negative(self, "steps", "n_latent", "warmup_steps", "lr", "lora_r", "lora_alpha")
+        require_positive(self, "n_cycles", "real_text_rows")
+        require_non_negative(self, "steps", "n_latent", "warmup_steps", "lr", "lora_r", "lora_alpha", "real_text_kl")
         if self.recursion != "trm":
             stray = {k: getattr(self, k) for k, v in TRM_ONLY.items() if getattr(self, k) != v}
             if stray:
@@ -265,7 +276,10 @@ class Params:
     real_text_docs: int = 2
     """With a pretrained ``init_from``: every model's perplexity on the first this many documents of the real-text test
     split (``forgelib.data.realtext``, ``make setup-text``), windows of ``max_len`` every half, in the report's
-    ``real_text_perplexity`` (reported, not gated yet; 0 = off; not installed: the report says so)."""
+    ``real_text_perplexity`` (0 = off; not installed: the report says so)."""
+    max_real_text_ppl_ratio: Optional[float] = None
+    """Gate, with a pretrained trunk: each specialist's real-text perplexity at most this many times the trunk's (a
+    specialist that lost the language its trunk had fails, a diverging one too); None = reported only."""
 
     @property
     def specialists(self) -> dict[str, Stage]:
@@ -283,6 +297,8 @@ class Params:
 
     def __post_init__(self):
         require_non_negative(self, "real_text_docs")
+        if self.max_real_text_ppl_ratio is not None and self.max_real_text_ppl_ratio < 1:
+            raise ValueError(f"max_real_text_ppl_ratio must be >= 1 (or null), got {self.max_real_text_ppl_ratio}")
         require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
                          "eval_per_family", "expected_gain")
         if not 0.5 <= self.power < 1:
@@ -309,6 +325,13 @@ class Params:
                 raise ValueError(f"{name}.mix: unknown or no families {unknown}; valid: {sorted(FAMILIES)}")
             if not 0.0 <= stage.replay < 1.0:
                 raise ValueError(f"{name}.replay must lie in [0, 1), got {stage.replay}")
+            if stage.real_text_kl and not self.init_from:
+                raise ValueError(f"{name}.real_text_kl is {stage.real_text_kl} but the trunk is not a pretrained "
+                                 f"model: the term holds a pretrained model to its language (set init_from, or "
+                                 f"real_text_kl: 0)")
+        if self.max_real_text_ppl_ratio is not None and not (self.init_from and self.real_text_docs):
+            raise ValueError("max_real_text_ppl_ratio gates the real-text perplexity, measured only with a pretrained "
+                             "init_from and real_text_docs >= 1")
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -483,21 +506,72 @@ def merge_stage_lora(wrapped) -> CognateForCausalLM:
     return model
 
 
+def real_text_windows(tokenizer, max_len: int, rows: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless (rows, max_len) id batches of real English prose: the calibration split's documents in a seeded
+    random order, each cut into consecutive windows of ``max_len`` tokens (its last, shorter part left out),
+    tokenized as they are needed; once every document is used, again in a new order."""
+    from ..data.realtext import load_texts
+    from ..data.tokenizer import plain_ids
+
+    texts = load_texts("calibration")
+    rng, buffer = random.Random(f"real-text|{seed}"), []
+    while True:
+        order, found = list(range(len(texts))), False
+        rng.shuffle(order)
+        for i in order:
+            ids = plain_ids(tokenizer, [texts[i]])[0]
+            buffer += [ids[k:k + max_len] for k in range(0, len(ids) - max_len + 1, max_len)]
+            found = found or len(ids) >= max_len
+            while len(buffer) >= rows:
+                yield torch.tensor(buffer[:rows], dtype=torch.long)
+                del buffer[:rows]
+        if not found:
+            raise ValueError(f"no real-text calibration document has {max_len} tokens: no window to train on")
+
+
+def real_text_kl_loss(loss_fn, start, windows: Iterator[torch.Tensor], weight: float):
+    """``loss_fn`` plus ``weight`` · KL(start || model) over every position of the next prose window batch (``start``:
+    the frozen model the stage began from); the KL is logged as ``real_text_kl``."""
+    from ..evaluate import kl_divergence
+
+    def loss(model, batch: dict):
+        value, extras = loss_fn(model, batch)
+        ids = next(windows).to(batch["input_ids"].device)
+        with torch.no_grad():
+            target = start(input_ids=ids).logits
+        kl = kl_divergence(target, model(input_ids=ids).logits)
+        return value + weight * kl, {**extras, "real_text_kl": float(kl.detach())}
+
+    return loss
+
+
+def frozen_copy(model):
+    """A copy of ``model`` in eval mode without gradients (a teacher that training cannot move)."""
+    twin = copy.deepcopy(model).eval()
+    return twin.requires_grad_(False)
+
+
 def train_stage(model, tokenizer, params: Params, stage: Stage, name: str, ctx, step_offset: int, *,
-                alone: bool = True):
+                alone: bool = True, start=None):
     """Train ``model`` on the stage's mix with the Phase-1 MuGrokfast preset; returns the history.
 
     ``alone=False``: the stage trains beside others (``train_specialists``): no bar and nothing sent to the tracker
-    while it runs (its rows are in the history; ``log_history`` sends them afterwards, in step order)."""
+    while it runs (its rows are in the history; ``log_history`` sends them afterwards, in step order).
+    ``start``: the model the stage's ``real_text_kl`` holds it to (a specialist's trunk; default ``model`` as it is
+    before training)."""
     seed = ctx.seed + stage.seed
     torch.manual_seed(seed)  # nothing in the step draws from it; kept so that later draws see the same state
     batches = training_batches(tokenizer, params, stage, seed)
+    teacher = frozen_copy(start if start is not None else model) if stage.real_text_kl else None
     overrides = {**params.optimizer, **({"lr": stage.lr} if stage.lr is not None else {})}
     config = dataclasses.replace(params.train, steps=stage.steps)
     if stage.warmup_steps is not None:
         config = dataclasses.replace(config, warmup_steps=stage.warmup_steps)
     checkpoints = ctx.dir / "checkpoints" / name if config.checkpoint_every else None
     source, loss_fn, supervision = stage_loop(stage, batches, seed)
+    if teacher is not None:
+        loss_fn = real_text_kl_loss(loss_fn, teacher, real_text_windows(tokenizer, params.max_len,
+                                                                        stage.real_text_rows, seed), stage.real_text_kl)
     trained = with_stage_lora(model, stage) if stage.lora_r else model
     optimizer = create_optimizer_from_phase(trained, phase_num=1, **overrides)
     history = train(trained, source, optimizer, config, loss_fn=loss_fn, tracker=ctx.tracker if alone else None,
@@ -531,7 +605,7 @@ def train_specialists(trunk, tokenizer, params: Params, ctx, offset: int) -> tup
         offsets[name], offset = offset, offset + params.specialists[name].steps
     alone = workers <= 1
     jobs = [functools.partial(train_stage, models[n], own_copy(tokenizer, workers), params, params.specialists[n], n,
-                              ctx, offsets[n], alone=alone) for n in ROLES]
+                              ctx, offsets[n], alone=alone, start=trunk) for n in ROLES]
     if not alone and not ctx.quiet:
         print(f"training the specialists {', '.join(ROLES)}: {workers} at a time (run.workers)")
     histories = dict(zip(ROLES, run_jobs(jobs, workers)))
@@ -741,6 +815,23 @@ def gate_checks(report: dict, params: Params, guard) -> list[GateCheck]:
             checks.append(GateCheck(f"trunk_{family}_lower_bound_minus_chance",
                                     round(lower - report["chance"].get(family, 0.0), 4), params.min_above_chance, ">"))
     checks.append(GateCheck("min_disagreement", min(report["disagreement"].values()), params.min_disagreement, ">="))
+    return checks + real_text_checks(report, params)
+
+
+def real_text_checks(report: dict, params: Params) -> list[GateCheck]:
+    """``max_real_text_ppl_ratio``: each specialist's real-text perplexity over the trunk's, at most the bound (a
+    diverging model's ratio is NaN and fails; a corpus that is not installed fails every check, saying so)."""
+    if params.max_real_text_ppl_ratio is None:
+        return []
+    measured = report.get("real_text_perplexity") or {}
+    ppl = measured.get("perplexity") or {}
+    note = measured.get("unavailable", "") or ("" if ppl else "real-text perplexity not measured")
+    checks = []
+    for name in ROLES:
+        mine, trunk = ppl.get(name), ppl.get("trunk")
+        ratio = round(mine / trunk, 4) if mine is not None and trunk else None
+        checks.append(GateCheck(f"{name}_real_text_ppl_ratio", ratio, params.max_real_text_ppl_ratio, "<=",
+                                note=note or ("" if ratio is not None else "perplexity not finite")))
     return checks
 
 
@@ -764,6 +855,9 @@ def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     metrics["reasoning_mean_cycles"] = round(report["models"]["reasoning"]["mean_cycles"], 3)
     metrics["memory_gate_entropy"] = round(report["models"]["memory"]["gate_entropy"], 4)
     metrics["min_disagreement"] = round(min(report["disagreement"].values()), 4)
+    ppl = (report.get("real_text_perplexity") or {}).get("perplexity") or {}
+    for name, value in ppl.items():  # a pretrained trunk: the language each model kept (None: not finite)
+        metrics[f"{name}_real_text_ppl"] = value
     if trained:
         metrics["trunk_tokens_per_s"] = round(histories["trunk"].tokens_per_s, 1)
         metrics["trunk_padding_fraction"] = round(histories["trunk"].data.get("padding_fraction", float("nan")), 4)
