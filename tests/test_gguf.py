@@ -312,6 +312,10 @@ def test_a_specialist_held_to_its_trunk_on_real_text_is_gated_on_its_perplexity(
         assert checks[f"{name}_real_text_ppl_ratio"].passed == (ppl[name] / ppl["trunk"] <= 1.0)
         assert f"{name}/real_text_kl" in logged
     assert not all(c.passed for c in checks.values())  # three steps at lr 0.01 moved every specialist off its trunk
+    from forgelib.viz.cognate import real_text_frame  # notebook 01's table of them
+
+    frame = real_text_frame(report)
+    assert frame["/ trunk"].to_dict() == {n: round(v / ppl["trunk"], 3) for n, v in ppl.items()}
     with pytest.raises(ValueError, match="real_text_kl is 1.0 but the trunk is not a pretrained model"):
         phase1.Params(reasoning=phase1.Stage(mix={"arith": 1}, families=["arith"], real_text_kl=1.0))
     with pytest.raises(ValueError, match="max_real_text_ppl_ratio must be >= 1"):

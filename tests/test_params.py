@@ -187,6 +187,13 @@ def test_non_positive_counts_sizes_and_budgets_are_refused(phase, key, value, ma
         _load(phase, {key: value})
 
 
+def test_a_lora_stage_with_checkpoints_is_refused_naming_both():
+    with pytest.raises(ParameterError, match=r"checkpoint_every is 10 but speed train\(s\) a LoRA adapter .*set "
+                                             r"train\.checkpoint_every: 0 or lora_r: 0"):
+        _load("cognate", {"cognate.speed.lora_r": 4, "cognate.train.checkpoint_every": 10})
+    assert _load("cognate", {"cognate.speed.lora_r": 4}).speed.lora_r == 4
+
+
 def test_train_config_refuses_non_positive_steps():
     from forgelib.train import TrainConfig
 

@@ -329,6 +329,11 @@ class Params:
                 raise ValueError(f"{name}.real_text_kl is {stage.real_text_kl} but the trunk is not a pretrained "
                                  f"model: the term holds a pretrained model to its language (set init_from, or "
                                  f"real_text_kl: 0)")
+        lora = [name for name, stage in [("trunk", self.trunk), *self.specialists.items()] if stage.lora_r]
+        if lora and self.train.checkpoint_every:
+            raise ValueError(f"train.checkpoint_every is {self.train.checkpoint_every} but {', '.join(lora)} train(s) "
+                             f"a LoRA adapter (lora_r): its checkpoints would hold the adapter-wrapped model, which "
+                             f"init_from cannot resume; set train.checkpoint_every: 0 or lora_r: 0")
         if self.max_real_text_ppl_ratio is not None and not (self.init_from and self.real_text_docs):
             raise ValueError("max_real_text_ppl_ratio gates the real-text perplexity, measured only with a pretrained "
                              "init_from and real_text_docs >= 1")

@@ -34,6 +34,22 @@ def headroom_frame(report: dict):
     return frame.round(3)
 
 
+def real_text_frame(report: dict):
+    """Each model's perplexity on held-out real English prose and its ratio to the trunk's (a pretrained trunk only;
+    empty otherwise, one ``unavailable`` row when the corpus is not installed)."""
+    import pandas as pd
+
+    measured = report.get("real_text_perplexity")
+    if not measured:
+        return pd.DataFrame()
+    if "unavailable" in measured:
+        return pd.DataFrame({"real-text perplexity": [measured["unavailable"]]}, index=["unavailable"])
+    ppl, trunk = measured["perplexity"], measured["perplexity"].get("trunk")
+    label = f"perplexity ({measured['documents']} test documents, windows of {measured['window']})"
+    return pd.DataFrame({label: ppl, "/ trunk": {name: (round(v / trunk, 3) if v is not None and trunk else None)
+                                                 for name, v in ppl.items()}})
+
+
 def runtime_frame(report: dict):
     """Models × runtime settings (recursion, cycles, latent updates, supervision steps, memory, halting) as each
     model was trained and saved (empty for a report written before they were recorded)."""
