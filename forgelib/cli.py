@@ -17,6 +17,7 @@ BENCHMARKS = {
     "optim-lm": "forgelib.bench.optim_lm",
     "cognate": "forgelib.bench.cognate",
     "evomerge": "forgelib.bench.evomerge",
+    "finetune": "forgelib.bench.finetune",
     "learn": "forgelib.bench.learn",
     "quietstar": "forgelib.bench.quietstar",
     "bitnet": "forgelib.bench.bitnet",

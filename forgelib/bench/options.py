@@ -37,6 +37,8 @@ SUMMARIES = {
              "and Cognate with two cycles",
     "optim-lm": "MuGrokfast (Phase-1 preset) vs AdamW on the task suite: validation loss at a fixed token "
                 "budget, optimizer and training step time",
+    "finetune": "one optimizer step of a full fine-tune against a LoRA fine-tune of Phase 1's trunk (default "
+                "SmolLM2), side by side on the same batches: seconds per step, trainable parameters",
     "realquant": "Phase 8's codecs on a real pretrained model (SmolLM2-135M) against the GGUF file as shipped: bits "
                  "per weight counted from the files, held-out real-text perplexity, encode seconds",
     "quietstar": "Quiet-STaR vs plain continued training, pause tokens and random-token thoughts at equal "
@@ -280,6 +282,18 @@ def _compression(parser: argparse.ArgumentParser) -> None:
     _common(parser, "compression")
 
 
+def _finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="parameters/smollm2.yaml", help=PARAMS_HELP.format("cognate"))
+    parser.add_argument("--stage", default="speed", help="the specialist stage both arms train: reasoning, memory "
+                                                         "or speed")
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help="rank of the LoRA arm (default: the stage's lora_r, else 16)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of one step of each arm, in alternation")
+    parser.add_argument("--warmup", type=int, default=1, help="first rounds not timed")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the trunk (a trained one) and the batches")
+    _common(parser, "finetune")
+
+
 def _realquant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2",
                         help="the reference model: a real model's name (smollm2) or any model source path (a .gguf "
@@ -328,8 +342,8 @@ def _chain(parser: argparse.ArgumentParser) -> None:
 
 ADD_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "baking": _baking, "bitnet": _bitnet, "chain": _chain, "cognate": _cognate, "compression": _compression,
-    "curriculum": _curriculum, "evomerge": _evomerge, "experts": _experts, "grokking": _grokking, "learn": _learn,
-    "optim-lm": _optim_lm, "quietstar": _quietstar, "realquant": _realquant}
+    "curriculum": _curriculum, "evomerge": _evomerge, "experts": _experts, "finetune": _finetune,
+    "grokking": _grokking, "learn": _learn, "optim-lm": _optim_lm, "quietstar": _quietstar, "realquant": _realquant}
 
 
 def module_name(name: str) -> str:
