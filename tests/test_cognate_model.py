@@ -295,9 +295,8 @@ def test_memory_module_equals_sequential_reference():
     attn = torch.randn(1, 9, 2, 4, dtype=torch.float64)
     blended, _, gate = memory(x, attn, q, k, v, None, None)
     rate = lambda layer: torch.sigmoid(layer(x)).transpose(1, 2)  # noqa: E731  (B, H, T)
-    eta = rate(memory.eta_proj)  # the step is the rate times (1 - eta) / chunk size (here 1)
     reads = exact_memory_loop(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
-                              eta, rate(memory.theta_proj) * (1 - eta), rate(memory.alpha_proj))
+                              rate(memory.eta_proj), rate(memory.theta_proj), rate(memory.alpha_proj))
     g = torch.sigmoid(memory.out_gate(x)).view(1, 9, 2, 4)
     assert torch.allclose(blended, g * attn + (1 - g) * reads.transpose(1, 2), atol=1e-10)
     assert torch.allclose(gate, g.view(1, 9, 8))
@@ -305,9 +304,10 @@ def test_memory_module_equals_sequential_reference():
 
 def test_a_chunked_memory_stays_bounded_on_a_long_run_of_similar_keys():
     """Prose repeats its directions: 512 tokens whose keys are all one unit vector and whose rates are at their
-    largest. The module scales the step by (1 - eta) / chunk size, so the chunk stays stable and the reads bounded
-    by the values (module docstring); the chunk-start loop with the unscaled step explodes on the same inputs, and
-    so does the step divided by the chunk size alone (the momentum sums up to 1 / (1 - eta) of it)."""
+    largest. The stable step (``memory_step: stable``) is the rate times (1 - eta) / chunk size, so the chunk stays
+    stable and the reads bounded by the values (module docstring); the plain step explodes on the same inputs, and
+    so does the rate divided by the chunk size alone (the momentum sums up to 1 / (1 - eta) of it). A model whose
+    config says ``stable`` runs its memories so."""
     torch.manual_seed(0)
     T, chunk = 512, 16
     memory = CognateMemory(hidden_size=8, num_heads=2, head_dim=4, chunk_size=chunk).double()
@@ -321,18 +321,31 @@ def test_a_chunked_memory_stays_bounded_on_a_long_run_of_similar_keys():
     k = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64).expand(1, 2, T, 4).contiguous()
     v = torch.randn(1, 2, T, 4, dtype=torch.float64)
     q = torch.randn(1, 2, T, 4, dtype=torch.float64)
-    blended, _, _ = memory(x, torch.zeros(1, T, 2, 4, dtype=torch.float64), q, k, v, None, None)
+    blended, _, _ = memory(x, torch.zeros(1, T, 2, 4, dtype=torch.float64), q, k, v, None, None, stable=True)
     assert torch.isfinite(blended).all() and blended.abs().max() < 20 * v.abs().max()
-    _, theta, _ = memory.rates(x, None)
+    _, theta, _ = memory.rates(x, None, stable=True)
     eta, raw, alpha = (torch.sigmoid(layer(x)).transpose(1, 2) for layer in (memory.eta_proj, memory.theta_proj,
                                                                               memory.alpha_proj))
     torch.testing.assert_close(theta, raw * (1 - eta) / chunk)
     q_n, k_n = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     torch.testing.assert_close(blended.transpose(1, 2), chunk_start_memory_loop(q_n, k_n, v, eta, theta, alpha, chunk))
     assert blended[:, T // 2:].abs().max() > 0.1 * v.abs().max()  # it does store and read back
+    plain, _, _ = memory(x, torch.zeros(1, T, 2, 4, dtype=torch.float64), q, k, v, None, None)
+    torch.testing.assert_close(plain.transpose(1, 2), chunk_start_memory_loop(q_n, k_n, v, eta, raw, alpha, chunk))
     for unscaled in (raw, raw / chunk):
         reads = chunk_start_memory_loop(q_n, k_n, v, eta, unscaled, alpha, chunk)
         assert not torch.isfinite(reads).all() or reads.abs().max() > 1e6
+    model = make_model("memory", memory_step="stable")  # the config reaches every memory
+    seen = []
+    hooks = [layer.self_attn.memory.register_forward_hook(lambda m, a, kw, out: seen.append(kw.get("stable")),
+                                                          with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(token_ids())
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(seen)
+    with pytest.raises(fm.CognateConfigError, match="memory_step must be one of"):
+        make_model("memory", memory_step="fast")
 
 
 def test_memory_carries_information_beyond_the_attention_window():

@@ -188,7 +188,7 @@ def test_phase_1_takes_a_gguf_file_as_its_trunk_and_its_tokenizer(source, tiny_g
     assert encode_prompts(again, ["hello"])[0] == again(rendered, add_special_tokens=False)["input_ids"]
     trunk = phase1.make_trunk(params, tok, 0)
     assert type(trunk).__name__ == "CognateForCausalLM" and trunk.config.memory_modules and trunk.config.use_act
-    assert not trunk.config.use_memory and trunk.config.n_cycles == 1
+    assert not trunk.config.use_memory and trunk.config.n_cycles == 1 and trunk.config.memory_step == "stable"
     assert trunk.get_input_embeddings().weight.shape[0] == len(tok)
     torch.testing.assert_close(_logits(trunk, IDS)[..., :len(TOKENS)], _logits(source, IDS), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="trunk.steps is 0"):

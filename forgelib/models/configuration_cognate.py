@@ -17,6 +17,9 @@ CYCLE_LOSS_WEIGHTINGS = ("linear", "uniform", "last")
 RECURSIONS = ("cycles", "trm")
 
 
+MEMORY_STEPS = ("plain", "stable")
+
+
 class CognateConfigError(ValueError):
     """A Cognate configuration value is impossible (the message names the field and what is allowed)."""
 
@@ -54,6 +57,9 @@ class CognateConfig(PreTrainedConfig):
     Memory (Titans MAG): ``memory_modules`` builds the memory parameters in every attention layer (defaults to
     ``use_memory``; build them without using them to keep shapes identical across specialists), ``use_memory``
     runs them, ``memory_chunk_size`` is the chunk length of the parallel update (1 = exact sequential).
+    ``memory_step``: ``plain`` (a token's write step is its rate) or ``stable`` (the rate times (1 - eta) / chunk size:
+    the chunked update cannot diverge, but each write is weaker; ``forgelib.models.memory``). Phase 1 builds a
+    pretrained trunk ``stable`` (its hidden states over long prose made the plain chunked memory diverge).
 
     ``track_qk_logits``: every attention module records its per-head maximum pre-softmax logit (QK-clip) in each
     forward that trains (training mode or gradients on); inference (eval mode under no_grad: generation, scoring)
@@ -106,6 +112,7 @@ class CognateConfig(PreTrainedConfig):
     use_memory: bool = False
     memory_modules: bool | None = None
     memory_chunk_size: int = 16
+    memory_step: str = "plain"
     # QK-clip support
     track_qk_logits: bool = True
 
@@ -156,6 +163,8 @@ class CognateConfig(PreTrainedConfig):
             raise CognateConfigError(f"act_loss_weight must be >= 0, got {self.act_loss_weight}")
         if self.memory_chunk_size < 1:
             raise CognateConfigError(f"memory_chunk_size must be >= 1, got {self.memory_chunk_size}")
+        if self.memory_step not in MEMORY_STEPS:
+            raise CognateConfigError(f"memory_step must be one of {list(MEMORY_STEPS)}, got {self.memory_step!r}")
         if self.use_memory and not self.memory_modules:
             raise CognateConfigError("use_memory=True needs memory_modules=True (or left unset)")
 

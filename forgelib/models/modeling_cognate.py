@@ -101,13 +101,13 @@ class _ForwardContext:
     """Everything one top-level forward shares with its layers: rotary tables, cache, masks, switches, stats."""
 
     def __init__(self, *, cos, sin, cache, past, q_len, real, sliding_window, num_layers, use_memory, track_qk,
-                 custom=None):
+                 custom=None, stable_memory=False):
         self.cos, self.sin, self.cache, self.past, self.q_len = cos, sin, cache, past, q_len
         self.custom = custom  # (B|1, 1, T, past + T) bool: a caller's 4-D mask, used as is (or None)
         self.real = real  # (B, past + T) bool (False = padding) or None
         self.real_new = None if real is None else real[:, past:]  # (B, T)
         self.sliding_window, self.num_layers = sliding_window, num_layers
-        self.use_memory, self.track_qk = use_memory, track_qk
+        self.use_memory, self.track_qk, self.stable_memory = use_memory, track_qk, stable_memory
         self.gate_entropy_sum, self.gate_count = 0.0, 0
         self.layer_outputs: list | None = None
         self._masks: dict = {}
@@ -244,7 +244,7 @@ class CognateAttention(nn.Module):
         v_h = v.repeat_interleave(self.num_key_value_groups, dim=1).float()  # (B, H, T, d)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             out, state, g = self.memory(hidden.float(), attn.float(), q.float(), k_h, v_h,
-                                        ctx.memory_state(vidx), ctx.real_new)
+                                        ctx.memory_state(vidx), ctx.real_new, stable=ctx.stable_memory)
         ctx.store_memory(vidx, state)
         ctx.add_gate(g)
         return out.to(attn.dtype)
@@ -484,6 +484,7 @@ class CognateModel(CognatePreTrainedModel):
         return _ForwardContext(cos=cos, sin=sin, cache=cache, past=past, q_len=T, real=real,
                                sliding_window=self.config.sliding_window, num_layers=len(self.layers),
                                use_memory=rec.use_memory, custom=custom,
+                               stable_memory=getattr(self.config, "memory_step", "plain") == "stable",
                                track_qk=self.config.track_qk_logits and (self.training or torch.is_grad_enabled()))
 
     def _custom_mask(self, mask: torch.Tensor, batch: int, kv_len: int, q_len: int, rec: _Recursion) -> torch.Tensor:

@@ -422,7 +422,8 @@ def test_samples(params: Params, seed: int, levels=None):
 
 def pretrained_trunk(params: Params, source: Path, tokenizer, seed: int) -> CognateForCausalLM:
     """The pretrained Llama at ``source`` as a Cognate trunk: its weights (the same logits with recursion, memory and
-    halting off), the memory and halting parameters built fresh (seeded), the trunk stage's runtime, the embeddings
+    halting off), the memory and halting parameters built fresh (seeded), its memory's step ``stable`` (the plain
+    chunked memory diverged over prose on SmolLM2's hidden states), the trunk stage's runtime, the embeddings
     extended by the rows of the special tokens ``tokenizer`` added (their mean and spread: transformers'
     ``resize_token_embeddings``)."""
     from ..modelio import load_model
@@ -430,7 +431,7 @@ def pretrained_trunk(params: Params, source: Path, tokenizer, seed: int) -> Cogn
     llama = load_model(source)
     torch.manual_seed(seed)
     model = cognate_from_llama(llama, memory_modules=True, use_act=True, **params.trunk.runtime(),
-                               memory_chunk_size=params.model.memory_chunk_size,
+                               memory_chunk_size=params.model.memory_chunk_size, memory_step="stable",
                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id)
     del llama
