@@ -97,22 +97,30 @@ def side_by_side(workers: int):
         _GENERATION["workers"] = before
 
 
-def map_batches(fn: Callable[[Any, Any], T], model: Any, batches: Sequence[Any]) -> list[T]:
+def map_batches(fn: Callable[[Any, Any], T], model: Any, batches: Sequence[Any], *, in_turn: bool = False,
+                twins: list | None = None) -> list[T]:
     """``[fn(model, batch) for batch in batches]``, the batches shared out round-robin over ``generation_workers()``
-    threads: the main thread's with ``model``, every other thread's with one deep copy of it (made in that thread;
-    ``fn`` must not change the model, e.g. a no-gradient generation). Results in the batches' order. A model that
-    draws from torch's global generator when it answers (``draws_at_inference``) has its batches one after the
-    other: side by side, the draws would go to the batches in the order the threads ask."""
+    threads: the main thread's with ``model``, every other thread's with a deep copy of it (made in that thread;
+    ``fn`` must not change the model, e.g. a no-gradient generation). Results in the batches' order. ``twins``: a
+    list the copies are kept in, so that a caller mapping round after round over one model copies it once.
+    ``in_turn``, or a model that draws from torch's global generator when it answers (``draws_at_inference``): the
+    batches one after the other (side by side, the draws would go to the batches in the order the threads ask)."""
     workers = min(generation_workers(), len(batches))
-    if workers <= 1 or draws_at_inference(model):
+    if workers <= 1 or in_turn or draws_at_inference(model):
         return [fn(model, batch) for batch in batches]
     out: list[Any] = [None] * len(batches)
+    twins = [] if twins is None else twins
 
     def share(k: int, own: Any) -> None:
-        mine = own if own is not None else copy.deepcopy(model)
+        if own is None:  # thread k >= 1 owns twins[k - 1]
+            if twins[k - 1] is None:
+                twins[k - 1] = copy.deepcopy(model)
+            own = twins[k - 1]
         for i in range(k, len(batches), workers):
-            out[i] = fn(mine, batches[i])
+            out[i] = fn(own, batches[i])
 
+    while len(twins) < workers - 1:  # the slots exist before the threads start (no list growth from two threads)
+        twins.append(None)
     with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="forge-gen") as pool:
         futures = [pool.submit(share, k, None) for k in range(1, workers)]
         share(0, model)

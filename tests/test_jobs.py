@@ -162,6 +162,8 @@ def test_a_generations_batches_side_by_side_give_the_answers_of_one_after_the_ot
         assert both() == alone
         others = {(t, m) for t, m in seen if t != threading.get_ident()}
         assert others and all(m != id(model) for _, m in others)  # another thread, with its own copy
+        # the calculator rounds of one generate_with_tools call share that copy: one per call, two calls here
+        assert len({m for _, m in others}) == 2
         assert run_jobs([jobs.generation_workers, jobs.generation_workers], 2) == [1, 1]
     assert jobs.generation_workers() == 1
     assert any(t[1] for t in alone[1]) and len({t[0] for t in alone[1]}) > 1  # calls made, answers differ
@@ -174,6 +176,12 @@ def test_a_generations_batches_side_by_side_give_the_answers_of_one_after_the_ot
         assert jobs.map_batches(lambda m, b: calls.append(threading.get_ident()) or b * 2, model,
                                 [1, 2, 3, 4, 5]) == [2, 4, 6, 8, 10]
         assert len(set(calls)) == 2
+        twins: list = []
+        first = jobs.map_batches(lambda m, b: id(m), model, [1, 2, 3], twins=twins)
+        again = jobs.map_batches(lambda m, b: id(m), model, [1, 2, 3], twins=twins)
+        assert first == again == [id(model), id(twins[0]), id(model)] and len(twins) == 1  # copied once
+        assert jobs.map_batches(lambda m, b: threading.get_ident(), model, [1, 2, 3], in_turn=True) == [
+            threading.get_ident()] * 3
         sampled = type("Thinker", (), {"qconfig": type("Q", (), {"inference_temperature": 0.7})(), "thinking": True})()
         calls.clear()
         jobs.map_batches(lambda m, b: calls.append(threading.get_ident()), sampled, [1, 2, 3])

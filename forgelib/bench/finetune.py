@@ -59,12 +59,12 @@ def measure(params, stage_name: str, lora_r: int | None, rounds: int, warmup: in
     batches = cognate.training_batches(tokenizer, params, stage, seed)
     steps = [next(batches) for _ in range(rounds)]
     overrides = {**params.optimizer, **({"lr": stage.lr} if stage.lr is not None else {})}
-    runs = {}
+    runs, start = {}, cognate.frozen_copy(trunk) if stage.real_text_kl else None  # one teacher for both arms
     for arm, model in models.items():
         loss_fn = cognate.default_loss
-        if stage.real_text_kl:  # the same prose windows for both arms
+        if start is not None:  # the same prose windows for both arms
             windows = cognate.real_text_windows(tokenizer, params.max_len, stage.real_text_rows, seed)
-            loss_fn = cognate.real_text_kl_loss(loss_fn, cognate.frozen_copy(trunk), windows, stage.real_text_kl)
+            loss_fn = cognate.real_text_kl_loss(loss_fn, start, windows, stage.real_text_kl)
         runs[arm] = {"model": model.train(), "loss_fn": loss_fn, "seconds": [], "losses": [],
                      "optimizer": create_optimizer_from_phase(model, phase_num=1, **overrides)}
     for k, batch in enumerate(steps):

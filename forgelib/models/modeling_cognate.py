@@ -484,7 +484,7 @@ class CognateModel(CognatePreTrainedModel):
         return _ForwardContext(cos=cos, sin=sin, cache=cache, past=past, q_len=T, real=real,
                                sliding_window=self.config.sliding_window, num_layers=len(self.layers),
                                use_memory=rec.use_memory, custom=custom,
-                               stable_memory=getattr(self.config, "memory_step", "plain") == "stable",
+                               stable_memory=self.config.memory_step == "stable",
                                track_qk=self.config.track_qk_logits and (self.training or torch.is_grad_enabled()))
 
     def _custom_mask(self, mask: torch.Tensor, batch: int, kv_len: int, q_len: int, rec: _Recursion) -> torch.Tensor:

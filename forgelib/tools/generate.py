@@ -130,12 +130,14 @@ def _generate_rounds(model: torch.nn.Module, rows: list[_Row], taker: _Taker, ba
                           num_beams=1, **sampling, eos_token_id=taker.stops, pad_token_id=pad)  # (B, T + new)
         return out[:, ids.shape[1]:].tolist()
 
-    # Sampled generation draws from torch's global generator: its batches stay one after the other.
-    side = map_batches if not sampling.get("do_sample") else (lambda fn, lm, chunks: [fn(lm, c) for c in chunks])
+    twins: list = []  # the other threads' copies of the model, made once for every round
     with evaluating(model):
         while active := [row for row in rows if row.stop is None]:
             chunks = [active[start:start + batch_size] for start in range(0, len(active), batch_size)]
-            for chunk, news in zip(chunks, side(new_tokens, model, chunks)):  # side by side where the phase allows
+            # side by side where the phase allows; sampled generation draws from torch's generator: in turn
+            news_per_chunk = map_batches(new_tokens, model, chunks, in_turn=bool(sampling.get("do_sample")),
+                                         twins=twins)
+            for chunk, news in zip(chunks, news_per_chunk):
                 for row, new in zip(chunk, news):
                     taker.advance(row, new)
 
