@@ -9,6 +9,7 @@ import re
 import statistics
 
 import pytest
+import torch
 
 from forgelib.data import families as families_pkg
 from forgelib.data.tasks import (ANSWER_MARK, FAMILIES, SPLITS, Sample, TaskOptionError,
@@ -364,11 +365,20 @@ def test_encode_samples_masks_prompt_and_padding(trained_tokenizer):
         assert mask[i, :length].all() and not mask[i, length:].any()  # right padding
         assert (ids[i, length:] == tok.pad_token_id).all()
         assert (labels[i, :n_prompt] == -100).all() and (labels[i, length:] == -100).all()
-        assert (labels[i, n_prompt:length] == ids[i, n_prompt:length]).all()
         assert tok.decode(ids[i, n_prompt:length]) == completion_text(s, True) + "<|eos|>"
         assert tok.decode(ids[i, 1:n_prompt]) == s.prompt
-    full = encode_samples(tok, samples, max_len=64, answer_only_loss=False)
-    assert ((full["labels"] == -100) == (full["attention_mask"] == 0)).all()
+        # the calculator's text (what generation appends itself) has no label, everything else its own id
+        text = completion_text(s, True)
+        results = re.findall(r"<\|result\|>[^;#]*", text)
+        assert bool(results) == (s.family == "tool")
+        own = labels[i, n_prompt:length] != -100
+        assert (labels[i, n_prompt:length][own] == ids[i, n_prompt:length][own]).all()
+        assert tok.decode(ids[i, n_prompt:length][~own]) == "".join(results)
+        assert tok.decode(ids[i, n_prompt:length][own]) == re.sub(r"<\|result\|>[^;#]*", "", text) + "<|eos|>"
+    full = encode_samples(tok, samples, max_len=64, answer_only_loss=False, with_steps=True)
+    tools = torch.tensor([s.family == "tool" for s in samples])
+    assert ((full["labels"] == -100) == (full["attention_mask"] == 0))[~tools].all()
+    assert ((full["labels"] == -100).sum(1) > (full["attention_mask"] == 0).sum(1))[tools].all()
     with pytest.raises(SequenceTooLongError, match="max_len=8"):
         encode_samples(tok, samples, max_len=8)
     short = encode_samples(tok, samples, max_len=12, drop_long=True)

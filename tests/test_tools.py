@@ -445,8 +445,8 @@ def test_tiny_llama_trained_on_tool_solutions(tok, tool_samples):
     assert traces == generate_with_tools(model, tok, tool_samples, max_new_tokens=40, batch_size=1)  # padding-free
     correct, stats = tool_correctness(model, tok, tool_samples, use_tool=True)
     assert correct == [True] * 4 and stats["tool_success_rate"] == 1.0 and stats["samples_with_call"] == 4
-    plain, stats = tool_correctness(model, tok, tool_samples, use_tool=False)  # memorised: it writes the result
-    assert plain == [True] * 4 and stats["calls"] == 4 and stats["calls_ok"] == 0
+    plain, stats = tool_correctness(model, tok, tool_samples, use_tool=False)  # the result is never a label: no answer
+    assert plain == [False] * 4 and stats["calls"] == 4 and stats["calls_ok"] == 0
     # budgets hold on a real model: cut inside the call, and exactly at its <|/tool|> (8 tokens: the call on the
     # last token is not run); then no calls allowed
     for budget in (1, 4, 8):
@@ -466,13 +466,15 @@ def test_quietstar_around_a_trained_cognate_runs_the_tool(tok, tool_samples):
     _assert_learned_traces(traces, tool_samples[:2])
     # the untrained mixing head gives exactly the base model's logits: the same traces via HF generate
     assert traces == generate_with_tools(base, tok, tool_samples[:2], max_new_tokens=40, batch_size=2)
-    # QuietStarModel.generate: a list of eos ids stops a row at any of them, one id behaves as before
+    # QuietStarModel.generate: a list of eos ids stops a row at any of them, one id behaves as before (given the
+    # calculator's result, which the model was never trained to write, it goes on to the answer and eos)
     ids = torch.tensor([[tok.bos_token_id] + tok(tool_samples[0].prompt, add_special_tokens=False)["input_ids"]])
     close = tok.convert_tokens_to_ids(TOOL_CLOSE)
     both = qs.generate(ids, torch.ones_like(ids), max_new_tokens=40, eos_token_id=[tok.eos_token_id, close],
                        pad_token_id=tok.pad_token_id)
-    one = qs.generate(ids, torch.ones_like(ids), max_new_tokens=40, eos_token_id=tok.eos_token_id,
+    assert both[0, -1].item() == close
+    called = torch.cat([both, torch.tensor([tok(TOOL_RESULT + "75532", add_special_tokens=False)["input_ids"]])], 1)
+    one = qs.generate(called, torch.ones_like(called), max_new_tokens=40, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
-    assert both[0, -1].item() == close and one[0, -1].item() == tok.eos_token_id
-    assert one[0, :both.shape[1]].tolist() == both[0].tolist()
-    assert tok.decode(one[0, ids.shape[1]:], skip_special_tokens=False).endswith(EOS)
+    assert one[0, -1].item() == tok.eos_token_id and one[0, :called.shape[1]].tolist() == called[0].tolist()
+    assert tok.decode(one[0, ids.shape[1]:], skip_special_tokens=False).endswith("#75532" + EOS)

@@ -12,6 +12,7 @@ the bos/eos/pad tokens (pad falls back to eos).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from forgelib.data.base import TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, Sample
+from forgelib.data.base import ANSWER_MARK, STEP_SEP, TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, Sample
 from forgelib.data.tasks import completion_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -116,6 +117,34 @@ def plain_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
 
+_INSERTED = re.compile(re.escape(TOOL_RESULT) + r"[^" + re.escape(STEP_SEP + ANSWER_MARK) + r"]*")
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[tuple[list[int], set[int]]]:
+    """Each completion's token ids and the positions the calculator writes at inference (``<|result|>VALUE``, up
+    to the next step separator or answer mark): those pieces are tokenized on their own, as
+    ``forgelib.tools.generate_with_tools`` appends them, and the model's own text between them likewise, so a
+    trained completion has exactly the ids generation produces. Completions without a result are tokenized whole."""
+    out: list[tuple[list[int], set[int]] | None] = [None] * len(texts)
+    plain = [i for i, t in enumerate(texts) if TOOL_RESULT not in t]
+    for i, ids in zip(plain, plain_ids(tokenizer, [texts[i] for i in plain])):
+        out[i] = (ids, set())
+    for i, text in enumerate(texts):
+        if out[i] is not None:
+            continue
+        ids, inserted, at = [], set(), 0
+        for m in _INSERTED.finditer(text):
+            for piece, by_tool in ((text[at:m.start()], False), (m.group(), True)):
+                if piece:
+                    got = plain_ids(tokenizer, [piece])[0]
+                    inserted.update(range(len(ids), len(ids) + len(got)) if by_tool else ())
+                    ids += got
+            at = m.end()
+        ids += plain_ids(tokenizer, [text[at:]])[0] if text[at:] else []
+        out[i] = (ids, inserted)
+    return out
+
+
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
@@ -202,13 +231,15 @@ def encode_samples(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample]
     answer with `with_steps`) as right-padded tensors. Labels are -100 on padding and, with
     `answer_only_loss`, on the prompt. A sample longer than `max_len` raises SequenceTooLongError, or is
     left out with `drop_long` (counted in `.n_dropped`). Prompt and completion are tokenized separately,
-    so the prompt's ids are exactly what generation is later given.
+    so the prompt's ids are exactly what generation is later given. The calculator's text in a worked step
+    (`<|result|>VALUE`, which generation appends itself) has no label: the model is not trained to predict what
+    the tool computes, only to call it and to use the result (`completion_ids`).
     """
     prompts = encode_prompts(tokenizer, [s.prompt for s in samples])
-    completions = plain_ids(tokenizer, [completion_text(s, with_steps) for s in samples])
+    completions = completion_ids(tokenizer, [completion_text(s, with_steps) for s in samples])
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     rows, dropped = [], 0
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, (c, inserted)) in enumerate(zip(prompts, completions)):
         ids = p + c + eos
         if len(ids) > max_len:
             if not drop_long:
@@ -217,7 +248,8 @@ def encode_samples(tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample]
                     f"max_len={max_len}; raise max_len or pass drop_long=True")
             dropped += 1
             continue
-        labels = ([IGNORE_INDEX] * len(p) + c + eos) if answer_only_loss else list(ids)
+        own = [IGNORE_INDEX if k in inserted else t for k, t in enumerate(c)]  # the calculator's text: no label
+        labels = ([IGNORE_INDEX] * len(p) + own + eos) if answer_only_loss else p + own + eos
         rows.append((ids, labels))
     encoded = _to_tensors(rows, pad_id(tokenizer))
     encoded.n_dropped = dropped
