@@ -250,7 +250,8 @@ def test_replay_draws_the_suite_and_levels_move_on_held_out_questions_only(tok, 
     monkeypatch.setattr(phase, "decide_levels", _held_out_script(phase, decided, "arith"))
     # band [1, 1]: every family starts at level 1 (the tiny model solves nothing); held-out 40/40 passes the
     # threshold 1 - level_margin = 0.9 (lower bound 0.92), 0/10 stops early
-    ctx, result = _run("replay", _upstream(tok, tmp_path), {"band": [1.0, 1.0], "replay": 0.5, "decide_questions": 40})
+    ctx, result = _run("replay", _upstream(tok, tmp_path), {"band": [1.0, 1.0], "replay": 0.5, "decide_questions": 40,
+                                                            "review": 0.0})  # (review: its own test below)
     report = json.loads((ctx.dir / "report.json").read_text())
     history = report["history"]
     # replay: 2 of each batch of 4 (share 0.5) are fresh train-split problems of the suite, at the suite's levels,
@@ -316,3 +317,31 @@ def test_right_answers_to_the_pool_never_move_a_level(tok, tmp_path, monkeypatch
     assert all(row["correct"] == row["asked"] and sum(row["asked"].values()) > 0 for row in history)
     assert len(decided) == 1 and all("advanced" not in row for row in history)
     assert [row["levels"] for row in history] == [{"arith": 1, "tool": 1}] * 2
+
+
+def test_a_family_that_moved_up_reviews_the_levels_it_mastered_here():
+    """``review``: that share of a family's fresh problems comes from the levels its pool archived (mastered in
+    this phase), uniform over them; none before it moves up, none with review 0; the rest stay at its level."""
+    import random
+    from collections import Counter
+
+    from forgelib.curriculum import QuestionPool
+    from forgelib.phases.curriculum import _frontier_samples
+
+    def fresh_levels(pool, review):
+        params = Params(fresh_per_round=40, review=review)
+        active = [pool.questions[q].sample for q in pool.active_ids()]  # the frontier's first part
+        samples = _frontier_samples({"arith": pool}, params, random.Random(0))
+        assert samples[:len(active)] == active
+        return Counter(s.level for s in samples[len(active):]), len(samples) - len(active)
+
+    pool = QuestionPool({"arith": 1.0}, level=2, pool_size=4, seed=0)
+    assert fresh_levels(pool, 0.5) == (Counter({2: 40}), 40)  # nothing mastered here yet (levels below 2 not)
+    assert pool.advance() and pool.level == 3
+    assert fresh_levels(pool, 0.5) == (Counter({3: 20, 2: 20}), 40)
+    assert fresh_levels(pool, 0.0) == (Counter({3: 40}), 40)
+    assert pool.advance() and pool.level == 4
+    levels, n = fresh_levels(pool, 0.25)
+    assert n == 40 and levels[4] == 30 and levels[2] + levels[3] == 10 and levels[2] > 0 and levels[3] > 0
+    with pytest.raises(ValueError, match="review must lie in"):
+        Params(review=1.0)

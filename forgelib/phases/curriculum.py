@@ -15,7 +15,8 @@ weights reproduce the packed codes) and trained with the Phase-5 MuGrokfast pres
    variant and shows one more step of its worked solution next time (a hint); a pool with at most
    ``done_threshold`` active questions is refilled with fresh ones of its level. Then ``steps_per_round``
    training steps; each batch holds the worked solutions of the pools' questions and of ``fresh_per_round`` fresh
-   problems per family at its level, ``dream_share`` replayed dreams, and ``replay``: fresh train-split problems of
+   problems per family at its level (a share ``review`` of them from the levels the family mastered in this phase,
+   once it moved up), ``dream_share`` replayed dreams, and ``replay``: fresh train-split problems of
    every family the input model knew (``ctx.input_suite``), at its levels, uniform over the families -- without
    them the families outside the curriculum are forgotten (measured before: logic, recall and sequence lost).
 3. **Levels advance on held-out questions** (``forgelib.curriculum.decide_levels``): after each round but the last,
@@ -193,6 +194,11 @@ class Params:
     """Fresh train-split problems per family at its current level added to each round's training set (beside
     the pool's active questions): a pool of a few dozen questions alone is memorized within a round (measured:
     training loss 2.3 -> 0.8 in 120 steps while test accuracy fell)."""
+    review: float = 0.5
+    """Share of a family's fresh problems drawn from the levels it mastered in this phase, once it has moved up
+    (uniform over them): measured at smoke seed 1, the tool family mastered level 1 (held out 0.80), moved to level 2
+    for the last round and handed on 0.00 at level 1 (it wrote every 3x2-digit question as 3x3 digits) with only
+    the replay's share of level 1."""
     replay: float = 0.25
     """Share of each training batch drawn from every family the input model knew (``ctx.input_suite``), at its levels
     (fresh train-split problems, uniform over the families): what keeps the families outside the curriculum."""
@@ -245,6 +251,9 @@ class Params:
             raise ValueError(f"families: unknown {unknown}; valid: {sorted(FAMILIES)}")
         if not 0 <= self.band[0] <= self.band[1] <= 1:
             raise ValueError(f"band must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.band}")
+        if not 0 <= self.review < 1:
+            raise ValueError(f"review must lie in [0, 1) (the rest of a family's fresh problems are at its current "
+                             f"level), got {self.review}")
         if not 0 <= self.dream_share < 1 or not 0 <= self.replay < 1 or not self.dream_share + self.replay < 1:
             raise ValueError(f"dream_share and replay must lie in [0, 1) with a sum below 1 (the rest of each batch "
                              f"is the curriculum's own), got {self.dream_share} and {self.replay}")
@@ -832,7 +841,12 @@ def _frontier_samples(pools: dict[str, QuestionPool], params: Params, rng: rando
         if pool.finished:
             continue
         frontier += [pool.questions[q].sample for q in pool.active_ids()]
-        frontier += generate(family, pool.level, params.fresh_per_round, "train", rng.randrange(1 << 30))
+        below = [a["levels"][family] for a in pool.archive if family in a["levels"]]  # levels mastered here
+        n_review = round(params.fresh_per_round * params.review) if below else 0
+        frontier += generate(family, pool.level, params.fresh_per_round - n_review, "train", rng.randrange(1 << 30))
+        picks = [rng.choice(below) for _ in range(n_review)] if len(set(below)) > 1 else below[:1] * n_review
+        for level in sorted(set(picks)):
+            frontier += generate(family, level, picks.count(level), "train", rng.randrange(1 << 30))
     return frontier
 
 
