@@ -96,6 +96,9 @@ def memorizer(tok):
     train = generate("arith", 1, 2, seed=0) + generate("logic", 1, 2, seed=0)
     tools = generate("tool", 1, 2, seed=0)
     plain, stepped = encode_samples(tok, train, 64), encode_samples(tok, tools, 64, with_steps=True)
+    # every token labelled, the calculator's text too (which training data never labels), so that it writes the
+    # whole trace itself when asked without a calculator
+    stepped["labels"] = torch.where(stepped["attention_mask"].bool(), stepped["input_ids"], -100)
     model = tiny_llama(len(tok), seed=2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
