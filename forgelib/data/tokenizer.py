@@ -124,24 +124,21 @@ def completion_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> 
     """Each completion's token ids and the positions the calculator writes at inference (``<|result|>VALUE``, up
     to the next step separator or answer mark): those pieces are tokenized on their own, as
     ``forgelib.tools.generate_with_tools`` appends them, and the model's own text between them likewise, so a
-    trained completion has exactly the ids generation produces. Completions without a result are tokenized whole."""
-    out: list[tuple[list[int], set[int]] | None] = [None] * len(texts)
-    plain = [i for i, t in enumerate(texts) if TOOL_RESULT not in t]
-    for i, ids in zip(plain, plain_ids(tokenizer, [texts[i] for i in plain])):
-        out[i] = (ids, set())
+    trained completion has exactly the ids generation produces (a completion without a result is one piece). All
+    pieces go through the tokenizer in one call."""
+    pieces: list[tuple[int, str, bool]] = []  # (text index, piece, written by the calculator)
     for i, text in enumerate(texts):
-        if out[i] is not None:
-            continue
-        ids, inserted, at = [], set(), 0
+        at = 0
         for m in _INSERTED.finditer(text):
-            for piece, by_tool in ((text[at:m.start()], False), (m.group(), True)):
-                if piece:
-                    got = plain_ids(tokenizer, [piece])[0]
-                    inserted.update(range(len(ids), len(ids) + len(got)) if by_tool else ())
-                    ids += got
+            pieces += [(i, text[at:m.start()], False)] if m.start() > at else []
+            pieces.append((i, m.group(), True))
             at = m.end()
-        ids += plain_ids(tokenizer, [text[at:]])[0] if text[at:] else []
-        out[i] = (ids, inserted)
+        pieces += [(i, text[at:], False)] if at < len(text) else []
+    out: list[tuple[list[int], set[int]]] = [([], set()) for _ in texts]
+    for (i, _, by_tool), got in zip(pieces, plain_ids(tokenizer, [piece for _, piece, _ in pieces])):
+        ids, inserted = out[i]
+        inserted.update(range(len(ids), len(ids) + len(got)) if by_tool else ())
+        ids += got
     return out
 
 
