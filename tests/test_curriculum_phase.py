@@ -345,3 +345,27 @@ def test_a_family_that_moved_up_reviews_the_levels_it_mastered_here():
     assert n == 40 and levels[4] == 30 and levels[2] + levels[3] == 10 and levels[2] > 0 and levels[3] > 0
     with pytest.raises(ValueError, match="review must lie in"):
         Params(review=1.0)
+
+
+def test_levels_the_input_already_answered_are_guarded_not_counted_as_taught():
+    """Worked example of the split between the guard and the teaching checks: a family the assessment started at
+    level 5 (the input answered levels 1-4 at or above the band's lower edge) that ends at level 6 was taught level 5
+    only; its level 4, above the input suite's 1-3, is kept by the guard. A family the assessment started at level 2
+    and that never moved up taught nothing; its level 1 joins the guard. The calculator family, new, started at 1."""
+    from forgelib.phases.curriculum import guarded_suite, mastered_levels, taught_levels
+
+    suite = {"arith": (1, 2), "multistep": (1, 3)}
+    start = {"multistep": 5, "arith": 1, "algebra": 2, "tool": 1}
+    reached = {"multistep": 6, "arith": 3, "algebra": 2, "tool": 2}
+    mastered = mastered_levels(reached)
+    assert mastered == {"multistep": 5, "arith": 2, "algebra": 1, "tool": 1}
+    assert guarded_suite(suite, start) == {"algebra": (1, 1), "arith": (1, 2), "multistep": (1, 4)}
+    assert taught_levels(suite, mastered, start) == {"multistep": [5], "tool": [1]}
+    # without the assessment's start every level above the input suite counts as taught (the old rule)
+    assert taught_levels(suite, mastered) == {"multistep": [4, 5], "algebra": [1], "tool": [1]}
+    # every mastered level is either in the guarded suite or taught, never both
+    guarded, taught = guarded_suite(suite, start), taught_levels(suite, mastered, start)
+    for family, top in mastered.items():
+        lo, hi = guarded.get(family, (0, -1))
+        for level in range(1, top + 1):
+            assert (lo <= level <= hi) != (level in taught.get(family, [])), (family, level)

@@ -138,18 +138,18 @@ def _row_bound(row, confidence):
     return round(lower_bound(Comparison(n, both, lost, gained, n - both - lost - gained), confidence), 4)
 
 
-def _check_guard(ctx, result, upstream, margin, labels=None):
+def _check_guard(ctx, result, upstream, margin, labels=None, suite=None):
     """guard.json of a phase (2 on): the input and the output model answered the same test questions of every
-    family of the input's suite (``upstream.suite``) at its levels; one ``keeps_<family>`` check per family whose
-    value is the paired non-inferiority bound recomputed from the answers, at ``margin``; the headline metrics and
-    the answers reused from the upstream's guard are that guard's. Returns guard.json."""
+    family of the input's suite (``upstream.suite``, or ``suite``) at its levels; one ``keeps_<family>`` check per
+    family whose value is the paired non-inferiority bound recomputed from the answers, at ``margin``; the headline
+    metrics and the answers reused from the upstream's guard are that guard's. Returns guard.json."""
     from forgelib.stats import noninferior
     from forgelib.suite import GUARD_FILE, questions
 
     path = ctx.dir / GUARD_FILE
     assert path.is_file() and paths.resolve(result.artifacts["guard"]) == path
     data = json.loads(path.read_text())
-    suite = upstream.suite
+    suite = upstream.suite if suite is None else suite
     assert suite and data["suite"] == suite
     assert set(data["families"]) == set(data["answers"]) == set(data["prompts"]) == set(suite)
     if labels is not None:
@@ -583,7 +583,7 @@ def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculu
     answers), the suite handed on is the input's widened by the levels mastered, every answer in the pools was
     graded by the checker, the handed-on model is the Phase-4 architecture (no self-model head) and still
     ternary."""
-    from forgelib.phases.curriculum import mastered_levels, taught_levels
+    from forgelib.phases.curriculum import guarded_suite, mastered_levels, taught_levels
     from forgelib.quant import bitlinear_modules
     from forgelib.stats import superior
     from forgelib.suite import suite_union
@@ -595,14 +595,16 @@ def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculu
     report = json.loads((ctx.dir / "report.json").read_text())
     m = result.metrics
     gate = _gate(result)
-    # keeps: every family the Phase-4 model knew
-    _check_guard(ctx, result, bitnet[1], g.margin)
+    # keeps: every family the Phase-4 model knew, with the levels below the assessment's start
+    guarded = {f: list(v) for f, v in guarded_suite(bitnet[1].suite, report["start_levels"]).items()}
+    assert report["suite"]["guarded"] == guarded
+    _check_guard(ctx, result, bitnet[1], g.margin, suite=guarded)
     # the suite: the input's, widened by the levels mastered on held-out questions (the level a family ends at is
     # its frontier, not handed on)
     reached = report["level_reached"]
     assert reached == {f: m[f"level_reached_{f}"] for f in params.families}
     mastered = mastered_levels(reached)
-    taught = taught_levels(bitnet[1].suite, mastered)
+    taught = taught_levels(bitnet[1].suite, mastered, report["start_levels"])
     out_suite = suite_union(bitnet[1].suite, {f: (1, lv) for f, lv in mastered.items() if lv >= 1})
     assert result.suite == report["suite"]["output"] == {f: list(v) for f, v in out_suite.items()}
     assert report["suite"]["input"] == bitnet[1].suite and report["suite"]["taught"] == taught
@@ -627,7 +629,7 @@ def test_curriculum_trains_the_ternary_model_and_learns_the_calculator(curriculu
     assert m["tool_with_minus_without_lower_bound"] == v["lower"]
     assert m["tool_acc_with"] > m["tool_acc_without"] and m["tool_success_rate"] > 0
     assert m["tool_acc_with"] == round(tool["with"]["accuracy"], 4)
-    assert set(gate) == ({f"keeps_{f}" for f in bitnet[1].suite} | {f"teaches_{f}" for f in taught}
+    assert set(gate) == ({f"keeps_{f}" for f in guarded} | {f"teaches_{f}" for f in taught}
                          | {"tool_with_minus_without_lower_bound"})
     # accuracy at the level reached: from the guard's and the teaching questions of that level
     for family, level in reached.items():

@@ -48,11 +48,12 @@ at is its frontier, still being learnt, and is not handed on as known.
 greedy, calculator on, thoughts off):
 
 * **keeps** (``ctx.guard``): the handed-on model against the Phase-4 model on every family of the input suite,
+  widened by the levels below each family's assessed start (the input answered them: ``guarded_suite``),
   ``keeps_<family>``: no family lost more than the ``guard`` section's margin.
-* **teaches** (``teaches_<family>``): where the handed-on suite is wider than the input's (a new family such as
-  ``tool``, or a mastered level above the input's), the handed-on model is superior to the Phase-4 model on test
-  questions
-  of those levels by more than ``gain`` (the one-sided lower confidence bound of the paired difference > ``gain``).
+* **teaches** (``teaches_<family>``): where the handed-on suite is wider than that (a new family such as ``tool``, or
+  a level above the input's that the family moved past here), the handed-on model is superior to the Phase-4 model
+  on test questions of those levels by more than ``gain`` (the one-sided lower confidence bound of the paired
+  difference > ``gain``).
 * **calculator** (``tool_with_minus_without_lower_bound``): on the ``tool`` questions of levels 1 to the level
   reached, the handed-on model answers better with the calculator than without it (lower bound > 0).
 
@@ -576,21 +577,24 @@ def _run_rounds(trainee: Trainee, tokenizer, pools: dict[str, QuestionPool], dre
     timing["rounds_s"] = round(time.perf_counter() - t0, 2)
 
 
-def _evaluate(model, input_model, tokenizer, reached: dict[str, int], suite: dict, params: Params, guard_params,
-              ctx, timing: dict) -> tuple[Any, dict[str, int], dict[str, list[int]], dict[str, dict], dict | None]:
-    """The guard of the trained model against the input one, then the taught levels' comparisons and the
-    calculator's; (guard report, mastered levels, taught levels, teaching comparisons, tool comparison or None)."""
+def _evaluate(model, input_model, tokenizer, start: dict[str, int], reached: dict[str, int], suite: dict,
+              params: Params, guard_params, ctx,
+              timing: dict) -> tuple[Any, dict[str, int], dict[str, list[int]], dict[str, dict], dict | None]:
+    """The guard of the trained model against the input one (over the input suite and the levels the assessment
+    found the input answering: ``guarded_suite``), then the taught levels' comparisons and the calculator's;
+    (guard report, mastered levels, taught levels, teaching comparisons, tool comparison or None)."""
     from ..suite import Asker
 
     # both as loaded for training (latent BitLinear weights): ~15 % faster than the packed models; measured at smoke,
     # 1 answer of 9,922 differed from the packed models' (a floating-point tie)
     before, after = Asker(input_model, tokenizer, label="phase-4 model"), Asker(model, tokenizer, label="phase-5 model")
     t0 = time.perf_counter()
-    guard_report = ctx.guard(before, after)
+    guarded = guarded_suite(suite, start)
+    guard_report = ctx.guard(before, after, suite=guarded)
     timing["guard_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     mastered = mastered_levels(reached)
-    taught = taught_levels(suite, mastered)
+    taught = taught_levels(suite, mastered, start)
     teaching = teaching_comparisons(taught, before, after, params, guard_params, ctx.seed + 2)
     tool = calculator_comparison(model, tokenizer, reached["tool"], params, guard_params, ctx.seed + 3) \
         if "tool" in reached else None
@@ -609,6 +613,7 @@ def _report(params: Params, ctx, suite: dict, assessment: dict, start: dict[str,
             "acc_by_level": {side: rate(t) for side, t in correct.items()}, "correct_by_level": correct,
             "tool": tool, "timing": timing, "band": list(params.band),
             "suite": {"input": {f: list(v) for f, v in suite.items()}, "output": ctx.result.suite,
+                      "guarded": {f: list(v) for f, v in guarded_suite(suite, start).items()},
                       "taught": {f: list(lv) for f, lv in taught.items()}},
             "replay": {"share": params.replay, "per_batch": batch_shares(params, DreamBuffer(), suite)[0],
                        "families": sorted(suite)},
@@ -650,8 +655,8 @@ def run(params: Params, ctx) -> PhaseResult:
     model.eval()
     reached = {f: min(p.level or params.max_level, params.max_level) for f, p in pools.items()}
     ctx.save_model("model", model, tokenizer, metadata={"curriculum": {"level_reached": reached}})
-    guard_report, mastered, taught, teaching, tool = _evaluate(model, input_model, tokenizer, reached, suite, params,
-                                                               guard_params, ctx, timing)
+    guard_report, mastered, taught, teaching, tool = _evaluate(model, input_model, tokenizer, start, reached, suite,
+                                                               params, guard_params, ctx, timing)
     output_suite = suite_union(suite, {f: (1, lv) for f, lv in mastered.items() if lv >= 1})
     ctx.result.suite = {f: list(v) for f, v in output_suite.items()}
     report = _report(params, ctx, suite, assessment, start, reached, history, guard_report, taught, teaching, tool,
@@ -672,16 +677,27 @@ def mastered_levels(reached: dict[str, int]) -> dict[str, int]:
     return {f: max(0, lv - 1) for f, lv in reached.items()}
 
 
-def taught_levels(suite: dict, reached: dict[str, int]) -> dict[str, list[int]]:
-    """Per curriculum family, the levels 1..``reached`` (its mastered levels) the input suite does not hold (all of
-    them for a new family)."""
+def taught_levels(suite: dict, reached: dict[str, int], start: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Per curriculum family, its mastered levels ``start``..``reached`` (default from 1) the input suite does not
+    hold (all of them for a new family): the levels this phase moved past on held-out questions. A level below the
+    assessment's ``start`` was not taught here: the input already answered it (``guarded_suite``)."""
     out = {}
     for family, level in reached.items():
         lo, hi = suite.get(family, (0, -1))
-        levels = [lv for lv in range(1, level + 1) if not lo <= lv <= hi]
+        first = max(1, (start or {}).get(family, 1))
+        levels = [lv for lv in range(first, level + 1) if not lo <= lv <= hi]
         if levels:
             out[family] = levels
     return out
+
+
+def guarded_suite(suite: dict, start: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The input suite widened by each curriculum family's levels below its assessed ``start``: the input answered
+    each of them at or above the band's lower edge (the assessment goes up while it does), so they are handed on as
+    known (``mastered_levels``) and the guard keeps them as it keeps the input suite, instead of a teaching check
+    asking the phase to have taught what the input already knew (measured at the cpu set: multistep started at
+    level 5, its level 4, answered 0.73 by the input, failed ``teaches_multistep`` at a lower bound of -0.12)."""
+    return suite_union(suite, {f: (1, lv - 1) for f, lv in start.items() if lv > 1})
 
 
 def teaching_comparisons(taught: dict[str, list[int]], before, after, params: Params, guard,
