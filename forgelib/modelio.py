@@ -133,7 +133,8 @@ def load_causal_lm(path: str | Path, trainable: bool = False, progress: bool = F
     if isinstance(bitnet, dict):
         convert_to_bitnet(model, include=bitnet.get("include"),
                           quantize_activations=bitnet.get("activation_bits") is not None,
-                          embedding_bits=bitnet.get("embedding_bits"), int8_include=bitnet.get("int8_include"))
+                          embedding_bits=bitnet.get("embedding_bits"), int8_include=bitnet.get("int8_include"),
+                          int4_include=bitnet.get("int4_include"))
     return model
 
 

@@ -22,7 +22,9 @@ Titans memory keep their precision, as in the BitNet b1.58 papers (the projectio
 rest is precision-sensitive). The embedding matrix and the LM head stay full precision unless
 ``convert_to_bitnet(embedding_bits=8)`` makes them ``Int8Embedding`` / ``Int8Linear``: per-row absmax int8 weights
 (``int8_quantize``), fake-quantized in every forward with the same straight-through estimator, so the model
-trains, is scored and is packed (int8 codes + one float32 absmax per row) with the very same values.
+trains, is scored and is packed (int8 codes + one float32 absmax per row) with the very same values. Further
+Linear layers may compute with per-row int8 weights (``int8_include``) or per-row 4-bit ones (``int4_include``:
+codes in [-7, 7], step absmax / 7, packed two to a byte), the same quantizer at another ``bits``.
 ``BitLinear`` subclasses ``nn.Linear`` so that peft LoRA (which dispatches on isinstance nn.Linear) attaches to it.
 ``PackedBitLinear`` is the inference layer: it keeps only the packed codes (``forgelib.quant.packing``) and the
 scale, and unpacks one matrix per call.
@@ -42,7 +44,16 @@ ACTIVATION_BITS = 8
 EMBEDDING_BITS = (8,)
 """The ``embedding_bits`` ``convert_to_bitnet`` offers (besides None: full precision)."""
 INT8_MAX = 127
+INT_BITS = (8, 4)
+"""The per-row integer widths an ``Int8Linear`` computes with (``bits``)."""
 EPS = 1e-5
+
+
+def int_max(bits: int) -> int:
+    """The largest code of a symmetric per-row ``bits``-bit quantizer: 127 for 8 bits, 7 for 4 (2^(bits-1) - 1)."""
+    if bits not in INT_BITS:
+        raise ValueError(f"per-row integer weights have {' or '.join(map(str, INT_BITS))} bits, got {bits!r}")
+    return 2 ** (bits - 1) - 1
 
 
 def ternary_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,24 +78,27 @@ def ternary_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return (codes.float() * scale.float()).to(dtype)
 
 
-def int8_quantize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_quantize(w: torch.Tensor, eps: float = EPS, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8 quantization over the last dimension (no gradient): embeddings and LM heads.
 
     Returns ``(codes, absmax)``: int8 codes in [-127, 127] of w's shape and the float32 row maxima (...,)
     ``max(max_j |w_j|, eps)``, with ``w ~ codes * (absmax / 127)`` (``int8_dequantize``). The file stores the
     absmax, not the step absmax / 127: a rebuilt latent whose largest entries are exactly +-absmax (and
     codes * step elsewhere) gives back the same absmax, step and codes (``latent_from_int8``), whereas a stored
-    step would have to be recovered from 127 * step, which float32 rounds."""
+    step would have to be recovered from 127 * step, which float32 rounds. ``bits=4``: codes in [-7, 7], step
+    absmax / 7 (``int_max``)."""
+    q_max = int_max(bits)
     with torch.no_grad():
         w32 = w.detach().float()
         absmax = w32.abs().amax(dim=-1).clamp(min=eps)  # (...,)
-        codes = (w32 / (absmax / INT8_MAX).unsqueeze(-1)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        codes = (w32 / (absmax / q_max).unsqueeze(-1)).round().clamp(-q_max, q_max).to(torch.int8)
     return codes, absmax
 
 
-def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * (absmax / 127)`` per row in float32, cast to ``dtype``: the matrix an Int8 layer computes with."""
-    return (codes.float() * (absmax.float() / INT8_MAX).unsqueeze(-1)).to(dtype)
+def int8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype, bits: int = 8) -> torch.Tensor:
+    """``codes * (absmax / 127)`` per row in float32 (``bits=4``: absmax / 7), cast to ``dtype``: the matrix an
+    Int8 layer computes with."""
+    return (codes.float() * (absmax.float() / int_max(bits)).unsqueeze(-1)).to(dtype)
 
 
 def activation_quantize(x: torch.Tensor, bits: int = ACTIVATION_BITS,
@@ -217,9 +231,9 @@ class PackedBitLinear(nn.Module):
                 f"bias={self.bias is not None}, quantize_activations={self.quantize_activations}")
 
 
-def _int8_forward_weight(weight: torch.Tensor) -> torch.Tensor:
-    codes, absmax = int8_quantize(weight)
-    return _straight_through(int8_dequantize(codes, absmax, weight.dtype), weight)
+def _int8_forward_weight(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    codes, absmax = int8_quantize(weight, bits=bits)
+    return _straight_through(int8_dequantize(codes, absmax, weight.dtype, bits), weight)
 
 
 class Int8Embedding(nn.Embedding):
@@ -247,23 +261,30 @@ class Int8Embedding(nn.Embedding):
 class Int8Linear(nn.Linear):
     """A Linear (an LM head, or a projection named in ``int8_include``) computing with the per-row int8 quantization
     of its latent ``weight`` (one absmax per output row, as for the embedding it may be tied to); activations stay as
-    they are. ``quantize_weight = False`` computes with ``weight`` as it is (an SVF expert's parametrized matrix,
-    built from the quantized one, as for BitLinear)."""
+    they are. ``bits = 4`` (a projection named in ``int4_include``): the same quantizer with codes in [-7, 7].
+    ``quantize_weight = False`` computes with ``weight`` as it is (an SVF expert's parametrized matrix, built from
+    the quantized one, as for BitLinear)."""
 
     quantize_weight = True
+    bits = 8
+    """8, or 4 for a layer ``from_linear(bits=4)`` made (set on the instance)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        """An Int8Linear holding the very same weight (and bias) Parameters as ``linear`` (no copy)."""
+    def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "Int8Linear":
+        """An Int8Linear holding the very same weight (and bias) Parameters as ``linear`` (no copy), computing with
+        ``bits``-bit codes (8 or 4)."""
+        int_max(bits)
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
+        if bits != cls.bits:
+            layer.bits = bits
         return layer.train(linear.training)
 
     def quantized_weight(self) -> torch.Tensor:
-        """codes * absmax / 127 in the weight's dtype (no gradient)."""
-        codes, absmax = int8_quantize(self.weight)
-        return int8_dequantize(codes, absmax, self.weight.dtype)
+        """codes * absmax / 127 (4 bits: / 7) in the weight's dtype (no gradient)."""
+        codes, absmax = int8_quantize(self.weight, bits=self.bits)
+        return int8_dequantize(codes, absmax, self.weight.dtype, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weight(x, self.weight)
@@ -271,8 +292,11 @@ class Int8Linear(nn.Linear):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's forward with ``weight`` in place of its own latent weight (quantized the same way): a
         LoRA adapter ``W + s·BA`` acts inside the quantizer, so merging it gives the same forward."""
-        weight = _int8_forward_weight(weight) if self.quantize_weight else weight
+        weight = _int8_forward_weight(weight, self.bits) if self.quantize_weight else weight
         return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}"
 
 
 def _matches(name: str, suffixes) -> bool:
@@ -283,7 +307,8 @@ _FROM_CONFIG = "config"
 
 
 def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool = True,
-                      embedding_bits: int | None | str = _FROM_CONFIG, int8_include=_FROM_CONFIG) -> nn.Module:
+                      embedding_bits: int | None | str = _FROM_CONFIG, int8_include=_FROM_CONFIG,
+                      int4_include=_FROM_CONFIG) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name ends with one of ``include`` (default
     ``DEFAULT_BITNET_SUFFIXES``, matched at a '.' boundary) by a ``BitLinear`` holding the same Parameters.
 
@@ -292,9 +317,10 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
     the setting the model's ``config.bitnet`` already records (a model rebuilt from a saved BitNet config), else
     None. ``int8_include``: name suffixes of further Linear layers (not made ternary) that compute with per-row int8
     weights (``Int8Linear``), e.g. the attention projections of a model too narrow to keep its attention in ternary
-    weights; the default takes the config's record, else none. Everything else (norms, the halting head, the memory's
-    Linears) is left untouched. Records ``model.config.bitnet`` (included suffixes, activation bits, embedding bits,
-    int8 suffixes, packing "none") so a saved config says so. Layers that already are BitLinear / Int8 are kept;
+    weights; ``int4_include``: the same with per-row 4-bit weights (``Int8Linear`` with ``bits=4``); the defaults
+    take the config's record, else none. Everything else (norms, the halting head, the memory's Linears) is left
+    untouched. Records ``model.config.bitnet`` (included suffixes, activation bits, embedding bits, int8 and int4
+    suffixes, packing "none") so a saved config says so. Layers that already are BitLinear / Int8 are kept;
     ValueError if nothing matches. Returns the model."""
     config = getattr(model, "config", None)
     recorded = getattr(config, "bitnet", None) if config is not None else None
@@ -303,6 +329,8 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
         embedding_bits = recorded.get("embedding_bits")
     if isinstance(int8_include, str) and int8_include == _FROM_CONFIG:
         int8_include = recorded.get("int8_include")
+    if isinstance(int4_include, str) and int4_include == _FROM_CONFIG:
+        int4_include = recorded.get("int4_include")
     if embedding_bits is not None and embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"convert_to_bitnet: embedding_bits must be None or one of {EMBEDDING_BITS}, "
                          f"got {embedding_bits!r}")
@@ -317,22 +345,28 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
             model.set_submodule(name, BitLinear.from_linear(module, quantize_activations))
     if embedding_bits is not None:
         _convert_embeddings(model)
-    int8_suffixes = tuple(int8_include or ())
-    clash = sorted(set(int8_suffixes) & set(suffixes))
+    int8_suffixes, int4_suffixes = tuple(int8_include or ()), tuple(int4_include or ())
+    for other, key in ((int8_suffixes, "int8 (int8_include)"), (int4_suffixes, "int4 (int4_include)")):
+        clash = sorted(set(other) & set(suffixes))
+        if clash:
+            raise ValueError(f"convert_to_bitnet: {clash} are named both ternary (include) and {key}")
+    clash = sorted(set(int8_suffixes) & set(int4_suffixes))
     if clash:
-        raise ValueError(f"convert_to_bitnet: {clash} are named both ternary (include) and int8 (int8_include)")
-    int8_targets = [name for name, module in model.named_modules()
-                    if int8_suffixes and _matches(name, int8_suffixes) and type(module) is nn.Linear]
-    if int8_suffixes and not int8_targets and not any(_matches(n, int8_suffixes) for n in int8_modules(model)):
-        raise ValueError(f"convert_to_bitnet: no nn.Linear in {type(model).__name__} ends with any of the int8 "
-                         f"suffixes {int8_suffixes}")
-    for name in int8_targets:
-        model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name)))
+        raise ValueError(f"convert_to_bitnet: {clash} are named both int8 (int8_include) and int4 (int4_include)")
+    for bits, named in ((8, int8_suffixes), (4, int4_suffixes)):
+        targets = [name for name, module in model.named_modules()
+                   if named and _matches(name, named) and type(module) is nn.Linear]
+        if named and not targets and not any(_matches(n, named) for n in int8_modules(model)):
+            raise ValueError(f"convert_to_bitnet: no nn.Linear in {type(model).__name__} ends with any of the "
+                             f"int{bits} suffixes {named}")
+        for name in targets:
+            model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), bits=bits))
     if config is not None:
         config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
                          "activation_bits": ACTIVATION_BITS if quantize_activations else None,
                          "embedding_bits": embedding_bits, "packing": "none",
-                         **({"int8_include": list(int8_suffixes)} if int8_suffixes else {})}
+                         **({"int8_include": list(int8_suffixes)} if int8_suffixes else {}),
+                         **({"int4_include": list(int4_suffixes)} if int4_suffixes else {})}
     return model
 
 
@@ -387,6 +421,6 @@ def int8_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 __all__ = ["DEFAULT_BITNET_SUFFIXES", "ACTIVATION_BITS", "EMBEDDING_BITS", "ternary_quantize", "ternary_dequantize",
-           "int8_quantize", "int8_dequantize", "activation_quantize", "fake_quantize_activations", "BitLinear",
-           "PackedBitLinear", "Int8Embedding", "Int8Linear", "convert_to_bitnet", "convert_to_int8",
-           "bitlinear_modules", "packed_bitlinear_modules", "int8_modules"]
+           "int8_quantize", "int8_dequantize", "int_max", "INT_BITS", "activation_quantize",
+           "fake_quantize_activations", "BitLinear", "PackedBitLinear", "Int8Embedding", "Int8Linear",
+           "convert_to_bitnet", "convert_to_int8", "bitlinear_modules", "packed_bitlinear_modules", "int8_modules"]

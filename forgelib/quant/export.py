@@ -8,7 +8,8 @@ its files. The safetensors file holds every tensor of ``model.state_dict()`` as 
 * each BitLinear ``<name>.weight`` is replaced by ``<name>.weight_packed`` (uint8, ``forgelib.quant.packing``) and
   ``<name>.weight_scale`` (float32 0-d, mean|W|), which are exactly the buffer names of ``PackedBitLinear``;
 * each Int8Embedding / Int8Linear ``<name>.weight`` (``convert_to_bitnet(embedding_bits=8)``) by
-  ``<name>.weight_int8`` (int8 codes) and ``<name>.weight_absmax`` (float32, one per row);
+  ``<name>.weight_int8`` (int8 codes) and ``<name>.weight_absmax`` (float32, one per row); a 4-bit Int8Linear
+  (``int4_include``) by ``<name>.weight_int4`` (uint8, two codes to a byte: ``pack_int4``) and ``.weight_absmax``;
 * modules the saved config never runs are left out (``unused_modules``: a Cognate model's Titans memory when
   ``use_memory`` is off); the saved config says they are not built (``memory_modules: false``), so the loaded model
   has no such parameters at all and its output cannot differ (switching the memory on raises a clear error).
@@ -40,8 +41,8 @@ from torch import nn
 from ..models.weights import (ModelLoadError, check_weights_fit, is_shape, meta_model, read_json_file,
                               safetensors_header)
 from ..params import cut, short
-from .bitnet import (INT8_MAX, PackedBitLinear, bitlinear_modules, convert_to_bitnet, int8_dequantize, int8_modules,
-                     int8_quantize, ternary_quantize)
+from .bitnet import (PackedBitLinear, bitlinear_modules, convert_to_bitnet, int8_dequantize, int8_modules,
+                     int8_quantize, int_max, ternary_quantize)
 from .packing import PACKINGS, check_packing, pack_ternary, packed_shape, unpack_ternary
 
 WEIGHTS_NAME = "model.safetensors"
@@ -139,21 +140,25 @@ def _pack_layers(layers: dict, packing: str, tensors: dict, accounting: dict) ->
     return shapes
 
 
-def _pack_int8_layers(state: dict, int8_layers: dict[str, str], tensors: dict, accounting: dict) -> dict:
-    """The int8 layers' codes and row maxima into ``tensors`` (counted in ``accounting``); their weights' shapes."""
-    int8_shapes = {name: list(state[key].shape) for name, key in int8_layers.items()}
-    tensors.update(pack_int8_tensors({key: state[key] for key in int8_layers.values()}, int8_layers))
+def _pack_int8_layers(state: dict, int8_layers: dict[str, str], tensors: dict, accounting: dict,
+                      bits: int = 8) -> dict:
+    """The int8 (``bits=4``: int4) layers' codes and row maxima into ``tensors`` (counted in ``accounting``); their
+    weights' shapes."""
+    shapes = {name: list(state[key].shape) for name, key in int8_layers.items()}
+    tensors.update(pack_int8_tensors({key: state[key] for key in int8_layers.values()}, int8_layers, bits))
+    suffix, kind = (INT8_SUFFIX, "int8") if bits == 8 else (INT4_SUFFIX, "int4")
     for name in int8_layers:
-        accounting["int8_bytes"] += tensors[name + INT8_SUFFIX].numel()
-        accounting["int8_scale_bytes"] += 4 * tensors[name + ABSMAX_SUFFIX].numel()
-        accounting["int8_weights"] += tensors[name + INT8_SUFFIX].numel()
-    return int8_shapes
+        accounting[f"{kind}_bytes"] += tensors[name + suffix].numel()
+        accounting[f"{kind}_scale_bytes"] += 4 * tensors[name + ABSMAX_SUFFIX].numel()
+        accounting[f"{kind}_weights"] += math.prod(shapes[name])
+    return shapes
 
 
 def _file_accounting(accounting: dict, file: Path) -> dict:
     """``accounting`` completed from the written file: tensor, header and file bytes, bits per ternary weight."""
     accounting["tensor_bytes"] = sum(accounting[k] for k in ("packed_bytes", "scale_bytes", "int8_bytes",
-                                                             "int8_scale_bytes", "other_bytes"))
+                                                             "int8_scale_bytes", "int4_bytes", "int4_scale_bytes",
+                                                             "other_bytes"))
     accounting["header_bytes"] = header_bytes(file)
     accounting["file_bytes"] = file.stat().st_size
     n = accounting["ternary_weights"]
@@ -167,12 +172,16 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
     """Write ``model`` (converted with ``convert_to_bitnet``) as a packed folder (layout in the module docstring).
 
     Returns the byte accounting: ``packed_bytes`` (ternary codes), ``scale_bytes``, ``int8_bytes`` (int8 codes),
-    ``int8_scale_bytes`` (their row maxima), ``other_bytes`` (every other tensor), ``tensor_bytes`` (their sum),
+    ``int8_scale_bytes`` (their row maxima), ``int4_bytes`` / ``int4_scale_bytes`` / ``int4_weights`` (the
+    same for 4-bit layers), ``other_bytes`` (every other tensor), ``tensor_bytes`` (their sum),
     ``header_bytes``, ``file_bytes`` (model.safetensors on disk, equal to tensor_bytes + header_bytes),
     ``ternary_weights``, ``int8_weights``, ``dropped_weights`` (values of the modules left out),
     ``dropped_modules``, ``bits_per_ternary_weight`` (codes only) and ``bits_per_ternary_weight_with_scales``."""
     layers, settings, aliases, packed_names, int8_names = _checked_layers(model, packing)
-    int8_layers = {name.removesuffix(".weight"): name for name in sorted(int8_names) if name not in aliases}
+    bits = {name: getattr(module, "bits", 8) for name, module in int8_modules(model).items()}
+    int_layers = {name.removesuffix(".weight"): name for name in sorted(int8_names) if name not in aliases}
+    int8_layers = {name: key for name, key in int_layers.items() if bits[name] == 8}
+    int4_layers = {name: key for name, key in int_layers.items() if bits[name] == 4}
     dropped = unused_modules(model)
     state = model.state_dict()
     is_dropped = lambda key: any(key.startswith(prefix + ".") for prefix in dropped)  # noqa: E731
@@ -180,14 +189,16 @@ def export_packed(model: nn.Module, path, packing: str = "2bit", tokenizer=None)
                if key not in aliases and key not in packed_names and key not in int8_names and not is_dropped(key)}
     accounting = dict(packing=packing, other_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
                       packed_bytes=0, scale_bytes=0, int8_bytes=0, int8_scale_bytes=0, ternary_weights=0,
-                      int8_weights=0, dropped_weights=sum(v.numel() for k, v in state.items()
-                                                          if is_dropped(k) and k not in aliases),
+                      int8_weights=0, int4_bytes=0, int4_scale_bytes=0, int4_weights=0,
+                      dropped_weights=sum(v.numel() for k, v in state.items() if is_dropped(k) and k not in aliases),
                       dropped_modules=list(dropped))
     shapes = _pack_layers(layers, packing, tensors, accounting)
     int8_shapes = _pack_int8_layers(state, int8_layers, tensors, accounting)
+    int4_shapes = _pack_int8_layers(state, int4_layers, tensors, accounting, bits=4)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"packing": packing, "shapes": shapes, "aliases": aliases, "int8": int8_shapes, "dropped": dropped}
+    record = {"packing": packing, "shapes": shapes, "aliases": aliases, "int8": int8_shapes, "dropped": dropped,
+              **({"int4": int4_shapes} if int4_shapes else {})}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", METADATA_KEY: json.dumps(record)})
     _saved_config(model, settings, packing, dropped).save_pretrained(folder)
     if tokenizer is not None:
@@ -203,14 +214,14 @@ def _record(file: Path, text: str | None) -> dict:
         record = None
     if not isinstance(record, dict) or "shapes" not in record:
         raise PackedModelError(f"{str(file)!r} has no '{METADATA_KEY}' metadata: not written by export_packed")
-    record = {"aliases": {}, "int8": {}, "dropped": [], **record}
-    tables = (record["shapes"], record["int8"])
+    record = {"aliases": {}, "int8": {}, "int4": {}, "dropped": [], **record}
+    tables = (record["shapes"], record["int8"], record["int4"])
     if not isinstance(record.get("packing"), str) \
             or not all(isinstance(t, dict) and all(is_shape(v) and v for v in t.values()) for t in tables) \
             or not isinstance(record["aliases"], dict) \
             or not all(isinstance(v, str) for v in record["aliases"].values()):
-        raise PackedModelError(f"{file}: the '{METADATA_KEY}' metadata is malformed (packing: a name; shapes and "
-                               "int8: layer -> shape; aliases: tensor -> tensor)")
+        raise PackedModelError(f"{file}: the '{METADATA_KEY}' metadata is malformed (packing: a name; shapes, int8 "
+                               "and int4: layer -> shape; aliases: tensor -> tensor)")
     return record
 
 
@@ -254,6 +265,16 @@ def _logical_shapes(tensors: dict, record: dict, packing: str) -> dict[str, tupl
             out[f"{name}.weight"] = shape
         elif key.endswith(INT8_SUFFIX):
             out[key.removesuffix(INT8_SUFFIX) + ".weight"] = tuple(tensor.shape)
+        elif key.endswith(INT4_SUFFIX):
+            name = key.removesuffix(INT4_SUFFIX)
+            if name not in record["int4"]:
+                raise PackedModelError(f"tensor {short(key)} has no shape in the '{METADATA_KEY}' metadata")
+            shape = tuple(record["int4"][name])
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != int4_packed_shape(shape):
+                raise PackedModelError(f"tensor {key} is {tensor.dtype} {list(tensor.shape)}, but a {list(shape)} "
+                                       f"weight packed as 4-bit codes is uint8 {list(int4_packed_shape(shape))} "
+                                       "(truncated or tampered)")
+            out[f"{name}.weight"] = shape
         elif not key.endswith((".weight_scale", ABSMAX_SUFFIX)):
             out[key] = tuple(tensor.shape)
     return out
@@ -315,50 +336,102 @@ def latent_from_ternary(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return latent.to(dtype)
 
 
-def latent_from_int8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def latent_from_int8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype, bits: int = 8) -> torch.Tensor:
     """A latent weight whose per-row int8 quantization (``int8_quantize``) gives back exactly ``codes`` and
     ``absmax``: ``codes * absmax / 127`` (the values the int8 layer computes with), with the entries whose code is
     +-127 set to +-absmax itself, so that the row maximum, hence the step absmax / 127, is the stored one bit for
-    bit (``127 * step`` would round). Exact in float32; another ``dtype`` rounds the latent again."""
-    latent = int8_dequantize(codes, absmax, torch.float32)  # (rows, cols)
-    full = codes.abs() == INT8_MAX
+    bit (``127 * step`` would round). ``bits=4``: the same with 7. Exact in float32; another ``dtype`` rounds the
+    latent again."""
+    latent = int8_dequantize(codes, absmax, torch.float32, bits)  # (rows, cols)
+    full = codes.abs() == int_max(bits)
     latent = torch.where(full, codes.sign().float() * absmax.float().unsqueeze(-1), latent)
     return latent.to(dtype)
 
 
-INT8_SUFFIX, ABSMAX_SUFFIX = ".weight_int8", ".weight_absmax"
+INT8_SUFFIX, INT4_SUFFIX, ABSMAX_SUFFIX = ".weight_int8", ".weight_int4", ".weight_absmax"
+INT4_OFFSET = 8
+"""A 4-bit code c in [-7, 7] is stored as the nibble c + 8 (1..15; 0 never occurs)."""
 
 
-def pack_int8_tensors(tensors: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+def int4_packed_shape(shape) -> tuple[int, ...]:
+    """The uint8 shape ``pack_int4`` gives for codes of ``shape``: two codes to a byte along the last dimension."""
+    *rows, cols = shape
+    return (*rows, (cols + 1) // 2)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes in [-7, 7] (any integer dtype, last dimension ``cols``) as uint8, two to a byte: column 2j in
+    the low nibble, 2j + 1 in the high one, each stored as code + 8; an odd last column is paired with code 0."""
+    if codes.numel() and int(codes.abs().max()) > int_max(4):
+        raise ValueError("pack_int4: codes must lie in [-7, 7]")
+    nibbles = (codes.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
+    if nibbles.shape[-1] % 2:
+        nibbles = torch.cat([nibbles, torch.full((*nibbles.shape[:-1], 1), INT4_OFFSET, dtype=torch.uint8)], dim=-1)
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The int8 codes of ``shape`` that ``pack_int4`` packed into ``packed`` (ValueError for a byte no packing
+    writes: a nibble 0, or a padding nibble other than code 0)."""
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != int4_packed_shape(shape):
+        raise ValueError(f"4-bit codes of {list(shape)} are uint8 {list(int4_packed_shape(shape))}, got "
+                         f"{packed.dtype} {list(packed.shape)}")
+    low, high = packed & 0x0F, packed >> 4
+    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)
+    cols = shape[-1]
+    if cols % 2 and bool((nibbles[..., cols:] != INT4_OFFSET).any()):
+        raise ValueError("the padding nibble of an odd last column is not code 0")
+    nibbles = nibbles[..., :cols]
+    if bool((nibbles == 0).any()):
+        raise ValueError("a nibble 0 (code -8) is no 4-bit code in [-7, 7]")
+    return (nibbles.to(torch.int16) - INT4_OFFSET).to(torch.int8)
+
+
+def pack_int8_tensors(tensors: dict[str, torch.Tensor], names, bits: int = 8) -> dict[str, torch.Tensor]:
     """``tensors`` with each ``<name>.weight`` of ``names`` (module names) replaced by ``<name>.weight_int8`` and
-    ``<name>.weight_absmax`` (``int8_quantize``); the other entries unchanged."""
+    ``<name>.weight_absmax`` (``int8_quantize``); ``bits=4``: by ``<name>.weight_int4`` (``pack_int4``) and the
+    absmax; the other entries unchanged."""
     out = dict(tensors)
     for name in names:
-        codes, absmax = int8_quantize(out.pop(f"{name}.weight"))
-        out[name + INT8_SUFFIX], out[name + ABSMAX_SUFFIX] = codes.cpu().contiguous(), absmax.cpu().contiguous()
+        codes, absmax = int8_quantize(out.pop(f"{name}.weight"), bits=bits)
+        stored = codes.cpu().contiguous() if bits == 8 else pack_int4(codes.cpu())
+        out[name + (INT8_SUFFIX if bits == 8 else INT4_SUFFIX)], out[name + ABSMAX_SUFFIX] = \
+            stored, absmax.cpu().contiguous()
     return out
 
 
 def unpack_int8_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                        where: str = "") -> dict[str, torch.Tensor]:
+                        where: str = "", int4_shapes: dict | None = None) -> dict[str, torch.Tensor]:
     """The inverse of ``pack_int8_tensors``: every ``<name>.weight_int8`` / ``.weight_absmax`` pair becomes the latent
     ``<name>.weight`` of ``latent_from_int8`` (checked: int8 codes in [-127, 127], one float32 absmax per row;
-    PackedModelError naming ``where`` otherwise); the other entries unchanged."""
-    out = {key: value for key, value in tensors.items() if not key.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))}
-    names = {key[:-len(suffix)] for key in tensors for suffix in (INT8_SUFFIX, ABSMAX_SUFFIX) if key.endswith(suffix)}
+    PackedModelError naming ``where`` otherwise); every ``<name>.weight_int4`` / ``.weight_absmax`` pair likewise
+    at 4 bits, its weight's shape from ``int4_shapes`` (the file's record); the other entries unchanged."""
+    suffixes = (INT8_SUFFIX, INT4_SUFFIX, ABSMAX_SUFFIX)
+    out = {key: value for key, value in tensors.items() if not key.endswith(suffixes)}
+    names = {key[:-len(suffix)] for key in tensors for suffix in suffixes if key.endswith(suffix)}
+    int4_shapes = int4_shapes or {}
     for name in sorted(names):
-        codes, absmax = tensors.get(name + INT8_SUFFIX), tensors.get(name + ABSMAX_SUFFIX)
+        bits = 4 if name + INT4_SUFFIX in tensors else 8
+        codes = tensors.get(name + (INT8_SUFFIX if bits == 8 else INT4_SUFFIX))
+        absmax = tensors.get(name + ABSMAX_SUFFIX)
         if codes is None or absmax is None:
             raise PackedModelError(f"{where}: int8 weight of {name!r} is missing ({name}{INT8_SUFFIX} / "
                                    f"{ABSMAX_SUFFIX})")
-        if codes.dtype != torch.int8 or codes.dim() < 1 or bool((codes == -INT8_MAX - 1).any()):
+        if bits == 4:
+            if name + INT8_SUFFIX in tensors or name not in int4_shapes:
+                raise PackedModelError(f"{where}: 4-bit weight of {name!r}: no recorded shape, or int8 codes beside")
+            try:
+                codes = unpack_int4(codes, tuple(int4_shapes[name]))
+            except ValueError as err:
+                raise PackedModelError(f"{where}: tensor {name}{INT4_SUFFIX}: {err}") from None
+        if codes.dtype != torch.int8 or codes.dim() < 1 or bool((codes == -int_max(8) - 1).any()):
             raise PackedModelError(f"{where}: tensor {name}{INT8_SUFFIX} must hold int8 codes in [-127, 127], got "
                                    f"{codes.dtype} {list(codes.shape)}")
         if absmax.dtype != torch.float32 or tuple(absmax.shape) != tuple(codes.shape[:-1]) \
                 or not bool((absmax > 0).all()):
             raise PackedModelError(f"{where}: tensor {name}{ABSMAX_SUFFIX} must be float32 {list(codes.shape[:-1])} "
                                    f"and positive, got {absmax.dtype} {list(absmax.shape)}")
-        out[f"{name}.weight"] = latent_from_int8(codes, absmax, dtype)
+        out[f"{name}.weight"] = latent_from_int8(codes, absmax, dtype, bits)
     return out
 
 
@@ -408,7 +481,8 @@ def _converted_model(folder: Path, config, settings: dict, record: dict, dtype: 
     try:
         convert_to_bitnet(model, include=settings["include"],
                           quantize_activations=settings["activation_bits"] is not None,
-                          embedding_bits=settings.get("embedding_bits"), int8_include=settings.get("int8_include"))
+                          embedding_bits=settings.get("embedding_bits"), int8_include=settings.get("int8_include"),
+                          int4_include=settings.get("int4_include"))
     except (ValueError, TypeError) as err:
         raise PackedModelError(f"{folder / 'config.json'}: its 'bitnet' entry cannot convert the model "
                                f"({cut(str(err), 200)})") from None
@@ -416,18 +490,24 @@ def _converted_model(folder: Path, config, settings: dict, record: dict, dtype: 
     if set(layers) != set(record["shapes"]):
         raise PackedModelError(f"{str(folder)!r}: packed layers {sorted(record['shapes'])} do not match the "
                                f"model's converted layers {sorted(layers)}")
-    int8_layers = {name for name in int8_modules(model) if f"{name}.weight" not in record["aliases"]}
-    if int8_layers != set(record["int8"]):
-        raise PackedModelError(f"{str(folder)!r}: int8 weights {sorted(record['int8'])} do not match the "
-                               f"model's int8 layers {sorted(int8_layers)} (config embedding_bits "
-                               f"{settings.get('embedding_bits')!r}, int8_include {settings.get('int8_include')!r})")
+    for bits, key in ((8, "int8"), (4, "int4")):
+        wanted = {name for name, module in int8_modules(model).items()
+                  if f"{name}.weight" not in record["aliases"] and getattr(module, "bits", 8) == bits}
+        if wanted != set(record[key]):
+            raise PackedModelError(f"{str(folder)!r}: {key} weights {sorted(record[key])} do not match the "
+                                   f"model's {key} layers {sorted(wanted)} (config embedding_bits "
+                                   f"{settings.get('embedding_bits')!r}, int8_include "
+                                   f"{settings.get('int8_include')!r}, int4_include {settings.get('int4_include')!r})")
     return model
 
 
-def _int8_state(model: nn.Module, tensors: dict, dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
-    """The latent weights of the int8 layers (``unpack_int8_tensors``), their shapes checked against the model."""
-    int8_state = unpack_int8_tensors({k: v for k, v in tensors.items() if k.endswith((INT8_SUFFIX, ABSMAX_SUFFIX))},
-                                     dtype, where=where)
+def _int8_state(model: nn.Module, tensors: dict, dtype: torch.dtype, where: str,
+                int4_shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The latent weights of the int8 and int4 layers (``unpack_int8_tensors``), their shapes checked against the
+    model."""
+    int8_state = unpack_int8_tensors({k: v for k, v in tensors.items()
+                                      if k.endswith((INT8_SUFFIX, INT4_SUFFIX, ABSMAX_SUFFIX))},
+                                     dtype, where=where, int4_shapes=int4_shapes)
     for key, latent in int8_state.items():
         name = key.removesuffix(".weight")
         expected = tuple(model.get_submodule(name).weight.shape)
@@ -495,8 +575,8 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
     tensors, record = _packed_record(folder, config, settings)
     model = _converted_model(folder, config, settings, record, dtype)
     state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()
-             if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, ABSMAX_SUFFIX))}
-    state.update(_int8_state(model, tensors, dtype, str(folder / WEIGHTS_NAME)))
+             if not key.endswith((".weight_packed", ".weight_scale", INT8_SUFFIX, INT4_SUFFIX, ABSMAX_SUFFIX))}
+    state.update(_int8_state(model, tensors, dtype, str(folder / WEIGHTS_NAME), record["int4"]))
     state.update(_packed_layers(model, tensors, record, dtype, trainable))
     _assign(model, state, record, folder)
     model.config.bitnet = {**settings, "packing": "none" if trainable else record["packing"]}
@@ -504,4 +584,5 @@ def load_packed(path, dtype: torch.dtype = torch.float32, trainable: bool = Fals
 
 
 __all__ = ["PackedModelError", "export_packed", "load_packed", "latent_from_ternary", "latent_from_int8",
-           "pack_int8_tensors", "unpack_int8_tensors", "unused_modules", "header_bytes", "WEIGHTS_NAME"]
+           "pack_int8_tensors", "unpack_int8_tensors", "pack_int4", "unpack_int4", "unused_modules", "header_bytes",
+           "WEIGHTS_NAME"]

@@ -237,7 +237,7 @@ def _stored_as(module, name: str, codecs: dict[str, dict]) -> str:
     if isinstance(module, BitLinear):
         return "ternary (latent weights)"
     if isinstance(module, (Int8Linear, Int8Embedding)):
-        return "int8"
+        return f"int{getattr(module, 'bits', 8)}"
     return "full precision"
 
 
