@@ -392,3 +392,11 @@ def test_a_tampered_int4_tensor_is_refused(tok, tmp_path):
     save_file(tensors, str(file), metadata=metadata)
     with pytest.raises(PackedModelError, match="k_proj.weight_int4.*nibble 0"):
         load_packed(tmp_path)
+
+
+def test_int4_layers_named_twice_or_nowhere_are_refused(tok):
+    for kwargs, message in [(dict(include=MLP, int4_include=MLP[:1]), "both ternary"),
+                            (dict(include=MLP, int8_include=ATTENTION[:2], int4_include=ATTENTION[1:]), "both int8"),
+                            (dict(include=MLP, int4_include=["self_attn.x_proj"]), "int4 suffixes")]:
+        with pytest.raises(ValueError, match=message):
+            convert_to_bitnet(phase1_cognate(tok, hidden=32), **kwargs)

@@ -346,8 +346,21 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
     if embedding_bits is not None:
         _convert_embeddings(model)
     int8_suffixes, int4_suffixes = tuple(int8_include or ()), tuple(int4_include or ())
+    _convert_int_layers(model, suffixes, int8_suffixes, int4_suffixes)
+    if config is not None:
+        config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
+                         "activation_bits": ACTIVATION_BITS if quantize_activations else None,
+                         "embedding_bits": embedding_bits, "packing": "none",
+                         **({"int8_include": list(int8_suffixes)} if int8_suffixes else {}),
+                         **({"int4_include": list(int4_suffixes)} if int4_suffixes else {})}
+    return model
+
+
+def _convert_int_layers(model: nn.Module, ternary: tuple, int8_suffixes: tuple, int4_suffixes: tuple) -> None:
+    """The Linear layers named by ``int8_suffixes`` / ``int4_suffixes`` to 8-bit / 4-bit ``Int8Linear`` (same
+    Parameters); ValueError for a suffix named twice or one that matches no Linear."""
     for other, key in ((int8_suffixes, "int8 (int8_include)"), (int4_suffixes, "int4 (int4_include)")):
-        clash = sorted(set(other) & set(suffixes))
+        clash = sorted(set(other) & set(ternary))
         if clash:
             raise ValueError(f"convert_to_bitnet: {clash} are named both ternary (include) and {key}")
     clash = sorted(set(int8_suffixes) & set(int4_suffixes))
@@ -361,13 +374,6 @@ def convert_to_bitnet(model: nn.Module, include=None, quantize_activations: bool
                              f"int{bits} suffixes {named}")
         for name in targets:
             model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), bits=bits))
-    if config is not None:
-        config.bitnet = {"include": list(suffixes), "weight_quant": "absmean-ternary-per-tensor",
-                         "activation_bits": ACTIVATION_BITS if quantize_activations else None,
-                         "embedding_bits": embedding_bits, "packing": "none",
-                         **({"int8_include": list(int8_suffixes)} if int8_suffixes else {}),
-                         **({"int4_include": list(int4_suffixes)} if int4_suffixes else {})}
-    return model
 
 
 def _convert_embeddings(model: nn.Module) -> None:
