@@ -46,22 +46,27 @@ def batch(tok, n=16, seed=0):
     return encode_samples(tok, samples, 64, answer_only_loss=False, with_steps=True)
 
 
+def train_base(qs: QuietStarModel, tok, steps: int, samples: int) -> None:
+    """``steps`` AdamW steps (lr 3e-3, base LM loss) of 16 rows each, cycling over ``samples`` training rows."""
+    data = batch(tok, samples)
+    optimizer = torch.optim.AdamW(qs.base.parameters(), lr=3e-3)
+    qs.train()
+    for step in range(steps):
+        rows = slice(16 * step % samples, 16 * step % samples + 16)
+        loss = qs.base(input_ids=data["input_ids"][rows], attention_mask=data["attention_mask"][rows],
+                       labels=data["labels"][rows]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def ternary_quietstar(tok, steps=60, **overrides) -> QuietStarModel:
     """A Phase-4-like model: ternary projections, int8 embeddings / LM head and mixing head, trained ``steps``
     AdamW steps (base LM loss), the mixing head set to seeded noise so that the thoughts really mix."""
     qs = QuietStarModel(phase1_cognate(tok, **overrides), tok, QuietStarConfig(n_thought=2))
     convert_to_bitnet(qs.base, embedding_bits=8)
     convert_to_int8(qs.mixing_head)
-    data = batch(tok, 256)
-    optimizer = torch.optim.AdamW(qs.base.parameters(), lr=3e-3)
-    qs.train()
-    for step in range(steps):
-        rows = slice(16 * step % 256, 16 * step % 256 + 16)
-        loss = qs.base(input_ids=data["input_ids"][rows], attention_mask=data["attention_mask"][rows],
-                       labels=data["labels"][rows]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_base(qs, tok, steps, 256)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in qs.mixing_head.parameters():
@@ -278,8 +283,11 @@ def test_packed_model_reaches_the_compression_its_parameter_set_states(tok, pres
     sizes = size_table(fp, ternary_copy(fp, params))
     ratio = sizes["fp32"]["total_bytes"] / sizes["base3"]["total_bytes"]
     assert ratio >= params.min_compression, sizes
-    hidden = fp.base.config.hidden_size
-    assert sizes["base3"]["dropped_weights"] > 0 and sizes["base3"]["int8_weights"] >= vocab * hidden
+    config = fp.base.config
+    hidden, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    attention = config.num_hidden_layers * (2 * hidden * hidden + 2 * kv * hidden)  # q, o and k, v
+    int8 = vocab * hidden + (attention if params.int8_include else 0)  # the tied embedding once, the attention
+    assert sizes["base3"]["dropped_weights"] > 0 and sizes["base3"]["int8_weights"] == int8
 
 
 def test_4bit_attention_reaches_8x_at_the_smoke_shape(tok):
@@ -339,16 +347,7 @@ def test_int4_attention_packs_exactly_and_at_half_the_int8_bytes(tok, tmp_path):
     layer = qs.base.model.layers[0].self_attn.q_proj
     assert isinstance(layer, Int8Linear) and layer.bits == 4 and "bits=4" in repr(layer)
     assert qs.base.model.layers[0].mlp.up_proj in bitlinear_modules(qs.base).values()
-    data = batch(tok, 128)
-    optimizer = torch.optim.AdamW(qs.base.parameters(), lr=3e-3)
-    qs.train()
-    for step in range(30):
-        rows = slice(16 * step % 128, 16 * step % 128 + 16)
-        loss = qs.base(input_ids=data["input_ids"][rows], attention_mask=data["attention_mask"][rows],
-                       labels=data["labels"][rows]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_base(qs, tok, 30, 128)
     qs.eval()
     # the layer computes with the 4-bit grid of its latent weight
     codes, absmax = int8_quantize(layer.weight, bits=4)
