@@ -412,10 +412,10 @@ def unpack_int8_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = t
     int4_shapes = int4_shapes or {}
     for name in sorted(names):
         bits = 4 if name + INT4_SUFFIX in tensors else 8
-        codes = tensors.get(name + (INT8_SUFFIX if bits == 8 else INT4_SUFFIX))
-        absmax = tensors.get(name + ABSMAX_SUFFIX)
+        suffix = INT8_SUFFIX if bits == 8 else INT4_SUFFIX
+        codes, absmax = tensors.get(name + suffix), tensors.get(name + ABSMAX_SUFFIX)
         if codes is None or absmax is None:
-            raise PackedModelError(f"{where}: int8 weight of {name!r} is missing ({name}{INT8_SUFFIX} / "
+            raise PackedModelError(f"{where}: int{bits} weight of {name!r} is missing ({name}{suffix} / "
                                    f"{ABSMAX_SUFFIX})")
         if bits == 4:
             if name + INT8_SUFFIX in tensors or name not in int4_shapes:
