@@ -19,6 +19,7 @@ BENCHMARKS = {
     "evomerge": "forgelib.bench.evomerge",
     "finetune": "forgelib.bench.finetune",
     "learn": "forgelib.bench.learn",
+    "recursion": "forgelib.bench.recursion",
     "quietstar": "forgelib.bench.quietstar",
     "bitnet": "forgelib.bench.bitnet",
     "curriculum": "forgelib.bench.curriculum",

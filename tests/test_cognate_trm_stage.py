@@ -240,7 +240,47 @@ def test_cycles_frame_shows_the_curve_and_its_gains():
     assert row["acc at 1 cycle"] == 0.7656 and row["acc at 4 cycles"] == 0.7656
     assert row["gain 2 vs 1 (lower bound)"] == "+0.004 (-0.009)"
     assert row["gain 4 vs 2 (lower bound)"] == "-0.004 (-0.019)"  # -0.0195 printed to 3 places
+    assert "handed on at (cycles)" not in row  # a report from before the decision
+    report["cycles_decision"] = {"reasoning": {"cycles": 1}}
+    assert cycles_frame(report).loc["reasoning (trained at 2, multistep+algebra, n=256)", "handed on at (cycles)"] == 1
     assert cycles_frame({}).empty
+
+
+@pytest.mark.parametrize("gained, lost, keeps", [
+    (30, 5, True),    # the second cycle right on 30 questions the first misses, wrong on 5: +0.125, clearly above 0
+    (12, 10, False),  # +0.01: not shown above 0 on 200 questions -> handed on at one cycle
+    (0, 10, False),   # the second cycle loses
+])
+def test_a_model_keeps_its_cycles_only_when_they_beat_one_cycle(gained, lost, keeps):
+    """The worked example: 200 own-family questions, the paired table of the same weights at 1 and 2 cycles (both
+    right 100, gained, lost, the rest wrong); 'auto' keeps 2 cycles only when the Agresti-Min lower bound of the gain
+    -- computed here by hand -- is above cycles_min_gain (0); 'trained' / 'one' force it and still report it."""
+    from forgelib.suite import GuardParams
+
+    one = [1] * 100 + [0] * gained + [1] * lost + [0] * (100 - gained - lost)
+    two = [1] * 100 + [1] * gained + [0] * lost + [0] * (100 - gained - lost)
+    curve = {"reasoning": {"trained_cycles": 2, "families": ["multistep", "algebra"], "n": 200,
+                           "correct": {"1": one, "2": two, "4": two}}}
+    guard = GuardParams()
+    n = 202.0
+    pg, pl = (gained + 0.5) / n, (lost + 0.5) / n
+    lower = (pg - pl) - 1.6448536 * math.sqrt((pg + pl - (pg - pl) ** 2) / n)
+    chosen = cognate.cycles_decision(curve, cognate.Params(), guard)["reasoning"]
+    assert chosen["verdict"]["lower"] == pytest.approx(lower, abs=1e-4)
+    assert chosen["cycles"] == (2 if keeps else 1) and keeps is (lower > 0) and chosen["trained_cycles"] == 2
+    assert chosen["reason"].startswith(f"at 2 cycles {(100 + gained) / 200:.3f}, at 1 cycle {(100 + lost) / 200:.3f} "
+                                       f"on the same 200 test questions of multistep+algebra: gain "
+                                       f"{(gained - lost) / 200:+.3f}")
+    assert "hand_on_cycles: auto" in chosen["rule"]
+    for forced, cycles in (("trained", 2), ("one", 1)):
+        again = cognate.cycles_decision(curve, cognate.Params(hand_on_cycles=forced), guard)["reasoning"]
+        assert again["cycles"] == cycles and again["verdict"] == chosen["verdict"] and forced in again["rule"]
+    higher = cognate.cycles_decision(curve, cognate.Params(cycles_min_gain=0.2), guard)["reasoning"]
+    assert higher["cycles"] == 1  # a gain of at most +0.125 never clears 0.2
+    with pytest.raises(ValueError, match="hand_on_cycles must be one of"):
+        cognate.Params(hand_on_cycles="twice")
+    with pytest.raises(ValueError, match="cycles_min_gain must lie in"):
+        cognate.Params(cycles_min_gain=-0.1)
 
 
 def test_a_specialist_trains_and_is_compared_at_its_own_levels(tmp_path, monkeypatch):

@@ -314,10 +314,16 @@ def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
                                        "n": len(test)}
     for count, correct in curve["correct"].items():
         assert curve["accuracy"][count] == round(sum(correct) / len(correct), 4)
+    # handed on at the cycles that earned their cost (hand_on_cycles: auto): 2 only when 2 beat 1 on these questions
+    chosen = report["cycles_decision"]["reasoning"]
+    assert chosen["verdict"]["lower"] == pytest.approx(curve["gains"]["2_minus_1"]["lower_bound"], abs=1e-4)
+    assert chosen["cycles"] == (2 if chosen["verdict"]["lower"] > params.cycles_min_gain else 1)
     model = load_cognate(paths.resolve(result.models["reasoning"]["path"])).eval()
+    assert model.config.n_cycles == chosen["cycles"] == report["runtime"]["reasoning"]["n_cycles"]
     assert answer_correctness(model, tok, test[:64], batch_size=128, with_steps=params.with_steps) == \
-        [bool(x) for x in curve["correct"]["2"][:64]]
+        [bool(x) for x in curve["correct"][str(chosen["cycles"])][:64]]
     assert result.metrics["reasoning_cycles_gain"] == curve["gains"]["2_minus_1"]["diff"]
+    assert result.metrics["reasoning_handed_on_cycles"] == chosen["cycles"]
 
 
 @pytest.mark.slow

@@ -39,6 +39,8 @@ SUMMARIES = {
                 "budget, optimizer and training step time",
     "finetune": "one optimizer step of a full fine-tune against a LoRA fine-tune of Phase 1's trunk (default "
                 "SmolLM2), side by side on the same batches: seconds per step, trainable parameters",
+    "recursion": "Phase 1's recursion vs equal parameters and equal compute: trunks at one and two cycles, deeper, "
+                 "shallower; the reasoning fine-tune at one and two cycles",
     "realquant": "Phase 8's codecs on a real pretrained model (SmolLM2-135M) against the GGUF file as shipped: bits "
                  "per weight counted from the files, held-out real-text perplexity, encode seconds",
     "quietstar": "Quiet-STaR vs plain continued training, pause tokens and random-token thoughts at equal "
@@ -51,6 +53,11 @@ CURRICULUM_ARMS = ("curriculum", "uniform", "easy_to_hard")
 EXPERTS_ARMS = ("svf", "lora_matched", "lora_r16")
 QUIETSTAR_ARMS = ("plain", "quietstar", "pause", "random")
 LEARN_CONTENDERS = ("cognate", "llama", "cognate-t2")
+RECURSION_TRUNKS = {"trunk-T1": (1.0, 1, True), "trunk-T2": (1.0, 2, True), "trunk-T2-noact": (1.0, 2, False),
+                    "deep-T1": (2.0, 1, True), "shallow-T2-noact": (0.5, 2, False)}
+"""``forge bench recursion`` (a): (layers as a multiple of the phase's, trained cycles, ACT halting)."""
+RECURSION_SPECIALISTS = {"T1": (1, True), "T2": (2, True), "T2-noact": (2, False)}
+"""``forge bench recursion`` (b): the reasoning specialist's (trained cycles, ACT halting)."""
 EVOMERGE_WEIGHT_GRID = [round(0.1 * i, 1) for i in range(11)]
 CURRICULUM_TEST_PER_LEVEL = 32
 """Test questions per family and level of each arm's final scores (the phase's own test counts follow its gate)."""
@@ -179,6 +186,22 @@ def _cognate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=16, help="attention window of (c), tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
     _common(parser, "cognate")
+
+
+def _recursion(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="parameters/smoke.yaml", help=PARAMS_HELP.format("cognate (Phase 1)"))
+    parser.add_argument("--trunks", default=",".join(RECURSION_TRUNKS),
+                        help=f"(a) comma-separated, from {', '.join(RECURSION_TRUNKS)} (trunk-T1 always trains: "
+                             "(b) starts from it)")
+    parser.add_argument("--specialists", default=",".join(RECURSION_SPECIALISTS),
+                        help=f"(b) comma-separated, from {', '.join(RECURSION_SPECIALISTS)} (empty: no (b))")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (to split seeds over processes)")
+    parser.add_argument("--per-family", type=int, default=100,
+                        help="test questions per family ((b): twice this per own family)")
+    parser.add_argument("--steps", type=int, default=None, help="(a) steps of each trunk (default: the trunk stage's)")
+    parser.add_argument("--specialist-steps", type=int, default=None,
+                        help="(b) steps of each fine-tune (default: the reasoning stage's)")
+    _common(parser, "recursion", (3, "each a new initialisation and data stream"))
 
 
 def _evomerge(parser: argparse.ArgumentParser) -> None:
@@ -343,7 +366,8 @@ def _chain(parser: argparse.ArgumentParser) -> None:
 ADD_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "baking": _baking, "bitnet": _bitnet, "chain": _chain, "cognate": _cognate, "compression": _compression,
     "curriculum": _curriculum, "evomerge": _evomerge, "experts": _experts, "finetune": _finetune,
-    "grokking": _grokking, "learn": _learn, "optim-lm": _optim_lm, "quietstar": _quietstar, "realquant": _realquant}
+    "grokking": _grokking, "learn": _learn, "optim-lm": _optim_lm, "quietstar": _quietstar, "realquant": _realquant,
+    "recursion": _recursion}
 
 
 def module_name(name: str) -> str:

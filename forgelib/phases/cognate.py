@@ -8,8 +8,10 @@ model carries the memory and halting parameters, so Phase 2 can merge them) cont
 their own seed, data mix and runtime settings: ``reasoning`` (recursion cycles), ``memory`` (Titans memory
 on, recall heavy) and ``speed`` (one cycle, early halting). The trunk is kept as the merge base. Any stage may run
 TRM's recursion instead of the cycles (``recursion: trm``, see ``Stage.recursion``); the report's ``runtime`` holds
-each model's settings as saved. With a pretrained ``init_from`` (``smollm2``, a ``.gguf`` file, a Llama folder) that
-model is the trunk and its tokenizer the phase's (``Params.init_from``; ``parameters/smollm2.yaml``).
+each model's settings as saved. A model trained with recursion is judged and handed on at its trained cycles only
+when they beat the same weights at one cycle on its own families (``hand_on_cycles: auto``, ``cycles_decision``;
+else at one cycle, the report saying why). With a pretrained ``init_from`` (``smollm2``, a ``.gguf`` file, a Llama
+folder) that model is the trunk and its tokenizer the phase's (``Params.init_from``; ``parameters/smollm2.yaml``).
 
 Gate (measured on the test split, which no model trained on): each specialist's exact-match accuracy on
 its own families is above the trunk's (answer NLL breaks an exact tie only); pairwise argmax disagreement
@@ -199,6 +201,10 @@ class Stage:
         return {key: getattr(self, key) for key in STAGE_RUNTIME_KEYS}
 
 
+HAND_ON_CYCLES = ("auto", "trained", "one")
+"""``Params.hand_on_cycles``'s choices."""
+
+
 @dataclasses.dataclass
 class Params:
     """Phase 1 parameters (the ``cognate`` section). Defaults are the smoke set."""
@@ -295,8 +301,21 @@ class Params:
         why = "not used: the pretrained init_from brings its shapes and its tokenizer"
         return {key: why for key in ("vocab_size", "tokenizer_samples", "model")} if pretrained else {}
 
+    hand_on_cycles: str = "auto"
+    """The test-time cycles of each model trained with recursion (``n_cycles`` > 1), as it is judged and handed on:
+    'auto' -- its trained count only when that beats the same weights at one cycle on its own families' test
+    questions (the cycles curve: paired accuracy gain above ``cycles_min_gain`` at the ``guard`` section's
+    confidence; every cycle is one more pass of the block stack per token and must earn it), else one cycle (same
+    weights); 'trained' or 'one' force it (the verdict is still reported, ``cycles_decision``)."""
+    cycles_min_gain: float = 0.0
+    """'auto': the accuracy gain of the trained cycles over one cycle that its lower confidence bound must exceed."""
+
     def __post_init__(self):
         require_non_negative(self, "real_text_docs")
+        if self.hand_on_cycles not in HAND_ON_CYCLES:
+            raise ValueError(f"hand_on_cycles must be one of {list(HAND_ON_CYCLES)}, got {self.hand_on_cycles!r}")
+        if not 0 <= self.cycles_min_gain < 1:
+            raise ValueError(f"cycles_min_gain must lie in [0, 1), got {self.cycles_min_gain}")
         if self.max_real_text_ppl_ratio is not None and self.max_real_text_ppl_ratio < 1:
             raise ValueError(f"max_real_text_ppl_ratio must be >= 1 (or null), got {self.max_real_text_ppl_ratio}")
         require_positive(self, "vocab_size", "tokenizer_samples", "max_len", "batch_size", "bucket",
@@ -788,6 +807,33 @@ def cycles_curve(models: dict, tokenizer, params: Params, seed: int, guard, work
     return out
 
 
+def cycles_decision(curve: dict, params: Params, guard) -> dict[str, dict[str, Any]]:
+    """At how many cycles each model of the cycles curve is judged and handed on (``Params.hand_on_cycles``): under
+    'auto' its trained count when the paired accuracy gain over the same weights at one cycle, on the curve's
+    questions, has its lower confidence bound above ``cycles_min_gain`` (``forgelib.stats.superior``), else one
+    cycle; 'trained' / 'one' force it (the verdict is still reported). Per model: {trained_cycles, cycles, rule,
+    verdict, reason}."""
+    from ..stats import superior
+
+    out = {}
+    for name, c in curve.items():
+        trained = c["trained_cycles"]
+        verdict = superior(f"{name}_cycles", c["correct"]["1"], c["correct"][str(trained)], params.cycles_min_gain,
+                           guard.confidence, guard.power)
+        if params.hand_on_cycles == "auto":
+            keep = verdict.passed
+            rule = (f"hand_on_cycles: auto -- keeps its trained cycles when their paired accuracy gain over one cycle "
+                    f"has its {guard.confidence:g} lower bound above {params.cycles_min_gain:g}")
+        else:
+            keep, rule = params.hand_on_cycles == "trained", f"hand_on_cycles: {params.hand_on_cycles} (set)"
+        reason = (f"at {trained} cycles {verdict.after:.3f}, at 1 cycle {verdict.before:.3f} on the same {verdict.n} "
+                  f"test questions of {'+'.join(c['families'])}: gain {verdict.diff:+.3f}, lower bound "
+                  f"{verdict.lower:+.3f}")
+        out[name] = {"trained_cycles": trained, "cycles": trained if keep else 1, "rule": rule,
+                     "verdict": verdict.as_row(), "reason": reason}
+    return out
+
+
 def own_family_score(report: dict, name: str, families: list[str], key: str) -> float:
     values = [report["models"][name][key][f] for f in families]
     return sum(values) / len(values)
@@ -858,6 +904,8 @@ def headline(report: dict, params: Params, histories: dict) -> dict[str, float]:
     for name, curve in report.get("cycles_curve", {}).items():  # the trained cycles against one, own families
         gain = curve["gains"][f"{curve['trained_cycles']}_minus_1"]
         metrics[f"{name}_cycles_gain"], metrics[f"{name}_cycles_gain_lower_bound"] = gain["diff"], gain["lower_bound"]
+    for name, chosen in report.get("cycles_decision", {}).items():
+        metrics[f"{name}_handed_on_cycles"] = chosen["cycles"]
     metrics["reasoning_mean_cycles"] = round(report["models"]["reasoning"]["mean_cycles"], 3)
     metrics["memory_gate_entropy"] = round(report["models"]["memory"]["gate_entropy"], 4)
     metrics["min_disagreement"] = round(min(report["disagreement"].values()), 4)
@@ -883,15 +931,18 @@ def run(params: Params, ctx) -> PhaseResult:
                  if params.trunk.steps else TrainHistory()}  # 0 steps: the pretrained trunk as shipped
     specialists, trained = train_specialists(trunk, tokenizer, params, ctx, params.trunk.steps)
     models, histories = {"trunk": trunk, **specialists}, {**histories, **trained}
-    workers = ctx.workers
+    workers, guard = ctx.workers, ctx.guard_params
+    curve = cycles_curve(models, tokenizer, params, ctx.seed + 7, guard, workers)
+    decision = cycles_decision(curve, params, guard)
+    for name, chosen in decision.items():  # judged and handed on at the cycles that earned their cost
+        models[name].config.n_cycles = chosen["cycles"]
     report = evaluate_models(models, tokenizer, params, ctx.seed + 7, workers)
     report["histories"] = {k: {"first_loss": h.first_loss, "last_loss": h.last_loss, "seconds": h.seconds,
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
     report["specialist_gain"] = {name: specialist_gain(report, name, params.specialists[name].families
                                                        or list(params.specialists[name].mix)) for name in ROLES}
-    guard = ctx.guard_params
     report["specialists_vs_trunk"] = specialist_comparisons(models, tokenizer, params, ctx.seed + 7, guard, workers)
-    report["cycles_curve"] = cycles_curve(models, tokenizer, params, ctx.seed + 7, guard, workers)
+    report["cycles_curve"], report["cycles_decision"] = curve, decision
     real_text = real_text_report(models, tokenizer, params)
     if real_text is not None:
         report["real_text_perplexity"] = real_text

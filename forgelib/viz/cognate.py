@@ -60,16 +60,20 @@ def runtime_frame(report: dict):
 
 def cycles_frame(report: dict):
     """Test-time cycles of each model trained with recursion (Phase 1's ``cycles_curve``): own-family accuracy at 1
-    cycle, at the trained count and at twice it, and the paired gains with their lower bounds (empty when no model
-    recurses, or for a report written before it was measured)."""
+    cycle, at the trained count and at twice it, the paired gains with their lower bounds, and the cycles the model
+    was handed on with (``cycles_decision``: the trained count only when it beat one cycle). Empty when no model
+    recurses, or for a report written before it was measured."""
     import pandas as pd
 
     rows = {}
+    decisions = report.get("cycles_decision", {})
     for name, curve in report.get("cycles_curve", {}).items():
         row = {f"acc at {c} cycle{'s' if c != '1' else ''}": a for c, a in curve["accuracy"].items()}
         for key, gain in curve["gains"].items():
             a, b = key.split("_minus_")
             row[f"gain {a} vs {b} (lower bound)"] = f"{gain['diff']:+.3f} ({gain['lower_bound']:+.3f})"
+        if name in decisions:
+            row["handed on at (cycles)"] = decisions[name]["cycles"]
         rows[f"{name} (trained at {curve['trained_cycles']}, {'+'.join(curve['families'])}, n={curve['n']})"] = row
     return pd.DataFrame(rows).T
 

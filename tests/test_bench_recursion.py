@@ -1,0 +1,49 @@
+"""`forge bench recursion` runs both studies end to end on a tiny budget; its numbers are recomputable from the
+per-question answers it keeps, and its variants are the models they claim (parameters, cycles, ACT)."""
+import json
+
+import pytest
+
+from forgelib.bench import recursion
+from forgelib.bench.options import RECURSION_SPECIALISTS, RECURSION_TRUNKS
+
+
+def test_both_studies_report_every_variant_with_paired_numbers(tmp_path):
+    out = tmp_path / "recursion.json"
+    assert recursion.main(["--seeds", "1", "--steps", "6", "--specialist-steps", "4", "--per-family", "2",
+                           "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    trunks = {r["variant"]: r for r in run["trunks"]}
+    special = {r["variant"]: r for r in run["specialists"]}
+    assert set(trunks) == set(RECURSION_TRUNKS) and set(special) == set(RECURSION_SPECIALISTS)
+    base = trunks["trunk-T1"]
+    # equal parameters where the shape is the same (ACT off drops only the halting head: hidden size + 1)
+    assert trunks["trunk-T2"]["params"] == base["params"] == special["T2"]["params"]
+    assert base["params"] - trunks["trunk-T2-noact"]["params"] == 64 + 1  # the smoke set's hidden size 64
+    assert trunks["deep-T1"]["params"] > base["params"] > trunks["shallow-T2-noact"]["params"]
+    for rows, cycles_of in ((run["trunks"], lambda v: RECURSION_TRUNKS[v][1]),
+                            (run["specialists"], lambda v: RECURSION_SPECIALISTS[v][0])):
+        for row in rows:
+            t = row["trained_cycles"]
+            assert t == cycles_of(row["variant"])
+            assert set(row["accuracy"]) == ({"1", str(t), str(2 * t)} if rows is run["trunks"] else {"1", "2", "4"})
+    for row in run["trunks"] + run["specialists"]:
+        t = row["trained_cycles"]
+        assert row["accuracy"][str(t)] == round(sum(row["correct"]) / len(row["correct"]), 4)
+        assert ("gain_trained_vs_1" in row) is (t > 1)
+    assert base["n"] == 7 * 2 and special["T1"]["n"] == 2 * 2 * 2  # 7 trunk families; multistep + algebra, twice
+    for rows, ref in ((run["trunks"], base), (run["specialists"], special["T1"])):
+        for row in rows:
+            if row is not ref:
+                diff = sum(row["correct"]) / row["n"] - sum(ref["correct"]) / ref["n"]
+                key = f"minus_{ref['variant']}"
+                assert row[key]["diff"] == pytest.approx(diff, abs=1e-4)
+                assert row[key]["lower_bound"] <= row[key]["diff"]
+    assert report["summary"]["trunks"]["trunk-T1"]["accuracy"] == [base["accuracy"]["1"]]
+
+
+def test_an_unknown_variant_is_named(capsys):
+    with pytest.raises(SystemExit):
+        recursion.main(["--trunks", "trunk-T3"])
+    assert "unknown variant(s) ['trunk-T3']" in capsys.readouterr().err
