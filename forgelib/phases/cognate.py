@@ -936,6 +936,9 @@ def run(params: Params, ctx) -> PhaseResult:
     decision = cycles_decision(curve, params, guard)
     for name, chosen in decision.items():  # judged and handed on at the cycles that earned their cost
         models[name].config.n_cycles = chosen["cycles"]
+        if not ctx.quiet:
+            print(f"{name}: handed on at {chosen['cycles']} cycle(s), trained at {chosen['trained_cycles']}: "
+                  f"{chosen['reason']}")
     report = evaluate_models(models, tokenizer, params, ctx.seed + 7, workers)
     report["histories"] = {k: {"first_loss": h.first_loss, "last_loss": h.last_loss, "seconds": h.seconds,
                                "tokens_per_s": h.tokens_per_s, **h.data} for k, h in histories.items()}
