@@ -127,9 +127,12 @@ def test_trm_exploration_draws_from_its_own_generator_only():
 
 def _tiny_overrides(reasoning: dict) -> dict:
     stages = {s: {"steps": 6, "warmup_steps": 2} for s in ("memory", "speed")}
+    # hand_on_cycles: trained -- these tests check how a stage's recursion trains, saves and reloads (8 steps
+    # cannot earn a cycle, and auto would hand the model on at one; test_a_model_keeps_its_cycles_... checks that)
     return {"run": {"quiet": True, "tracking": "jsonl", "workers": 1},
             "cognate": {"tokenizer_samples": 200, "eval_per_family": 2, "min_disagreement": 0,
-                        "min_accuracy_gain": -0.5, "expected_gain": 0.5, "min_above_chance": -1,
+                        "hand_on_cycles": "trained", "min_accuracy_gain": -0.5, "expected_gain": 0.5,
+                        "min_above_chance": -1,
                         "train": {"log_every": 1}, "trunk": {"steps": 8}, **stages,
                         "reasoning": {"steps": 7, "warmup_steps": 2, **reasoning}}}
 

@@ -254,11 +254,14 @@ def test_cognate_hands_on_trunk_specialists_and_tokenizer(cognate):
         shapes[role] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert model.config.model_type == "cognate"
     assert all(s == shapes["trunk"] for s in shapes.values()), "identical shapes so Phase 2 can merge them"
-    assert load_cognate(paths.resolve(result.models["reasoning"]["path"])).config.n_cycles == 2
     assert load_cognate(paths.resolve(result.models["memory"]["path"])).config.use_memory
     tok = AutoTokenizer.from_pretrained(paths.resolve(result.models["tokenizer"]["path"]))
     assert tok.convert_tokens_to_ids("<|startofthought|>") != tok.unk_token_id
     report = json.loads((ctx.dir / "report.json").read_text())
+    # trained at 2 cycles, saved at the count its cycles decision chose (checked with the cycles curve below)
+    assert report["cycles_decision"]["reasoning"]["trained_cycles"] == 2
+    assert load_cognate(paths.resolve(result.models["reasoning"]["path"])).config.n_cycles == \
+        report["cycles_decision"]["reasoning"]["cycles"]
     for name in ("trunk", "reasoning", "memory", "speed"):
         assert set(report["models"][name]["accuracy"]) >= {"recall", "multistep", "arith"}
     # what the trunk knows, handed on: its mix at its levels (every later guard asks these families)
