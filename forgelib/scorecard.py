@@ -212,7 +212,7 @@ def scorecard(session: str | None = None, params: ScorecardParams | None = None,
     quiet_library_bars()
     params = params or ScorecardParams()
     entries = chain_models(folder) if folder is not None else session_models(session)
-    for note in (partial_note(entries), gate_failed_note(entries), thinking_note(entries)):
+    for note in (partial_note(entries), gate_failed_note(entries), thinking_note(entries), recursion_note(entries)):
         if note:
             print(f"[forge] scorecard: {note}", flush=True)
     suite, seed = chain_suite(entries, params)
@@ -338,7 +338,7 @@ def chain_gate(session: str | None = None, folder: str | Path | None = None, wri
                                                                     [f for f,
                                                                      v in report.families.items() if v.diff < 0])},
                "answers": report.answers, "gate_failed": gate_failed_phases(entries),
-               "thinking": thinking_note(entries)}
+               "thinking": thinking_note(entries), "recursion": recursion_note(entries)}
     if write and session is not None:
         write_json_atomic(paths.outputs_root() / session / "09_scorecard" / "chain.json", verdict)
     return verdict
@@ -409,6 +409,34 @@ def thinking_note(entries: list[dict]) -> str:
     return (f"thinking: the final model does not think -- Phase 3 handed its model on without thoughts "
             f"({decision['reason']}; {decision['rule']}); `forge bench quietstar` measures thoughts against pause "
             f"tokens and continued training at equal compute")
+
+
+def recursion_note(entries: list[dict]) -> str:
+    """Whether the chain's models recurse, and why: Phase 1's cycles decision for each model it trained with
+    recursion (the measured reason and the rule, ``forgelib.phases.cognate.cycles_decision``) and the cycles Phase 2's
+    champion runs; '' for a chain without Phase 1 or without a model trained with recursion."""
+    from .results import PhaseResult, load_report
+
+    phase1 = next((e for e in entries if e["number"] == 1), None)
+    if phase1 is None:
+        return ""
+    report = load_report(PhaseResult.load(_phase_folder(phase1)))
+    decisions = report.get("cycles_decision")
+    if decisions is None:
+        return ("recursion: this chain's Phase 1 predates its cycles decision (its models run the cycles they were "
+                "trained with)") if report.get("cycles_curve") else ""
+    if not decisions:
+        return ""
+    parts = [f"Phase 1 handed {name} on at {d['cycles']} cycle{'s' if d['cycles'] != 1 else ''}, trained at "
+             f"{d['trained_cycles']} ({d['reason']}; {d['rule']})" for name, d in decisions.items()]
+    phase2 = next((e for e in entries if e["number"] == 2), None)
+    if phase2 is not None:
+        runtime = (load_report(PhaseResult.load(_phase_folder(phase2))).get("runtime") or {}).get("champion_runtime")
+        if runtime and "n_cycles" in runtime:
+            n = runtime["n_cycles"]
+            parts.append(f"Phase 2's champion runs {n} cycle{'s' if n != 1 else ''}")
+    return ("recursion: " + "; ".join(parts) + "; `forge bench recursion` measures recursion against equal "
+            "parameters and equal compute")
 
 
 def partial_note(entries: list[dict]) -> str:

@@ -362,3 +362,40 @@ def test_a_lora_stage_trains_an_adapter_and_hands_on_the_merged_model(tok):
 def test_a_lora_rank_below_zero_is_refused():
     with pytest.raises(ValueError, match="lora_r"):
         cognate.Stage(mix={"arith": 1}, lora_r=-1)
+
+
+def test_the_scorecard_says_whether_the_chain_recurses_and_why(tmp_path):
+    """``forgelib.scorecard.recursion_note`` states Phase 1's cycles decision as its report holds it (handed on at
+    one cycle by the measurement, or kept at the trained count), the cycles Phase 2's champion runs, a Phase 1 from
+    before the decision, and nothing for a chain without a model trained with recursion or without Phase 1."""
+    from forgelib.results import PhaseResult
+    from forgelib.scorecard import recursion_note
+    from forgelib.suite import GuardParams
+
+    folders = {n: tmp_path / name for n, name in ((1, "01_cognate"), (2, "02_evomerge"))}
+    for number, folder in folders.items():
+        folder.mkdir()
+        result = PhaseResult(folder.name[3:], number, "s", status="ok")
+        result.artifacts["report"] = str(folder / "report.json")
+        result.save(folder)
+    entries = [{"number": n, "path": f / "models" / "m"} for n, f in folders.items()]
+    (folders[2] / "report.json").write_text(json.dumps({"runtime": {"champion_runtime": {"n_cycles": 1}}}))
+    one, two = [1] * 100 + [0] * 100, [1] * 100 + [1] * 30 + [0] * 70
+    curve = {"reasoning": {"trained_cycles": 2, "families": ["multistep"], "n": 200,
+                           "correct": {"1": one, "2": one, "4": one}}}
+
+    def note(curve, **params):
+        decision = cognate.cycles_decision(curve, cognate.Params(**params), GuardParams())
+        (folders[1] / "report.json").write_text(json.dumps({"cycles_curve": curve, "cycles_decision": decision}))
+        return recursion_note(entries)
+
+    plain = note(curve)
+    assert plain.startswith("recursion: Phase 1 handed reasoning on at 1 cycle, trained at 2 (at 2 cycles 0.500, at 1 "
+                            "cycle 0.500 on the same 200 test questions of multistep: gain +0.000")
+    assert "hand_on_cycles: auto" in plain and "Phase 2's champion runs 1 cycle;" in plain
+    curve["reasoning"]["correct"]["2"] = two
+    assert note(curve).startswith("recursion: Phase 1 handed reasoning on at 2 cycles, trained at 2 (at 2 cycles 0.650")
+    assert "hand_on_cycles: one (set)" in note(curve, hand_on_cycles="one")
+    (folders[1] / "report.json").write_text(json.dumps({"cycles_curve": curve}))
+    assert "predates its cycles decision" in recursion_note(entries)
+    assert note({}) == "" and recursion_note(entries[1:]) == ""
