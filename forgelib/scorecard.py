@@ -418,9 +418,10 @@ def recursion_note(entries: list[dict]) -> str:
     from .results import PhaseResult, load_report
 
     phase1 = next((e for e in entries if e["number"] == 1), None)
-    if phase1 is None:
+    result = PhaseResult.load(_phase_folder(phase1)) if phase1 is not None else None
+    if result is None or "report" not in result.artifacts:
         return ""
-    report = load_report(PhaseResult.load(_phase_folder(phase1)))
+    report = load_report(result)
     decisions = report.get("cycles_decision")
     if decisions is None:
         return ("recursion: this chain's Phase 1 predates its cycles decision (its models run the cycles they were "
@@ -430,8 +431,9 @@ def recursion_note(entries: list[dict]) -> str:
     parts = [f"Phase 1 handed {name} on at {d['cycles']} cycle{'s' if d['cycles'] != 1 else ''}, trained at "
              f"{d['trained_cycles']} ({d['reason']}; {d['rule']})" for name, d in decisions.items()]
     phase2 = next((e for e in entries if e["number"] == 2), None)
-    if phase2 is not None:
-        runtime = (load_report(PhaseResult.load(_phase_folder(phase2))).get("runtime") or {}).get("champion_runtime")
+    result = PhaseResult.load(_phase_folder(phase2)) if phase2 is not None else None
+    if result is not None and "report" in result.artifacts:
+        runtime = (load_report(result).get("runtime") or {}).get("champion_runtime")
         if runtime and "n_cycles" in runtime:
             n = runtime["n_cycles"]
             parts.append(f"Phase 2's champion runs {n} cycle{'s' if n != 1 else ''}")

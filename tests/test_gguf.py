@@ -298,6 +298,7 @@ def test_a_specialist_held_to_its_trunk_on_real_text_is_gated_on_its_perplexity(
     overrides = {"run": {"quiet": True, "tracking": "jsonl", "gates": "warn"}, "cognate": {
         "init_from": str(tiny_gguf), "levels": [1, 1], "max_len": 192, "eval_per_family": 4, "real_text_docs": 2,
         "expected_gain": 0.5, "max_real_text_ppl_ratio": 1.0, "min_disagreement": 0.0,
+        "hand_on_cycles": "trained",  # the reasoning specialist measured at its 2 cycles (3 steps earn none)
         "trunk": {"mix": {"arith": 1, "logic": 1}, "steps": 0},
         **{name: {**stage, "mix": {"arith": 1}, "families": ["arith"]} for name in ("reasoning", "speed")},
         "memory": {**stage, "mix": {"logic": 1}, "families": ["logic"]}}}
