@@ -108,7 +108,7 @@ def specialist_study(params, tokenizer, trunk, names: list[str], seed: int, per_
     rows = []
     for name in names:
         cycles, act = RECURSION_SPECIALISTS[name]
-        stage = dataclasses.replace(stage0, n_cycles=cycles, n_latent=0, steps=steps or stage0.steps)
+        stage = dataclasses.replace(stage0, n_cycles=cycles, steps=steps or stage0.steps)
         model = phase1.apply_stage(copy.deepcopy(trunk), stage)
         if not act:
             model.model.halt_head = None
