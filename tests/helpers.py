@@ -58,10 +58,11 @@ def completed_r1(outputs):
 
 def task_tokenizer(extra_texts=()):
     """A real tokenizer (vocab 300, the project's special tokens) trained on worked solutions of every family."""
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
 
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 3), 300, "train", 0)]
     return train_tokenizer(texts + list(extra_texts), vocab_size=300)
 
 

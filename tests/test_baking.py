@@ -25,10 +25,11 @@ PERSONA = BakePrompt("formal", "persona", "Be formal. ", answer_prefix="Answer: 
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
 
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 3), 300, "train", 0)]
     texts += [format_sample(styled(s, [TOOL, PERSONA]), with_steps=True) for s in generate("arith", 1, 50, "train", 1)]
     return train_tokenizer(texts, vocab_size=300)
 

@@ -47,3 +47,21 @@ def test_an_unknown_variant_is_named(capsys):
     with pytest.raises(SystemExit):
         recursion.main(["--trunks", "trunk-T3"])
     assert "unknown variant(s) ['trunk-T3']" in capsys.readouterr().err
+
+
+def test_the_trunks_can_study_sudoku_without_worked_steps(tmp_path, capsys):
+    """``--mix sudoku --levels 1,2 --no-steps``: the trunks train and are asked the benchmark family alone (the
+    whole grid as the answer, no worked steps); the report says so; a malformed mix or an unknown family is named."""
+    out = tmp_path / "recursion.json"
+    assert recursion.main(["--seeds", "1", "--steps", "4", "--per-family", "3", "--trunks", "trunk-T2-noact",
+                           "--specialists", "", "--mix", "sudoku", "--levels", "1,2", "--no-steps",
+                           "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["mix"] == {"sudoku": 1.0} and report["levels"] == [1, 2] and report["with_steps"] is False
+    (row,) = report["runs"][0]["trunks"]
+    assert row["variant"] == "trunk-T2-noact" and row["n"] == 3 and report["runs"][0]["specialists"] == []
+    assert recursion.parse_mix("sudoku:2, arith") == {"sudoku": 2.0, "arith": 1.0}
+    for bad, said in (("sudoku:x", "not family[:weight]"), ("sudok", "sudok"), ("arith:0", "positive weight")):
+        with pytest.raises(SystemExit):
+            recursion.main(["--seeds", "1", "--mix", bad, "--out", str(out)])
+        assert said in capsys.readouterr().err

@@ -11,10 +11,11 @@ from forgelib.modelio import load_quietstar
 
 @pytest.fixture(scope="module")
 def tok():
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
 
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 3), 300, "train", 0)]
     return train_tokenizer(texts, vocab_size=300)
 
 

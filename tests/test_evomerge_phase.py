@@ -131,11 +131,12 @@ def test_a_tie_on_too_few_questions_fails_and_says_how_many_are_needed():
 def tiny():
     """A trained tiny Cognate trunk (n_cycles 2, memory modules built) and three badly perturbed specialists
     with their own runtime settings, plus the tokenizer."""
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import encode_samples, lm_batches, train_tokenizer
     from forgelib.models import CognateConfig, CognateForCausalLM
 
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 2), 600, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 2), 600, "train", 0)]
     tok = train_tokenizer(texts, vocab_size=320)
     torch.manual_seed(0)
     config = CognateConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -21,10 +21,11 @@ from forgelib.experts.train import (ExpertTrainConfig, base_weights, expert_loss
 @pytest.fixture(scope="module")
 def tok():
     """A real byte-level BPE with the project's special tokens (trained on worked task samples)."""
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
 
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 200, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 3), 200, "train", 0)]
     return train_tokenizer(texts, vocab_size=300)
 
 

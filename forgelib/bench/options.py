@@ -201,6 +201,13 @@ def _recursion(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="(a) steps of each trunk (default: the trunk stage's)")
     parser.add_argument("--specialist-steps", type=int, default=None,
                         help="(b) steps of each fine-tune (default: the reasoning stage's)")
+    parser.add_argument("--mix", default=None,
+                        help="(a) the trunks' families instead of the trunk stage's mix: comma-separated "
+                             "family[:weight] (e.g. sudoku: the benchmark family whose depth is its chain of forced "
+                             "fills)")
+    parser.add_argument("--levels", default=None, help="question levels LOW,HIGH instead of the phase's")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="train and ask for the answer alone, no worked steps (the depth is then the model's own)")
     _common(parser, "recursion", (3, "each a new initialisation and data stream"))
 
 

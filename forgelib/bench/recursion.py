@@ -143,6 +143,37 @@ def summary(runs: list[dict], study: str) -> dict:
     return out
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``family[:weight],...`` -> {family: weight} (weight 1 by default); a malformed entry raises ValueError."""
+    mix = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, weight = part.partition(":")
+        try:
+            mix[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not family[:weight]") from None
+    if not mix or any(w <= 0 for w in mix.values()):
+        raise ValueError(f"--mix: {text!r} names no family with a positive weight")
+    return mix
+
+
+def with_options(params, args, parser):
+    """The phase's parameters with ``--mix`` (the trunks' families), ``--levels`` and ``--no-steps`` applied (the
+    Phase-1 parameters' own checks name a bad family or level)."""
+    changes = {}
+    try:
+        if args.mix:
+            changes["trunk"] = dataclasses.replace(params.trunk, mix=parse_mix(args.mix))
+        if args.levels:
+            low, high = (int(x) for x in args.levels.split(","))
+            changes["levels"] = (low, high)
+        if args.no_steps:
+            changes["with_steps"] = False
+        return dataclasses.replace(params, **changes)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("recursion")
     args = parser.parse_args(argv)
@@ -154,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     params = phase_params("cognate", str(paths.resolve(args.params)))
     if params.init_from:
         parser.error(f"{args.params}: a pretrained init_from has its own shape; this benchmark trains from scratch")
+    params = with_options(params, args, parser)
     tokenizer = phase1.build_tokenizer(params, 0, None)
     runs = []
     for seed in range(args.seed_start, args.seed_start + args.seeds):
@@ -166,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: " + ", ".join(f"{r['variant']} {r['accuracy'][str(r['trained_cycles'])]:.3f}"
                                            for r in rows + special), flush=True)
     report = {"benchmark": "recursion", "params_file": args.params, "levels": list(params.levels),
+              "mix": params.trunk.mix, "with_steps": params.with_steps,
               "seeds": args.seeds, "seed_start": args.seed_start, "threads": args.threads,
               "torch": torch.__version__, "summary": {"trunks": summary(runs, "trunks"),
                                                      "specialists": summary(runs, "specialists")}, "runs": runs}

@@ -22,6 +22,7 @@ from typing import Callable
 from forgelib.data import expressions
 from forgelib.data.base import ANSWER_MARK, TOOL_CLOSE, TOOL_OPEN, TOOL_RESULT, signed
 from forgelib.data.families.logic import tree_steps, tree_value
+from forgelib.data.families import sudoku
 from forgelib.data.families.sequence import sequence_answer
 
 __all__ = ["Solution", "solve", "SOLVERS"]
@@ -286,9 +287,28 @@ def _solve_sequence(prompt: str) -> Solution:
     raise _NoParse("not 'op list=' or 'count t in list='")
 
 
+def _solve_sudoku(prompt: str) -> Solution:
+    m = re.fullmatch(r"sudoku ([1-9.]+(?:/[1-9.]+)+)=", prompt)
+    rows = m.group(1).split("/") if m else []
+    n = len(rows)
+    if n not in sudoku.BOXES or any(len(row) != n for row in rows):
+        raise _NoParse("not 'sudoku rows=' with n rows of n cells, n in 4, 6, 9")
+    grid = [0 if ch == "." else int(ch) for row in rows for ch in row]
+    near = sudoku.peers(n)
+    if any(v > n or (v and any(grid[p] == v for p in near[c])) for c, v in enumerate(grid)):
+        raise _NoParse("a digit out of range or repeated in a row, column or box")
+    fills = sudoku.naked_singles(grid, n)
+    if not fills:  # stuck, or nothing to fill
+        raise _NoParse("not solvable by naked singles")
+    for cell, value in fills:
+        grid[cell] = value
+    return Solution(sudoku.render(grid, n), [f"r{c // n + 1}c{c % n + 1}={v}" for c, v in fills])
+
+
 SOLVERS: dict[str, Callable[[str], Solution]] = {
     "algebra": _solve_algebra, "arith": _solve_arith, "logic": _solve_logic, "modular": _solve_modular,
     "multistep": _solve_multistep, "recall": _solve_recall, "sequence": _solve_sequence, "tool": _solve_tool,
+    "sudoku": _solve_sudoku,
 }
 """family -> solver; a solver raises on a prompt that is not in its family's format."""
 

@@ -77,6 +77,9 @@ class TaskFamily:
     description: str
     options: dict[str, Any] = field(default_factory=dict)
     checker: Callable[[Sample, str], bool] = exact_match
+    suite: bool = True
+    """Part of the chain's task suite (the Phase-1 tokenizer's corpus, the families a phase measures beside its own);
+    a benchmark family (``sudoku``) is not: it is trained and asked only where a mix names it."""
 
     def draw(self, rng: random.Random, level: int, **options: Any) -> Sample:
         """Draw one sample at `level` from the random stream `rng`."""
@@ -92,14 +95,20 @@ FAMILIES: dict[str, TaskFamily] = {}
 
 
 def register_family(name: str, description: str, options: dict[str, Any] | None = None,
-                    checker: Callable[[Sample, str], bool] = exact_match) -> Callable[[Maker], Maker]:
-    """Decorator registering a maker function as the task family `name`."""
+                    checker: Callable[[Sample, str], bool] = exact_match,
+                    suite: bool = True) -> Callable[[Maker], Maker]:
+    """Decorator registering a maker function as the task family `name` (``suite``: see ``TaskFamily.suite``)."""
     def wrap(maker: Maker) -> Maker:
         if name in FAMILIES:
             raise ValueError(f"task family {name!r} is already registered")
-        FAMILIES[name] = TaskFamily(name, maker, description, dict(options or {}), checker)
+        FAMILIES[name] = TaskFamily(name, maker, description, dict(options or {}), checker, suite)
         return maker
     return wrap
+
+
+def suite_families() -> list[str]:
+    """The chain's task suite: the registered families with ``suite`` set, in registration order."""
+    return [name for name, family in FAMILIES.items() if family.suite]
 
 
 def get_family(name: str) -> TaskFamily:

@@ -15,12 +15,12 @@ from typing import Any, Iterable, Sequence
 from forgelib.data import families as _families  # noqa: F401  (registers the built-in families)
 from forgelib.data.base import (ANSWER_MARK, FAMILIES, LEVELS, STEP_SEP, Sample, TaskFamily,
                                 TaskOptionError, UnknownFamilyError, check_level, exact_match, extract_answer,
-                                get_family, register_family, stable_unit)
+                                get_family, register_family, stable_unit, suite_families)
 
 __all__ = ["ANSWER_MARK", "FAMILIES", "LEVELS", "SPLITS", "STEP_SEP", "Sample", "TaskFamily",
            "TaskOptionError", "TaskSpaceExhaustedError", "UnknownFamilyError", "build_mix", "check",
            "completion_text", "extract_answer", "format_sample", "generate", "get_family",
-           "register_family", "split_of"]
+           "register_family", "split_of", "suite_families"]
 
 # Share of the prompt-hash space per split; the cumulative bounds decide a prompt's split.
 SPLITS = {"train": 0.8, "fitness": 0.1, "test": 0.1}

@@ -69,7 +69,7 @@ from ..baking import BakePrompt, PromptBakingConfig, bake_prompt, merge_baked, t
 from ..baking.bake import heldout_kl, prompt_kl_rows, teacher_pairs
 from ..baking.gap import gap_bound, inputs_needed
 from ..baking.library import adheres, correct, prefix
-from ..data.tasks import FAMILIES, generate, generate_levels
+from ..data.tasks import FAMILIES, generate, generate_levels, suite_families
 from ..params import check_fields, require_non_negative, require_positive
 from ..progress import timed
 from ..quietstar import base_lm
@@ -204,7 +204,7 @@ class Params:
     def drift_families(self) -> list[str]:
         """Every task family the prompts do not target: what a caller without the input suite (``forge bench
         baking``) holds and measures for drift; the phase itself takes the input suite's other families."""
-        return [f for f in sorted(FAMILIES) if f not in self.families]
+        return [f for f in sorted(suite_families()) if f not in self.families]
 
     def unrelated(self, suite: dict) -> dict[str, tuple[int, int]]:
         """The input suite's families the prompts do not target, at their levels: replayed, retained, drift-measured."""

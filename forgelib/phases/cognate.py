@@ -391,13 +391,21 @@ def pretrained_tokenizer(source: Path, save_dir):
     return tokenizer
 
 
+def tokenizer_families(params: Params) -> list[str]:
+    """The families of the tokenizer's corpus, in registration order: the chain's suite and any other family (a
+    benchmark family such as ``sudoku``) a stage's mix names."""
+    named = {f for stage in (params.trunk, *params.specialists.values()) for f in stage.mix}
+    return [f for f in FAMILIES if FAMILIES[f].suite or f in named]
+
+
 def build_tokenizer(params: Params, seed: int, save_dir):
-    """Train the byte-level BPE on a task-suite corpus covering every family (train split only); with a pretrained
-    ``init_from``, that model's tokenizer (``pretrained_tokenizer``)."""
+    """Train the byte-level BPE on a task-suite corpus covering every family of the suite and every one a stage's mix
+    names (train split only); with a pretrained ``init_from``, that model's tokenizer (``pretrained_tokenizer``)."""
     source = pretrained_source(params.init_from)
     if source is not None:
         return pretrained_tokenizer(source, save_dir)
-    corpus = build_mix({f: 1.0 for f in FAMILIES}, params.levels, params.tokenizer_samples, "train", seed)
+    corpus = build_mix({f: 1.0 for f in tokenizer_families(params)}, params.levels, params.tokenizer_samples,
+                       "train", seed)
     texts = [format_sample(s, with_answer=True, with_steps=True) for s in corpus]
     return train_tokenizer(texts, vocab_size=params.vocab_size, save_dir=save_dir)
 

@@ -104,10 +104,10 @@ def plot_act_histogram(report: dict) -> "plt.Figure":
 def prompt_examples(families: Iterable[str] | None = None, level: int = 1, seed: int = 0) -> list[tuple[str, str, str]]:
     """One ``(family, prompt, expected answer)`` per task family, drawn from the suite's test split: the prompt
     format each family expects (the model answers with worked steps, then ``#`` and the answer)."""
-    from ..data.tasks import FAMILIES, generate
+    from ..data.tasks import generate, suite_families
 
     out = []
-    for family in families or sorted(FAMILIES):
+    for family in families or sorted(suite_families()):
         sample = generate(family, level, 1, "test", seed)[0]
         out.append((family, sample.prompt, sample.answer))
     return out
@@ -118,10 +118,10 @@ def suite_answers(families: Iterable[str] | None = None, levels: Iterable[int] =
     """``{prompt: expected answer}`` for a sample of the suite (every split, up to ``per_level`` prompts per
     family, level and split; fewer where a small level has fewer distinct prompts in a split), to name the
     expected answer when a typed prompt is one of the suite's problems."""
-    from ..data.tasks import FAMILIES, SPLITS, TaskSpaceExhaustedError, generate
+    from ..data.tasks import SPLITS, TaskSpaceExhaustedError, generate, suite_families
 
     answers = {}
-    for family in families or sorted(FAMILIES):
+    for family in families or sorted(suite_families()):
         for level in levels:
             for split in SPLITS:
                 n = per_level
