@@ -399,16 +399,22 @@ def thinking_note(entries: list[dict]) -> str:
     phase3 = next((e for e in entries if e["number"] == 3), None)
     if phase3 is None:
         return ""
-    decision = load_report(PhaseResult.load(_phase_folder(phase3))).get("decision")
+    report = load_report(PhaseResult.load(_phase_folder(phase3)))
+    decision = report.get("decision")
     if decision is None:
         return ("thinking: this chain's Phase 3 predates its thinking decision (its model thinks when loaded); the "
                 "scorecard asks every model without thoughts")
     if decision["thinking"]:
         return (f"thinking: Phase 3 handed its model on thinking ({decision['reason']}; {decision['rule']}); this "
                 "scorecard asks every model without thoughts (the playground switches them on)")
+    weights = report.get("weights") or {}
+    whose = {"trained": "; it kept its trained weights", "input": "; with the Phase-2 model's weights"}.get(
+        weights.get("weights"), "")
+    if whose:
+        whose += f" ({weights['reason'] or weights['rule']})"
     return (f"thinking: the final model does not think -- Phase 3 handed its model on without thoughts "
-            f"({decision['reason']}; {decision['rule']}); `forge bench quietstar` measures thoughts against pause "
-            f"tokens and continued training at equal compute")
+            f"({decision['reason']}; {decision['rule']}){whose}; `forge bench quietstar` measures thoughts against "
+            f"pause tokens and continued training at equal compute")
 
 
 def recursion_note(entries: list[dict]) -> str:

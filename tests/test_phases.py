@@ -432,15 +432,24 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     assert verdicts["nll_thoughts_minus_no_thoughts"] == pytest.approx({"mean": mean, "upper_bound": upper})
     if think.passed:
         _check(gate, "nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin, "<=")
-    # (2) the handed-on model's accuracy (thinking or not) non-inferior to the Phase-2 model's, paired
+    # (2) the handed-on model's accuracy (thinking or not) non-inferior to the Phase-2 model's, paired -- a check
+    # unless it is handed on with the Phase-2 weights (2b)
     label = "thoughts" if think.passed else "no_thoughts"
     acc = noninferior(f"{label}_vs_base", test["base"]["correct"], test[label]["correct"], params.margin,
                       g.confidence, g.power)
     assert verdicts["accuracy"] == acc.as_row()
-    _check(gate, f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">")
-    # (3) the guard: every family the Phase-2 model knew
+    weights = report["weights"]
+    own = weights["weights"] == "trained"
+    assert result.metrics["hands_on_trained_weights"] == int(own)
+    if own:
+        _check(gate, f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">")
+    # (2b) plain: the trained weights only when the guard's family mean shows them better than the Phase-2 model
+    if not think.passed and params.plain_weights == "auto":
+        assert own is (weights["verdict"]["lower"] > params.plain_min_gain)
+    # (3) the guard: every family the Phase-2 model knew, asked of the model as handed on
     _check_guard(ctx, result, evomerge[1], g.margin)
-    assert set(gate) == {f"keeps_{f}" for f in evomerge[1].suite} | {f"acc_{label}_minus_base_lower_bound"} | (
+    assert set(gate) == {f"keeps_{f}" for f in evomerge[1].suite} | (
+        {f"acc_{label}_minus_base_lower_bound"} if own else set()) | (
         {"nll_thoughts_minus_no_thoughts_upper_bound"} if think.passed else set())
     # the decision travels with the model: loaded back, it thinks exactly when Phase 3 decided so
     assert load_quietstar(paths.resolve(result.models["model"]["path"])).thinking is think.passed
@@ -459,8 +468,10 @@ def test_quietstar_hands_on_a_thinking_model_and_reports_the_ablation(quietstar,
     with model.no_thoughts():
         assert mean_nll(model, tok, samples, max_len=96, answer_only=True, with_steps=True) == pytest.approx(
             mean_nll(plain, tok, samples, max_len=96, answer_only=True, with_steps=True))
-    # the base row is the upstream champion itself
+    # the base row is the upstream champion itself; handed on with its weights, the model's base is the champion
     champion = load_causal_lm(paths.resolve(evomerge[1].models["champion"]["path"]))
+    if not own:
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), champion.state_dict().values()))
     untrained = QuietStarModel(champion, tok)
     assert mean_nll(untrained, tok, samples, max_len=96, answer_only=True, with_steps=True) == pytest.approx(
         mean_nll(champion, tok, samples, max_len=96, answer_only=True, with_steps=True), abs=1e-6)
@@ -891,14 +902,15 @@ def test_quietstar_on_a_llama_style_model(tmp_path, monkeypatch):
     """Phase 3 takes any HF causal LM with the reserved thought tokens: a tiny Llama as the upstream champion."""
     from helpers import SUITE, TINY_GUARD
 
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
     from forgelib.results import PhaseResult
     from forgelib.modelio import load_quietstar
     from transformers import LlamaConfig, LlamaForCausalLM
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
-    texts = [format_sample(s, with_steps=True) for s in build_mix({f: 1 for f in FAMILIES}, (1, 3), 300, "train", 0)]
+    mix = {f: 1 for f in suite_families()}
+    texts = [format_sample(s, with_steps=True) for s in build_mix(mix, (1, 3), 300, "train", 0)]
     tok = train_tokenizer(texts, vocab_size=300)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -937,13 +949,13 @@ def test_evomerge_on_llama_style_models(tmp_path, monkeypatch, tiny_llama):
 
     from helpers import SUITE, TINY_GUARD
 
-    from forgelib.data.tasks import FAMILIES, build_mix, format_sample
+    from forgelib.data.tasks import build_mix, format_sample, suite_families
     from forgelib.data.tokenizer import train_tokenizer
     from forgelib.results import PhaseResult
     from transformers import LlamaConfig, LlamaForCausalLM
 
     monkeypatch.setenv("FORGE_OUTPUTS", str(tmp_path / "out"))
-    texts = [format_sample(s) for s in build_mix({f: 1 for f in FAMILIES}, (1, 1), 300, "train", 0)]
+    texts = [format_sample(s) for s in build_mix({f: 1 for f in suite_families()}, (1, 1), 300, "train", 0)]
     tok = train_tokenizer(texts, vocab_size=300)
     torch.manual_seed(0)
     trunk = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

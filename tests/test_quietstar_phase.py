@@ -323,3 +323,113 @@ def test_notebook_views_of_the_decision_and_the_benchmark(tmp_path, monkeypatch)
     assert rows["Quiet-STaR"]["accuracy"] == "0.510 ± 0.025"
     assert rows["pause tokens"]["Quiet-STaR gain"] == "+0.050 ± 0.000"
     assert rows["continued training"]["steps"] == 96 and rows["Quiet-STaR"]["Quiet-STaR gain"] == ""
+
+
+def _fake_guard_report(per_family):
+    """A guard report (``forgelib.suite.GuardReport``) holding only the per-family paired answers."""
+    from forgelib.stats import noninferior_over
+    from forgelib.suite import GuardReport
+
+    answers = {f: {"before": b, "after": a} for f, (b, a) in per_family.items()}
+    pooled = noninferior_over("all", per_family, 0.15)
+    return GuardReport(0.15, {f: pooled for f in per_family}, pooled, answers, {f: (1, 1) for f in per_family}, 0.0)
+
+
+class _Ctx:
+    """The two things ``plain_weights_decision`` asks of a phase context: the guard's settings and its guard."""
+
+    def __init__(self, report):
+        self.guard_params, self.report, self.asked = GUARD, report, 0
+
+    def guard(self, before, after, record=True):
+        assert record is False  # the decision's guard is recorded only when its model is handed on
+        self.asked += 1
+        return self.report
+
+
+@pytest.mark.parametrize("gained, lost, keeps", [
+    (40, 4, True),    # the trained weights answer 36 more of 400 questions per family: shown better
+    (10, 8, False),   # +0.005: not shown better, so the Phase-2 weights are handed on
+    (2, 20, False),   # the trained weights lost
+])
+def test_a_plain_model_keeps_its_trained_weights_only_when_they_beat_the_phase2_model(gained, lost, keeps):
+    """Worked example: two families of 400 guard questions each with the same paired table (both right 200, gained,
+    lost, the rest wrong); the family-mean bound is the stratified Agresti-Min bound, computed here by hand. Kept
+    weights stay as trained and their guard report is handed back to record; otherwise the Phase-2 weights are copied
+    into the model's base exactly (its thought weights stay). Forced settings ask nothing; a thinking model keeps its
+    weights; a typo is refused."""
+    from helpers import perturbed_copy, task_tokenizer, tiny_task_llama
+
+    from forgelib.quietstar import QuietStarModel
+
+    before = [1] * 200 + [0] * gained + [1] * lost + [0] * (200 - gained - lost)
+    after = [1] * 200 + [1] * gained + [0] * lost + [0] * (200 - gained - lost)
+    report = _fake_guard_report({"arith": (before, after), "logic": (before, after)})
+    n = 402.0
+    pg, pl = (gained + 0.5) / n, (lost + 0.5) / n
+    se = math.sqrt((pg + pl - (pg - pl) ** 2) / n)
+    lower = (pg - pl) - 1.6448536 * math.sqrt(2 * se ** 2) / 2  # two equal families: mean d, se sqrt(2 se^2) / 2
+    gain = phase3.family_mean_gain(report, 0.0, GUARD)
+    assert gain.lower == pytest.approx(lower, abs=1e-4) and gain.passed is keeps and gain.kind == "superior"
+    tok = task_tokenizer()
+    base = tiny_task_llama(tok).eval()
+    for setting in ("auto", "trained", "input"):
+        model = QuietStarModel(perturbed_copy(base, seed=3), tok, QuietStarConfig(n_thought=2)).eval()
+        model.thinking = False
+        thought = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("base.")}
+        ctx = _Ctx(report)
+        decision, guarded = phase3.plain_weights_decision(base, model, tok, Params(plain_weights=setting), ctx)
+        kept = keeps if setting == "auto" else setting == "trained"
+        assert decision["weights"] == ("trained" if kept else "input") and ctx.asked == (setting == "auto")
+        assert (guarded is report) is (kept and setting == "auto")
+        same = [torch.equal(a, b) for a, b in zip(model.base.state_dict().values(), base.state_dict().values())]
+        assert all(same) is not kept and (kept or len(same) == len(base.state_dict()))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in thought.items())
+        if setting == "auto":
+            assert decision["verdict"] == gain.as_row()
+            assert f"gain {(gained - lost) / 400:+.3f}, lower bound {gain.lower:+.3f}" in decision["reason"]
+        else:
+            assert decision["rule"] == f"plain_weights: {setting} (set, not measured)"
+    model = QuietStarModel(perturbed_copy(base, seed=3), tok, QuietStarConfig(n_thought=2)).eval()
+    model.thinking, ctx = True, _Ctx(report)
+    decision, guarded = phase3.plain_weights_decision(base, model, tok, Params(), ctx)
+    assert decision["weights"] == "trained" and guarded is None and ctx.asked == 0
+    with pytest.raises(ValueError, match="plain_weights must be one of"):
+        Params(plain_weights="phase2")
+
+
+def test_the_gate_does_not_compare_the_phase2_weights_with_themselves():
+    """Handed on with the Phase-2 model's weights, the accuracy verdict of the trained weights is reported but is not
+    a gate check (the guard, asked of the handed-on model, is)."""
+    base, off = [1] * 100, [1] * 90 + [0] * 10
+    table = {"thoughts": _row(off, [1.0] * 100), "no_thoughts": _row(off, [1.0] * 100), "base": _row(base, [1.0] * 100)}
+    checks, verdicts = gate_checks(table, Params(), GUARD, thinking=False, input_weights=True)
+    assert checks == [] and verdicts["accuracy"] == noninferior("no_thoughts_vs_base", base, off, 0.10,
+                                                                GUARD.confidence, GUARD.power).as_row()
+
+
+def test_the_scorecard_and_notebook_say_whose_weights_a_plain_model_kept(tmp_path):
+    """A model handed on plain: the scorecard's thinking note and notebook 03's decision text name whose weights it
+    answers with and the measured reason (the Phase-2 model's, or its trained ones)."""
+    import json
+
+    from forgelib.results import PhaseResult
+    from forgelib.scorecard import thinking_note
+    from forgelib.viz.quietstar import decision_text
+
+    folder = tmp_path / "03_quietstar"
+    folder.mkdir()
+    entries = [{"number": 3, "path": folder / "models" / "model"}]
+    result = PhaseResult("quietstar", 3, "s", status="ok")
+    result.artifacts["report"] = str(folder / "report.json")
+    result.save(folder)
+    table = {"thoughts": _row([1, 0] * 50, [1.0] * 100), "no_thoughts": _row([1, 1] * 50, [1.0] * 100)}
+    reason = "trained weights 0.693, Phase-2 model 0.703 in family mean over 697 guard questions of 7 families"
+    for whose, said, shown in (("input", "with the Phase-2 model's weights", "the PHASE-2 MODEL'S weights"),
+                               ("trained", "it kept its trained weights", "its TRAINED weights")):
+        report = {"decision": thinking_decision(table, Params(), GUARD),
+                  "weights": {"weights": whose, "rule": "plain_weights: auto -- ...", "verdict": None,
+                              "reason": reason}}
+        (folder / "report.json").write_text(json.dumps(report))
+        assert f"; {said} ({reason}); `forge bench quietstar`" in thinking_note(entries)
+        assert f"\nweights: {shown}: {reason}\nrule: plain_weights: auto" in decision_text(report)

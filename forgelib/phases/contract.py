@@ -130,9 +130,10 @@ class PhaseContext:
         return paths.outputs_root() / self.upstream.session / f"{self.upstream.number:02d}_{self.upstream.phase}"
 
     def guard(self, before, after, suite: dict | None = None, margin: float | None = None,
-              reuse_upstream: bool = True, min_per_family: int = 0):
+              reuse_upstream: bool = True, min_per_family: int = 0, record: bool = True):
         """Ask ``before`` and ``after`` (``forgelib.suite.Asker``) the guard's questions over ``suite`` (default:
         the input's), write guard.json, add one gate check per family and the headline numbers; the report.
+        ``record=False``: only the report (a phase choosing between candidates records the one it hands on).
 
         ``margin`` overrides the ``guard`` section's (a phase that trades accuracy for size states its own).
         ``reuse_upstream``: ``before`` is the upstream's output asked as its own guard asked it, so the answers that
@@ -146,8 +147,9 @@ class PhaseContext:
             raise UpstreamError(f"phase {self.spec.name}: the upstream names no suite of task families to guard "
                                 "(and its chain has no Phase 1 to take it from)")
         known = known_answers(self.upstream_dir) if self.upstream_dir is not None and reuse_upstream else None
-        return self.record_guard(guard(before, after, suite, params, self.run.seed, margin, known=known,
-                                       min_per_family=min_per_family, workers=self.workers))
+        report = guard(before, after, suite, params, self.run.seed, margin, known=known,
+                       min_per_family=min_per_family, workers=self.workers)
+        return self.record_guard(report) if record else report
 
     def record_guard(self, report):
         """Write a guard report (``forgelib.suite.GuardReport``) as guard.json and add its gate checks and headline

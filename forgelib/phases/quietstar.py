@@ -21,6 +21,9 @@ weights without thoughts on the test questions (paired accuracy gain, lower conf
 Otherwise it is handed on plain (``QuietStarModel.thinking`` false, saved with it): Phases 4-8 and the scorecard
 then measure and answer without thoughts, and the scorecard says so (measured at smoke, 3 training seeds, equal
 forward compute in ``forge bench quietstar``: thoughts do not beat pause tokens or plain continued training).
+**Whose weights** (``plain_weights: auto``): a model handed on plain keeps its trained weights only when the guard
+shows them better than the Phase-2 model in family mean (``plain_weights_decision``); otherwise the Phase-2 weights
+are handed on (the thought weights beside them), and the guard and the scorecard see the Phase-2 model's answers.
 
 **Gate** (test split, ``forgelib.stats``'s paired rule): (1) when handed on thinking, thinking does not hurt: the
 per-question answer NLL with thoughts minus the same weights' NLL with thoughts off has a one-sided upper
@@ -51,10 +54,13 @@ from ..results import GateCheck, PhaseResult
 from ..quietstar import QuietStarConfig, QuietStarModel, quietstar_loss, quietstar_optimizer
 from ..train import TrainConfig, train
 from .common import chance_levels, check_levels, check_optimizer, check_runtime, score, test_samples, training_batches
-from ..stats import compare, lower_bound, mean_bounds, noninferior, superior
+from ..stats import compare, lower_bound, mean_bounds, noninferior, noninferior_over, superior
 
 HAND_ON = ("auto", "thinking", "plain")
 """``Params.hand_on``'s choices."""
+
+PLAIN_WEIGHTS = ("auto", "trained", "input")
+"""``Params.plain_weights``' choices."""
 
 HEADLINE = ("acc_thoughts", "acc_base", "acc_pause", "nll_thoughts", "nll_base", "nll_pause", "chance_test_acc")
 
@@ -123,6 +129,16 @@ class Params:
     answers as its base everywhere it is loaded (``QuietStarModel.thinking``, saved with it)."""
     think_min_gain: float = 0.0
     """'auto': the accuracy gain of thinking over not thinking that its lower confidence bound must exceed."""
+    plain_weights: str = "auto"
+    """Whose weights a model handed on plain (not thinking) answers with: 'auto' -- the trained weights only when
+    they answer the input suite better than the Phase-2 model (the guard's questions over every family, the paired
+    family-mean difference's lower confidence bound above ``plain_min_gain``), else the Phase-2 model's own: the
+    continued training must earn the drift it brings, as the thoughts must earn their compute (measured: without
+    thoughts the trained weights trailed the Phase-2 model by 0.01-0.03 in family mean at smoke seeds 0-4 and at
+    the cpu set, every family's loss then adding up through the chain); 'trained' / 'input' force it. A model
+    handed on thinking keeps its trained weights."""
+    plain_min_gain: float = 0.0
+    """'auto': the family-mean gain of the trained weights over the Phase-2 model that its lower bound must exceed."""
 
     def __post_init__(self):
         require_positive(self, "max_len", "batch_size", "bucket", "steps", "test_per_family", "curve_samples")
@@ -138,6 +154,10 @@ class Params:
             raise ValueError(f"hand_on must be one of {list(HAND_ON)}, got {self.hand_on!r}")
         if not 0 <= self.think_min_gain < 1:
             raise ValueError(f"think_min_gain must lie in [0, 1), got {self.think_min_gain}")
+        if self.plain_weights not in PLAIN_WEIGHTS:
+            raise ValueError(f"plain_weights must be one of {list(PLAIN_WEIGHTS)}, got {self.plain_weights!r}")
+        if not -1 < self.plain_min_gain < 1:
+            raise ValueError(f"plain_min_gain must lie in (-1, 1), got {self.plain_min_gain}")
         if self.kl_weight is not None and not self.kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0 or null, got {self.kl_weight}")
         require_positive(self, "lr")
@@ -242,18 +262,22 @@ def thinking_decision(table: dict[str, dict], params: Params, guard) -> dict[str
     return {"thinking": thinking, "rule": rule, "verdict": verdict.as_row(), "reason": reason}
 
 
-def gate_checks(table: dict[str, dict], params: Params, guard, thinking: bool = True) -> tuple[list[GateCheck], dict]:
+def gate_checks(table: dict[str, dict], params: Params, guard, thinking: bool = True,
+                input_weights: bool = False) -> tuple[list[GateCheck], dict]:
     """The handed-on model against the Phase-2 model: accuracy non-inferior at ``margin`` (``forgelib.stats``), with
     thoughts when it thinks, else the same weights without them. When it thinks, thinking must also not raise the
     answer NLL (paired per-question difference, upper confidence bound ≤ ``nll_margin``); the NLL difference is
-    reported either way. (checks, the verdicts for the report)"""
+    reported either way. ``input_weights``: the model is handed on with the Phase-2 model's weights
+    (``plain_weights_decision``): the accuracy verdict of the trained weights is reported, not a check (the handed-on
+    model is the one it would compare with). (checks, the verdicts for the report)"""
     thoughts, off, base = table["thoughts"], table["no_thoughts"], table["base"]
     diffs = [a - b for a, b in zip(thoughts["sample_nll"], off["sample_nll"])]  # > 0: thinking hurt
     mean, _, upper = mean_bounds(diffs, guard.confidence)
     label = "thoughts" if thinking else "no_thoughts"
     acc = noninferior(f"{label}_vs_base", base["correct"], table[label]["correct"], params.margin, guard.confidence,
                       guard.power)
-    checks = [GateCheck(f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">", note=acc.note)]
+    checks = [] if input_weights else [GateCheck(f"acc_{label}_minus_base_lower_bound", acc.lower, -params.margin, ">",
+                                                 note=acc.note)]
     if thinking:
         checks.insert(0, GateCheck("nll_thoughts_minus_no_thoughts_upper_bound", round(upper, 6), params.nll_margin,
                                    "<="))
@@ -292,9 +316,12 @@ def run(params: Params, ctx) -> PhaseResult:
               "runtime": {k: getattr(base.config, k) for k in ("n_cycles", "n_latent", "use_memory")
                           if hasattr(base.config, k)}}
     decision = report["decision"] = thinking_decision(table, params, ctx.guard_params)
-    checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params, decision["thinking"])
-    ctx.write_report(report)
     model.thinking = decision["thinking"]
+    weights, guarded = plain_weights_decision(base, model, tokenizer, params, ctx)
+    report["weights"] = weights
+    checks, report["verdicts"] = gate_checks(table, params, ctx.guard_params, decision["thinking"],
+                                             weights["weights"] == "input")
+    ctx.write_report(report)
     ctx.save_model("model", model, tokenizer, metadata={"quietstar": dataclasses.asdict(params.thoughts),
                                                         "thinking": decision["thinking"]})
     _summarize(ctx, table, chance, ctx.guard_params.confidence)
@@ -302,13 +329,59 @@ def run(params: Params, ctx) -> PhaseResult:
     metrics["thinks"] = int(decision["thinking"])
     metrics["think_gain_acc"] = decision["verdict"]["diff"]
     metrics["think_gain_acc_lower_bound"] = decision["verdict"]["lower"]
+    metrics["hands_on_trained_weights"] = int(weights["weights"] == "trained")
     if not ctx.quiet:
         print(f"handed on {'thinking' if decision['thinking'] else 'without thoughts'}: {decision['reason']}")
+        print(f"weights handed on: {weights['weights']} ({weights['reason'] or weights['rule']})")
     ctx.result.gate.extend(checks)
     from ..suite import Asker
 
-    ctx.guard(Asker(base, tokenizer, label="phase-2 model"), Asker(model, tokenizer, label="phase-3 model"))
+    if guarded is not None:  # the trained weights' guard, already asked by the decision
+        ctx.record_guard(guarded)
+    else:
+        ctx.guard(Asker(base, tokenizer, label="phase-2 model"), Asker(model, tokenizer, label="phase-3 model"))
     return ctx.result
+
+
+def family_mean_gain(report, min_gain: float, guard):
+    """The guard report's family-mean gain of ``after`` over ``before`` as a superiority verdict at ``min_gain``
+    (``forgelib.stats.noninferior_over``'s stratified lower bound: each family weighs the same)."""
+    strata = {f: (a["before"], a["after"]) for f, a in report.answers.items()}
+    mean = noninferior_over("trained_weights_vs_phase2", strata, 0.0, guard.confidence, guard.power)
+    return dataclasses.replace(mean, kind="superior", margin=min_gain, passed=mean.lower > min_gain)
+
+
+def plain_weights_decision(base, model: QuietStarModel, tokenizer, params: Params, ctx) -> tuple[dict, Any]:
+    """Which weights the handed-on ``model`` answers with (``Params.plain_weights``): a thinking model keeps its
+    trained weights; a plain one keeps them under 'auto' only when the guard (every family of the input suite, the
+    Phase-2 model against the trained weights asked as later phases ask them) finds the family mean's paired gain's
+    lower bound above ``plain_min_gain``. Otherwise the Phase-2 model's weights are copied into ``model``'s base (its
+    thought weights stay). Returns ({weights: trained|input, rule, verdict, reason}, the trained weights' guard
+    report to record when they are handed on, else None)."""
+    from ..quietstar import base_lm
+    from ..suite import Asker
+
+    if model.thinking:
+        return {"weights": "trained", "rule": "a model handed on thinking keeps its trained weights",
+                "verdict": None, "reason": ""}, None
+    report, verdict, reason = None, None, ""
+    if params.plain_weights == "auto":
+        report = ctx.guard(Asker(base, tokenizer, label="phase-2 model"),
+                           Asker(model, tokenizer, label="phase-3 model"), record=False)
+        pooled = family_mean_gain(report, params.plain_min_gain, ctx.guard_params)
+        keep, verdict = pooled.passed, pooled.as_row()
+        rule = (f"plain_weights: auto -- the trained weights when their family-mean gain over the Phase-2 model on "
+                f"the guard's questions has its {ctx.guard_params.confidence:g} lower bound above "
+                f"{params.plain_min_gain:g}")
+        reason = (f"trained weights {pooled.after:.3f}, Phase-2 model {pooled.before:.3f} in family mean over "
+                  f"{pooled.n} guard questions of {len(report.families)} families: gain {pooled.diff:+.3f}, lower "
+                  f"bound {pooled.lower:+.3f}")
+    else:
+        keep, rule = params.plain_weights == "trained", f"plain_weights: {params.plain_weights} (set, not measured)"
+    if not keep:
+        base_lm(model).load_state_dict(base.state_dict())
+        report = None
+    return {"weights": "trained" if keep else "input", "rule": rule, "verdict": verdict, "reason": reason}, report
 
 
 def _summarize(ctx, table: dict, chance: dict, confidence: float = 0.95) -> None:

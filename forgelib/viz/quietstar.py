@@ -33,8 +33,14 @@ def decision_text(report: dict) -> str:
     if decision is None:
         return "this run predates the thinking decision: its model is handed on thinking"
     verdict = decision["verdict"]
-    return (f"handed on {'THINKING' if decision['thinking'] else 'WITHOUT THOUGHTS'}: {decision['reason']} "
+    text = (f"handed on {'THINKING' if decision['thinking'] else 'WITHOUT THOUGHTS'}: {decision['reason']} "
             f"(questions needed at the observed disagreement: {verdict['needed']})\nrule: {decision['rule']}")
+    weights = report.get("weights")
+    if weights is not None and not decision["thinking"]:
+        whose = "its TRAINED weights" if weights["weights"] == "trained" else "the PHASE-2 MODEL'S weights"
+        text += f"\nweights: {whose}" + (f": {weights['reason']}" if weights["reason"] else "")
+        text += f"\nrule: {weights['rule']}"
+    return text
 
 
 ARM_LABELS = {"plain": "continued training", "quietstar": "Quiet-STaR", "pause": "pause tokens",
