@@ -1,10 +1,10 @@
 """`sudoku`: fill in a small Sudoku, e.g. `sudoku 1.34/34.2/2143/.321=` -> `1234/3412/2143/4321`.
 
 Rows are joined by `/` and a blank is `.`. Levels 1-5 are 4x4 grids (2x2 boxes) with 2, 4, 6, 8, 10 blanks;
-levels 6-10 are 6x6 grids (boxes of 2 rows by 3 columns) with 6, 10, 14, 18, 22 blanks (a 6x6 prompt is 49
-characters, within a 64-token context). The option `size` (4, 6 or 9; a 9x9 grid has 3x3 boxes) keeps one size at
-every level and spreads its blanks over the ten levels instead: level+1 blanks for 4x4 (2..11), 2*level+2 for 6x6
-(4..22), 5*level+5 for 9x9 (10..55).
+levels 6-10 are 6x6 grids (boxes of 2 rows by 3 columns) with 6, 10, 14, 18, 22 blanks (a 4x4 question with its
+answer is ~40 tokens of the smoke tokenizer, within its 64-token context; a 6x6 one ~85: a 128-token context). The
+option `size` (4, 6 or 9; a 9x9 grid has 3x3 boxes) keeps one size at every level and spreads its blanks over the ten
+levels instead: level+1 blanks for 4x4 (2..11), 2*level+2 for 6x6 (4..22), 5*level+5 for 9x9 (10..55).
 
 The solution grid is a random backtracking fill (it can be any valid grid; relabelling and row/column shuffles of one
 base pattern would reach only one of the two essentially different 4x4 grids). Givens are then removed one at a
