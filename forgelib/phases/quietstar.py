@@ -134,9 +134,9 @@ class Params:
     they answer the input suite better than the Phase-2 model (the guard's questions over every family, the paired
     family-mean difference's lower confidence bound above ``plain_min_gain``), else the Phase-2 model's own: the
     continued training must earn the drift it brings, as the thoughts must earn their compute (measured: without
-    thoughts the trained weights trailed the Phase-2 model by 0.01-0.03 in family mean at smoke seeds 0-4 and at
-    the cpu set, every family's loss then adding up through the chain); 'trained' / 'input' force it. A model
-    handed on thinking keeps its trained weights."""
+    thoughts the trained weights trailed the Phase-2 model in family mean by 0.002-0.012 at smoke seeds 0-4 and
+    by 0.024 at the cpu set, every family's loss then adding up through the chain); 'trained' / 'input' force it.
+    A model handed on thinking keeps its trained weights."""
     plain_min_gain: float = 0.0
     """'auto': the family-mean gain of the trained weights over the Phase-2 model that its lower bound must exceed."""
 
