@@ -302,7 +302,7 @@ def _solve_sudoku(prompt: str) -> Solution:
         raise _NoParse("not solvable by naked singles")
     for cell, value in fills:
         grid[cell] = value
-    return Solution(sudoku.render(grid, n), [f"r{c // n + 1}c{c % n + 1}={v}" for c, v in fills])
+    return Solution(sudoku.render(grid, n), sudoku.worked_steps(fills, n))
 
 
 SOLVERS: dict[str, Callable[[str], Solution]] = {

@@ -121,6 +121,11 @@ def _puzzle(rng: random.Random, n: int, blanks: int) -> tuple[list[int], list[in
     return (solution, puzzle) if removed == blanks else None
 
 
+def worked_steps(fills: list[tuple[int, int]], n: int) -> list[str]:
+    """The fills ``(cell, value)`` of an n x n grid as worked steps: ``r2c3=1`` (row and column 1-based)."""
+    return [f"r{cell // n + 1}c{cell % n + 1}={value}" for cell, value in fills]
+
+
 def render(grid: list[int], n: int) -> str:
     """Rows joined by `/`, a blank as `.`: `1.34/34.2/2143/.321`."""
     return "/".join("".join(str(v) if v else "." for v in grid[r * n:(r + 1) * n]) for r in range(n))
@@ -139,5 +144,5 @@ def make_sudoku(rng: random.Random, level: int, size: int | None = None):
         raise TaskOptionError(f"sudoku: no {n}x{n} puzzle with {blanks} blanks solvable by naked singles in "
                               f"{_GRIDS} grids; ask for a lower level")
     solution, puzzle = drawn
-    steps = [f"r{cell // n + 1}c{cell % n + 1}={value}" for cell, value in naked_singles(puzzle, n)]
+    steps = worked_steps(naked_singles(puzzle, n), n)
     return f"sudoku {render(puzzle, n)}=", render(solution, n), steps, {"size": n, "blanks": blanks}
