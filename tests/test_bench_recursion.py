@@ -51,7 +51,8 @@ def test_an_unknown_variant_is_named(capsys):
 
 def test_the_trunks_can_study_sudoku_without_worked_steps(tmp_path, capsys):
     """``--mix sudoku --levels 1,2 --no-steps``: the trunks train and are asked the benchmark family alone (the
-    whole grid as the answer, no worked steps); the report says so; a malformed mix or an unknown family is named."""
+    whole grid as the answer, no worked steps); the report says so; a malformed mix, an unknown family, or (b)
+    asked beside another mix is named."""
     out = tmp_path / "recursion.json"
     assert recursion.main(["--seeds", "1", "--steps", "4", "--per-family", "3", "--trunks", "trunk-T2-noact",
                            "--specialists", "", "--mix", "sudoku", "--levels", "1,2", "--no-steps",
@@ -63,5 +64,8 @@ def test_the_trunks_can_study_sudoku_without_worked_steps(tmp_path, capsys):
     assert recursion.parse_mix("sudoku:2, arith") == {"sudoku": 2.0, "arith": 1.0}
     for bad, said in (("sudoku:x", "not family[:weight]"), ("sudok", "sudok"), ("arith:0", "positive weight")):
         with pytest.raises(SystemExit):
-            recursion.main(["--seeds", "1", "--mix", bad, "--out", str(out)])
+            recursion.main(["--seeds", "1", "--mix", bad, "--specialists", "", "--out", str(out)])
         assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (b)'s fine-tunes replay the trunk's mix: not with another mix
+        recursion.main(["--seeds", "1", "--mix", "sudoku", "--out", str(out)])
+    assert "pass --specialists '' with --mix" in capsys.readouterr().err

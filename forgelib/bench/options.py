@@ -202,9 +202,9 @@ def _recursion(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--specialist-steps", type=int, default=None,
                         help="(b) steps of each fine-tune (default: the reasoning stage's)")
     parser.add_argument("--mix", default=None,
-                        help="(a) the trunks' families instead of the trunk stage's mix: comma-separated "
-                             "family[:weight] (e.g. sudoku: the benchmark family whose depth is its chain of forced "
-                             "fills)")
+                        help="(a) the trunks' families instead of the trunk stage's mix (with --specialists ''): "
+                             "comma-separated family[:weight] (e.g. sudoku: the benchmark family whose depth is its "
+                             "chain of forced fills)")
     parser.add_argument("--levels", default=None, help="question levels LOW,HIGH instead of the phase's")
     parser.add_argument("--no-steps", action="store_true",
                         help="train and ask for the answer alone, no worked steps (the depth is then the model's own)")

@@ -161,6 +161,9 @@ def with_options(params, args, parser):
     """The phase's parameters with ``--mix`` (the trunks' families), ``--levels`` and ``--no-steps`` applied (the
     Phase-1 parameters' own checks name a bad family or level)."""
     changes = {}
+    if args.mix and args.specialists.strip():
+        parser.error("--mix changes the trunks of (a); (b) fine-tunes the reasoning stage from the phase's own trunk "
+                     "mix: pass --specialists '' with --mix")
     try:
         if args.mix:
             changes["trunk"] = dataclasses.replace(params.trunk, mix=parse_mix(args.mix))
